@@ -1,0 +1,42 @@
+# certgate: the two set-up commands are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+SYSDEPS = openssl curl haproxy stunnel4 postgresql
+
+.PHONY: demo test lint unit bench bench-smoke sysdeps venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+sysdeps:
+	bash scripts/install-sysdeps.sh $(SYSDEPS)
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src
+
+unit: venv
+	$(BIN)/pytest -q -m "not integration"
+
+test: sysdeps venv lint
+	$(BIN)/pytest -q
+
+demo: venv
+	bash scripts/install-sysdeps.sh openssl curl
+	$(BIN)/certgate demo
+
+bench: sysdeps venv
+	$(BIN)/python bench/run.py
+
+bench-smoke: venv
+	$(BIN)/python bench/run.py --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

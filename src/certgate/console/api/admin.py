@@ -1,0 +1,338 @@
+"""Admin API: groups, admins, API keys, enrollment, devices, certificates, tunnels, audit.
+
+Every handler authenticates (API key + admin cert), authorizes on the object's group,
+acts, and audits, inside one transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate.console.api import schemas as s
+from certgate.console.api.deps import admin_tx, state_of
+from certgate.console.services import admins, audit, ca, devices, groups, rbac, tunnels
+from certgate.console.services.rbac import Permission as P
+from certgate.console.store.models import AuditEntry, Certificate, Device, TunnelNode
+from certgate.errors import NotFound
+from certgate.pki.keys import private_key_pem
+
+router = APIRouter(prefix="/api/v1")
+
+
+def group_out(group: Any) -> s.GroupOut:
+    return s.GroupOut(
+        id=group.id,
+        name=group.name,
+        parent_id=group.parent_id,
+        feed_seq=group.feed_seq,
+        settings=group.settings,
+    )
+
+
+def device_out(device: Device) -> s.DeviceOut:
+    return s.DeviceOut.model_validate(device, from_attributes=True)
+
+
+def cert_out(cert: Certificate) -> s.CertOut:
+    return s.CertOut.model_validate(cert, from_attributes=True)
+
+
+@router.get("/groups")
+def list_groups(request: Request) -> list[s.GroupOut]:
+    with admin_tx(request) as (session, who):
+        return [group_out(g) for g in rbac.visible_groups(session, who.admin)]
+
+
+@router.post("/groups", status_code=201)
+def create_group(request: Request, body: s.GroupIn) -> s.GroupOut:
+    parent = body.parent_id
+    with admin_tx(request, parent) as (session, who):
+        if parent is None:
+            rbac.require_global(session, who.admin)
+        else:
+            rbac.require(session, who.admin, P.GROUPS_WRITE, parent)
+        group = groups.create_group(
+            session, state_of(request).pki, body.id, body.name, parent, body.settings
+        )
+        audit.append(session, request.state.actor, "group.create", group_id=group.id, parent=parent)
+        return group_out(group)
+
+
+@router.get("/groups/{group_id}")
+def get_group(request: Request, group_id: str) -> s.GroupOut:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.GROUPS_READ, group_id)
+        return group_out(groups.get_group(session, group_id))
+
+
+@router.patch("/groups/{group_id}/settings")
+def update_settings(request: Request, group_id: str, body: s.SettingsIn) -> s.GroupOut:
+    with admin_tx(request, group_id) as (session, who):
+        changes = body.model_dump(exclude_none=True)
+        needed = (
+            P.RULES_WRITE if set(changes) <= {"device_rules", "server_rules"} else (P.GROUPS_WRITE)
+        )
+        rbac.require(session, who.admin, needed, group_id)
+        group = groups.update_settings(session, state_of(request).pki, group_id, changes)
+        audit.append(
+            session, request.state.actor, "group.settings", group_id=group_id, keys=sorted(changes)
+        )
+        return group_out(group)
+
+
+@router.post("/admins", status_code=201)
+def create_admin(request: Request, body: s.AdminIn) -> s.AdminCreated:
+    with admin_tx(request, body.group_id) as (session, who):
+        rbac.require(session, who.admin, P.ADMINS_WRITE, body.group_id)
+        rbac.require_can_grant(session, who.admin, body.role, body.group_id)
+        admin = admins.create_admin(session, body.username, body.role, body.group_id)
+        key = admins.issue_api_key(session, admin, "initial")
+        cert, private = admins.issue_admin_cert(session, state_of(request).pki, admin)
+        audit.append(
+            session,
+            request.state.actor,
+            "admin.create",
+            group_id=body.group_id,
+            admin=admin.username,
+            role=body.role,
+            api_key_id=key.id,
+        )
+        return s.AdminCreated(
+            id=admin.id,
+            username=admin.username,
+            api_key=key.token,
+            certificate=ca.pem(cert),
+            private_key=private_key_pem(private).decode(),
+        )
+
+
+@router.post("/admins/{admin_id}/api-keys", status_code=201)
+def create_api_key(request: Request, admin_id: str) -> s.ApiKeyCreated:
+    with admin_tx(request) as (session, who):
+        target = admins.get_admin_for(session, who.admin, admin_id)
+        key = admins.issue_api_key(session, target, "api")
+        audit.append(
+            session, request.state.actor, "apikey.create", admin=target.username, api_key_id=key.id
+        )
+        return s.ApiKeyCreated(id=key.id, api_key=key.token)
+
+
+@router.delete("/api-keys/{key_id}", status_code=204)
+def revoke_api_key(request: Request, key_id: str) -> Response:
+    with admin_tx(request) as (session, who):
+        row = admins.api_key_for(session, who.admin, key_id)
+        admins.revoke_api_key(session, row.id)
+        audit.append(session, request.state.actor, "apikey.revoke", api_key_id=key_id)
+    return Response(status_code=204)
+
+
+@router.post("/groups/{group_id}/enrollment-users", status_code=201)
+def create_enrollment_user(
+    request: Request, group_id: str, body: s.EnrollmentUserIn
+) -> dict[str, str]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.ENROLLMENT_WRITE, group_id)
+        devices.create_enrollment_user(session, group_id, body.username, body.password)
+        audit.append(
+            session,
+            request.state.actor,
+            "enrollment_user.create",
+            group_id=group_id,
+            username=body.username,
+        )
+        return {"username": body.username, "group_id": group_id}
+
+
+@router.post("/groups/{group_id}/enrollment-tokens", status_code=201)
+def create_enrollment_token(
+    request: Request, group_id: str, body: s.EnrollmentTokenIn
+) -> s.TokenOut:
+    ttl = body.ttl_s or state_of(request).config.enrollment_token_ttl_s
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.ENROLLMENT_WRITE, group_id)
+        token = devices.create_enrollment_token(
+            session, group_id, body.owner, request.state.actor, timedelta(seconds=ttl)
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "enrollment_token.create",
+            group_id=group_id,
+            token_id=token.id,
+            owner=body.owner,
+        )
+        return s.TokenOut(id=token.id, token=token.token, expires_in_s=ttl)
+
+
+@router.get("/groups/{group_id}/devices")
+def list_devices(request: Request, group_id: str) -> list[s.DeviceOut]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.DEVICES_READ, group_id)
+        rows = session.execute(
+            select(Device).where(Device.group_id == group_id).order_by(Device.enrolled_at)
+        ).scalars()
+        return [device_out(d) for d in rows]
+
+
+def _device_for(session: Session, who: admins.AdminPrincipal, uid: str, perm: P) -> Device:
+    device = devices.get_device(session, uid)
+    rbac.require(session, who.admin, perm, device.group_id)
+    return device
+
+
+@router.get("/devices/{uid}")
+def get_device(request: Request, uid: str) -> s.DeviceOut:
+    with admin_tx(request) as (session, who):
+        return device_out(_device_for(session, who, uid, P.DEVICES_READ))
+
+
+@router.put("/devices/{uid}/compliance")
+def set_compliance(request: Request, uid: str, body: s.ComplianceIn) -> s.DeviceOut:
+    with admin_tx(request) as (session, who):
+        device = _device_for(session, who, uid, P.DEVICES_WRITE)
+        devices.set_compliance(session, device, body.status)
+        audit.append(
+            session,
+            request.state.actor,
+            "device.compliance",
+            group_id=device.group_id,
+            device=uid,
+            status=body.status,
+        )
+        return device_out(device)
+
+
+@router.post("/devices/{uid}/{action}")
+def device_action(request: Request, uid: str, action: str) -> s.DeviceOut:
+    """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
+    if action not in ("unenroll", "wipe", "block", "unblock"):
+        raise NotFound(f"no device action {action!r}")
+    with admin_tx(request) as (session, who):
+        device = _device_for(session, who, uid, P.DEVICES_WRITE)
+        if action in ("unenroll", "wipe"):
+            devices.unenroll(session, device, wipe=action == "wipe")
+        else:
+            devices.set_blocked(session, device, action == "block")
+        audit.append(
+            session, request.state.actor, f"device.{action}", group_id=device.group_id, device=uid
+        )
+        return device_out(device)
+
+
+@router.get("/groups/{group_id}/certificates")
+def list_certificates(request: Request, group_id: str) -> list[s.CertOut]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.CERTS_READ, group_id)
+        rows = session.execute(
+            select(Certificate)
+            .where(Certificate.group_id == group_id)
+            .order_by(Certificate.issued_at)
+        ).scalars()
+        return [cert_out(c) for c in rows]
+
+
+@router.post("/certificates/{serial}/revoke")
+def revoke_certificate(request: Request, serial: str, body: s.RevokeIn) -> s.CertOut:
+    with admin_tx(request) as (session, who):
+        row = session.get(Certificate, serial.lower())
+        if row is None or row.group_id is None or row.device_uid is None:
+            raise NotFound(f"device certificate {serial} not found")
+        rbac.require(session, who.admin, P.CERTS_REVOKE, row.group_id)
+        devices.revoke_client_cert(session, row, body.reason)
+        audit.append(
+            session,
+            request.state.actor,
+            "cert.revoke",
+            group_id=row.group_id,
+            serial=row.serial,
+            reason=body.reason,
+        )
+        return cert_out(row)
+
+
+@router.post("/groups/{group_id}/tunnel/setup")
+def tunnel_setup(request: Request, group_id: str, body: s.SetupIn) -> dict[str, Any]:
+    """Tunnel setup: API key + admin certificate of an admin with tunnel:setup on the group."""
+    state = state_of(request)
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.TUNNEL_SETUP, group_id)
+        address = body.address or (request.client.host if request.client else "")
+        bundle = tunnels.setup_bundle(
+            session, state.pki, group_id, state.config.public_url, body.node_name, address
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "tunnel.setup",
+            group_id=group_id,
+            node=body.node_name,
+            address=address,
+        )
+        return bundle
+
+
+@router.get("/groups/{group_id}/tunnel/installer", response_class=Response)
+def tunnel_installer(request: Request, group_id: str) -> Response:
+    state = state_of(request)
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.TUNNEL_SETUP, group_id)
+        data, token_id = tunnels.installer(
+            session,
+            state.pki,
+            group_id,
+            state.config.public_url,
+            request.state.actor,
+            timedelta(seconds=state.config.installer_ttl_s),
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "tunnel.installer",
+            group_id=group_id,
+            install_token_id=token_id,
+        )
+    return Response(
+        data,
+        media_type="application/gzip",
+        headers={
+            "content-disposition": f'attachment; filename="certgate-tunnel-{group_id}.tar.gz"'
+        },
+    )
+
+
+@router.get("/groups/{group_id}/tunnel/nodes")
+def tunnel_nodes(request: Request, group_id: str) -> list[dict[str, Any]]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.TUNNEL_READ, group_id)
+        rows = session.execute(
+            select(TunnelNode).where(TunnelNode.group_id == group_id).order_by(TunnelNode.name)
+        ).scalars()
+        return [
+            {
+                "name": n.name,
+                "address": n.address,
+                "registered_at": n.registered_at,
+                "last_seen_at": n.last_seen_at,
+            }
+            for n in rows
+        ]
+
+
+@router.get("/audit")
+def read_audit(
+    request: Request, group_id: str = Query(max_length=63), limit: int = Query(100, ge=1, le=1000)
+) -> list[s.AuditOut]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.AUDIT_READ, group_id)
+        rows = session.execute(
+            select(AuditEntry)
+            .where(AuditEntry.group_id == group_id)
+            .order_by(AuditEntry.id.desc())
+            .limit(limit)
+        ).scalars()
+        return [s.AuditOut.model_validate(r, from_attributes=True) for r in rows]

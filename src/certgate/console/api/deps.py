@@ -1,0 +1,63 @@
+"""Per-request plumbing shared by the routers: state, credentials, authenticated units of
+work. Handlers stay thin: authenticate here, authorize with ``rbac.require``, act via
+services, audit, return."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from certgate.console.services import admins, ca, devices, tunnels
+from certgate.console.services.admins import AdminPrincipal
+from certgate.console.state import ConsoleState
+from certgate.console.store.models import Device
+from certgate.httpserver import peer_cert_der
+
+
+def state_of(request: Request) -> ConsoleState:
+    state: ConsoleState = request.app.state.console
+    return state
+
+
+def bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@contextmanager
+def admin_tx(
+    request: Request, group_id: str | None = None
+) -> Iterator[tuple[Session, AdminPrincipal]]:
+    """A transaction whose caller is an admin proven by API key AND client certificate."""
+    state = state_of(request)
+    request.state.group_id = group_id
+    with state.db.transaction() as session:
+        principal = admins.authenticate(
+            session, state.pki, bearer(request), peer_cert_der(request.scope), ca.now()
+        )
+        request.state.actor = f"admin:{principal.admin.username}"
+        yield session, principal
+
+
+@contextmanager
+def device_tx(request: Request) -> Iterator[tuple[Session, Device]]:
+    state = state_of(request)
+    with state.db.transaction() as session:
+        device = devices.authenticate_device(session, bearer(request))
+        request.state.actor = f"device:{device.uid}"
+        request.state.group_id = device.group_id
+        yield session, device
+
+
+@contextmanager
+def tunnel_tx(request: Request) -> Iterator[tuple[Session, str]]:
+    state = state_of(request)
+    with state.db.transaction() as session:
+        group_id = tunnels.tunnel_group_of(session, state.pki, peer_cert_der(request.scope))
+        request.state.actor = f"tunnel:{group_id}"
+        request.state.group_id = group_id
+        yield session, group_id

@@ -1,0 +1,76 @@
+"""Tunnel-facing API: install by one-time token, signed snapshot, long-poll feed.
+
+Feed calls authenticate with the group's tunnel identity certificate over mTLS. The
+long-poll holds a request open until the group's feed moves past the cursor or the wait
+ends; a commit on this node wakes it at once, other console nodes are seen within 1 s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from certgate.console.api import schemas as s
+from certgate.console.api.deps import state_of, tunnel_tx
+from certgate.console.services import audit, tunnels
+
+router = APIRouter(prefix="/api/v1/tunnel")
+JWS_TYPE = "application/jose"
+CROSS_NODE_RECHECK_S = 1.0
+
+
+@router.post("/install")
+def install(request: Request, body: s.InstallIn) -> dict[str, Any]:
+    """Redeem an installer bundle's one-time token for the group's identity pair."""
+    state = state_of(request)
+    request.state.actor = f"installer@{request.client.host if request.client else '?'}"
+    with state.db.transaction() as session:
+        address = body.address or (request.client.host if request.client else "")
+        bundle = tunnels.redeem_install_token(
+            session, state.pki, body.token, state.config.public_url, body.node_name, address
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "tunnel.install",
+            group_id=bundle["group_id"],
+            node=body.node_name,
+            address=address,
+        )
+        return bundle
+
+
+@router.get("/feed/snapshot", response_class=Response)
+def snapshot(request: Request) -> Response:
+    state = state_of(request)
+    with tunnel_tx(request) as (session, group_id):
+        token = tunnels.signed_snapshot(session, state.pki, group_id)
+    return Response(token, media_type=JWS_TYPE)
+
+
+def _poll_once(request: Request, after: int) -> tuple[str, tunnels.SignedBatch | None]:
+    state = state_of(request)
+    with tunnel_tx(request) as (session, group_id):
+        return group_id, tunnels.signed_batch(session, state.pki, group_id, after)
+
+
+@router.get("/feed", response_class=Response)
+async def feed(
+    request: Request, after: int = Query(ge=0), wait: float = Query(25.0, ge=0, le=300)
+) -> Response:
+    """Changes after ``after`` as one signed batch (200), or 204 when none came in time."""
+    state = state_of(request)
+    deadline = time.monotonic() + min(wait, state.config.long_poll_max_s)
+    while True:
+        group_id, batch = await run_in_threadpool(_poll_once, request, after)
+        if batch is not None:
+            return Response(
+                batch.token, media_type=JWS_TYPE, headers={"certgate-feed-seq": str(batch.to_seq)}
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or await request.is_disconnected():
+            return Response(status_code=204)
+        await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S))

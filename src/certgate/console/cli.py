@@ -1,0 +1,501 @@
+"""``certgate console``: set up and run the console, and administer it locally.
+
+Local commands open the data directory directly (master key + database); each change is
+audited with the operator's OS user as actor, exactly like an API call would be.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate.console import backup as backup_mod
+from certgate.console import local
+from certgate.console.services import admins, audit, ca, devices, groups, tunnels
+from certgate.console.services.rbac import ROLES
+from certgate.console.store.models import (
+    Admin,
+    AuditEntry,
+    Certificate,
+    Device,
+    Group,
+    RoleBinding,
+)
+from certgate.errors import CertgateError
+from certgate.pki.keys import KeyAlgorithm, private_key_pem
+from certgate.pki.thumbprint import thumbprint
+
+app = typer.Typer(
+    help="Management console: PKI, groups, admins, devices, audit.", no_args_is_help=True
+)
+admin_app = typer.Typer(help="Admin accounts and API keys.", no_args_is_help=True)
+group_app = typer.Typer(help="Organization groups.", no_args_is_help=True)
+device_app = typer.Typer(help="Devices, enrollment, compliance.", no_args_is_help=True)
+cert_app = typer.Typer(help="Issued certificates.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+app.add_typer(group_app, name="group")
+app.add_typer(device_app, name="device")
+app.add_typer(cert_app, name="cert")
+app.add_typer(audit_app, name="audit")
+
+out = Console()
+err = Console(stderr=True)
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", "-d", envvar="CERTGATE_CONSOLE_DIR", help="Console data directory."),
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@contextmanager
+def opened(data_dir: Path) -> Iterator[tuple[Session, ca.InstancePKI]]:
+    """A transaction on the local data directory; certgate errors become exit code 1."""
+    try:
+        config = local.load_config(data_dir)
+        db, pki = local.open_db(config)
+    except CertgateError as exc:
+        raise fail(str(exc)) from exc
+    try:
+        with db.transaction() as session:
+            yield session, pki
+    except CertgateError as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        db.dispose()
+
+
+@app.command()
+def init(
+    data_dir: DataDir,
+    key_algorithm: Annotated[KeyAlgorithm, typer.Option(help="CA key type.")] = (
+        KeyAlgorithm.EC_P256
+    ),
+    public_url: Annotated[str, typer.Option(help="URL tunnels and devices use.")] = (
+        "https://127.0.0.1:7443"
+    ),
+    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port.")] = 7443,
+    db: Annotated[str | None, typer.Option(help="Database URL (default: SQLite).")] = None,
+) -> None:
+    """Create the instance PKI (Root, Secure Channel Root, Device Root, Admin CA)."""
+    try:
+        _, pki = local.init(data_dir, key_algorithm, public_url, host, port, db)
+    except CertgateError as exc:
+        raise fail(str(exc)) from exc
+    table = Table("CA", "subject", "CertThumbprint (SHA-256 of DER)", title="Instance PKI")
+    for label, cert in pki.certs.items():
+        table.add_row(label, cert.subject.rfc4514_string(), thumbprint(cert))
+    out.print(table)
+    out.print(f"data directory: {data_dir} (master key: {data_dir / 'master.key'}, mode 0600)")
+
+
+@app.command()
+def serve(
+    data_dir: DataDir,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Run the console API over HTTPS (mTLS optional at the handshake, required per route)."""
+    from certgate.console.app import create_app
+    from certgate.console.state import ConsoleState
+    from certgate.httpserver import make_server
+
+    try:
+        config = local.load_config(data_dir, host=host, port=port)
+        local.open_db(config)[0].dispose()  # migrates the schema before serving
+        state = ConsoleState.open(config)
+        server = make_server(create_app(state), config.host, config.port, state.tls_context())
+    except CertgateError as exc:
+        raise fail(str(exc)) from exc
+    err.print(f"console listening on https://{config.host}:{config.port}")
+    server.run()
+
+
+@admin_app.command("create")
+def admin_create(
+    data_dir: DataDir,
+    username: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
+    group: Annotated[str, typer.Option(help="Group the role is bound to.")] = local.TOP_GROUP,
+    out_dir: Annotated[Path, typer.Option(help="Where to write cert, key, PKCS#12.")] = (Path(".")),
+    p12_password: Annotated[
+        str | None, typer.Option(envvar="CERTGATE_P12_PASSWORD", help="PKCS#12 password.")
+    ] = None,
+) -> None:
+    """Create an admin; print its API key once; write its client cert (PEM + PKCS#12)."""
+    with opened(data_dir) as (session, pki):
+        admin = admins.create_admin(session, username, role, group)
+        key = admins.issue_api_key(session, admin, "initial")
+        cert, private = admins.issue_admin_cert(session, pki, admin)
+        audit.append(
+            session,
+            actor(),
+            "admin.create",
+            group_id=group,
+            admin=username,
+            role=role,
+            api_key_id=key.id,
+        )
+    password = p12_password or secrets.token_urlsafe(18)
+    paths = _write_admin_files(out_dir, username, cert, private, pki, password)
+    out.print(f"admin [bold]{username}[/] ({role} on {group}) id={admin.id}")
+    out.print(f"API key (shown once): [bold]{key.token}[/]")
+    for path in paths:
+        out.print(f"wrote {path}")
+    if not p12_password:
+        out.print(f"PKCS#12 password (shown once): [bold]{password}[/]")
+
+
+def _write_admin_files(
+    out_dir: Path, name: str, cert: Any, key: Any, pki: ca.InstancePKI, password: str
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chain = pki.chain(ca.ADMIN_CA)
+    files = {
+        out_dir / f"{name}.pem": (ca.pem(cert) + "".join(ca.pem(c) for c in chain)).encode(),
+        out_dir / f"{name}.key": private_key_pem(key),
+        out_dir / f"{name}.p12": pkcs12.serialize_key_and_certificates(
+            name.encode(), key, cert, chain, BestAvailableEncryption(password.encode())
+        ),
+    }
+    for path, data in files.items():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    return list(files)
+
+
+@admin_app.command("list")
+def admin_list(data_dir: DataDir) -> None:
+    with opened(data_dir) as (session, _):
+        table = Table("id", "username", "roles", "disabled", title="Admins")
+        for admin in session.execute(select(Admin).order_by(Admin.username)).scalars():
+            roles = session.execute(
+                select(RoleBinding).where(RoleBinding.admin_id == admin.id)
+            ).scalars()
+            table.add_row(
+                admin.id,
+                admin.username,
+                ", ".join(f"{b.role}@{b.group_id}" for b in roles),
+                str(admin.disabled),
+            )
+    out.print(table)
+
+
+@admin_app.command("revoke-key")
+def admin_revoke_key(data_dir: DataDir, key_id: str) -> None:
+    with opened(data_dir) as (session, _):
+        admins.revoke_api_key(session, key_id)
+        audit.append(session, actor(), "apikey.revoke", api_key_id=key_id)
+    out.print(f"API key {key_id} revoked")
+
+
+@group_app.command("create")
+def group_create(
+    data_dir: DataDir,
+    group_id: str,
+    name: Annotated[str, typer.Option()] = "",
+    parent: Annotated[str, typer.Option()] = local.TOP_GROUP,
+    settings: Annotated[str | None, typer.Option(help="JSON settings override.")] = None,
+) -> None:
+    """Create a group under PARENT; issues its unique console + tunnel identity pair."""
+    try:
+        overrides = json.loads(settings) if settings else None
+    except ValueError as exc:
+        raise fail(f"--settings is not JSON: {exc}") from exc
+    with opened(data_dir) as (session, pki):
+        groups.create_group(session, pki, group_id, name, parent, overrides)
+        audit.append(session, actor(), "group.create", group_id=group_id, parent=parent)
+    out.print(f"group {group_id} created under {parent}")
+
+
+@group_app.command("list")
+def group_list(data_dir: DataDir) -> None:
+    with opened(data_dir) as (session, _):
+        table = Table("id", "name", "parent", "feed seq", "tunnel hosts", title="Groups")
+        for group in session.execute(select(Group).order_by(Group.id)).scalars():
+            hosts = group.settings["tunnel"]["hostnames"] + group.settings["tunnel"]["ip_addresses"]
+            table.add_row(
+                group.id, group.name, group.parent_id or "-", str(group.feed_seq), ", ".join(hosts)
+            )
+    out.print(table)
+
+
+@device_app.command("enroll-user")
+def device_enroll_user(
+    data_dir: DataDir,
+    group_id: str,
+    username: str,
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, envvar="CERTGATE_ENROLL_PASSWORD")
+    ],
+) -> None:
+    """Create an enrollment user (devices enroll and apps authenticate with it)."""
+    with opened(data_dir) as (session, _):
+        devices.create_enrollment_user(session, group_id, username, password)
+        audit.append(
+            session, actor(), "enrollment_user.create", group_id=group_id, username=username
+        )
+    out.print(f"enrollment user {username} created in {group_id}")
+
+
+@device_app.command("enroll-token")
+def device_enroll_token(
+    data_dir: DataDir,
+    group_id: str,
+    owner: str,
+    ttl_hours: Annotated[int, typer.Option(min=1, max=720)] = 168,
+) -> None:
+    """Print a one-time enrollment token (shown once)."""
+    with opened(data_dir) as (session, _):
+        token = devices.create_enrollment_token(
+            session, group_id, owner, actor(), timedelta(hours=ttl_hours)
+        )
+        audit.append(
+            session,
+            actor(),
+            "enrollment_token.create",
+            group_id=group_id,
+            token_id=token.id,
+            owner=owner,
+        )
+    out.print(f"enrollment token (one use, {ttl_hours} h): [bold]{token.token}[/]")
+
+
+@device_app.command("list")
+def device_list(data_dir: DataDir, group_id: str) -> None:
+    with opened(data_dir) as (session, _):
+        table = Table(
+            "uid",
+            "platform",
+            "owner",
+            "enrollment",
+            "compliance",
+            "blocked",
+            "profile",
+            title=f"Devices of {group_id}",
+        )
+        for d in session.execute(select(Device).where(Device.group_id == group_id)).scalars():
+            table.add_row(
+                d.uid,
+                d.platform,
+                d.owner,
+                d.enrollment_status,
+                d.compliance_status,
+                str(d.blocked),
+                str(d.profile_version),
+            )
+    out.print(table)
+
+
+@device_app.command("set")
+def device_set(
+    data_dir: DataDir,
+    uid: str,
+    compliance: Annotated[str | None, typer.Option(help="compliant|noncompliant|unknown")] = None,
+    action: Annotated[str | None, typer.Option(help="unenroll|wipe|block|unblock")] = None,
+) -> None:
+    """Change a device's compliance or enrollment state (tunnels enforce it via the feed)."""
+    with opened(data_dir) as (session, _):
+        device = devices.get_device(session, uid)
+        if compliance:
+            devices.set_compliance(session, device, compliance)
+        if action in ("unenroll", "wipe"):
+            devices.unenroll(session, device, wipe=action == "wipe")
+        elif action in ("block", "unblock"):
+            devices.set_blocked(session, device, action == "block")
+        elif action is not None:
+            raise fail(f"unknown action {action!r}")
+        audit.append(
+            session,
+            actor(),
+            "device.set",
+            group_id=device.group_id,
+            device=uid,
+            compliance=compliance,
+            change=action,
+        )
+    out.print(
+        f"device {uid}: compliance={device.compliance_status} "
+        f"enrollment={device.enrollment_status} blocked={device.blocked}"
+    )
+
+
+@cert_app.command("list")
+def cert_list(
+    data_dir: DataDir, group_id: Annotated[str | None, typer.Option("--group")] = None
+) -> None:
+    with opened(data_dir) as (session, _):
+        query = select(Certificate).order_by(Certificate.issued_at)
+        if group_id:
+            query = query.where(Certificate.group_id == group_id)
+        table = Table(
+            "serial",
+            "kind",
+            "group",
+            "device",
+            "app",
+            "thumbprint",
+            "not after",
+            "revoked",
+            title="Certificates",
+        )
+        for c in session.execute(query).scalars():
+            table.add_row(
+                c.serial[:16],
+                c.kind,
+                c.group_id or "-",
+                c.device_uid or "-",
+                c.bundle_id or "-",
+                c.thumbprint[:16],
+                f"{c.not_after:%Y-%m-%d}",
+                c.revocation_reason or "",
+            )
+    out.print(table)
+
+
+@cert_app.command("revoke")
+def cert_revoke(
+    data_dir: DataDir, serial: str, reason: Annotated[str, typer.Option()] = "privilegeWithdrawn"
+) -> None:
+    with opened(data_dir) as (session, _):
+        row = session.get(Certificate, serial.lower())
+        if row is None:
+            raise fail(f"certificate {serial} not found")
+        if row.kind in ("device", "app"):
+            devices.revoke_client_cert(session, row, reason)
+        else:
+            ca.revoke(session, row.serial, reason)
+        audit.append(
+            session, actor(), "cert.revoke", group_id=row.group_id, serial=row.serial, reason=reason
+        )
+    out.print(f"certificate {serial} revoked ({reason})")
+
+
+@audit_app.command("list")
+def audit_list(data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
+    with opened(data_dir) as (session, _):
+        table = Table(
+            "id",
+            "time",
+            "actor",
+            "group",
+            "action",
+            "outcome",
+            "detail",
+            title="Audit log (newest first)",
+        )
+        rows = session.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+        for e in rows.scalars():
+            table.add_row(
+                str(e.id),
+                f"{e.ts:%Y-%m-%d %H:%M:%S}",
+                e.actor,
+                e.group_id or "-",
+                e.action,
+                e.outcome,
+                json.dumps(e.detail)[:80],
+            )
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: DataDir) -> None:
+    """Recompute the audit hash chain; exit 1 at the first entry that does not fit."""
+    with opened(data_dir) as (session, _):
+        report = audit.verify_chain(session)
+    if not report.ok:
+        where = f" at entry {report.first_bad_id}" if report.first_bad_id else ""
+        raise fail(f"audit chain BROKEN{where}: {report.problem} ({report.entries} checked)")
+    out.print(f"audit chain OK: {report.entries} entries")
+
+
+@app.command("installer")
+def installer(
+    data_dir: DataDir,
+    group_id: str,
+    out_file: Annotated[Path, typer.Option("--out")],
+    ttl_hours: Annotated[int, typer.Option(min=1, max=720)] = 24,
+) -> None:
+    """Write a tunnel installer bundle for GROUP_ID (packaged now, one-time token inside)."""
+    with opened(data_dir) as (session, pki):
+        config = local.load_config(data_dir)
+        data, token_id = tunnels.installer(
+            session, pki, group_id, config.public_url, actor(), timedelta(hours=ttl_hours)
+        )
+        audit.append(
+            session, actor(), "tunnel.installer", group_id=group_id, install_token_id=token_id
+        )
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    out.print(f"wrote {out_file} (install token {token_id}, single use, {ttl_hours} h)")
+
+
+@app.command("backup")
+def backup(
+    data_dir: DataDir,
+    out_file: Annotated[Path, typer.Option("--out")],
+    passphrase: Annotated[
+        str,
+        typer.Option(
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            envvar="CERTGATE_BACKUP_PASSPHRASE",
+        ),
+    ],
+) -> None:
+    """Export the instance CAs (certificates and keys), encrypted under a passphrase."""
+    with opened(data_dir) as (session, pki):
+        blob = backup_mod.export_cas(session, pki, passphrase)
+        audit.append(session, actor(), "pki.backup", labels=sorted(pki.certs))
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(blob)
+    out.print(f"wrote encrypted CA backup {out_file}")
+
+
+@app.command("restore")
+def restore(
+    data_dir: DataDir,
+    backup_file: Annotated[Path, typer.Option("--from")],
+    passphrase: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, envvar="CERTGATE_BACKUP_PASSPHRASE")
+    ],
+    public_url: Annotated[str, typer.Option()] = "https://127.0.0.1:7443",
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 7443,
+    db: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Initialise a NEW data directory from a CA backup: same roots, new master key."""
+    try:
+        pki = backup_mod.restore_into(
+            data_dir, backup_file.read_bytes(), passphrase, public_url, host, port, db
+        )
+    except (CertgateError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    out.print(f"restored {len(pki.certs)} CAs into {data_dir}")

@@ -1,0 +1,228 @@
+"""The instance PKI as the console stores it: CAs, sealed keys, issued-certificate records.
+
+``authority.Authority`` signs; this module decides which CA signs what, records every
+issued certificate in the same transaction as the request that asked for it, and keeps
+the revocation list. Nothing is returned to a caller before its row is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
+from certgate.errors import Conflict, NotFound, PKIError
+from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key
+from certgate.pki.keystore import MasterKey
+from certgate.pki.profiles import INTERMEDIATE_CA, Profile
+from certgate.pki.thumbprint import thumbprint
+
+ROOT = "root"
+SECURE_CHANNEL_ROOT = "secure-channel-root"
+DEVICE_ROOT = "device-root"
+ADMIN_CA = "admin-ca"
+INTERMEDIATES = (SECURE_CHANNEL_ROOT, DEVICE_ROOT, ADMIN_CA)
+CA_NAMES = {
+    ROOT: "certgate Root CA",
+    SECURE_CHANNEL_ROOT: "certgate Secure Channel Root",
+    DEVICE_ROOT: "certgate Device Root",
+    ADMIN_CA: "certgate Admin CA",
+}
+REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r is not x509.ReasonFlags.unspecified}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a certificate row says about who the certificate belongs to."""
+
+    kind: str
+    group_id: str | None = None
+    device_uid: str | None = None
+    bundle_id: str | None = None
+    admin_id: str | None = None
+
+
+@dataclass
+class InstancePKI:
+    """The loaded CAs of this instance. Keys are unsealed on first use and kept in memory."""
+
+    master: MasterKey
+    certs: dict[str, x509.Certificate]
+    authority: Authority = field(default_factory=Authority)
+    _keys: dict[str, PrivateKey] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session: Session, master: MasterKey) -> InstancePKI:
+        rows = session.execute(select(CACert)).scalars().all()
+        if {r.label for r in rows} != {ROOT, *INTERMEDIATES}:
+            raise PKIError("instance PKI is not initialised; run `certgate console init`")
+        certs = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
+        pki = cls(master, certs)
+        for row in rows:  # unseal now: a wrong master key must fail at startup, not later
+            pki._keys[row.label] = pki.unseal(session, row.key_label)
+        return pki
+
+    def unseal(self, session: Session, label: str) -> PrivateKey:
+        row = session.get(SealedKey, label)
+        if row is None:
+            raise NotFound(f"sealed key {label!r} missing")
+        return self.master.unseal(row.sealed, label)
+
+    def issuer(self, label: str) -> Issuer:
+        return Issuer(self.certs[label], self._keys[label])
+
+    def chain(self, label: str) -> list[x509.Certificate]:
+        """The CA chain above a leaf issued by ``label``: [intermediate, root]."""
+        return [self.certs[label], self.certs[ROOT]]
+
+    def issue(
+        self,
+        session: Session,
+        ca: str,
+        profile: Profile,
+        names: Names,
+        public_key: object,
+        record: Record,
+    ) -> tuple[x509.Certificate, Certificate]:
+        """Sign with CA ``ca`` and add the certificate row to ``session``."""
+        cert = self.authority.issue(self.issuer(ca), profile, names, public_key)
+        row = record_certificate(session, cert, ca, record)
+        return cert, row
+
+    def issue_from_csr(
+        self,
+        session: Session,
+        ca: str,
+        profile: Profile,
+        names: Names,
+        csr_pem: bytes,
+        record: Record,
+    ) -> tuple[x509.Certificate, Certificate]:
+        cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
+        return cert, record_certificate(session, cert, ca, record)
+
+
+def record_certificate(
+    session: Session, cert: x509.Certificate, ca: str, record: Record
+) -> Certificate:
+    row = Certificate(
+        serial=format(cert.serial_number, "x"),
+        thumbprint=thumbprint(cert),
+        kind=record.kind,
+        issuer_label=ca,
+        group_id=record.group_id,
+        device_uid=record.device_uid,
+        bundle_id=record.bundle_id,
+        admin_id=record.admin_id,
+        subject=cert.subject.rfc4514_string(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        issued_at=now(),
+        cert_pem=pem(cert),
+    )
+    session.add(row)
+    return row
+
+
+def seal_key(session: Session, master: MasterKey, label: str, key: PrivateKey) -> None:
+    """Store ``key`` sealed under ``label``, replacing any previous key of that label."""
+    row = session.get(SealedKey, label)
+    if row is None:
+        session.add(SealedKey(label=label, sealed=master.seal(key, label), created_at=now()))
+        session.flush()  # rows referencing this key may follow; no ORM relationship orders them
+    else:
+        row.sealed, row.created_at = master.seal(key, label), now()
+
+
+def init_instance(
+    session: Session, master: MasterKey, algorithm: KeyAlgorithm, public_url: str
+) -> InstancePKI:
+    """Create the instance PKI once: a root and the three intermediates below it."""
+    authority = Authority()
+    root_key = generate_key(algorithm)
+    root = authority.create_root(root_key, Names(CA_NAMES[ROOT]))
+    pki = InstancePKI(master, {ROOT: root}, authority, {ROOT: root_key})
+    for label in INTERMEDIATES:
+        key = generate_key(algorithm)
+        pki.certs[label] = authority.issue(
+            pki.issuer(ROOT), INTERMEDIATE_CA, Names(CA_NAMES[label]), key.public_key()
+        )
+        pki._keys[label] = key
+    adopt_instance(session, pki, algorithm.value, public_url)
+    return pki
+
+
+def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_url: str) -> None:
+    """Store ``pki``'s CAs (new or restored from backup) as this instance's PKI."""
+    if session.get(Instance, 1) is not None:
+        raise Conflict("instance already initialised")
+    for label, cert in pki.certs.items():
+        seal_key(session, pki.master, f"ca:{label}", pki._keys[label])
+        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
+        record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
+    session.add(
+        Instance(
+            id=1,
+            created_at=now(),
+            key_algorithm=algorithm,
+            public_url=public_url,
+            crl_number=0,
+            audit_head="0" * 64,
+            audit_count=0,
+        )
+    )
+
+
+def ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
+    """The CA keys, for an encrypted backup only."""
+    return dict(pki._keys)
+
+
+def revoke(session: Session, serial: str, reason: str) -> Certificate:
+    """Record a revocation (serial, reason, time). Idempotent for an already revoked cert."""
+    if reason not in REVOCATION_REASONS:
+        raise PKIError(f"unknown revocation reason {reason!r}; one of {sorted(REVOCATION_REASONS)}")
+    row = session.get(Certificate, serial)
+    if row is None:
+        raise NotFound(f"certificate {serial} not found")
+    if row.revoked_at is None:
+        row.revoked_at, row.revocation_reason = now(), reason
+    return row
+
+
+def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> bytes:
+    """A fresh DER CRL of the Device Root, numbered monotonically (RFC 5280 §5.2.3)."""
+    instance = session.execute(select(Instance).with_for_update()).scalar_one()
+    instance.crl_number += 1
+    rows = session.execute(
+        select(Certificate).where(
+            Certificate.issuer_label == DEVICE_ROOT, Certificate.revoked_at.is_not(None)
+        )
+    ).scalars()
+    revoked = [
+        (int(r.serial, 16), r.revoked_at or now(), REVOCATION_REASONS[r.revocation_reason or ""])
+        for r in rows
+    ]
+    crl = pki.authority.sign_crl(
+        pki.issuer(DEVICE_ROOT), revoked, instance.crl_number, now() + validity
+    )
+    return crl.public_bytes(Encoding.DER)
+
+
+def describe(pki: InstancePKI) -> str:
+    return json.dumps({label: thumbprint(c) for label, c in sorted(pki.certs.items())}, indent=2)

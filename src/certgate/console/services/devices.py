@@ -1,0 +1,309 @@
+"""Enrollment, device credentials, Proxy-mode app certs, Per-App Tunnel profiles, status.
+
+Provisioners here decide *whether* a certificate may be issued (enrollment credentials,
+one-time token, device credential); ``InstancePKI`` signs. Every state change publishes
+feed entries in the same transaction, which is what makes tunnels enforce it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate.console.services import ca, feed
+from certgate.console.services.admins import USERNAME_RE
+from certgate.console.services.groups import get_group
+from certgate.console.services.secrets import (
+    IssuedSecret,
+    hash_password,
+    new_secret,
+    password_matches,
+    secret_matches,
+    sha256_hex,
+    split_secret,
+)
+from certgate.console.store.models import (
+    Certificate,
+    Device,
+    EnrollmentUser,
+    OneTimeToken,
+    ProfileDelivery,
+)
+from certgate.errors import AuthError, BadRequest, Conflict, NotFound, PermissionDenied
+from certgate.pki import identity
+from certgate.pki.authority import Names
+from certgate.pki.profiles import APP_CLIENT, DEVICE_CLIENT
+
+ENROLL_TOKEN_PREFIX = "cge"
+DEVICE_CREDENTIAL_PREFIX = "cgd"
+PLATFORMS = ("android", "ios", "windows", "macos", "linux")
+COMPLIANCE = ("compliant", "noncompliant", "unknown")
+
+
+def create_enrollment_user(
+    session: Session, group_id: str, username: str, password: str
+) -> EnrollmentUser:
+    get_group(session, group_id)
+    if not USERNAME_RE.fullmatch(username):
+        raise BadRequest(f"invalid enrollment username {username!r}")
+    if session.get(EnrollmentUser, username) is not None:
+        raise Conflict(f"enrollment user {username!r} exists")
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    user = EnrollmentUser(
+        username=username,
+        group_id=group_id,
+        password_hash=hashed,
+        created_at=ca.now(),
+        disabled=False,
+    )
+    session.add(user)
+    return user
+
+
+def create_enrollment_token(
+    session: Session, group_id: str, owner: str, created_by: str, ttl: timedelta
+) -> IssuedSecret:
+    """A one-time enrollment token for ``owner`` (an enrollment user of the group)."""
+    user = session.get(EnrollmentUser, owner)
+    if user is None or user.group_id != group_id:
+        raise BadRequest(f"{owner!r} is not an enrollment user of group {group_id!r}")
+    issued = new_secret(ENROLL_TOKEN_PREFIX)
+    session.add(
+        OneTimeToken(
+            id=issued.id,
+            purpose="enroll",
+            group_id=group_id,
+            secret_hash=issued.secret_hash,
+            owner=owner,
+            created_by=created_by,
+            created_at=ca.now(),
+            expires_at=ca.now() + ttl,
+            used_at=None,
+        )
+    )
+    return issued
+
+
+def consume_token(session: Session, token: str, prefix: str, purpose: str) -> OneTimeToken:
+    """Check and burn a one-time token (the row is locked so two uses cannot both win)."""
+    token_id, secret = split_secret(token, prefix)
+    row = session.execute(
+        select(OneTimeToken).where(OneTimeToken.id == token_id).with_for_update()
+    ).scalar_one_or_none()
+    if row is None or row.purpose != purpose or not secret_matches(secret, row.secret_hash):
+        raise AuthError(f"unknown {purpose} token")
+    if row.used_at is not None:
+        raise AuthError(f"{purpose} token already used")
+    if row.expires_at <= ca.now():
+        raise AuthError(f"{purpose} token expired")
+    row.used_at = ca.now()
+    return row
+
+
+def check_enrollment_user(session: Session, username: str, password: str) -> EnrollmentUser:
+    user = session.get(EnrollmentUser, username)
+    # Hash even for unknown users so response time does not reveal which usernames exist.
+    stored = user.password_hash if user else "scrypt$AAAAAAAAAAAAAAAAAAAAAA==$AAAA"
+    if not password_matches(password, stored) or user is None or user.disabled:
+        raise AuthError("wrong enrollment credentials")
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    device: Device
+    credential: IssuedSecret
+
+
+def enroll(
+    session: Session,
+    *,
+    token: str | None,
+    username: str | None,
+    password: str | None,
+    platform: str,
+    name: str,
+) -> Enrollment:
+    if platform not in PLATFORMS:
+        raise BadRequest(f"unknown platform {platform!r}; one of {list(PLATFORMS)}")
+    if token:
+        row = consume_token(session, token, ENROLL_TOKEN_PREFIX, "enroll")
+        group_id, owner = row.group_id, row.owner or ""
+    elif username and password:
+        user = check_enrollment_user(session, username, password)
+        group_id, owner = user.group_id, user.username
+    else:
+        raise AuthError("enrollment needs a one-time token or enrollment user + password")
+    group = get_group(session, group_id)
+    credential = new_secret(DEVICE_CREDENTIAL_PREFIX)
+    device = Device(
+        uid=secrets.token_hex(16),
+        group_id=group_id,
+        platform=platform,
+        owner=owner,
+        name=name[:128],
+        enrollment_status="enrolled",
+        compliance_status=group.settings.get("initial_compliance", "unknown"),
+        blocked=False,
+        credential_hash=credential.secret_hash,
+        enrolled_at=ca.now(),
+        updated_at=ca.now(),
+        profile_version=0,
+    )
+    session.add(device)
+    return Enrollment(device, credential)
+
+
+def authenticate_device(session: Session, bearer: str | None) -> Device:
+    if not bearer:
+        raise AuthError("missing device credential")
+    _, secret = split_secret(bearer, DEVICE_CREDENTIAL_PREFIX)
+    device = session.execute(
+        select(Device).where(Device.credential_hash == sha256_hex(secret))
+    ).scalar_one_or_none()
+    if device is None:
+        raise AuthError("unknown device credential")
+    return device
+
+
+def require_active(device: Device) -> None:
+    if device.enrollment_status != "enrolled":
+        raise PermissionDenied(f"device is {device.enrollment_status}; enroll it again")
+    if device.blocked:
+        raise PermissionDenied("device is blocked")
+
+
+def get_device(session: Session, uid: str) -> Device:
+    device = session.get(Device, uid) if identity.DEVICE_UID_RE.fullmatch(uid) else None
+    if device is None:
+        raise NotFound(f"device {uid!r} not found")
+    return device
+
+
+def _supersede(session: Session, device: Device, bundle_id: str | None) -> list[dict[str, Any]]:
+    """Revoke the device's current cert of this kind; return the feed deletions."""
+    gone = []
+    for cert in feed.active_certs(session, device.uid):
+        if cert.bundle_id == bundle_id:
+            ca.revoke(session, cert.serial, "superseded")
+            gone.append(feed.delete_entry(cert))
+    return gone
+
+
+def issue_app_cert(
+    session: Session,
+    pki: ca.InstancePKI,
+    device: Device,
+    bundle_id: str,
+    username: str,
+    password: str,
+    csr_pem: bytes,
+) -> tuple[str, list[str]]:
+    """Proxy mode: the app's first authentication with the enrollment credentials earns a
+    client cert for this app on this device. Returns (cert PEM, chain PEMs)."""
+    require_active(device)
+    if not identity.BUNDLE_ID_RE.fullmatch(bundle_id):
+        raise BadRequest(f"invalid application bundle id {bundle_id!r}")
+    user = check_enrollment_user(session, username, password)
+    if user.username != device.owner:
+        raise AuthError("enrollment credentials are not those of this device's owner")
+    gone = _supersede(session, device, bundle_id)
+    names = Names(bundle_id[:64], identity.app(device.uid, device.group_id, bundle_id))
+    cert, row = pki.issue_from_csr(
+        session,
+        ca.DEVICE_ROOT,
+        APP_CLIENT,
+        names,
+        csr_pem,
+        ca.Record("app", device.group_id, device.uid, bundle_id),
+    )
+    feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
+    return ca.pem(cert), [ca.pem(c) for c in pki.chain(ca.DEVICE_ROOT)]
+
+
+def deliver_profile(
+    session: Session, pki: ca.InstancePKI, device: Device, csr_pem: bytes, tunnel_chain: list[str]
+) -> dict[str, Any]:
+    """Per-App Tunnel: delivering the profile generates the per-device client cert. A newer
+    delivery revokes the previous cert, which tunnels then stop admitting."""
+    require_active(device)
+    group = get_group(session, device.group_id)
+    gone = _supersede(session, device, None)
+    names = Names(f"device {device.uid}"[:64], identity.device(device.uid, device.group_id))
+    cert, row = pki.issue_from_csr(
+        session,
+        ca.DEVICE_ROOT,
+        DEVICE_CLIENT,
+        names,
+        csr_pem,
+        ca.Record("device", device.group_id, device.uid),
+    )
+    device.profile_version += 1
+    rules = group.settings["device_rules"]
+    session.add(
+        ProfileDelivery(
+            device_uid=device.uid,
+            version=device.profile_version,
+            cert_serial=row.serial,
+            rules=rules,
+            delivered_at=ca.now(),
+        )
+    )
+    feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
+    tunnel = group.settings["tunnel"]
+    return {
+        "version": device.profile_version,
+        "device_uid": device.uid,
+        "group_id": device.group_id,
+        "certificate": ca.pem(cert),
+        "chain": [ca.pem(c) for c in pki.chain(ca.DEVICE_ROOT)],
+        "tunnel_trust": tunnel_chain,
+        "tunnel": {
+            "hosts": tunnel["hostnames"] + tunnel["ip_addresses"],
+            "per_app_port": tunnel["per_app_port"],
+            "proxy_port": tunnel["proxy_port"],
+        },
+        "rules": rules,
+    }
+
+
+def set_compliance(session: Session, device: Device, status: str) -> None:
+    if status not in COMPLIANCE:
+        raise BadRequest(f"compliance must be one of {list(COMPLIANCE)}")
+    device.compliance_status, device.updated_at = status, ca.now()
+    feed.emit_device(session, device)
+
+
+def set_blocked(session: Session, device: Device, blocked: bool) -> None:
+    device.blocked, device.updated_at = blocked, ca.now()
+    feed.emit_device(session, device)
+
+
+def unenroll(session: Session, device: Device, wipe: bool = False) -> None:
+    """Unenroll (or wipe): the status is published, then every client cert is revoked."""
+    device.enrollment_status = "wiped" if wipe else "unenrolled"
+    device.updated_at = ca.now()
+    entries = []
+    for cert in feed.active_certs(session, device.uid):
+        entries.append(feed.upsert_entry(cert, device))
+        ca.revoke(session, cert.serial, "cessationOfOperation")
+        entries.append(feed.delete_entry(cert))
+    feed.emit(session, device.group_id, entries)
+
+
+def revoke_client_cert(session: Session, cert: Certificate, reason: str) -> None:
+    """Revoke a device or app certificate; tunnels drop it via the feed."""
+    if cert.kind not in feed.CLIENT_KINDS or cert.group_id is None:
+        raise NotFound(f"device certificate {cert.serial} not found")
+    was_active = cert.revoked_at is None
+    ca.revoke(session, cert.serial, reason)
+    if was_active:
+        feed.emit(session, cert.group_id, [feed.delete_entry(cert)])

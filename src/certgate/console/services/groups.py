@@ -1,0 +1,192 @@
+"""Organization groups and each group's unique identity pair (console cert, tunnel cert)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy.orm import Session
+
+from certgate.console.services import ca
+from certgate.console.services.rbac import ancestors
+from certgate.console.store.models import Certificate, Group, GroupIdentity
+from certgate.errors import BadRequest, Conflict, NotFound
+from certgate.pki import identity
+from certgate.pki.authority import Names
+from certgate.pki.keys import PrivateKey, generate_key
+from certgate.pki.profiles import CONSOLE_IDENTITY, TUNNEL_IDENTITY
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "tunnel": {
+        "hostnames": ["localhost"],
+        "ip_addresses": ["127.0.0.1"],
+        "proxy_port": 2020,
+        "per_app_port": 8443,
+    },
+    "feed": {"long_poll_s": 25, "max_staleness_s": 300},
+    "device_rules": {"default": "block", "rules": []},
+    "server_rules": {"default": "deny", "rules": []},
+    "initial_compliance": "unknown",
+}
+
+
+def console_key_label(group_id: str) -> str:
+    return f"group:{group_id}:console"
+
+
+def tunnel_key_label(group_id: str) -> str:
+    return f"group:{group_id}:tunnel"
+
+
+def get_group(session: Session, group_id: str) -> Group:
+    group = session.get(Group, group_id)
+    if group is None:
+        raise NotFound(f"group {group_id!r} not found")
+    return group
+
+
+def create_group(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    name: str,
+    parent_id: str | None,
+    settings: dict[str, Any] | None = None,
+) -> Group:
+    if not identity.GROUP_ID_RE.fullmatch(group_id):
+        raise BadRequest(f"invalid group id {group_id!r}: use [a-z0-9][a-z0-9-]{{0,62}}")
+    if session.get(Group, group_id) is not None:
+        raise Conflict(f"group {group_id!r} exists")
+    if parent_id is not None:
+        ancestors(session, parent_id)
+    merged = {**DEFAULT_SETTINGS, **(settings or {})}
+    validate_tunnel_settings(merged["tunnel"])
+    group = Group(
+        id=group_id,
+        name=name[:200] or group_id,
+        parent_id=parent_id,
+        created_at=ca.now(),
+        feed_seq=0,
+        settings=merged,
+    )
+    session.add(group)
+    session.flush()
+    issue_identity_pair(session, pki, group)
+    return group
+
+
+def validate_tunnel_settings(tunnel: dict[str, Any]) -> None:
+    hostnames, ips = tunnel.get("hostnames", []), tunnel.get("ip_addresses", [])
+    if not hostnames and not ips:
+        raise BadRequest("tunnel needs at least one hostname or IP address")
+    for ip in ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError as exc:
+            raise BadRequest(f"invalid tunnel IP address {ip!r}") from exc
+    for port_key in ("proxy_port", "per_app_port"):
+        port = tunnel.get(port_key)
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise BadRequest(f"tunnel {port_key} must be 1-65535")
+
+
+def issue_identity_pair(session: Session, pki: ca.InstancePKI, group: Group) -> GroupIdentity:
+    """One console identity (signs the group's messages) and one tunnel identity, shared by
+    every tunnel node of the group. Console identities are always P-256 (JWS ES256)."""
+    tunnel_conf = group.settings["tunnel"]
+    console_key, tunnel_key = generate_key(), generate_key()
+    _, console_row = pki.issue(
+        session,
+        ca.SECURE_CHANNEL_ROOT,
+        CONSOLE_IDENTITY,
+        Names(f"console {group.id}"[:64], identity.console(group.id)),
+        console_key.public_key(),
+        ca.Record(kind="console-identity", group_id=group.id),
+    )
+    _, tunnel_row = pki.issue(
+        session,
+        ca.SECURE_CHANNEL_ROOT,
+        TUNNEL_IDENTITY,
+        Names(
+            f"tunnel {group.id}"[:64],
+            identity.tunnel(group.id),
+            dns_names=tuple(tunnel_conf["hostnames"]),
+            ip_addresses=tuple(tunnel_conf["ip_addresses"]),
+        ),
+        tunnel_key.public_key(),
+        ca.Record(kind="tunnel-identity", group_id=group.id),
+    )
+    ca.seal_key(session, pki.master, console_key_label(group.id), console_key)
+    ca.seal_key(session, pki.master, tunnel_key_label(group.id), tunnel_key)
+    existing = session.get(GroupIdentity, group.id)
+    if existing is not None:
+        for serial in (existing.console_serial, existing.tunnel_serial):
+            ca.revoke(session, serial, "superseded")
+        existing.console_serial, existing.tunnel_serial = console_row.serial, tunnel_row.serial
+        return existing
+    pair = GroupIdentity(
+        group_id=group.id, console_serial=console_row.serial, tunnel_serial=tunnel_row.serial
+    )
+    session.add(pair)
+    return pair
+
+
+def identity_pair(
+    session: Session, pki: ca.InstancePKI, group_id: str
+) -> tuple[x509.Certificate, PrivateKey, x509.Certificate, PrivateKey]:
+    """(console cert, console key, tunnel cert, tunnel key) of a group."""
+    pair = session.get(GroupIdentity, group_id)
+    if pair is None:
+        raise NotFound(f"group {group_id!r} has no identity pair")
+    console_row = session.get(Certificate, pair.console_serial)
+    tunnel_row = session.get(Certificate, pair.tunnel_serial)
+    assert console_row is not None and tunnel_row is not None  # FK-enforced
+    return (
+        x509.load_pem_x509_certificate(console_row.cert_pem.encode()),
+        pki.unseal(session, console_key_label(group_id)),
+        x509.load_pem_x509_certificate(tunnel_row.cert_pem.encode()),
+        pki.unseal(session, tunnel_key_label(group_id)),
+    )
+
+
+SETTINGS_KEYS = ("tunnel", "feed", "device_rules", "server_rules", "initial_compliance")
+
+
+def update_settings(
+    session: Session, pki: ca.InstancePKI, group_id: str, changes: dict[str, Any]
+) -> Group:
+    """Merge ``changes`` into the group's settings. New tunnel names re-issue the pair."""
+    group = get_group(session, group_id)
+    unknown = set(changes) - set(SETTINGS_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown settings {sorted(unknown)}")
+    merged = {**group.settings}
+    for key, value in changes.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    validate_settings(merged)
+    old_tunnel = group.settings["tunnel"]
+    group.settings = merged
+    if (merged["tunnel"]["hostnames"], merged["tunnel"]["ip_addresses"]) != (
+        old_tunnel["hostnames"],
+        old_tunnel["ip_addresses"],
+    ):
+        issue_identity_pair(session, pki, group)
+    return group
+
+
+def validate_settings(settings: dict[str, Any]) -> None:
+    from certgate.device.rules import DeviceRules
+    from certgate.tunnel.rules import RuleSet
+
+    validate_tunnel_settings(settings["tunnel"])
+    feed = settings["feed"]
+    if not 1 <= int(feed.get("long_poll_s", 0)) <= 300:
+        raise BadRequest("feed.long_poll_s must be 1-300")
+    if not 10 <= int(feed.get("max_staleness_s", 0)) <= 30 * 24 * 3600:
+        raise BadRequest("feed.max_staleness_s must be 10 s to 30 days")
+    try:
+        DeviceRules.from_dict(settings["device_rules"])
+        RuleSet.from_dict(settings["server_rules"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadRequest(f"invalid rules: {exc}") from exc

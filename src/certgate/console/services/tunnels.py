@@ -1,0 +1,256 @@
+"""Tunnel setup, trust configuration, installer bundles, node registry, signed feed.
+
+Everything a tunnel trusts arrives as a JWS signed by its group's console identity; the
+tunnel pins that certificate at setup (docs/CONVENTIONS.md, "Signed messages").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate import jws
+from certgate.console.services import ca, feed
+from certgate.console.services.devices import consume_token
+from certgate.console.services.groups import get_group, identity_pair
+from certgate.console.services.secrets import IssuedSecret, new_secret
+from certgate.console.store.models import Certificate, GroupIdentity, OneTimeToken, TunnelNode
+from certgate.errors import AuthError, BadRequest
+from certgate.pki import identity
+from certgate.pki.keys import private_key_pem
+from certgate.pki.thumbprint import thumbprint
+from certgate.pki.verify import verify_client_chain
+
+INSTALL_TOKEN_PREFIX = "cgi"
+TRUST_TTL_S = 365 * 24 * 3600
+FEED_TTL_S = 3600
+INSTALLER_FORMAT = "certgate-tunnel-installer/1"
+NODE_NAME_MAX = 128
+
+
+def trust_payload(
+    session: Session, pki: ca.InstancePKI, group_id: str, console_url: str
+) -> dict[str, Any]:
+    group = get_group(session, group_id)
+    console_cert, _, tunnel_cert, _ = identity_pair(session, pki, group_id)
+    return {
+        "group_id": group_id,
+        "console_url": console_url,
+        "root": ca.pem(pki.certs[ca.ROOT]),
+        "secure_channel_root": ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]),
+        "device_root": ca.pem(pki.certs[ca.DEVICE_ROOT]),
+        "console_identity_thumbprint": thumbprint(console_cert),
+        "tunnel_identity_thumbprint": thumbprint(tunnel_cert),
+        "feed": {
+            "snapshot_path": "/api/v1/tunnel/feed/snapshot",
+            "feed_path": "/api/v1/tunnel/feed",
+            **group.settings["feed"],
+        },
+        "tunnel": group.settings["tunnel"],
+        "server_rules": group.settings["server_rules"],
+    }
+
+
+def sign_for_group(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    payload: dict[str, Any],
+    typ: str,
+    ttl_s: int,
+) -> str:
+    console_cert, console_key, _, _ = identity_pair(session, pki, group_id)
+    chain = [console_cert, pki.certs[ca.SECURE_CHANNEL_ROOT]]
+    return jws.sign({**payload, "group_id": group_id}, console_key, chain, typ, ttl_s)
+
+
+def _register_node(session: Session, group_id: str, name: str, address: str) -> TunnelNode:
+    if not 0 < len(name) <= NODE_NAME_MAX or not name.isprintable():
+        raise BadRequest("node name must be 1-128 printable characters")
+    node = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == group_id, TunnelNode.name == name)
+    ).scalar_one_or_none()
+    if node is None:
+        node = TunnelNode(
+            group_id=group_id,
+            name=name,
+            address=address[:255],
+            registered_at=ca.now(),
+            last_seen_at=ca.now(),
+        )
+        session.add(node)
+    node.address, node.last_seen_at = address[:255], ca.now()
+    return node
+
+
+def setup_bundle(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    console_url: str,
+    node_name: str,
+    address: str,
+) -> dict[str, Any]:
+    """What a tunnel node receives: the group's pair (same for every node), chain, trust."""
+    console_cert, _, tunnel_cert, tunnel_key = identity_pair(session, pki, group_id)
+    _register_node(session, group_id, node_name, address)
+    trust = sign_for_group(
+        session,
+        pki,
+        group_id,
+        trust_payload(session, pki, group_id, console_url),
+        jws.TYP_TRUST,
+        TRUST_TTL_S,
+    )
+    return {
+        "group_id": group_id,
+        "console_identity": ca.pem(console_cert),
+        "tunnel_identity": ca.pem(tunnel_cert),
+        "tunnel_key": private_key_pem(tunnel_key).decode(),
+        "chain": [ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]), ca.pem(pki.certs[ca.ROOT])],
+        "trust": trust,
+    }
+
+
+def create_install_token(
+    session: Session, group_id: str, created_by: str, ttl: timedelta
+) -> IssuedSecret:
+    issued = new_secret(INSTALL_TOKEN_PREFIX)
+    session.add(
+        OneTimeToken(
+            id=issued.id,
+            purpose="install",
+            group_id=group_id,
+            secret_hash=issued.secret_hash,
+            owner=None,
+            created_by=created_by,
+            created_at=ca.now(),
+            expires_at=ca.now() + ttl,
+            used_at=None,
+        )
+    )
+    return issued
+
+
+def redeem_install_token(
+    session: Session,
+    pki: ca.InstancePKI,
+    token: str,
+    console_url: str,
+    node_name: str,
+    address: str,
+) -> dict[str, Any]:
+    row = consume_token(session, token, INSTALL_TOKEN_PREFIX, "install")
+    return setup_bundle(session, pki, row.group_id, console_url, node_name, address)
+
+
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def installer(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    console_url: str,
+    created_by: str,
+    ttl: timedelta,
+) -> tuple[bytes, str]:
+    """A tar.gz packaged now: chain, console identity, signed trust, a one-time install
+    token, and a signed manifest with every file's SHA-256. Returns (bytes, token id)."""
+    console_cert, _, _, _ = identity_pair(session, pki, group_id)
+    token = create_install_token(session, group_id, created_by, ttl)
+    files = {
+        "chain.pem": (
+            ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]) + ca.pem(pki.certs[ca.ROOT])
+        ).encode(),
+        "root.pem": ca.pem(pki.certs[ca.ROOT]).encode(),
+        "console-identity.pem": ca.pem(console_cert).encode(),
+        "trust.jws": sign_for_group(
+            session,
+            pki,
+            group_id,
+            trust_payload(session, pki, group_id, console_url),
+            jws.TYP_TRUST,
+            TRUST_TTL_S,
+        ).encode(),
+        "install-token": token.token.encode(),
+    }
+    manifest = {
+        "format": INSTALLER_FORMAT,
+        "console_url": console_url,
+        "install_token_id": token.id,
+        "install_token_expires_in_s": int(ttl.total_seconds()),
+        "files": {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())},
+    }
+    signed = sign_for_group(
+        session, pki, group_id, manifest, jws.TYP_INSTALLER, int(ttl.total_seconds())
+    )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        _add_file(tar, "manifest.jws", signed.encode())
+        for name, data in sorted(files.items()):
+            _add_file(tar, name, data, 0o600 if name == "install-token" else 0o644)
+    return buffer.getvalue(), token.id
+
+
+def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> str:
+    """Authenticate a tunnel by its identity cert: valid chain, and the group's current one."""
+    if peer_der is None:
+        raise AuthError("tunnel identity certificate required (mTLS)")
+    cert = x509.load_der_x509_certificate(peer_der)
+    verify_client_chain(
+        cert,
+        [pki.certs[ca.SECURE_CHANNEL_ROOT]],
+        [pki.certs[ca.ROOT]],
+        expected_issuer=pki.certs[ca.SECURE_CHANNEL_ROOT],
+        at=ca.now(),
+    )
+    ident = identity.identity_of(cert)
+    if ident.kind is not identity.IdentityKind.TUNNEL or ident.group_id is None:
+        raise AuthError("certificate is not a tunnel identity")
+    pair = session.get(GroupIdentity, ident.group_id)
+    row = session.get(Certificate, pair.tunnel_serial) if pair else None
+    if row is None or row.thumbprint != thumbprint(cert) or row.revoked_at is not None:
+        raise AuthError("tunnel identity is not the group's current one")
+    return ident.group_id
+
+
+@dataclass(frozen=True, slots=True)
+class SignedBatch:
+    token: str
+    to_seq: int
+    count: int
+
+
+def signed_batch(
+    session: Session, pki: ca.InstancePKI, group_id: str, cursor: int
+) -> SignedBatch | None:
+    events = feed.batch_after(session, group_id, cursor)
+    if not events:
+        return None
+    payload = {
+        "from_seq": events[0].seq,
+        "to_seq": events[-1].seq,
+        "entries": [e.entry for e in events],
+    }
+    token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S)
+    return SignedBatch(token, events[-1].seq, len(events))
+
+
+def signed_snapshot(session: Session, pki: ca.InstancePKI, group_id: str) -> str:
+    seq, entries = feed.snapshot(session, group_id)
+    return sign_for_group(
+        session, pki, group_id, {"seq": seq, "entries": entries}, jws.TYP_SNAPSHOT, FEED_TTL_S
+    )

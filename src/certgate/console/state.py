@@ -1,0 +1,88 @@
+"""The running console's shared state: config, storage, loaded PKI, feed notifier."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate.console.config import ConsoleConfig
+from certgate.console.services import ca
+from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
+from certgate.console.store.db import Database
+from certgate.console.store.models import Certificate
+from certgate.pki.authority import Names
+from certgate.pki.keys import PrivateKey, generate_key
+from certgate.pki.keystore import MasterKey, load_master_key
+from certgate.pki.profiles import CONSOLE_TLS
+from certgate.tlsconf import ClientAuth, server_context
+
+CONSOLE_TLS_KEY = "console-tls"
+# OpenSSL X509_V_FLAG_NO_CHECK_TIME: the handshake still proves key possession and the
+# chain, while validity dates are judged by the app so an expired admin cert gets a 401
+# with an audit entry instead of an anonymous TLS alert.
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+
+
+@dataclass
+class ConsoleState:
+    config: ConsoleConfig
+    db: Database
+    pki: ca.InstancePKI
+    notifier: FeedNotifier
+
+    @classmethod
+    def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
+        master = master or load_master_key(config.master_key_file)
+        db = Database(config.db_url)
+        with db.transaction() as session:
+            pki = ca.InstancePKI.load(session, master)
+        notifier = FeedNotifier()
+        db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
+        return cls(config, db, pki, notifier)
+
+    def tls_context(self) -> ssl.SSLContext:
+        with self.db.transaction() as session:
+            cert, key = self._console_tls(session)
+        ctx = server_context(
+            [cert, self.pki.certs[ca.SECURE_CHANNEL_ROOT]],
+            key,
+            client_cas=[self.pki.certs[ca.ROOT], *(self.pki.certs[c] for c in ca.INTERMEDIATES)],
+            client_auth=ClientAuth.OPTIONAL,
+            alpn=["http/1.1"],
+        )
+        ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+        return ctx
+
+    def _console_tls(self, session: Session) -> tuple[x509.Certificate, PrivateKey]:
+        """Reuse the console TLS cert while it covers our names and has 30+ days left."""
+        dns, ips = self.config.tls_names()
+        row = (
+            session.execute(
+                select(Certificate)
+                .where(Certificate.kind == "console-tls", Certificate.revoked_at.is_(None))
+                .order_by(Certificate.issued_at.desc())
+            )
+            .scalars()
+            .first()
+        )
+        if row is not None and (row.not_after - ca.now()).days > 30:
+            cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if set(dns) <= set(san.get_values_for_type(x509.DNSName)):
+                return cert, self.pki.unseal(session, CONSOLE_TLS_KEY)
+            ca.revoke(session, row.serial, "superseded")
+        key = generate_key()
+        ca.seal_key(session, self.pki.master, CONSOLE_TLS_KEY, key)
+        cert, _ = self.pki.issue(
+            session,
+            ca.SECURE_CHANNEL_ROOT,
+            CONSOLE_TLS,
+            Names("certgate console", dns_names=dns, ip_addresses=ips),
+            key.public_key(),
+            ca.Record(kind="console-tls"),
+        )
+        return cert, key

@@ -1,0 +1,233 @@
+"""SQLAlchemy 2 models of the console. Portable SQL only (SQLite and PostgreSQL).
+
+No secret is stored in clear: private keys are sealed blobs (``pki.keystore``), API keys,
+device credentials, enrollment and installer tokens are SHA-256 hashes of high-entropy
+values, enrollment passwords are scrypt hashes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use UTC-aware values")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        datetime: UTCDateTime(),
+    }
+
+
+class Instance(Base):
+    """The single row describing this console instance; also the audit chain's lock row."""
+
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime]
+    key_algorithm: Mapped[str] = mapped_column(String(16))
+    public_url: Mapped[str] = mapped_column(String(255))
+    crl_number: Mapped[int] = mapped_column(BigInteger, default=0)
+    audit_head: Mapped[str] = mapped_column(String(64))
+    audit_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SealedKey(Base):
+    __tablename__ = "sealed_keys"
+    label: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class CACert(Base):
+    """The instance CAs: root, secure-channel-root, device-root, admin-ca."""
+
+    __tablename__ = "ca_certs"
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_label: Mapped[str] = mapped_column(ForeignKey("sealed_keys.label"))
+
+
+class Group(Base):
+    __tablename__ = "groups"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("groups.id"), index=True)
+    created_at: Mapped[datetime]
+    feed_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class GroupIdentity(Base):
+    """The group's unique identity pair: one console cert, one tunnel cert (spec §2)."""
+
+    __tablename__ = "group_identities"
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), primary_key=True)
+    console_serial: Mapped[str] = mapped_column(ForeignKey("certificates.serial"))
+    tunnel_serial: Mapped[str] = mapped_column(ForeignKey("certificates.serial"))
+
+
+class Admin(Base):
+    __tablename__ = "admins"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime]
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RoleBinding(Base):
+    __tablename__ = "role_bindings"
+    __table_args__ = (UniqueConstraint("admin_id", "role", "group_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"))
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class Certificate(Base):
+    __tablename__ = "certificates"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    thumbprint: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    issuer_label: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("groups.id"), index=True)
+    device_uid: Mapped[str | None] = mapped_column(String(32), index=True)
+    bundle_id: Mapped[str | None] = mapped_column(String(255))
+    admin_id: Mapped[str | None] = mapped_column(ForeignKey("admins.id"), index=True)
+    subject: Mapped[str] = mapped_column(String(512))
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    issued_at: Mapped[datetime]
+    cert_pem: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None]
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    uid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    owner: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    enrollment_status: Mapped[str] = mapped_column(String(16))
+    compliance_status: Mapped[str] = mapped_column(String(16))
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    profile_version: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EnrollmentUser(Base):
+    __tablename__ = "enrollment_users"
+    username: Mapped[str] = mapped_column(String(128), primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class OneTimeToken(Base):
+    """Single-use, expiring secrets: enrollment tokens and tunnel installer tokens."""
+
+    __tablename__ = "one_time_tokens"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str | None] = mapped_column(String(128))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+
+
+class ProfileDelivery(Base):
+    __tablename__ = "profile_deliveries"
+    __table_args__ = (UniqueConstraint("device_uid", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_uid: Mapped[str] = mapped_column(ForeignKey("devices.uid"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    cert_serial: Mapped[str] = mapped_column(ForeignKey("certificates.serial"))
+    rules: Mapped[dict[str, Any]]
+    delivered_at: Mapped[datetime]
+
+
+class TunnelNode(Base):
+    __tablename__ = "tunnel_nodes"
+    __table_args__ = (UniqueConstraint("group_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str] = mapped_column(String(255))
+    registered_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+
+
+class FeedEvent(Base):
+    __tablename__ = "feed_events"
+    __table_args__ = (UniqueConstraint("group_id", "seq"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    entry: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ts: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(200))
+    group_id: Mapped[str | None] = mapped_column(String(63), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any]]
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,133 @@
+"""Private keys at rest: sealed with AES-256-GCM under a master key.
+
+The master key comes from a file readable by its owner only (mode 0600 or stricter) or
+from the ``CERTGATE_MASTER_KEY`` environment variable (urlsafe base64 of 32 bytes). A
+wider file mode is refused at startup, like ssh refuses a world-readable identity file.
+
+A sealed blob is ``b"CGK1" || nonce(12) || AES-GCM(ciphertext+tag)`` with the key's label
+as associated data, so a blob copied onto another key's row fails to open.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from certgate.errors import ConfigError, KeystoreError
+from certgate.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
+
+ENV_VAR = "CERTGATE_MASTER_KEY"
+_MAGIC = b"CGK1"
+_BACKUP_MAGIC = b"CGBACKUP1"
+_NONCE = 12
+_SALT = 16
+MIN_PASSPHRASE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class MasterKey:
+    """32 secret bytes. ``repr`` never shows them."""
+
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.secret) != 32:
+            raise ConfigError("master key must be exactly 32 bytes")
+
+    def __repr__(self) -> str:
+        return "MasterKey(<redacted>)"
+
+    def _aead(self) -> AESGCM:
+        # Derive a purpose-bound key so the raw master key is never used directly.
+        hkdf = HKDF(hashes.SHA256(), 32, salt=None, info=b"certgate keystore v1")
+        return AESGCM(hkdf.derive(self.secret))
+
+    def seal(self, key: PrivateKey, label: str) -> bytes:
+        nonce = os.urandom(_NONCE)
+        plain = private_key_pem(key)
+        return _MAGIC + nonce + self._aead().encrypt(nonce, plain, label.encode())
+
+    def unseal(self, blob: bytes, label: str) -> PrivateKey:
+        if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _NONCE + 16:
+            raise KeystoreError(f"sealed key {label!r} is not in keystore format")
+        nonce = blob[len(_MAGIC) : len(_MAGIC) + _NONCE]
+        try:
+            plain = self._aead().decrypt(nonce, blob[len(_MAGIC) + _NONCE :], label.encode())
+        except InvalidTag as exc:
+            raise KeystoreError(
+                f"sealed key {label!r} does not open: wrong master key or tampered data"
+            ) from exc
+        return load_private_key_pem(plain)
+
+
+def new_master_key_file(path: Path) -> MasterKey:
+    """Create a fresh master key file with mode 0600; refuse to overwrite one."""
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(base64.urlsafe_b64encode(secret) + b"\n")
+    return MasterKey(secret)
+
+
+def _decode(text: bytes, origin: str) -> MasterKey:
+    try:
+        secret = base64.urlsafe_b64decode(text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"master key from {origin} is not urlsafe base64") from exc
+    if len(secret) != 32:
+        raise ConfigError(f"master key from {origin} must decode to 32 bytes")
+    return MasterKey(secret)
+
+
+def load_master_key(path: Path | None) -> MasterKey:
+    """The environment variable wins; otherwise the file, whose mode must be 0600 or less."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _decode(env.encode(), f"${ENV_VAR}")
+    if path is None:
+        raise ConfigError(f"no master key: set ${ENV_VAR} or give a master key file")
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"master key file {path} does not exist") from exc
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(
+            f"master key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            "refusing to start: make it 0600 (chmod 600)"
+        )
+    return _decode(path.read_bytes(), str(path))
+
+
+def _passphrase_key(passphrase: str, salt: bytes) -> AESGCM:
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise KeystoreError(f"backup passphrase must be at least {MIN_PASSPHRASE} characters")
+    kdf = Scrypt(salt=salt, length=32, n=2**15, r=8, p=1)
+    return AESGCM(kdf.derive(passphrase.encode()))
+
+
+def encrypt_backup(plain: bytes, passphrase: str) -> bytes:
+    """Encrypt a backup document under a passphrase (scrypt + AES-256-GCM)."""
+    salt, nonce = os.urandom(_SALT), os.urandom(_NONCE)
+    sealed = _passphrase_key(passphrase, salt).encrypt(nonce, plain, _BACKUP_MAGIC)
+    return _BACKUP_MAGIC + salt + nonce + sealed
+
+
+def decrypt_backup(blob: bytes, passphrase: str) -> bytes:
+    if not blob.startswith(_BACKUP_MAGIC):
+        raise KeystoreError("not a certgate backup file")
+    body = blob[len(_BACKUP_MAGIC) :]
+    salt, nonce, sealed = body[:_SALT], body[_SALT : _SALT + _NONCE], body[_SALT + _NONCE :]
+    try:
+        return _passphrase_key(passphrase, salt).decrypt(nonce, sealed, _BACKUP_MAGIC)
+    except InvalidTag as exc:
+        raise KeystoreError("backup does not open: wrong passphrase or damaged file") from exc

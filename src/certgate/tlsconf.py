@@ -1,0 +1,92 @@
+"""SSLContext factories: the one place for protocol versions, ciphers and verification.
+
+TLS 1.2 is the floor; TLS 1.2 suites are restricted to ECDHE with AEAD ciphers (TLS 1.3
+suites are AEAD by definition). Compression and renegotiation are off.
+"""
+
+from __future__ import annotations
+
+import secrets
+import ssl
+import tempfile
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from certgate.pki.keys import PrivateKey, private_key_pem
+
+TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
+
+
+class ClientAuth(Enum):
+    NONE = ssl.CERT_NONE
+    OPTIONAL = ssl.CERT_OPTIONAL
+    REQUIRED = ssl.CERT_REQUIRED
+
+
+def pem_of(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_AEAD_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+
+
+def load_identity(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:
+    """Load a certificate chain and key without ever writing the key in clear to disk.
+
+    ``ssl`` only reads files, so the key goes into a private temporary directory encrypted
+    under a one-time password that never leaves this process.
+    """
+    password = secrets.token_bytes(32).hex().encode()
+    with tempfile.TemporaryDirectory(prefix="certgate-tls-") as tmp:
+        cert_path, key_path = Path(tmp, "chain.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(pem_of(chain))
+        key_path.write_bytes(private_key_pem(key, password))
+        ctx.load_cert_chain(cert_path, key_path, password=password)
+
+
+def server_context(
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    *,
+    client_cas: Sequence[x509.Certificate] = (),
+    client_auth: ClientAuth = ClientAuth.NONE,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """A server context presenting ``chain``; verifies client certs against ``client_cas``."""
+    if client_auth is not ClientAuth.NONE and not client_cas:
+        raise ValueError("client authentication needs at least one client CA")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    load_identity(ctx, chain, key)
+    ctx.verify_mode = client_auth.value
+    if client_cas:
+        ctx.load_verify_locations(cadata=pem_of(client_cas).decode())
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def client_context(
+    trust: Sequence[x509.Certificate],
+    *,
+    chain: Sequence[x509.Certificate] = (),
+    key: PrivateKey | None = None,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """A client context trusting only ``trust``; presents ``chain``/``key`` when given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.load_verify_locations(cadata=pem_of(trust).decode())
+    if key is not None:
+        load_identity(ctx, chain, key)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
