@@ -210,6 +210,10 @@ def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | Non
     if peer_der is None:
         raise AuthError("tunnel identity certificate required (mTLS)")
     cert = x509.load_der_x509_certificate(peer_der)
+    # The kind first, so that an admin or device cert gets a plain reason.
+    ident = identity.identity_of(cert)
+    if ident.kind is not identity.IdentityKind.TUNNEL or ident.group_id is None:
+        raise AuthError(f"certificate is not a tunnel identity (it is {ident.kind.value})")
     verify_client_chain(
         cert,
         [pki.certs[ca.SECURE_CHANNEL_ROOT]],
@@ -217,9 +221,6 @@ def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | Non
         expected_issuer=pki.certs[ca.SECURE_CHANNEL_ROOT],
         at=ca.now(),
     )
-    ident = identity.identity_of(cert)
-    if ident.kind is not identity.IdentityKind.TUNNEL or ident.group_id is None:
-        raise AuthError("certificate is not a tunnel identity")
     pair = session.get(GroupIdentity, ident.group_id)
     row = session.get(Certificate, pair.tunnel_serial) if pair else None
     if row is None or row.thumbprint != thumbprint(cert) or row.revoked_at is not None:

@@ -1,0 +1,5 @@
+"""``python -m certgate``."""
+
+from certgate.cli import main
+
+main()
