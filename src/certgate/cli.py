@@ -20,5 +20,16 @@ app.add_typer(plan_app, name="plan")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     app()
+
+
+@app.command()
+def demo(
+    keep: bool = typer.Option(False, "--keep", help="Leave the system running afterwards."),
+) -> None:
+    """Run the whole system end to end on loopback and show each step."""
+    from certgate.demo import run
+
+    raise typer.Exit(run(keep=keep))
