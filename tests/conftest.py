@@ -1,20 +1,40 @@
-"""Shared fixtures: a running console per test module, and per-test work dirs."""
+"""Shared fixtures: real consoles (SQLite and PostgreSQL), throwaway PostgreSQL servers."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.postgres import PostgresServer
 from tests.support import RunningConsole, init_console, start_console
 
+_db_names = itertools.count()
 
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningConsole]:
-    """A real console process with a `global` top group and a superadmin `root`."""
-    work = tmp_path_factory.mktemp("console")
-    data_dir, port = init_console(work)
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def console(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningConsole]:
+    """A real console process, on each storage backend, with a `global` top group and a
+    superadmin `root`."""
+    work = tmp_path_factory.mktemp(f"console-{request.param}")
+    db_url = None
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        db_url = server.create_database(f"console{next(_db_names)}")
+    data_dir, port = init_console(work, db_url=db_url)
     running = start_console(work, data_dir, port)
     running.make_admin("root", "superadmin", "global")
     try:

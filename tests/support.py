@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from certgate.console import local
 from certgate.console.services import admins, ca
-from certgate.pki.keys import PrivateKey, private_key_pem
+from certgate.pki.keys import KeyAlgorithm, PrivateKey, private_key_pem
 
 CERTGATE = [sys.executable, "-m", "certgate"]
 START_TIMEOUT_S = 30.0
@@ -138,12 +138,14 @@ class RunningConsole:
         return self.log_path.read_text(errors="replace")
 
 
-def init_console(work: Path, port: int | None = None) -> tuple[Path, int]:
+def init_console(
+    work: Path, port: int | None = None, db_url: str | None = None
+) -> tuple[Path, int]:
+    """A fresh console data dir (EC P-256 PKI) on SQLite, or on ``db_url``."""
     port = port or free_port()
     data_dir = work / "console"
-    from certgate.pki.keys import KeyAlgorithm
-
-    local.init(data_dir, KeyAlgorithm.EC_P256, f"https://127.0.0.1:{port}", "127.0.0.1", port, None)
+    url = f"https://127.0.0.1:{port}"
+    local.init(data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", port, db_url)
     return data_dir, port
 
 
