@@ -58,8 +58,14 @@ def server_context(
     client_cas: Sequence[x509.Certificate] = (),
     client_auth: ClientAuth = ClientAuth.NONE,
     alpn: Sequence[str] = (),
+    anchor_is_issuer: bool = False,
 ) -> ssl.SSLContext:
-    """A server context presenting ``chain``; verifies client certs against ``client_cas``."""
+    """A server context presenting ``chain``; verifies client certs against ``client_cas``.
+
+    ``anchor_is_issuer`` makes the given CAs trust anchors in their own right (OpenSSL
+    partial chains): with only the Device Root loaded, a client certificate verifies only
+    if the Device Root issued it, never a sibling intermediate under the same root.
+    """
     if client_auth is not ClientAuth.NONE and not client_cas:
         raise ValueError("client authentication needs at least one client CA")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -69,6 +75,8 @@ def server_context(
     ctx.verify_mode = client_auth.value
     if client_cas:
         ctx.load_verify_locations(cadata=pem_of(client_cas).decode())
+    if anchor_is_issuer:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -62,8 +63,23 @@ DataDir = Annotated[
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    # Escaped: messages quote user input and regexes such as "[a-z0-9]", which rich would
+    # otherwise take for markup tags and silently drop.
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
+
+
+def show_secret(label: str, secret: str) -> None:
+    """Print a shown-once secret on one unbroken line, whatever the terminal width."""
+    out.print(f"{label} (shown once): [bold]{escape(secret)}[/]", soft_wrap=True)
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Write a secret-bearing file with mode 0600, also when it already existed wider."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode applies to new files only
+        handle.write(data)
 
 
 def actor() -> str:
@@ -105,10 +121,12 @@ def init(
         _, pki = local.init(data_dir, key_algorithm, public_url, host, port, db)
     except CertgateError as exc:
         raise fail(str(exc)) from exc
-    table = Table("CA", "subject", "CertThumbprint (SHA-256 of DER)", title="Instance PKI")
+    # Plain lines, not a table: a table cell would cut the 64-hex thumbprint short on an
+    # 80-column terminal, and operators compare it with `openssl x509 -outform DER | sha256sum`.
+    out.print("Instance PKI (CA, CertThumbprint = SHA-256 of DER, subject):")
     for label, cert in pki.certs.items():
-        table.add_row(label, cert.subject.rfc4514_string(), thumbprint(cert))
-    out.print(table)
+        line = f"  {label:<20} {thumbprint(cert)}  {cert.subject.rfc4514_string()}"
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
     out.print(f"data directory: {data_dir} (master key: {data_dir / 'master.key'}, mode 0600)")
 
 
@@ -162,11 +180,11 @@ def admin_create(
     password = p12_password or secrets.token_urlsafe(18)
     paths = _write_admin_files(out_dir, username, cert, private, pki, password)
     out.print(f"admin [bold]{username}[/] ({role} on {group}) id={admin.id}")
-    out.print(f"API key (shown once): [bold]{key.token}[/]")
+    show_secret("API key", key.token)
     for path in paths:
         out.print(f"wrote {path}")
     if not p12_password:
-        out.print(f"PKCS#12 password (shown once): [bold]{password}[/]")
+        show_secret("PKCS#12 password", password)
 
 
 def _write_admin_files(
@@ -182,9 +200,7 @@ def _write_admin_files(
         ),
     }
     for path, data in files.items():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write_owner_only(path, data)
     return list(files)
 
 
@@ -282,7 +298,7 @@ def device_enroll_token(
             token_id=token.id,
             owner=owner,
         )
-    out.print(f"enrollment token (one use, {ttl_hours} h): [bold]{token.token}[/]")
+    show_secret(f"enrollment token (one use, {ttl_hours} h)", token.token)
 
 
 @device_app.command("list")
@@ -449,9 +465,7 @@ def installer(
         audit.append(
             session, actor(), "tunnel.installer", group_id=group_id, install_token_id=token_id
         )
-    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    write_owner_only(out_file, data)
     out.print(f"wrote {out_file} (install token {token_id}, single use, {ttl_hours} h)")
 
 
@@ -473,9 +487,7 @@ def backup(
     with opened(data_dir) as (session, pki):
         blob = backup_mod.export_cas(session, pki, passphrase)
         audit.append(session, actor(), "pki.backup", labels=sorted(pki.certs))
-    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(blob)
+    write_owner_only(out_file, blob)
     out.print(f"wrote encrypted CA backup {out_file}")
 
 

@@ -16,6 +16,8 @@ from certgate.console.state import ConsoleState
 from certgate.console.store.models import Device
 from certgate.httpserver import peer_cert_der
 
+NODE_HEADER = "certgate-node"
+
 
 def state_of(request: Request) -> ConsoleState:
     state: ConsoleState = request.app.state.console
@@ -60,4 +62,7 @@ def tunnel_tx(request: Request) -> Iterator[tuple[Session, str]]:
         group_id = tunnels.tunnel_group_of(session, state.pki, peer_cert_der(request.scope))
         request.state.actor = f"tunnel:{group_id}"
         request.state.group_id = group_id
+        node = request.headers.get(NODE_HEADER)
+        if node:
+            tunnels.touch_node(session, group_id, node)
         yield session, group_id

@@ -35,7 +35,9 @@ CA_NAMES = {
     DEVICE_ROOT: "certgate Device Root",
     ADMIN_CA: "certgate Admin CA",
 }
-REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r is not x509.ReasonFlags.unspecified}
+# RFC 5280 §5.3.1: "unspecified" SHOULD NOT be used; removeFromCRL only in delta CRLs.
+_NOT_FOR_BASE_CRL = (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)
+REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r not in _NOT_FOR_BASE_CRL}
 
 
 def now() -> datetime:

@@ -92,6 +92,15 @@ def _register_node(session: Session, group_id: str, name: str, address: str) -> 
     return node
 
 
+def touch_node(session: Session, group_id: str, name: str) -> None:
+    """Record that a registered node of ``group_id`` called in (unknown names are ignored)."""
+    node = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == group_id, TunnelNode.name == name[:128])
+    ).scalar_one_or_none()
+    if node is not None:
+        node.last_seen_at = ca.now()
+
+
 def setup_bundle(
     session: Session,
     pki: ca.InstancePKI,

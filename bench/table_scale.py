@@ -1,0 +1,189 @@
+"""Micro-benchmark: the tunnel's DeviceTable at fleet scale.
+
+Run from the repository root:
+
+    .venv/bin/python bench/table_scale.py --n 1000000
+
+Builds a table of N synthetic feed entries (streamed, so the input list never sits in
+memory), then reports build time, the RSS the table adds (VmRSS from /proc/self/status,
+Linux only), lookup latency percentiles over random known thumbprints, and feed batch
+throughput. Results go to bench/results/table_scale.json (``--out`` to change).
+
+Latencies are single calls timed with ``time.perf_counter_ns``, so they include the
+timer's own overhead (tens of nanoseconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from certgate.tunnel.table import DeviceTable
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "table_scale.json"
+_GROUPS = ("g", "g-eu", "g-us")
+_APPS = tuple(f"com.example.app{i}" for i in range(50))
+_NOT_AFTER = 1_900_000_000
+
+
+def _thumbprint(i: int) -> str:
+    return hashlib.sha256(b"cert:%d" % i).hexdigest()
+
+
+def _entry(i: int, *, blocked: bool = False) -> dict[str, object]:
+    # Half the certificates are per-app device certs (bundle null), half proxy app certs.
+    return {
+        "op": "upsert",
+        "thumbprint": _thumbprint(i),
+        "device_uid": hashlib.md5(b"device:%d" % (i // 2)).hexdigest(),
+        "group_id": _GROUPS[i % len(_GROUPS)],
+        "app_bundle_id": None if i % 2 == 0 else _APPS[i % len(_APPS)],
+        "enrollment_status": "enrolled",
+        "compliance_status": "compliant",
+        "blocked": blocked,
+        "not_after": _NOT_AFTER + i,
+    }
+
+
+def _delete(i: int) -> dict[str, object]:
+    upsert = _entry(i)
+    return {
+        "op": "delete",
+        **{key: upsert[key] for key in ("thumbprint", "device_uid", "group_id")},
+    }
+
+
+def _stream(n: int) -> Iterator[dict[str, object]]:
+    return (_entry(i) for i in range(n))
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))] / 1000
+
+
+def _measure_build(n: int) -> tuple[DeviceTable, dict[str, float]]:
+    started = time.perf_counter()
+    for _ in _stream(n):  # the synthetic input's own cost, to subtract from the build
+        pass
+    input_seconds = time.perf_counter() - started
+    gc.collect()
+    rss_before = _rss_bytes()
+    started = time.perf_counter()
+    table = DeviceTable.from_snapshot(0, _stream(n))
+    seconds = time.perf_counter() - started
+    net_seconds = max(seconds - input_seconds, 1e-9)
+    gc.collect()
+    delta = _rss_bytes() - rss_before
+    return table, {
+        "input_generation_seconds": round(input_seconds, 3),
+        "build_seconds": round(seconds, 3),
+        "build_seconds_excluding_input": round(net_seconds, 3),
+        "build_entries_per_second": round(n / net_seconds),
+        "rss_before_bytes": rss_before,
+        "rss_after_build_bytes": rss_before + delta,
+        "rss_delta_bytes": delta,
+        "rss_delta_mib": round(delta / 2**20, 1),
+        "rss_bytes_per_entry": round(delta / n, 1),
+        "peak_rss_after_build_bytes": _rss_bytes("VmHWM"),
+    }
+
+
+def _measure_lookups(
+    table: DeviceTable, n: int, count: int, rng: random.Random
+) -> dict[str, float]:
+    probes = [_thumbprint(rng.randrange(n)) for _ in range(count)]
+    timings: list[int] = []
+    clock = time.perf_counter_ns
+    for thumbprint in probes:
+        started = clock()
+        table.lookup(thumbprint)
+        timings.append(clock() - started)
+    timings.sort()
+    return {
+        "lookup_count": count,
+        "lookup_p50_us": _percentile(timings, 0.50),
+        "lookup_p99_us": _percentile(timings, 0.99),
+    }
+
+
+def _batch(n: int, size: int, rng: random.Random, next_new: int) -> list[dict[str, object]]:
+    """80 % status changes to known certs, 10 % deletes, 10 % new certs."""
+    entries: list[dict[str, object]] = []
+    for k in range(size):
+        i = rng.randrange(n)
+        if k % 10 == 0:
+            entries.append(_delete(i))
+        elif k % 10 == 1:
+            entries.append(_entry(next_new + k))
+        else:
+            entries.append(_entry(i, blocked=rng.random() < 0.5))
+    return entries
+
+
+def _measure_batches(table: DeviceTable, n: int, count: int, size: int) -> dict[str, float]:
+    rng = random.Random(2)
+    seconds = 0.0
+    revoked = 0
+    for b in range(count):
+        batch = _batch(n, size, rng, n + b * size)  # built outside the timed region
+        seq = table.seq + 1
+        started = time.perf_counter()
+        changes = table.apply_batch(seq, seq, batch)
+        seconds += time.perf_counter() - started
+        revoked += len(changes.revoked)
+    return {
+        "batch_count": count,
+        "batch_size": size,
+        "batch_entries_per_second": round(count * size / max(seconds, 1e-9)),
+        "batch_mean_ms": round(seconds / count * 1000, 3),
+        "batch_revoked_total": revoked,
+    }
+
+
+def run(n: int, lookups: int, batches: int, batch_size: int) -> dict[str, object]:
+    """Run every measurement; return the results as a JSON-ready dict."""
+    table, build = _measure_build(n)
+    results: dict[str, object] = {"n": n, "entries": len(table), **build}
+    results.update(_measure_lookups(table, n, lookups, random.Random(1)))
+    results.update(_measure_batches(table, n, batches, batch_size))
+    results["peak_rss_bytes"] = _rss_bytes("VmHWM")  # includes the benchmark's own inputs
+    results["python"] = sys.version.split()[0]
+    results["machine"] = platform.machine()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="entries in the table")
+    parser.add_argument("--lookups", type=int, default=100_000)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=1_000)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if min(args.n, args.lookups, args.batches, args.batch_size) < 1:
+        parser.error("--n, --lookups, --batches and --batch-size must be positive")
+    results = run(args.n, args.lookups, args.batches, args.batch_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

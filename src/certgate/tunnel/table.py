@@ -1,0 +1,473 @@
+"""The tunnel's device table: the console's device feed, keyed by CertThumbprint.
+
+A tunnel "maintains a list of devices and certificates and only authenticates the
+communication if it sees a certificate it recognizes" (spec, certificate integration cycle
+step 6). This module is that list: pure data, no I/O. The shell (``sync.py``) verifies the
+signed snapshot or batch and hands its ``entries`` here; ``admission.py`` reads the result.
+
+Feed entries follow docs/CONVENTIONS.md "Device feed entry". Validation is strict (exact
+keys, exact types, enum values, canonical hex) and happens *before* any mutation, so a bad
+batch leaves the table exactly as it was.
+
+Memory layout (measured with ``bench/table_scale.py``; the target is 1,000,000 entries well
+under 250 MB RSS). One plain ``dict`` maps each thumbprint to a packed record:
+
+* key: the thumbprint as a 256-bit ``int`` (a 64-byte object; a 32-byte ``bytes`` key costs
+  80 bytes because CPython rounds its 65-byte object up to the next 16-byte size class);
+* value: one 31-byte ``struct`` record (a 64-byte object; 32 bytes would again cost 80):
+  device uid (16 raw bytes), not_after (int64), bundle id index, group id index, status bits.
+
+Group ids and bundle ids repeat across devices, so they are interned in small side tables.
+A frozen ``Entry`` is materialised only on lookup.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from re import Pattern
+from typing import TypeVar
+
+from certgate.errors import CertgateError
+from certgate.pki.identity import BUNDLE_ID_RE, DEVICE_UID_RE, GROUP_ID_RE
+from certgate.pki.thumbprint import is_thumbprint
+
+__all__ = [
+    "Changes",
+    "ComplianceStatus",
+    "DeviceTable",
+    "EnrollmentStatus",
+    "Entry",
+    "FeedError",
+    "InvalidEntry",
+    "SequenceError",
+    "SequenceGap",
+    "SequenceReplay",
+]
+
+
+class FeedError(CertgateError):
+    """The content of a (correctly signed) feed snapshot or batch cannot be applied."""
+
+
+class InvalidEntry(FeedError):
+    """An entry breaks the feed entry schema; the whole snapshot or batch is rejected."""
+
+
+class SequenceError(FeedError):
+    """A batch's ``from_seq``/``to_seq`` do not continue the table's sequence."""
+
+    def __init__(self, message: str, *, table_seq: int, from_seq: int, to_seq: int) -> None:
+        super().__init__(message)
+        self.table_seq = table_seq
+        self.from_seq = from_seq
+        self.to_seq = to_seq
+
+
+class SequenceGap(SequenceError):
+    """The batch does not start right after the table's seq: resynchronise (snapshot)."""
+
+
+class SequenceReplay(SequenceError):
+    """Every seq in the batch is already applied: safe to ignore."""
+
+
+class EnrollmentStatus(Enum):
+    ENROLLED = "enrolled"
+    UNENROLLED = "unenrolled"
+    WIPED = "wiped"
+
+
+class ComplianceStatus(Enum):
+    COMPLIANT = "compliant"
+    NONCOMPLIANT = "noncompliant"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One device certificate as the console last described it (a feed ``upsert``)."""
+
+    thumbprint: str
+    device_uid: str
+    group_id: str
+    app_bundle_id: str | None
+    enrollment_status: EnrollmentStatus
+    compliance_status: ComplianceStatus
+    blocked: bool
+    not_after: int
+
+    @property
+    def active(self) -> bool:
+        """Enrolled, compliant and not blocked (expiry needs a clock; admission checks it)."""
+        return (
+            self.enrollment_status is EnrollmentStatus.ENROLLED
+            and self.compliance_status is ComplianceStatus.COMPLIANT
+            and not self.blocked
+        )
+
+    def to_feed(self) -> dict[str, object]:
+        """This entry as a feed ``upsert`` object (the inverse of parsing)."""
+        return {
+            "op": "upsert",
+            "thumbprint": self.thumbprint,
+            "device_uid": self.device_uid,
+            "group_id": self.group_id,
+            "app_bundle_id": self.app_bundle_id,
+            "enrollment_status": self.enrollment_status.value,
+            "compliance_status": self.compliance_status.value,
+            "blocked": self.blocked,
+            "not_after": self.not_after,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one applied batch did.
+
+    ``revoked`` holds (sorted) every touched thumbprint whose live tunnels must be closed:
+    the entry is gone, no longer enrolled/compliant/unblocked, now names another device,
+    group or app, or expires earlier than before. Thumbprints that only became better
+    (e.g. newly added, or unblocked) are not listed.
+    """
+
+    from_seq: int
+    to_seq: int
+    upserted: int
+    deleted: int
+    revoked: tuple[str, ...]
+
+
+_UPSERT_KEYS = frozenset(
+    {
+        "op",
+        "thumbprint",
+        "device_uid",
+        "group_id",
+        "app_bundle_id",
+        "enrollment_status",
+        "compliance_status",
+        "blocked",
+        "not_after",
+    }
+)
+_DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
+_MAX_NOT_AFTER = 2**63 - 1  # int64 in the packed record
+
+# Codes are ordered so that an admissible status packs to 0 (see ``_pack_status``).
+_ENROLLMENT_CODES = (
+    EnrollmentStatus.ENROLLED,
+    EnrollmentStatus.UNENROLLED,
+    EnrollmentStatus.WIPED,
+)
+_COMPLIANCE_CODES = (
+    ComplianceStatus.COMPLIANT,
+    ComplianceStatus.NONCOMPLIANT,
+    ComplianceStatus.UNKNOWN,
+)
+_ENROLLMENT_BY_VALUE = {member.value: member for member in EnrollmentStatus}
+_COMPLIANCE_BY_VALUE = {member.value: member for member in ComplianceStatus}
+_BLOCKED_BIT = 1 << 4
+
+# uid, not_after, bundle index (0 = None), group index, status bits. 31 bytes on purpose:
+# with the 33-byte bytes header this is exactly one 64-byte allocation.
+_RECORD = struct.Struct("<16sqIHB")
+assert _RECORD.size == 31
+_MAX_GROUPS = 2**16 - 1
+_MAX_BUNDLES = 2**32 - 1
+
+# A parsed operation: the thumbprint key, and the new entry (None deletes).
+_Op = tuple[int, Entry | None]
+_T = TypeVar("_T")
+
+
+class _Interner:
+    """Interns strings to small ints; index 0 is reserved for None."""
+
+    __slots__ = ("_index", "_limit", "_values", "_what")
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._values: list[str | None] = [None]
+        self._index: dict[str | None, int] = {None: 0}
+        self._limit = limit
+        self._what = what
+
+    def code(self, value: str | None) -> int:
+        found = self._index.get(value)
+        if found is None:
+            found = len(self._values)
+            if found > self._limit:  # apply_batch calls check_room first, so never there
+                raise InvalidEntry(f"too many distinct {self._what} (limit {self._limit})")
+            self._values.append(value)
+            self._index[value] = found
+        return found
+
+    def value(self, code: int) -> str | None:
+        return self._values[code]
+
+    def check_room(self, values: Iterable[str | None]) -> None:
+        """Raise unless interning ``values`` stays within the record field's range."""
+        new = {value for value in values if value not in self._index}
+        if len(self._values) - 1 + len(new) > self._limit:
+            raise InvalidEntry(f"too many distinct {self._what} (limit {self._limit})")
+
+
+class DeviceTable:
+    """Device certificates by thumbprint, plus the feed seq they reflect.
+
+    Single-threaded by design (the asyncio shell owns it). ``apply_batch`` mutates in
+    place, but only after the whole batch has validated; snapshot reloads build a new
+    table with ``from_snapshot`` and swap the reference (STYLE.md habit 8).
+    """
+
+    __slots__ = ("_bundles", "_groups", "_records", "_seq")
+
+    def __init__(self, seq: int = 0) -> None:
+        if type(seq) is not int or seq < 0:
+            raise SequenceError(f"invalid table seq {seq!r}", table_seq=seq, from_seq=0, to_seq=0)
+        self._seq = seq
+        self._records: dict[int, bytes] = {}
+        self._groups = _Interner(_MAX_GROUPS, "group ids")
+        self._bundles = _Interner(_MAX_BUNDLES, "bundle ids")
+
+    @classmethod
+    def from_snapshot(cls, seq: int, entries: Iterable[object]) -> DeviceTable:
+        """A table holding exactly ``entries`` (all ``upsert``; no duplicates) at ``seq``."""
+        table = cls(seq)
+        for index, raw in enumerate(_iterate(entries)):
+            where = f"entries[{index}]"
+            key, entry = _parse_op(raw, where)
+            if entry is None:
+                raise InvalidEntry(f"{where}: a snapshot holds only upserts")
+            if key in table._records:
+                raise InvalidEntry(f"{where}: duplicate thumbprint {entry.thumbprint}")
+            # A fresh table nobody else sees yet: failing halfway through is harmless.
+            table._records[key] = table._pack(entry)
+        return table
+
+    @property
+    def seq(self) -> int:
+        """The last feed seq reflected in the table (0: nothing applied yet)."""
+        return self._seq
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, thumbprint: object) -> bool:
+        key = _key_or_none(thumbprint)
+        return key is not None and key in self._records
+
+    def lookup(self, thumbprint: str) -> Entry | None:
+        """The entry for ``thumbprint``, or None when the table does not know it."""
+        key = _key_or_none(thumbprint)
+        if key is None:
+            raise ValueError(f"not a canonical thumbprint: {thumbprint!r}")
+        record = self._records.get(key)
+        return None if record is None else self._unpack(thumbprint, record)
+
+    def apply_batch(self, from_seq: int, to_seq: int, entries: Iterable[object]) -> Changes:
+        """Apply a gapless feed batch atomically: all of it, or (on any error) nothing."""
+        self._check_sequence(from_seq, to_seq)
+        ops = [_parse_op(raw, f"entries[{i}]") for i, raw in enumerate(_iterate(entries))]
+        upserts = [entry for _, entry in ops if entry is not None]
+        self._groups.check_room(entry.group_id for entry in upserts)
+        self._bundles.check_room(entry.app_bundle_id for entry in upserts)
+        # Validation is complete: nothing below can raise, so the batch applies whole.
+        revoked = self._apply(ops)
+        self._seq = to_seq
+        return Changes(from_seq, to_seq, len(upserts), len(ops) - len(upserts), revoked)
+
+    def to_snapshot(self) -> Iterator[dict[str, object]]:
+        """Every entry as a feed ``upsert`` object, for persistence and ``from_snapshot``.
+
+        Lazy: finish iterating (or take a ``list``) before the next ``apply_batch``.
+        """
+        for key, record in self._records.items():
+            yield self._unpack(_hex(key), record).to_feed()
+
+    def revoked_or_inadmissible(
+        self, thumbprints: Iterable[str], *, now: float | None = None
+    ) -> tuple[str, ...]:
+        """Those of ``thumbprints`` the table would not admit now (unknown or inactive).
+
+        Used after a snapshot swap to find live tunnels to close. With ``now`` given, an
+        entry whose ``not_after`` is not in the future also counts (CONVENTIONS.md).
+        """
+        found: list[str] = []
+        for thumbprint in thumbprints:
+            key = _key_or_none(thumbprint)
+            record = None if key is None else self._records.get(key)
+            if record is None or not _record_admissible(record, now):
+                found.append(thumbprint)
+        return tuple(found)
+
+    def _check_sequence(self, from_seq: int, to_seq: int) -> None:
+        seqs = {"table_seq": self._seq, "from_seq": from_seq, "to_seq": to_seq}
+        if type(from_seq) is not int or type(to_seq) is not int or not 1 <= from_seq <= to_seq:
+            raise SequenceError(f"malformed batch range {from_seq!r}..{to_seq!r}", **seqs)
+        if to_seq <= self._seq:
+            raise SequenceReplay(f"batch {from_seq}..{to_seq} already applied", **seqs)
+        if from_seq != self._seq + 1:
+            raise SequenceGap(f"batch starts at {from_seq}, table is at {self._seq}", **seqs)
+
+    def _apply(self, ops: list[_Op]) -> tuple[str, ...]:
+        before: dict[int, bytes | None] = {}
+        for key, entry in ops:
+            if key not in before:
+                before[key] = self._records.get(key)
+            if entry is None:
+                self._records.pop(key, None)
+            else:
+                self._records[key] = self._pack(entry)
+        revoked = [
+            key for key, old in before.items() if not _still_admits(old, self._records.get(key))
+        ]
+        return tuple(sorted(_hex(key) for key in revoked))
+
+    def _pack(self, entry: Entry) -> bytes:
+        return _RECORD.pack(
+            bytes.fromhex(entry.device_uid),
+            entry.not_after,
+            self._bundles.code(entry.app_bundle_id),
+            self._groups.code(entry.group_id),
+            _pack_status(entry),
+        )
+
+    def _unpack(self, thumbprint: str, record: bytes) -> Entry:
+        uid, not_after, bundle, group, status = _RECORD.unpack(record)
+        group_id = self._groups.value(group)
+        assert group_id is not None  # groups are never None; index 0 is never handed out
+        return Entry(
+            thumbprint=thumbprint,
+            device_uid=uid.hex(),
+            group_id=group_id,
+            app_bundle_id=self._bundles.value(bundle),
+            enrollment_status=_ENROLLMENT_CODES[status & 0b11],
+            compliance_status=_COMPLIANCE_CODES[(status >> 2) & 0b11],
+            blocked=bool(status & _BLOCKED_BIT),
+            not_after=not_after,
+        )
+
+
+def _pack_status(entry: Entry) -> int:
+    status = _ENROLLMENT_CODES.index(entry.enrollment_status)
+    status |= _COMPLIANCE_CODES.index(entry.compliance_status) << 2
+    return status | (_BLOCKED_BIT if entry.blocked else 0)
+
+
+def _record_admissible(record: bytes, now: float | None) -> bool:
+    _, not_after, _, _, status = _RECORD.unpack(record)
+    return status == 0 and (now is None or now < not_after)
+
+
+def _still_admits(old: bytes | None, new: bytes | None) -> bool:
+    """False when a tunnel admitted under ``old`` may no longer be admitted under ``new``."""
+    if new is None or not _record_admissible(new, None):
+        return False
+    if old is None:
+        return True
+    old_uid, old_not_after, old_bundle, old_group, _ = _RECORD.unpack(old)
+    new_uid, new_not_after, new_bundle, new_group, _ = _RECORD.unpack(new)
+    same_binding = (old_uid, old_bundle, old_group) == (new_uid, new_bundle, new_group)
+    return same_binding and new_not_after >= old_not_after
+
+
+def _hex(key: int) -> str:
+    return f"{key:064x}"
+
+
+def _key_or_none(thumbprint: object) -> int | None:
+    # Validate before int(): int() would also accept "0x", "_" separators and whitespace.
+    if isinstance(thumbprint, str) and is_thumbprint(thumbprint):
+        return int(thumbprint, 16)
+    return None
+
+
+def _iterate(entries: Iterable[object]) -> Iterator[object]:
+    if isinstance(entries, str | bytes | Mapping) or not isinstance(entries, Iterable):
+        raise InvalidEntry(f"entries must be a list, not {type(entries).__name__}")
+    return iter(entries)
+
+
+def _parse_op(raw: object, where: str) -> _Op:
+    """Validate one feed entry completely; return its key and entry (None for delete)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidEntry(f"{where}: expected an object, got {type(raw).__name__}")
+    op = raw.get("op")
+    if op == "upsert":
+        _require_keys(raw, _UPSERT_KEYS, where)
+        entry = _parse_upsert(raw, where)
+        return int(entry.thumbprint, 16), entry
+    if op == "delete":
+        _require_keys(raw, _DELETE_KEYS, where)
+        thumbprint = _parse_thumbprint(raw, where)
+        _text(raw, "device_uid", DEVICE_UID_RE, where)
+        _text(raw, "group_id", GROUP_ID_RE, where)
+        return int(thumbprint, 16), None
+    raise InvalidEntry(f"{where}.op: expected 'upsert' or 'delete', got {_show(op)}")
+
+
+def _parse_upsert(raw: Mapping[object, object], where: str) -> Entry:
+    bundle = raw["app_bundle_id"]
+    return Entry(
+        thumbprint=_parse_thumbprint(raw, where),
+        device_uid=_text(raw, "device_uid", DEVICE_UID_RE, where),
+        group_id=_text(raw, "group_id", GROUP_ID_RE, where),
+        app_bundle_id=None if bundle is None else _text(raw, "app_bundle_id", BUNDLE_ID_RE, where),
+        enrollment_status=_choice(raw, "enrollment_status", _ENROLLMENT_BY_VALUE, where),
+        compliance_status=_choice(raw, "compliance_status", _COMPLIANCE_BY_VALUE, where),
+        blocked=_boolean(raw, "blocked", where),
+        not_after=_timestamp(raw, "not_after", where),
+    )
+
+
+def _require_keys(raw: Mapping[object, object], expected: frozenset[str], where: str) -> None:
+    keys = set(raw)
+    if keys != expected:
+        missing = sorted(expected - keys)
+        extra = sorted(_show(key) for key in keys - expected)
+        raise InvalidEntry(f"{where}: missing keys {missing}, unexpected keys {extra}")
+
+
+def _parse_thumbprint(raw: Mapping[object, object], where: str) -> str:
+    value = raw["thumbprint"]
+    if not (isinstance(value, str) and is_thumbprint(value)):
+        raise InvalidEntry(f"{where}.thumbprint: expected 64 lower-case hex, got {_show(value)}")
+    return value
+
+
+def _text(raw: Mapping[object, object], key: str, pattern: Pattern[str], where: str) -> str:
+    value = raw[key]
+    if not (isinstance(value, str) and pattern.fullmatch(value)):
+        raise InvalidEntry(f"{where}.{key}: expected {pattern.pattern}, got {_show(value)}")
+    return value
+
+
+def _choice(raw: Mapping[object, object], key: str, allowed: dict[str, _T], where: str) -> _T:
+    value = raw[key]
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidEntry(f"{where}.{key}: expected one of {sorted(allowed)}, got {_show(value)}")
+    return allowed[value]
+
+
+def _boolean(raw: Mapping[object, object], key: str, where: str) -> bool:
+    value = raw[key]
+    if type(value) is not bool:
+        raise InvalidEntry(f"{where}.{key}: expected a boolean, got {_show(value)}")
+    return value
+
+
+def _timestamp(raw: Mapping[object, object], key: str, where: str) -> int:
+    value = raw[key]
+    # type() rather than isinstance(): JSON true must not pass as the integer 1.
+    if type(value) is not int or not 0 <= value <= _MAX_NOT_AFTER:
+        raise InvalidEntry(f"{where}.{key}: expected epoch seconds, got {_show(value)}")
+    return value
+
+
+def _show(value: object) -> str:
+    """A short repr for error messages (the feed is signed, but keep logs bounded)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,251 @@
+"""In-process harness for the tunnel data plane: a small PKI built with the real Authority,
+a real DeviceTable, the real TunnelService on loopback in its own event-loop thread, and a
+real HTTP origin. Clients are real: curl, and Python's ssl sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import secrets
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from certgate.pki import identity
+from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.keys import PrivateKey, generate_key, private_key_pem
+from certgate.pki.profiles import (
+    APP_CLIENT,
+    DEVICE_CLIENT,
+    INTERMEDIATE_CA,
+    TUNNEL_IDENTITY,
+    Profile,
+)
+from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import pem_of
+from certgate.tunnel.rules import RuleSet
+from certgate.tunnel.server import Gate, Limits
+from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.table import DeviceTable
+
+GROUP = "g1"
+APP = "com.example.browser"
+PAGE = b"<h1>intranet</h1>\n"
+
+
+@dataclass
+class PKI:
+    """Root -> Device Root / Secure Channel Root -> leaves, as the console would build."""
+
+    work: Path
+    authority: Authority = field(default_factory=Authority)
+
+    def __post_init__(self) -> None:
+        self.root_key = generate_key()
+        self.root = self.authority.create_root(self.root_key, Names("test root"))
+        self.device_root, self.device_root_key = self._intermediate("Device Root")
+        self.scr, self.scr_key = self._intermediate("Secure Channel Root")
+        self.tunnel_key = generate_key()
+        self.tunnel = self.authority.issue(
+            Issuer(self.scr, self.scr_key),
+            TUNNEL_IDENTITY,
+            Names(
+                "tunnel",
+                identity.tunnel(GROUP),
+                dns_names=("localhost",),
+                ip_addresses=("127.0.0.1",),
+            ),
+            self.tunnel_key.public_key(),
+        )
+        self.write("chain.pem", pem_of([self.scr, self.root]))
+
+    def _intermediate(self, name: str) -> tuple[x509.Certificate, PrivateKey]:
+        key = generate_key()
+        cert = self.authority.issue(
+            Issuer(self.root, self.root_key), INTERMEDIATE_CA, Names(name), key.public_key()
+        )
+        return cert, key
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.work / name
+        path.write_bytes(data)
+        return path
+
+    def client_cert(
+        self,
+        name: str,
+        *,
+        app: str | None = None,
+        profile: Profile | None = None,
+        authority: Authority | None = None,
+        issuer: Issuer | None = None,
+        group: str = GROUP,
+    ) -> Client:
+        uid = secrets.token_hex(16)
+        ident = identity.app(uid, group, app) if app else identity.device(uid, group)
+        profile = profile or (APP_CLIENT if app else DEVICE_CLIENT)
+        key = generate_key()
+        cert = (authority or self.authority).issue(
+            issuer or Issuer(self.device_root, self.device_root_key),
+            profile,
+            Names(name, ident),
+            key.public_key(),
+        )
+        return self.save(name, cert, key, uid, app)
+
+    def save(
+        self, name: str, cert: x509.Certificate, key: PrivateKey, uid: str, app: str | None
+    ) -> Client:
+        cert_path = self.write(f"{name}.pem", pem_of([cert]))
+        key_path = self.write(f"{name}.key", private_key_pem(key))
+        return Client(name, cert, uid, app, cert_path, key_path)
+
+
+@dataclass
+class Client:
+    name: str
+    cert: x509.Certificate
+    device_uid: str
+    app: str | None
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def thumbprint(self) -> str:
+        return thumbprint(self.cert)
+
+    def entry(self, **overrides: Any) -> dict[str, Any]:
+        entry = {
+            "op": "upsert",
+            "thumbprint": self.thumbprint,
+            "device_uid": self.device_uid,
+            "group_id": GROUP,
+            "app_bundle_id": self.app,
+            "enrollment_status": "enrolled",
+            "compliance_status": "compliant",
+            "blocked": False,
+            "not_after": int(self.cert.not_valid_after_utc.timestamp()),
+        }
+        entry.update(overrides)
+        return entry
+
+
+@dataclass
+class StaticSource:
+    """A table that changes only when the test changes it (the feed is tested elsewhere)."""
+
+    table: DeviceTable
+    fresh: bool = True
+
+    def is_fresh(self, now: float | None = None) -> bool:
+        return self.fresh
+
+
+class ServiceThread:
+    """Runs a TunnelService on its own event loop in a daemon thread."""
+
+    def __init__(self, service: TunnelService) -> None:
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ServiceThread:
+        self.thread.start()
+        self.call(self.service.start())
+        return self
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        async def wrapper() -> Any:
+            return fn(*args)
+
+        return self.call(wrapper())
+
+    def __exit__(self, *exc: object) -> None:
+        self.call(self.service.stop(drain_s=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def make_service(
+    pki: PKI,
+    source: StaticSource,
+    rules: dict[str, Any] | None = None,
+    limits: Limits | None = None,
+) -> TunnelService:
+    ruleset = RuleSet.from_dict(
+        rules or {"default": "deny", "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}]}
+    )
+    gate = Gate(GROUP, source, ruleset)
+    tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.device_root)
+    return TunnelService(
+        gate,
+        tls,
+        Endpoint("127.0.0.1", 0),
+        Endpoint("127.0.0.1", 0),
+        Endpoint("127.0.0.1", 0),
+        limits or Limits(),
+    )
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Origin:
+    """The intranet: a real HTTP server on loopback."""
+
+    def __enter__(self) -> Origin:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def tls_client(pki: PKI, client: Client | None, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.work / "chain.pem"))
+    ctx.minimum_version = ctx.maximum_version = version
+    if client is not None:
+        ctx.load_cert_chain(client.cert_path, client.key_path)
+    return ctx
+
+
+def connect_request(port: int, ctx: ssl.SSLContext, request: bytes, timeout: float = 10) -> bytes:
+    """Send ``request`` over TLS; return whatever came back before close ('' on refusal)."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(request)
+                while chunk := tls.recv(65536):
+                    received += chunk
+        except (ssl.SSLError, ConnectionError):
+            pass
+    return received
+
+
+def expired_pair(pki: PKI, name: str, days_ago: int) -> Client:
+    past = datetime.now(UTC) - timedelta(days=days_ago)
+    return pki.client_cert(name, app=APP, authority=Authority(clock=lambda: past))

@@ -1,0 +1,458 @@
+"""The data plane over real TLS on loopback: curl through Proxy mode, CONNECT in Per-App
+mode, every kind of bad certificate refused for TLS 1.2 and 1.3 with the reason logged,
+live tunnels closed on a policy change, bounded head size and timeouts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from certgate.pki import identity
+from certgate.pki.authority import Issuer, Names
+from certgate.pki.keys import generate_key
+from certgate.pki.profiles import LEAF_USAGE, Profile
+from certgate.tunnel.server import Limits
+from certgate.tunnel.table import DeviceTable
+from tests.tunnel.dataplane import (
+    APP,
+    GROUP,
+    PAGE,
+    PKI,
+    Client,
+    Origin,
+    ServiceThread,
+    StaticSource,
+    connect_request,
+    expired_pair,
+    make_service,
+    tls_client,
+)
+
+pytestmark = pytest.mark.integration
+TLS_VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def clients(pki: PKI) -> dict[str, Client]:
+    return {
+        "app": pki.client_cert("app", app=APP),
+        "device": pki.client_cert("device"),
+        "other-app": pki.client_cert("other-app", app="com.example.mail"),
+    }
+
+
+@pytest.fixture
+def source(clients: dict[str, Client]) -> StaticSource:
+    return StaticSource(DeviceTable.from_snapshot(1, [c.entry() for c in clients.values()]))
+
+
+@pytest.fixture
+def tunnel(pki: PKI, source: StaticSource) -> Iterator[ServiceThread]:
+    with ServiceThread(make_service(pki, source)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Origin]:
+    with Origin() as running:
+        yield running
+
+
+def curl(
+    pki: PKI, tunnel: ServiceThread, client: Client, url: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    port = tunnel.service.bound["proxy"]
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            f"https://localhost:{port}",
+            "--proxy-cacert",
+            str(pki.work / "chain.pem"),
+            "--proxy-cert",
+            str(client.cert_path),
+            "--proxy-key",
+            str(client.key_path),
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_curl_fetches_a_page_through_proxy_mode(
+    pki: PKI, tunnel: ServiceThread, origin: Origin, clients: dict[str, Client]
+) -> None:
+    url = f"http://127.0.0.1:{origin.port}/"
+    absolute = curl(pki, tunnel, clients["app"], url)
+    connect = curl(pki, tunnel, clients["app"], url, "--proxytunnel")
+    assert absolute.returncode == 0, absolute.stderr
+    assert connect.returncode == 0, connect.stderr
+    assert absolute.stdout.encode() == PAGE == connect.stdout.encode()
+
+
+def test_per_app_connect_relays_bytes(
+    pki: PKI, tunnel: ServiceThread, origin: Origin, clients: dict[str, Client]
+) -> None:
+    request = (
+        f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        f"Certgate-App: {APP}\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: intranet\r\nConnection: close\r\n\r\n"
+    ).encode()
+    ctx = tls_client(pki, clients["device"], ssl.TLSVersion.TLSv1_3)
+    answer = connect_request(tunnel.service.bound["per_app"], ctx, request)
+    assert answer.startswith(b"HTTP/1.1 200 Connection established\r\n")
+    assert answer.endswith(PAGE)
+
+
+def _signed(pki: PKI, profile: Profile, name: str) -> Client:
+    return pki.client_cert(name, app=APP, profile=profile)
+
+
+def _ca_true_leaf(pki: PKI) -> Client:
+    """A leaf claiming CA:TRUE; the Authority refuses to make one, so the test builds it."""
+    key = generate_key()
+    uid = "ab" * 16
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(pki.device_root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(pki.device_root.not_valid_before_utc)
+        .not_valid_after(pki.device_root.not_valid_before_utc + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(identity.app(uid, GROUP, APP).uri())]
+            ),
+            critical=False,
+        )
+    )
+    cert = builder.sign(pki.device_root_key, hashes.SHA256())
+    return pki.save("ca-true", cert, key, uid, APP)
+
+
+def bad_clients(pki: PKI) -> dict[str, Client]:
+    rogue_key = generate_key()
+    rogue_root = pki.authority.create_root(rogue_key, Names("rogue root"))
+    server_only = Profile(
+        "server-only", timedelta(days=30), False, LEAF_USAGE, (ExtendedKeyUsageOID.SERVER_AUTH,)
+    )
+    self_key = generate_key()
+    return {
+        "expired": expired_pair(pki, "expired", 400),
+        "not-yet-valid": expired_pair(pki, "future", -10),
+        "wrong-ca": pki.client_cert("wrong-ca", app=APP, issuer=Issuer(rogue_root, rogue_key)),
+        "self-signed": pki.save(
+            "self", pki.authority.create_root(self_key, Names("self")), self_key, "cd" * 16, APP
+        ),
+        "sibling-intermediate": pki.client_cert(
+            "sibling", app=APP, issuer=Issuer(pki.scr, pki.scr_key)
+        ),
+        "server-auth-only": _signed(pki, server_only, "server-only"),
+        "ca-true-leaf": _ca_true_leaf(pki),
+        "unknown-thumbprint": pki.client_cert("unknown", app=APP),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad(pki: PKI) -> dict[str, Client]:
+    return bad_clients(pki)
+
+
+# Each kind of bad certificate and the reason the tunnel must log for it.
+BAD_KINDS = {
+    "expired": "certificate has expired",
+    "not-yet-valid": "certificate is not yet valid",
+    "wrong-ca": "unable to get local issuer certificate",
+    "self-signed": "self-signed certificate",
+    "sibling-intermediate": "client certificate rejected",
+    "server-auth-only": "unsuitable certificate purpose",
+    "ca-true-leaf": "CA:TRUE",
+    "unknown-thumbprint": "reason=unknown_thumbprint",
+    "revoked": "reason=unknown_thumbprint",
+    "no-cert": "reason=tls_handshake",
+}
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS, ids=["tls1.2", "tls1.3"])
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_certificates_are_refused_and_logged(
+    pki: PKI,
+    tunnel: ServiceThread,
+    source: StaticSource,
+    origin: Origin,
+    bad: dict[str, Client],
+    clients: dict[str, Client],
+    kind: str,
+    version: ssl.TLSVersion,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client: Client | None
+    if kind == "revoked":  # revoked or replaced: the console deleted it from the feed
+        client = pki.client_cert(f"revoked-{version.name}", app=APP)
+        table = source.table
+        table.apply_batch(table.seq + 1, table.seq + 1, [client.entry()])
+        table.apply_batch(
+            table.seq + 1,
+            table.seq + 1,
+            [
+                {
+                    "op": "delete",
+                    "thumbprint": client.thumbprint,
+                    "device_uid": client.device_uid,
+                    "group_id": GROUP,
+                }
+            ],
+        )
+    else:
+        client = None if kind == "no-cert" else bad[kind]
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with caplog.at_level(logging.INFO, logger="certgate.tunnel"):
+        answer = connect_request(
+            tunnel.service.bound["proxy"], tls_client(pki, client, version), request
+        )
+        deadline = time.monotonic() + 5
+        while "deny" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert not answer.startswith(b"HTTP/1.1 200"), answer
+    denials = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deny")]
+    assert denials, caplog.text
+    assert BAD_KINDS[kind] in denials[-1], denials
+
+
+def test_unknown_thumbprint_gets_403_with_reason(
+    pki: PKI,
+    tunnel: ServiceThread,
+    bad: dict[str, Client],
+    origin: Origin,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with caplog.at_level(logging.INFO, logger="certgate.tunnel"):
+        answer = connect_request(
+            tunnel.service.bound["proxy"],
+            tls_client(pki, bad["unknown-thumbprint"], ssl.TLSVersion.TLSv1_3),
+            request,
+        )
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert b"unknown_thumbprint" in answer
+    assert f"thumbprint={bad['unknown-thumbprint'].thumbprint}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "reason"),
+    [
+        ("app", {"compliance_status": "noncompliant"}, "noncompliant"),
+        ("app", {"enrollment_status": "unenrolled"}, "unenrolled"),
+        ("app", {"blocked": True}, "blocked"),
+        ("device", {"compliance_status": "unknown"}, "compliance_unknown"),
+    ],
+)
+def test_policy_denials(
+    pki: PKI,
+    tunnel: ServiceThread,
+    source: StaticSource,
+    origin: Origin,
+    clients: dict[str, Client],
+    kind: str,
+    change: dict[str, Any],
+    reason: str,
+) -> None:
+    client = clients[kind]
+    table = source.table
+    table.apply_batch(table.seq + 1, table.seq + 1, [client.entry(**change)])
+    mode_port = tunnel.service.bound["proxy" if kind == "app" else "per_app"]
+    request = (
+        f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\nCertgate-App: {APP}\r\n\r\n"
+    ).encode()
+    answer = connect_request(mode_port, tls_client(pki, client, ssl.TLSVersion.TLSv1_3), request)
+    assert answer.startswith(b"HTTP/1.1 403") and reason.encode() in answer
+
+
+def test_app_cert_of_another_app_is_refused(
+    pki: PKI, tunnel: ServiceThread, origin: Origin, clients: dict[str, Client]
+) -> None:
+    request = (
+        f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\nCertgate-App: {APP}\r\n\r\n"
+    ).encode()
+    answer = connect_request(
+        tunnel.service.bound["proxy"],
+        tls_client(pki, clients["other-app"], ssl.TLSVersion.TLSv1_3),
+        request,
+    )
+    assert answer.startswith(b"HTTP/1.1 403") and b"app_mismatch" in answer
+
+
+def test_device_cert_is_refused_in_proxy_mode(
+    pki: PKI, tunnel: ServiceThread, origin: Origin, clients: dict[str, Client]
+) -> None:
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = connect_request(
+        tunnel.service.bound["proxy"],
+        tls_client(pki, clients["device"], ssl.TLSVersion.TLSv1_2),
+        request,
+    )
+    assert answer.startswith(b"HTTP/1.1 403") and b"wrong_kind" in answer
+
+
+def test_stale_table_fails_closed(
+    pki: PKI,
+    tunnel: ServiceThread,
+    source: StaticSource,
+    origin: Origin,
+    clients: dict[str, Client],
+) -> None:
+    source.fresh = False
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = connect_request(
+        tunnel.service.bound["proxy"],
+        tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
+        request,
+    )
+    assert answer.startswith(b"HTTP/1.1 503") and b"stale_table" in answer
+
+
+def test_server_rules_deny_destination(
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+) -> None:
+    rules = {"default": "allow", "rules": [{"action": "deny", "cidrs": ["127.0.0.0/8"]}]}
+    with ServiceThread(make_service(pki, source, rules)) as tunnel:
+        request = f"CONNECT localhost:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        answer = connect_request(
+            tunnel.service.bound["proxy"],
+            tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
+            request,
+        )
+    assert answer.startswith(b"HTTP/1.1 403") and b"destination_denied" in answer
+
+
+def test_unreachable_destination_is_502(
+    pki: PKI, tunnel: ServiceThread, clients: dict[str, Client]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    request = f"CONNECT 127.0.0.1:{closed_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = connect_request(
+        tunnel.service.bound["proxy"],
+        tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
+        request,
+    )
+    assert answer.startswith(b"HTTP/1.1 502")
+
+
+def test_policy_change_closes_live_tunnel(
+    pki: PKI,
+    tunnel: ServiceThread,
+    source: StaticSource,
+    origin: Origin,
+    clients: dict[str, Client],
+) -> None:
+    client = clients["app"]
+    ctx = tls_client(pki, client, ssl.TLSVersion.TLSv1_3)
+    with (
+        socket.create_connection(("127.0.0.1", tunnel.service.bound["proxy"]), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+        table = source.table
+        changes = tunnel.run(
+            table.apply_batch,
+            table.seq + 1,
+            table.seq + 1,
+            [client.entry(compliance_status="noncompliant")],
+        )
+        assert client.thumbprint in changes.revoked
+        tunnel.run(tunnel.service.on_revoked, changes.revoked)
+        tls.settimeout(10)
+        try:
+            leftover = tls.recv(4096)
+        except (ssl.SSLError, ConnectionError):
+            leftover = b""
+    assert leftover == b""  # the tunnel was cut, nothing more arrives
+
+
+def test_oversized_head_is_431(pki: PKI, tunnel: ServiceThread, clients: dict[str, Client]) -> None:
+    request = b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+    answer = connect_request(
+        tunnel.service.bound["proxy"],
+        tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
+        request,
+    )
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+def test_slow_head_times_out(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
+    with ServiceThread(make_service(pki, source, limits=Limits(header_timeout_s=0.5))) as tunnel:
+        answer = connect_request(
+            tunnel.service.bound["proxy"],
+            tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
+            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_connection_limit(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
+    with ServiceThread(make_service(pki, source, limits=Limits(max_connections=1))) as tunnel:
+        ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
+        port = tunnel.service.bound["proxy"]
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as first,
+            ctx.wrap_socket(first, server_hostname="localhost"),
+        ):
+            answer = connect_request(port, ctx, b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n\r\n")
+    assert answer == b""
+
+
+def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSource) -> None:
+    port = tunnel.service.bound["admin"]
+    health = subprocess.run(
+        ["curl", "-sS", f"http://127.0.0.1:{port}/healthz"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    metrics = subprocess.run(
+        ["curl", "-sS", f"http://127.0.0.1:{port}/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert '"status": "ok"' in health.stdout and f'"group_id": "{GROUP}"' in health.stdout
+    assert "certgate_tunnel_table_entries" in metrics.stdout
+    source.fresh = False
+    stale = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/healthz"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert stale.stdout == "503"
