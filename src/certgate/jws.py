@@ -117,7 +117,7 @@ def _check_payload(data: bytes, group_id: str | None, now: float) -> dict[str, A
     if not isinstance(payload, dict):
         raise SignatureError("signed payload is not a JSON object")
     exp, iat = payload.get("exp"), payload.get("iat")
-    if not isinstance(exp, int) or not isinstance(iat, int):
+    if type(exp) is not int or type(iat) is not int:  # bool is an int subclass: refuse it
         raise SignatureError("signed payload lacks iat/exp")
     if now > exp + CLOCK_SKEW_S:
         raise SignatureError(f"signed message expired at {exp}")

@@ -533,3 +533,29 @@ def test_openapi_is_served(env: RunningConsole) -> None:
     with env.client() as client:
         spec = client.get("/openapi.json").json()
     assert "/api/v1/groups/{group_id}/tunnel/setup" in spec["paths"]
+
+
+def test_api_keys_list_shows_last_use_not_the_key(env: RunningConsole) -> None:
+    creds = env.admins["acme-read-only"]
+    with env.client(creds) as client:
+        keys = client.get(f"/api/v1/admins/{creds.id}/api-keys").json()
+    assert [k["id"] for k in keys] == [creds.api_key.split("_")[1]]
+    assert keys[0]["last_used_at"] is not None
+    assert creds.api_key not in str(keys)
+
+
+def test_grant_role_needs_admins_write_and_cannot_escalate(env: RunningConsole) -> None:
+    target = env.admins["other-tunnel-setup"]
+    with env.client(env.admins["acme-device-admin"]) as device_admin:
+        denied = device_admin.post(
+            f"/api/v1/admins/{target.id}/roles", json={"role": "read-only", "group_id": "acme"}
+        )
+    assert denied.status_code == 403
+    with env.client(env.admins["root"]) as root:
+        granted = root.post(
+            f"/api/v1/admins/{target.id}/roles", json={"role": "read-only", "group_id": "acme-eu"}
+        )
+    assert granted.status_code == 201
+    with env.client(target) as client:
+        assert client.get("/api/v1/groups/acme-eu").status_code == 200
+        assert client.get("/api/v1/groups/acme").status_code == 404

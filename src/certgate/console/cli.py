@@ -221,6 +221,52 @@ def admin_list(data_dir: DataDir) -> None:
     out.print(table)
 
 
+@admin_app.command("keys")
+def admin_keys(data_dir: DataDir, username: str) -> None:
+    """List an admin's API keys (ids, last use, revocation); keys are never stored."""
+    with opened(data_dir) as (session, _):
+        admin = admins.by_username(session, username)
+        table = Table(
+            "key id", "label", "created", "last used", "revoked", title=f"API keys of {username}"
+        )
+        for key in admins.api_keys_of(session, admin):
+            table.add_row(
+                key.id,
+                key.label,
+                f"{key.created_at:%Y-%m-%d %H:%M}",
+                f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "-",
+                f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "",
+            )
+    out.print(table)
+
+
+@admin_app.command("new-key")
+def admin_new_key(
+    data_dir: DataDir, username: str, label: Annotated[str, typer.Option()] = "cli"
+) -> None:
+    """Issue another API key for an admin (printed once)."""
+    with opened(data_dir) as (session, _):
+        admin = admins.by_username(session, username)
+        key = admins.issue_api_key(session, admin, label)
+        audit.append(session, actor(), "apikey.create", admin=username, api_key_id=key.id)
+    out.print(f"API key (shown once): [bold]{key.token}[/]")
+
+
+@admin_app.command("grant")
+def admin_grant(
+    data_dir: DataDir,
+    username: str,
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
+    group: Annotated[str, typer.Option()],
+) -> None:
+    """Bind another role, scoped to GROUP and its subtree, to an admin."""
+    with opened(data_dir) as (session, _):
+        admin = admins.by_username(session, username)
+        admins.bind_role(session, admin, role, group)
+        audit.append(session, actor(), "admin.grant", group_id=group, admin=username, role=role)
+    out.print(f"{username} now holds {role} on {group}")
+
+
 @admin_app.command("revoke-key")
 def admin_revoke_key(data_dir: DataDir, key_id: str) -> None:
     with opened(data_dir) as (session, _):

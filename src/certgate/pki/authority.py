@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -195,7 +196,11 @@ def parse_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
         raise InvalidCSR(f"CSR is not a valid PEM PKCS#10 request: {exc}") from exc
-    if not csr.is_signature_valid:
+    try:
+        signed = csr.is_signature_valid
+    except UnsupportedAlgorithm as exc:  # a key, curve or signature cryptography cannot use
+        raise InvalidCSR(f"CSR uses an unsupported algorithm: {exc}") from exc
+    if not signed:
         raise InvalidCSR("CSR self-signature does not verify (no proof of key possession)")
     try:
         check_public_key(csr.public_key())

@@ -82,7 +82,21 @@ def _need(value: str | None, pattern: re.Pattern[str], what: str) -> None:
         raise ChainError(f"invalid {what} in identity: {value!r}")
 
 
+_FIELDS = {
+    IdentityKind.DEVICE: {"group_id", "device_uid"},
+    IdentityKind.APP: {"group_id", "device_uid", "bundle_id"},
+    IdentityKind.ADMIN: {"admin_id"},
+    IdentityKind.TUNNEL: {"group_id"},
+    IdentityKind.CONSOLE: {"group_id"},
+}
+
+
 def _check(ident: Identity) -> None:
+    # A field that does not belong to the kind would vanish from uri(): refuse it, so that
+    # equal URIs always mean equal identities.
+    for name in ("group_id", "device_uid", "bundle_id", "admin_id"):
+        if name not in _FIELDS[ident.kind] and getattr(ident, name) is not None:
+            raise ChainError(f"{ident.kind.value} identity cannot carry {name}")
     if ident.kind in (IdentityKind.DEVICE, IdentityKind.APP):
         _need(ident.device_uid, DEVICE_UID_RE, "device uid")
     if ident.kind is not IdentityKind.ADMIN:

@@ -81,7 +81,8 @@ def new_master_key_file(path: Path) -> MasterKey:
 
 def _decode(text: bytes, origin: str) -> MasterKey:
     try:
-        secret = base64.urlsafe_b64decode(text.strip())
+        # validate=True: urlsafe_b64decode alone silently drops foreign characters.
+        secret = base64.b64decode(text.strip(), altchars=b"-_", validate=True)
     except ValueError as exc:
         raise ConfigError(f"master key from {origin} is not urlsafe base64") from exc
     if len(secret) != 32:

@@ -83,3 +83,10 @@ SERVICE_TLS = Profile("service-tls", 365 * DAY, False, LEAF_USAGE, (SERVER, CLIE
 ADMIN_CLIENT = Profile("admin-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
 DEVICE_CLIENT = Profile("device-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
 APP_CLIENT = Profile("app-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
+
+# Access's install root (the spec's "self-signed certificate generated during installation"):
+# it signs only the Access TLS certificate and the cert proxy's client certificate at
+# `certgate access init`, after which its key is discarded.
+ACCESS_INSTALL_ROOT = Profile("access-install-root", 10 * 365 * DAY, True, CA_USAGE, path_length=0)
+ACCESS_TLS = Profile("access-tls", 5 * 365 * DAY, False, LEAF_USAGE, (SERVER,))
+CERTPROXY_CLIENT = Profile("certproxy-client", 5 * 365 * DAY, False, LEAF_USAGE, (CLIENT,))

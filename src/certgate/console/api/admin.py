@@ -17,7 +17,7 @@ from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import admins, audit, ca, devices, groups, rbac, tunnels
 from certgate.console.services.rbac import Permission as P
-from certgate.console.store.models import AuditEntry, Certificate, Device, TunnelNode
+from certgate.console.store.models import Admin, AuditEntry, Certificate, Device, TunnelNode
 from certgate.errors import NotFound
 from certgate.pki.keys import private_key_pem
 
@@ -120,6 +120,38 @@ def create_api_key(request: Request, admin_id: str) -> s.ApiKeyCreated:
             session, request.state.actor, "apikey.create", admin=target.username, api_key_id=key.id
         )
         return s.ApiKeyCreated(id=key.id, api_key=key.token)
+
+
+@router.get("/admins/{admin_id}/api-keys")
+def list_api_keys(request: Request, admin_id: str) -> list[s.ApiKeyOut]:
+    """Key ids and their last use; the keys themselves were shown once and are not stored."""
+    with admin_tx(request) as (session, who):
+        target = admins.get_admin_for(session, who.admin, admin_id)
+        return [
+            s.ApiKeyOut.model_validate(k, from_attributes=True)
+            for k in admins.api_keys_of(session, target)
+        ]
+
+
+@router.post("/admins/{admin_id}/roles", status_code=201)
+def grant_role(request: Request, admin_id: str, body: s.GrantIn) -> dict[str, str]:
+    with admin_tx(request, body.group_id) as (session, who):
+        rbac.require(session, who.admin, P.ADMINS_WRITE, body.group_id)
+        rbac.require_can_grant(session, who.admin, body.role, body.group_id)
+        # Granting needs admins:write where the role applies, not over the grantee's groups.
+        target = session.get(Admin, admin_id)
+        if target is None:
+            raise NotFound("admin not found")
+        admins.bind_role(session, target, body.role, body.group_id)
+        audit.append(
+            session,
+            request.state.actor,
+            "admin.grant",
+            group_id=body.group_id,
+            admin=target.username,
+            role=body.role,
+        )
+        return {"admin_id": target.id, "role": body.role, "group_id": body.group_id}
 
 
 @router.delete("/api-keys/{key_id}", status_code=204)

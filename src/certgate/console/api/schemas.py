@@ -156,3 +156,16 @@ class AuditOut(BaseModel):
     action: str
     outcome: str
     detail: dict[str, Any]
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class GrantIn(Strict):
+    role: str = Field(max_length=32)
+    group_id: str = Field(max_length=63)

@@ -189,3 +189,18 @@ def api_key_for(session: Session, actor: Admin, key_id: str) -> ApiKey:
         raise NotFound(f"API key {key_id} not found")
     get_admin_for(session, actor, row.admin_id)
     return row
+
+
+def api_keys_of(session: Session, admin: Admin) -> list[ApiKey]:
+    return list(
+        session.execute(
+            select(ApiKey).where(ApiKey.admin_id == admin.id).order_by(ApiKey.created_at)
+        ).scalars()
+    )
+
+
+def by_username(session: Session, username: str) -> Admin:
+    admin = session.execute(select(Admin).where(Admin.username == username)).scalar_one_or_none()
+    if admin is None:
+        raise NotFound(f"admin {username!r} not found")
+    return admin
