@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.orm import Session
 
 from certgate.console import local
@@ -76,7 +76,9 @@ def restore_into(
     master = local.master_for_init(config)
     pki = ca.InstancePKI(master, restored.certs, _keys=ca.ca_keys(restored))
     root_key = pki.certs[ca.ROOT].public_key()
-    algorithm = "ec-p256" if isinstance(root_key, ec.EllipticCurvePublicKey) else "rsa"
+    algorithm = "ec-p256"
+    if isinstance(root_key, rsa.RSAPublicKey):
+        algorithm = f"rsa-{root_key.key_size}"
     db = Database(config.db_url)
     try:
         migrate(db.engine)

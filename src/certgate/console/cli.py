@@ -82,6 +82,14 @@ def write_owner_only(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def listing(*columns: str, title: str) -> Table:
+    """A table whose cells wrap instead of being cut: ids in it must stay copyable."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
 def actor() -> str:
     return f"cli:{getpass.getuser()}"
 
@@ -127,7 +135,9 @@ def init(
     for label, cert in pki.certs.items():
         line = f"  {label:<20} {thumbprint(cert)}  {cert.subject.rfc4514_string()}"
         out.print(line, soft_wrap=True, markup=False, highlight=False)
-    out.print(f"data directory: {data_dir} (master key: {data_dir / 'master.key'}, mode 0600)")
+    key_file = data_dir / "master.key"
+    where = f"{key_file}, mode 0600" if key_file.exists() else "from $CERTGATE_MASTER_KEY"
+    out.print(f"data directory: {data_dir} (master key: {where})")
 
 
 @app.command()
@@ -163,7 +173,11 @@ def admin_create(
         str | None, typer.Option(envvar="CERTGATE_P12_PASSWORD", help="PKCS#12 password.")
     ] = None,
 ) -> None:
-    """Create an admin; print its API key once; write its client cert (PEM + PKCS#12)."""
+    """Create an admin; print its API key once; write its client cert (PEM + PKCS#12).
+
+    The files are written inside the transaction: if writing fails, no admin is created
+    whose key nobody holds."""
+    password = p12_password or secrets.token_urlsafe(18)
     with opened(data_dir) as (session, pki):
         admin = admins.create_admin(session, username, role, group)
         key = admins.issue_api_key(session, admin, "initial")
@@ -177,8 +191,10 @@ def admin_create(
             role=role,
             api_key_id=key.id,
         )
-    password = p12_password or secrets.token_urlsafe(18)
-    paths = _write_admin_files(out_dir, username, cert, private, pki, password)
+        try:
+            paths = _write_admin_files(out_dir, username, cert, private, pki, password)
+        except OSError as exc:
+            raise fail(f"cannot write admin files to {out_dir}: {exc}") from exc
     out.print(f"admin [bold]{username}[/] ({role} on {group}) id={admin.id}")
     show_secret("API key", key.token)
     for path in paths:
@@ -207,7 +223,7 @@ def _write_admin_files(
 @admin_app.command("list")
 def admin_list(data_dir: DataDir) -> None:
     with opened(data_dir) as (session, _):
-        table = Table("id", "username", "roles", "disabled", title="Admins")
+        table = listing("id", "username", "roles", "disabled", title="Admins")
         for admin in session.execute(select(Admin).order_by(Admin.username)).scalars():
             roles = session.execute(
                 select(RoleBinding).where(RoleBinding.admin_id == admin.id)
@@ -226,7 +242,7 @@ def admin_keys(data_dir: DataDir, username: str) -> None:
     """List an admin's API keys (ids, last use, revocation); keys are never stored."""
     with opened(data_dir) as (session, _):
         admin = admins.by_username(session, username)
-        table = Table(
+        table = listing(
             "key id", "label", "created", "last used", "revoked", title=f"API keys of {username}"
         )
         for key in admins.api_keys_of(session, admin):
@@ -249,7 +265,7 @@ def admin_new_key(
         admin = admins.by_username(session, username)
         key = admins.issue_api_key(session, admin, label)
         audit.append(session, actor(), "apikey.create", admin=username, api_key_id=key.id)
-    out.print(f"API key (shown once): [bold]{key.token}[/]")
+    show_secret("API key", key.token)
 
 
 @admin_app.command("grant")
@@ -297,7 +313,7 @@ def group_create(
 @group_app.command("list")
 def group_list(data_dir: DataDir) -> None:
     with opened(data_dir) as (session, _):
-        table = Table("id", "name", "parent", "feed seq", "tunnel hosts", title="Groups")
+        table = listing("id", "name", "parent", "feed seq", "tunnel hosts", title="Groups")
         for group in session.execute(select(Group).order_by(Group.id)).scalars():
             hosts = group.settings["tunnel"]["hostnames"] + group.settings["tunnel"]["ip_addresses"]
             table.add_row(
@@ -350,7 +366,7 @@ def device_enroll_token(
 @device_app.command("list")
 def device_list(data_dir: DataDir, group_id: str) -> None:
     with opened(data_dir) as (session, _):
-        table = Table(
+        table = listing(
             "uid",
             "platform",
             "owner",
@@ -414,7 +430,7 @@ def cert_list(
         query = select(Certificate).order_by(Certificate.issued_at)
         if group_id:
             query = query.where(Certificate.group_id == group_id)
-        table = Table(
+        table = listing(
             "serial",
             "kind",
             "group",
@@ -427,12 +443,12 @@ def cert_list(
         )
         for c in session.execute(query).scalars():
             table.add_row(
-                c.serial[:16],
+                c.serial,
                 c.kind,
                 c.group_id or "-",
                 c.device_uid or "-",
                 c.bundle_id or "-",
-                c.thumbprint[:16],
+                c.thumbprint,
                 f"{c.not_after:%Y-%m-%d}",
                 c.revocation_reason or "",
             )
@@ -460,7 +476,7 @@ def cert_revoke(
 @audit_app.command("list")
 def audit_list(data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
     with opened(data_dir) as (session, _):
-        table = Table(
+        table = listing(
             "id",
             "time",
             "actor",

@@ -1,0 +1,232 @@
+"""Encrypted CA backup and restore: same roots in a new console, new master key.
+
+The point of a backup is continuity after a disaster: certificates issued before it must
+verify against the restored instance, and the restored instance must issue certificates
+the old trust anchors accept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
+
+from certgate.console import backup, local
+from certgate.console.services import ca, devices
+from certgate.console.store.models import AuditEntry, Group
+from certgate.errors import ChainError, KeystoreError
+from certgate.pki.keys import KeyAlgorithm, generate_key, private_key_pem
+from certgate.pki.keystore import ENV_VAR, decrypt_backup, encrypt_backup
+from certgate.pki.thumbprint import thumbprint
+from certgate.pki.verify import verify_client_chain
+from tests.console.test_cli import PASSWORD, mode_of, refuse, succeed, transaction
+from tests.support import init_console, make_csr
+
+PASSPHRASE = "correct horse battery staple"
+PASSPHRASE_ENV = {"CERTGATE_BACKUP_PASSPHRASE": PASSPHRASE}
+
+
+@pytest.fixture(autouse=True)
+def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+@pytest.fixture
+def original(tmp_path: Path) -> Path:
+    data_dir, _ = init_console(tmp_path / "original")
+    return data_dir
+
+
+@pytest.fixture
+def backup_file(original: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "ca-backup.bin"
+    succeed("backup", "-d", str(original), "--out", str(path), env=PASSPHRASE_ENV)
+    return path
+
+
+def restore(target: Path, backup_file: Path, *extra: str) -> None:
+    succeed("restore", "-d", str(target), "--from", str(backup_file), *extra, env=PASSPHRASE_ENV)
+
+
+def thumbprints(data_dir: Path) -> dict[str, str]:
+    with transaction(data_dir) as (_, pki):
+        return {label: thumbprint(cert) for label, cert in pki.certs.items()}
+
+
+def device_cert(data_dir: Path, owner: str) -> x509.Certificate:
+    """A Per-App Tunnel device certificate issued by ``data_dir``'s Device Root."""
+    with transaction(data_dir) as (session, pki):
+        devices.create_enrollment_user(session, local.TOP_GROUP, owner, PASSWORD)
+        enrollment = devices.enroll(
+            session, token=None, username=owner, password=PASSWORD, platform="linux", name="pc"
+        )
+        profile = devices.deliver_profile(session, pki, enrollment.device, make_csr()[0], [])
+    return x509.load_pem_x509_certificate(profile["certificate"].encode())
+
+
+def verify_device_cert(cert: x509.Certificate, data_dir: Path) -> None:
+    with transaction(data_dir) as (_, pki):
+        device_root = pki.certs[ca.DEVICE_ROOT]
+        verify_client_chain(cert, [device_root], [pki.certs[ca.ROOT]], expected_issuer=device_root)
+
+
+def test_backup_file_is_encrypted_and_private(original: Path, backup_file: Path) -> None:
+    data = backup_file.read_bytes()
+    assert mode_of(backup_file) == 0o600
+    assert b"PRIVATE KEY" not in data
+    assert b"CERTIFICATE" not in data  # the whole document is encrypted, not just the keys
+    with transaction(original) as (session, _):
+        entry = session.execute(
+            select(AuditEntry).where(AuditEntry.action == "pki.backup")
+        ).scalar_one()
+    assert entry.detail["labels"] == sorted([ca.ROOT, *ca.INTERMEDIATES])
+
+
+def test_restore_keeps_the_roots_under_a_new_master_key(
+    original: Path, backup_file: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "restored"
+    restore(target, backup_file)
+    assert thumbprints(target) == thumbprints(original)
+    assert (target / "master.key").read_bytes() != (original / "master.key").read_bytes()
+    assert mode_of(target) == 0o700
+    assert mode_of(target / "master.key") == 0o600
+    with transaction(target) as (session, _):
+        assert session.get(Group, local.TOP_GROUP) is not None
+    assert "audit chain OK" in succeed("audit", "verify", "-d", str(target)).stdout
+
+
+def test_restore_records_the_given_settings(backup_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "restored"
+    url = "https://console.example.test:9443"
+    restore(target, backup_file, "--public-url", url, "--port", "9443")
+    settings = json.loads((target / local.SETTINGS_FILE).read_text())
+    assert settings["public_url"] == url and settings["port"] == 9443
+    assert "PRIVATE" not in json.dumps(settings)
+
+
+def test_original_device_cert_verifies_against_restored_device_root(
+    original: Path, tmp_path: Path
+) -> None:
+    cert = device_cert(original, "alice")  # issued before the backup was taken
+    backup_file = tmp_path / "ca-backup.bin"
+    succeed("backup", "-d", str(original), "--out", str(backup_file), env=PASSPHRASE_ENV)
+    target = tmp_path / "restored"
+    restore(target, backup_file)
+    verify_device_cert(cert, target)
+
+
+def test_restored_instance_issues_certs_the_original_roots_accept(
+    original: Path, backup_file: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "restored"
+    restore(target, backup_file)
+    verify_device_cert(device_cert(target, "bob"), original)
+
+
+def test_unrelated_instance_rejects_the_device_cert(original: Path, tmp_path: Path) -> None:
+    # Negative control: the verification above is not vacuous.
+    other, _ = init_console(tmp_path / "other")
+    with pytest.raises(ChainError):
+        verify_device_cert(device_cert(original, "alice"), other)
+
+
+def test_restore_with_wrong_passphrase(backup_file: Path, tmp_path: Path) -> None:
+    target = tmp_path / "restored"
+    env = {"CERTGATE_BACKUP_PASSPHRASE": "not the right passphrase"}
+    message = refuse("restore", "-d", str(target), "--from", str(backup_file), env=env)
+    assert "wrong passphrase" in message
+    assert not target.exists()
+
+
+def test_restore_into_an_existing_console(original: Path, backup_file: Path) -> None:
+    master = (original / "master.key").read_bytes()
+    before = thumbprints(original)
+    message = refuse("restore", "-d", str(original), "--from", str(backup_file), env=PASSPHRASE_ENV)
+    assert "already holds a console" in message
+    assert (original / "master.key").read_bytes() == master
+    assert thumbprints(original) == before
+
+
+def test_backup_refuses_a_short_passphrase(original: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ca-backup.bin"
+    env = {"CERTGATE_BACKUP_PASSPHRASE": "short"}
+    message = refuse("backup", "-d", str(original), "--out", str(out), env=env)
+    assert "at least 12 characters" in message
+    assert not out.exists()
+
+
+def test_restore_refuses_a_short_passphrase(backup_file: Path, tmp_path: Path) -> None:
+    env = {"CERTGATE_BACKUP_PASSPHRASE": "short"}
+    target = tmp_path / "restored"
+    message = refuse("restore", "-d", str(target), "--from", str(backup_file), env=env)
+    assert "at least 12 characters" in message
+
+
+def test_restore_of_a_damaged_backup(backup_file: Path, tmp_path: Path) -> None:
+    data = bytearray(backup_file.read_bytes())
+    data[-1] ^= 0x01
+    damaged = tmp_path / "damaged.bin"
+    damaged.write_bytes(bytes(data))
+    target = tmp_path / "restored"
+    message = refuse("restore", "-d", str(target), "--from", str(damaged), env=PASSPHRASE_ENV)
+    assert "damaged" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"just some file", "not a certgate backup file"), (None, "No such file")],
+)
+def test_restore_from_something_else(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    source = tmp_path / "source.bin"
+    if content is not None:
+        source.write_bytes(content)
+    target = tmp_path / "restored"
+    message = refuse("restore", "-d", str(target), "--from", str(source), env=PASSPHRASE_ENV)
+    assert expected in message
+
+
+def backup_document(cas: dict[str, dict[str, str]]) -> bytes:
+    document = {"format": backup.FORMAT, "cas": cas}
+    return encrypt_backup(json.dumps(document).encode(), PASSPHRASE)
+
+
+def exported_cas(data_dir: Path) -> dict[str, dict[str, str]]:
+    with transaction(data_dir) as (session, pki):
+        blob = backup.export_cas(session, pki, PASSPHRASE)
+    cas: dict[str, dict[str, str]] = json.loads(decrypt_backup(blob, PASSPHRASE))["cas"]
+    return cas
+
+
+def restore_blob(blob: bytes, target: Path) -> None:
+    backup.restore_into(target, blob, PASSPHRASE, "https://127.0.0.1:7443", "127.0.0.1", 7443, None)
+
+
+def test_restore_refuses_an_incomplete_backup(original: Path, tmp_path: Path) -> None:
+    cas = exported_cas(original)
+    del cas[ca.ADMIN_CA]
+    with pytest.raises(KeystoreError, match="not a complete"):
+        restore_blob(backup_document(cas), tmp_path / "restored")
+
+
+def test_restore_refuses_a_key_that_does_not_match_its_cert(original: Path, tmp_path: Path) -> None:
+    cas = exported_cas(original)
+    cas[ca.DEVICE_ROOT]["key"] = private_key_pem(generate_key()).decode()
+    with pytest.raises(KeystoreError, match="does not match"):
+        restore_blob(backup_document(cas), tmp_path / "restored")
+
+
+def test_rsa_instance_round_trips(tmp_path: Path) -> None:
+    source = tmp_path / "rsa"
+    local.init(source, KeyAlgorithm.RSA_2048, "https://127.0.0.1:7443", "127.0.0.1", 7443, None)
+    blob = tmp_path / "rsa-backup.bin"
+    succeed("backup", "-d", str(source), "--out", str(blob), env=PASSPHRASE_ENV)
+    target = tmp_path / "restored"
+    restore(target, blob)
+    assert thumbprints(target) == thumbprints(source)
+    with transaction(target) as (_, pki):
+        assert isinstance(pki.certs[ca.ROOT].public_key(), rsa.RSAPublicKey)
