@@ -60,8 +60,12 @@ def create_group(
         raise Conflict(f"group {group_id!r} exists")
     if parent_id is not None:
         ancestors(session, parent_id)
-    merged = {**DEFAULT_SETTINGS, **(settings or {})}
-    validate_tunnel_settings(merged["tunnel"])
+    merged = {**DEFAULT_SETTINGS}
+    for key, value in (settings or {}).items():
+        if key not in SETTINGS_KEYS:
+            raise BadRequest(f"unknown setting {key!r}")
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    validate_settings(merged)
     group = Group(
         id=group_id,
         name=name[:200] or group_id,
@@ -185,6 +189,9 @@ def validate_settings(settings: dict[str, Any]) -> None:
         raise BadRequest("feed.long_poll_s must be 1-300")
     if not 10 <= int(feed.get("max_staleness_s", 0)) <= 30 * 24 * 3600:
         raise BadRequest("feed.max_staleness_s must be 10 s to 30 days")
+    if 2 * int(feed["long_poll_s"]) > int(feed["max_staleness_s"]):
+        # An idle long-poll only answers after long_poll_s; it must fit the budget twice.
+        raise BadRequest("feed.long_poll_s must be at most half of feed.max_staleness_s")
     try:
         DeviceRules.from_dict(settings["device_rules"])
         RuleSet.from_dict(settings["server_rules"])
