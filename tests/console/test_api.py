@@ -559,3 +559,37 @@ def test_grant_role_needs_admins_write_and_cannot_escalate(env: RunningConsole) 
     with env.client(target) as client:
         assert client.get("/api/v1/groups/acme-eu").status_code == 200
         assert client.get("/api/v1/groups/acme").status_code == 404
+
+
+def test_snapshot_pages_cover_every_entry_once(env: RunningConsole, device: dict[str, Any]) -> None:
+    with device_client(env, device) as dev:
+        for _ in range(2):
+            dev.post(
+                "/api/v1/device/apps/com.example.pages/certificate",
+                json={
+                    "username": "alice",
+                    "password": "correct horse",
+                    "csr": make_csr()[0].decode(),
+                },
+            )
+        dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    with _tunnel_client(env, "acme") as tunnel:
+        acme = x509.load_pem_x509_certificate((env.work / "console-acme.pem").read_bytes())
+        whole = jws.verify(tunnel.get("/api/v1/tunnel/feed/snapshot").text, acme, jws.TYP_SNAPSHOT)
+        assert whole["next"] is None and len(whole["entries"]) >= 2
+        seen, after = [], ""
+        while True:
+            page = jws.verify(
+                tunnel.get(
+                    "/api/v1/tunnel/feed/snapshot", params={"after": after, "limit": 1}
+                ).text,
+                acme,
+                jws.TYP_SNAPSHOT,
+            )
+            seen += [e["thumbprint"] for e in page["entries"]]
+            if page["next"] is None:
+                break
+            after = page["next"]
+        bad = tunnel.get("/api/v1/tunnel/feed/snapshot", params={"after": "XYZ"})
+    assert seen == sorted(e["thumbprint"] for e in whole["entries"])
+    assert bad.status_code == 422

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import state_of, tunnel_tx
-from certgate.console.services import audit, tunnels
+from certgate.console.services import audit, feed, tunnels
 
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
@@ -44,10 +44,15 @@ def install(request: Request, body: s.InstallIn) -> dict[str, Any]:
 
 
 @router.get("/feed/snapshot", response_class=Response)
-def snapshot(request: Request) -> Response:
+def snapshot(
+    request: Request,
+    after: str = Query("", pattern="^([0-9a-f]{64})?$"),
+    limit: int = Query(feed.SNAPSHOT_PAGE, ge=1, le=feed.SNAPSHOT_PAGE),
+) -> Response:
+    """A signed page of the group's live entries with thumbprint > ``after``."""
     state = state_of(request)
     with tunnel_tx(request) as (session, group_id):
-        token = tunnels.signed_snapshot(session, state.pki, group_id)
+        token = tunnels.signed_snapshot(session, state.pki, group_id, after, limit)
     return Response(token, media_type=JWS_TYPE)
 
 

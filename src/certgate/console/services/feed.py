@@ -93,8 +93,18 @@ def batch_after(
     )
 
 
-def snapshot(session: Session, group_id: str) -> tuple[int, list[dict[str, Any]]]:
-    """(seq, live entries) of a group, consistent with each other."""
+SNAPSHOT_PAGE = 50_000
+
+
+def snapshot(
+    session: Session, group_id: str, after: str = "", limit: int = SNAPSHOT_PAGE
+) -> tuple[int, list[dict[str, Any]], str | None]:
+    """(seq, live entries with thumbprint > ``after``, next cursor or None when done).
+
+    Pages are ordered by thumbprint. Each page carries the seq it was read at: a follower
+    that assembles pages read at different seqs replays the feed from the first page's
+    seq, which converges because upserts and deletes are idempotent per thumbprint.
+    """
     group = session.execute(
         select(Group).where(Group.id == group_id).with_for_update(read=True)
     ).scalar_one_or_none()
@@ -107,9 +117,14 @@ def snapshot(session: Session, group_id: str) -> tuple[int, list[dict[str, Any]]
             Device.group_id == group_id,
             Certificate.kind.in_(CLIENT_KINDS),
             Certificate.revoked_at.is_(None),
+            Certificate.thumbprint > after,
         )
+        .order_by(Certificate.thumbprint)
+        .limit(limit + 1)
     ).all()
-    return group.feed_seq, [upsert_entry(cert, device) for cert, device in rows]
+    entries = [upsert_entry(cert, device) for cert, device in rows[:limit]]
+    following = entries[-1]["thumbprint"] if len(rows) > limit else None
+    return group.feed_seq, entries, following
 
 
 class FeedNotifier:

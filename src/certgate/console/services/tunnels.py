@@ -259,8 +259,14 @@ def signed_batch(
     return SignedBatch(token, events[-1].seq, len(events))
 
 
-def signed_snapshot(session: Session, pki: ca.InstancePKI, group_id: str) -> str:
-    seq, entries = feed.snapshot(session, group_id)
-    return sign_for_group(
-        session, pki, group_id, {"seq": seq, "entries": entries}, jws.TYP_SNAPSHOT, FEED_TTL_S
-    )
+def signed_snapshot(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    after: str = "",
+    limit: int = feed.SNAPSHOT_PAGE,
+) -> str:
+    """One signed snapshot page: ``{seq, entries, after, next}``; ``next`` None ends it."""
+    seq, entries, following = feed.snapshot(session, group_id, after, limit)
+    payload = {"seq": seq, "entries": entries, "after": after, "next": following}
+    return sign_for_group(session, pki, group_id, payload, jws.TYP_SNAPSHOT, FEED_TTL_S)
