@@ -15,7 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import state_of, tunnel_tx
-from certgate.console.services import audit, feed, tunnels
+from certgate.console.services import audit, tunnels
+from certgate.console.services.feed import SNAPSHOT_PAGE
 
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
@@ -47,7 +48,7 @@ def install(request: Request, body: s.InstallIn) -> dict[str, Any]:
 def snapshot(
     request: Request,
     after: str = Query("", pattern="^([0-9a-f]{64})?$"),
-    limit: int = Query(feed.SNAPSHOT_PAGE, ge=1, le=feed.SNAPSHOT_PAGE),
+    limit: int = Query(SNAPSHOT_PAGE, ge=1, le=SNAPSHOT_PAGE),
 ) -> Response:
     """A signed page of the group's live entries with thumbprint > ``after``."""
     state = state_of(request)
