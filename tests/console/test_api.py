@@ -473,6 +473,8 @@ def test_feed_requires_the_tunnel_identity(env: RunningConsole) -> None:
 
 
 def test_long_poll_returns_a_signed_change(env: RunningConsole, device: dict[str, Any]) -> None:
+    with device_client(env, device) as dev:  # a device without certificates has no entries
+        dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
     with _tunnel_client(env, "acme") as tunnel:
         _check_long_poll(env, device, tunnel)
 
