@@ -8,6 +8,7 @@ import typer
 
 from certgate.console.cli import app as console_app
 from certgate.planner.cli import app as plan_app
+from certgate.tunnel.cli import app as tunnel_app
 
 app = typer.Typer(
     help="certgate: certificate-based zero-trust tunnel",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(console_app, name="console")
 app.add_typer(plan_app, name="plan")
+app.add_typer(tunnel_app, name="tunnel")
 
 
 def main() -> None:

@@ -207,7 +207,14 @@ class ClientConnection(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.shared.limits.handshake_timeout_s,
             )
-        except (OSError, TimeoutError, ConnectionError) as exc:
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A TCP probe (load balancer health check, port scan) closing before or during
+            # the handshake: not a certificate decision, so not a denial.
+            log.info("%s closed during the TLS handshake (%s)", self.peer_addr, type(exc).__name__)
+            self._closed()
+            plain.abort()
+            return
+        except (OSError, TimeoutError) as exc:
             log.warning(
                 "deny %s listener=%s reason=tls_handshake detail=%s",
                 self.peer_addr,
@@ -423,9 +430,10 @@ class ClientConnection(asyncio.Protocol):
             self.down.resume()
 
     def eof_received(self) -> bool:
+        # TLS has no half-close: the client's close_notify ends the connection (returning
+        # True would be ignored by asyncio's SSL transport, with a warning).
         if self.phase is Phase.RELAYING and self.up is not None:
             self.up.finish()
-            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -236,16 +236,23 @@ class DeviceTable:
     def from_snapshot(cls, seq: int, entries: Iterable[object]) -> DeviceTable:
         """A table holding exactly ``entries`` (all ``upsert``; no duplicates) at ``seq``."""
         table = cls(seq)
-        for index, raw in enumerate(_iterate(entries)):
+        table.extend(entries)
+        return table
+
+    def extend(self, entries: Iterable[object]) -> None:
+        """Add a further page of a paged snapshot (upserts, no duplicates), seq unchanged.
+
+        Only for a table nobody serves yet: failing halfway through leaves it partial.
+        """
+        start = len(self._records)
+        for index, raw in enumerate(_iterate(entries), start):
             where = f"entries[{index}]"
             key, entry = _parse_op(raw, where)
             if entry is None:
                 raise InvalidEntry(f"{where}: a snapshot holds only upserts")
-            if key in table._records:
+            if key in self._records:
                 raise InvalidEntry(f"{where}: duplicate thumbprint {entry.thumbprint}")
-            # A fresh table nobody else sees yet: failing halfway through is harmless.
-            table._records[key] = table._pack(entry)
-        return table
+            self._records[key] = self._pack(entry)
 
     @property
     def seq(self) -> int:

@@ -1,0 +1,382 @@
+"""A tunnel node's state directory, parsed once and verified into a frozen ``TunnelState``.
+
+``certgate tunnel setup`` / ``install`` write the directory; ``load_state`` reads it at
+startup and checks everything again (STYLE.md habit 7), so a tampered or half-written
+directory stops the tunnel with a reason instead of weakening it:
+
+=======================  ===========================================================
+``state.json``           format, group id, console URL, node name (written last)
+``root.pem``             the instance Root: the only trust anchor
+``chain.pem``            Secure Channel Root + Root, sent after the tunnel cert
+``console-identity.pem`` the group's console identity, pinned: it alone signs messages
+``tunnel.pem``           the group's tunnel identity (the same on every node)
+``tunnel.key``           its private key (mode 0600, refused if group/other can read)
+``trust.jws``            the signed trust config (docs/CONVENTIONS.md, "Signed messages")
+=======================  ===========================================================
+
+The persisted device table (``persist.py``) lives in the same directory.
+
+Feed defaults: when the trust config's ``feed`` settings omit them, the long-poll waits
+``DEFAULT_LONG_POLL_S`` (25 s) and the staleness budget is ``DEFAULT_MAX_STALENESS_S``
+(300 s): past it without a successful exchange with the console, the device list counts
+as stale and the tunnel fails closed for new connections.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from certgate import jws
+from certgate.errors import CertgateError, ConfigError
+from certgate.pki import identity
+from certgate.pki.authority import utcnow
+from certgate.pki.keys import PrivateKey, load_private_key_pem
+from certgate.pki.thumbprint import thumbprint
+from certgate.pki.verify import verify_client_chain
+from certgate.tunnel.rules import RuleSet
+
+__all__ = [
+    "DEFAULT_LONG_POLL_S",
+    "DEFAULT_MAX_STALENESS_S",
+    "NODE_NAME_RE",
+    "STATE_FILES",
+    "STATE_FORMAT",
+    "FeedSettings",
+    "TrustConfig",
+    "TunnelSettings",
+    "TunnelState",
+    "check_node_name",
+    "load_certs",
+    "load_root",
+    "load_secure_channel_root",
+    "load_single_cert",
+    "load_state",
+    "parse_trust",
+    "state_from_files",
+    "state_json",
+    "verify_identity",
+    "verify_signed_by_root",
+]
+
+STATE_FORMAT = "certgate-tunnel-state/1"
+STATE_JSON = "state.json"
+ROOT_PEM = "root.pem"
+CHAIN_PEM = "chain.pem"
+CONSOLE_IDENTITY_PEM = "console-identity.pem"
+TUNNEL_PEM = "tunnel.pem"
+TUNNEL_KEY = "tunnel.key"
+TRUST_JWS = "trust.jws"
+STATE_FILES = (ROOT_PEM, CHAIN_PEM, CONSOLE_IDENTITY_PEM, TUNNEL_PEM, TUNNEL_KEY, TRUST_JWS)
+SECRET_FILES = frozenset({TUNNEL_KEY})
+
+DEFAULT_LONG_POLL_S = 25.0
+DEFAULT_MAX_STALENESS_S = 300.0
+# Used in the Certgate-Node header and in logs: keep it to a safe token (RFC 9110 §5.6.2).
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_FILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """Where the data plane listens and which names its identity cert carries."""
+
+    hostnames: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    proxy_port: int
+    per_app_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSettings:
+    snapshot_path: str
+    feed_path: str
+    long_poll_s: float
+    max_staleness_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    """The verified payload of ``trust.jws``."""
+
+    group_id: str
+    console_url: str
+    tunnel: TunnelSettings
+    feed: FeedSettings
+    server_rules: Mapping[str, Any]
+    issued_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelState:
+    """Everything a tunnel node trusts and presents, verified."""
+
+    state_dir: Path
+    group_id: str
+    console_url: str
+    node_name: str
+    root: x509.Certificate
+    secure_channel_root: x509.Certificate
+    device_root: x509.Certificate
+    console_identity: x509.Certificate
+    tunnel_cert: x509.Certificate
+    tunnel_chain: tuple[x509.Certificate, ...]  # after the leaf: Secure Channel Root, Root
+    tunnel_key: PrivateKey = field(repr=False)
+    trust: TrustConfig
+
+    @property
+    def tunnel_thumbprint(self) -> str:
+        return thumbprint(self.tunnel_cert)
+
+
+def check_node_name(name: str) -> str:
+    if not NODE_NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid node name {name!r}: use 1-128 of [A-Za-z0-9._-]")
+    return name
+
+
+def load_certs(data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: no PEM certificate ({exc})") from exc
+    return certs
+
+
+def verify_signed_by_root(cert: x509.Certificate, root: x509.Certificate, what: str) -> None:
+    """``cert`` is a CA certificate directly signed by ``root`` (an instance intermediate)."""
+    try:
+        cert.verify_directly_issued_by(root)
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(f"{what} is not issued by the instance root: {exc}") from exc
+    if not is_ca:
+        raise ConfigError(f"{what} is not a CA certificate")
+
+
+def load_root(data: bytes, what: str) -> x509.Certificate:
+    certs = load_certs(data, what)
+    roots = [c for c in certs if c.issuer == c.subject]
+    if len(certs) != 1 or len(roots) != 1:
+        raise ConfigError(f"{what}: expected exactly one self-signed root certificate")
+    verify_signed_by_root(roots[0], roots[0], what)
+    return roots[0]
+
+
+def load_secure_channel_root(chain_pem: bytes, root: x509.Certificate) -> x509.Certificate:
+    chain = load_certs(chain_pem, CHAIN_PEM)
+    if len(chain) != 2 or chain[1] != root:
+        raise ConfigError(f"{CHAIN_PEM}: expected Secure Channel Root then the instance root")
+    verify_signed_by_root(chain[0], root, "Secure Channel Root")
+    return chain[0]
+
+
+def verify_identity(
+    cert: x509.Certificate,
+    scr: x509.Certificate,
+    root: x509.Certificate,
+    expected: identity.Identity,
+) -> None:
+    """``cert`` chains Root -> Secure Channel Root -> cert and names ``expected``."""
+    try:
+        verify_client_chain(cert, [scr], [root], expected_issuer=scr, at=utcnow())
+        found = identity.identity_of(cert)
+    except CertgateError as exc:
+        raise ConfigError(f"{expected.uri()}: {exc}") from exc
+    if found != expected:
+        raise ConfigError(f"certificate names {found.uri()}, expected {expected.uri()}")
+
+
+def _key_matching(key_pem: bytes, cert: x509.Certificate) -> PrivateKey:
+    try:
+        key = load_private_key_pem(key_pem)
+    except CertgateError as exc:
+        raise ConfigError(f"{TUNNEL_KEY}: {exc}") from exc
+    raw = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
+        raise ConfigError(f"{TUNNEL_KEY} does not belong to the tunnel identity certificate")
+    return key
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"trust config: {where}{key} is missing or malformed")
+    return value
+
+
+def _tunnel_settings(raw: Mapping[str, Any]) -> TunnelSettings:
+    hostnames = _field(raw, "hostnames", list, "tunnel.")
+    ips = _field(raw, "ip_addresses", list, "tunnel.")
+    if not all(isinstance(v, str) for v in [*hostnames, *ips]):
+        raise ConfigError("trust config: tunnel names must be strings")
+    return TunnelSettings(
+        tuple(hostnames),
+        tuple(ips),
+        _field(raw, "proxy_port", int, "tunnel."),
+        _field(raw, "per_app_port", int, "tunnel."),
+    )
+
+
+def _feed_settings(raw: Mapping[str, Any]) -> FeedSettings:
+    number = (int, float)
+    long_poll = raw.get("long_poll_s", DEFAULT_LONG_POLL_S)
+    staleness = raw.get("max_staleness_s", DEFAULT_MAX_STALENESS_S)
+    values = {"long_poll_s": long_poll, "max_staleness_s": staleness}
+    settings = FeedSettings(
+        _field(raw, "snapshot_path", str, "feed."),
+        _field(raw, "feed_path", str, "feed."),
+        float(_field(values, "long_poll_s", number, "feed.")),
+        float(_field(values, "max_staleness_s", number, "feed.")),
+    )
+    if not settings.long_poll_s > 0 or not settings.max_staleness_s > 0:
+        raise ConfigError("trust config: feed timings must be positive")
+    for path in (settings.snapshot_path, settings.feed_path):
+        if not path.startswith("/") or "//" in path or "?" in path:
+            raise ConfigError(f"trust config: feed path {path!r} must be an absolute path")
+    return settings
+
+
+def _server_rules(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        RuleSet.from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"trust config: invalid server rules: {exc}") from exc
+    return MappingProxyType(dict(raw))
+
+
+def parse_trust(payload: Mapping[str, Any]) -> TrustConfig:
+    """The verified trust payload as typed settings (signature already checked)."""
+    return TrustConfig(
+        group_id=_field(payload, "group_id", str, ""),
+        console_url=_field(payload, "console_url", str, ""),
+        tunnel=_tunnel_settings(_field(payload, "tunnel", dict, "")),
+        feed=_feed_settings(_field(payload, "feed", dict, "")),
+        server_rules=_server_rules(_field(payload, "server_rules", dict, "")),
+        issued_at=_field(payload, "iat", int, ""),
+        expires_at=_field(payload, "exp", int, ""),
+    )
+
+
+def _same_cert(pem: object, cert: x509.Certificate, what: str) -> None:
+    if not isinstance(pem, str) or load_certs(pem.encode(), what) != [cert]:
+        raise ConfigError(f"trust config names a different {what}")
+
+
+def _verified_trust(
+    token: bytes, console: x509.Certificate, group_id: str, pinned: dict[str, x509.Certificate]
+) -> tuple[TrustConfig, x509.Certificate]:
+    """Verify ``trust.jws`` with the pinned console identity; cross-check every anchor it
+    names against the files; return the settings and the Device Root it carries."""
+    try:
+        payload = jws.verify(token, console, jws.TYP_TRUST, group_id)
+    except CertgateError as exc:
+        raise ConfigError(f"{TRUST_JWS}: {exc}") from exc
+    _same_cert(payload.get("root"), pinned["root"], "instance root")
+    _same_cert(payload.get("secure_channel_root"), pinned["scr"], "Secure Channel Root")
+    for key, name in (
+        ("console_identity_thumbprint", "console"),
+        ("tunnel_identity_thumbprint", "tunnel"),
+    ):
+        if payload.get(key) != thumbprint(pinned[name]):
+            raise ConfigError(f"trust config names a different {name} identity")
+    device_roots = load_certs(str(payload.get("device_root", "")).encode(), "device root")
+    if len(device_roots) != 1:
+        raise ConfigError("trust config: expected one Device Root")
+    verify_signed_by_root(device_roots[0], pinned["root"], "Device Root")
+    return parse_trust(payload), device_roots[0]
+
+
+def _state_json(data: bytes) -> tuple[str, str, str]:
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"{STATE_JSON} is not JSON") from exc
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise ConfigError(f"{STATE_JSON}: unknown format (expected {STATE_FORMAT})")
+    group_id = _field(meta, "group_id", str, "")
+    if not identity.GROUP_ID_RE.fullmatch(group_id):
+        raise ConfigError(f"{STATE_JSON}: invalid group id {group_id!r}")
+    console_url = _field(meta, "console_url", str, "")
+    return group_id, console_url, check_node_name(_field(meta, "node_name", str, ""))
+
+
+def state_json(group_id: str, console_url: str, node_name: str) -> bytes:
+    meta = {
+        "format": STATE_FORMAT,
+        "group_id": group_id,
+        "console_url": console_url,
+        "node_name": node_name,
+    }
+    return json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def state_from_files(files: Mapping[str, bytes], state_dir: Path) -> TunnelState:
+    """Verify the contents of a state directory (``STATE_FILES`` and ``state.json``)."""
+    missing = [name for name in (*STATE_FILES, STATE_JSON) if name not in files]
+    if missing:
+        raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
+    group_id, console_url, node_name = _state_json(files[STATE_JSON])
+    root = load_root(files[ROOT_PEM], ROOT_PEM)
+    scr = load_secure_channel_root(files[CHAIN_PEM], root)
+    console = load_single_cert(files[CONSOLE_IDENTITY_PEM], CONSOLE_IDENTITY_PEM)
+    verify_identity(console, scr, root, identity.console(group_id))
+    tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)
+    verify_identity(tunnel, scr, root, identity.tunnel(group_id))
+    key = _key_matching(files[TUNNEL_KEY], tunnel)
+    pinned = {"root": root, "scr": scr, "console": console, "tunnel": tunnel}
+    trust, device_root = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
+    return TunnelState(
+        state_dir=state_dir,
+        group_id=group_id,
+        console_url=console_url,
+        node_name=node_name,
+        root=root,
+        secure_channel_root=scr,
+        device_root=device_root,
+        console_identity=console,
+        tunnel_cert=tunnel,
+        tunnel_chain=(scr, root),
+        tunnel_key=key,
+        trust=trust,
+    )
+
+
+def load_single_cert(data: bytes, what: str) -> x509.Certificate:
+    certs = load_certs(data, what)
+    if len(certs) != 1:
+        raise ConfigError(f"{what}: expected exactly one certificate, found {len(certs)}")
+    return certs[0]
+
+
+def _read_private(path: Path) -> bytes:
+    """Read a state file, refusing one that others could read (keys) or that is huge."""
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path} is missing: run 'certgate tunnel setup' first") from exc
+    if path.name in SECRET_FILES and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path} is accessible by group/others; chmod 600 it")
+    if info.st_size > _MAX_FILE_BYTES:
+        raise ConfigError(f"{path} is larger than {_MAX_FILE_BYTES} bytes")
+    return path.read_bytes()
+
+
+def load_state(state_dir: Path) -> TunnelState:
+    """Read and verify a state directory; raise ``ConfigError`` with the reason."""
+    if not state_dir.is_dir():
+        raise ConfigError(f"state directory {state_dir} does not exist")
+    if state_dir.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"state directory {state_dir} is writable by group/others")
+    files = {name: _read_private(state_dir / name) for name in (*STATE_FILES, STATE_JSON)}
+    return state_from_files(files, state_dir)

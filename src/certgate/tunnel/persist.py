@@ -1,0 +1,375 @@
+"""The tunnel's device table on disk: a compact snapshot plus an append-only journal.
+
+A tunnel that restarts while the console is down must still admit the devices it knew
+(issue 3, "Device list sync"), so every verified change is made durable before the next
+one is fetched:
+
+* ``table.snapshot``: the whole table at one feed seq, in a compact binary format (below),
+  replaced atomically (tmp + fsync + rename + directory fsync).
+* ``table.journal``: one line per applied batch after the snapshot,
+  ``<crc32 hex> <json {"from_seq", "to_seq", "entries"}>\\n``, fsynced per batch. After a
+  crash the last line may be torn; a line without its newline or with a bad CRC ends the
+  journal, and the file is cut back to the last good line before anything is appended.
+* ``sync.json``: when the last successful exchange with the console happened, so that the
+  staleness budget survives a restart.
+
+The files live in the tunnel's state directory (mode 0700), so they are trusted as much as
+the identity key beside them: they are checked for damage (SHA-256 trailer, CRC per line),
+not re-verified against the console's signature.
+
+Snapshot format (all integers little-endian)::
+
+    header   "<8sQQII": magic b"CGTABLE1", seq, record count, len(groups), len(bundles)
+    groups   JSON array of group ids, bundles: JSON array of bundle ids
+    records  count x 63 bytes: thumbprint (32 bytes, big-endian) + packed table record (31)
+    trailer  SHA-256 of everything above
+
+Loading 1,000,000 entries must take seconds, and ``DeviceTable.from_snapshot`` validates
+each entry (about 8 us each), so the snapshot stores the table's own packed records and
+``_PackedTable`` moves them in and out without re-parsing. That adapter is the only code
+that knows the table's internal layout; it checks the layout version first and, if
+``table.py`` changed, refuses the file (the follower then fetches a fresh snapshot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from certgate.errors import CertgateError
+from certgate.pki.identity import BUNDLE_ID_RE, GROUP_ID_RE
+from certgate.tunnel import table as table_module
+from certgate.tunnel.table import DeviceTable, FeedError, SequenceReplay
+
+__all__ = [
+    "DEFAULT_COMPACT_AFTER_BYTES",
+    "JOURNAL_FILE",
+    "SNAPSHOT_FILE",
+    "SYNC_FILE",
+    "LoadedTable",
+    "PersistError",
+    "StoreInfo",
+    "TableStore",
+    "atomic_write",
+]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FILE = "table.snapshot"
+JOURNAL_FILE = "table.journal"
+SYNC_FILE = "sync.json"
+DEFAULT_COMPACT_AFTER_BYTES = 16 * 1024 * 1024
+
+_MAGIC = b"CGTABLE1"
+_HEADER = struct.Struct("<8sQQII")
+_KEY_BYTES = 32
+_TABLE_RECORD_FORMAT = "<16sqIHB"  # table.py's packed record, as this file format knows it
+_RECORD_BYTES = _KEY_BYTES + struct.calcsize(_TABLE_RECORD_FORMAT)
+_DIGEST_BYTES = 32
+_MAX_NAMES_BYTES = 64 * 1024 * 1024
+
+
+class PersistError(CertgateError):
+    """A persisted table file is damaged or in an unknown format."""
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole.
+
+    Write a temporary file in the same directory, fsync it, rename it over ``path`` (atomic
+    on POSIX), then fsync the directory so the rename itself is durable.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # O_CREAT honours the umask; the mode must be exact
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PackedTable:
+    """The one place that reads and writes ``DeviceTable``'s private packed layout.
+
+    A public ``DeviceTable.to_packed()/from_packed()`` would make this unnecessary; until
+    then the layout is checked against the format this module writes.
+    """
+
+    @staticmethod
+    def check_layout() -> None:
+        if table_module._RECORD.format != _TABLE_RECORD_FORMAT:
+            raise PersistError("the table's record layout changed; snapshot format is stale")
+
+    @staticmethod
+    def names(table: DeviceTable) -> tuple[list[str | None], list[str | None]]:
+        return table._groups._values[1:], table._bundles._values[1:]
+
+    @staticmethod
+    def records(table: DeviceTable) -> Iterator[tuple[int, bytes]]:
+        return iter(table._records.items())
+
+    @staticmethod
+    def build(
+        seq: int, groups: list[str], bundles: list[str], records: dict[int, bytes]
+    ) -> DeviceTable:
+        table = DeviceTable(seq)
+        for interner, names in ((table._groups, groups), (table._bundles, bundles)):
+            for index, name in enumerate(names, start=1):
+                if interner.code(name) != index:
+                    raise PersistError(f"duplicate name {name!r} in snapshot")
+        table._records = records
+        return table
+
+
+def encode_snapshot(table: DeviceTable) -> bytes:
+    """The snapshot file's bytes for ``table`` (see the module docstring)."""
+    _PackedTable.check_layout()
+    groups, bundles = _PackedTable.names(table)
+    group_blob = json.dumps(groups, separators=(",", ":")).encode()
+    bundle_blob = json.dumps(bundles, separators=(",", ":")).encode()
+    parts = [
+        _HEADER.pack(_MAGIC, table.seq, len(table), len(group_blob), len(bundle_blob)),
+        group_blob,
+        bundle_blob,
+        b"".join(key.to_bytes(_KEY_BYTES, "big") + rec for key, rec in _PackedTable.records(table)),
+    ]
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def decode_snapshot(data: bytes) -> DeviceTable:
+    """Parse a snapshot file; raise ``PersistError`` if it is damaged or foreign."""
+    _PackedTable.check_layout()
+    body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
+    if len(data) < _HEADER.size + _DIGEST_BYTES or hashlib.sha256(body).digest() != digest:
+        raise PersistError("snapshot file is truncated or damaged (checksum mismatch)")
+    magic, seq, count, group_len, bundle_len = _HEADER.unpack_from(body)
+    if magic != _MAGIC:
+        raise PersistError(f"not a certgate table snapshot (magic {magic!r})")
+    start = _HEADER.size + group_len + bundle_len
+    if len(body) != start + count * _RECORD_BYTES:
+        raise PersistError("snapshot file length does not match its header")
+    groups = _names(body[_HEADER.size : _HEADER.size + group_len], GROUP_ID_RE)
+    bundles = _names(body[_HEADER.size + group_len : start], BUNDLE_ID_RE)
+    end, width, key = start + count * _RECORD_BYTES, _RECORD_BYTES, _KEY_BYTES
+    records = {
+        int.from_bytes(body[at : at + key], "big"): body[at + key : at + width]
+        for at in range(start, end, width)
+    }
+    if len(records) != count:
+        raise PersistError("snapshot file holds duplicate thumbprints")
+    return _PackedTable.build(seq, groups, bundles, records)
+
+
+def _names(blob: bytes, pattern: re.Pattern[str]) -> list[str]:
+    try:
+        names = json.loads(blob)
+    except ValueError as exc:
+        raise PersistError("snapshot name table is not JSON") from exc
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and pattern.fullmatch(n) for n in names
+    ):
+        raise PersistError("snapshot name table is malformed")
+    return names
+
+
+def encode_journal_line(from_seq: int, to_seq: int, entries: Sequence[object]) -> bytes:
+    body = json.dumps(
+        {"from_seq": from_seq, "to_seq": to_seq, "entries": list(entries)},
+        separators=(",", ":"),
+    ).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _decode_journal_line(line: bytes) -> tuple[int, int, list[object]]:
+    """One complete journal line (newline included); raise ``PersistError`` if damaged."""
+    crc, _, body = line.rstrip(b"\n").partition(b" ")
+    if not line.endswith(b"\n") or len(crc) != 8 or f"{zlib.crc32(body):08x}".encode() != crc:
+        raise PersistError("journal line is torn or damaged")
+    try:
+        batch = json.loads(body)
+    except ValueError as exc:
+        raise PersistError("journal line is not JSON") from exc
+    if not isinstance(batch, dict):
+        raise PersistError("journal line is not a JSON object")
+    from_seq, to_seq, entries = batch.get("from_seq"), batch.get("to_seq"), batch.get("entries")
+    if type(from_seq) is not int or type(to_seq) is not int or not isinstance(entries, list):
+        raise PersistError("journal line is not a batch")
+    return from_seq, to_seq, entries
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTable:
+    """What ``TableStore.load`` recovered."""
+
+    table: DeviceTable
+    snapshot_seq: int
+    batches_replayed: int
+    journal_bytes: int
+    torn_tail: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """A cheap summary for ``certgate tunnel status`` (reads headers, not the records)."""
+
+    snapshot_seq: int | None
+    snapshot_entries: int | None
+    journal_batches: int
+    journal_bytes: int
+    last_exchange_at: float | None
+
+
+class TableStore:
+    """Snapshot + journal + sync time of one state directory. Blocking I/O: the follower
+    calls it from a worker thread, one call at a time."""
+
+    def __init__(
+        self, directory: Path, *, compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES
+    ) -> None:
+        self.directory = directory
+        self.compact_after_bytes = compact_after_bytes
+        self._journal_bytes = 0
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.directory / SNAPSHOT_FILE
+
+    @property
+    def journal_path(self) -> Path:
+        return self.directory / JOURNAL_FILE
+
+    @property
+    def sync_path(self) -> Path:
+        return self.directory / SYNC_FILE
+
+    @property
+    def journal_bytes(self) -> int:
+        return self._journal_bytes
+
+    def needs_compaction(self) -> bool:
+        return self._journal_bytes > self.compact_after_bytes
+
+    def load(self) -> LoadedTable | None:
+        """The persisted table, or None when there is none. Raises ``PersistError`` when
+        the snapshot is damaged (the caller starts over from a console snapshot)."""
+        try:
+            data = self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        table = decode_snapshot(data)
+        snapshot_seq = table.seq
+        replayed, good_bytes, torn = self._replay_journal(table)
+        self._journal_bytes = good_bytes
+        return LoadedTable(table, snapshot_seq, replayed, good_bytes, torn)
+
+    def _replay_journal(self, table: DeviceTable) -> tuple[int, int, bool]:
+        """Apply journal lines in order; stop at the first one that cannot be applied and
+        cut the file there, so that the next append starts on a clean line."""
+        try:
+            data = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            return 0, 0, False
+        replayed, offset = 0, 0
+        while offset < len(data):
+            end = data.find(b"\n", offset)
+            line = data[offset:] if end < 0 else data[offset : end + 1]
+            if not self._replay_line(table, line, offset, is_last=end < 0 or end + 1 == len(data)):
+                break
+            replayed, offset = replayed + 1, offset + len(line)
+        torn = offset < len(data)
+        if torn:
+            os.truncate(self.journal_path, offset)
+            _fsync_file(self.journal_path)
+        return replayed, offset, torn
+
+    def _replay_line(self, table: DeviceTable, line: bytes, offset: int, *, is_last: bool) -> bool:
+        try:
+            table.apply_batch(*_decode_journal_line(line))
+        except SequenceReplay:
+            return True  # a crash between snapshot rename and journal reset: already in
+        except (PersistError, FeedError) as exc:
+            level = logging.INFO if is_last else logging.WARNING
+            where = "last line" if is_last else f"byte {offset}"
+            log.log(level, "journal %s: %s at %s; ignoring the rest", self.journal_path, exc, where)
+            return False
+        return True
+
+    def write_snapshot(self, table: DeviceTable) -> None:
+        """Persist ``table`` whole and start an empty journal after it."""
+        atomic_write(self.snapshot_path, encode_snapshot(table))
+        atomic_write(self.journal_path, b"")
+        self._journal_bytes = 0
+
+    def append_batch(self, from_seq: int, to_seq: int, entries: Sequence[object]) -> None:
+        """Append one applied batch and fsync it (the batch is durable on return)."""
+        line = encode_journal_line(from_seq, to_seq, entries)
+        created = not self.journal_path.exists()
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_directory(self.directory)
+        self._journal_bytes += len(line)
+
+    def save_exchange_time(self, at: float) -> None:
+        atomic_write(self.sync_path, json.dumps({"last_exchange_at": at}).encode())
+
+    def load_exchange_time(self) -> float | None:
+        try:
+            value = json.loads(self.sync_path.read_bytes()).get("last_exchange_at")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
+
+    def describe(self) -> StoreInfo:
+        seq = entries = None
+        try:
+            with self.snapshot_path.open("rb") as handle:
+                magic, seq, entries, _, _ = _HEADER.unpack(handle.read(_HEADER.size))
+            if magic != _MAGIC:
+                seq = entries = None
+        except (FileNotFoundError, struct.error):
+            pass
+        try:
+            journal = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            journal = b""
+        return StoreInfo(
+            seq, entries, journal.count(b"\n"), len(journal), self.load_exchange_time()
+        )
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

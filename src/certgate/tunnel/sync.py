@@ -1,0 +1,465 @@
+"""Device list sync: follow the console's signed feed into the tunnel's ``DeviceTable``.
+
+On start the persisted table (``persist.py``) is loaded and served at once. A signed
+snapshot is fetched only when nothing is persisted or a batch does not continue the
+table (``SequenceGap``); otherwise the follower long-polls
+``GET /api/v1/tunnel/feed?after=<seq>&wait=<s>`` from its cursor, over mTLS with the
+group's tunnel identity, trusting only the instance Root.
+
+Every message must verify with the group's console identity pinned at setup
+(``jws.verify``: signer, ``typ``, group, ``iat``/``exp``). A message signed by anyone
+else, expired, malformed, or whose sequence goes backwards is rejected and logged with
+its reason, and the table stays exactly as it was: batches apply atomically
+(``DeviceTable.apply_batch``) and snapshots are built aside, then swapped in (STYLE.md
+habit 8).
+
+Freshness: the list is fresh while the last successful exchange with the console (a
+verified snapshot, or a long-poll answer 200 with an applied batch or 204) is younger
+than the trust config's ``feed.max_staleness_s`` (default 300 s, ``config.py``). The
+time of that exchange is persisted too, so a restart does not reset the budget. The data
+plane asks ``is_fresh()`` and fails closed when it is False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from certgate import jws
+from certgate.errors import CertgateError, SignatureError
+from certgate.tlsconf import client_context
+from certgate.tunnel.config import TunnelState
+from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
+from certgate.tunnel.table import Changes, DeviceTable, FeedError, SequenceGap, SequenceReplay
+
+__all__ = ["NODE_HEADER", "FeedFollower", "FeedUnavailable"]
+
+log = logging.getLogger(__name__)
+
+NODE_HEADER = "Certgate-Node"
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 5.0
+LOG_EVERY_N_FAILURES = 12
+REQUEST_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+LONG_POLL_GRACE_S = 15.0
+CLOCK_SKEW_S = 60.0
+EXCHANGE_PERSIST_INTERVAL_S = 5.0
+MAX_ERROR_TEXT = 200
+
+RevokedCallback = Callable[[tuple[str, ...]], None]
+
+
+class FeedUnavailable(CertgateError):
+    """The console answered a feed request with something other than 200/204."""
+
+
+class FeedFollower:
+    """Keeps ``table`` in step with the console's feed for one tunnel group.
+
+    ``on_revoked`` receives the thumbprints whose live tunnels must close: ``Changes.revoked``
+    after each applied batch, and after a snapshot swap those that disappeared, became
+    inadmissible, or changed binding. It is called on the event loop, only when non-empty.
+    """
+
+    def __init__(
+        self,
+        state: TunnelState,
+        on_revoked: RevokedCallback,
+        *,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+        compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES,
+        snapshot_page: int | None = None,
+    ) -> None:
+        self.state = state
+        self._snapshot_page = snapshot_page  # None: the console's page size
+        self._on_revoked = on_revoked
+        self._clock = clock
+        self._store = TableStore(state_dir, compact_after_bytes=compact_after_bytes)
+        self._table = DeviceTable()
+        self._needs_snapshot = True
+        self._store_behind = False
+        self._last_exchange: float | None = None
+        self._persisted_exchange: float | None = None
+        self._last_error: str | None = None
+        self._last_signed_at: float | None = None
+        self._failures = 0
+        self._client: httpx.AsyncClient | None = None
+        self._load_persisted()
+        self._was_fresh = self.is_fresh()
+
+    # What the data plane and health endpoints read
+
+    @property
+    def table(self) -> DeviceTable:
+        return self._table
+
+    @property
+    def max_staleness_s(self) -> float:
+        return self.state.trust.feed.max_staleness_s
+
+    @property
+    def last_signed_at(self) -> float | None:
+        """``iat`` of the last applied snapshot or batch (for time-to-enforce metrics)."""
+        return self._last_signed_at
+
+    def age_s(self, now: float | None = None) -> float | None:
+        if self._last_exchange is None:
+            return None
+        return (self._clock() if now is None else now) - self._last_exchange
+
+    def is_fresh(self, now: float | None = None) -> bool:
+        age = self.age_s(now)
+        # A last exchange far in the future means a broken clock: do not trust it.
+        return age is not None and -CLOCK_SKEW_S <= age < self.max_staleness_s
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        self._note_freshness(now)
+        age = self.age_s(now)
+        return {
+            "group_id": self.state.group_id,
+            "node_name": self.state.node_name,
+            "console_url": self.state.console_url,
+            "seq": self._table.seq,
+            "entries": len(self._table),
+            "age_s": None if age is None else round(age, 3),
+            "fresh": self.is_fresh(now),
+            "max_staleness_s": self.max_staleness_s,
+            "last_error": self._last_error,
+            "consecutive_failures": self._failures,
+        }
+
+    # Startup
+
+    def _load_persisted(self) -> None:
+        try:
+            loaded = self._store.load()
+        except (PersistError, OSError) as exc:
+            log.warning("persisted device table unusable (%s); will fetch a snapshot", exc)
+            return
+        if loaded is None:
+            return
+        self._table, self._needs_snapshot = loaded.table, False
+        # The budget runs from the last exchange before the restart, not from now.
+        self._last_exchange = self._persisted_exchange = self._store.load_exchange_time()
+        log.info(
+            "loaded device table: %d entries at seq %d (snapshot seq %d + %d batches%s)",
+            len(loaded.table),
+            loaded.table.seq,
+            loaded.snapshot_seq,
+            loaded.batches_replayed,
+            ", torn journal tail ignored" if loaded.torn_tail else "",
+        )
+
+    async def bootstrap(self) -> None:
+        """Fetch a snapshot if nothing usable was persisted (raises if that fails)."""
+        if self._needs_snapshot:
+            await self.fetch_snapshot()
+
+    # The loop
+
+    async def run(self) -> None:
+        """Sync until cancelled; never raises anything else (errors back off and retry)."""
+        try:
+            while True:
+                try:
+                    await self._step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # any failure: keep the table, back off, retry
+                    await asyncio.sleep(self._record_failure(exc))
+        finally:
+            await self.aclose()
+
+    async def _step(self) -> None:
+        if self._needs_snapshot:
+            await self.fetch_snapshot()
+            return
+        try:
+            await self.poll_once()
+        except SequenceGap:
+            self._needs_snapshot = True  # resynchronise at once, without backing off
+
+    def _record_failure(self, exc: Exception) -> float:
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        # Rejections were logged with their reason already; an outage is logged at its start
+        # and then about once a minute (at the backoff cap), not on every retry.
+        if not isinstance(exc, SignatureError | FeedError):
+            level = logging.WARNING if self._failures % LOG_EVERY_N_FAILURES == 1 else logging.DEBUG
+            log.log(level, "feed sync failed (attempt %d): %s", self._failures, self._last_error)
+        self._note_freshness(self._clock())
+        delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(self._failures - 1, 16))
+        return random.uniform(delay / 2, delay)  # jitter spreads nodes of a group apart
+
+    def _record_success(self, at: float) -> None:
+        self._failures, self._last_error, self._last_exchange = 0, None, at
+        self._note_freshness(at)
+
+    def _note_freshness(self, now: float) -> None:
+        fresh = self.is_fresh(now)
+        if fresh == self._was_fresh:
+            return
+        self._was_fresh = fresh
+        if fresh:
+            log.info("device list fresh again (seq %d)", self._table.seq)
+        else:
+            age = self.age_s(now)
+            log.warning(
+                "device list is STALE: last successful console exchange %s ago, budget %gs;"
+                " new connections fail closed (last error: %s)",
+                "never" if age is None else f"{age:.0f}s",
+                self.max_staleness_s,
+                self._last_error,
+            )
+
+    # HTTP
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            ctx = client_context(
+                [self.state.root],
+                chain=[self.state.tunnel_cert, *self.state.tunnel_chain],
+                key=self.state.tunnel_key,
+            )
+            self._client = httpx.AsyncClient(
+                base_url=self.state.console_url,
+                verify=ctx,
+                headers={NODE_HEADER: self.state.node_name},
+                timeout=REQUEST_TIMEOUT_S,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def __aenter__(self) -> FeedFollower:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def _get(self, path: str, read_timeout: float, **params: Any) -> bytes | None:
+        """GET a signed message: its body on 200, None on 204, else FeedUnavailable."""
+        timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=read_timeout)
+        request = self._http().stream("GET", path, params=params, timeout=timeout)
+        async with request as response:
+            if response.status_code == 204:
+                return None
+            if response.status_code == 200:
+                return await _read_bounded(response.aiter_bytes(), jws.MAX_TOKEN_BYTES)
+            text = (await _read_prefix(response.aiter_bytes())).decode(errors="replace")
+        raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
+
+    # Snapshots
+
+    async def fetch_snapshot(self) -> None:
+        """Fetch every page of a signed snapshot, verify each, and swap the table in.
+
+        Pages are chained (each names the cursor it starts after) and the table takes the
+        first page's seq: the feed is then replayed from there, which converges because
+        batch operations are idempotent per thumbprint.
+        """
+        path = self.state.trust.feed.snapshot_path
+        table: DeviceTable | None = None
+        first: dict[str, Any] | None = None
+        after = ""
+        while True:
+            params: dict[str, Any] = {"after": after} if after else {}
+            if self._snapshot_page is not None:
+                params["limit"] = self._snapshot_page
+            body = await self._get(path, REQUEST_TIMEOUT_S * 2, **params)
+            if body is None:
+                raise FeedUnavailable(f"console answered 204 on {path}")
+            payload, table = await self._checked(self._verified_page, body, table, after)
+            first = first or payload
+            after = payload.get("next") or ""
+            if not after:
+                break
+        assert first is not None and table is not None
+        await self._swap(first, table)
+
+    async def accept_snapshot(self, token: bytes | str) -> None:
+        """Verify a one-page signed snapshot and swap it in; on failure keep the table."""
+        payload, table = await self._checked(self._verified_page, token, None, "")
+        if payload.get("next"):
+            raise FeedError("snapshot has further pages; use fetch_snapshot")
+        await self._swap(payload, table)
+
+    async def _checked(self, check: Any, *args: Any) -> tuple[dict[str, Any], DeviceTable]:
+        try:
+            result: tuple[dict[str, Any], DeviceTable] = await asyncio.to_thread(check, *args)
+        except (SignatureError, FeedError) as exc:
+            log.warning("rejected feed snapshot: %s; keeping seq %d", exc, self._table.seq)
+            raise
+        return result
+
+    async def _swap(self, payload: dict[str, Any], table: DeviceTable) -> None:
+        old, self._table, self._needs_snapshot = self._table, table, False
+        self._last_signed_at = float(payload["iat"])
+        log.info("applied snapshot: %d entries at seq %d", len(table), table.seq)
+        self._store_behind = not await self._write(self._store.write_snapshot, table)
+        await self._exchanged()
+        revoked = await asyncio.to_thread(_revoked_by_swap, old, table)
+        self._notify(revoked)
+
+    def _verified_page(
+        self, token: bytes | str, table: DeviceTable | None, after: str
+    ) -> tuple[dict[str, Any], DeviceTable]:
+        payload = self._verify(token, jws.TYP_SNAPSHOT)
+        seq = payload.get("seq")
+        if type(seq) is not int:
+            raise FeedError("snapshot lacks an integer seq")
+        if seq < self._table.seq:  # the current table is never rolled back
+            raise SequenceReplay(
+                f"snapshot seq {seq} is behind the table's seq {self._table.seq}",
+                table_seq=self._table.seq,
+                from_seq=seq,
+                to_seq=seq,
+            )
+        if payload.get("after", "") != after:
+            raise FeedError(f"snapshot page starts after {payload.get('after')!r}, not {after!r}")
+        entries = payload.get("entries")
+        if not isinstance(entries, list):
+            raise FeedError("snapshot lacks its entries")
+        if table is None:
+            return payload, DeviceTable.from_snapshot(seq, entries)
+        table.extend(entries)
+        return payload, table
+
+    def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
+        return jws.verify(
+            token, self.state.console_identity, typ, self.state.group_id, now=self._clock()
+        )
+
+    # Batches
+
+    async def poll_once(self, wait: float | None = None) -> Changes | None:
+        """One long-poll: apply the batch the console returns (200), or None on 204."""
+        wait = self.state.trust.feed.long_poll_s if wait is None else wait
+        path = self.state.trust.feed.feed_path
+        body = await self._get(path, wait + LONG_POLL_GRACE_S, after=self._table.seq, wait=wait)
+        if body is None:
+            await self._exchanged()
+            return None
+        return await self.accept_batch(body)
+
+    async def accept_batch(self, token: bytes | str) -> Changes:
+        """Verify a signed batch and apply it whole, or reject it and keep the table."""
+        seq = self._table.seq
+        try:
+            payload = self._verify(token, jws.TYP_BATCH)
+            from_seq, to_seq, entries = _batch_fields(payload)
+            changes = self._table.apply_batch(from_seq, to_seq, entries)
+        except SequenceGap as exc:
+            log.info("feed gap (%s); resynchronising from a snapshot", exc)
+            raise
+        except (SignatureError, FeedError) as exc:
+            log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
+            raise
+        self._last_signed_at = float(payload["iat"])
+        await self._store_batch(from_seq, to_seq, entries)
+        await self._exchanged()
+        self._notify(changes.revoked)
+        return changes
+
+    # Bookkeeping
+
+    async def _store_batch(self, from_seq: int, to_seq: int, entries: list[object]) -> None:
+        if self._store_behind:  # a write failed: the journal would skip a batch
+            self._store_behind = not await self._write(self._store.write_snapshot, self._table)
+        elif not await self._write(self._store.append_batch, from_seq, to_seq, entries):
+            self._store_behind = True
+        elif self._store.needs_compaction():  # if this fails the journal is still whole
+            await self._write(self._store.write_snapshot, self._table)
+
+    async def _write(self, write: Callable[..., None], *args: Any) -> bool:
+        """Write to disk off the event loop. A failure is logged, not fatal: the table in
+        memory is right, and a restart would catch up from an earlier seq."""
+        try:
+            await asyncio.to_thread(write, *args)
+        except OSError as exc:
+            log.error("could not persist the device table: %s", exc)
+            return False
+        return True
+
+    async def _exchanged(self) -> None:
+        now = self._clock()
+        self._record_success(now)
+        last = self._persisted_exchange
+        if last is None or not 0 <= now - last < EXCHANGE_PERSIST_INTERVAL_S:
+            self._persisted_exchange = now
+            await self._write(self._store.save_exchange_time, now)
+
+    def _notify(self, revoked: tuple[str, ...]) -> None:
+        if not revoked:
+            return
+        try:
+            self._on_revoked(revoked)
+        except Exception:  # a broken callback must not stop the sync
+            log.exception("on_revoked callback failed for %d thumbprints", len(revoked))
+
+
+def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:
+    from_seq, to_seq = payload.get("from_seq"), payload.get("to_seq")
+    entries = payload.get("entries")
+    if type(from_seq) is not int or type(to_seq) is not int or not isinstance(entries, list):
+        raise FeedError("batch lacks integer from_seq/to_seq or its entries")
+    return from_seq, to_seq, entries
+
+
+def _revoked_by_swap(old: DeviceTable, new: DeviceTable) -> tuple[str, ...]:
+    """Thumbprints active under ``old`` that ``new`` no longer admits the same way: gone,
+    inactive, bound to another device/group/app, or expiring earlier."""
+    revoked = [
+        str(before["thumbprint"])
+        for before in old.to_snapshot()
+        if _was_active(before) and _no_longer_admits(before, new)
+    ]
+    return tuple(sorted(revoked))
+
+
+def _was_active(entry: Mapping[str, object]) -> bool:
+    return (
+        entry["enrollment_status"] == "enrolled"
+        and entry["compliance_status"] == "compliant"
+        and entry["blocked"] is False
+    )
+
+
+def _no_longer_admits(before: Mapping[str, object], new: DeviceTable) -> bool:
+    current = new.lookup(str(before["thumbprint"]))
+    if current is None or not current.active:
+        return True
+    after = current.to_feed()
+    if any(after[key] != before[key] for key in ("device_uid", "group_id", "app_bundle_id")):
+        return True
+    not_after = before["not_after"]
+    return isinstance(not_after, int) and current.not_after < not_after
+
+
+async def _read_prefix(chunks: AsyncIterator[bytes]) -> bytes:
+    """The start of an error answer, for the log; the rest is not read."""
+    async for chunk in chunks:
+        return chunk[:MAX_ERROR_TEXT]
+    return b""
+
+
+async def _read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > limit:
+            raise FeedUnavailable(f"console answer exceeds {limit} bytes")
+    return bytes(buffer)

@@ -1,0 +1,464 @@
+"""Tests for certgate.tunnel.sync: a FeedFollower against a real console over mTLS.
+
+Forged messages are real ones: signed by the console for another group, replayed, cut
+short, signed by an unknown key, or verified with the clock past their expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from certgate import jws
+from certgate.errors import SignatureError
+from certgate.pki.keys import generate_key
+from certgate.tunnel.config import TunnelState
+from certgate.tunnel.persist import TableStore
+from certgate.tunnel.sync import FeedFollower
+from certgate.tunnel.table import ComplianceStatus, SequenceGap, SequenceReplay
+from tests.support import RunningConsole
+from tests.tunnel.conftest import (
+    COMPLIANT,
+    Clock,
+    Device,
+    console_stopped,
+    create_group,
+    enroll_device,
+    raw_batch,
+    raw_snapshot,
+    set_compliance,
+    setup_node,
+)
+
+T = TypeVar("T")
+WAIT_LIMIT_S = 20.0
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class Revoked:
+    """An ``on_revoked`` callback that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, thumbprints: tuple[str, ...]) -> None:
+        self.calls.append(thumbprints)
+        self.event.set()
+
+    @property
+    def all(self) -> set[str]:
+        return {tp for call in self.calls for tp in call}
+
+
+def follower(
+    state: TunnelState, revoked: Callable[[tuple[str, ...]], None], **options: Any
+) -> FeedFollower:
+    return FeedFollower(state, revoked, state_dir=state.state_dir, **options)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until ``condition`` holds; the bound is a hang guard, not a timing."""
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def in_thread(call: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(call, *args)
+
+
+def feed_seq(console: RunningConsole, group_id: str) -> int:
+    with console.client(console.admins["root"]) as client:
+        seq: int = client.get(f"/api/v1/groups/{group_id}").json()["feed_seq"]
+    return seq
+
+
+@pytest.fixture
+def group(console: RunningConsole) -> str:
+    return create_group(console, COMPLIANT)
+
+
+@pytest.fixture
+def node(console: RunningConsole, group: str, tmp_path: Path) -> TunnelState:
+    return setup_node(console, group, tmp_path / "node")
+
+
+@pytest.fixture
+def device(console: RunningConsole, group: str) -> Device:
+    return enroll_device(console, group)
+
+
+def snapshot_of(f: FeedFollower) -> tuple[int, list[dict[str, object]]]:
+    return f.table.seq, sorted(f.table.to_snapshot(), key=lambda e: str(e["thumbprint"]))
+
+
+def test_bootstrap_serves_the_console_snapshot(
+    console: RunningConsole, node: TunnelState, device: Device
+) -> None:
+    async def scenario() -> None:
+        async with follower(node, Revoked()) as f:
+            assert not f.is_fresh() and f.table.lookup(device.thumbprint) is None
+            await f.bootstrap()
+            entry = f.table.lookup(device.thumbprint)
+            assert entry is not None and entry.device_uid == device.uid and entry.active
+            status = f.status()
+            assert status["fresh"] is True and status["last_error"] is None
+            assert status["seq"] == feed_seq(console, node.group_id) == f.table.seq
+            assert status["entries"] == 1 and status["console_url"] == console.url
+
+    run(scenario())
+
+
+def test_compliance_change_is_applied_and_reported(
+    console: RunningConsole, node: TunnelState, device: Device
+) -> None:
+    revoked = Revoked()
+
+    async def scenario() -> None:
+        async with follower(node, revoked) as f:
+            await f.bootstrap()
+            set_compliance(console, device, "noncompliant")
+            changes = await f.poll_once(wait=5)
+            assert changes is not None and changes.revoked == (device.thumbprint,)
+            entry = f.table.lookup(device.thumbprint)
+            assert entry is not None and entry.compliance_status is ComplianceStatus.NONCOMPLIANT
+            set_compliance(console, device, "compliant")  # an improvement revokes nothing
+            assert await f.poll_once(wait=5) is not None
+            assert revoked.calls == [(device.thumbprint,)]
+            assert f.is_fresh()
+
+    run(scenario())
+
+
+def test_run_follows_the_long_poll_and_sends_the_node_name(
+    console: RunningConsole, node: TunnelState, device: Device
+) -> None:
+    revoked = Revoked()
+
+    def last_seen() -> datetime:
+        with console.client(console.admins["root"]) as client:
+            nodes = client.get(f"/api/v1/groups/{node.group_id}/tunnel/nodes").json()
+        seen = next(n["last_seen_at"] for n in nodes if n["name"] == node.node_name)
+        return datetime.fromisoformat(seen)
+
+    async def scenario() -> None:
+        seen_at_setup = await in_thread(last_seen)
+        async with follower(node, revoked) as f:
+            task = asyncio.create_task(f.run())
+            await eventually(lambda: f.table.lookup(device.thumbprint) is not None)
+            await in_thread(set_compliance, console, device, "noncompliant")
+            await asyncio.wait_for(revoked.event.wait(), WAIT_LIMIT_S)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert revoked.calls == [(device.thumbprint,)]
+        assert await in_thread(last_seen) > seen_at_setup  # Certgate-Node header
+
+    run(scenario())
+
+
+def test_batch_of_another_group_is_rejected(
+    console: RunningConsole,
+    node: TunnelState,
+    device: Device,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = create_group(console, COMPLIANT)
+    other_node = setup_node(console, other, tmp_path / "other")
+    enroll_device(console, other)
+    foreign_batch, foreign_snapshot = raw_batch(other_node, 0), raw_snapshot(other_node)
+
+    async def scenario() -> None:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+            before = snapshot_of(f)
+            with pytest.raises(SignatureError, match="does not verify with the pinned"):
+                await f.accept_batch(foreign_batch)
+            with pytest.raises(SignatureError, match="does not verify with the pinned"):
+                await f.accept_snapshot(foreign_snapshot)
+            assert snapshot_of(f) == before
+
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(scenario())
+    assert "rejected feed batch: signature does not verify" in caplog.text
+    assert "rejected feed snapshot: signature does not verify" in caplog.text
+
+
+def test_replayed_batch_and_older_snapshot_are_rejected(
+    console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+            old_snapshot = raw_snapshot(node)
+            set_compliance(console, device, "noncompliant")
+            token = raw_batch(node, f.table.seq)
+            await f.accept_batch(token)
+            set_compliance(console, device, "compliant")
+            await f.poll_once(wait=5)
+            before = snapshot_of(f)
+            with pytest.raises(SequenceReplay, match="already applied"):
+                await f.accept_batch(token)
+            with pytest.raises(SequenceReplay, match="behind the table"):
+                await f.accept_snapshot(old_snapshot)
+            assert snapshot_of(f) == before
+            entry = f.table.lookup(device.thumbprint)
+            assert entry is not None and entry.active  # the old "noncompliant" did not return
+
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(scenario())
+    assert "rejected feed batch" in caplog.text and "already applied" in caplog.text
+    assert "rejected feed snapshot: snapshot seq" in caplog.text
+
+
+def test_truncated_unknown_signer_and_expired_batches_are_rejected(
+    console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    late = Clock(time.time() + 2 * jws.CLOCK_SKEW_S + 3600)
+
+    async def scenario() -> None:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+            set_compliance(console, device, "noncompliant")
+            token = raw_batch(node, f.table.seq)
+            payload = jws.verify(token, node.console_identity, jws.TYP_BATCH)
+            impostor = jws.sign(payload, generate_key(), [node.console_identity], jws.TYP_BATCH, 60)
+            before = snapshot_of(f)
+            for forged, reason in [
+                (token[: len(token) // 2], "does not verify"),
+                (token[:-1], "does not verify"),
+                (impostor.encode(), "does not verify"),
+            ]:
+                with pytest.raises(SignatureError, match=reason):
+                    await f.accept_batch(forged)
+                assert snapshot_of(f) == before
+        async with follower(node, Revoked(), clock=late) as f:
+            with pytest.raises(SignatureError, match="expired"):
+                await f.accept_batch(token)
+            assert f.table.lookup(device.thumbprint) is not None
+            entry = f.table.lookup(device.thumbprint)
+            assert entry is not None and entry.active
+
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(scenario())
+    assert caplog.text.count("rejected feed batch") == 4
+    assert "expired" in caplog.text
+
+
+def test_gap_resynchronises_from_a_snapshot(
+    console: RunningConsole, group: str, node: TunnelState, device: Device
+) -> None:
+    revoked = Revoked()
+
+    async def scenario() -> None:
+        async with follower(node, revoked) as f:
+            await f.bootstrap()
+            set_compliance(console, device, "noncompliant")
+            skipped = feed_seq(console, group)
+            newcomer = enroll_device(console, group)
+            with pytest.raises(SequenceGap):
+                await f.accept_batch(raw_batch(node, skipped))
+            await f.fetch_snapshot()
+            assert f.table.seq == feed_seq(console, group)
+            assert f.table.lookup(newcomer.thumbprint) is not None
+            assert revoked.calls == [(device.thumbprint,)]
+
+    run(scenario())
+
+
+def test_restart_with_the_console_down_serves_the_persisted_table(
+    console: RunningConsole,
+    group: str,
+    node: TunnelState,
+    device: Device,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = enroll_device(console, group)
+
+    async def before_restart() -> tuple[int, list[dict[str, object]]]:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+            set_compliance(console, other, "noncompliant")
+            assert await f.poll_once(wait=5) is not None
+            return snapshot_of(f)
+
+    async def after_restart(expected: tuple[int, list[dict[str, object]]]) -> FeedFollower:
+        async with follower(node, Revoked()) as f:
+            assert snapshot_of(f) == expected
+            assert f.is_fresh()  # the last exchange time was persisted too
+            with pytest.raises(httpx.ConnectError):
+                await f.poll_once(wait=0)
+            assert snapshot_of(f) == expected
+            return f
+
+    expected = run(before_restart())
+    journal = node.state_dir / "table.journal"
+    assert journal.stat().st_size > 0
+    with console_stopped(console):
+        revived = run(after_restart(expected))
+        entry = revived.table.lookup(device.thumbprint)
+        assert entry is not None and entry.active
+        entry = revived.table.lookup(other.thumbprint)
+        assert entry is not None and not entry.active
+        with journal.open("ab") as handle:  # a crash in the middle of an append
+            handle.write(b'0badc0de {"from_seq":9,"to_')
+        caplog.set_level(logging.INFO, "certgate.tunnel")
+        run(after_restart(expected))
+    assert "ignoring the rest" in caplog.text and "torn journal tail ignored" in caplog.text
+
+
+def test_journal_is_compacted_into_a_snapshot(
+    console: RunningConsole, node: TunnelState, device: Device
+) -> None:
+    async def scenario() -> None:
+        async with follower(node, Revoked(), compact_after_bytes=1) as f:
+            await f.bootstrap()
+            set_compliance(console, device, "noncompliant")
+            await f.poll_once(wait=5)
+            info = TableStore(node.state_dir).describe()
+            assert (info.snapshot_seq, info.journal_bytes) == (f.table.seq, 0)
+
+    run(scenario())
+
+
+def test_staleness_budget_fails_closed_and_recovers(
+    console: RunningConsole, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = create_group(console, {"feed": {"long_poll_s": 1, "max_staleness_s": 10}})
+    node = setup_node(console, group, tmp_path / "node")
+    clock = Clock(time.time())
+    caplog.set_level(logging.INFO, "certgate.tunnel.sync")
+
+    async def follow_until(f: FeedFollower, condition: Callable[[], bool]) -> None:
+        task = asyncio.create_task(f.run())
+        try:
+            await eventually(condition)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    async def scenario(during: Callable[[FeedFollower], Awaitable[None]]) -> None:
+        async with follower(node, Revoked(), clock=clock) as f:
+            await during(f)
+
+    async def outage(f: FeedFollower) -> None:
+        assert f.max_staleness_s == 10 and f.is_fresh()
+        clock.advance(11)
+        await follow_until(f, lambda: f.status()["consecutive_failures"] >= 1)
+        status = f.status()
+        assert not f.is_fresh() and status["fresh"] is False and status["age_s"] >= 11
+        assert "ConnectError" in status["last_error"]
+
+    async def recovery(f: FeedFollower) -> None:
+        assert not f.is_fresh()
+        await follow_until(f, f.is_fresh)
+        assert f.status()["last_error"] is None
+
+    async def first(f: FeedFollower) -> None:
+        await f.bootstrap()
+
+    run(scenario(first))
+    with console_stopped(console):
+        run(scenario(outage))
+    run(scenario(recovery))
+    assert "device list is STALE" in caplog.text
+    assert "device list fresh again" in caplog.text
+
+
+def test_damaged_persisted_table_is_replaced_by_a_console_snapshot(
+    console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def sync_once() -> None:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+
+    async def restart() -> None:
+        async with follower(node, Revoked()) as f:
+            assert f.table.lookup(device.thumbprint) is None and not f.is_fresh()
+            await f.bootstrap()
+            assert f.table.lookup(device.thumbprint) is not None and f.is_fresh()
+
+    run(sync_once())
+    snapshot = node.state_dir / "table.snapshot"
+    snapshot.write_bytes(snapshot.read_bytes()[:-1])
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(restart())
+    assert "persisted device table unusable" in caplog.text
+
+
+def test_failing_callback_does_not_stop_the_sync(
+    console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_: tuple[str, ...]) -> None:
+        raise RuntimeError("data plane bug")
+
+    async def scenario() -> None:
+        async with follower(node, broken) as f:
+            await f.bootstrap()
+            set_compliance(console, device, "noncompliant")
+            assert await f.poll_once(wait=5) is not None
+            entry = f.table.lookup(device.thumbprint)
+            assert entry is not None and not entry.active
+
+    run(scenario())
+    assert "on_revoked callback failed" in caplog.text
+
+
+def test_failed_journal_write_is_repaired_by_a_full_snapshot(
+    console: RunningConsole,
+    node: TunnelState,
+    device: Device,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def scenario() -> tuple[int, list[dict[str, object]]]:
+        async with follower(node, Revoked()) as f:
+            await f.bootstrap()
+            with monkeypatch.context() as patch:
+                patch.setattr(TableStore, "append_batch", disk_full)
+                set_compliance(console, device, "noncompliant")
+                await f.poll_once(wait=5)
+            set_compliance(console, device, "compliant")
+            await f.poll_once(wait=5)
+            info = TableStore(node.state_dir).describe()
+            assert (info.snapshot_seq, info.journal_bytes) == (f.table.seq, 0)
+            return snapshot_of(f)
+
+    expected = run(scenario())
+    assert "could not persist the device table: [Errno 28]" in caplog.text
+    assert snapshot_of(follower(node, Revoked())) == expected
+
+
+def test_paged_snapshot_is_assembled_from_every_page(
+    console: RunningConsole, node: TunnelState, group: str, tmp_path: Path
+) -> None:
+    devices = [enroll_device(console, group) for _ in range(3)]
+
+    async def scenario() -> None:
+        paged = FeedFollower(node, Revoked(), state_dir=tmp_path / "paged", snapshot_page=1)
+        async with paged as f:
+            await f.fetch_snapshot()
+            assert len(f.table) == 3
+            for device in devices:
+                assert f.table.lookup(device.thumbprint) is not None
+            assert f.table.seq == feed_seq(console, group)
+
+    run(scenario())
