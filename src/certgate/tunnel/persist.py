@@ -113,36 +113,29 @@ def fsync_directory(directory: Path) -> None:
 
 
 class _PackedTable:
-    """The one place that reads and writes ``DeviceTable``'s private packed layout.
-
-    A public ``DeviceTable.to_packed()/from_packed()`` would make this unnecessary; until
-    then the layout is checked against the format this module writes.
-    """
+    """Adapter from this file format to ``DeviceTable``'s packed form."""
 
     @staticmethod
     def check_layout() -> None:
-        if table_module._RECORD.format != _TABLE_RECORD_FORMAT:
+        if table_module.RECORD_FORMAT != _TABLE_RECORD_FORMAT:
             raise PersistError("the table's record layout changed; snapshot format is stale")
 
     @staticmethod
     def names(table: DeviceTable) -> tuple[list[str | None], list[str | None]]:
-        return table._groups._values[1:], table._bundles._values[1:]
+        return table.packed_names()
 
     @staticmethod
     def records(table: DeviceTable) -> Iterator[tuple[int, bytes]]:
-        return iter(table._records.items())
+        return table.packed_records()
 
     @staticmethod
     def build(
         seq: int, groups: list[str], bundles: list[str], records: dict[int, bytes]
     ) -> DeviceTable:
-        table = DeviceTable(seq)
-        for interner, names in ((table._groups, groups), (table._bundles, bundles)):
-            for index, name in enumerate(names, start=1):
-                if interner.code(name) != index:
-                    raise PersistError(f"duplicate name {name!r} in snapshot")
-        table._records = records
-        return table
+        try:
+            return DeviceTable.from_packed(seq, groups, bundles, records)
+        except table_module.InvalidEntry as exc:
+            raise PersistError(str(exc)) from exc
 
 
 def encode_snapshot(table: DeviceTable) -> bytes:

@@ -174,6 +174,7 @@ _BLOCKED_BIT = 1 << 4
 # uid, not_after, bundle index (0 = None), group index, status bits. 31 bytes on purpose:
 # with the 33-byte bytes header this is exactly one 64-byte allocation.
 _RECORD = struct.Struct("<16sqIHB")
+RECORD_FORMAT = _RECORD.format  # the packed record layout, for persistence
 assert _RECORD.size == 31
 _MAX_GROUPS = 2**16 - 1
 _MAX_BUNDLES = 2**32 - 1
@@ -253,6 +254,29 @@ class DeviceTable:
             if key in self._records:
                 raise InvalidEntry(f"{where}: duplicate thumbprint {entry.thumbprint}")
             self._records[key] = self._pack(entry)
+
+    # Packed form, for persistence: records are RECORD_FORMAT structs keyed by the
+    # thumbprint as an int; group and bundle codes index the name lists (1-based).
+
+    def packed_names(self) -> tuple[list[str | None], list[str | None]]:
+        """(group names, bundle names), in code order starting at code 1."""
+        return self._groups._values[1:], self._bundles._values[1:]
+
+    def packed_records(self) -> Iterator[tuple[int, bytes]]:
+        return iter(self._records.items())
+
+    @classmethod
+    def from_packed(
+        cls, seq: int, groups: list[str], bundles: list[str], records: dict[int, bytes]
+    ) -> DeviceTable:
+        """Rebuild a table from its packed form (trusted input: the node's own files)."""
+        table = cls(seq)
+        for interner, names in ((table._groups, groups), (table._bundles, bundles)):
+            for index, name in enumerate(names, start=1):
+                if interner.code(name) != index:
+                    raise InvalidEntry(f"duplicate name {name!r} in packed table")
+        table._records = records
+        return table
 
     @property
     def seq(self) -> int:
