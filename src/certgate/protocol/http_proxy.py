@@ -23,6 +23,7 @@ from http import HTTPStatus
 
 from certgate.errors import BadRequest
 from certgate.pki.identity import BUNDLE_ID_RE
+from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 
 __all__ = [
     "APP_HEADER",
@@ -154,20 +155,6 @@ class UnsupportedVersion(HTTPProxyError):
     """Only HTTP/1.0 and HTTP/1.1 are spoken here (505, RFC 9110 §15.6.6)."""
 
     default_status = HTTPStatus.HTTP_VERSION_NOT_SUPPORTED
-
-
-class NeedData(Enum):
-    """Sentinel type: the parser needs more bytes before it can produce an event."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA = NeedData.NEED_DATA
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer closed the connection cleanly, before starting a request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 from certgate.errors import BadRequest
+from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 from certgate.protocol.http_proxy import canonical_hostname
 
 __all__ = [
@@ -131,20 +132,6 @@ class UnsupportedAddressType(Socks5Error):
     """An ATYP other than IPv4, domain name or IPv6 (REP 0x08)."""
 
     default_reply = ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
-
-
-class NeedData(Enum):
-    """Sentinel type: the parser needs more bytes before it can produce an event."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA = NeedData.NEED_DATA
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer closed the connection cleanly between messages."""
 
 
 @dataclass(frozen=True, slots=True)
