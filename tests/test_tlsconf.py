@@ -6,9 +6,11 @@ socket timeouts, and reports what each side saw (version, cipher, peer, or the e
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import stat
+import subprocess
 import tempfile
 import threading
 import warnings
@@ -319,3 +321,43 @@ def test_loaded_key_is_usable(pki: Hierarchy) -> None:
     tlsconf.load_identity(ctx, pki.leaves["device"].chain, device)
     with pytest.raises(ssl.SSLError):
         tlsconf.load_identity(ctx, pki.leaves["device"].chain, pki.leaves["app"].key)
+
+
+def _server_temp_key(ctx: ssl.SSLContext, version: str) -> str:
+    """The key exchange group `openssl s_client` reports against a server using ``ctx``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", version, "-brief"],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    thread.join(timeout=10)
+    server.close()
+    lines = [line for line in result.stderr.decode().splitlines() if "Temp Key" in line]
+    return lines[0] if lines else result.stderr.decode()
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_curve_can_be_pinned(version: str) -> None:
+    leaf = shared_hierarchy().leaves["tunnel"]
+    default = tlsconf.server_context(leaf.chain, leaf.key)
+    pinned = tlsconf.server_context(leaf.chain, leaf.key, curve="prime256v1")
+    assert "X25519" in _server_temp_key(default, version)
+    assert "prime256v1" in _server_temp_key(pinned, version)
+
+
+def test_unknown_curve_is_refused() -> None:
+    leaf = shared_hierarchy().leaves["tunnel"]
+    with pytest.raises(ValueError, match="unsupported curve"):
+        tlsconf.server_context(leaf.chain, leaf.key, curve="secp112r1")

@@ -7,6 +7,7 @@ import logging
 import typer
 
 from certgate.console.cli import app as console_app
+from certgate.device.cli import app as device_app
 from certgate.planner.cli import app as plan_app
 from certgate.tunnel.cli import app as tunnel_app
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.add_typer(console_app, name="console")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tunnel_app, name="tunnel")
+app.add_typer(device_app, name="device")
 
 
 def main() -> None:

@@ -37,6 +37,19 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 
+# Key exchange groups: OpenSSL 3's default list (X25519, P-256, X448, P-521, P-384, all of
+# 128-bit security or more) unless a single named curve is required, e.g. prime256v1 for
+# FIPS-style deployments. Python 3.11's ssl can pin one curve (for TLS 1.2 and 1.3 alike),
+# not set a list.
+CURVES = ("prime256v1", "secp384r1", "X25519")
+
+
+def set_curve(ctx: ssl.SSLContext, curve: str) -> None:
+    if curve not in CURVES:
+        raise ValueError(f"unsupported curve {curve!r}; one of {', '.join(CURVES)}")
+    ctx.set_ecdh_curve(curve)
+
+
 def load_identity(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:
     """Load a certificate chain and key without ever writing the key in clear to disk.
 
@@ -59,6 +72,7 @@ def server_context(
     client_auth: ClientAuth = ClientAuth.NONE,
     alpn: Sequence[str] = (),
     anchor_is_issuer: bool = False,
+    curve: str | None = None,
 ) -> ssl.SSLContext:
     """A server context presenting ``chain``; verifies client certs against ``client_cas``.
 
@@ -77,6 +91,8 @@ def server_context(
         ctx.load_verify_locations(cadata=pem_of(client_cas).decode())
     if anchor_is_issuer:
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if curve is not None:
+        set_curve(ctx, curve)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

@@ -174,6 +174,13 @@ def run(
         "asyncio"
     ),
     drain_s: Annotated[float, typer.Option(help="Graceful shutdown budget.")] = 30.0,
+    tls_curve: Annotated[
+        str | None,
+        typer.Option(
+            help="Pin one key-exchange curve (prime256v1, secp384r1, X25519); "
+            "default: OpenSSL's list."
+        ),
+    ] = None,
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions

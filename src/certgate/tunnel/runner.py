@@ -35,6 +35,7 @@ class RunOptions:
     admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9102))
     loop: str = "asyncio"
     drain_s: float = 30.0
+    tls_curve: str | None = None  # None: OpenSSL's default group list
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -68,7 +69,10 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     tunnel = state.trust.tunnel
     gate = Gate(state.group_id, follower, RuleSet.from_dict(dict(state.trust.server_rules)))
     tls = data_plane_tls(
-        [state.tunnel_cert, *state.tunnel_chain], state.tunnel_key, state.device_root
+        [state.tunnel_cert, *state.tunnel_chain],
+        state.tunnel_key,
+        state.device_root,
+        options.tls_curve,
     )
     service = TunnelService(
         gate,

@@ -194,7 +194,10 @@ def _h11_response(status: int, headers: list[tuple[str, str]], body: bytes) -> b
 
 
 def data_plane_tls(
-    chain: list[x509.Certificate], key: PrivateKey, device_root: x509.Certificate
+    chain: list[x509.Certificate],
+    key: PrivateKey,
+    device_root: x509.Certificate,
+    curve: str | None = None,
 ) -> ssl.SSLContext:
     """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
     return server_context(
@@ -204,4 +207,5 @@ def data_plane_tls(
         client_auth=ClientAuth.REQUIRED,
         alpn=["http/1.1"],
         anchor_is_issuer=True,
+        curve=curve,
     )

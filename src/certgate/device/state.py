@@ -1,0 +1,348 @@
+"""The device's state directory: enrollment, credential, keys and certificates on disk.
+
+Layout, under one directory of mode 0700, every file mode 0600::
+
+    enrollment.json          console URL, DeviceUid, group, platform (no secret)
+    credential               the device credential, sent as ``Authorization: Bearer``
+    console-ca.pem           the console's root, pinned at enrollment
+    device.pem               Per-App Tunnel identity: certificate, chain, private key
+    profile.json             the last profile: version, tunnel endpoints, trust, rules
+    apps/<bundle>/identity.pem   Proxy-mode identity of one app: certificate, chain, key
+    apps/<bundle>/{cert.pem,key.pem,identity.p12}   exports of it for curl and browsers
+    agent.json               a running agent's pid and listeners (for ``device exec``)
+
+Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the
+directory): a crash leaves the old file or the new one, never a torn one. Certificate and
+key share one file, so a replaced identity can never pair a new certificate with an old
+key. Private keys are generated here and never leave this directory except as exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    KeySerializationEncryption,
+    NoEncryption,
+    pkcs12,
+)
+
+from certgate.errors import ConfigError, PKIError
+from certgate.pki.identity import BUNDLE_ID_RE
+from certgate.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
+from certgate.pki.thumbprint import thumbprint
+
+__all__ = [
+    "AppFiles",
+    "CertifiedKey",
+    "Enrollment",
+    "NotEnrolled",
+    "StateDir",
+    "write_atomic",
+]
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_PEM_BLOCK_RE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL
+)
+_KNOWN_FILES = (
+    "enrollment.json",
+    "credential",
+    "console-ca.pem",
+    "device.pem",
+    "profile.json",
+    "agent.json",
+)
+
+
+class NotEnrolled(ConfigError):
+    """The state directory holds no enrollment (run ``certgate device enroll``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What enrollment told the device about itself; no secret in here."""
+
+    console_url: str
+    device_uid: str
+    group_id: str
+    platform: str
+    name: str
+    enrolled_at: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "console_url": self.console_url,
+            "device_uid": self.device_uid,
+            "group_id": self.group_id,
+            "platform": self.platform,
+            "name": self.name,
+            "enrolled_at": self.enrolled_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Enrollment:
+        fields = ("console_url", "device_uid", "group_id", "platform", "name", "enrolled_at")
+        if not isinstance(data, dict) or not all(isinstance(data.get(f), str) for f in fields):
+            raise ConfigError("enrollment.json is malformed")
+        return cls(*(data[f] for f in fields))
+
+
+@dataclass(frozen=True, slots=True)
+class CertifiedKey:
+    """A private key with its certificate and the CA chain above it (issuer first)."""
+
+    key: PrivateKey
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def thumbprint(self) -> str:
+        return thumbprint(self.cert)
+
+    def cert_pem(self) -> bytes:
+        """Certificate then chain, as TLS clients present them."""
+        return b"".join(c.public_bytes(Encoding.PEM) for c in (self.cert, *self.chain))
+
+    def to_pem(self) -> bytes:
+        """Certificate, chain, then key: one file that curl and ``ssl`` both accept."""
+        return self.cert_pem() + private_key_pem(self.key)
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> CertifiedKey:
+        keys, certs = [], []
+        for match in _PEM_BLOCK_RE.finditer(data):
+            kind, block = match.group(1), match.group(0)
+            if kind == b"CERTIFICATE":
+                certs.append(x509.load_pem_x509_certificate(block))
+            elif kind.endswith(b"PRIVATE KEY"):
+                keys.append(load_private_key_pem(block))
+        if len(keys) != 1 or not certs:
+            raise PKIError("an identity file needs exactly one private key and a certificate")
+        identity = cls(keys[0], certs[0], tuple(certs[1:]))
+        identity.check_pair()
+        return identity
+
+    def check_pair(self) -> None:
+        if self.cert.public_key() != self.key.public_key():
+            raise PKIError("certificate does not certify this private key")
+
+    def to_pkcs12(self, name: str, password: bytes | None) -> bytes:
+        encryption: KeySerializationEncryption = (
+            BestAvailableEncryption(password) if password else NoEncryption()
+        )
+        return pkcs12.serialize_key_and_certificates(
+            name.encode(), self.key, self.cert, list(self.chain) or None, encryption
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AppFiles:
+    """Where one app's Proxy-mode identity and its exports live."""
+
+    directory: Path
+
+    @property
+    def identity(self) -> Path:
+        return self.directory / "identity.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "key.pem"
+
+    @property
+    def pkcs12(self) -> Path:
+        return self.directory / "identity.p12"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` atomically; the file never exists wider than ``mode``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk too.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_private(path: Path, what: str) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} is accessible by group or others (mode {mode:04o}); "
+            f"run: chmod {'700' if path.is_dir() else '600'} {path}"
+        )
+
+
+class StateDir:
+    """All device state in one private directory (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # -- the directory ------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the directory with mode 0700, or check an existing one is private."""
+        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        _check_private(self.path, "state directory")
+
+    def check(self) -> None:
+        if not self.path.is_dir():
+            raise NotEnrolled(f"no device state in {self.path}: run certgate device enroll")
+        _check_private(self.path, "state directory")
+
+    def wipe(self) -> None:
+        """Forget a previous enrollment: only files this module writes are removed."""
+        for name in _KNOWN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "apps", ignore_errors=True)
+
+    def _read(self, name: str) -> bytes | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        _check_private(path, "state file")
+        return path.read_bytes()
+
+    def _read_json(self, name: str) -> Any:
+        data = self._read(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ConfigError(f"{self.path / name} is not valid JSON") from exc
+
+    def _write_json(self, name: str, value: Any) -> None:
+        write_atomic(self.path / name, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    # -- enrollment ---------------------------------------------------------------------
+
+    def is_enrolled(self) -> bool:
+        return (self.path / "enrollment.json").exists()
+
+    def save_enrollment(self, enrollment: Enrollment, credential: str, console_ca: bytes) -> None:
+        # The credential and the pinned root first: enrollment.json is what marks the
+        # directory as enrolled, so it is written last.
+        write_atomic(self.path / "credential", credential.encode())
+        write_atomic(self.path / "console-ca.pem", console_ca)
+        self._write_json("enrollment.json", enrollment.to_dict())
+
+    def enrollment(self) -> Enrollment:
+        self.check()
+        data = self._read_json("enrollment.json")
+        if data is None:
+            raise NotEnrolled(f"{self.path} holds no enrollment: run certgate device enroll")
+        return Enrollment.from_dict(data)
+
+    def credential(self) -> str:
+        data = self._read("credential")
+        if data is None:
+            raise NotEnrolled(f"{self.path} holds no device credential: enroll again")
+        return data.decode().strip()
+
+    @property
+    def console_ca_path(self) -> Path:
+        return self.path / "console-ca.pem"
+
+    def console_ca(self) -> list[x509.Certificate]:
+        data = self._read("console-ca.pem")
+        if data is None:
+            raise NotEnrolled(f"{self.path} holds no console root: enroll again")
+        return x509.load_pem_x509_certificates(data)
+
+    # -- Per-App Tunnel: device identity and profile -------------------------------------
+
+    def save_profile(self, identity: CertifiedKey, profile: dict[str, Any]) -> None:
+        """Replace the device identity, then the profile. The old key is gone afterwards:
+        the rename overwrote the only file that held it."""
+        write_atomic(self.path / "device.pem", identity.to_pem())
+        self._write_json("profile.json", profile)
+
+    def device_identity(self) -> CertifiedKey | None:
+        data = self._read("device.pem")
+        return None if data is None else CertifiedKey.from_pem(data)
+
+    def profile_data(self) -> dict[str, Any] | None:
+        data = self._read_json("profile.json")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("profile.json is malformed")
+        return data
+
+    # -- Proxy mode: one identity per app ------------------------------------------------
+
+    def app_files(self, bundle_id: str) -> AppFiles:
+        if not BUNDLE_ID_RE.fullmatch(bundle_id):
+            raise ConfigError(f"invalid application bundle id {bundle_id!r}")
+        return AppFiles(self.path / "apps" / bundle_id)
+
+    def save_app(
+        self, bundle_id: str, identity: CertifiedKey, p12_password: bytes | None = None
+    ) -> AppFiles:
+        """Store the app identity, then refresh its exports from it."""
+        files = self.app_files(bundle_id)
+        for directory in (files.directory.parent, files.directory):
+            directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        write_atomic(files.identity, identity.to_pem())
+        write_atomic(files.cert, identity.cert_pem())
+        write_atomic(files.key, private_key_pem(identity.key))
+        write_atomic(files.pkcs12, identity.to_pkcs12(bundle_id, p12_password))
+        return files
+
+    def app_identity(self, bundle_id: str) -> CertifiedKey | None:
+        files = self.app_files(bundle_id)
+        data = self._read(str(files.identity.relative_to(self.path)))
+        return None if data is None else CertifiedKey.from_pem(data)
+
+    def apps(self) -> list[str]:
+        apps = self.path / "apps"
+        if not apps.is_dir():
+            return []
+        return sorted(p.name for p in apps.iterdir() if (p / "identity.pem").exists())
+
+    # -- a running agent ------------------------------------------------------------------
+
+    def save_runtime(self, runtime: dict[str, Any]) -> None:
+        self._write_json("agent.json", runtime)
+
+    def runtime(self) -> dict[str, Any] | None:
+        data = self._read_json("agent.json")
+        return data if isinstance(data, dict) else None
+
+    def clear_runtime(self, pid: int) -> None:
+        """Remove agent.json if it still describes process ``pid`` (not a newer agent)."""
+        runtime = self.runtime()
+        if runtime is not None and runtime.get("pid") == pid:
+            (self.path / "agent.json").unlink(missing_ok=True)
