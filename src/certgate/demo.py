@@ -4,9 +4,10 @@
 2. admins get an API key and a client certificate each;
 3. a tunnel node is set up with ``certgate tunnel setup`` (API key AND admin certificate)
    and started with ``certgate tunnel run``;
-4. a device enrolls, receives its Per-App Tunnel profile and, on its app's first
-   authentication, a Proxy-mode app certificate (chains checked with real ``openssl``);
-5. the device fetches an intranet page through the tunnel in both modes (real ``curl``);
+4. the device agent enrolls (``certgate device enroll``), receives its Per-App Tunnel
+   profile and, on its app's first authentication, a Proxy-mode app certificate;
+5. the intranet page is fetched through the tunnel in both modes: real ``curl`` with the
+   app certificate, and ``certgate device exec`` through the agent's per-app rules;
 6. an admin marks the device non-compliant: the live tunnel is closed and the next request
    refused, and the time from the change to enforcement is measured;
 7. the audit chain is verified. Everything started is stopped; ``--keep`` leaves it running.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -32,12 +34,12 @@ import httpx
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from certgate.console import local
 from certgate.console.services import admins, ca
 from certgate.errors import CertgateError
-from certgate.pki.csr import build_csr
-from certgate.pki.keys import KeyAlgorithm, generate_key, private_key_pem
+from certgate.pki.keys import KeyAlgorithm, private_key_pem
 from certgate.pki.thumbprint import thumbprint
 
 out = Console()
@@ -194,6 +196,12 @@ def make_admins(demo: Demo) -> None:
 def create_group(demo: Demo) -> None:
     settings = {
         "initial_compliance": "compliant",
+        "tunnel": {
+            "hostnames": ["localhost"],
+            "ip_addresses": ["127.0.0.1"],
+            "proxy_port": demo.ports["proxy"],
+            "per_app_port": demo.ports["per_app"],
+        },
         "feed": {"long_poll_s": 10, "max_staleness_s": 60},
         "server_rules": {
             "default": "deny",
@@ -292,8 +300,25 @@ def start_intranet(demo: Demo) -> None:
     threading.Thread(target=demo.origin.serve_forever, daemon=True).start()
 
 
-def enroll_device(demo: Demo) -> dict[str, Any]:
-    step("4. Device: enrollment, Per-App Tunnel profile, Proxy-mode app certificate")
+def device_cli(demo: Demo, *args: str) -> str:
+    """Run ``certgate device ...`` on the demo device's state directory; its output."""
+    env = {**os.environ, "DEMO_PASSWORD": "alice-password", "COLUMNS": str(out.width)}
+    result = subprocess.run(
+        [*CERTGATE, "device", *args, "-s", str(demo.path("device"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    if result.returncode != 0:
+        raise DemoError(f"certgate device {args[0]}: {result.stderr or result.stdout}")
+    out.print(Text(result.stdout.rstrip(), style="dim"))
+    return result.stdout
+
+
+def enroll_device(demo: Demo) -> str:
+    step("4. Device agent: enrollment, Per-App Tunnel profile, Proxy-mode app certificate")
     with demo.admin() as ops:
         expect(
             ops.post(
@@ -303,61 +328,41 @@ def enroll_device(demo: Demo) -> dict[str, Any]:
             201,
             "enrollment user",
         )
-    with demo.client() as anon:
-        device: dict[str, Any] = expect(
-            anon.post(
-                "/api/v1/enroll",
-                json={
-                    "username": "alice",
-                    "password": "alice-password",
-                    "platform": "android",
-                    "name": "alice-pixel",
-                },
-            ),
-            201,
-            "enroll",
-        )
-    out.print(f"DeviceUid [bold]{device['device_uid']}[/] (keys stay on the device; CSRs only)")
-    with demo.client(device["credential"]) as dev:
-        device_key, app_key = generate_key(), generate_key()
-        device["profile"] = expect(
-            dev.post(
-                "/api/v1/device/profile", json={"csr": build_csr(device_key, "device").decode()}
-            ),
-            201,
-            "profile delivery",
-        )
-        device["app"] = expect(
-            dev.post(
-                f"/api/v1/device/apps/{APP}/certificate",
-                json={
-                    "username": "alice",
-                    "password": "alice-password",
-                    "csr": build_csr(app_key, APP).decode(),
-                },
-            ),
-            201,
-            "app certificate",
-        )
-    demo.write("device.pem", device["profile"]["certificate"])
-    demo.write("device.key", private_key_pem(device_key))
-    demo.write("app.pem", device["app"]["certificate"])
-    demo.write("app.key", private_key_pem(app_key))
-    demo.write("device-root.pem", device["profile"]["chain"][0])
-    table = listing("certificate", "issued when", "CertThumbprint")
-    table.add_row(
-        "per-device (Per-App Tunnel)",
-        f"profile v{device['profile']['version']} delivered",
-        device["profile"]["thumbprint"],
+    out.print("$ certgate device enroll (keys are generated on the device; CSRs only)")
+    enrolled = device_cli(
+        demo,
+        "enroll",
+        "--console",
+        demo.url,
+        "--ca-file",
+        str(demo.path("root.pem")),
+        "--user",
+        "alice",
+        "--password-env",
+        "DEMO_PASSWORD",
+        "--platform",
+        "android",
+        "--name",
+        "alice-pixel",
     )
-    table.add_row(f"app+device ({APP})", "app's first authentication", device["app"]["thumbprint"])
-    out.print(table)
-    for name in ("device.pem", "app.pem"):
-        openssl_verify(demo, name)
-    return device
+    out.print("$ certgate device profile (delivery generates the per-device certificate)")
+    device_cli(demo, "profile")
+    out.print(f"$ certgate device app-auth --app {APP} (first app authentication)")
+    device_cli(demo, "app-auth", "--app", APP, "--user", "alice", "--password-env", "DEMO_PASSWORD")
+    openssl_verify(demo, str(demo.path(f"device/apps/{APP}/cert.pem")))
+    found = re.search(r"DeviceUid ([0-9a-f]{32})", enrolled)
+    if found is None:
+        raise DemoError("enrollment did not report a DeviceUid")
+    return found.group(1)
 
 
-def openssl_verify(demo: Demo, name: str) -> None:
+def openssl_verify(demo: Demo, cert: str) -> None:
+    with demo.client() as anon:
+        demo.write(
+            "device-root.pem",
+            anon.get("/pki/chain.pem").text.split("-----END CERTIFICATE-----\n")[2]
+            + "-----END CERTIFICATE-----\n",
+        )
     result = subprocess.run(
         [
             "openssl",
@@ -368,7 +373,7 @@ def openssl_verify(demo: Demo, name: str) -> None:
             str(demo.path("device-root.pem")),
             "-purpose",
             "sslclient",
-            str(demo.path(name)),
+            cert,
         ],
         capture_output=True,
         text=True,
@@ -376,11 +381,12 @@ def openssl_verify(demo: Demo, name: str) -> None:
         check=False,
     )
     if result.returncode != 0:
-        raise DemoError(f"openssl verify {name}: {result.stdout} {result.stderr}")
-    out.print(f"openssl verify -purpose sslclient {name}: [green]OK[/] (X.509 v3, Device Root)")
+        raise DemoError(f"openssl verify {cert}: {result.stdout} {result.stderr}")
+    out.print("openssl verify -purpose sslclient app cert: [green]OK[/] (X.509 v3, Device Root)")
 
 
 def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]:
+    app = demo.path(f"device/apps/{APP}")
     return subprocess.run(
         [
             "curl",
@@ -393,9 +399,9 @@ def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]
             "--proxy-cacert",
             str(demo.path("chain.pem")),
             "--proxy-cert",
-            str(demo.path("app.pem")),
+            str(app / "cert.pem"),
             "--proxy-key",
-            str(demo.path("app.key")),
+            str(app / "key.pem"),
             f"http://127.0.0.1:{demo.ports['intranet']}/",
         ],
         capture_output=True,
@@ -403,24 +409,6 @@ def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]
         timeout=60,
         check=False,
     )
-
-
-def per_app_tunnel(demo: Demo) -> ssl.SSLSocket:
-    """Open a Per-App Tunnel the way the device agent does: mTLS with the device cert,
-    CONNECT naming the app."""
-    ctx = ssl.create_default_context(cafile=str(demo.path("chain.pem")))
-    ctx.load_cert_chain(demo.path("device.pem"), demo.path("device.key"))
-    raw = socket.create_connection(("127.0.0.1", demo.ports["per_app"]), timeout=20)
-    tls = ctx.wrap_socket(raw, server_hostname="localhost")
-    target = f"127.0.0.1:{demo.ports['intranet']}"
-    tls.sendall(
-        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nCertgate-App: {APP}\r\n\r\n".encode()
-    )
-    head = tls.recv(4096)
-    if not head.startswith(b"HTTP/1.1 200"):
-        tls.close()
-        raise DemoError(f"Per-App Tunnel refused: {head[:200]!r}")
-    return tls
 
 
 def wait_until_admitted(demo: Demo) -> None:
@@ -433,44 +421,105 @@ def wait_until_admitted(demo: Demo) -> None:
     raise DemoError("the tunnel never admitted the enrolled device (see tunnel-1.log)")
 
 
+def start_agent(demo: Demo) -> None:
+    demo.ports["agent"] = free_port()
+    proc = demo.spawn(
+        "agent",
+        "device",
+        "run",
+        "-s",
+        str(demo.path("device")),
+        "--socks",
+        "",
+        "--http",
+        f"127.0.0.1:{demo.ports['agent']}",
+    )
+    wait_for_port(demo.ports["agent"], proc, "device agent")
+    out.print(
+        f"device agent running: HTTP proxy on 127.0.0.1:{demo.ports['agent']} "
+        "(per-app rules: tunnel / bypass / block)"
+    )
+
+
+def exec_as(demo: Demo, app: str) -> str:
+    result = subprocess.run(
+        [
+            *CERTGATE,
+            "device",
+            "exec",
+            "--app",
+            app,
+            "-s",
+            str(demo.path("device")),
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            " (HTTP %{http_code})",
+            f"http://127.0.0.1:{demo.ports['intranet']}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return " ".join(result.stdout.split())
+
+
 def fetch_both_modes(demo: Demo) -> None:
     step("5. Traffic: the intranet page through the tunnel, in both modes")
     wait_until_admitted(demo)
     result = curl_proxy_mode(demo)
     out.print(f"Proxy mode, real curl with the app certificate → {result.stdout.strip()}")
-    tls = per_app_tunnel(demo)
-    with tls:
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: intranet\r\nConnection: close\r\n\r\n")
-        body = b""
-        while chunk := tls.recv(65536):
-            body += chunk
-    if not body.endswith(INTRANET_PAGE):
-        raise DemoError(f"Per-App Tunnel fetch failed: {body[:200]!r}")
-    out.print(f"Per-App Tunnel, device certificate, app {APP} → {INTRANET_PAGE.decode().strip()}")
+    start_agent(demo)
+    page = exec_as(demo, APP)
+    if INTRANET_PAGE.decode().strip() not in page:
+        raise DemoError(f"Per-App Tunnel fetch failed: {page}")
+    out.print(f"Per-App Tunnel: certgate device exec --app {APP} -- curl → {page}")
+    out.print(f"  rule 0: apps ({APP}), domains (*) → tunnel")
+    blocked = exec_as(demo, "com.example.mail")
+    if "403" not in blocked:
+        raise DemoError(f"an app without a tunnel rule was not blocked: {blocked}")
+    out.print(f"certgate device exec --app com.example.mail -- curl → {blocked}")
+    out.print("  rule: no rule for com.example.mail → group default: block")
 
 
-def enforce(demo: Demo, device: dict[str, Any]) -> float:
+def agent_tunnel(demo: Demo) -> socket.socket:
+    """A live Per-App Tunnel through the agent: CONNECT attributed to the app."""
+    sock = socket.create_connection(("127.0.0.1", demo.ports["agent"]), timeout=20)
+    target = f"127.0.0.1:{demo.ports['intranet']}"
+    sock.sendall(
+        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nCertgate-App: {APP}\r\n\r\n".encode()
+    )
+    head = sock.recv(4096)
+    if not head.startswith(b"HTTP/1.1 200"):
+        sock.close()
+        raise DemoError(f"Per-App Tunnel refused: {head[:200]!r}")
+    return sock
+
+
+def enforce(demo: Demo, device_uid: str) -> float:
     step("6. Compliance: an admin marks the device non-compliant")
-    tls = per_app_tunnel(demo)
-    tls.settimeout(20)
+    sock = agent_tunnel(demo)
+    out.print("a live Per-App Tunnel is open (device → agent → tunnel-1 → intranet)")
     with demo.admin() as ops:
         changed_at = time.monotonic()
         expect(
-            ops.put(
-                f"/api/v1/devices/{device['device_uid']}/compliance",
-                json={"status": "noncompliant"},
-            ),
+            ops.put(f"/api/v1/devices/{device_uid}/compliance", json={"status": "noncompliant"}),
             200,
             "compliance change",
         )
     try:
-        leftover = tls.recv(4096)
-    except (ssl.SSLError, ConnectionError):
+        leftover = sock.recv(4096)
+    except ConnectionError:
         leftover = b""
     except TimeoutError as exc:
         raise DemoError("the live tunnel stayed open after the compliance change") from exc
+    finally:
+        sock.close()
     elapsed_ms = (time.monotonic() - changed_at) * 1000
-    tls.close()
     if leftover:
         raise DemoError(f"unexpected data on the live tunnel: {leftover[:100]!r}")
     out.print(f"live Per-App Tunnel closed [bold]{elapsed_ms:.0f} ms[/] after the change")
@@ -503,9 +552,9 @@ def run(keep: bool = False, work_dir: Path | None = None) -> int:
         make_admins(demo)
         setup_tunnel(demo)
         start_intranet(demo)
-        device = enroll_device(demo)
+        device_uid = enroll_device(demo)
         fetch_both_modes(demo)
-        enforce(demo, device)
+        enforce(demo, device_uid)
         audit_verify(demo)
     except (CertgateError, httpx.HTTPError, OSError, subprocess.SubprocessError) as exc:
         out.print(f"[bold red]demo failed:[/] {exc}  (logs in {work})")

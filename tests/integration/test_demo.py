@@ -14,9 +14,10 @@ pytestmark = pytest.mark.integration
 EXPECTED = (
     "API key alone → HTTP 401",
     "same group tunnel certificate",
-    "openssl verify -purpose sslclient app.pem: OK",
+    "openssl verify -purpose sslclient app cert: OK",
     "Proxy mode, real curl with the app certificate → <h1>Welcome",
-    "Per-App Tunnel, device certificate",
+    "Per-App Tunnel: certgate device exec --app com.example.browser -- curl → <h1>Welcome",
+    "blocked by the default device rule",
     "live Per-App Tunnel closed",
     "certgate: noncompliant (HTTP 403)",
     "audit chain OK",
