@@ -561,6 +561,9 @@ def run(keep: bool = False, work_dir: Path | None = None) -> int:
         demo.stop()
         return 1
     if keep:
+        with demo.admin() as ops:  # so that the device works again by hand
+            ops.put(f"/api/v1/devices/{device_uid}/compliance", json={"status": "compliant"})
+        out.print("device marked compliant again for use by hand")
         print_kept(demo)
         return 0
     demo.stop()
@@ -571,18 +574,24 @@ def run(keep: bool = False, work_dir: Path | None = None) -> int:
 
 
 def print_kept(demo: Demo) -> None:
-    w = demo.work
+    w, app = demo.work, demo.work / f"device/apps/{APP}"
     out.print(
         f"[bold]still running[/] (files in {w}); stop with: kill "
         + " ".join(str(p.pid) for p in demo.procs)
     )
     out.print(
-        f"  console API: curl --cacert {w}/chain.pem --cert {w}/ops.pem --key {w}/ops.key "
-        f"-H 'Authorization: Bearer {demo.keys['ops']}' {demo.url}/api/v1/groups"
+        f"  console API:  curl --cacert {w}/chain.pem --cert {w}/ops.pem --key "
+        f"{w}/ops.key -H 'Authorization: Bearer {demo.keys['ops']}' "
+        f"{demo.url}/api/v1/groups"
     )
     out.print(
-        f"  Proxy mode:  curl --proxy https://localhost:{demo.ports['proxy']} "
-        f"--proxy-cacert {w}/chain.pem --proxy-cert {w}/app.pem --proxy-key {w}/app.key "
-        f"http://127.0.0.1:<port>/  (the demo's intranet stops with this process)"
+        f"  Proxy mode:   curl --proxy https://localhost:{demo.ports['proxy']} "
+        f"--proxy-cacert {w}/chain.pem --proxy-cert {app}/cert.pem --proxy-key "
+        f"{app}/key.pem http://127.0.0.1:<port>/"
     )
-    out.print(f"  tunnel health: curl http://127.0.0.1:{demo.ports['admin']}/healthz")
+    out.print(
+        f"  Per-App:      certgate device exec -s {w}/device --app {APP} -- curl "
+        "http://127.0.0.1:<port>/"
+    )
+    out.print(f"  tunnel:       curl http://127.0.0.1:{demo.ports['admin']}/healthz (and /metrics)")
+    out.print("  (the demo's intranet page server ends with this process)")
