@@ -190,7 +190,16 @@ class Agent:
                 log.warning("maintenance failed, will retry: %s", exc)
             except Exception:  # a bug must not end renewal for the agent's lifetime
                 log.exception("maintenance failed unexpectedly, will retry")
+            # An identity replaced on disk (device profile/renew) needs no console: pick it
+            # up even when this pass could not reach the console.
+            self._reload_quietly()
             await asyncio.sleep(self.config.check_interval_s)
+
+    def _reload_quietly(self) -> None:
+        try:
+            self.reload_if_changed()
+        except (CertgateError, OSError, ValueError) as exc:
+            log.warning("could not load the device identity from disk: %s", exc)
 
     async def maintain_now(self) -> Maintenance:
         """One maintenance pass (in a thread: the console client is synchronous)."""
