@@ -179,6 +179,7 @@ class Agent:
     async def _maintain_loop(self) -> None:
         assert self.config.check_interval_s is not None
         while True:
+            self._reload_quietly()
             try:
                 await self.maintain_now()
             except DeviceUnenrolled as exc:
