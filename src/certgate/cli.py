@@ -6,6 +6,8 @@ import logging
 
 import typer
 
+from certgate.access.cli import app as access_app
+from certgate.certproxy.cli import app as certproxy_app
 from certgate.console.cli import app as console_app
 from certgate.device.cli import app as device_app
 from certgate.planner.cli import app as plan_app
@@ -20,6 +22,8 @@ app.add_typer(console_app, name="console")
 app.add_typer(plan_app, name="plan")
 app.add_typer(tunnel_app, name="tunnel")
 app.add_typer(device_app, name="device")
+app.add_typer(access_app, name="access")
+app.add_typer(certproxy_app, name="certproxy")
 
 
 def main() -> None:

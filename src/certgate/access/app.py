@@ -1,0 +1,367 @@
+"""The Access identity service: OpenID Connect endpoints over HTTPS, as a FastAPI app.
+
+The device certificate reaches Access only from the cert proxy: the proxy connects with
+its own client certificate, whose thumbprint Access pins, and carries the device's
+certificate in RFC 9440 ``Client-Cert`` / ``Client-Cert-Chain``. Those fields on any other
+connection are refused (403) and logged, on every path, before routing
+(:class:`ClientCertGuard`). Status mapping lives here: OAuth errors become RFC 6749 error
+responses, other certgate errors a JSON error; every denial is logged with its reason and
+never with a code, verifier, token or key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+from cryptography import x509
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from certgate import errors
+from certgate.access import oidc
+from certgate.access.config import AccessConfig, ClientRegistration
+from certgate.access.devicestatus import (
+    ConsoleStatus,
+    ConsoleUnavailable,
+    DeviceDenied,
+    admit,
+    device_identity,
+)
+from certgate.access.install import Material
+from certgate.httpserver import peer_cert_der
+from certgate.pki.thumbprint import thumbprint_der
+from certgate.pki.verify import verify_client_chain
+from certgate.protocol.client_cert_header import (
+    CLIENT_CERT,
+    CLIENT_CERT_CHAIN,
+    ClientCertHeaderError,
+    decode_client_cert,
+    decode_client_cert_chain,
+    strip_client_cert_headers,
+)
+from certgate.tlsconf import ClientAuth, client_context, server_context
+
+__all__ = ["AccessState", "access_tls_context", "console_client", "create_app"]
+
+log = logging.getLogger("certgate.access")
+MAX_FORM_BODY = 8 * 1024
+NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}  # RFC 6749 §5.1
+
+
+@dataclass
+class AccessState:
+    config: AccessConfig
+    material: Material
+    status: ConsoleStatus
+    store: oidc.TransactionStore
+    signer: oidc.IdTokenSigner
+    clients: dict[str, ClientRegistration] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, config: AccessConfig, material: Material, console: httpx.AsyncClient
+    ) -> AccessState:
+        status = ConsoleStatus(
+            console,
+            material.console.device_root,
+            config.status_ttl_s,
+            config.console_budget_s,
+        )
+        store = oidc.TransactionStore(config.request_ttl_s, config.code_ttl_s, config.max_pending)
+        clients = {c.client_id: c for c in config.clients}
+        return cls(
+            config, material, status, store, oidc.IdTokenSigner(material.id_token_key), clients
+        )
+
+
+def access_tls_context(config: AccessConfig, material: Material) -> ssl.SSLContext:
+    """443: the self-signed or public certificate; a client certificate is asked for, and
+    verified, only against the install root, so only the cert proxy's can be presented
+    (clients choose certificates by the CA names this request lists, RFC 8446 §4.2.4)."""
+    chain, key = material.serving(config.tls_mode)
+    return server_context(
+        chain,
+        key,
+        client_cas=[material.install_root],
+        client_auth=ClientAuth.OPTIONAL,
+        alpn=["http/1.1"],
+    )
+
+
+def console_client(config: AccessConfig, material: Material) -> httpx.AsyncClient:
+    """mTLS to the console with the admin certificate, API key as bearer (admin API)."""
+    ctx = client_context(
+        [material.console.root],
+        chain=[material.console_admin_cert],
+        key=material.console_admin_key,
+    )
+    return httpx.AsyncClient(
+        base_url=config.console_url,
+        verify=ctx,
+        headers={"authorization": f"Bearer {material.console_api_key}"},
+        timeout=config.console_timeout_s,
+        follow_redirects=False,
+    )
+
+
+def _peer(scope: Mapping[str, Any]) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "unknown"
+
+
+def from_cert_proxy(scope: Mapping[str, Any], pinned: str) -> bool:
+    """True when this connection presented the pinned cert proxy client certificate."""
+    der = peer_cert_der(scope)
+    return der is not None and hmac.compare_digest(thumbprint_der(der), pinned)
+
+
+class ClientCertGuard:
+    """Refuse ``Client-Cert*`` fields (any spelling) on connections not from the cert proxy."""
+
+    def __init__(self, app: Any, pinned: str) -> None:
+        self.app, self.pinned = app, pinned
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers", [])
+            carries = len(strip_client_cert_headers(headers)) != len(headers)
+            if carries and not from_cert_proxy(scope, self.pinned):
+                log.warning(
+                    "denied %s %s from %s: Client-Cert header on a connection that is not "
+                    "the cert proxy's",
+                    scope.get("method"),
+                    scope.get("path"),
+                    _peer(scope),
+                )
+                response = _error(
+                    403,
+                    "client_cert_not_accepted",
+                    "Client-Cert headers are accepted only from the cert proxy; present the "
+                    "device certificate to the cert proxy instead",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": error, "error_description": description}, status_code=status, headers=NO_STORE
+    )
+
+
+def _redirect(location: str) -> RedirectResponse:
+    return RedirectResponse(location, status_code=302, headers=NO_STORE)
+
+
+def state_of(request: Request) -> AccessState:
+    state: AccessState = request.app.state.access
+    return state
+
+
+async def _oauth_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, oidc.OAuthError)
+    log.warning(
+        "denied %s %s from %s: %s (%s)",
+        request.method,
+        request.url.path,
+        _peer(request.scope),
+        exc.error,
+        exc.description,
+    )
+    if isinstance(exc, oidc.AuthorizeError) and exc.redirect_uri is not None:
+        return _redirect(oidc.error_redirect(exc, state_of(request).config.issuer))
+    return _error(exc.status, exc.error, exc.description)
+
+
+async def _certgate_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.CertgateError)
+    status = 403 if isinstance(exc, errors.PermissionDenied) else 400
+    log.warning(
+        "denied %s %s from %s: %s", request.method, request.url.path, _peer(request.scope), exc
+    )
+    return _error(status, "invalid_request", str(exc))
+
+
+def _handle_of(request: Request) -> str:
+    values = request.query_params.getlist("req")
+    if len(values) != 1 or not 1 <= len(values[0]) <= 64:
+        raise oidc.OAuthError("invalid_request", "the certificate step needs one req parameter")
+    return values[0]
+
+
+def _device_cert(request: Request, material: Material) -> x509.Certificate:
+    """The device certificate the cert proxy verified, checked again against the Device Root."""
+    values = request.headers.getlist(CLIENT_CERT)
+    if not values:
+        raise DeviceDenied("no device certificate was presented to the cert proxy")
+    if len(values) != 1:
+        raise DeviceDenied(f"{CLIENT_CERT} appears more than once")
+    chain_value = request.headers.get(CLIENT_CERT_CHAIN)
+    try:
+        leaf = x509.load_der_x509_certificate(decode_client_cert(values[0]))
+        if chain_value is not None:
+            decode_client_cert_chain(chain_value)  # well-formed, but trust comes from config
+    except ClientCertHeaderError as exc:
+        raise DeviceDenied(f"malformed {CLIENT_CERT} from the cert proxy: {exc}") from exc
+    trust = material.console
+    try:
+        verify_client_chain(
+            leaf, [trust.device_root], [trust.root], expected_issuer=trust.device_root
+        )
+    except errors.ChainError as exc:
+        raise DeviceDenied(str(exc)) from exc
+    return leaf
+
+
+async def authenticate_device(request: Request, state: AccessState) -> oidc.DeviceGrant:
+    leaf = _device_cert(request, state.material)
+    try:
+        ident = device_identity(leaf)
+    except errors.ChainError as exc:
+        raise DeviceDenied(f"certificate carries no device identity: {exc}") from exc
+    assert ident.device_uid is not None
+    try:
+        record = await state.status.device(ident.device_uid)
+        revoked = await state.status.is_revoked(leaf)
+        return admit(leaf, ident, record, revoked, int(time.time()))
+    except ConsoleUnavailable as exc:
+        raise DeviceDenied(f"device status is unavailable ({exc})", ident.device_uid) from exc
+    except DeviceDenied as exc:
+        exc.device_uid = ident.device_uid
+        raise
+
+
+def _forwarded_for(request: Request) -> str:
+    return request.headers.get("x-forwarded-for", "?")[:100]
+
+
+async def cert_step(request: Request) -> Response:
+    """The certificate step, reached only through the cert proxy (with the device's cert)."""
+    state = state_of(request)
+    if not from_cert_proxy(request.scope, state.config.certproxy_thumbprint):
+        raise oidc.OAuthError(
+            "invalid_request",
+            f"the certificate step is served by the cert proxy at {state.config.certproxy_url}",
+            403,
+        )
+    handle = _handle_of(request)
+    tx = state.store.pending(handle)
+    try:
+        grant = await authenticate_device(request, state)
+    except DeviceDenied as exc:
+        state.store.deny(handle)
+        log.warning(
+            "denied device %s for client %s via cert proxy for %s: %s",
+            exc.device_uid or "(unidentified)",
+            tx.request.client_id,
+            _forwarded_for(request),
+            exc,
+        )
+        denied = oidc.AuthorizeError(
+            "access_denied", str(exc), tx.request.redirect_uri, tx.request.state
+        )
+        return _redirect(oidc.error_redirect(denied, state.config.issuer))
+    tx, code = state.store.issue_code(handle, grant)
+    log.info(
+        "admitted device %s (group %s, cert %s) for client %s via cert proxy for %s",
+        grant.device_uid,
+        grant.group_id,
+        grant.cert_thumbprint[:16],
+        tx.request.client_id,
+        _forwarded_for(request),
+    )
+    return _redirect(oidc.code_redirect(tx.request, code, state.config.issuer))
+
+
+async def authorize(request: Request) -> Response:
+    """OpenID Connect Core §3.1.2.1: GET with a query, or POST with a form body."""
+    state = state_of(request)
+    params = request.query_params.multi_items()
+    if request.method == "POST":
+        params = await _form(request)
+    auth = oidc.parse_authorization_request(params, state.clients)
+    handle = state.store.begin(auth)
+    target = state.config.certproxy_url.rstrip("/") + oidc.CERT_STEP_PATH
+    return _redirect(f"{target}?{urlencode({'req': handle})}")
+
+
+async def token(request: Request) -> Response:
+    state = state_of(request)
+    tx = state.store.redeem(oidc.parse_token_request(await _form(request)))
+    claims = oidc.id_token_claims(
+        state.config.issuer, tx, int(time.time()), state.config.id_token_ttl_s
+    )
+    body_out = {
+        "access_token": _opaque_token(),
+        "token_type": "Bearer",
+        "expires_in": state.config.id_token_ttl_s,
+        "id_token": state.signer.sign(claims),
+        "scope": " ".join(tx.request.scope),
+    }
+    log.info("issued ID token for device %s to client %s", claims["sub"], claims["aud"])
+    return JSONResponse(body_out, headers=NO_STORE)
+
+
+def _opaque_token() -> str:
+    """OpenID Connect Core §3.1.3.3 requires an access token; Access serves no resource, so
+    it is an opaque random value no endpoint accepts."""
+    return secrets.token_urlsafe(32)
+
+
+async def _form(request: Request) -> list[tuple[str, str]]:
+    """An ``application/x-www-form-urlencoded`` body (RFC 6749 §4.1.3), bounded."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise oidc.OAuthError("invalid_request", "use application/x-www-form-urlencoded")
+    body = await _bounded_body(request, MAX_FORM_BODY)
+    try:
+        return parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=20)
+    except ValueError as exc:
+        raise oidc.OAuthError("invalid_request", "malformed form body") from exc
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise oidc.OAuthError("invalid_request", f"request body over {limit} bytes", 413)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise oidc.OAuthError("invalid_request", f"request body over {limit} bytes", 413)
+    return body
+
+
+def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> Any:
+    """The ASGI app (FastAPI wrapped in :class:`ClientCertGuard`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if console is not None:
+            await console.aclose()
+
+    app = FastAPI(title="certgate access", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi_url = None
+    app.state.access = state
+    app.add_exception_handler(oidc.OAuthError, _oauth_error)
+    app.add_exception_handler(errors.CertgateError, _certgate_error)
+    issuer = state.config.issuer
+    app.add_api_route(oidc.DISCOVERY_PATH, lambda: oidc.discovery_document(issuer), methods=["GET"])
+    app.add_api_route(oidc.JWKS_PATH, lambda: state.signer.jwks(), methods=["GET"])
+    app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"])
+    app.add_api_route(oidc.AUTHORIZE_PATH, authorize, methods=["GET", "POST"])
+    app.add_api_route(oidc.CERT_STEP_PATH, cert_step, methods=["GET"])
+    app.add_api_route(oidc.TOKEN_PATH, token, methods=["POST"])
+    return ClientCertGuard(app, state.config.certproxy_thumbprint)

@@ -1,0 +1,103 @@
+"""``certgate access init|serve`` through the real command line (typer, in process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from certgate.access.cli import parse_clients
+from certgate.access.config import ClientRegistration, TLSMode, load_config
+from certgate.cli import app
+from certgate.errors import ConfigError
+from certgate.pki.keys import private_key_pem
+from certgate.tlsconf import pem_of
+from tests.access.harness import ConsolePKI, PublicPKI
+
+runner = CliRunner()
+
+
+def init_args(tmp_path: Path, *extra: str) -> list[str]:
+    pki, public = ConsolePKI(), PublicPKI.create()
+    admin = pki.admin()
+    files = {
+        "chain.pem": pki.chain_pem(),
+        "admin.pem": pem_of([admin.cert]),
+        "admin.key": private_key_pem(admin.key),
+        "api-key": b"cgk_abc_def\n",
+        "public.pem": pem_of([public.leaf.cert, public.root.cert]),
+        "public.key": private_key_pem(public.leaf.key),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return [
+        "access",
+        "init",
+        "-d",
+        str(tmp_path / "access"),
+        "--issuer",
+        "https://access.example.com",
+        "--console-url",
+        "https://console.example.com:7443",
+        "--console-chain",
+        str(tmp_path / "chain.pem"),
+        "--console-cert",
+        str(tmp_path / "admin.pem"),
+        "--console-key",
+        str(tmp_path / "admin.key"),
+        "--console-api-key-file",
+        str(tmp_path / "api-key"),
+        "--public-cert",
+        str(tmp_path / "public.pem"),
+        "--public-key",
+        str(tmp_path / "public.key"),
+        "--client",
+        "com.example.mail=com.example.mail:/cb",
+        "--client",
+        "com.example.mail=https://mail.example.com/cb",
+        *extra,
+    ]
+
+
+def test_init_installs_and_reports_the_thumbprints(tmp_path: Path) -> None:
+    args = init_args(tmp_path, "--mode", "passthrough", "--dns-name", "node1.example.dmz")
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    config = load_config(tmp_path / "access")
+    assert config.tls_mode is TLSMode.PASSTHROUGH
+    assert config.certproxy_url == "https://access.example.com:5262"
+    assert config.clients == (
+        ClientRegistration(
+            "com.example.mail", ("com.example.mail:/cb", "https://mail.example.com/cb")
+        ),
+    )
+    assert config.certproxy_thumbprint in result.output
+    assert "cgk_abc_def" not in result.output
+
+
+def test_init_twice_fails_without_touching_the_first(tmp_path: Path) -> None:
+    assert runner.invoke(app, init_args(tmp_path)).exit_code == 0
+    before = (tmp_path / "access" / "access.json").read_bytes()
+    again = runner.invoke(app, init_args(tmp_path), env={"COLUMNS": "250"})
+    assert again.exit_code == 1 and "already holds" in again.output
+    assert (tmp_path / "access" / "access.json").read_bytes() == before
+
+
+def test_init_reports_unreadable_inputs(tmp_path: Path) -> None:
+    args = init_args(tmp_path)
+    args[args.index("--public-key") + 1] = str(tmp_path / "missing.key")
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 1 and "cannot read the public key" in result.output
+
+
+@pytest.mark.parametrize("value", ["no-equals", "=https://a.example/cb", "app="])
+def test_client_option_needs_id_and_uri(value: str) -> None:
+    with pytest.raises(ConfigError, match="CLIENT_ID=REDIRECT_URI"):
+        parse_clients([value])
+
+
+def test_serve_needs_an_installation(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["access", "serve", "-d", str(tmp_path)], env={"COLUMNS": "250"})
+    assert result.exit_code == 1
+    assert "not an Access data directory" in result.output

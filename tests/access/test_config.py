@@ -1,0 +1,118 @@
+"""Access configuration: validated at construction, round-trips through access.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certgate.access.config import (
+    AccessConfig,
+    ClientRegistration,
+    TLSMode,
+    check_redirect_uri,
+    load_config,
+    save_config,
+)
+from certgate.errors import ConfigError
+
+CLIENTS = (ClientRegistration("com.example.mail", ("com.example.mail:/cb",)),)
+
+
+def config(tmp_path: Path, **changes: Any) -> AccessConfig:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "issuer": "https://access.example.com",
+        "console_url": "https://console.example.com:7443",
+        "certproxy_url": "https://access.example.com:5262",
+        "certproxy_thumbprint": "0" * 64,
+        "clients": CLIENTS,
+    }
+    values.update(changes)
+    return AccessConfig(**values)
+
+
+def test_defaults_are_safe(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    assert cfg.host == "127.0.0.1" and cfg.port == 443
+    assert cfg.tls_mode is TLSMode.OFFLOAD
+    assert cfg.code_ttl_s <= 600 and cfg.console_budget_s <= 60
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    cfg = config(tmp_path, tls_mode=TLSMode.PASSTHROUGH, port=8443, status_ttl_s=2.5)
+    save_config(cfg)
+    assert load_config(tmp_path) == cfg
+    assert load_config(tmp_path, port=9443).port == 9443
+    assert load_config(tmp_path, port=None).port == 8443
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"issuer": "http://access.example.com"}, "issuer must be an https"),
+        ({"issuer": "https://access.example.com?x=1"}, "query or fragment"),
+        ({"issuer": "https://access.example.com#f"}, "query or fragment"),
+        ({"issuer": "https://access.example.com/"}, "must not end with '/'"),
+        ({"console_url": "https://console.example.com/api"}, "scheme://host"),
+        ({"certproxy_url": "ftp://x"}, "cert proxy URL"),
+        ({"certproxy_thumbprint": "AB" * 32}, "thumbprint"),
+        ({"clients": ()}, "at least one client"),
+        ({"clients": CLIENTS * 2}, "unique"),
+        ({"port": 0}, "port"),
+        ({"code_ttl_s": 601}, "code lifetime"),
+        ({"status_ttl_s": True}, "status cache"),
+        ({"console_timeout_s": 0}, "console request timeout"),
+    ],
+)
+def test_invalid_settings_raise(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **changes)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://app.example.com/cb",
+        "https://app.example.com/cb?tenant=1",
+        "http://127.0.0.1:8123/cb",
+        "http://[::1]/cb",
+        "com.example.mail:/oauth2redirect",
+    ],
+)
+def test_redirect_uris_that_can_receive_a_code(uri: str) -> None:
+    check_redirect_uri(uri)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://app.example.com/cb#frag",
+        "http://app.example.com/cb",
+        "http://localhost/cb",
+        "myapp:/cb",
+        "com.example.mail:",
+        "https://app.example.com/a b",
+        "/relative/cb",
+        "https://" + "a" * 2050,
+    ],
+)
+def test_redirect_uris_that_cannot(uri: str) -> None:
+    with pytest.raises(ConfigError, match="redirect URI"):
+        check_redirect_uri(uri)
+
+
+def test_client_needs_a_redirect_uri_and_a_sane_id() -> None:
+    with pytest.raises(ConfigError, match="at least one redirect URI"):
+        ClientRegistration("app", ())
+    with pytest.raises(ConfigError, match="client id"):
+        ClientRegistration("bad id", ("https://a.example/cb",))
+
+
+def test_load_refuses_a_missing_or_broken_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not an Access data directory"):
+        load_config(tmp_path)
+    (tmp_path / "access.json").write_text('{"issuer": 1}')
+    with pytest.raises(ConfigError, match="not a valid Access configuration"):
+        load_config(tmp_path)
