@@ -4,6 +4,7 @@ live tunnels closed on a policy change, bounded head size and timeouts."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -456,3 +457,35 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
         check=True,
     )
     assert stale.stdout == "503"
+
+
+def test_graceful_shutdown_drains_open_tunnels(
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+) -> None:
+    running = ServiceThread(make_service(pki, source))
+    running.__enter__()
+    port = running.service.bound["proxy"]
+    ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    try:
+        tls.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+        stopping = asyncio.run_coroutine_threadsafe(running.service.stop(drain_s=30), running.loop)
+        deadline = time.monotonic() + 10
+        while any(server.is_serving() for server in running.service.servers):
+            assert time.monotonic() < deadline, "the listeners still accept during the drain"
+            time.sleep(0.05)
+        # The open tunnel still relays while draining.
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: intranet\r\nConnection: close\r\n\r\n")
+        body = b""
+        while chunk := tls.recv(65536):
+            body += chunk
+        assert body.endswith(PAGE)
+    finally:
+        tls.close()
+    stopping.result(timeout=30)  # finishes once the drained tunnel is gone
+    assert not running.service.shared.registry.all
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(timeout=10)
+    running.loop.close()
