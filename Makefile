@@ -7,6 +7,8 @@ SYSDEPS = openssl curl haproxy stunnel4 postgresql
 .PHONY: demo test lint unit bench bench-smoke sysdeps venv clean
 
 $(BIN)/.installed: pyproject.toml
+	@# Debian's own python3 needs python3-venv (ensurepip) to create a virtualenv.
+	$(PYTHON) -c "import ensurepip" 2>/dev/null || bash scripts/install-sysdeps.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

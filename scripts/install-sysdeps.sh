@@ -6,12 +6,15 @@ set -euo pipefail
 declare -A probe=(
   [openssl]="openssl" [curl]="curl" [haproxy]="haproxy" [stunnel4]="stunnel4"
   [postgresql]="/usr/lib/postgresql/*/bin/initdb"
+  [python3-venv]="python3 -c 'import ensurepip'"
 )
 missing=()
 for pkg in "$@"; do
   check=${probe[$pkg]:-$pkg}
   if [[ $check == /* ]]; then
     compgen -G "$check" >/dev/null || missing+=("$pkg")
+  elif [[ $check == *" "* ]]; then
+    eval "$check" >/dev/null 2>&1 || missing+=("$pkg")
   else
     command -v "$check" >/dev/null 2>&1 || missing+=("$pkg")
   fi
