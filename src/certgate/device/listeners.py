@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import socket
 import time
@@ -31,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from certgate.addresses import ListenAddress, authority
 from certgate.device.rules import Action, DeviceRules
 from certgate.device.tunnel_client import (
     TunnelClient,
@@ -38,9 +38,8 @@ from certgate.device.tunnel_client import (
     TunnelRefused,
     TunnelUnreachable,
     Upstream,
-    authority,
 )
-from certgate.errors import CertgateError, ConfigError
+from certgate.errors import CertgateError
 from certgate.pki.identity import BUNDLE_ID_RE
 from certgate.protocol import socks5
 from certgate.protocol.http_proxy import NEED_DATA as HTTP_NEED_DATA
@@ -78,32 +77,6 @@ class Timeouts:
     head_s: float = 10.0
     connect_s: float = 10.0
     idle_s: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> ListenAddress:
-        host, _, port = text.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"listen address must be HOST:PORT, got {text!r}")
-        return cls(host, int(port))
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    def __str__(self) -> str:
-        return authority(self.host, self.port)
 
 
 # -- routing --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from enum import Enum
 import h11
 from cryptography import x509
 
+from certgate.addresses import authority
 from certgate.device.state import CertifiedKey
 from certgate.errors import CertgateError, ChainError
 from certgate.pki import identity
@@ -99,11 +100,6 @@ class Established:
 class Refused:
     status: int
     reason: str
-
-
-def authority(host: str, port: int) -> str:
-    """RFC 9112 §3.2.3 authority-form; IPv6 literals in brackets (RFC 3986 §3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ConnectHandshake:

@@ -15,6 +15,7 @@ import h11
 from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from certgate.addresses import ListenAddress
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
@@ -26,17 +27,7 @@ SWEEP_INTERVAL_S = 1.0
 ADMIN_MAX_REQUEST = 8 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        host, _, port = text.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"listen address must be HOST:PORT, got {text!r}")
-        return cls(host.strip("[]"), int(port))
+Endpoint = ListenAddress  # the data plane's name for a listen address
 
 
 @dataclass
