@@ -595,3 +595,22 @@ def test_snapshot_pages_cover_every_entry_once(env: RunningConsole, device: dict
         bad = tunnel.get("/api/v1/tunnel/feed/snapshot", params={"after": "XYZ"})
     assert seen == sorted(e["thumbprint"] for e in whole["entries"])
     assert bad.status_code == 422
+
+
+def test_crl_is_cached_until_a_revocation(env: RunningConsole, device: dict[str, Any]) -> None:
+    with env.client() as anon:
+        first, second = anon.get("/pki/device-root.crl"), anon.get("/pki/device-root.crl")
+    assert first.content == second.content  # no re-signing, no write, per public GET
+    with device_client(env, device) as dev:
+        old = dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()}).json()
+        dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    with env.client() as anon:
+        after = x509.load_der_x509_crl(anon.get("/pki/device-root.crl").content)
+    serial = x509.load_pem_x509_certificate(old["certificate"].encode()).serial_number
+    assert after.get_revoked_certificate_by_serial_number(serial) is not None
+    before = x509.load_der_x509_crl(first.content)
+    number = x509.CRLNumber
+    assert (
+        after.extensions.get_extension_for_class(number).value.crl_number
+        > before.extensions.get_extension_for_class(number).value.crl_number
+    )

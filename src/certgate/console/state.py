@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from sqlalchemy import select
@@ -33,6 +34,8 @@ class ConsoleState:
     db: Database
     pki: ca.InstancePKI
     notifier: FeedNotifier
+    crl_cache: ca.CachedCRL | None = None
+    crl_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:

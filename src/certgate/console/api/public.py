@@ -34,7 +34,16 @@ def chain_pem(request: Request) -> Response:
 
 @router.get("/pki/device-root.crl", response_class=Response)
 def device_root_crl(request: Request) -> Response:
+    """The Device Root CRL. Re-signed only when a revocation was recorded since, or when a
+    quarter of its validity has passed: this endpoint is public, so a GET must not cost a
+    signature and a write."""
     state = state_of(request)
-    with state.db.transaction() as session:
-        der = ca.device_root_crl(session, state.pki, timedelta(seconds=state.config.crl_validity_s))
-    return Response(der, media_type="application/pkix-crl")
+    validity = timedelta(seconds=state.config.crl_validity_s)
+    with state.crl_lock:
+        with state.db.transaction() as session:
+            marker = ca.revocation_marker(session)
+            cached = state.crl_cache
+            if cached is None or cached.marker != marker or cached.age() > validity / 4:
+                cached = ca.CachedCRL(ca.device_root_crl(session, state.pki, validity), marker)
+                state.crl_cache = cached
+    return Response(cached.der, media_type="application/pkix-crl")

@@ -8,12 +8,13 @@ the revocation list. Nothing is returned to a caller before its row is committed
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
@@ -224,6 +225,26 @@ def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> 
         pki.issuer(DEVICE_ROOT), revoked, instance.crl_number, now() + validity
     )
     return crl.public_bytes(Encoding.DER)
+
+
+def revocation_marker(session: Session) -> tuple[int, datetime | None]:
+    """(count, latest time) of Device Root revocations: it changes whenever the CRL must."""
+    count, latest = session.execute(
+        select(func.count(), func.max(Certificate.revoked_at)).where(
+            Certificate.issuer_label == DEVICE_ROOT, Certificate.revoked_at.is_not(None)
+        )
+    ).one()
+    return int(count), latest
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCRL:
+    der: bytes
+    marker: tuple[int, datetime | None]
+    built: float = field(default_factory=time.monotonic)
+
+    def age(self) -> timedelta:
+        return timedelta(seconds=time.monotonic() - self.built)
 
 
 def describe(pki: InstancePKI) -> str:
