@@ -9,6 +9,7 @@ past the staleness budget the tunnels fail closed, and recover when it returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -206,46 +207,56 @@ def _write_setup_p12(console: RunningConsole, work: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Everything started is registered for cleanup at once, so a failure halfway through
+    setup leaves no process behind."""
     work = tmp_path_factory.mktemp("ha")
-    data_dir, port = init_console(work)
-    console = start_console(work, data_dir, port)
-    console.make_admin("root", "superadmin", "global")
+    with contextlib.ExitStack() as cleanup:
+        data_dir, port = init_console(work)
+        holder: dict[str, RunningConsole] = {"console": start_console(work, data_dir, port)}
+        cleanup.callback(lambda: holder["console"].stop())
+        console = holder["console"]
+        console.make_admin("root", "superadmin", "global")
+        _create_group(console)
+        console.make_admin("setup", "tunnel-setup", GROUP)
+        _write_setup_p12(console, work)
+        nodes = [_setup_node(work, console, name) for name in ("node-1", "node-2")]
+        for node in nodes:
+            cleanup.callback(_stop_node, node)
+            _start_node(node, work)
+        haproxy, hport = _haproxy(work, nodes)
+        cleanup.callback(_stop, haproxy)
+        device_uid, cert, key = _enroll_app(console, work)
+        origin = cleanup.enter_context(Origin())
+        cluster = Cluster(work, console, nodes, hport, origin, device_uid, cert, key)
+        cleanup.callback(lambda: holder.update(console=cluster.console))  # after restarts
+        _wait_admitted_everywhere(cluster)
+        yield cluster
+
+
+def _create_group(console: RunningConsole) -> None:
+    settings = {
+        "initial_compliance": "compliant",
+        "feed": {"long_poll_s": 2, "max_staleness_s": 10},
+        "server_rules": {
+            "default": "deny",
+            "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}],
+        },
+    }
     with console.client(console.admins["root"]) as admin:
         admin.post(
-            "/api/v1/groups",
-            json={
-                "id": GROUP,
-                "parent_id": "global",
-                "settings": {
-                    "initial_compliance": "compliant",
-                    "feed": {"long_poll_s": 2, "max_staleness_s": 10},
-                    "server_rules": {
-                        "default": "deny",
-                        "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}],
-                    },
-                },
-            },
+            "/api/v1/groups", json={"id": GROUP, "parent_id": "global", "settings": settings}
         ).raise_for_status()
-    console.make_admin("setup", "tunnel-setup", GROUP)
-    _write_setup_p12(console, work)
-    nodes = [_setup_node(work, console, name) for name in ("node-1", "node-2")]
-    for node in nodes:
-        _start_node(node, work)
-    haproxy, hport = _haproxy(work, nodes)
-    device_uid, cert, key = _enroll_app(console, work)
-    with Origin() as origin:
-        cluster = Cluster(work, console, nodes, hport, origin, device_uid, cert, key)
-        _wait_admitted_everywhere(cluster)
-        try:
-            yield cluster
-        finally:
-            haproxy.terminate()
-            haproxy.wait(timeout=20)
-            for node in nodes:
-                if node.proc is not None:
-                    node.proc.terminate()
-                    node.proc.wait(timeout=40)
-            cluster.console.stop()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=40)
+
+
+def _stop_node(node: Node) -> None:
+    if node.proc is not None:
+        _stop(node.proc)
 
 
 def curl(
