@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
@@ -20,7 +21,7 @@ class Pipe:
 
     __slots__ = ("bytes", "sink", "source")
 
-    def __init__(self, source: asyncio.BaseTransport, sink: asyncio.WriteTransport) -> None:
+    def __init__(self, source: asyncio.Transport, sink: asyncio.Transport) -> None:
         self.source, self.sink, self.bytes = source, sink, 0
         sink.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
@@ -29,11 +30,11 @@ class Pipe:
         self.sink.write(data)
 
     def pause(self) -> None:
-        if isinstance(self.source, asyncio.ReadTransport) and not self.source.is_closing():
+        if not self.source.is_closing():
             self.source.pause_reading()
 
     def resume(self) -> None:
-        if isinstance(self.source, asyncio.ReadTransport) and not self.source.is_closing():
+        if not self.source.is_closing():
             self.source.resume_reading()
 
     def finish(self) -> None:
@@ -62,8 +63,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not isinstance: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.on_data(data)
