@@ -23,6 +23,7 @@ plane asks ``is_fresh()`` and fails closed when it is False.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 import time
@@ -313,6 +314,8 @@ class FeedFollower:
         await self._exchanged()
         revoked = await asyncio.to_thread(_revoked_by_swap, old, table)
         self._notify(revoked)
+        del old  # the replaced table goes before the heap is trimmed
+        await asyncio.to_thread(_release_free_memory)
 
     def _verified_page(
         self, token: bytes | str, table: DeviceTable | None, after: str
@@ -409,6 +412,20 @@ class FeedFollower:
             self._on_revoked(revoked)
         except Exception:  # a broken callback must not stop the sync
             log.exception("on_revoked callback failed for %d thumbprints", len(revoked))
+
+
+def _release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    A snapshot passes through large buffers (tokens of 20 MB a page, their JSON) that glibc
+    keeps in its arenas once freed: after a 1,000,000-device snapshot a node stayed at 402 MB
+    resident, 315 MB after trimming (bench/results/summary.md).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -25,16 +26,38 @@ FEED_GROUPS_KEY = "certgate.feed_groups"
 
 
 def upsert_entry(cert: Certificate, device: Device) -> dict[str, Any]:
+    return _upsert(
+        cert.thumbprint,
+        device.uid,
+        device.group_id,
+        cert.bundle_id,
+        device.enrollment_status,
+        device.compliance_status,
+        device.blocked,
+        cert.not_after,
+    )
+
+
+def _upsert(
+    thumbprint: str,
+    device_uid: str,
+    group_id: str,
+    bundle_id: str | None,
+    enrollment_status: str,
+    compliance_status: str,
+    blocked: bool,
+    not_after: datetime,
+) -> dict[str, Any]:
     return {
         "op": "upsert",
-        "thumbprint": cert.thumbprint,
-        "device_uid": device.uid,
-        "group_id": device.group_id,
-        "app_bundle_id": cert.bundle_id,
-        "enrollment_status": device.enrollment_status,
-        "compliance_status": device.compliance_status,
-        "blocked": device.blocked,
-        "not_after": int(cert.not_after.timestamp()),
+        "thumbprint": thumbprint,
+        "device_uid": device_uid,
+        "group_id": group_id,
+        "app_bundle_id": bundle_id,
+        "enrollment_status": enrollment_status,
+        "compliance_status": compliance_status,
+        "blocked": blocked,
+        "not_after": int(not_after.timestamp()),
     }
 
 
@@ -94,6 +117,16 @@ def batch_after(
 
 
 SNAPSHOT_PAGE = 50_000
+_SNAPSHOT_COLUMNS = (  # in _upsert's argument order
+    Certificate.thumbprint,
+    Device.uid,
+    Device.group_id,
+    Certificate.bundle_id,
+    Device.enrollment_status,
+    Device.compliance_status,
+    Device.blocked,
+    Certificate.not_after,
+)
 
 
 def snapshot(
@@ -110,10 +143,14 @@ def snapshot(
     ).scalar_one_or_none()
     if group is None:
         raise NotFound(f"group {group_id!r} not found")
+    # Columns, not ORM entities: a page is 50,000 rows (loading entities took 3.6 s a page
+    # at 1,000,000 devices). Certificate.group_id (always the device's group) lets the
+    # (group_id, thumbprint) index serve both the cursor and the order.
     rows = session.execute(
-        select(Certificate, Device)
+        select(*_SNAPSHOT_COLUMNS)
         .join(Device, Device.uid == Certificate.device_uid)
         .where(
+            Certificate.group_id == group_id,
             Device.group_id == group_id,
             Certificate.kind.in_(CLIENT_KINDS),
             Certificate.revoked_at.is_(None),
@@ -122,7 +159,7 @@ def snapshot(
         .order_by(Certificate.thumbprint)
         .limit(limit + 1)
     ).all()
-    entries = [upsert_entry(cert, device) for cert, device in rows[:limit]]
+    entries = [_upsert(*row) for row in rows[:limit]]
     following = entries[-1]["thumbprint"] if len(rows) > limit else None
     return group.feed_seq, entries, following
 

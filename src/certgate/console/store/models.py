@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -131,6 +132,8 @@ class ApiKey(Base):
 
 class Certificate(Base):
     __tablename__ = "certificates"
+    # The paged snapshot walks one group's certificates in thumbprint order (feed.snapshot).
+    __table_args__ = (Index("ix_certificates_group_thumbprint", "group_id", "thumbprint"),)
     serial: Mapped[str] = mapped_column(String(64), primary_key=True)
     thumbprint: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
