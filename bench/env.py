@@ -60,7 +60,7 @@ def versions() -> dict[str, str]:
 @cache
 def commit() -> str:
     head = _run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"]) or "unknown"
-    dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "bench"])
+    dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "-uno", "--", "src", "bench"])
     return head + ("+dirty" if dirty else "")
 
 

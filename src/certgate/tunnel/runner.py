@@ -1,8 +1,9 @@
 """``certgate tunnel run``: load the state directory, follow the feed, serve the data plane.
 
-The event loop is selectable. The stdlib loop is the default: on this project's machines
-uvloop 0.23 aborted under a few thousand short TLS connections per second, while the stdlib
-loop did not, and uvloop was not faster with TLS (see README, Performance).
+The event loop is selectable; the stdlib loop is the default and, today, the only one that
+works: the data plane starts TLS per connection with ``loop.start_tls`` (so refused client
+certificates are caught and logged), and uvloop 0.23's server-side ``start_tls`` does not
+complete those handshakes (bench/FINDINGS.md, "Event loop").
 """
 
 from __future__ import annotations
