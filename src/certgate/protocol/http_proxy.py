@@ -23,7 +23,7 @@ from http import HTTPStatus
 
 from certgate.errors import BadRequest
 from certgate.pki.identity import BUNDLE_ID_RE
-from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData
+from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData, ReceiveBuffer
 
 __all__ = [
     "APP_HEADER",
@@ -239,7 +239,7 @@ class _RequestLine:
     path: str | None
 
 
-class HTTPProxyParser:
+class HTTPProxyParser(ReceiveBuffer):
     """Parse one proxy request head from bytes (h11's receive_data / next_event model)."""
 
     def __init__(
@@ -249,13 +249,12 @@ class HTTPProxyParser:
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_request_line: int = DEFAULT_MAX_REQUEST_LINE,
     ) -> None:
+        super().__init__()
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_request_line = max_request_line
         self._state = ParserState.REQUEST_LINE
-        self._buffer = bytearray()
         self._scanned = 0  # bytes of the current partial line already checked
-        self._eof = False
         self._error: HTTPProxyError | None = None
         self._empty_lines = 0
         self._request_line: _RequestLine | None = None
@@ -272,15 +271,6 @@ class HTTPProxyParser:
         if self._state is not ParserState.DONE:
             raise RuntimeError(f"no trailing data in state {self._state.name}")
         return bytes(self._buffer)
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer ``data``; ``b""`` means the peer closed its side (EOF)."""
-        if self._eof:
-            raise RuntimeError("receive_data after EOF")
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
 
     def next_event(self) -> ProxyRequest | ConnectionClosed | NeedData:
         if self._state is ParserState.ERROR:

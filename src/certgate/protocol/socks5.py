@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 from certgate.errors import BadRequest
-from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData
+from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData, ReceiveBuffer
 from certgate.protocol.http_proxy import canonical_hostname
 
 __all__ = [
@@ -235,14 +235,13 @@ class _Reader:
 _ParseStep = Callable[[_Reader], _Event | None]
 
 
-class _Endpoint:
-    """Buffering, EOF and error bookkeeping shared by the server and the client parser."""
+class _Endpoint(ReceiveBuffer):
+    """State and error bookkeeping shared by the server and the client parser."""
 
     def __init__(self, role: Role, state: State) -> None:
+        super().__init__()
         self._role = role
         self._state = state
-        self._buffer = bytearray()
-        self._eof = False
         self._error: Socks5Error | None = None
 
     @property
@@ -255,15 +254,6 @@ class _Endpoint:
         if self._state is not State.DONE:
             raise RuntimeError(f"no trailing data in state {self._state.name}")
         return bytes(self._buffer)
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer ``data``; ``b""`` means the peer closed its side (EOF)."""
-        if self._eof:
-            raise RuntimeError("receive_data after EOF")
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
 
     def _advance(self, event: _Event) -> None:
         self._state = _next_state(self._role, self._state, event)

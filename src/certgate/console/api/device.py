@@ -78,7 +78,7 @@ def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
     """Per-App Tunnel: profile delivery generates the per-device certificate."""
     state = state_of(request)
     with device_tx(request) as (session, device):
-        _, _, tunnel_cert, _ = groups.identity_pair(session, state.pki, device.group_id)
+        _, tunnel_cert = groups.group_certificates(session, device.group_id)
         tunnel_chain = [
             ca.pem(c) for c in (state.pki.certs[ca.SECURE_CHANNEL_ROOT], state.pki.certs[ca.ROOT])
         ]

@@ -136,10 +136,10 @@ def issue_identity_pair(session: Session, pki: ca.InstancePKI, group: Group) -> 
     return pair
 
 
-def identity_pair(
-    session: Session, pki: ca.InstancePKI, group_id: str
-) -> tuple[x509.Certificate, PrivateKey, x509.Certificate, PrivateKey]:
-    """(console cert, console key, tunnel cert, tunnel key) of a group."""
+def group_certificates(
+    session: Session, group_id: str
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """(console identity cert, tunnel identity cert) of a group; no key is unsealed."""
     pair = session.get(GroupIdentity, group_id)
     if pair is None:
         raise NotFound(f"group {group_id!r} has no identity pair")
@@ -148,8 +148,19 @@ def identity_pair(
     assert console_row is not None and tunnel_row is not None  # FK-enforced
     return (
         x509.load_pem_x509_certificate(console_row.cert_pem.encode()),
-        pki.unseal(session, console_key_label(group_id)),
         x509.load_pem_x509_certificate(tunnel_row.cert_pem.encode()),
+    )
+
+
+def identity_pair(
+    session: Session, pki: ca.InstancePKI, group_id: str
+) -> tuple[x509.Certificate, PrivateKey, x509.Certificate, PrivateKey]:
+    """(console cert, console key, tunnel cert, tunnel key) of a group."""
+    console_cert, tunnel_cert = group_certificates(session, group_id)
+    return (
+        console_cert,
+        pki.unseal(session, console_key_label(group_id)),
+        tunnel_cert,
         pki.unseal(session, tunnel_key_label(group_id)),
     )
 

@@ -21,7 +21,12 @@ from sqlalchemy.orm import Session
 from certgate import jws
 from certgate.console.services import ca, feed
 from certgate.console.services.devices import consume_token
-from certgate.console.services.groups import get_group, identity_pair
+from certgate.console.services.groups import (
+    console_key_label,
+    get_group,
+    group_certificates,
+    tunnel_key_label,
+)
 from certgate.console.services.secrets import IssuedSecret, new_secret
 from certgate.console.store.models import Certificate, GroupIdentity, OneTimeToken, TunnelNode
 from certgate.errors import AuthError, BadRequest
@@ -41,7 +46,7 @@ def trust_payload(
     session: Session, pki: ca.InstancePKI, group_id: str, console_url: str
 ) -> dict[str, Any]:
     group = get_group(session, group_id)
-    console_cert, _, tunnel_cert, _ = identity_pair(session, pki, group_id)
+    console_cert, tunnel_cert = group_certificates(session, group_id)
     return {
         "group_id": group_id,
         "console_url": console_url,
@@ -68,7 +73,8 @@ def sign_for_group(
     typ: str,
     ttl_s: int,
 ) -> str:
-    console_cert, console_key, _, _ = identity_pair(session, pki, group_id)
+    console_cert, _ = group_certificates(session, group_id)
+    console_key = pki.unseal(session, console_key_label(group_id))
     chain = [console_cert, pki.certs[ca.SECURE_CHANNEL_ROOT]]
     return jws.sign({**payload, "group_id": group_id}, console_key, chain, typ, ttl_s)
 
@@ -110,7 +116,8 @@ def setup_bundle(
     address: str,
 ) -> dict[str, Any]:
     """What a tunnel node receives: the group's pair (same for every node), chain, trust."""
-    console_cert, _, tunnel_cert, tunnel_key = identity_pair(session, pki, group_id)
+    console_cert, tunnel_cert = group_certificates(session, group_id)
+    tunnel_key = pki.unseal(session, tunnel_key_label(group_id))
     _register_node(session, group_id, node_name, address)
     trust = sign_for_group(
         session,
@@ -178,7 +185,7 @@ def installer(
 ) -> tuple[bytes, str]:
     """A tar.gz packaged now: chain, console identity, signed trust, a one-time install
     token, and a signed manifest with every file's SHA-256. Returns (bytes, token id)."""
-    console_cert, _, _, _ = identity_pair(session, pki, group_id)
+    console_cert, _ = group_certificates(session, group_id)
     token = create_install_token(session, group_id, created_by, ttl)
     files = {
         "chain.pem": (
