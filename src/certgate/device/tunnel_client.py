@@ -297,6 +297,10 @@ async def _read_before(reader: asyncio.StreamReader, deadline: float) -> bytes:
         # TLS 1.3 sends the client-certificate verdict after the client's handshake ends,
         # so a refused device certificate shows up here, as an alert on the first read.
         raise TunnelRefused(403, f"tls: {exc.reason or exc}") from exc
+    except ConnectionResetError as exc:
+        # Before any answer to CONNECT: under TLS 1.3 the tunnel's verdict on the client
+        # certificate arrives after the handshake, so a reset here is that refusal too.
+        raise TunnelError(f"the tunnel reset the connection: {_describe(exc)}") from exc
     except ConnectionError as exc:
         raise TunnelError(f"the tunnel closed the connection: {exc}") from exc
 
