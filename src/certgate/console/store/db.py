@@ -7,8 +7,9 @@ writers serialise instead of failing on lock upgrades. PostgreSQL needs none of 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,13 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._commit_hooks: list[Callable[[dict[Any, Any]], None]] = []
+        # SQLite has one writer and every transaction here begins IMMEDIATE: this process's
+        # threads queue on a lock instead of sleeping in SQLite's busy handler, whose back-off
+        # (up to 100 ms a retry) left the lock idle while requests waited. Re-entrant, so a
+        # nested transaction still fails on busy_timeout as before instead of deadlocking.
+        self._writer: AbstractContextManager[Any] = (
+            threading.RLock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     def on_commit(self, hook: Callable[[dict[Any, Any]], None]) -> None:
         """Call ``hook(session.info)`` after each successful commit."""
@@ -73,7 +81,7 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """One unit of work: committed when the block exits cleanly, else rolled back."""
         with self._sessions() as session:
-            with session.begin():
+            with self._writer, session.begin():
                 yield session
             for hook in self._commit_hooks:
                 hook(session.info)
