@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import AuditEntry, Instance
 
 GENESIS = "0" * 64
+# Built once: Core statements reuse their compiled form (an ORM unit of work per append cost
+# more than the hash). The head is read under the row lock, so writers form one chain.
+_HEAD = select(Instance.audit_head).with_for_update()
+_INSERT = insert(AuditEntry)
+_ADVANCE = update(Instance).values(
+    audit_head=bindparam("new_head"), audit_count=Instance.audit_count + 1
+)
 
 
 def entry_hash(
@@ -50,26 +57,33 @@ def append(
     outcome: str = "ok",
     group_id: str | None = None,
     **detail: Any,
-) -> AuditEntry:
-    """Append one entry in the caller's transaction (it commits with the action it records)."""
-    instance = session.execute(select(Instance).with_for_update()).scalar_one()
+) -> str:
+    """Append one entry in the caller's transaction (it commits with the action it records);
+    returns the entry's hash, the new head of the chain.
+
+    Written with Core statements on the session's connection: an ``Instance`` loaded as an
+    ORM object in the same session keeps its old ``audit_head`` in memory."""
+    # Pending ORM changes first, as an ORM query would autoflush them: rows the transaction
+    # changed are locked before the instance row, in the same order for every writer.
+    session.flush()
+    conn = session.connection()
+    prev = conn.execute(_HEAD).scalar_one()
     # Microsecond precision survives every backend, so the hash recomputes identically.
     ts = datetime.now(UTC)
-    digest = entry_hash(instance.audit_head, ts, actor, group_id, action, outcome, detail)
-    entry = AuditEntry(
-        ts=ts,
-        actor=actor,
-        group_id=group_id,
-        action=action,
-        outcome=outcome,
-        detail=detail,
-        prev_hash=instance.audit_head,
-        hash=digest,
-    )
-    session.add(entry)
-    instance.audit_head = digest
-    instance.audit_count += 1
-    return entry
+    digest = entry_hash(prev, ts, actor, group_id, action, outcome, detail)
+    row = {
+        "ts": ts,
+        "actor": actor,
+        "group_id": group_id,
+        "action": action,
+        "outcome": outcome,
+        "detail": detail,
+        "prev_hash": prev,
+        "hash": digest,
+    }
+    conn.execute(_INSERT, row)
+    conn.execute(_ADVANCE, {"new_head": digest})
+    return digest
 
 
 @dataclass(frozen=True, slots=True)
