@@ -64,7 +64,7 @@ def device_cert(data_dir: Path, owner: str) -> x509.Certificate:
         enrollment = devices.enroll(
             session, token=None, username=owner, password=PASSWORD, platform="linux", name="pc"
         )
-        profile = devices.deliver_profile(session, pki, enrollment.device, make_csr()[0], [])
+        profile = devices.deliver_profile(session, pki, enrollment.device, make_csr()[0])
     return x509.load_pem_x509_certificate(profile["certificate"].encode())
 
 

@@ -133,7 +133,7 @@ def enroll_device(data_dir: Path, owner: str = "alice") -> tuple[str, str]:
             session, token=None, username=owner, password=PASSWORD, platform="linux", name="pc"
         )
         csr, _ = make_csr()
-        profile = devices.deliver_profile(session, pki, enrollment.device, csr, [])
+        profile = devices.deliver_profile(session, pki, enrollment.device, csr)
     cert = x509.load_pem_x509_certificate(profile["certificate"].encode())
     return enrollment.device.uid, format(cert.serial_number, "x")
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import device_tx, state_of
-from certgate.console.services import audit, ca, devices, groups
+from certgate.console.services import audit, devices
 from certgate.pki.thumbprint import thumbprint
 
 router = APIRouter(prefix="/api/v1")
@@ -78,15 +78,7 @@ def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
     """Per-App Tunnel: profile delivery generates the per-device certificate."""
     state = state_of(request)
     with device_tx(request) as (session, device):
-        _, tunnel_cert = groups.group_certificates(session, device.group_id)
-        tunnel_chain = [
-            ca.pem(c) for c in (state.pki.certs[ca.SECURE_CHANNEL_ROOT], state.pki.certs[ca.ROOT])
-        ]
-        delivered = devices.deliver_profile(
-            session, state.pki, device, body.csr.encode(), tunnel_chain
-        )
-        delivered["thumbprint"] = _thumbprint(delivered["certificate"])
-        delivered["tunnel_identity_thumbprint"] = _thumbprint(ca.pem(tunnel_cert))
+        delivered = devices.deliver_profile(session, state.pki, device, body.csr.encode())
         audit.append(
             session,
             request.state.actor,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
@@ -68,6 +70,7 @@ class InstancePKI:
     certs: dict[str, x509.Certificate]
     authority: Authority = field(default_factory=Authority)
     _keys: dict[str, PrivateKey] = field(default_factory=dict)
+    _chain_pems: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, session: Session, master: MasterKey) -> InstancePKI:
@@ -93,6 +96,12 @@ class InstancePKI:
         """The CA chain above a leaf issued by ``label``: [intermediate, root]."""
         return [self.certs[label], self.certs[ROOT]]
 
+    def chain_pem(self, label: str) -> list[str]:
+        """``chain(label)`` as PEM, encoded once: every profile delivery returns two chains."""
+        if label not in self._chain_pems:
+            self._chain_pems[label] = tuple(pem(c) for c in self.chain(label))
+        return list(self._chain_pems[label])
+
     def issue(
         self,
         session: Session,
@@ -116,30 +125,52 @@ class InstancePKI:
         csr_pem: bytes,
         record: Record,
     ) -> tuple[x509.Certificate, Certificate]:
+        """Sign the CSR's key and write its row at once (``insert_certificate``)."""
         cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
-        return cert, record_certificate(session, cert, ca, record)
+        return cert, insert_certificate(session, cert, ca, record)
+
+
+def certificate_values(cert: x509.Certificate, ca: str, record: Record) -> dict[str, Any]:
+    """The ``certificates`` row of ``cert``, signed by CA ``ca``, as column values."""
+    return {
+        "serial": format(cert.serial_number, "x"),
+        "thumbprint": thumbprint(cert),
+        "kind": record.kind,
+        "issuer_label": ca,
+        "group_id": record.group_id,
+        "device_uid": record.device_uid,
+        "bundle_id": record.bundle_id,
+        "admin_id": record.admin_id,
+        "subject": cert.subject.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "issued_at": now(),
+        "cert_pem": pem(cert),
+        "revoked_at": None,
+        "revocation_reason": None,
+    }
 
 
 def record_certificate(
     session: Session, cert: x509.Certificate, ca: str, record: Record
 ) -> Certificate:
-    row = Certificate(
-        serial=format(cert.serial_number, "x"),
-        thumbprint=thumbprint(cert),
-        kind=record.kind,
-        issuer_label=ca,
-        group_id=record.group_id,
-        device_uid=record.device_uid,
-        bundle_id=record.bundle_id,
-        admin_id=record.admin_id,
-        subject=cert.subject.rfc4514_string(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        issued_at=now(),
-        cert_pem=pem(cert),
-    )
+    row = Certificate(**certificate_values(cert, ca, record))
     session.add(row)
     return row
+
+
+_INSERT_CERTIFICATE = insert(Certificate)
+
+
+def insert_certificate(
+    session: Session, cert: x509.Certificate, ca: str, record: Record
+) -> Certificate:
+    """Write ``cert``'s row now with one Core INSERT, without the unit of work (the hot
+    path of issuance). The row returned is a detached value: the session does not hold it,
+    later statements of the transaction see it, and it commits with the transaction."""
+    values = certificate_values(cert, ca, record)
+    session.connection().execute(_INSERT_CERTIFICATE, values)
+    return Certificate(**values)
 
 
 def seal_key(session: Session, master: MasterKey, label: str, key: PrivateKey) -> None:
@@ -206,6 +237,25 @@ def revoke(session: Session, serial: str, reason: str) -> Certificate:
     if row.revoked_at is None:
         row.revoked_at, row.revocation_reason = now(), reason
     return row
+
+
+_REVOKE_ACTIVE = (
+    update(Certificate)
+    .where(Certificate.serial == bindparam("b_serial"), Certificate.revoked_at.is_(None))
+    .values(revoked_at=bindparam("b_revoked_at"), revocation_reason=bindparam("b_reason"))
+)
+
+
+def revoke_serials(session: Session, serials: Sequence[str], reason: str) -> None:
+    """``revoke`` for rows known to exist, in one Core UPDATE: unrevoked ones get ``reason``
+    and the time, revoked ones stay as they were. ORM copies of these rows loaded in the
+    same session keep their old values in memory."""
+    if reason not in REVOCATION_REASONS:
+        raise PKIError(f"unknown revocation reason {reason!r}; one of {sorted(REVOCATION_REASONS)}")
+    if serials:
+        at = now()
+        params = [{"b_serial": s, "b_revoked_at": at, "b_reason": reason} for s in serials]
+        session.connection().execute(_REVOKE_ACTIVE, params)
 
 
 def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> bytes:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from certgate.console.services import ca, feed
 from certgate.console.services.admins import USERNAME_RE
-from certgate.console.services.groups import get_group
+from certgate.console.services.groups import get_group, settings_and_tunnel_thumbprint
 from certgate.console.services.secrets import (
     IssuedSecret,
     hash_password,
@@ -162,12 +163,15 @@ def enroll(
     return Enrollment(device, credential)
 
 
+_BY_CREDENTIAL = select(Device).where(Device.credential_hash == bindparam("credential_hash"))
+
+
 def authenticate_device(session: Session, bearer: str | None) -> Device:
     if not bearer:
         raise AuthError("missing device credential")
     _, secret = split_secret(bearer, DEVICE_CREDENTIAL_PREFIX)
     device = session.execute(
-        select(Device).where(Device.credential_hash == sha256_hex(secret))
+        _BY_CREDENTIAL, {"credential_hash": sha256_hex(secret)}
     ).scalar_one_or_none()
     if device is None:
         raise AuthError("unknown device credential")
@@ -188,14 +192,34 @@ def get_device(session: Session, uid: str) -> Device:
     return device
 
 
+# Issuance runs these per request, so they are built once and executed as Core statements
+# on the session's connection (the unit of work cost more than signing).
+_ACTIVE_OF_KIND = select(Certificate.serial, Certificate.thumbprint, Certificate.group_id).where(
+    Certificate.device_uid == bindparam("device_uid"),
+    Certificate.kind.in_(feed.CLIENT_KINDS),
+    Certificate.revoked_at.is_(None),
+    Certificate.bundle_id.is_not_distinct_from(bindparam("bundle_id")),
+)
+_NEXT_PROFILE_VERSION = (
+    update(Device)
+    .where(Device.uid == bindparam("b_uid"))
+    .values(profile_version=Device.profile_version + 1)
+    .returning(Device.profile_version)
+)
+_INSERT_DELIVERY = insert(ProfileDelivery)
+
+
 def _supersede(session: Session, device: Device, bundle_id: str | None) -> list[dict[str, Any]]:
     """Revoke the device's current cert of this kind; return the feed deletions."""
-    gone = []
-    for cert in feed.active_certs(session, device.uid):
-        if cert.bundle_id == bundle_id:
-            ca.revoke(session, cert.serial, "superseded")
-            gone.append(feed.delete_entry(cert))
-    return gone
+    session.flush()  # the Core statements below must see the transaction's pending rows
+    params = {"device_uid": device.uid, "bundle_id": bundle_id}
+    current = session.connection().execute(_ACTIVE_OF_KIND, params).all()
+    ca.revoke_serials(session, [row.serial for row in current], "superseded")
+    # Detached values shaped as the rows, for the feed's own entry builder.
+    return [
+        feed.delete_entry(Certificate(thumbprint=tp, device_uid=device.uid, group_id=group))
+        for _, tp, group in current
+    ]
 
 
 def issue_app_cert(
@@ -226,19 +250,19 @@ def issue_app_cert(
         ca.Record("app", device.group_id, device.uid, bundle_id),
     )
     feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
-    return ca.pem(cert), [ca.pem(c) for c in pki.chain(ca.DEVICE_ROOT)]
+    return ca.pem(cert), pki.chain_pem(ca.DEVICE_ROOT)
 
 
 def deliver_profile(
-    session: Session, pki: ca.InstancePKI, device: Device, csr_pem: bytes, tunnel_chain: list[str]
+    session: Session, pki: ca.InstancePKI, device: Device, csr_pem: bytes
 ) -> dict[str, Any]:
     """Per-App Tunnel: delivering the profile generates the per-device client cert. A newer
     delivery revokes the previous cert, which tunnels then stop admitting."""
     require_active(device)
-    group = get_group(session, device.group_id)
     gone = _supersede(session, device, None)
+    settings, tunnel_thumbprint = settings_and_tunnel_thumbprint(session, device.group_id)
     names = Names(f"device {device.uid}"[:64], identity.device(device.uid, device.group_id))
-    cert, row = pki.issue_from_csr(
+    _, row = pki.issue_from_csr(
         session,
         ca.DEVICE_ROOT,
         DEVICE_CLIENT,
@@ -246,33 +270,43 @@ def deliver_profile(
         csr_pem,
         ca.Record("device", device.group_id, device.uid),
     )
-    device.profile_version += 1
-    rules = group.settings["device_rules"]
-    session.add(
-        ProfileDelivery(
-            device_uid=device.uid,
-            version=device.profile_version,
-            cert_serial=row.serial,
-            rules=rules,
-            delivered_at=ca.now(),
-        )
-    )
+    version = _record_delivery(session, device, row, settings["device_rules"])
     feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
-    tunnel = group.settings["tunnel"]
+    tunnel = settings["tunnel"]
     return {
-        "version": device.profile_version,
+        "version": version,
         "device_uid": device.uid,
         "group_id": device.group_id,
-        "certificate": ca.pem(cert),
-        "chain": [ca.pem(c) for c in pki.chain(ca.DEVICE_ROOT)],
-        "tunnel_trust": tunnel_chain,
+        "certificate": row.cert_pem,
+        "thumbprint": row.thumbprint,
+        "chain": pki.chain_pem(ca.DEVICE_ROOT),
+        "tunnel_trust": pki.chain_pem(ca.SECURE_CHANNEL_ROOT),
+        "tunnel_identity_thumbprint": tunnel_thumbprint,
         "tunnel": {
             "hosts": tunnel["hostnames"] + tunnel["ip_addresses"],
             "per_app_port": tunnel["per_app_port"],
             "proxy_port": tunnel["proxy_port"],
         },
-        "rules": rules,
+        "rules": settings["device_rules"],
     }
+
+
+def _record_delivery(
+    session: Session, device: Device, cert: Certificate, rules: dict[str, Any]
+) -> int:
+    """Bump the device's profile version and record the delivery; returns the version."""
+    conn = session.connection()
+    version: int = conn.execute(_NEXT_PROFILE_VERSION, {"b_uid": device.uid}).scalar_one()
+    set_committed_value(device, "profile_version", version)  # the ORM copy stays true
+    delivery = {
+        "device_uid": device.uid,
+        "version": version,
+        "cert_serial": cert.serial,
+        "rules": rules,
+        "delivered_at": cert.issued_at,
+    }
+    conn.execute(_INSERT_DELIVERY, delivery)
+    return version
 
 
 def set_compliance(session: Session, device: Device, status: str) -> None:

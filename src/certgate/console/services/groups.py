@@ -6,6 +6,7 @@ import ipaddress
 from typing import Any
 
 from cryptography import x509
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from certgate.console.services import ca
@@ -150,6 +151,25 @@ def group_certificates(
         x509.load_pem_x509_certificate(console_row.cert_pem.encode()),
         x509.load_pem_x509_certificate(tunnel_row.cert_pem.encode()),
     )
+
+
+_SETTINGS_AND_TUNNEL_THUMBPRINT = (
+    select(Group.settings, Certificate.thumbprint)
+    .join(GroupIdentity, GroupIdentity.group_id == Group.id)
+    .join(Certificate, Certificate.serial == GroupIdentity.tunnel_serial)
+    .where(Group.id == bindparam("group_id"))
+)
+
+
+def settings_and_tunnel_thumbprint(session: Session, group_id: str) -> tuple[dict[str, Any], str]:
+    """A group's settings and its tunnel identity's CertThumbprint, in one Core query (what
+    a profile delivery needs; ``group_certificates`` parses two PEMs). Reads what the
+    transaction has flushed."""
+    row = session.connection().execute(_SETTINGS_AND_TUNNEL_THUMBPRINT, {"group_id": group_id})
+    found = row.one_or_none()
+    if found is None:
+        raise NotFound(f"group {group_id!r} not found or without an identity pair")
+    return found[0], found[1]
 
 
 def identity_pair(
