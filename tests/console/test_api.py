@@ -17,10 +17,17 @@ import httpx
 import pytest
 from cryptography import x509
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from certgate import jws
-from certgate.console.services import ca, groups
-from certgate.console.store.models import AuditEntry, OneTimeToken
+from certgate.console.services import audit, ca, groups
+from certgate.console.store.models import (
+    AuditEntry,
+    Certificate,
+    FeedEvent,
+    OneTimeToken,
+    ProfileDelivery,
+)
 from certgate.pki import identity
 from certgate.pki.authority import Authority, Names
 from certgate.pki.keys import generate_key
@@ -376,6 +383,25 @@ def test_bad_csr_is_422(
     with device_client(env, device) as client:
         response = client.post("/api/v1/device/profile", json={"csr": csr})
     assert_denied(env, response, 422, phrase)
+    denial = last_denial(env)  # the device was authenticated: it is named in the entry
+    assert (denial.actor, denial.group_id) == (f"device:{device['device_uid']}", "acme")
+
+
+@pytest.mark.parametrize(
+    ("credential", "phrase"),
+    [
+        ("cgd_0123456789abcdef_unknownsecret", "unknown device credential"),
+        ("not-a-credential", "malformed cgd credential"),
+        (None, "missing device credential"),
+    ],
+)
+def test_profile_needs_a_known_device_credential(
+    env: RunningConsole, credential: str | None, phrase: str
+) -> None:
+    with env.client(api_key=credential) as client:
+        response = client.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    assert_denied(env, response, 401, phrase)
+    assert last_denial(env).actor.startswith("anonymous@")
 
 
 def test_profile_redelivery_revokes_the_old_cert(
@@ -393,6 +419,116 @@ def test_profile_redelivery_revokes_the_old_cert(
         certs = {c["thumbprint"]: c for c in admin.get("/api/v1/groups/acme/certificates").json()}
     assert certs[one["thumbprint"]]["revocation_reason"] == "superseded"
     assert certs[two["thumbprint"]]["revoked_at"] is None
+
+
+BURST_DEVICES, BURST_CLIENTS_PER_DEVICE, BURST_ROUNDS = 4, 2, 6
+
+
+def burst_devices(env: RunningConsole) -> list[str]:
+    """Credentials of devices enrolled in a group of their own (``burst``)."""
+    with env.client(env.admins["root"]) as admin:
+        group = admin.post("/api/v1/groups", json={"id": "burst", "parent_id": "global"})
+        user = admin.post(
+            "/api/v1/groups/burst/enrollment-users",
+            json={"username": "burst-user", "password": "burst password"},
+        )
+    assert group.status_code == user.status_code == 201, group.text + user.text
+    with env.client() as client:
+        enrolled = [
+            client.post(
+                "/api/v1/enroll",
+                json={"username": "burst-user", "password": "burst password", "platform": "linux"},
+            )
+            for _ in range(BURST_DEVICES)
+        ]
+    return [r.json()["credential"] for r in enrolled]
+
+
+def deliver_burst(env: RunningConsole, credentials: list[str]) -> list[httpx.Response]:
+    """Profile deliveries from several clients per device at once (same device included)."""
+    responses: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def client(credential: str) -> None:
+        with env.client(api_key=credential) as device:
+            for _ in range(BURST_ROUNDS):
+                csr = make_csr()[0].decode()
+                response = device.post("/api/v1/device/profile", json={"csr": csr})
+                with lock:
+                    responses.append(response)
+
+    threads = [
+        threading.Thread(target=client, args=(c,))
+        for c in credentials
+        for _ in range(BURST_CLIENTS_PER_DEVICE)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses
+
+
+def test_concurrent_deliveries_are_each_recorded_once(env: RunningConsole) -> None:
+    responses = deliver_burst(env, burst_devices(env))
+    assert [r.status_code for r in responses] == [201] * len(responses)
+    bodies = [r.json() for r in responses]
+    per_device = BURST_CLIENTS_PER_DEVICE * BURST_ROUNDS
+    versions: dict[str, list[int]] = {}
+    for body in bodies:
+        versions.setdefault(body["device_uid"], []).append(body["version"])
+    assert all(sorted(v) == list(range(1, per_device + 1)) for v in versions.values())
+    serials = {
+        format(x509.load_pem_x509_certificate(b["certificate"].encode()).serial_number, "x")
+        for b in bodies
+    }
+    assert len(serials) == len(bodies)
+    latest = {b["device_uid"]: b["thumbprint"] for b in bodies if b["version"] == per_device}
+    with env.local() as (session, _):
+        assert_burst_stored(session, bodies, latest)
+
+
+def assert_burst_stored(
+    session: Session, bodies: list[dict[str, Any]], latest: dict[str, str]
+) -> None:
+    certs = (
+        session.execute(
+            select(Certificate).where(Certificate.group_id == "burst", Certificate.kind == "device")
+        )
+        .scalars()
+        .all()
+    )
+    assert {c.thumbprint for c in certs} == {b["thumbprint"] for b in bodies}
+    active = {c.device_uid: c.thumbprint for c in certs if c.revoked_at is None}
+    assert active == latest  # one valid cert per device: the newest profile's
+    assert {c.revocation_reason for c in certs if c.revoked_at is not None} == {"superseded"}
+    deliveries = (
+        session.execute(
+            select(ProfileDelivery.cert_serial).where(ProfileDelivery.device_uid.in_(latest))
+        )
+        .scalars()
+        .all()
+    )
+    assert sorted(deliveries) == sorted(c.serial for c in certs)
+    seqs = (
+        session.execute(
+            select(FeedEvent.seq).where(FeedEvent.group_id == "burst").order_by(FeedEvent.seq)
+        )
+        .scalars()
+        .all()
+    )
+    assert seqs == list(range(1, 2 * len(bodies) - len(latest) + 1))  # gapless
+    issued = (
+        session.execute(
+            select(AuditEntry.detail).where(
+                AuditEntry.group_id == "burst", AuditEntry.action == "cert.issue.device"
+            )
+        )
+        .scalars()
+        .all()
+    )
+    assert sorted(d["thumbprint"] for d in issued) == sorted(b["thumbprint"] for b in bodies)
+    assert audit.verify_chain(session).ok
 
 
 def test_tunnel_setup_gives_every_node_the_same_pair(env: RunningConsole) -> None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
 from certgate.console.api import admin, public
@@ -48,8 +49,14 @@ def status_of(exc: errors.CertgateError) -> tuple[int, str]:
     raise AssertionError("CertgateError is the last row")  # pragma: no cover
 
 
-def _audit_failure(request: Request, code: str, status: int, reason: str) -> None:
-    """Record the failure in its own transaction (the request's was rolled back)."""
+async def _audit_failure(request: Request, code: str, status: int, reason: str) -> None:
+    """Record the failure in its own transaction (the request's was rolled back), on a worker
+    thread: the event loop must not wait for the database's write lock."""
+    await run_in_threadpool(_write_failure, request, code, status, reason)
+    log.warning("denied %s %s: %s %s (%s)", request.method, request.url.path, status, code, reason)
+
+
+def _write_failure(request: Request, code: str, status: int, reason: str) -> None:
     state: ConsoleState = request.app.state.console
     actor = getattr(request.state, "actor", None) or f"anonymous@{_client(request)}"
     try:
@@ -66,7 +73,6 @@ def _audit_failure(request: Request, code: str, status: int, reason: str) -> Non
             )
     except Exception:  # the answer must still go out; the log line carries the reason
         log.exception("could not write audit entry for a failed request")
-    log.warning("denied %s %s: %s %s (%s)", request.method, request.url.path, status, code, reason)
 
 
 def _client(request: Request) -> str:
@@ -85,7 +91,7 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
 async def _certgate_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
-    _audit_failure(request, code, status, str(exc))
+    await _audit_failure(request, code, status, str(exc))
     return _error(status, code, str(exc))
 
 
@@ -94,12 +100,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     detail = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
     )
-    _audit_failure(request, "invalid_request", 422, detail)
+    await _audit_failure(request, "invalid_request", 422, detail)
     return _error(422, "invalid_request", detail)
 
 
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
-    _audit_failure(request, "conflict", 409, "conflicts with existing data")
+    await _audit_failure(request, "conflict", 409, "conflicts with existing data")
     return _error(409, "conflict", "the request conflicts with existing data")
 
 
@@ -151,7 +157,11 @@ def create_app(state: ConsoleState) -> FastAPI:
         import asyncio
 
         state.notifier.bind(asyncio.get_running_loop())
-        yield
+        state.writer.start()
+        try:
+            yield
+        finally:
+            state.writer.stop()
 
     app = FastAPI(
         title="certgate console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None

@@ -1,4 +1,4 @@
-"""The running console's shared state: config, storage, loaded PKI, feed notifier."""
+"""The running console's shared state: config, storage, loaded PKI, feed notifier, writer."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from certgate.console.services import ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate
+from certgate.console.writer import Writer
 from certgate.pki.authority import Names
 from certgate.pki.keys import PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey, load_master_key
@@ -34,6 +35,7 @@ class ConsoleState:
     db: Database
     pki: ca.InstancePKI
     notifier: FeedNotifier
+    writer: Writer
     crl_cache: ca.CachedCRL | None = None
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -45,7 +47,7 @@ class ConsoleState:
             pki = ca.InstancePKI.load(session, master)
         notifier = FeedNotifier()
         db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
-        return cls(config, db, pki, notifier)
+        return cls(config, db, pki, notifier, Writer(db))
 
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:

@@ -4,8 +4,9 @@ services, audit, return."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from fastapi import Request
 from sqlalchemy.orm import Session
@@ -17,6 +18,7 @@ from certgate.console.store.models import Device
 from certgate.httpserver import peer_cert_der
 
 NODE_HEADER = "certgate-node"
+T = TypeVar("T")
 
 
 def state_of(request: Request) -> ConsoleState:
@@ -50,9 +52,32 @@ def device_tx(request: Request) -> Iterator[tuple[Session, Device]]:
     state = state_of(request)
     with state.db.transaction() as session:
         device = devices.authenticate_device(session, bearer(request))
-        request.state.actor = f"device:{device.uid}"
+        request.state.actor = device_actor(device)
         request.state.group_id = device.group_id
         yield session, device
+
+
+def device_actor(device: Device) -> str:
+    return f"device:{device.uid}"
+
+
+async def as_device(request: Request, act: Callable[[Session, Device], T]) -> T:
+    """``act`` for the device proven by the request's credential, run by the writer with
+    other requests in one group commit; returns once that transaction has committed. A
+    failure after authentication is audited with the device as actor, as in ``device_tx``."""
+    credential = bearer(request)
+    caller: dict[str, str] = {}
+
+    def work(session: Session) -> T:
+        device = devices.authenticate_device(session, credential)
+        caller.update(actor=device_actor(device), group_id=device.group_id)
+        return act(session, device)
+
+    try:
+        return await state_of(request).writer.run(work)
+    finally:
+        for key, value in caller.items():
+            setattr(request.state, key, value)
 
 
 @contextmanager

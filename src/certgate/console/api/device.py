@@ -6,10 +6,12 @@ from typing import Any
 
 from cryptography import x509
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 
 from certgate.console.api import schemas as s
-from certgate.console.api.deps import device_tx, state_of
+from certgate.console.api.deps import as_device, device_actor, device_tx, state_of
 from certgate.console.services import audit, devices
+from certgate.console.store.models import Device
 from certgate.pki.thumbprint import thumbprint
 
 router = APIRouter(prefix="/api/v1")
@@ -74,14 +76,16 @@ def app_certificate(request: Request, bundle_id: str, body: s.AppCertIn) -> s.Is
 
 
 @router.post("/device/profile", status_code=201)
-def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
-    """Per-App Tunnel: profile delivery generates the per-device certificate."""
-    state = state_of(request)
-    with device_tx(request) as (session, device):
-        delivered = devices.deliver_profile(session, state.pki, device, body.csr.encode())
+async def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
+    """Per-App Tunnel: profile delivery generates the per-device certificate. Deliveries are
+    group-committed (``certgate.console.writer``): each answer follows its commit."""
+    pki, csr = state_of(request).pki, body.csr.encode()
+
+    def deliver(session: Session, device: Device) -> dict[str, Any]:
+        delivered = devices.deliver_profile(session, pki, device, csr)
         audit.append(
             session,
-            request.state.actor,
+            device_actor(device),
             "cert.issue.device",
             group_id=device.group_id,
             device=device.uid,
@@ -89,6 +93,8 @@ def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
             thumbprint=delivered["thumbprint"],
         )
         return delivered
+
+    return await as_device(request, deliver)
 
 
 def _thumbprint(cert_pem: str) -> str:

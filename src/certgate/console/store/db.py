@@ -7,6 +7,7 @@ writers serialise instead of failing on lock upgrades. PostgreSQL needs none of 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -19,6 +20,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+log = logging.getLogger("certgate.console.store")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -69,7 +71,7 @@ class Database:
         # threads queue on a lock instead of sleeping in SQLite's busy handler, whose back-off
         # (up to 100 ms a retry) left the lock idle while requests waited. Re-entrant, so a
         # nested transaction still fails on busy_timeout as before instead of deadlocking.
-        self._writer: AbstractContextManager[Any] = (
+        self._write_lock: AbstractContextManager[Any] = (
             threading.RLock() if self.engine.dialect.name == "sqlite" else nullcontext()
         )
 
@@ -81,10 +83,13 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """One unit of work: committed when the block exits cleanly, else rolled back."""
         with self._sessions() as session:
-            with self._writer, session.begin():
+            with self._write_lock, session.begin():
                 yield session
             for hook in self._commit_hooks:
-                hook(session.info)
+                try:
+                    hook(session.info)
+                except Exception:  # committed: a lost notification must not fail the caller
+                    log.exception("commit hook failed")
 
     def dispose(self) -> None:
         self.engine.dispose()

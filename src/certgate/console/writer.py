@@ -1,0 +1,116 @@
+"""Group commit: units of work from request handlers run on one writer thread, several to a
+transaction, so they share one BEGIN, one fsync'd COMMIT and one hand-over of the write lock.
+
+Profile deliveries serialise on the database anyway (the audit chain's head row, SQLite's
+single writer); in one transaction each their commit, the lock was held mostly while the
+WAL was synced. A submitter learns its outcome only after the transaction holding its work
+has committed, so an answered request is on disk (``synchronous=FULL``). If any work in a
+batch raises, the batch rolls back and each of its units runs again alone, in order: one
+request's failure stays its own, and the effect is that of running them one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from certgate.console.store.db import Database
+
+T = TypeVar("T")
+MAX_BATCH = 32
+log = logging.getLogger("certgate.console.writer")
+
+
+class WriterStopped(RuntimeError):
+    """The writer is not running (not started yet, or the console is shutting down)."""
+
+
+@dataclass
+class _Job(Generic[T]):
+    work: Callable[[Session], T]
+    future: Future[T] = field(default_factory=Future)
+
+
+class Writer:
+    """One thread committing submitted units of work in batches of up to ``max_batch``."""
+
+    def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
+        self._db = db
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._gate = threading.Lock()  # orders submissions against the stop sentinel
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._gate:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="certgate-writer", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit what was submitted, then stop; later submissions raise ``WriterStopped``."""
+        with self._gate:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._jobs.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+        """Queue ``work``; its future resolves after the transaction that ran it committed."""
+        job: _Job[T] = _Job(work)
+        with self._gate:
+            if self._thread is None:
+                raise WriterStopped("the console's writer is not running")
+            self._jobs.put(job)
+        return job.future
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.wrap_future(self.submit(work))
+
+    def _serve(self) -> None:
+        while jobs := self._next_batch():
+            self._commit(jobs)
+
+    def _next_batch(self) -> list[_Job[Any]]:
+        """The oldest job (waiting for one), then whatever else is queued, up to the limit.
+        Jobs whose submitter gave up (cancelled future) are dropped. Empty: stop."""
+        batch: list[_Job[Any]] = []
+        while not batch or len(batch) < self._max_batch:
+            try:
+                job = self._jobs.get() if not batch else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                if batch:
+                    self._jobs.put(None)  # stop once this batch is committed
+                    break
+                return []
+            if job.future.set_running_or_notify_cancel():
+                batch.append(job)
+        return batch
+
+    def _commit(self, jobs: list[_Job[Any]]) -> None:
+        try:
+            with self._db.transaction() as session:
+                results = [job.work(session) for job in jobs]
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+            else:
+                log.debug("batch of %d rolled back (%s); running each alone", len(jobs), exc)
+                for job in jobs:
+                    self._commit([job])
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
