@@ -25,6 +25,7 @@ from certgate.pki.profiles import ADMIN_CLIENT, DEVICE_CLIENT, TUNNEL_IDENTITY
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain, verify_server_chain
 from tests.pki.conftest import openssl_verify, write_pem
+from tests.support import make_csr
 
 GROUP = "group-a"
 DEVICE_UID = "0123456789abcdef0123456789abcdef"
@@ -240,6 +241,40 @@ def test_issue_from_bad_csr_records_nothing(shared: ConsoleInstance) -> None:
         assert len(session.execute(select(Certificate)).scalars().all()) == before
 
 
+def test_issue_from_csr_writes_the_row_at_once(shared: ConsoleInstance) -> None:
+    names = Names(f"device {DEVICE_UID}", identity.device(DEVICE_UID, GROUP))
+    with shared.db.transaction() as session:
+        cert, row = shared.pki.issue_from_csr(
+            session,
+            ca.DEVICE_ROOT,
+            DEVICE_CLIENT,
+            names,
+            make_csr()[0],
+            ca.Record("device", GROUP, DEVICE_UID),
+        )
+        assert row not in session  # a detached value; the row itself is already written
+        stored = session.execute(
+            select(Certificate.thumbprint).where(Certificate.serial == row.serial)
+        ).scalar_one()
+        assert stored == row.thumbprint == thumbprint(cert)
+    with shared.db.transaction() as session:
+        committed = session.get(Certificate, row.serial)
+        assert committed is not None and committed.cert_pem == ca.pem(cert)
+        assert (committed.kind, committed.device_uid, committed.revoked_at) == (
+            "device",
+            DEVICE_UID,
+            None,
+        )
+
+
+def test_chain_pem_is_the_chain_encoded(shared: ConsoleInstance) -> None:
+    for label in (ca.DEVICE_ROOT, ca.SECURE_CHANNEL_ROOT):
+        expected = [ca.pem(c) for c in shared.pki.chain(label)]
+        assert shared.pki.chain_pem(label) == expected
+        shared.pki.chain_pem(label).clear()  # callers get their own list
+        assert shared.pki.chain_pem(label) == expected
+
+
 # --- revocation and the Device Root CRL ----------------------------------------------
 
 
@@ -280,6 +315,29 @@ def test_revoke_is_idempotent(fresh: ConsoleInstance) -> None:
     with fresh.db.transaction() as session:
         again = ca.revoke(session, serial, "superseded")
         assert (again.revoked_at, again.revocation_reason) == (when, "keyCompromise")
+
+
+def test_revoke_serials_revokes_only_what_is_still_valid(fresh: ConsoleInstance) -> None:
+    (_, old), (_, valid) = fresh.issue_device(), fresh.issue_device()
+    with fresh.db.transaction() as session:
+        when = ca.revoke(session, old, "keyCompromise").revoked_at
+    with fresh.db.transaction() as session:
+        ca.revoke_serials(session, [old, valid], "superseded")
+        ca.revoke_serials(session, [], "superseded")
+    with fresh.db.transaction() as session:
+        first, second = session.get(Certificate, old), session.get(Certificate, valid)
+        assert first is not None and second is not None
+        assert (first.revoked_at, first.revocation_reason) == (when, "keyCompromise")
+        assert second.revoked_at is not None and second.revocation_reason == "superseded"
+
+
+def test_revoke_serials_rejects_unknown_reason(shared: ConsoleInstance) -> None:
+    _, serial = shared.issue_device()
+    with shared.db.transaction() as session:
+        with pytest.raises(PKIError, match="unknown revocation reason 'stolen'"):
+            ca.revoke_serials(session, [serial], "stolen")
+        row = session.get(Certificate, serial)
+        assert row is not None and row.revoked_at is None
 
 
 def make_crl(instance: ConsoleInstance) -> x509.CertificateRevocationList:
