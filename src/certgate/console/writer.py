@@ -7,6 +7,14 @@ WAL was synced. A submitter learns its outcome only after the transaction holdin
 has committed, so an answered request is on disk (``synchronous=FULL``). If any work in a
 batch raises, the batch rolls back and each of its units runs again alone, in order: one
 request's failure stays its own, and the effect is that of running them one by one.
+
+Batches form on SQLite only. There the database lock serialises whole transactions; on
+PostgreSQL a batch would take row locks of a later unit after the audit row lock of an
+earlier one, against the order every other writer keeps, and could deadlock with them.
+
+Units run with autoflush off, so the ORM objects they add (feed events) are flushed once a
+batch, at commit. A unit sees what earlier units wrote with Core statements or flushed;
+it must not count on an ORM query flushing objects left pending before it.
 """
 
 from __future__ import annotations
@@ -40,11 +48,12 @@ class _Job(Generic[T]):
 
 
 class Writer:
-    """One thread committing submitted units of work in batches of up to ``max_batch``."""
+    """One thread committing submitted units of work in batches of up to ``max_batch``
+    (SQLite; one unit a transaction elsewhere)."""
 
     def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
         self._db = db
-        self._max_batch = max_batch
+        self._max_batch = max_batch if db.engine.dialect.name == "sqlite" else 1
         self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._gate = threading.Lock()  # orders submissions against the stop sentinel
         self._thread: threading.Thread | None = None
@@ -102,7 +111,7 @@ class Writer:
 
     def _commit(self, jobs: list[_Job[Any]]) -> None:
         try:
-            with self._db.transaction() as session:
+            with self._db.transaction() as session, session.no_autoflush:
                 results = [job.work(session) for job in jobs]
         except Exception as exc:
             if len(jobs) == 1:

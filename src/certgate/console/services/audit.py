@@ -63,10 +63,12 @@ def append(
 
     Written with Core statements on the session's connection: an ``Instance`` loaded as an
     ORM object in the same session keeps its old ``audit_head`` in memory."""
-    # Pending ORM changes first, as an ORM query would autoflush them: rows the transaction
-    # changed are locked before the instance row, in the same order for every writer.
-    session.flush()
     conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        # Pending ORM changes first, as an ORM query would autoflush them: rows changed are
+        # locked before the instance row, in one order for every writer. (SQLite locks the
+        # whole database at BEGIN; there, flushing here would only cost a unit of work.)
+        session.flush()
     prev = conn.execute(_HEAD).scalar_one()
     # Microsecond precision survives every backend, so the hash recomputes identically.
     ts = datetime.now(UTC)

@@ -211,7 +211,8 @@ _INSERT_DELIVERY = insert(ProfileDelivery)
 
 def _supersede(session: Session, device: Device, bundle_id: str | None) -> list[dict[str, Any]]:
     """Revoke the device's current cert of this kind; return the feed deletions."""
-    session.flush()  # the Core statements below must see the transaction's pending rows
+    if device in session.new:  # enrolled in this transaction: Core statements must see it
+        session.flush()
     params = {"device_uid": device.uid, "bundle_id": bundle_id}
     current = session.connection().execute(_ACTIVE_OF_KIND, params).all()
     ca.revoke_serials(session, [row.serial for row in current], "superseded")
