@@ -365,6 +365,37 @@ def test_app_cert_needs_enrollment_credentials(
     assert issued.json()["thumbprint"] == thumbprint(cert)
 
 
+def test_reissue_supersedes_only_the_cert_of_its_kind(
+    env: RunningConsole, enrollment_user: tuple[str, str]
+) -> None:
+    user, password = enrollment_user
+    with env.client() as client:
+        enrolled = client.post(
+            "/api/v1/enroll", json={"username": user, "password": password, "platform": "ios"}
+        ).json()
+
+    def issue(client: httpx.Client, path: str, **extra: str) -> str:
+        body = {"csr": make_csr()[0].decode(), **extra}
+        response = client.post(path, json=body)
+        assert response.status_code == 201, response.text
+        thumb: str = response.json()["thumbprint"]
+        return thumb
+
+    app = "/api/v1/device/apps/{}/certificate"
+    with device_client(env, enrolled) as client:
+        profile = issue(client, "/api/v1/device/profile")
+        first_a = issue(client, app.format("com.example.a"), username=user, password=password)
+        only_b = issue(client, app.format("com.example.b"), username=user, password=password)
+        second_a = issue(client, app.format("com.example.a"), username=user, password=password)
+        newer_profile = issue(client, "/api/v1/device/profile")
+    with env.client(env.admins["acme-device-admin"]) as admin:
+        certs = {c["thumbprint"]: c for c in admin.get("/api/v1/groups/acme/certificates").json()}
+    issued = (profile, first_a, only_b, second_a, newer_profile)
+    revoked = {tp for tp in issued if certs[tp]["revoked_at"] is not None}
+    assert revoked == {profile, first_a}
+    assert {certs[tp]["revocation_reason"] for tp in revoked} == {"superseded"}
+
+
 @pytest.mark.parametrize(
     ("csr_kind", "phrase"),
     [

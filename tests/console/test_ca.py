@@ -317,29 +317,6 @@ def test_revoke_is_idempotent(fresh: ConsoleInstance) -> None:
         assert (again.revoked_at, again.revocation_reason) == (when, "keyCompromise")
 
 
-def test_revoke_serials_revokes_only_what_is_still_valid(fresh: ConsoleInstance) -> None:
-    (_, old), (_, valid) = fresh.issue_device(), fresh.issue_device()
-    with fresh.db.transaction() as session:
-        when = ca.revoke(session, old, "keyCompromise").revoked_at
-    with fresh.db.transaction() as session:
-        ca.revoke_serials(session, [old, valid], "superseded")
-        ca.revoke_serials(session, [], "superseded")
-    with fresh.db.transaction() as session:
-        first, second = session.get(Certificate, old), session.get(Certificate, valid)
-        assert first is not None and second is not None
-        assert (first.revoked_at, first.revocation_reason) == (when, "keyCompromise")
-        assert second.revoked_at is not None and second.revocation_reason == "superseded"
-
-
-def test_revoke_serials_rejects_unknown_reason(shared: ConsoleInstance) -> None:
-    _, serial = shared.issue_device()
-    with shared.db.transaction() as session:
-        with pytest.raises(PKIError, match="unknown revocation reason 'stolen'"):
-            ca.revoke_serials(session, [serial], "stolen")
-        row = session.get(Certificate, serial)
-        assert row is not None and row.revoked_at is None
-
-
 def make_crl(instance: ConsoleInstance) -> x509.CertificateRevocationList:
     with instance.db.transaction() as session:
         der = ca.device_root_crl(session, instance.pki, timedelta(days=7))

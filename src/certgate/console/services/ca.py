@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
@@ -237,25 +236,6 @@ def revoke(session: Session, serial: str, reason: str) -> Certificate:
     if row.revoked_at is None:
         row.revoked_at, row.revocation_reason = now(), reason
     return row
-
-
-_REVOKE_ACTIVE = (
-    update(Certificate)
-    .where(Certificate.serial == bindparam("b_serial"), Certificate.revoked_at.is_(None))
-    .values(revoked_at=bindparam("b_revoked_at"), revocation_reason=bindparam("b_reason"))
-)
-
-
-def revoke_serials(session: Session, serials: Sequence[str], reason: str) -> None:
-    """``revoke`` for rows known to exist, in one Core UPDATE: unrevoked ones get ``reason``
-    and the time, revoked ones stay as they were. ORM copies of these rows loaded in the
-    same session keep their old values in memory."""
-    if reason not in REVOCATION_REASONS:
-        raise PKIError(f"unknown revocation reason {reason!r}; one of {sorted(REVOCATION_REASONS)}")
-    if serials:
-        at = now()
-        params = [{"b_serial": s, "b_revoked_at": at, "b_reason": reason} for s in serials]
-        session.connection().execute(_REVOKE_ACTIVE, params)
 
 
 def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> bytes:

@@ -194,11 +194,16 @@ def get_device(session: Session, uid: str) -> Device:
 
 # Issuance runs these per request, so they are built once and executed as Core statements
 # on the session's connection (the unit of work cost more than signing).
-_ACTIVE_OF_KIND = select(Certificate.serial, Certificate.thumbprint, Certificate.group_id).where(
-    Certificate.device_uid == bindparam("device_uid"),
-    Certificate.kind.in_(feed.CLIENT_KINDS),
-    Certificate.revoked_at.is_(None),
-    Certificate.bundle_id.is_not_distinct_from(bindparam("bundle_id")),
+_SUPERSEDE = (
+    update(Certificate)
+    .where(
+        Certificate.device_uid == bindparam("b_device_uid"),
+        Certificate.kind.in_(feed.CLIENT_KINDS),
+        Certificate.revoked_at.is_(None),
+        Certificate.bundle_id.is_not_distinct_from(bindparam("b_bundle_id")),
+    )
+    .values(revoked_at=bindparam("b_revoked_at"), revocation_reason="superseded")
+    .returning(Certificate.thumbprint, Certificate.group_id)
 )
 _NEXT_PROFILE_VERSION = (
     update(Device)
@@ -210,16 +215,16 @@ _INSERT_DELIVERY = insert(ProfileDelivery)
 
 
 def _supersede(session: Session, device: Device, bundle_id: str | None) -> list[dict[str, Any]]:
-    """Revoke the device's current cert of this kind; return the feed deletions."""
+    """Revoke the device's current cert of this kind (one UPDATE ... RETURNING); return the
+    feed deletions. ORM copies of those rows in this session keep their old values."""
     if device in session.new:  # enrolled in this transaction: Core statements must see it
         session.flush()
-    params = {"device_uid": device.uid, "bundle_id": bundle_id}
-    current = session.connection().execute(_ACTIVE_OF_KIND, params).all()
-    ca.revoke_serials(session, [row.serial for row in current], "superseded")
+    params = {"b_device_uid": device.uid, "b_bundle_id": bundle_id, "b_revoked_at": ca.now()}
+    revoked = session.connection().execute(_SUPERSEDE, params).all()
     # Detached values shaped as the rows, for the feed's own entry builder.
     return [
         feed.delete_entry(Certificate(thumbprint=tp, device_uid=device.uid, group_id=group))
-        for _, tp, group in current
+        for tp, group in revoked
     ]
 
 
