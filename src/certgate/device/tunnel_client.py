@@ -233,7 +233,7 @@ class TunnelClient:
                 if not isinstance(exc, ssl.SSLCertVerificationError):
                     # The tunnel refused our certificate (TLS 1.2 says so in the handshake):
                     # another endpoint of the same group would refuse it too.
-                    raise TunnelRefused(403, f"tls: {exc.reason or exc}") from exc
+                    raise TunnelRefused(403, _refusal(exc)) from exc
                 failures.append(f"{authority(host, port)}: {_describe(exc)}")
             except (OSError, TimeoutError, ChainError) as exc:
                 failures.append(f"{authority(host, port)}: {_describe(exc)}")
@@ -263,7 +263,12 @@ class TunnelClient:
         return reader, writer
 
     def _check_tunnel_identity(self, writer: asyncio.StreamWriter) -> None:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        except ValueError as exc:  # "handshake not done yet": a fatal alert came in first
+            # Under TLS 1.3 the tunnel's verdict on our certificate can arrive in the same
+            # read as the end of the handshake; OpenSSL then reports no handshake at all.
+            raise TunnelRefused(403, "device certificate refused (TLS alert)") from exc
         found = identity_of(x509.load_der_x509_certificate(der))
         if found != self.expected:
             raise ChainError(f"server is {found.uri()}, not {self.expected.uri()}")
@@ -296,13 +301,19 @@ async def _read_before(reader: asyncio.StreamReader, deadline: float) -> bytes:
     except ssl.SSLError as exc:
         # TLS 1.3 sends the client-certificate verdict after the client's handshake ends,
         # so a refused device certificate shows up here, as an alert on the first read.
-        raise TunnelRefused(403, f"tls: {exc.reason or exc}") from exc
+        raise TunnelRefused(403, _refusal(exc)) from exc
     except ConnectionResetError as exc:
         # Before any answer to CONNECT: under TLS 1.3 the tunnel's verdict on the client
         # certificate arrives after the handshake, so a reset here is that refusal too.
         raise TunnelError(f"the tunnel reset the connection: {_describe(exc)}") from exc
     except ConnectionError as exc:
         raise TunnelError(f"the tunnel closed the connection: {exc}") from exc
+
+
+def _refusal(exc: ssl.SSLError) -> str:
+    """A TLS alert from the tunnel (unknown_ca, certificate_expired, ...) is its verdict on
+    the device certificate: OpenSSL names the alert in ``reason``."""
+    return f"device certificate refused (TLS: {exc.reason or exc})"
 
 
 def _describe(exc: BaseException) -> str:
@@ -313,7 +324,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ConnectionResetError):
-        # The tunnel aborts a failed handshake without a TLS alert, so this is also how a
-        # refused device certificate looks under TLS 1.2.
+        # The tunnel answers a refused certificate with a TLS alert, but a reset can
+        # overtake the alert when the tunnel closes right after sending it.
         return "connection reset in the TLS handshake (device certificate refused?)"
     return str(exc) or type(exc).__name__

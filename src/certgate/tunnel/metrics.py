@@ -1,27 +1,75 @@
-"""Prometheus metrics of one tunnel process (own registry, so tests can run several)."""
+"""Prometheus metrics of one tunnel process (own registry, so tests can run several).
+
+The per-connection counters (connections, open connections, admissions, bytes) are plain
+ints on ``ListenerMetrics``, read by a collector at scrape time: the data plane touches
+them several times per connection, and a labelled prometheus-client child costs a few
+Python calls each time.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class ListenerMetrics:
+    """One listener's hot counters."""
+
+    __slots__ = (
+        "active",
+        "admissions",
+        "bytes_down",
+        "bytes_up",
+        "connections",
+        "handshake_denials",
+    )
+
+    def __init__(self, metrics: TunnelMetrics, mode: str) -> None:
+        self.connections = self.active = self.admissions = 0
+        self.bytes_up = self.bytes_down = 0
+        self.handshake_denials = metrics.denials.labels(mode, "tls_handshake")
+
+
+class _ListenerCollector(Collector):
+    def __init__(self, listeners: dict[tuple[str, str], ListenerMetrics]) -> None:
+        self.listeners = listeners
+
+    def collect(self) -> Iterator[Metric]:
+        connections = CounterMetricFamily(
+            "certgate_tunnel_connections", "Accepted TLS connections", labels=["listener"]
+        )
+        active = GaugeMetricFamily(
+            "certgate_tunnel_active_connections", "Open client connections", labels=["listener"]
+        )
+        admissions = CounterMetricFamily(
+            "certgate_tunnel_admissions", "Admitted requests", labels=["mode"]
+        )
+        relayed = CounterMetricFamily(
+            "certgate_tunnel_bytes", "Bytes relayed", labels=["direction"]
+        )
+        by_mode: dict[str, int] = {}
+        up = down = 0
+        for (name, mode), counts in self.listeners.items():
+            connections.add_metric([name], counts.connections)
+            active.add_metric([name], counts.active)
+            by_mode[mode] = by_mode.get(mode, 0) + counts.admissions
+            up, down = up + counts.bytes_up, down + counts.bytes_down
+        for mode, count in by_mode.items():
+            admissions.add_metric([mode], count)
+        relayed.add_metric(["up"], up)
+        relayed.add_metric(["down"], down)
+        yield from (connections, active, admissions, relayed)
 
 
 class TunnelMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Counter(
-            "certgate_tunnel_connections", "Accepted TLS connections", ["listener"], registry=r
-        )
-        self.active = Gauge(
-            "certgate_tunnel_active_connections",
-            "Open client connections",
-            ["listener"],
-            registry=r,
-        )
-        self.bytes = Counter("certgate_tunnel_bytes", "Bytes relayed", ["direction"], registry=r)
-        self.admissions = Counter(
-            "certgate_tunnel_admissions", "Admitted requests", ["mode"], registry=r
-        )
+        self._listeners: dict[tuple[str, str], ListenerMetrics] = {}
+        r.register(_ListenerCollector(self._listeners))
         self.denials = Counter(
             "certgate_tunnel_denials", "Denied requests by reason", ["mode", "reason"], registry=r
         )
@@ -48,3 +96,9 @@ class TunnelMetrics:
         self.table_fresh = Gauge(
             "certgate_tunnel_table_fresh", "1 while within the staleness budget", registry=r
         )
+
+    def listener(self, name: str, mode: str) -> ListenerMetrics:
+        key = (name, mode)
+        if key not in self._listeners:
+            self._listeners[key] = ListenerMetrics(self, mode)
+        return self._listeners[key]

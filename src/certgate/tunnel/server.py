@@ -6,27 +6,32 @@ Tunnel (default 8443, ``CONNECT`` naming the app in ``Certgate-App``, device
 certificates). Per connection:
 
     TCP accepted -> TLS handshake (client cert REQUIRED, verified against the Device Root)
-    -> request head parsed (sans-IO ``HTTPProxyParser``) -> ``admit`` (pure) -> DNS ->
-    server traffic ``rules.evaluate`` (pure) -> upstream connect -> relay.
+    -> request head parsed (sans-IO ``HTTPProxyParser``) -> ``admit`` (pure) -> DNS (names
+    only; an IP literal is used as it is) -> server traffic ``rules.evaluate`` (pure) ->
+    upstream connect -> relay.
 
-TLS is started per connection with ``loop.start_tls`` rather than by the listener, so a
-failed handshake (expired, wrong CA, self-signed, no certificate) is caught here and
-logged with its reason, and connection limits apply before any cryptography is spent.
-Every denial is logged with device, thumbprint, app, destination and reason.
+The shell is callbacks on socket readiness (``relay.Watched``), not asyncio transports: the
+accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
+so a failed handshake (expired, wrong CA, self-signed, no certificate) is caught and logged
+with its reason, and connection limits apply before any cryptography is spent. It runs
+unchanged on the stdlib loop and on uvloop. Every denial is logged with device,
+thumbprint, app, destination and reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -50,8 +55,16 @@ from certgate.tunnel.admission import (
     admit,
     peer_identity,
 )
-from certgate.tunnel.metrics import TunnelMetrics
-from certgate.tunnel.relay import Pipe, UpstreamProtocol
+from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
+from certgate.tunnel.relay import (
+    TLS_MAX_PLAINTEXT,
+    BufferPool,
+    End,
+    Pump,
+    TLSEnd,
+    Want,
+    Watched,
+)
 from certgate.tunnel.rules import RuleSet, evaluate
 from certgate.tunnel.table import DeviceTable
 
@@ -100,6 +113,7 @@ class Phase(Enum):
     HEAD = "head"
     CONNECTING = "connecting"
     RELAYING = "relaying"
+    CLOSING = "closing"  # a final answer is being written, then the socket lingers
     CLOSED = "closed"
 
 
@@ -143,6 +157,27 @@ class Listener:
     name: str
 
 
+class PeerCache:
+    """Verified leaf (DER) -> ``PeerIdentity``: a returning device is not parsed again.
+
+    The identity is a pure function of the certificate bytes, so caching it changes no
+    decision; admission still looks the thumbprint up in the live table every time.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._known: dict[bytes, PeerIdentity] = {}
+
+    def identity(self, der: bytes) -> PeerIdentity:
+        peer = self._known.get(der)
+        if peer is None:
+            peer = peer_identity(end_entity_client(x509.load_der_x509_certificate(der)))
+            if len(self._known) >= self.size:
+                del self._known[next(iter(self._known))]
+            self._known[der] = peer
+        return peer
+
+
 class Shared:
     """What every connection of a server shares."""
 
@@ -150,6 +185,9 @@ class Shared:
         self.gate, self.limits, self.metrics = gate, limits, metrics
         self.registry = Registry()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.pool = BufferPool()
+        self.peers = PeerCache()
+        self.head_buffer = bytearray(TLS_MAX_PLAINTEXT)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # Keep a reference: a bare task can be garbage-collected while still pending.
@@ -158,114 +196,225 @@ class Shared:
         task.add_done_callback(self.tasks.discard)
 
 
-class ClientConnection(asyncio.Protocol):
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE_S = 1.0  # after EMFILE and the like, as asyncio's own accept loop does
+
+
+class Acceptor:
+    """A listening socket; accepts on readiness and hands each socket to ``on_accept``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket, Any], None],
+    ) -> None:
+        self.loop, self.sock, self.on_accept = loop, sock, on_accept
+        self._serving = False
+
+    @classmethod
+    def listen(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        on_accept: Callable[[socket.socket, Any], None],
+        backlog: int = 1024,
+    ) -> Acceptor:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        acceptor = cls(loop, sock, on_accept)
+        acceptor.resume()
+        return acceptor
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock]
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def resume(self) -> None:
+        if self.sock.fileno() >= 0 and not self._serving:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+            self._serving = True
+
+    def close(self) -> None:
+        if self._serving:
+            self.loop.remove_reader(self.sock.fileno())
+            self._serving = False
+        self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait, then accept again
+                log.warning("accept failed (%s); pausing for %gs", exc, ACCEPT_PAUSE_S)
+                self.loop.remove_reader(self.sock.fileno())
+                self._serving = False
+                self.loop.call_later(ACCEPT_PAUSE_S, self.resume)
+                return
+            self.on_accept(sock, address)
+
+
+def accept_client(shared: Shared, listener: Listener, sock: socket.socket, address: Any) -> None:
+    """A new TCP connection: refused past the limit, else its TLS handshake starts."""
+    peer_addr = f"{address[0]}:{address[1]}" if address else "?"
+    if len(shared.registry.all) >= shared.limits.max_connections:
+        log.warning(
+            "refuse %s: connection limit %d reached", peer_addr, shared.limits.max_connections
+        )
+        sock.close()
+        return
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = listener.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except OSError as exc:  # reset before we got to it
+        log.info("%s closed before the TLS handshake (%s)", peer_addr, exc)
+        sock.close()
+        return
+    ClientConnection(shared, listener, tls, peer_addr).start()
+
+
+LINGER_S = 2.0  # after a final answer: read and drop what the client still sends
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+class ClientConnection:
     """One client: TLS, one request head, then a relay to one destination."""
 
-    def __init__(self, shared: Shared, listener: Listener) -> None:
-        self.shared, self.listener = shared, listener
+    def __init__(
+        self, shared: Shared, listener: Listener, tls: ssl.SSLSocket, peer_addr: str
+    ) -> None:
+        self.shared, self.listener, self.tls = shared, listener, tls
+        self.stats: ListenerMetrics = shared.metrics.listener(listener.name, listener.mode.value)
+        self.loop = asyncio.get_running_loop()
         self.phase = Phase.HANDSHAKE
-        self.transport: asyncio.Transport | None = None
-        self.upstream: asyncio.Transport | None = None
+        self.client = TLSEnd(tls, Watched(self.loop, tls.fileno()))
+        self.upstream: End | None = None
         self.peer: PeerIdentity | None = None
-        self.peer_addr = "?"
+        self.peer_addr = peer_addr
         self.destination = "-"
         self.app: str | None = None
         self.parser = HTTPProxyParser(max_header_bytes=shared.limits.max_header_bytes)
-        self.up: Pipe | None = None
-        self.down: Pipe | None = None
-        self.last_activity = time.monotonic()
-        self._head_timer: asyncio.TimerHandle | None = None
+        self.up: Pump | None = None
+        self.down: Pump | None = None
+        self.opened = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._final = b""
+        self._lingered = 0
+        self._handshake_step = self._handshake
+        self._head_step = self._read_head
 
-    # -- TCP and TLS ------------------------------------------------------------------
+    @property
+    def last_activity(self) -> float:
+        if self.up is None or self.down is None:
+            return self.opened
+        return max(self.up.touched, self.down.touched)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A cast, not isinstance: uvloop's transports are not asyncio.Transport subclasses.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer_addr = f"{peer[0]}:{peer[1]}" if peer else "?"
-        registry = self.shared.registry
-        if len(registry.all) >= self.shared.limits.max_connections:
-            log.warning(
-                "refuse %s: connection limit %d reached",
-                self.peer_addr,
-                self.shared.limits.max_connections,
-            )
-            transport.abort()
+    def start(self) -> None:
+        self.shared.registry.add(self)
+        self.stats.active += 1
+        self.arm(self.shared.limits.handshake_timeout_s, self._handshake_timed_out)
+        self._handshake()
+
+    def arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``seconds`` unless re-armed or disarmed first."""
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- TLS --------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        if self.phase is not Phase.HANDSHAKE:
             return
-        transport.pause_reading()  # start_tls takes over reading; no byte may reach us first
-        registry.add(self)
-        self.shared.metrics.active.labels(self.listener.name).inc()
-        self.shared.spawn(self._handshake(transport))
-
-    async def _handshake(self, plain: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                plain,
-                self,
-                self.listener.tls,
-                server_side=True,
-                ssl_handshake_timeout=self.shared.limits.handshake_timeout_s,
-            )
-        except (ConnectionResetError, BrokenPipeError) as exc:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.client.watched.wait(Want.READ, self._handshake_step)
+        except ssl.SSLWantWriteError:
+            self.client.watched.wait(Want.WRITE, self._handshake_step)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
             # A TCP probe (load balancer health check, port scan) closing before or during
             # the handshake: not a certificate decision, so not a denial.
             log.info("%s closed during the TLS handshake (%s)", self.peer_addr, type(exc).__name__)
-            self._closed()
-            plain.abort()
-            return
-        except (OSError, TimeoutError) as exc:
-            log.warning(
-                "deny %s listener=%s reason=tls_handshake detail=%s",
-                self.peer_addr,
-                self.listener.name,
-                _tls_reason(exc),
-            )
-            self.shared.metrics.denials.labels(self.listener.name, "tls_handshake").inc()
-            self._closed()
-            plain.abort()
-            return
-        if tls is None or self.phase is Phase.CLOSED:
-            self._closed()
-            return
-        self.transport = tls
-        self._tls_established(tls)
+            self._drop()
+        except OSError as exc:
+            self._refuse_handshake(_tls_reason(exc))
+        else:
+            self._tls_established()
 
-    def _tls_established(self, tls: asyncio.Transport) -> None:
-        self.shared.metrics.connections.labels(self.listener.name).inc()
-        der = tls.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    def _handshake_timed_out(self) -> None:
+        if self.phase is Phase.HANDSHAKE:
+            self._refuse_handshake("handshake timed out")
+
+    def _refuse_handshake(self, detail: str) -> None:
+        log.warning(
+            "deny %s listener=%s reason=tls_handshake detail=%s",
+            self.peer_addr,
+            self.listener.name,
+            detail,
+        )
+        self.stats.handshake_denials.inc()
+        self._drop()
+
+    def _tls_established(self) -> None:
+        self.stats.connections += 1
+        der = self.tls.getpeercert(binary_form=True)
         try:
-            self.peer = peer_identity(end_entity_client(x509.load_der_x509_certificate(der)))
+            if der is None:
+                raise ChainError("no client certificate")
+            self.peer = self.shared.peers.identity(der)
         except (ChainError, ValueError) as exc:
-            self._deny(403, "identity", f"unusable client certificate identity: {exc}")
+            self.deny(403, "identity", f"unusable client certificate identity: {exc}")
             return
         self.shared.registry.bind(self, self.peer.thumbprint)
         self.phase = Phase.HEAD
-        self._head_timer = asyncio.get_running_loop().call_later(
-            self.shared.limits.header_timeout_s, self._head_timeout
-        )
-        self._next_head_event()  # bytes that arrived while the handshake was finishing
+        self.arm(self.shared.limits.header_timeout_s, self._head_timed_out)
+        self._read_head()  # the head often arrives with the client's Finished
 
-    def _head_timeout(self) -> None:
+    def _head_timed_out(self) -> None:
         if self.phase is Phase.HEAD:
-            self._deny(408, "header_timeout", "request head not received in time")
+            self.deny(408, "header_timeout", "request head not received in time")
 
     # -- request head -----------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
-        if self.phase is Phase.RELAYING:
-            assert self.up is not None
-            self.up.forward(data)
-        elif self.phase is Phase.HEAD:
-            self.parser.receive_data(data)
-            self._next_head_event()
-        elif self.phase is Phase.HANDSHAKE:
-            # start_tls has finished but our coroutine has not resumed yet: keep the bytes
-            # for the head parser; _tls_established parses them.
-            self.parser.receive_data(data)
-        # CONNECTING: reading is paused; anything racing in stays in the parser buffer.
+    def _read_head(self) -> None:
+        if self.phase is not Phase.HEAD:
+            return
+        buffer = self.shared.head_buffer  # one record at most: nothing stays inside OpenSSL
+        try:
+            n = self.tls.recv_into(buffer, len(buffer))
+        except ssl.SSLWantReadError:
+            self.client.watched.wait(Want.READ, self._head_step)
+            return
+        except ssl.SSLWantWriteError:
+            self.client.watched.wait(Want.WRITE, self._head_step)
+            return
+        except OSError as exc:
+            self.abort(f"client connection failed before its request: {exc}")
+            return
+        self.parser.receive_data(bytes(buffer[:n]))
+        self._next_head_event()
 
     def _next_head_event(self) -> None:
         try:
@@ -275,7 +424,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if isinstance(event, ProxyRequest):
             self._on_request(event)
-        elif event is not NeedData.NEED_DATA:
+        elif event is NeedData.NEED_DATA:
+            self.client.watched.wait(Want.READ, self._head_step)
+        else:
             self.abort("client closed before sending a request")
 
     def _refuse(self, exc: HTTPProxyError) -> None:
@@ -283,8 +434,7 @@ class ClientConnection(asyncio.Protocol):
         self._send_and_close(error_response(exc))
 
     def _on_request(self, request: ProxyRequest) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        self._disarm()
         self.destination = f"{request.host}:{request.port}"
         try:
             self.app = app_of(request)
@@ -292,103 +442,70 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(exc)
             return
         if request.scheme == "https":
-            self._deny(400, "unsupported", "use CONNECT for https:// destinations")
+            self.deny(400, "unsupported", "use CONNECT for https:// destinations")
             return
         assert self.peer is not None
         decision = self.shared.gate.admit(self.peer, self.listener.mode, self.app)
         if not decision.admitted:
             reason = decision.reason.value if decision.reason else "denied"
-            self._deny(decision.http_status, reason, decision.detail)
+            self.deny(decision.http_status, reason, decision.detail)
             return
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
-        assert self.transport is not None
-        self.transport.pause_reading()
-        self.shared.spawn(self._connect(request))
+        literal = _ip_literal(request.host)
+        if literal is None:
+            self.shared.spawn(self._resolve_then_route(request))
+        else:
+            self._route(request, [literal])
 
     # -- destination ------------------------------------------------------------------
 
-    async def _connect(self, request: ProxyRequest) -> None:
-        addresses = await self._resolve(request)
-        if addresses is None:
+    async def _resolve_then_route(self, request: ProxyRequest) -> None:
+        try:
+            infos = await asyncio.wait_for(
+                self.loop.getaddrinfo(request.host, request.port, type=socket.SOCK_STREAM),
+                self.shared.limits.resolve_timeout_s,
+            )
+        except TimeoutError:
+            self.deny(504, "resolve_timeout", f"resolving {request.host} timed out")
             return
+        except OSError as exc:
+            self.deny(502, "resolve_failed", f"cannot resolve {request.host}: {exc}")
+            return
+        if self.phase is Phase.CONNECTING:
+            found = dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos)
+            self._route(request, list(found))
+
+    def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
         verdict = evaluate(self.shared.gate.ruleset, request.host, request.port, addresses)
         if not verdict.allowed:
             rule = "default" if verdict.rule_index is None else f"rule {verdict.rule_index}"
-            self._deny(
+            self.deny(
                 403,
                 "destination_denied",
                 f"server traffic rules refuse {self.destination} ({rule}, {verdict.reason.value})",
             )
             return
-        upstream = await self._open_upstream(addresses, request.port)
-        if upstream is not None and self.phase is Phase.CONNECTING:
-            self._start_relay(upstream, request)
-        elif upstream is not None:
-            upstream.abort()
+        Dialer(self, addresses, request.port, lambda up: self._dialed(up, request)).next()
 
-    async def _resolve(
-        self, request: ProxyRequest
-    ) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(request.host, request.port, type=socket.SOCK_STREAM),
-                self.shared.limits.resolve_timeout_s,
-            )
-        except TimeoutError:
-            self._deny(504, "resolve_timeout", f"resolving {request.host} timed out")
-            return None
-        except OSError as exc:
-            self._deny(502, "resolve_failed", f"cannot resolve {request.host}: {exc}")
-            return None
-        found = dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos)
-        return list(found)
-
-    async def _open_upstream(self, addresses: list[Any], port: int) -> asyncio.Transport | None:
-        loop = asyncio.get_running_loop()
-        last: str = "no address"
-        for address in addresses:
-            try:
-                transport, _ = await asyncio.wait_for(
-                    loop.create_connection(self._upstream_protocol, str(address), port),
-                    self.shared.limits.connect_timeout_s,
-                )
-                return transport
-            except TimeoutError:
-                last = "timeout"
-            except OSError as exc:
-                last = exc.strerror or type(exc).__name__
-        status = 504 if last == "timeout" else 502
-        self._deny(
-            status,
-            "upstream_" + ("timeout" if status == 504 else "unreachable"),
-            f"cannot connect to {self.destination}: {last}",
-        )
-        return None
-
-    def _upstream_protocol(self) -> UpstreamProtocol:
-        return UpstreamProtocol(
-            self._from_upstream,
-            self._upstream_eof,
-            self._upstream_lost,
-            self._pause_client,
-            self._resume_client,
-        )
-
-    def _start_relay(self, upstream: asyncio.Transport, request: ProxyRequest) -> None:
-        assert self.transport is not None and self.peer is not None
+    def _dialed(self, upstream: End, request: ProxyRequest) -> None:
+        self._disarm()
         self.upstream = upstream
-        self.up, self.down = Pipe(self.transport, upstream), Pipe(upstream, self.transport)
+        self._start_relay(upstream, request)
+
+    def _start_relay(self, upstream: End, request: ProxyRequest) -> None:
+        assert self.peer is not None
+        pool = self.shared.pool
+        self.up = Pump(self.client, upstream, pool, self._pump_ended)
+        self.down = Pump(upstream, self.client, pool, self._pump_ended)
         trailing = self.parser.trailing_data
         if request.method == "CONNECT":
-            self.transport.write(response_head(200, "Connection established"))
+            self.down.preload(response_head(200, "Connection established"))
+            self.up.preload(trailing)
         else:
-            upstream.write(origin_request_head(request))
-        if trailing:
-            self.up.forward(trailing)
+            self.up.preload(origin_request_head(request) + trailing)
         self.phase = Phase.RELAYING
-        self.shared.metrics.admissions.labels(self.listener.mode.value).inc()
+        self.stats.admissions += 1
         log.info(
             "admit device=%s thumbprint=%s app=%s dest=%s listener=%s",
             self.peer.identity.device_uid,
@@ -397,54 +514,25 @@ class ClientConnection(asyncio.Protocol):
             self.destination,
             self.listener.name,
         )
-        self.transport.resume_reading()
+        self.down.run()
+        self.up.run()
 
-    # -- relay callbacks --------------------------------------------------------------
-
-    def _from_upstream(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
-        if self.down is not None:
-            self.down.forward(data)
-
-    def _upstream_eof(self) -> None:
-        if self.down is not None:
-            self.down.finish()
-
-    def _upstream_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def _pause_client(self) -> None:
-        if self.up is not None:
-            self.up.pause()
-
-    def _resume_client(self) -> None:
-        if self.up is not None:
-            self.up.resume()
-
-    def pause_writing(self) -> None:
-        if self.down is not None:
-            self.down.pause()
-
-    def resume_writing(self) -> None:
-        if self.down is not None:
-            self.down.resume()
-
-    def eof_received(self) -> bool:
-        # TLS has no half-close: the client's close_notify ends the connection (returning
-        # True would be ignored by asyncio's SSL transport, with a warning).
-        if self.phase is Phase.RELAYING and self.up is not None:
-            self.up.finish()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.close()
-        self._closed()
+    def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
+        if self.phase is not Phase.RELAYING:
+            return
+        if error is not None:
+            side = "client" if pump is self.up else "upstream"
+            log.debug("relay %s: %s connection failed: %s", self.destination, side, error)
+            self._drop()
+            return
+        # Either side's end of stream ends the tunnel (TLS has no half-close here); what
+        # the other side still had in flight is dropped with it, as before.
+        self._close_notify()
+        self._drop()
 
     # -- endings ----------------------------------------------------------------------
 
-    def _deny(self, status: int, reason: str, detail: str) -> None:
+    def deny(self, status: int, reason: str, detail: str) -> None:
         self._log_denial(status, reason, detail)
         body = f"certgate: {reason}\n".encode()
         head = response_head(
@@ -473,10 +561,65 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _send_and_close(self, data: bytes) -> None:
-        self.phase = Phase.CLOSED
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-            self.transport.close()
+        """Write a final answer, send close_notify, then linger so the answer is read.
+
+        Closing a socket with unread input makes the kernel send a reset, which can
+        destroy the answer before the client reads it; so the write side is shut and
+        what still arrives is read and dropped, for at most ``LINGER_S``.
+        """
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):
+            return
+        self.phase = Phase.CLOSING
+        self._final = data
+        self.arm(LINGER_S, self._drop)
+        self._write_final()
+
+    def _write_final(self) -> None:
+        if self.phase is not Phase.CLOSING:
+            return
+        try:
+            self.tls.send(self._final)
+        except ssl.SSLWantWriteError:
+            self.client.watched.wait(Want.WRITE, self._write_final)
+            return
+        except ssl.SSLWantReadError:
+            self.client.watched.wait(Want.READ, self._write_final)
+            return
+        except OSError:
+            self._drop()
+            return
+        self._close_notify()
+        try:
+            self.tls.shutdown(socket.SHUT_WR)  # from here on the socket is plain TCP
+        except OSError:
+            self._drop()
+            return
+        self._linger()
+
+    def _linger(self) -> None:
+        if self.phase is not Phase.CLOSING:
+            return
+        try:
+            while data := self.tls.recv(65536):
+                self._lingered += len(data)
+                if self._lingered > LINGER_MAX_BYTES:
+                    break
+            else:
+                self._drop()  # the client closed: done
+                return
+        except (BlockingIOError, InterruptedError):
+            self.client.watched.wait(Want.READ, self._linger)
+            return
+        except OSError:
+            pass
+        self._drop()
+
+    def _close_notify(self) -> None:
+        """Send TLS close_notify, best effort: never wait for the client's."""
+        try:
+            self.tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError, OSError):
+            pass
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (policy change, shutdown, limits)."""
@@ -489,24 +632,119 @@ class ClientConnection(asyncio.Protocol):
                 self.destination,
                 reason,
             )
-        self.phase = Phase.CLOSED
-        for transport in (self.transport, self.upstream):
-            if transport is not None:
-                transport.abort()
+        self._drop()
 
-    def _closed(self) -> None:
+    def _drop(self) -> None:
+        """Close both sockets now and forget the connection (idempotent)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._disarm()
+        for end in (self.client, self.upstream):
+            if end is not None:
+                end.watched.close()
+                end.sock.close()
         if self in self.shared.registry.all:
             self.shared.registry.remove(self)
-            self.shared.metrics.active.labels(self.listener.name).dec()
-            self._fold_counters()
-        self.phase = Phase.CLOSED
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+            self.stats.active -= 1
+        self._fold_counters()
 
     def _fold_counters(self) -> None:
         if self.up is not None and self.down is not None:
-            self.shared.metrics.bytes.labels("up").inc(self.up.bytes)
-            self.shared.metrics.bytes.labels("down").inc(self.down.bytes)
+            self.up.release()
+            self.down.release()
+            self.stats.bytes_up += self.up.bytes
+            self.stats.bytes_down += self.down.bytes
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect already completed: on loopback and on fast local
+    networks it usually has by the time ``connect`` returns, and asking costs one syscall
+    where waiting for writability costs a loop iteration and two ``epoll_ctl``."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+class Dialer:
+    """Connects to the destination's addresses in turn, each within the connect timeout.
+
+    The attempt in progress is ``conn.upstream``, so that an abort closes it too.
+    """
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        addresses: list[IPAddress],
+        port: int,
+        on_connected: Callable[[End], None],
+    ) -> None:
+        self.conn, self.port, self.on_connected = conn, port, on_connected
+        self.addresses = list(addresses)
+        self.last_error = "no address"
+
+    def next(self) -> None:
+        if self.conn.phase is not Phase.CONNECTING:
+            return
+        if not self.addresses:
+            self._failed()
+            return
+        address = self.addresses.pop(0)
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex((str(address), self.port))
+        attempt = End(sock, Watched(self.conn.loop, sock.fileno()))
+        self.conn.upstream = attempt
+        if code == 0 or (code == errno.EINPROGRESS and _established(sock)):
+            self._connected(attempt)
+        elif code == errno.EINPROGRESS:
+            attempt.watched.wait(Want.WRITE, lambda: self._completed(attempt))
+            self.conn.arm(
+                self.conn.shared.limits.connect_timeout_s, lambda: self._give_up(attempt, "timeout")
+            )
+        else:
+            self._give_up(attempt, os.strerror(code))
+
+    def _completed(self, attempt: End) -> None:
+        if self.conn.phase is not Phase.CONNECTING:
+            return
+        code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._give_up(attempt, os.strerror(code))
+        else:
+            self._connected(attempt)
+
+    def _give_up(self, attempt: End, error: str) -> None:
+        attempt.watched.close()
+        attempt.sock.close()
+        self.conn.upstream = None
+        self.last_error = error
+        self.next()
+
+    def _connected(self, attempt: End) -> None:
+        attempt.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.on_connected(attempt)
+
+    def _failed(self) -> None:
+        timeout = self.last_error == "timeout"
+        self.conn.deny(
+            504 if timeout else 502,
+            "upstream_timeout" if timeout else "upstream_unreachable",
+            f"cannot connect to {self.conn.destination}: {self.last_error}",
+        )
 
 
 def end_entity_client(cert: x509.Certificate) -> x509.Certificate:

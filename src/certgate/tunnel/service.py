@@ -20,11 +20,17 @@ from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
-from certgate.tunnel.server import ClientConnection, Gate, Limits, Listener, Shared
+from certgate.tunnel.server import Acceptor, Gate, Limits, Listener, Shared, accept_client
 
 log = logging.getLogger("certgate.tunnel")
 SWEEP_INTERVAL_S = 1.0
 ADMIN_MAX_REQUEST = 8 * 1024
+# TLS 1.3 session tickets sent after a full handshake. OpenSSL's default is 2; each ticket
+# after the first makes OpenSSL 3.0 copy the session through i2d/d2i, which re-decodes the
+# client certificate (about 0.1 ms a connection here, bench/FINDINGS.md). One is what a
+# client resuming one connection at a time needs (every resumption brings a new ticket),
+# and RFC 8446 appendix C.4 asks clients to use each ticket once.
+TLS13_TICKETS = 1
 
 
 Endpoint = ListenAddress  # the data plane's name for a listen address
@@ -40,7 +46,7 @@ class TunnelService:
     limits: Limits = field(default_factory=Limits)
     status: Any = None  # callable returning the sync status dict, for /healthz
     metrics: TunnelMetrics = field(default_factory=TunnelMetrics)
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[Acceptor | asyncio.Server] = field(default_factory=list)
     bound: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,14 +62,15 @@ class TunnelService:
             if endpoint is None:
                 continue
             listener = Listener(mode, self.tls, name)
-            server = await loop.create_server(
-                lambda listener=listener: ClientConnection(self.shared, listener),  # type: ignore[misc]
+            acceptor = Acceptor.listen(
+                loop,
                 endpoint.host,
                 endpoint.port,
-                backlog=1024,
-                reuse_address=True,
+                lambda sock, addr, listener=listener: accept_client(  # type: ignore[misc]
+                    self.shared, listener, sock, addr
+                ),
             )
-            self._register(name, server)
+            self._register(name, acceptor)
         if self.admin is not None:
             server = await asyncio.start_server(
                 self._admin_client, self.admin.host, self.admin.port
@@ -71,7 +78,7 @@ class TunnelService:
             self._register("admin", server)
         self._sweeper = loop.create_task(self._sweep())
 
-    def _register(self, name: str, server: asyncio.Server) -> None:
+    def _register(self, name: str, server: Acceptor | asyncio.Server) -> None:
         self.servers.append(server)
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
@@ -191,7 +198,7 @@ def data_plane_tls(
     curve: str | None = None,
 ) -> ssl.SSLContext:
     """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
-    return server_context(
+    ctx = server_context(
         chain,
         key,
         client_cas=[device_root],
@@ -200,3 +207,5 @@ def data_plane_tls(
         anchor_is_issuer=True,
         curve=curve,
     )
+    ctx.num_tickets = TLS13_TICKETS
+    return ctx
