@@ -132,8 +132,22 @@ class ApiKey(Base):
 
 class Certificate(Base):
     __tablename__ = "certificates"
-    # The paged snapshot walks one group's certificates in thumbprint order (feed.snapshot).
-    __table_args__ = (Index("ix_certificates_group_thumbprint", "group_id", "thumbprint"),)
+    # Snapshot pages walk one group's certificates (feed.snapshot_rows): format 1 in
+    # thumbprint order, format 2 in (device_uid, thumbprint) order on an index holding
+    # every column the page reads (migrations 0002, 0003).
+    __table_args__ = (
+        Index("ix_certificates_group_thumbprint", "group_id", "thumbprint"),
+        Index(
+            "ix_certificates_snapshot",
+            "group_id",
+            "device_uid",
+            "thumbprint",
+            "kind",
+            "revoked_at",
+            "bundle_id",
+            "not_after",
+        ),
+    )
     serial: Mapped[str] = mapped_column(String(64), primary_key=True)
     thumbprint: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
@@ -153,6 +167,17 @@ class Certificate(Base):
 
 class Device(Base):
     __tablename__ = "devices"
+    # What a snapshot entry reads of its device, by uid, without visiting the row.
+    __table_args__ = (
+        Index(
+            "ix_devices_snapshot",
+            "uid",
+            "group_id",
+            "enrollment_status",
+            "compliance_status",
+            "blocked",
+        ),
+    )
     uid: Mapped[str] = mapped_column(String(32), primary_key=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
     platform: Mapped[str] = mapped_column(String(32))
