@@ -31,7 +31,8 @@ CLOCK_SKEW_S = 60
 
 TYP_TRUST = "certgate-trust+jws"
 TYP_BATCH = "certgate-feed-batch+jws"
-TYP_SNAPSHOT = "certgate-snapshot+jws"
+TYP_SNAPSHOT = "certgate-snapshot+jws"  # format 1: entries as feed upsert objects
+TYP_SNAPSHOT_V2 = "certgate-snapshot-v2+jws"  # format 2: entries as columns
 TYP_INSTALLER = "certgate-installer+jws"
 
 

@@ -35,7 +35,9 @@ from certgate.pki.identity import BUNDLE_ID_RE, DEVICE_UID_RE, GROUP_ID_RE
 from certgate.pki.thumbprint import THUMBPRINT_RE, is_thumbprint
 
 __all__ = [
+    "ATTRIBUTE_FIELDS",
     "Changes",
+    "Columns",
     "ComplianceStatus",
     "DeviceTable",
     "EnrollmentStatus",
@@ -140,6 +142,32 @@ class Changes:
     revoked: tuple[str, ...]
 
 
+# The fields a format-2 snapshot page dictionary-encodes (docs/CONVENTIONS.md).
+ATTRIBUTE_FIELDS = (
+    "group_id",
+    "app_bundle_id",
+    "enrollment_status",
+    "compliance_status",
+    "blocked",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A page of a format-2 snapshot, decoded (``tunnel.snapshot``) but for its attributes.
+
+    Entry ``i`` is ``keys[i]`` (the thumbprint as an int), ``device_uids[i]`` (16 bytes),
+    ``not_after[i]`` and the ATTRIBUTE_FIELDS values ``attributes[index[i]]``, which
+    ``DeviceTable.extend_columns`` checks like the fields of a feed entry.
+    """
+
+    keys: list[int]
+    device_uids: list[bytes]
+    not_after: list[int]
+    attributes: list[object]
+    index: list[int]
+
+
 _UPSERT_KEYS = frozenset(
     {
         "op",
@@ -157,7 +185,7 @@ _DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
 _MAX_NOT_AFTER = 2**63 - 1  # int64 in the packed record
 _canonical = THUMBPRINT_RE.fullmatch  # is_thumbprint without a call: lookups are hot
 
-# Codes are ordered so that an admissible status packs to 0 (see ``_parse_upsert``).
+# Codes are ordered so that an admissible status packs to 0 (see ``_parse_attributes``).
 _ENROLLMENT_CODES = (
     EnrollmentStatus.ENROLLED,
     EnrollmentStatus.UNENROLLED,
@@ -273,6 +301,33 @@ class DeviceTable:
             if key in self._records:
                 raise InvalidEntry(f"{where}: duplicate thumbprint {_hex(key)}")
             self._records[key] = self._pack(upsert)
+
+    def extend_columns(self, columns: Columns) -> None:
+        """Add a page of a format-2 snapshot, seq unchanged; like ``extend``, only for a
+        table nobody serves yet. Attributes are checked once per distinct combination,
+        so an entry costs one record packed (format 1: every field of every entry)."""
+        packed = [
+            self._pack_attributes(values, f"entries.attributes.values[{code}]")
+            for code, values in enumerate(columns.attributes)
+        ]
+        records, pack = self._records, _RECORD.pack
+        start = len(records)
+        entries = zip(
+            columns.keys, columns.device_uids, columns.not_after, columns.index, strict=True
+        )
+        for key, uid, not_after, code in entries:
+            bundle, group, status = packed[code]
+            records[key] = pack(uid, not_after, bundle, group, status)
+        if len(records) != start + len(columns.keys):
+            raise InvalidEntry("snapshot page repeats a thumbprint of an earlier page")
+
+    def _pack_attributes(self, values: object, where: str) -> tuple[int, int, int]:
+        """(bundle code, group code, status bits) of one ATTRIBUTE_FIELDS combination."""
+        if type(values) is not list or len(values) != len(ATTRIBUTE_FIELDS):
+            raise InvalidEntry(f"{where}: expected [{', '.join(ATTRIBUTE_FIELDS)}]")
+        raw: dict[object, object] = dict(zip(ATTRIBUTE_FIELDS, values, strict=True))
+        group_id, bundle_id, status = _parse_attributes(raw, where)
+        return self._bundles.code(bundle_id), self._groups.code(group_id), status
 
     # Packed form, for persistence: records are RECORD_FORMAT structs keyed by the
     # thumbprint as an int; group and bundle codes index the name lists (1-based).
@@ -451,10 +506,17 @@ def _parse_op(raw: object, where: str) -> _Op:
 
 
 def _parse_upsert(raw: Mapping[object, object], where: str) -> _Upsert:
-    """The upsert's fields (the caller checked the thumbprint), validated in order, packed.
+    """The upsert's fields (the caller checked the thumbprint), validated in order, packed."""
+    uid = _text(raw, "device_uid", DEVICE_UID_RE, where)
+    group_id, bundle_id, status = _parse_attributes(raw, where)
+    not_after = _timestamp(raw, "not_after", where)
+    return bytes.fromhex(uid), not_after, group_id, bundle_id, status
+
+
+def _parse_attributes(raw: Mapping[object, object], where: str) -> tuple[str, str | None, int]:
+    """(group id, bundle id, status bits) of the ATTRIBUTE_FIELDS in ``raw``.
 
     Status codes are ordered so that an admissible status packs to 0."""
-    uid = _text(raw, "device_uid", DEVICE_UID_RE, where)
     group_id = _text(raw, "group_id", GROUP_ID_RE, where)
     bundle = raw["app_bundle_id"]
     bundle_id = None if bundle is None else _text(raw, "app_bundle_id", BUNDLE_ID_RE, where)
@@ -462,8 +524,7 @@ def _parse_upsert(raw: Mapping[object, object], where: str) -> _Upsert:
     status |= _choice(raw, "compliance_status", _COMPLIANCE_CODE, where) << 2
     if _boolean(raw, "blocked", where):
         status |= _BLOCKED_BIT
-    not_after = _timestamp(raw, "not_after", where)
-    return bytes.fromhex(uid), not_after, group_id, bundle_id, status
+    return group_id, bundle_id, status
 
 
 def _require_keys(raw: Mapping[object, object], expected: frozenset[str], where: str) -> None:
