@@ -110,7 +110,10 @@ def test_x5c_chain_of_two_certs_fits_the_header(hierarchy: Hierarchy, console_a:
     jws.verify(token, console_a.cert, jws.TYP_TRUST, group_id=GROUP)
 
 
-@pytest.mark.parametrize("typ", [jws.TYP_TRUST, jws.TYP_BATCH, jws.TYP_SNAPSHOT, jws.TYP_INSTALLER])
+@pytest.mark.parametrize(
+    "typ",
+    [jws.TYP_TRUST, jws.TYP_BATCH, jws.TYP_SNAPSHOT, jws.TYP_SNAPSHOT_V2, jws.TYP_INSTALLER],
+)
 def test_every_message_type_round_trips(console_a: Leaf, typ: str) -> None:
     token = sign_for(console_a, typ=typ)
     assert jws.verify(token, console_a.cert, typ)["group_id"] == GROUP
@@ -135,6 +138,14 @@ def test_wrong_typ_refused(console_a: Leaf) -> None:
     token = sign_for(console_a, typ=jws.TYP_BATCH)
     with pytest.raises(SignatureError, match="unexpected message type 'certgate-feed-batch"):
         jws.verify(token, console_a.cert, jws.TYP_SNAPSHOT)
+
+
+def test_snapshot_formats_are_not_mistaken_for_each_other(console_a: Leaf) -> None:
+    old, new = (sign_for(console_a, typ=typ) for typ in (jws.TYP_SNAPSHOT, jws.TYP_SNAPSHOT_V2))
+    with pytest.raises(SignatureError, match="'certgate-snapshot\\+jws', wanted 'certgate-snap"):
+        jws.verify(old, console_a.cert, jws.TYP_SNAPSHOT_V2)
+    with pytest.raises(SignatureError, match="'certgate-snapshot-v2\\+jws', wanted"):
+        jws.verify(new, console_a.cert, jws.TYP_SNAPSHOT)
 
 
 def test_expired_token_refused(console_a: Leaf) -> None:

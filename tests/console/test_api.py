@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +34,8 @@ from certgate.pki.authority import Authority, Names
 from certgate.pki.keys import generate_key
 from certgate.pki.profiles import ADMIN_CLIENT
 from certgate.pki.thumbprint import thumbprint
+from certgate.tunnel.snapshot import decode_page
+from certgate.tunnel.table import DeviceTable
 from tests.support import AdminCreds, RunningConsole, make_csr
 
 pytestmark = pytest.mark.integration
@@ -781,3 +784,44 @@ def test_crl_is_cached_until_a_revocation(env: RunningConsole, device: dict[str,
         after.extensions.get_extension_for_class(number).value.crl_number
         > before.extensions.get_extension_for_class(number).value.crl_number
     )
+
+
+def by_thumbprint(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(entries, key=lambda entry: str(entry["thumbprint"]))
+
+
+def test_format_2_pages_hold_the_format_1_entries(
+    env: RunningConsole, device: dict[str, Any]
+) -> None:
+    with device_client(env, device) as dev:
+        for app in ("com.example.columns", "com.example.rows"):
+            dev.post(
+                f"/api/v1/device/apps/{app}/certificate",
+                json={
+                    "username": "alice",
+                    "password": "correct horse",
+                    "csr": make_csr()[0].decode(),
+                },
+            )
+        dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    with _tunnel_client(env, "acme") as tunnel:
+        acme = x509.load_pem_x509_certificate((env.work / "console-acme.pem").read_bytes())
+        objects = jws.verify(
+            tunnel.get("/api/v1/tunnel/feed/snapshot").text, acme, jws.TYP_SNAPSHOT
+        )
+        table, after = DeviceTable(objects["seq"]), ""
+        while True:  # one entry a page: every cursor is exercised
+            params: dict[str, Any] = {"format": 2, "limit": 1} | ({"after": after} if after else {})
+            response = tunnel.get("/api/v1/tunnel/feed/snapshot", params=params)
+            payload = jws.verify(response.content, acme, jws.TYP_SNAPSHOT_V2, "acme")
+            page = decode_page(payload, after, 1)
+            table.extend_columns(page.columns)
+            if page.next is None:
+                break
+            after = page.next
+        short = tunnel.get("/api/v1/tunnel/feed/snapshot", params={"format": 2, "after": "a" * 64})
+        assert_denied(env, short, 400, "a format 2 cursor has 96 hex digits")
+        unknown = tunnel.get("/api/v1/tunnel/feed/snapshot", params={"format": 3})
+        assert unknown.status_code == 422
+    assert by_thumbprint(table.to_snapshot()) == by_thumbprint(objects["entries"])
+    assert len(objects["entries"]) >= 3

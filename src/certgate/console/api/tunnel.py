@@ -3,10 +3,15 @@
 Feed calls authenticate with the group's tunnel identity certificate over mTLS. The
 long-poll holds a request open until the group's feed moves past the cursor or the wait
 ends; a commit on this node wakes it at once, other console nodes are seen within 1 s.
+
+Snapshot pages come in two formats (docs/CONVENTIONS.md): 1, entries as feed objects, the
+default for nodes that predate 2; and 2, columns, signed once per feed seq and shared by
+every node of the group (``services.snapshots``).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -16,11 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import state_of, tunnel_tx
 from certgate.console.services import audit, tunnels
-from certgate.console.services.feed import SNAPSHOT_PAGE
+from certgate.console.services.feed import SNAPSHOT_PAGE, current_seq
+from certgate.console.services.snapshots import PageKey, SnapshotPages
+from certgate.errors import BadRequest
 
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
 CROSS_NODE_RECHECK_S = 1.0
+_PAGES_LOCK = threading.Lock()
+CURSOR_HEX = {1: 64, 2: 96}
 
 
 @router.post("/install")
@@ -47,14 +56,38 @@ def install(request: Request, body: s.InstallIn) -> dict[str, Any]:
 @router.get("/feed/snapshot", response_class=Response)
 def snapshot(
     request: Request,
-    after: str = Query("", pattern="^([0-9a-f]{64})?$"),
+    after: str = Query("", pattern="^([0-9a-f]{64}|[0-9a-f]{96})?$"),
     limit: int = Query(SNAPSHOT_PAGE, ge=1, le=SNAPSHOT_PAGE),
+    page_format: int = Query(1, alias="format", ge=1, le=2),
 ) -> Response:
-    """A signed page of the group's live entries with thumbprint > ``after``."""
+    """A signed page of the group's live entries after the cursor ``after``: a thumbprint
+    in format 1, a device uid and a thumbprint in format 2."""
     state = state_of(request)
+    if after and len(after) != CURSOR_HEX[page_format]:
+        raise BadRequest(
+            f"a format {page_format} cursor has {CURSOR_HEX[page_format]} hex digits"
+            " (format 1: a thumbprint; format 2: a device uid, then a thumbprint)"
+        )
+    if page_format == 1:
+        with tunnel_tx(request) as (session, group_id):
+            token = tunnels.signed_snapshot(session, state.pki, group_id, after, limit)
+        return Response(token, media_type=JWS_TYPE)
     with tunnel_tx(request) as (session, group_id):
-        token = tunnels.signed_snapshot(session, state.pki, group_id, after, limit)
-    return Response(token, media_type=JWS_TYPE)
+        seq = current_seq(session, group_id)
+    # Outside the transaction: the page may be one another request is signing.
+    page = _snapshot_pages(request).page(PageKey(group_id, after, limit), seq)
+    return Response(page.token, media_type=JWS_TYPE)
+
+
+def _snapshot_pages(request: Request) -> SnapshotPages:
+    """The app's page cache, made on first use (one per console app)."""
+    app_state = request.app.state
+    with _PAGES_LOCK:
+        pages: SnapshotPages | None = getattr(app_state, "snapshot_pages", None)
+        if pages is None:
+            state = state_of(request)
+            pages = app_state.snapshot_pages = SnapshotPages(state.db, state.pki)
+    return pages
 
 
 def _poll_once(request: Request, after: int) -> tuple[str, tunnels.SignedBatch | None]:
