@@ -7,7 +7,11 @@ short, signed by an unknown key, or verified with the clock past their expiry.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
@@ -20,10 +24,12 @@ import pytest
 from certgate import jws
 from certgate.errors import SignatureError
 from certgate.pki.keys import generate_key
+from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import TableStore
-from certgate.tunnel.sync import FeedFollower
-from certgate.tunnel.table import ComplianceStatus, SequenceGap, SequenceReplay
+from certgate.tunnel.sync import FeedFollower, FeedUnavailable
+from certgate.tunnel.table import ComplianceStatus, FeedError, SequenceGap, SequenceReplay
+from tests.pki.conftest import shared_hierarchy
 from tests.support import RunningConsole
 from tests.tunnel.conftest import (
     COMPLIANT,
@@ -37,6 +43,7 @@ from tests.tunnel.conftest import (
     set_compliance,
     setup_node,
 )
+from tests.tunnel.test_snapshot import ENTRIES, cursor, page
 
 T = TypeVar("T")
 WAIT_LIMIT_S = 20.0
@@ -462,3 +469,136 @@ def test_paged_snapshot_is_assembled_from_every_page(
             assert f.table.seq == feed_seq(console, group)
 
     run(scenario())
+
+
+# Format 2 pages signed by a console identity the test holds: the content checks behind
+# the signature (cursor chain, seq, bounds), served by a stand-in console.
+
+
+class PageServer:
+    """A stand-in console answering snapshot requests with the given signed pages."""
+
+    def __init__(self, pages: list[bytes]) -> None:
+        self.pages = pages
+        self.asked: list[dict[str, str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(dict(request.url.params))
+        return httpx.Response(200, content=self.pages[len(self.asked) - 1])
+
+
+def signed_pages(
+    node: TunnelState, leaf: Any, pages: list[tuple[int, list[dict[str, Any]]]]
+) -> list[bytes]:
+    """(seq, entries) pages signed by ``leaf``, chained by cursor as a console does."""
+    tokens, after = [], ""
+    for number, (seq, entries) in enumerate(pages):
+        following = cursor(entries[-1]) if number + 1 < len(pages) else None
+        body = page(entries, after, following, seq) | {"group_id": node.group_id}
+        del body["iat"], body["exp"]
+        tokens.append(jws.sign(body, leaf.key, leaf.chain, jws.TYP_SNAPSHOT_V2, 60).encode())
+        after = following or ""
+    return tokens
+
+
+def stand_in(node: TunnelState, tmp_path: Path, server: PageServer, **options: Any) -> FeedFollower:
+    leaf = shared_hierarchy().leaves["console"]
+    trusting = dataclasses.replace(node, console_identity=leaf.cert)
+    f = FeedFollower(trusting, Revoked(), state_dir=tmp_path / "stand-in", **options)
+    client = httpx.AsyncClient(
+        base_url="https://console.test", transport=httpx.MockTransport(server)
+    )
+    f._client = client  # the follower's own client, on a transport serving the pages
+    return f
+
+
+def test_paged_snapshot_asks_for_format_2_and_follows_the_cursors(
+    node: TunnelState, tmp_path: Path
+) -> None:
+    leaf = shared_hierarchy().leaves["console"]
+    server = PageServer(signed_pages(node, leaf, [(5, ENTRIES[:4]), (6, ENTRIES[4:])]))
+
+    async def scenario() -> None:
+        async with stand_in(node, tmp_path, server, snapshot_page=8) as f:
+            await f.fetch_snapshot()
+            assert (f.table.seq, len(f.table)) == (5, len(ENTRIES)) and f.is_fresh()
+
+    run(scenario())
+    assert server.asked == [
+        {"format": "2", "limit": "8"},
+        {"format": "2", "limit": "8", "after": cursor(ENTRIES[3])},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pages", "limit", "reason"),
+    [
+        ([(5, ENTRIES[:4]), (4, ENTRIES[4:])], 8, "snapshot page of seq 4 follows one of seq 5"),
+        ([(5, ENTRIES[:9])], 8, "snapshot page holds 9 entries; asked for at most 8"),
+        ([(5, ENTRIES[4:6]), (5, ENTRIES[:4])], 8, "entries[0] is not after the page's cursor"),
+    ],
+)
+def test_a_signed_page_that_breaks_the_paging_rules_is_rejected(
+    node: TunnelState,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    pages: list[tuple[int, list[dict[str, Any]]]],
+    limit: int,
+    reason: str,
+) -> None:
+    leaf = shared_hierarchy().leaves["console"]
+    tokens = signed_pages(node, leaf, pages)
+    if reason.startswith("entries[0]"):  # the second page restarts from the beginning
+        body = jws.verify(tokens[1], leaf.cert, jws.TYP_SNAPSHOT_V2, node.group_id)
+        body["after"] = cursor(ENTRIES[5])
+        del body["iat"], body["exp"]
+        tokens[1] = jws.sign(body, leaf.key, leaf.chain, jws.TYP_SNAPSHOT_V2, 60).encode()
+
+    async def scenario() -> None:
+        async with stand_in(node, tmp_path, PageServer(tokens), snapshot_page=limit) as f:
+            with pytest.raises(FeedError, match=re.escape(reason)):
+                await f.fetch_snapshot()
+            assert (f.table.seq, len(f.table), f.is_fresh()) == (0, 0, False)
+
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(scenario())
+    assert f"rejected feed snapshot: {reason}" in caplog.text
+
+
+def test_an_oversized_page_is_refused_before_it_is_parsed(
+    node: TunnelState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leaf = shared_hierarchy().leaves["console"]
+    tokens = signed_pages(node, leaf, [(5, ENTRIES)])
+    monkeypatch.setattr(snapshot, "max_token_bytes", lambda limit: len(tokens[0]) - 1)
+
+    async def scenario() -> None:
+        async with stand_in(node, tmp_path, PageServer(tokens)) as f:
+            with pytest.raises(FeedUnavailable, match=f"exceeds {len(tokens[0]) - 1} bytes"):
+                await f.fetch_snapshot()
+            assert len(f.table) == 0
+
+    run(scenario())
+
+
+def test_a_tampered_snapshot_page_is_rejected(
+    console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = raw_snapshot(node)
+    header, payload, signature = token.split(b".")
+    body = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    body["entries"]["attributes"]["values"][0][3] = "compliant"  # what a forger would change
+    body["entries"]["attributes"]["values"][0][4] = False
+    forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=")
+
+    async def scenario() -> None:
+        async with follower(node, Revoked()) as f:
+            with pytest.raises(SignatureError, match="does not verify with the pinned"):
+                await f.accept_snapshot(b".".join([header, forged, signature]))
+            assert len(f.table) == 0
+            await f.accept_snapshot(token)
+            assert f.table.lookup(device.thumbprint) is not None
+
+    caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
+    run(scenario())
+    assert "rejected feed snapshot: signature does not verify" in caplog.text

@@ -28,6 +28,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import httpx
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.tlsconf import client_context
+from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, FeedError, SequenceGap, SequenceReplay
@@ -60,6 +62,12 @@ RevokedCallback = Callable[[tuple[str, ...]], None]
 
 class FeedUnavailable(CertgateError):
     """The console answered a feed request with something other than 200/204."""
+
+
+@dataclass(frozen=True, slots=True)
+class _VerifiedPage:
+    signed_at: float  # the page's iat
+    next: str | None
 
 
 class FeedFollower:
@@ -251,7 +259,9 @@ class FeedFollower:
     async def __aexit__(self, *_: object) -> None:
         await self.aclose()
 
-    async def _get(self, path: str, read_timeout: float, **params: Any) -> bytes | None:
+    async def _get(
+        self, path: str, read_timeout: float, max_bytes: int, **params: Any
+    ) -> bytes | None:
         """GET a signed message: its body on 200, None on 204, else FeedUnavailable."""
         timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=read_timeout)
         request = self._http().stream("GET", path, params=params, timeout=timeout)
@@ -259,87 +269,91 @@ class FeedFollower:
             if response.status_code == 204:
                 return None
             if response.status_code == 200:
-                return await _read_bounded(response.aiter_bytes(), jws.MAX_TOKEN_BYTES)
+                return await _read_bounded(response.aiter_bytes(), max_bytes)
             text = (await _read_prefix(response.aiter_bytes())).decode(errors="replace")
         raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
 
     # Snapshots
 
     async def fetch_snapshot(self) -> None:
-        """Fetch every page of a signed snapshot, verify each, and swap the table in.
+        """Fetch every page of a signed snapshot (format 2), verify each, swap the table in.
 
-        Pages are chained (each names the cursor it starts after) and the table takes the
-        first page's seq: the feed is then replayed from there, which converges because
-        batch operations are idempotent per thumbprint.
+        Pages are chained (each starts after the cursor of the last entry of the one before)
+        and the table takes the first page's seq. A later page may have been read at a later seq,
+        never an earlier one: the feed is then replayed from the first page's seq, which
+        converges because batch operations are idempotent per thumbprint.
         """
         path = self.state.trust.feed.snapshot_path
+        limit = self._snapshot_page or snapshot.PAGE_LIMIT
         table: DeviceTable | None = None
-        first: dict[str, Any] | None = None
+        signed_at: float | None = None
         after = ""
         while True:
-            params: dict[str, Any] = {"after": after} if after else {}
-            if self._snapshot_page is not None:
-                params["limit"] = self._snapshot_page
-            body = await self._get(path, REQUEST_TIMEOUT_S * 2, **params)
+            params: dict[str, Any] = {"format": 2, "limit": limit}
+            if after:
+                params["after"] = after
+            body = await self._get(
+                path, REQUEST_TIMEOUT_S * 2, snapshot.max_token_bytes(limit), **params
+            )
             if body is None:
                 raise FeedUnavailable(f"console answered 204 on {path}")
-            payload, table = await self._checked(self._verified_page, body, table, after)
-            first = first or payload
-            after = payload.get("next") or ""
-            if not after:
+            page, table = await self._checked(self._verified_page, body, table, after, limit)
+            if signed_at is None:
+                signed_at = page.signed_at
+            if page.next is None:
                 break
-        assert first is not None and table is not None
-        await self._swap(first, table)
+            after = page.next
+        await self._swap(signed_at, table)
 
     async def accept_snapshot(self, token: bytes | str) -> None:
-        """Verify a one-page signed snapshot and swap it in; on failure keep the table."""
-        payload, table = await self._checked(self._verified_page, token, None, "")
-        if payload.get("next"):
+        """Verify a one-page signed snapshot (format 2) and swap it in; on failure keep
+        the table."""
+        page, table = await self._checked(self._verified_page, token, None, "", snapshot.PAGE_LIMIT)
+        if page.next is not None:
             raise FeedError("snapshot has further pages; use fetch_snapshot")
-        await self._swap(payload, table)
+        await self._swap(page.signed_at, table)
 
-    async def _checked(self, check: Any, *args: Any) -> tuple[dict[str, Any], DeviceTable]:
+    async def _checked(self, check: Any, *args: Any) -> tuple[_VerifiedPage, DeviceTable]:
         try:
-            result: tuple[dict[str, Any], DeviceTable] = await asyncio.to_thread(check, *args)
+            result: tuple[_VerifiedPage, DeviceTable] = await asyncio.to_thread(check, *args)
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed snapshot: %s; keeping seq %d", exc, self._table.seq)
             raise
         return result
 
-    async def _swap(self, payload: dict[str, Any], table: DeviceTable) -> None:
+    async def _swap(self, signed_at: float, table: DeviceTable) -> None:
         old, self._table, self._needs_snapshot = self._table, table, False
-        self._last_signed_at = float(payload["iat"])
+        self._last_signed_at = signed_at
         log.info("applied snapshot: %d entries at seq %d", len(table), table.seq)
+        # Served (and fresh) at once, and live tunnels it no longer admits closed, before
+        # the table is written (0.5 s at 1,000,000 entries). The exchange time is persisted
+        # only after the table, so that a restart never takes an older table on disk for a
+        # fresher one.
+        self._record_success(self._clock())
+        self._notify(await asyncio.to_thread(_revoked_by_swap, old, table))
+        del old  # the replaced table goes before the heap is trimmed
         self._store_behind = not await self._write(self._store.write_snapshot, table)
         await self._exchanged()
-        revoked = await asyncio.to_thread(_revoked_by_swap, old, table)
-        self._notify(revoked)
-        del old  # the replaced table goes before the heap is trimmed
         await asyncio.to_thread(_release_free_memory)
 
     def _verified_page(
-        self, token: bytes | str, table: DeviceTable | None, after: str
-    ) -> tuple[dict[str, Any], DeviceTable]:
-        payload = self._verify(token, jws.TYP_SNAPSHOT)
-        seq = payload.get("seq")
-        if type(seq) is not int:
-            raise FeedError("snapshot lacks an integer seq")
-        if seq < self._table.seq:  # the current table is never rolled back
+        self, token: bytes | str, table: DeviceTable | None, after: str, limit: int
+    ) -> tuple[_VerifiedPage, DeviceTable]:
+        payload = self._verify(token, jws.TYP_SNAPSHOT_V2)
+        page = snapshot.decode_page(payload, after, limit)
+        if page.seq < self._table.seq:  # the current table is never rolled back
             raise SequenceReplay(
-                f"snapshot seq {seq} is behind the table's seq {self._table.seq}",
+                f"snapshot seq {page.seq} is behind the table's seq {self._table.seq}",
                 table_seq=self._table.seq,
-                from_seq=seq,
-                to_seq=seq,
+                from_seq=page.seq,
+                to_seq=page.seq,
             )
-        if payload.get("after", "") != after:
-            raise FeedError(f"snapshot page starts after {payload.get('after')!r}, not {after!r}")
-        entries = payload.get("entries")
-        if not isinstance(entries, list):
-            raise FeedError("snapshot lacks its entries")
+        if table is not None and page.seq < table.seq:
+            raise FeedError(f"snapshot page of seq {page.seq} follows one of seq {table.seq}")
         if table is None:
-            return payload, DeviceTable.from_snapshot(seq, entries)
-        table.extend(entries)
-        return payload, table
+            table = DeviceTable(page.seq)
+        table.extend_columns(page.columns)
+        return _VerifiedPage(float(payload["iat"]), page.next), table
 
     def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
         return jws.verify(
@@ -352,7 +366,9 @@ class FeedFollower:
         """One long-poll: apply the batch the console returns (200), or None on 204."""
         wait = self.state.trust.feed.long_poll_s if wait is None else wait
         path = self.state.trust.feed.feed_path
-        body = await self._get(path, wait + LONG_POLL_GRACE_S, after=self._table.seq, wait=wait)
+        body = await self._get(
+            path, wait + LONG_POLL_GRACE_S, jws.MAX_TOKEN_BYTES, after=self._table.seq, wait=wait
+        )
         if body is None:
             await self._exchanged()
             return None
