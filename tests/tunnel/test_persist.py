@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,28 @@ def test_damaged_middle_line_stops_replay_with_a_warning(
     again = loaded(tmp_path)
     assert contents(again.table) == expected and again.batches_replayed == 1
     assert "torn or damaged at byte" in caplog.text
+
+
+def test_snapshot_is_written_in_bounded_parts(tmp_path: Path) -> None:
+    table = table_of(40_000)  # more records than one part holds
+    parts = list(persist.snapshot_parts(table))
+    assert len(parts) > 3 and max(len(part) for part in parts) <= 1_100_000
+    TableStore(tmp_path).write_snapshot(table)
+    assert (tmp_path / persist.SNAPSHOT_FILE).read_bytes() == b"".join(parts)
+    assert contents(loaded(tmp_path).table) == contents(table)
+
+
+def test_a_failed_parts_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    atomic_write(path, b"old")
+
+    def failing() -> Iterator[bytes]:
+        yield b"new, half"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        persist.atomic_write_parts(path, failing())
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_journal_left_behind_by_a_crash_during_compaction(tmp_path: Path) -> None:

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ __all__ = [
     "StoreInfo",
     "TableStore",
     "atomic_write",
+    "atomic_write_parts",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,9 @@ _HEADER = struct.Struct("<8sQQII")
 _KEY_BYTES = 32
 _TABLE_RECORD_FORMAT = "<16sqIHB"  # table.py's packed record, as this file format knows it
 _RECORD_BYTES = _KEY_BYTES + struct.calcsize(_TABLE_RECORD_FORMAT)
+_ENTRY = struct.Struct(f"{_KEY_BYTES}s{_RECORD_BYTES - _KEY_BYTES}s")  # key, packed record
 _DIGEST_BYTES = 32
+_RECORDS_PER_PART = 16_384  # about 1 MB
 _MAX_NAMES_BYTES = 64 * 1024 * 1024
 
 
@@ -88,11 +92,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     Write a temporary file in the same directory, fsync it, rename it over ``path`` (atomic
     on POSIX), then fsync the directory so the rename itself is durable.
     """
+    atomic_write_parts(path, [data], mode)
+
+
+def atomic_write_parts(path: Path, parts: Iterable[bytes | bytearray], mode: int = 0o600) -> None:
+    """``atomic_write`` of the concatenation of ``parts``, written as they come."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for part in parts:
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)  # O_CREAT honours the umask; the mode must be exact
@@ -140,18 +150,33 @@ class _PackedTable:
 
 def encode_snapshot(table: DeviceTable) -> bytes:
     """The snapshot file's bytes for ``table`` (see the module docstring)."""
+    return b"".join(snapshot_parts(table))
+
+
+def snapshot_parts(table: DeviceTable) -> Iterator[bytes | bytearray]:
+    """The snapshot file of ``table`` in parts of about 1 MB, its SHA-256 trailer last.
+
+    Written part by part: joining a ``bytes`` per record, then the parts, held 1,000,000
+    small objects and three 63 MB copies at once (220 MB over the table, and heap the
+    node kept afterwards)."""
     _PackedTable.check_layout()
     groups, bundles = _PackedTable.names(table)
-    group_blob = json.dumps(groups, separators=(",", ":")).encode()
-    bundle_blob = json.dumps(bundles, separators=(",", ":")).encode()
-    parts = [
-        _HEADER.pack(_MAGIC, table.seq, len(table), len(group_blob), len(bundle_blob)),
-        group_blob,
-        bundle_blob,
-        b"".join(key.to_bytes(_KEY_BYTES, "big") + rec for key, rec in _PackedTable.records(table)),
-    ]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    names = [json.dumps(n, separators=(",", ":")).encode() for n in (groups, bundles)]
+    head = _HEADER.pack(_MAGIC, table.seq, len(table), len(names[0]), len(names[1]))
+    digest = hashlib.sha256()
+    for part in itertools.chain([head, *names], _record_parts(table)):
+        digest.update(part)
+        yield part
+    yield digest.digest()
+
+
+def _record_parts(table: DeviceTable) -> Iterator[bytes | bytearray]:
+    records, pack = _PackedTable.records(table), _ENTRY.pack_into
+    while chunk := list(itertools.islice(records, _RECORDS_PER_PART)):
+        part = bytearray(len(chunk) * _RECORD_BYTES)
+        for at, (key, record) in zip(range(0, len(part), _RECORD_BYTES), chunk, strict=True):
+            pack(part, at, key.to_bytes(_KEY_BYTES, "big"), record)
+        yield part
 
 
 def decode_snapshot(data: bytes) -> DeviceTable:
@@ -314,7 +339,7 @@ class TableStore:
 
     def write_snapshot(self, table: DeviceTable) -> None:
         """Persist ``table`` whole and start an empty journal after it."""
-        atomic_write(self.snapshot_path, encode_snapshot(table))
+        atomic_write_parts(self.snapshot_path, snapshot_parts(table))
         atomic_write(self.journal_path, b"")
         self._journal_bytes = 0
 
