@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from cryptography import x509
 
 from certgate.pki import identity
@@ -147,12 +148,15 @@ class StaticSource:
         return self.fresh
 
 
-class ServiceThread:
-    """Runs a TunnelService on its own event loop in a daemon thread."""
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
-    def __init__(self, service: TunnelService) -> None:
+
+class ServiceThread:
+    """Runs a TunnelService on its own event loop (stdlib or uvloop) in a daemon thread."""
+
+    def __init__(self, service: TunnelService, loop: str = "asyncio") -> None:
         self.service = service
-        self.loop = asyncio.new_event_loop()
+        self.loop = LOOPS[loop]()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> ServiceThread:

@@ -10,7 +10,7 @@ certificates). Per connection:
     only; an IP literal is used as it is) -> server traffic ``rules.evaluate`` (pure) ->
     upstream connect -> relay.
 
-The shell is callbacks on socket readiness (``relay.Watched``), not asyncio transports: the
+The shell is callbacks on socket readiness (``sockets.Watched``), not asyncio transports: the
 accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
 so a failed handshake (expired, wrong CA, self-signed, no certificate) is caught and logged
 with its reason, and connection limits apply before any cryptography is spent. It runs
@@ -21,10 +21,8 @@ thumbprint, app, destination and reason.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 import time
@@ -56,16 +54,18 @@ from certgate.tunnel.admission import (
     peer_identity,
 )
 from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
-from certgate.tunnel.relay import (
+from certgate.tunnel.relay import BufferPool, Pump
+from certgate.tunnel.rules import RuleSet, evaluate
+from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
-    BufferPool,
+    Dialer,
     End,
-    Pump,
+    IPAddress,
     TLSEnd,
     Want,
     Watched,
+    ip_literal,
 )
-from certgate.tunnel.rules import RuleSet, evaluate
 from certgate.tunnel.table import DeviceTable
 
 log = logging.getLogger("certgate.tunnel")
@@ -196,80 +196,6 @@ class Shared:
         task.add_done_callback(self.tasks.discard)
 
 
-ACCEPT_BATCH = 64
-ACCEPT_PAUSE_S = 1.0  # after EMFILE and the like, as asyncio's own accept loop does
-
-
-class Acceptor:
-    """A listening socket; accepts on readiness and hands each socket to ``on_accept``."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        on_accept: Callable[[socket.socket, Any], None],
-    ) -> None:
-        self.loop, self.sock, self.on_accept = loop, sock, on_accept
-        self._serving = False
-
-    @classmethod
-    def listen(
-        cls,
-        loop: asyncio.AbstractEventLoop,
-        host: str,
-        port: int,
-        on_accept: Callable[[socket.socket, Any], None],
-        backlog: int = 1024,
-    ) -> Acceptor:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        acceptor = cls(loop, sock, on_accept)
-        acceptor.resume()
-        return acceptor
-
-    @property
-    def sockets(self) -> list[socket.socket]:
-        return [self.sock]
-
-    def is_serving(self) -> bool:
-        return self._serving
-
-    def resume(self) -> None:
-        if self.sock.fileno() >= 0 and not self._serving:
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-            self._serving = True
-
-    def close(self) -> None:
-        if self._serving:
-            self.loop.remove_reader(self.sock.fileno())
-            self._serving = False
-        self.sock.close()
-
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait, then accept again
-                log.warning("accept failed (%s); pausing for %gs", exc, ACCEPT_PAUSE_S)
-                self.loop.remove_reader(self.sock.fileno())
-                self._serving = False
-                self.loop.call_later(ACCEPT_PAUSE_S, self.resume)
-                return
-            self.on_accept(sock, address)
-
-
 def accept_client(shared: Shared, listener: Listener, sock: socket.socket, address: Any) -> None:
     """A new TCP connection: refused past the limit, else its TLS handshake starts."""
     peer_addr = f"{address[0]}:{address[1]}" if address else "?"
@@ -315,6 +241,7 @@ class ClientConnection:
         self.down: Pump | None = None
         self.opened = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
+        self._dialer: Dialer | None = None
         self._final = b""
         self._lingered = 0
         self._handshake_step = self._handshake
@@ -452,7 +379,7 @@ class ClientConnection:
             return
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
-        literal = _ip_literal(request.host)
+        literal = ip_literal(request.host)
         if literal is None:
             self.shared.spawn(self._resolve_then_route(request))
         else:
@@ -486,12 +413,29 @@ class ClientConnection:
                 f"server traffic rules refuse {self.destination} ({rule}, {verdict.reason.value})",
             )
             return
-        Dialer(self, addresses, request.port, lambda up: self._dialed(up, request)).next()
+        self._dialer = Dialer(
+            self.loop,
+            addresses,
+            request.port,
+            self.shared.limits.connect_timeout_s,
+            lambda upstream: self._dialed(upstream, request),
+            self._dial_failed,
+        )
+        self._dialer.start()
 
     def _dialed(self, upstream: End, request: ProxyRequest) -> None:
-        self._disarm()
+        self._dialer = None
         self.upstream = upstream
         self._start_relay(upstream, request)
+
+    def _dial_failed(self, error: str) -> None:
+        self._dialer = None
+        timeout = error == "timeout"
+        self.deny(
+            504 if timeout else 502,
+            "upstream_timeout" if timeout else "upstream_unreachable",
+            f"cannot connect to {self.destination}: {error}",
+        )
 
     def _start_relay(self, upstream: End, request: ProxyRequest) -> None:
         assert self.peer is not None
@@ -640,6 +584,8 @@ class ClientConnection:
             return
         self.phase = Phase.CLOSED
         self._disarm()
+        if self._dialer is not None:
+            self._dialer.cancel()
         for end in (self.client, self.upstream):
             if end is not None:
                 end.watched.close()
@@ -655,96 +601,6 @@ class ClientConnection:
             self.down.release()
             self.stats.bytes_up += self.up.bytes
             self.stats.bytes_down += self.down.bytes
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _ip_literal(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _established(sock: socket.socket) -> bool:
-    """Whether a non-blocking connect already completed: on loopback and on fast local
-    networks it usually has by the time ``connect`` returns, and asking costs one syscall
-    where waiting for writability costs a loop iteration and two ``epoll_ctl``."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
-
-
-class Dialer:
-    """Connects to the destination's addresses in turn, each within the connect timeout.
-
-    The attempt in progress is ``conn.upstream``, so that an abort closes it too.
-    """
-
-    def __init__(
-        self,
-        conn: ClientConnection,
-        addresses: list[IPAddress],
-        port: int,
-        on_connected: Callable[[End], None],
-    ) -> None:
-        self.conn, self.port, self.on_connected = conn, port, on_connected
-        self.addresses = list(addresses)
-        self.last_error = "no address"
-
-    def next(self) -> None:
-        if self.conn.phase is not Phase.CONNECTING:
-            return
-        if not self.addresses:
-            self._failed()
-            return
-        address = self.addresses.pop(0)
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        code = sock.connect_ex((str(address), self.port))
-        attempt = End(sock, Watched(self.conn.loop, sock.fileno()))
-        self.conn.upstream = attempt
-        if code == 0 or (code == errno.EINPROGRESS and _established(sock)):
-            self._connected(attempt)
-        elif code == errno.EINPROGRESS:
-            attempt.watched.wait(Want.WRITE, lambda: self._completed(attempt))
-            self.conn.arm(
-                self.conn.shared.limits.connect_timeout_s, lambda: self._give_up(attempt, "timeout")
-            )
-        else:
-            self._give_up(attempt, os.strerror(code))
-
-    def _completed(self, attempt: End) -> None:
-        if self.conn.phase is not Phase.CONNECTING:
-            return
-        code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._give_up(attempt, os.strerror(code))
-        else:
-            self._connected(attempt)
-
-    def _give_up(self, attempt: End, error: str) -> None:
-        attempt.watched.close()
-        attempt.sock.close()
-        self.conn.upstream = None
-        self.last_error = error
-        self.next()
-
-    def _connected(self, attempt: End) -> None:
-        attempt.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.on_connected(attempt)
-
-    def _failed(self) -> None:
-        timeout = self.last_error == "timeout"
-        self.conn.deny(
-            504 if timeout else 502,
-            "upstream_timeout" if timeout else "upstream_unreachable",
-            f"cannot connect to {self.conn.destination}: {self.last_error}",
-        )
 
 
 def end_entity_client(cert: x509.Certificate) -> x509.Certificate:

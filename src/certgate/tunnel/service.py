@@ -20,7 +20,8 @@ from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
-from certgate.tunnel.server import Acceptor, Gate, Limits, Listener, Shared, accept_client
+from certgate.tunnel.server import Gate, Limits, Listener, Shared, accept_client
+from certgate.tunnel.sockets import Acceptor
 
 log = logging.getLogger("certgate.tunnel")
 SWEEP_INTERVAL_S = 1.0
