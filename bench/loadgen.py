@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -197,6 +198,40 @@ def connection_rate(
         "relay_cpu_ms_per_conn": round(cpu * 1000 / done, 3) if done else None,
         "conns_per_relay_cpu_s": round(done / cpu, 1) if cpu > 0 else None,
         "client_threads": threads,
+    }
+
+
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def probe_storm(target: Target, seconds: float, threads: int) -> dict[str, Any]:
+    """Short TCP connections that close at once, half with FIN, half with a reset: what
+    load-balancer health checks and port scans do. Measures how many the relay takes."""
+    counts = [0] * threads
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def storm(index: int) -> None:
+        while time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", target.port), timeout=5)
+            except OSError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if counts[index] % 2:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            sock.close()
+            counts[index] += 1
+
+    cpu, started = target.relay_cpu(), time.perf_counter()
+    _run_threads([lambda i=i: storm(i) for i in range(threads)])  # type: ignore[misc]
+    wall, cpu = time.perf_counter() - started, target.relay_cpu() - cpu
+    return {
+        "probes": sum(counts),
+        "per_s": round(sum(counts) / wall),
+        "errors": len(errors),
+        "last_error": errors[-1] if errors else None,
+        "relay_cpu_s": round(cpu, 3),
     }
 
 

@@ -93,6 +93,7 @@ def _measure(world: World, spec: RelaySpec, origin: int, tls: Any) -> dict[str, 
         relay.proc.check()
         result["rate"] = _rates(world, target, relay)
         relay.proc.check()
+        result["probe_storm"] = _storm(world, target, relay)
         result["rss_mb"] = round(relay.proc.rss_mb(), 1)
     except ProcessDied as exc:
         result["failed"], result["crashed"] = str(exc), True
@@ -154,6 +155,18 @@ def _rates(world: World, target: Target, relay: Relay) -> dict[str, Any]:
         )
         time.sleep(0.5)  # let the relay finish closing before the next window starts
     return out
+
+
+def _storm(world: World, target: Target, relay: Relay) -> dict[str, Any]:
+    """Connect-and-close probes at full speed, then one real tunnel: the relay must live
+    through the storm and still relay (the uvloop stability question)."""
+    storm = loadgen.probe_storm(target, world.sizes.storm_seconds, world.sizes.rate_threads)
+    time.sleep(0.5)
+    relay.proc.check()
+    with loadgen.open_stream(target, timeout=PROBE_TIMEOUT_S) as sock:
+        sock.sendall(b"P")
+        storm["relays_after"] = sock.recv(1) == b"!"
+    return storm
 
 
 def _get(measured: dict[str, Any], name: str, *path: str) -> Any:
@@ -242,5 +255,6 @@ def _loop_result(measured: dict[str, Any]) -> dict[str, Any]:
                 "conns_per_relay_cpu_s"
             ),
             "connection_errors": sum((r or {}).get("errors", 0) for r in rate.values()),
+            "probe_storm": m.get("probe_storm"),
         }
     return {"what": "certgate tunnel run on each event loop, same scenarios", "loops": loops}

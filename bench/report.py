@@ -249,11 +249,18 @@ def _loops(results: dict[str, Any]) -> list[str]:
             row.get("full_conns_per_relay_cpu_s"),
             row.get("resumed_conns_per_relay_cpu_s"),
             row.get("connection_errors"),
+            (row.get("probe_storm") or {}).get("probes"),
+            (row.get("probe_storm") or {}).get("per_s"),
         ]
         for name, row in loops.items()
     ]
     header = ["loop", "stability", "MB/CPU-s", "full conns/CPU-s", "resumed conns/CPU-s"]
-    return ["## Event loop: stdlib asyncio vs uvloop", "", *_table([*header, "errors"], rows)]
+    header += ["errors", "probes survived", "probes/s"]
+    note = (
+        "Probes: TCP connections closed at once (half FIN, half reset), as fast as the load"
+        " generator makes them, then one real tunnel through the same process."
+    )
+    return ["## Event loop: stdlib asyncio vs uvloop", "", note, "", *_table(header, rows)]
 
 
 def _stability(row: dict[str, Any]) -> str:
@@ -261,6 +268,8 @@ def _stability(row: dict[str, Any]) -> str:
         return "crashed"
     if row.get("failed"):
         return "fails: " + str(row["failed"]).splitlines()[0][:200]
+    if not (row.get("probe_storm") or {}).get("relays_after", True):
+        return "stops relaying after the probes"
     return "stable" if not row.get("connection_errors") else "connection errors"
 
 

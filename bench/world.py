@@ -19,6 +19,7 @@ class Sizes:
     transfer_reps: int
     rate_seconds: float  # per relay and handshake kind
     rate_threads: int
+    storm_seconds: float  # TCP connect-and-close probes per relay, as fast as they go
     idle_tunnels: int
     active_tunnels: int
     active_bytes: int  # per active tunnel and direction
@@ -37,6 +38,7 @@ FULL = Sizes(
     transfer_reps=3,
     rate_seconds=5.0,
     rate_threads=4,
+    storm_seconds=3.0,
     idle_tunnels=10_000,
     active_tunnels=100,
     active_bytes=4 * 2**20,
@@ -55,6 +57,7 @@ SMOKE = Sizes(
     transfer_reps=1,
     rate_seconds=0.3,
     rate_threads=2,
+    storm_seconds=0.2,
     idle_tunnels=20,
     active_tunnels=4,
     active_bytes=4 * 2**20,

@@ -181,3 +181,15 @@ def test_the_pool_keeps_only_its_own_size_and_count() -> None:
     pool.give(bytearray(10))  # a preload larger than the pool's size is never reused
     assert pool.free == 2
     assert len(pool.take()) == 1024
+
+
+def test_trim_frees_what_a_whole_interval_did_not_need() -> None:
+    pool = BufferPool(size=1024, keep=100, floor=2)
+    burst = [pool.take() for _ in range(10)]
+    for buffer in burst:
+        pool.give(buffer)
+    pool.trim()  # the burst took all ten since the last trim: all were needed
+    assert pool.free == 10
+    pool.give(pool.take())  # the quiet interval after the burst needs one at a time
+    pool.trim()
+    assert pool.free == 2  # nine went unused; the floor stays

@@ -16,18 +16,30 @@ from certgate.tunnel.sockets import End, Want, WouldBlock
 
 BUFFER_BYTES = 256 * 1024
 ROUNDS_PER_WAKEUP = 4  # then yield to other connections (epoll is level-triggered)
-POOL_KEEP = 64
+POOL_KEEP = 1024  # at most 256 MiB, and only while a burst needs it
 
 
 class BufferPool:
-    """Reusable relay buffers; the event loop is single-threaded, so no locking."""
+    """Reusable relay buffers; the event loop is single-threaded, so no locking.
 
-    def __init__(self, size: int = BUFFER_BYTES, keep: int = POOL_KEEP) -> None:
-        self.size, self.keep = size, keep
+    A new buffer costs a zero-filled 256 KiB allocation (an ``mmap`` and its page faults),
+    so the pool keeps up to ``keep`` of them: enough for every pump a burst of busy tunnels
+    blocks at once. ``trim`` (called every second) then frees what a whole interval did not
+    need, down to ``floor``, so a burst leaves no lasting memory behind.
+    """
+
+    def __init__(self, size: int = BUFFER_BYTES, keep: int = POOL_KEEP, floor: int = 8) -> None:
+        self.size, self.keep, self.floor = size, keep, floor
         self._free: list[bytearray] = []
+        self._unused = 0  # fewest free buffers since the last trim: never taken meanwhile
 
     def take(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+        if not self._free:
+            self._unused = 0
+            return bytearray(self.size)
+        buffer = self._free.pop()
+        self._unused = min(self._unused, len(self._free))
+        return buffer
 
     @property
     def free(self) -> int:
@@ -37,6 +49,13 @@ class BufferPool:
     def give(self, buffer: bytearray) -> None:
         if len(buffer) == self.size and len(self._free) < self.keep:
             self._free.append(buffer)
+
+    def trim(self) -> None:
+        """Free the buffers no one took since the last trim, keeping ``floor``."""
+        surplus = min(self._unused, len(self._free) - self.floor)
+        if surplus > 0:
+            del self._free[:surplus]
+        self._unused = len(self._free)
 
 
 class Pump:

@@ -1,9 +1,11 @@
 """``certgate tunnel run``: load the state directory, follow the feed, serve the data plane.
 
-The event loop is selectable; the stdlib loop is the default and, today, the only one that
-works: the data plane starts TLS per connection with ``loop.start_tls`` (so refused client
-certificates are caught and logged), and uvloop 0.23's server-side ``start_tls`` does not
-complete those handshakes (bench/FINDINGS.md, "Event loop").
+The event loop is selectable (``--loop asyncio|uvloop``): the data plane drives
+non-blocking sockets from readiness callbacks (``tunnel.sockets``), which both loops
+provide, so both serve the same code. The stdlib loop is the default: under ``make bench``
+the two are equally fast with this shell (the loop is a small part of a connection's cost
+next to OpenSSL), and uvloop has crashed under bursts of short connections elsewhere
+(bench/FINDINGS.md, "Event loop").
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ class TunnelService:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self._close_idle(time.monotonic())
+            self.shared.pool.trim()
             self._refresh_gauges()
 
     def _close_idle(self, now: float) -> None:
