@@ -3,9 +3,10 @@
 docs/CONVENTIONS.md ("Snapshot pages") is the contract. ``jws.verify`` has already checked
 the signature against the pinned console identity, the ``typ``, the group and the validity
 window; this module checks the rest before anything reaches a table: exact keys, the seq,
-the cursor chain (the page starts where it was asked to, its thumbprints are strictly
-ascending and after that cursor, ``next`` is its last one), the entry count against the
-limit the node asked for, and the length and type of every column. ``decode_page``
+the cursor chain (the page starts where it was asked to, its entries are strictly
+ascending by device uid and thumbprint and after that cursor, ``next`` is its last
+entry's), the entry count against the limit the node asked for, and the length and type
+of every column. ``decode_page``
 returns ``table.Columns``; ``DeviceTable.extend_columns`` then checks the attribute values.
 
 Format 1 sent each entry as a feed object (about 400 bytes; a page token of 20 MB), and a
@@ -58,7 +59,8 @@ def decode_page(payload: Mapping[str, object], after: str, limit: int) -> Page:
     if type(seq) is not int or seq < 0:
         raise FeedError(f"snapshot page seq must be a non-negative integer, got {seq!r}")
     if payload["after"] != after:
-        raise FeedError(f"snapshot page starts after {payload['after']!r}, not {after!r}")
+        named = str(payload["after"])[:100]
+        raise FeedError(f"snapshot page starts after {named!r}, not {after!r}")
     entries = _object(payload["entries"], _ENTRIES_KEYS, "entries")
     count = entries["count"]
     if type(count) is not int or not 0 <= count <= limit:
@@ -89,7 +91,8 @@ def _check_order(
         return None
     last = cursors[-1].hex() if cursors else None
     if following != last:
-        raise FeedError(f"snapshot page names next cursor {following!r}, its last entry is {last}")
+        named = str(following)[:100]
+        raise FeedError(f"snapshot page names next cursor {named!r}, its last entry is {last}")
     return last
 
 
