@@ -104,6 +104,12 @@ class Pump:
             buffer[: len(data)] = data
             self.buffer, self.start, self.end = buffer, 0, len(data)
 
+    def begin(self) -> None:
+        """Write the preload, then wait for the source: a socket just connected, or one
+        whose bytes so far the head parser took, has nothing to read yet."""
+        self.want = Want.READ
+        self.run()
+
     def run(self) -> None:
         if self.finished:
             return

@@ -208,7 +208,9 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = listener.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls = listener.tls.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
     except OSError as exc:  # reset before we got to it
         log.info("%s closed before the TLS handshake (%s)", peer_addr, exc)
         sock.close()
@@ -331,6 +333,8 @@ class ClientConnection:
         buffer = self.shared.head_buffer  # one record at most: nothing stays inside OpenSSL
         try:
             n = self.tls.recv_into(buffer, len(buffer))
+        except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
+            n = 0
         except ssl.SSLWantReadError:
             self.client.watched.wait(Want.READ, self._head_step)
             return
@@ -458,8 +462,8 @@ class ClientConnection:
             self.destination,
             self.listener.name,
         )
-        self.down.run()
-        self.up.run()
+        self.down.begin()
+        self.up.begin()
 
     def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
         if self.phase is not Phase.RELAYING:
@@ -470,8 +474,9 @@ class ClientConnection:
             self._drop()
             return
         # Either side's end of stream ends the tunnel (TLS has no half-close here); what
-        # the other side still had in flight is dropped with it, as before.
-        self._close_notify()
+        # the other side still had in flight is dropped with it.
+        if not self.client.ragged:
+            self._close_notify()
         self._drop()
 
     # -- endings ----------------------------------------------------------------------

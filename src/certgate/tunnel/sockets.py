@@ -136,11 +136,20 @@ class End:
 
 
 class TLSEnd(End):
-    """The client side: OpenSSL reads and writes the socket itself."""
+    """The client side: OpenSSL reads and writes the socket itself.
 
-    __slots__ = ()
+    The socket must be wrapped with ``suppress_ragged_eofs=False``: a TCP close without
+    close_notify then sets ``ragged``, and the shell does not answer a client that is
+    already gone with a close_notify of its own.
+    """
+
+    __slots__ = ("ragged",)
 
     sock: ssl.SSLSocket
+
+    def __init__(self, sock: ssl.SSLSocket, watched: Watched) -> None:
+        super().__init__(sock, watched)
+        self.ragged = False
 
     def read_into(self, view: memoryview) -> tuple[int, Want | None]:
         got, room = 0, len(view) - TLS_MAX_PLAINTEXT
@@ -155,13 +164,16 @@ class TLSEnd(End):
                 want = Want.READ
             except ssl.SSLWantWriteError:  # a TLS 1.3 KeyUpdate answer must go out first
                 want = Want.WRITE
+            except ssl.SSLEOFError:  # TCP closed without close_notify
+                self.at_eof = self.ragged = True
+                return got, None
             else:
                 if n == TLS_MAX_PLAINTEXT:
                     got += n
                     continue
                 if n:  # a short record ends a burst: wait for epoll, not for an exception
                     return got + n, Want.READ
-                self.at_eof = True  # close_notify, or a TCP close (ragged EOFs suppressed)
+                self.at_eof = True  # close_notify
                 return got, None
             if not got:
                 raise WouldBlock(self, want)
