@@ -397,15 +397,19 @@ class ClientConnection:
                 self.loop.getaddrinfo(request.host, request.port, type=socket.SOCK_STREAM),
                 self.shared.limits.resolve_timeout_s,
             )
-        except TimeoutError:
-            self.deny(504, "resolve_timeout", f"resolving {request.host} timed out")
-            return
-        except OSError as exc:
-            self.deny(502, "resolve_failed", f"cannot resolve {request.host}: {exc}")
+        except (TimeoutError, OSError) as exc:
+            if self.phase is Phase.CONNECTING:  # not closed meanwhile (policy, shutdown)
+                self._resolve_failed(request.host, exc)
             return
         if self.phase is Phase.CONNECTING:
             found = dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos)
             self._route(request, list(found))
+
+    def _resolve_failed(self, host: str, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            self.deny(504, "resolve_timeout", f"resolving {host} timed out")
+        else:
+            self.deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
 
     def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
         verdict = evaluate(self.shared.gate.ruleset, request.host, request.port, addresses)
