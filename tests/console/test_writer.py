@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from certgate.console import local
@@ -127,13 +128,34 @@ def failing(session: Session) -> None:
 
 
 def test_failing_work_fails_alone(db: Database, writer: Writer) -> None:
+    commits = count_commits(db)
     held = Held(writer)
     first, bad, last = (writer.submit(w) for w in (record(1), failing, record(2)))
     held.release.set()
     with pytest.raises(BadRequest, match="fails after writing"):
         bad.result(WAIT_S)
     assert first.result(WAIT_S) != last.result(WAIT_S)  # two heads of the chain
+    # SQLite: the held unit, then the two others again as one batch without the failed one.
+    assert len(commits) == (2 if db.engine.dialect.name == "sqlite" else 3)
     assert [e["n"] for e in entries(db)] == [1, 2]  # the failed one's write rolled back
+    with db.transaction() as session:
+        assert audit.verify_chain(session).ok
+
+
+def failing_at_commit(session: Session) -> None:
+    """Leaves an invalid row pending: units run without autoflush, so the commit fails."""
+    session.add(AuditEntry(action="test.batch"))
+
+
+def test_a_failed_commit_runs_each_unit_alone(db: Database, writer: Writer) -> None:
+    held = Held(writer)
+    first, bad, last = (writer.submit(w) for w in (record(1), failing_at_commit, record(2)))
+    held.release.set()
+    with pytest.raises(IntegrityError):
+        bad.result(WAIT_S)
+    first.result(WAIT_S)
+    last.result(WAIT_S)
+    assert [e["n"] for e in entries(db)] == [1, 2]
     with db.transaction() as session:
         assert audit.verify_chain(session).ok
 

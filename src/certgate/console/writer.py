@@ -4,8 +4,8 @@ transaction, so they share one BEGIN, one fsync'd COMMIT and one hand-over of th
 Profile deliveries serialise on the database anyway (the audit chain's head row, SQLite's
 single writer); in one transaction each their commit, the lock was held mostly while the
 WAL was synced. A submitter learns its outcome only after the transaction holding its work
-has committed, so an answered request is on disk (``synchronous=FULL``). If any work in a
-batch raises, the batch rolls back and each of its units runs again alone, in order: one
+has committed, so an answered request is on disk (``synchronous=FULL``). If a unit of work
+raises, the batch rolls back, that unit gets its error and the others run again: one
 request's failure stays its own, and the effect is that of running them one by one.
 
 Batches form on SQLite only. There the database lock serialises whole transactions; on
@@ -110,16 +110,33 @@ class Writer:
         return batch
 
     def _commit(self, jobs: list[_Job[Any]]) -> None:
+        """Run ``jobs`` in one transaction and answer them once it has committed.
+
+        A unit that raises gets its exception, and the others run again without it, as a
+        new batch: it failed after the units before it, as it would have one by one. If
+        the commit itself fails, no unit is to blame: each runs again alone."""
+        results: list[Any] = []
+        running: int | None = None  # the unit at work, if it is a unit that raises
         try:
             with self._db.transaction() as session, session.no_autoflush:
-                results = [job.work(session) for job in jobs]
-        except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
-            else:
-                log.debug("batch of %d rolled back (%s); running each alone", len(jobs), exc)
                 for job in jobs:
-                    self._commit([job])
+                    running = len(results)
+                    results.append(job.work(session))
+                running = None
+        except Exception as exc:
+            self._retry(jobs, running, exc)
             return
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)
+
+    def _retry(self, jobs: list[_Job[Any]], failed: int | None, exc: Exception) -> None:
+        if len(jobs) == 1:
+            jobs[0].future.set_exception(exc)
+            return
+        log.debug("batch of %d rolled back (%s: %s)", len(jobs), type(exc).__name__, exc)
+        if failed is not None:
+            jobs[failed].future.set_exception(exc)
+            self._commit(jobs[:failed] + jobs[failed + 1 :])
+            return
+        for job in jobs:
+            self._commit([job])
