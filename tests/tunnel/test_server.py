@@ -589,3 +589,37 @@ def test_metrics_count_connections_admissions_and_bytes(
     assert value(r'certgate_tunnel_admissions_total\{mode="proxy"\}') == 2
     assert value(r'certgate_tunnel_bytes_total\{direction="down"\}') >= 2 * len(PAGE)
     assert value(r'certgate_tunnel_bytes_total\{direction="up"\}') > 0
+
+
+def test_a_resumed_session_is_admitted_afresh(
+    pki: PKI,
+    tunnel: ServiceThread,
+    source: StaticSource,
+    origin: Origin,
+    clients: dict[str, Client],
+) -> None:
+    # TLS 1.3 resumption skips the certificate chain check, never admission: a device
+    # that falls out of policy is refused on a resumed connection too.
+    client = clients["app"]
+    ctx = tls_client(pki, client, ssl.TLSVersion.TLSv1_3)
+    port = tunnel.service.bound["proxy"]
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    def connect(session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            tls.sendall(request)
+            answer = tls.recv(4096)
+            return answer, tls.session, tls.session_reused
+
+    first, session, _ = connect(None)
+    assert first.startswith(b"HTTP/1.1 200")
+    table = source.table
+    table.apply_batch(
+        table.seq + 1, table.seq + 1, [client.entry(compliance_status="noncompliant")]
+    )
+    answer, _, reused = connect(session)
+    assert reused, "the tunnel did not resume the session"
+    assert answer.startswith(b"HTTP/1.1 403") and b"noncompliant" in answer
