@@ -11,9 +11,9 @@ A kept page is served only while no change has moved the group's feed past its s
 change bumps it, services/feed.py), for at most ``MAX_AGE_S`` (its token stays valid for
 ``tunnels.FEED_TTL_S``), and the pages kept are bounded in bytes.
 
-Nothing here waits for another thread inside a database transaction (SQLite writers queue
-on one lock in ``store.db``): the caller reads the seq in its own transaction, ends it,
-then asks for the page.
+Pages are read in read-only units of work (``Database.read_only``), which on SQLite take
+no write lock, and nothing here waits for another thread inside a transaction: the caller
+reads the seq in its own transaction, ends it, then asks for the page.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class SnapshotPages:
         pending.set_result(page)
 
     def _sign(self, key: PageKey) -> SignedPage:
-        with self._db.transaction() as session:
+        with self._db.read_only() as session:  # no writer waits for a page being read
             payload = feed.snapshot_columns(session, key.group_id, key.after, key.limit)
             token = tunnels.sign_for_group(
                 session, self._pki, key.group_id, payload, jws.TYP_SNAPSHOT_V2, tunnels.FEED_TTL_S

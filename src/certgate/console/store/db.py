@@ -3,6 +3,9 @@
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk before we answer,
 so a kill -9 loses nothing acknowledged) and every transaction begins IMMEDIATE, so
 writers serialise instead of failing on lock upgrades. PostgreSQL needs none of this.
+A unit of work that only reads (``Database.read_only``) begins a deferred transaction
+instead and takes no write lock: under WAL it reads one consistent snapshot and blocks
+no writer.
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+READ_ONLY = "certgate_read_only"  # execution option of a read-only unit's connection
+
+
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    deferred = conn.get_execution_options().get(READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -90,6 +97,19 @@ class Database:
                     hook(session.info)
                 except Exception:  # committed: a lost notification must not fail the caller
                     log.exception("commit hook failed")
+
+    @contextmanager
+    def read_only(self) -> Iterator[Session]:
+        """A unit of work that only reads, rolled back at the end (nothing it wrote stays).
+
+        On SQLite it neither queues on this process's write lock nor takes SQLite's: a
+        snapshot page (a tenth of a second of reading) no longer holds up every writer."""
+        with self._sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     def dispose(self) -> None:
         self.engine.dispose()
