@@ -456,40 +456,47 @@ def test_profile_redelivery_revokes_the_old_cert(
 
 
 BURST_DEVICES, BURST_CLIENTS_PER_DEVICE, BURST_ROUNDS = 4, 2, 6
+BAD_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
 
 
-def burst_devices(env: RunningConsole) -> list[str]:
-    """Credentials of devices enrolled in a group of their own (``burst``)."""
+def burst_devices(env: RunningConsole, group: str) -> dict[str, str]:
+    """{credential: device uid} of devices enrolled in a new group of their own."""
+    user = f"{group}-user"
     with env.client(env.admins["root"]) as admin:
-        group = admin.post("/api/v1/groups", json={"id": "burst", "parent_id": "global"})
-        user = admin.post(
-            "/api/v1/groups/burst/enrollment-users",
-            json={"username": "burst-user", "password": "burst password"},
+        created = admin.post("/api/v1/groups", json={"id": group, "parent_id": "global"})
+        added = admin.post(
+            f"/api/v1/groups/{group}/enrollment-users",
+            json={"username": user, "password": "burst password"},
         )
-    assert group.status_code == user.status_code == 201, group.text + user.text
+    assert created.status_code == added.status_code == 201, created.text + added.text
     with env.client() as client:
         enrolled = [
             client.post(
                 "/api/v1/enroll",
-                json={"username": "burst-user", "password": "burst password", "platform": "linux"},
-            )
+                json={"username": user, "password": "burst password", "platform": "linux"},
+            ).json()
             for _ in range(BURST_DEVICES)
         ]
-    return [r.json()["credential"] for r in enrolled]
+    return {e["credential"]: e["device_uid"] for e in enrolled}
 
 
-def deliver_burst(env: RunningConsole, credentials: list[str]) -> list[httpx.Response]:
-    """Profile deliveries from several clients per device at once (same device included)."""
-    responses: list[httpx.Response] = []
+def deliver_burst(
+    env: RunningConsole, credentials: Iterable[str], bad_every: int = 0
+) -> list[tuple[str, httpx.Response]]:
+    """(credential, response) of profile deliveries from several clients per device at once
+    (same device included); with ``bad_every``, every so many requests of a client sends
+    a CSR that is no CSR."""
+    responses: list[tuple[str, httpx.Response]] = []
     lock = threading.Lock()
 
     def client(credential: str) -> None:
         with env.client(api_key=credential) as device:
-            for _ in range(BURST_ROUNDS):
-                csr = make_csr()[0].decode()
+            for n in range(BURST_ROUNDS):
+                bad = bad_every and n % bad_every == 0
+                csr = BAD_CSR if bad else make_csr()[0].decode()
                 response = device.post("/api/v1/device/profile", json={"csr": csr})
                 with lock:
-                    responses.append(response)
+                    responses.append((credential, response))
 
     threads = [
         threading.Thread(target=client, args=(c,))
@@ -504,64 +511,74 @@ def deliver_burst(env: RunningConsole, credentials: list[str]) -> list[httpx.Res
 
 
 def test_concurrent_deliveries_are_each_recorded_once(env: RunningConsole) -> None:
-    responses = deliver_burst(env, burst_devices(env))
-    assert [r.status_code for r in responses] == [201] * len(responses)
-    bodies = [r.json() for r in responses]
-    per_device = BURST_CLIENTS_PER_DEVICE * BURST_ROUNDS
+    responses = deliver_burst(env, burst_devices(env, "burst"))
+    assert [r.status_code for _, r in responses] == [201] * len(responses)
+    assert_burst(env, "burst", [r.json() for _, r in responses])
+
+
+def test_failures_in_a_burst_are_their_own(env: RunningConsole) -> None:
+    """Deliveries that fail among concurrent ones that succeed: each failure is answered
+    and audited on its own; the others are recorded as if none had failed."""
+    uids = burst_devices(env, "burst-bad")
+    responses = deliver_burst(env, uids, bad_every=3)
+    failed = [(c, r) for c, r in responses if r.status_code != 201]
+    assert {r.status_code for _, r in failed} == {422}
+    assert len(failed) == len(responses) // 3
+    assert all("not a valid PEM PKCS#10" in r.json()["detail"] for _, r in failed)
+    assert_burst(env, "burst-bad", [r.json() for _, r in responses if r.status_code == 201])
+    with env.local() as (session, _):
+        denied = session.execute(
+            select(AuditEntry.actor).where(
+                AuditEntry.group_id == "burst-bad", AuditEntry.outcome == "denied"
+            )
+        ).scalars()
+        assert sorted(denied) == sorted(f"device:{uids[c]}" for c, _ in failed)
+
+
+def assert_burst(env: RunningConsole, group: str, bodies: list[dict[str, Any]]) -> None:
+    """Each device's versions are 1..n, every serial is new, and the store agrees."""
     versions: dict[str, list[int]] = {}
     for body in bodies:
         versions.setdefault(body["device_uid"], []).append(body["version"])
-    assert all(sorted(v) == list(range(1, per_device + 1)) for v in versions.values())
+    assert len(versions) == BURST_DEVICES
+    assert all(sorted(v) == list(range(1, len(v) + 1)) for v in versions.values())
     serials = {
         format(x509.load_pem_x509_certificate(b["certificate"].encode()).serial_number, "x")
         for b in bodies
     }
     assert len(serials) == len(bodies)
-    latest = {b["device_uid"]: b["thumbprint"] for b in bodies if b["version"] == per_device}
+    latest = {
+        b["device_uid"]: b["thumbprint"]
+        for b in bodies
+        if b["version"] == len(versions[b["device_uid"]])
+    }
     with env.local() as (session, _):
-        assert_burst_stored(session, bodies, latest)
+        assert_burst_stored(session, group, bodies, latest)
+
+
+def _all(session: Session, statement: Any) -> list[Any]:
+    return list(session.execute(statement).scalars())
 
 
 def assert_burst_stored(
-    session: Session, bodies: list[dict[str, Any]], latest: dict[str, str]
+    session: Session, group: str, bodies: list[dict[str, Any]], latest: dict[str, str]
 ) -> None:
-    certs = (
-        session.execute(
-            select(Certificate).where(Certificate.group_id == "burst", Certificate.kind == "device")
-        )
-        .scalars()
-        .all()
-    )
+    device_certs = (Certificate.group_id == group, Certificate.kind == "device")
+    certs = _all(session, select(Certificate).where(*device_certs))
     assert {c.thumbprint for c in certs} == {b["thumbprint"] for b in bodies}
     active = {c.device_uid: c.thumbprint for c in certs if c.revoked_at is None}
     assert active == latest  # one valid cert per device: the newest profile's
     assert {c.revocation_reason for c in certs if c.revoked_at is not None} == {"superseded"}
-    deliveries = (
-        session.execute(
-            select(ProfileDelivery.cert_serial).where(ProfileDelivery.device_uid.in_(latest))
-        )
-        .scalars()
-        .all()
-    )
+    in_group = ProfileDelivery.device_uid.in_(latest)
+    deliveries = _all(session, select(ProfileDelivery.cert_serial).where(in_group))
     assert sorted(deliveries) == sorted(c.serial for c in certs)
-    seqs = (
-        session.execute(
-            select(FeedEvent.seq).where(FeedEvent.group_id == "burst").order_by(FeedEvent.seq)
-        )
-        .scalars()
-        .all()
+    feed = select(FeedEvent.seq).where(FeedEvent.group_id == group).order_by(FeedEvent.seq)
+    assert _all(session, feed) == list(range(1, 2 * len(bodies) - len(latest) + 1))  # gapless
+    issued = select(AuditEntry.detail).where(
+        AuditEntry.group_id == group, AuditEntry.action == "cert.issue.device"
     )
-    assert seqs == list(range(1, 2 * len(bodies) - len(latest) + 1))  # gapless
-    issued = (
-        session.execute(
-            select(AuditEntry.detail).where(
-                AuditEntry.group_id == "burst", AuditEntry.action == "cert.issue.device"
-            )
-        )
-        .scalars()
-        .all()
-    )
-    assert sorted(d["thumbprint"] for d in issued) == sorted(b["thumbprint"] for b in bodies)
+    thumbprints = sorted(d["thumbprint"] for d in _all(session, issued))
+    assert thumbprints == sorted(b["thumbprint"] for b in bodies)
     assert audit.verify_chain(session).ok
 
 
