@@ -14,6 +14,7 @@ framing) is rejected rather than repaired, which is what closes request smugglin
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
@@ -575,6 +576,8 @@ def _ipv6(text: str) -> str:
     return str(ipaddress.IPv6Address(text))
 
 
+# Pure and called twice a request (target and Host): the same few intranet names repeat.
+@functools.lru_cache(maxsize=4096)
 def canonical_hostname(name: str) -> str:
     """A DNS hostname (RFC 1123 §2.1 LDH labels) or dotted-quad IPv4, in canonical form.
 

@@ -37,6 +37,7 @@ Semantics:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -223,6 +224,7 @@ def canonical_host_pattern(pattern: str) -> str | None:
     return canonical_name(pattern)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and evaluated on every request
 def canonical_name(host: str) -> str | None:
     """Lower-case ASCII form of a DNS host name without trailing dot, or None if invalid."""
     if not isinstance(host, str) or len(host) > _MAX_NAME_LENGTH + 1 or not host.isascii():
@@ -264,6 +266,7 @@ def _destination(host: object, resolved_ips: Iterable[IPAddress]) -> _Destinatio
     return None if name is None else _Destination(name, resolved)
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_literal(host: str) -> IPAddress | None:
     bracketed = host.startswith("[") and host.endswith("]")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -265,6 +266,7 @@ class Acceptor:
             self.on_accept(sock, address)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; destinations repeat
 def ip_literal(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)
