@@ -1,6 +1,6 @@
 """The device feed: per-group, gapless sequence of changes a tunnel applies in order.
 
-Writers lock the group row, bump ``feed_seq`` and insert events in the transaction that
+Writers lock the group row by bumping ``feed_seq`` and insert events in the transaction that
 made the change, so an event exists exactly when its change committed. Snapshot readers
 take the same row lock in shared mode, so a snapshot and its ``seq`` always agree.
 """
@@ -12,9 +12,22 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, Select, select, tuple_, type_coerce
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    Select,
+    bindparam,
+    insert,
+    select,
+    tuple_,
+    type_coerce,
+    update,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.functions import FunctionElement
 
 from certgate.console.services.ca import now
@@ -84,15 +97,51 @@ def active_certs(session: Session, device_uid: str) -> list[Certificate]:
 
 
 def emit(session: Session, group_id: str, entries: Iterable[dict[str, Any]]) -> int:
-    """Append entries to ``group_id``'s feed; returns the new sequence number."""
-    group = session.execute(
-        select(Group).where(Group.id == group_id).with_for_update()
-    ).scalar_one()
-    for entry in entries:
-        group.feed_seq += 1
-        session.add(FeedEvent(group_id=group_id, seq=group.feed_seq, entry=entry, created_at=now()))
+    """Append entries to ``group_id``'s feed; returns the new sequence number.
+
+    Core statements on the session's connection: loading the group and flushing the events
+    through the ORM cost 0.45-0.7 ms of the writer thread's ~2 ms per profile delivery."""
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        # Pending ORM changes first, as the ORM query did by autoflush: rows changed are
+        # locked before the group row, in one order for every writer (as ``audit.append``).
+        session.flush()
+    rows = list(entries)
+    seq = _bump(session, conn, group_id, len(rows))
+    first, stamp = seq - len(rows) + 1, now()
+    if rows:
+        events = [
+            {"group_id": group_id, "seq": first + i, "entry": e, "created_at": stamp}
+            for i, e in enumerate(rows)
+        ]
+        conn.execute(_INSERT_EVENTS, events)
     session.info.setdefault(FEED_GROUPS_KEY, set()).add(group_id)
-    return group.feed_seq
+    return seq
+
+
+# Built once, so they reuse their compiled form. The UPDATE takes the row lock the snapshot
+# readers' share lock waits for (``_locked_seq``), so seqs stay gapless and in order.
+_BUMP_SEQ = (
+    update(Group)
+    .where(Group.id == bindparam("g"))
+    .values(feed_seq=Group.feed_seq + bindparam("n", type_=BigInteger))
+    .returning(Group.feed_seq)
+)
+_INSERT_EVENTS = insert(FeedEvent)
+
+
+def _bump(session: Session, conn: Connection, group_id: str, n: int) -> int:
+    """Add ``n`` to the group's feed seq under its row lock; returns the new value."""
+    seq = conn.execute(_BUMP_SEQ, {"g": group_id, "n": n}).scalar_one_or_none()
+    if seq is None:
+        # A group still pending in this session (SQLite skips the flush above): the ORM
+        # query this replaced would have flushed it by autoflush.
+        session.flush()
+        seq = conn.execute(_BUMP_SEQ, {"g": group_id, "n": n}).scalar_one()
+    group = session.identity_map.get(identity_key(Group, group_id))
+    if group is not None:
+        set_committed_value(group, "feed_seq", seq)  # the ORM copy stays true
+    return int(seq)
 
 
 def emit_device(session: Session, device: Device) -> int:
