@@ -271,6 +271,11 @@ class ClientConnection:
             self._timer.cancel()
             self._timer = None
 
+    def _retry_when_ready(self, blocked: ssl.SSLError, step: Callable[[], None]) -> None:
+        """Run ``step`` again once the client socket is ready for what OpenSSL wants."""
+        want = Want.READ if isinstance(blocked, ssl.SSLWantReadError) else Want.WRITE
+        self.client.watched.wait(want, step)
+
     # -- TLS --------------------------------------------------------------------------
 
     def _handshake(self) -> None:
@@ -278,10 +283,8 @@ class ClientConnection:
             return
         try:
             self.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self.client.watched.wait(Want.READ, self._handshake_step)
-        except ssl.SSLWantWriteError:
-            self.client.watched.wait(Want.WRITE, self._handshake_step)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            self._retry_when_ready(blocked, self._handshake_step)
         except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
             # A TCP probe (load balancer health check, port scan) closing before or during
             # the handshake: not a certificate decision, so not a denial.
@@ -335,11 +338,8 @@ class ClientConnection:
             n = self.tls.recv_into(buffer, len(buffer))
         except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
             n = 0
-        except ssl.SSLWantReadError:
-            self.client.watched.wait(Want.READ, self._head_step)
-            return
-        except ssl.SSLWantWriteError:
-            self.client.watched.wait(Want.WRITE, self._head_step)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            self._retry_when_ready(blocked, self._head_step)
             return
         except OSError as exc:
             self.abort(f"client connection failed before its request: {exc}")
@@ -532,11 +532,8 @@ class ClientConnection:
             return
         try:
             self.tls.send(self._final)
-        except ssl.SSLWantWriteError:
-            self.client.watched.wait(Want.WRITE, self._write_final)
-            return
-        except ssl.SSLWantReadError:
-            self.client.watched.wait(Want.READ, self._write_final)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            self._retry_when_ready(blocked, self._write_final)
             return
         except OSError:
             self._drop()
