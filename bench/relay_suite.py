@@ -140,7 +140,7 @@ def _throughput(world: World, target: Target) -> dict[str, Any]:
 
 
 def _total_per_cpu(runs: list[dict[str, Any]]) -> float | None:
-    """MB moved per relay CPU-second over all runs (sums, so 10 ms ticks average out)."""
+    """MB moved per relay CPU-second over all runs (sums of bytes and of CPU seconds)."""
     cpu = sum(r["relay_cpu_s"] for r in runs)
     return round(sum(r["bytes"] for r in runs) / 1e6 / cpu, 1) if cpu > 0 else None
 

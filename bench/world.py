@@ -53,7 +53,7 @@ FULL = Sizes(
 )
 
 SMOKE = Sizes(
-    transfer_bytes=48 * 2**20,  # enough CPU ticks (10 ms) to be a number
+    transfer_bytes=48 * 2**20,  # enough CPU time to be a number
     transfer_reps=1,
     rate_seconds=0.3,
     rate_threads=2,
