@@ -174,8 +174,10 @@ def markdown(headline: dict[str, Any], results: dict[str, Any], sizes: Sizes, sm
     for section in (_relay, _rates, _loops, _concurrency, _fleet, _enforce, _issuance):
         lines += section(results)
     lines += _errors(results)
-    if FINDINGS.exists():
-        lines += ["", FINDINGS.read_text().rstrip(), ""]
+    # A pointer, not a copy: the findings are edited after a run, and a copy here would
+    # go stale beside the figures it sits under.
+    link = f"[{FINDINGS.name}](../{FINDINGS.name})"
+    lines += ["", f"What was profiled, changed and tried per target: {link}.", ""]
     return "\n".join(lines)
 
 
