@@ -10,6 +10,7 @@ import secrets
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -149,6 +150,12 @@ class StaticSource:
 
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def run_on(loop_name: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` on a fresh event loop of that name, bounded in time."""
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
 
 
 class ServiceThread:

@@ -8,22 +8,14 @@ import asyncio
 import hashlib
 import os
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
-import uvloop
 
 from certgate.tunnel.relay import BufferPool, Pump
 from certgate.tunnel.sockets import End, Watched
+from tests.tunnel.dataplane import LOOPS, run_on
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 both_loops = pytest.mark.parametrize("loop_name", sorted(LOOPS))
-
-
-def run(loop_name: str, test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(asyncio.wait_for(test(), 30))
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -94,7 +86,7 @@ def test_bytes_arrive_in_order_and_end_of_stream_is_reported(loop_name: str) -> 
         for sock in (writer, source, sink, reader):
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -128,7 +120,7 @@ def test_a_full_sink_stops_the_reading_until_it_drains(loop_name: str) -> None:
         for sock in (writer, source, sink, reader):
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -146,7 +138,7 @@ def test_an_idle_pump_holds_no_buffer(loop_name: str) -> None:
         for sock in (writer, source, sink, reader):
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -170,7 +162,7 @@ def test_a_reset_sink_ends_the_pump_with_the_error(loop_name: str) -> None:
         for sock in (writer, source, sink):
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 def test_the_pool_keeps_only_its_own_size_and_count() -> None:

@@ -7,21 +7,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
-import uvloop
 
 from certgate.tunnel.sockets import Acceptor, Dialer, End, Want, Watched, ip_literal
+from tests.tunnel.dataplane import LOOPS, run_on
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 both_loops = pytest.mark.parametrize("loop_name", sorted(LOOPS))
-
-
-def run(loop_name: str, test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(asyncio.wait_for(test(), 30))
 
 
 def closed_port() -> int:
@@ -51,7 +43,7 @@ def test_a_waiter_runs_once_per_wait_and_idle_reads_unregister(loop_name: str) -
         a.close()
         b.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -69,7 +61,7 @@ def test_close_forgets_waiters_and_registrations(loop_name: str) -> None:
         a.close()
         b.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -92,7 +84,7 @@ def test_the_acceptor_hands_over_connections_until_closed(loop_name: str) -> Non
         for sock in [*accepted, *clients]:
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 class Outcome:
@@ -128,7 +120,7 @@ def test_the_dialer_falls_through_refused_addresses(loop_name: str) -> None:
             outcome.end.watched.close()
             outcome.end.sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -141,7 +133,7 @@ def test_the_dialer_reports_the_last_error(loop_name: str) -> None:
         await outcome.done.wait()
         assert outcome.end is None and outcome.error == "Connection refused"
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 def full_backlog() -> tuple[socket.socket, list[socket.socket]]:
@@ -173,7 +165,7 @@ def test_the_dialer_times_out_an_unanswered_connect(loop_name: str) -> None:
         for sock in [server, *fillers]:
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @both_loops
@@ -196,7 +188,7 @@ def test_a_cancelled_dialer_closes_its_attempt_and_calls_nothing(loop_name: str)
         for sock in [server, *fillers]:
             sock.close()
 
-    run(loop_name, scenario)
+    run_on(loop_name, scenario)
 
 
 @pytest.mark.parametrize(
