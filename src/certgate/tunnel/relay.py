@@ -67,7 +67,6 @@ class Pump:
     """
 
     __slots__ = (
-        "_run",
         "buffer",
         "bytes",
         "end",
@@ -95,7 +94,6 @@ class Pump:
         self.eof = self.finished = False
         self.want: Want | None = None
         self.touched = time.monotonic()
-        self._run = self.run
 
     def preload(self, data: bytes) -> None:
         """Bytes to write before anything is read (a ``200`` answer, a rewritten head)."""
@@ -117,7 +115,7 @@ class Pump:
         try:
             self._rounds()
         except WouldBlock as blocked:
-            blocked.end.watched.wait(blocked.want, self._run)
+            blocked.end.watched.wait(blocked.want, self.run)
         except OSError as exc:  # ssl.SSLError included: reset, broken pipe, bad record
             self._finish(exc)
 
@@ -130,22 +128,22 @@ class Pump:
                 return
             if self.want is not None:  # the last read said there is nothing more yet
                 want, self.want = self.want, None
-                self.source.watched.wait(want, self._run)
+                self.source.watched.wait(want, self.run)
                 return
             self._fill()
         # Out of rounds: come back when the loop has served the others. Pending bytes
         # first (the source may never become readable again), else the next read.
         if self.end > self.start:
-            self.sink.watched.wait(Want.WRITE, self._run)
+            self.sink.watched.wait(Want.WRITE, self.run)
         else:
-            self.source.watched.wait(Want.READ, self._run)
+            self.source.watched.wait(Want.READ, self.run)
 
     def _flush(self) -> bool:
         """Write what is pending; True once all of it is written."""
         assert self.buffer is not None
         self.start += self.sink.write(memoryview(self.buffer)[self.start : self.end])
         if self.start < self.end:
-            self.sink.watched.wait(Want.WRITE, self._run)
+            self.sink.watched.wait(Want.WRITE, self.run)
             return False
         self.release()
         return True

@@ -3,9 +3,10 @@
 The event loop is selectable (``--loop asyncio|uvloop``): the data plane drives
 non-blocking sockets from readiness callbacks (``tunnel.sockets``), which both loops
 provide, so both serve the same code. The stdlib loop is the default: under ``make bench``
-the two are equally fast with this shell (the loop is a small part of a connection's cost
-next to OpenSSL), and uvloop has crashed under bursts of short connections elsewhere
-(bench/FINDINGS.md, "Event loop").
+uvloop was at most a few percent faster with this shell (the loop is a small part of a
+connection's cost next to OpenSSL), and uvloop's own transports and TLS, which a node also
+runs, have crashed under bursts of short connections elsewhere (bench/FINDINGS.md, "Event
+loop").
 """
 
 from __future__ import annotations

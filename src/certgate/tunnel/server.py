@@ -246,8 +246,6 @@ class ClientConnection:
         self._dialer: Dialer | None = None
         self._final = b""
         self._lingered = 0
-        self._handshake_step = self._handshake
-        self._head_step = self._read_head
 
     @property
     def last_activity(self) -> float:
@@ -258,10 +256,10 @@ class ClientConnection:
     def start(self) -> None:
         self.shared.registry.add(self)
         self.stats.active += 1
-        self.arm(self.shared.limits.handshake_timeout_s, self._handshake_timed_out)
+        self._arm(self.shared.limits.handshake_timeout_s, self._handshake_timed_out)
         self._handshake()
 
-    def arm(self, seconds: float, callback: Callable[[], None]) -> None:
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         """Run ``callback`` after ``seconds`` unless re-armed or disarmed first."""
         self._disarm()
         self._timer = self.loop.call_later(seconds, callback)
@@ -284,7 +282,7 @@ class ClientConnection:
         try:
             self.tls.do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            self._retry_when_ready(blocked, self._handshake_step)
+            self._retry_when_ready(blocked, self._handshake)
         except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
             # A TCP probe (load balancer health check, port scan) closing before or during
             # the handshake: not a certificate decision, so not a denial.
@@ -317,16 +315,16 @@ class ClientConnection:
                 raise ChainError("no client certificate")
             self.peer = self.shared.peers.identity(der)
         except (ChainError, ValueError) as exc:
-            self.deny(403, "identity", f"unusable client certificate identity: {exc}")
+            self._deny(403, "identity", f"unusable client certificate identity: {exc}")
             return
         self.shared.registry.bind(self, self.peer.thumbprint)
         self.phase = Phase.HEAD
-        self.arm(self.shared.limits.header_timeout_s, self._head_timed_out)
+        self._arm(self.shared.limits.header_timeout_s, self._head_timed_out)
         self._read_head()  # the head often arrives with the client's Finished
 
     def _head_timed_out(self) -> None:
         if self.phase is Phase.HEAD:
-            self.deny(408, "header_timeout", "request head not received in time")
+            self._deny(408, "header_timeout", "request head not received in time")
 
     # -- request head -----------------------------------------------------------------
 
@@ -339,7 +337,7 @@ class ClientConnection:
         except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
             n = 0
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            self._retry_when_ready(blocked, self._head_step)
+            self._retry_when_ready(blocked, self._read_head)
             return
         except OSError as exc:
             self.abort(f"client connection failed before its request: {exc}")
@@ -356,7 +354,7 @@ class ClientConnection:
         if isinstance(event, ProxyRequest):
             self._on_request(event)
         elif event is NeedData.NEED_DATA:
-            self.client.watched.wait(Want.READ, self._head_step)
+            self.client.watched.wait(Want.READ, self._read_head)
         else:
             self.abort("client closed before sending a request")
 
@@ -373,13 +371,13 @@ class ClientConnection:
             self._refuse(exc)
             return
         if request.scheme == "https":
-            self.deny(400, "unsupported", "use CONNECT for https:// destinations")
+            self._deny(400, "unsupported", "use CONNECT for https:// destinations")
             return
         assert self.peer is not None
         decision = self.shared.gate.admit(self.peer, self.listener.mode, self.app)
         if not decision.admitted:
             reason = decision.reason.value if decision.reason else "denied"
-            self.deny(decision.http_status, reason, decision.detail)
+            self._deny(decision.http_status, reason, decision.detail)
             return
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
@@ -407,15 +405,15 @@ class ClientConnection:
 
     def _resolve_failed(self, host: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
-            self.deny(504, "resolve_timeout", f"resolving {host} timed out")
+            self._deny(504, "resolve_timeout", f"resolving {host} timed out")
         else:
-            self.deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
+            self._deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
 
     def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
         verdict = evaluate(self.shared.gate.ruleset, request.host, request.port, addresses)
         if not verdict.allowed:
             rule = "default" if verdict.rule_index is None else f"rule {verdict.rule_index}"
-            self.deny(
+            self._deny(
                 403,
                 "destination_denied",
                 f"server traffic rules refuse {self.destination} ({rule}, {verdict.reason.value})",
@@ -439,7 +437,7 @@ class ClientConnection:
     def _dial_failed(self, error: str) -> None:
         self._dialer = None
         timeout = error == "timeout"
-        self.deny(
+        self._deny(
             504 if timeout else 502,
             "upstream_timeout" if timeout else "upstream_unreachable",
             f"cannot connect to {self.destination}: {error}",
@@ -485,7 +483,7 @@ class ClientConnection:
 
     # -- endings ----------------------------------------------------------------------
 
-    def deny(self, status: int, reason: str, detail: str) -> None:
+    def _deny(self, status: int, reason: str, detail: str) -> None:
         self._log_denial(status, reason, detail)
         body = f"certgate: {reason}\n".encode()
         head = response_head(
@@ -524,7 +522,7 @@ class ClientConnection:
             return
         self.phase = Phase.CLOSING
         self._final = data
-        self.arm(LINGER_S, self._drop)
+        self._arm(LINGER_S, self._drop)
         self._write_final()
 
     def _write_final(self) -> None:
@@ -568,7 +566,7 @@ class ClientConnection:
         """Send TLS close_notify, best effort: never wait for the client's."""
         try:
             self.tls.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError, OSError):
+        except OSError:  # ssl.SSLWantReadError included: the client's is never awaited
             pass
 
     def abort(self, reason: str) -> None:
