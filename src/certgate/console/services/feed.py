@@ -120,7 +120,7 @@ def emit(session: Session, group_id: str, entries: Iterable[dict[str, Any]]) -> 
 
 
 # Built once, so they reuse their compiled form. The UPDATE takes the row lock the snapshot
-# readers' share lock waits for (``_locked_seq``), so seqs stay gapless and in order.
+# readers' share lock waits for (``current_seq``), so seqs stay gapless and in order.
 _BUMP_SEQ = (
     update(Group)
     .where(Group.id == bindparam("g"))
@@ -208,23 +208,17 @@ _PageQuery = Select[str, str, int, str, str | None, str, str, int]
 UID_HEX = 32  # a format 2 cursor: the device uid, then the thumbprint
 
 
-def current_seq(session: Session, group_id: str) -> int:
-    """The group's feed seq now (without the snapshot's share lock)."""
-    seq = session.execute(select(Group.feed_seq).where(Group.id == group_id)).scalar_one_or_none()
+def current_seq(session: Session, group_id: str, *, share_lock: bool = False) -> int:
+    """The group's feed seq now. With ``share_lock`` its row stays share-locked until the
+    transaction ends: writers bump it under an update lock (``emit``), so the entries read
+    next agree with it."""
+    query = select(Group.feed_seq).where(Group.id == group_id)
+    if share_lock:
+        query = query.with_for_update(read=True)
+    seq = session.execute(query).scalar_one_or_none()
     if seq is None:
         raise NotFound(f"group {group_id!r} not found")
     return seq
-
-
-def _locked_seq(session: Session, group_id: str) -> int:
-    """The group's feed seq, its row share-locked until the transaction ends: writers
-    bump it under an update lock (``emit``), so the entries read next agree with it."""
-    group = session.execute(
-        select(Group).where(Group.id == group_id).with_for_update(read=True)
-    ).scalar_one_or_none()
-    if group is None:
-        raise NotFound(f"group {group_id!r} not found")
-    return group.feed_seq
 
 
 def snapshot(
@@ -237,7 +231,7 @@ def snapshot(
     different seqs replays the feed from the first page's seq, which converges because
     upserts and deletes are idempotent per thumbprint.
     """
-    seq = _locked_seq(session, group_id)
+    seq = current_seq(session, group_id, share_lock=True)
     rows = session.connection().execute(_page_query(group_id, after, limit, False)).all()
     entries = [
         _upsert(tp, uid, group, bundle, enrollment, compliance, bool(blocked), not_after)
@@ -256,7 +250,7 @@ def snapshot_columns(
     devices in uid order makes the join a sequential walk of their index (at 1,000,000
     devices, 0.17 s of CPU a page in thumbprint order, 0.075 s in device order).
     """
-    seq = _locked_seq(session, group_id)
+    seq = current_seq(session, group_id, share_lock=True)
     rows = session.connection().execute(_page_query(group_id, after, limit, True))
     entries, following = _columns(rows, limit)
     return {"seq": seq, "after": after, "next": following, "entries": entries}
