@@ -163,6 +163,7 @@ def create_app(state: ConsoleState) -> FastAPI:
             yield
         finally:
             state.writer.stop()
+            state.snapshot_pages.close()
 
     app = FastAPI(
         title="certgate console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None

@@ -1,4 +1,5 @@
-"""The running console's shared state: config, storage, loaded PKI, feed notifier, writer."""
+"""The running console's shared state: config, storage, loaded PKI, feed notifier, writer,
+signed snapshot pages."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from certgate.console.config import ConsoleConfig
 from certgate.console.services import ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
+from certgate.console.services.snapshots import SnapshotPages
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate
 from certgate.console.writer import Writer
@@ -36,6 +38,7 @@ class ConsoleState:
     pki: ca.InstancePKI
     notifier: FeedNotifier
     writer: Writer
+    snapshot_pages: SnapshotPages
     crl_cache: ca.CachedCRL | None = None
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,7 +50,7 @@ class ConsoleState:
             pki = ca.InstancePKI.load(session, master)
         notifier = FeedNotifier()
         db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
-        return cls(config, db, pki, notifier, Writer(db))
+        return cls(config, db, pki, notifier, Writer(db), SnapshotPages(db, pki))
 
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:

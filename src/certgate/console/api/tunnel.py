@@ -11,7 +11,6 @@ every node of the group (``services.snapshots``).
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -22,13 +21,12 @@ from certgate.console.api import schemas as s
 from certgate.console.api.deps import state_of, tunnel_tx
 from certgate.console.services import audit, tunnels
 from certgate.console.services.feed import SNAPSHOT_PAGE, current_seq
-from certgate.console.services.snapshots import PageKey, SnapshotPages
+from certgate.console.services.snapshots import PageKey
 from certgate.errors import BadRequest
 
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
 CROSS_NODE_RECHECK_S = 1.0
-_PAGES_LOCK = threading.Lock()
 CURSOR_HEX = {1: 64, 2: 96}
 
 
@@ -75,19 +73,8 @@ def snapshot(
     with tunnel_tx(request) as (session, group_id):
         seq = current_seq(session, group_id)
     # Outside the transaction: the page may be one another request is signing.
-    page = _snapshot_pages(request).page(PageKey(group_id, after, limit), seq)
+    page = state.snapshot_pages.page(PageKey(group_id, after, limit), seq)
     return Response(page.token, media_type=JWS_TYPE)
-
-
-def _snapshot_pages(request: Request) -> SnapshotPages:
-    """The app's page cache, made on first use (one per console app)."""
-    app_state = request.app.state
-    with _PAGES_LOCK:
-        pages: SnapshotPages | None = getattr(app_state, "snapshot_pages", None)
-        if pages is None:
-            state = state_of(request)
-            pages = app_state.snapshot_pages = SnapshotPages(state.db, state.pki)
-    return pages
 
 
 def _poll_once(request: Request, after: int) -> tuple[str, tunnels.SignedBatch | None]:
