@@ -535,6 +535,7 @@ def test_paged_snapshot_asks_for_format_2_and_follows_the_cursors(
     [
         ([(5, ENTRIES[:4]), (4, ENTRIES[4:])], 8, "snapshot page of seq 4 follows one of seq 5"),
         ([(5, ENTRIES[:9])], 8, "snapshot page holds 9 entries; asked for at most 8"),
+        # the second page, chained after ENTRIES[5], restarts from the first entry
         ([(5, ENTRIES[4:6]), (5, ENTRIES[:4])], 8, "entries[0] is not after the page's cursor"),
     ],
 )
@@ -548,11 +549,6 @@ def test_a_signed_page_that_breaks_the_paging_rules_is_rejected(
 ) -> None:
     leaf = shared_hierarchy().leaves["console"]
     tokens = signed_pages(node, leaf, pages)
-    if reason.startswith("entries[0]"):  # the second page restarts from the beginning
-        body = jws.verify(tokens[1], leaf.cert, jws.TYP_SNAPSHOT_V2, node.group_id)
-        body["after"] = cursor(ENTRIES[5])
-        del body["iat"], body["exp"]
-        tokens[1] = jws.sign(body, leaf.key, leaf.chain, jws.TYP_SNAPSHOT_V2, 60).encode()
 
     async def scenario() -> None:
         async with stand_in(node, tmp_path, PageServer(tokens), snapshot_page=limit) as f:
