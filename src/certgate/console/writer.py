@@ -48,12 +48,12 @@ class _Job(Generic[T]):
 
 
 class Writer:
-    """One thread committing submitted units of work in batches of up to ``max_batch``
+    """One thread committing submitted units of work in batches of up to ``MAX_BATCH``
     (SQLite; one unit a transaction elsewhere)."""
 
-    def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._max_batch = max_batch if db.engine.dialect.name == "sqlite" else 1
+        self._max_batch = MAX_BATCH if db.engine.dialect.name == "sqlite" else 1
         self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._gate = threading.Lock()  # orders submissions against the stop sentinel
         self._thread: threading.Thread | None = None
@@ -95,7 +95,7 @@ class Writer:
         """The oldest job (waiting for one), then whatever else is queued, up to the limit.
         Jobs whose submitter gave up (cancelled future) are dropped. Empty: stop."""
         batch: list[_Job[Any]] = []
-        while not batch or len(batch) < self._max_batch:
+        while len(batch) < self._max_batch:
             try:
                 job = self._jobs.get() if not batch else self._jobs.get_nowait()
             except queue.Empty:
