@@ -504,12 +504,10 @@ def signed_pages(
 def stand_in(node: TunnelState, tmp_path: Path, server: PageServer, **options: Any) -> FeedFollower:
     leaf = shared_hierarchy().leaves["console"]
     trusting = dataclasses.replace(node, console_identity=leaf.cert)
-    f = FeedFollower(trusting, Revoked(), state_dir=tmp_path / "stand-in", **options)
-    client = httpx.AsyncClient(
-        base_url="https://console.test", transport=httpx.MockTransport(server)
+    transport = httpx.MockTransport(server)
+    return FeedFollower(
+        trusting, Revoked(), state_dir=tmp_path / "stand-in", transport=transport, **options
     )
-    f._client = client  # the follower's own client, on a transport serving the pages
-    return f
 
 
 def test_paged_snapshot_asks_for_format_2_and_follows_the_cursors(

@@ -87,9 +87,11 @@ class FeedFollower:
         clock: Callable[[], float] = time.time,
         compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES,
         snapshot_page: int | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.state = state
         self._snapshot_page = snapshot_page  # None: the console's page size
+        self._transport = transport  # None: mTLS to the console; else a stand-in console
         self._on_revoked = on_revoked
         self._clock = clock
         self._store = TableStore(state_dir, compact_after_bytes=compact_after_bytes)
@@ -245,6 +247,7 @@ class FeedFollower:
                 verify=ctx,
                 headers={NODE_HEADER: self.state.node_name},
                 timeout=REQUEST_TIMEOUT_S,
+                transport=self._transport,
             )
         return self._client
 
