@@ -3,10 +3,8 @@ that no writer waits for (snapshot pages are read in them)."""
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -14,20 +12,13 @@ from sqlalchemy import select
 from certgate.console.services import ca
 from certgate.console.store.db import Database, migrate
 from certgate.console.store.models import Group
-from tests.postgres import PostgresServer
 
-_names = itertools.count()
 HANG_GUARD_S = 20.0  # a bound against hanging, not a timing
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'console.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres")
-        url = server.create_database(f"units{next(_names)}")
-    database = Database(url)
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
     migrate(database.engine)
     try:
         yield database

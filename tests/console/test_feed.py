@@ -5,26 +5,14 @@ backends (``emit`` writes with Core statements beside the session's ORM work).""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from certgate.console import local
 from certgate.console.services import ca, feed, groups
 from certgate.console.store.db import Database
 from certgate.console.store.models import Device, Group
-from tests.console.test_snapshots import add_device
-from tests.support import RunningConsole
-
-
-@pytest.fixture(scope="module")
-def store(console: RunningConsole) -> Iterator[tuple[Database, ca.InstancePKI]]:
-    db, pki = local.open_db(local.load_config(console.data_dir))
-    try:
-        yield db, pki
-    finally:
-        db.dispose()
+from tests.console.conftest import add_device
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ build is the models' schema, and 0003 (snapshot covering indexes) goes down and 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -16,19 +14,11 @@ from sqlalchemy import Engine, inspect
 
 from certgate.console.store.db import MIGRATIONS, Database, migrate
 from certgate.console.store.models import Base
-from tests.postgres import PostgresServer
-
-_names = itertools.count()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'console.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres")
-        url = server.create_database(f"migrations{next(_names)}")
-    db = Database(url)
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    db = Database(db_url)
     try:
         yield db.engine
     finally:

@@ -10,22 +10,20 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import pytest
 from cryptography import x509
 
 from certgate import jws
-from certgate.console import local
 from certgate.console.services import ca, feed, groups
 from certgate.console.services.snapshots import PageKey, SignedPage, SnapshotPages
 from certgate.console.store.db import Database
-from certgate.console.store.models import Certificate, Device
+from certgate.console.store.models import Device
 from certgate.errors import NotFound
 from certgate.tunnel.snapshot import decode_page
 from certgate.tunnel.table import DeviceTable
-from tests.support import RunningConsole
+from tests.console.conftest import add_device
 
 LIMIT = 2
 DEVICES = 5
@@ -55,15 +53,6 @@ class Reads:
         monkeypatch.setattr(feed, "snapshot_columns", counted)
 
 
-@pytest.fixture(scope="module")
-def store(console: RunningConsole) -> Iterator[tuple[Database, ca.InstancePKI]]:
-    db, pki = local.open_db(local.load_config(console.data_dir))
-    try:
-        yield db, pki
-    finally:
-        db.dispose()
-
-
 @pytest.fixture
 def group(store: tuple[Database, ca.InstancePKI]) -> str:
     """A new group holding DEVICES devices with one certificate each."""
@@ -74,40 +63,6 @@ def group(store: tuple[Database, ca.InstancePKI]) -> str:
         for _ in range(DEVICES):
             add_device(session, group_id)
     return group_id
-
-
-def add_device(session: Any, group_id: str) -> str:
-    uid, now = secrets.token_hex(16), ca.now()
-    session.add(
-        Device(
-            uid=uid,
-            group_id=group_id,
-            platform="linux",
-            owner="owner",
-            enrollment_status="enrolled",
-            compliance_status="compliant",
-            credential_hash=secrets.token_hex(32),
-            enrolled_at=now,
-            updated_at=now,
-        )
-    )
-    session.add(
-        Certificate(
-            serial=secrets.token_hex(19),
-            thumbprint=secrets.token_hex(32),
-            kind="device",
-            issuer_label=ca.DEVICE_ROOT,
-            group_id=group_id,
-            device_uid=uid,
-            subject=f"CN=device {uid}",
-            not_before=now,
-            not_after=now + timedelta(days=30),
-            issued_at=now,
-            cert_pem="(not read by snapshots)",
-        )
-    )
-    session.flush()
-    return uid
 
 
 @pytest.fixture

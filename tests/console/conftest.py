@@ -1,0 +1,76 @@
+"""Fixtures of the console's store tests: a new, empty database on each backend, the store
+of the module's running console, and device rows written directly."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certgate.console import local
+from certgate.console.services import ca
+from certgate.console.store.db import Database
+from certgate.console.store.models import Certificate, Device
+from tests.postgres import PostgresServer
+from tests.support import RunningConsole
+
+_names = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'console.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"store{next(_names)}")
+
+
+@pytest.fixture(scope="module")
+def store(console: RunningConsole) -> Iterator[tuple[Database, ca.InstancePKI]]:
+    """The database and PKI of the module's running console, opened in this process."""
+    db, pki = local.open_db(local.load_config(console.data_dir))
+    try:
+        yield db, pki
+    finally:
+        db.dispose()
+
+
+def add_device(session: Any, group_id: str) -> str:
+    """An enrolled device of ``group_id`` with one device certificate; returns its uid."""
+    uid, now = secrets.token_hex(16), ca.now()
+    session.add(
+        Device(
+            uid=uid,
+            group_id=group_id,
+            platform="linux",
+            owner="owner",
+            enrollment_status="enrolled",
+            compliance_status="compliant",
+            credential_hash=secrets.token_hex(32),
+            enrolled_at=now,
+            updated_at=now,
+        )
+    )
+    session.add(
+        Certificate(
+            serial=secrets.token_hex(19),
+            thumbprint=secrets.token_hex(32),
+            kind="device",
+            issuer_label=ca.DEVICE_ROOT,
+            group_id=group_id,
+            device_uid=uid,
+            subject=f"CN=device {uid}",
+            not_before=now,
+            not_after=now + timedelta(days=30),
+            issued_at=now,
+            cert_pem="(not read by snapshots)",
+        )
+    )
+    session.flush()
+    return uid
