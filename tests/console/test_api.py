@@ -750,11 +750,12 @@ def test_grant_role_needs_admins_write_and_cannot_escalate(env: RunningConsole) 
         assert client.get("/api/v1/groups/acme").status_code == 404
 
 
-def test_snapshot_pages_cover_every_entry_once(env: RunningConsole, device: dict[str, Any]) -> None:
+def issue_certs(env: RunningConsole, device: dict[str, Any], apps: Iterable[str]) -> None:
+    """An app certificate for each of ``apps`` in turn, then a profile, for ``device``."""
     with device_client(env, device) as dev:
-        for _ in range(2):
+        for app in apps:
             dev.post(
-                "/api/v1/device/apps/com.example.pages/certificate",
+                f"/api/v1/device/apps/{app}/certificate",
                 json={
                     "username": "alice",
                     "password": "correct horse",
@@ -762,6 +763,10 @@ def test_snapshot_pages_cover_every_entry_once(env: RunningConsole, device: dict
                 },
             )
         dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+
+
+def test_snapshot_pages_cover_every_entry_once(env: RunningConsole, device: dict[str, Any]) -> None:
+    issue_certs(env, device, ["com.example.pages"] * 2)
     with _tunnel_client(env, "acme") as tunnel:
         acme = x509.load_pem_x509_certificate((env.work / "console-acme.pem").read_bytes())
         whole = jws.verify(tunnel.get("/api/v1/tunnel/feed/snapshot").text, acme, jws.TYP_SNAPSHOT)
@@ -810,17 +815,7 @@ def by_thumbprint(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_format_2_pages_hold_the_format_1_entries(
     env: RunningConsole, device: dict[str, Any]
 ) -> None:
-    with device_client(env, device) as dev:
-        for app in ("com.example.columns", "com.example.rows"):
-            dev.post(
-                f"/api/v1/device/apps/{app}/certificate",
-                json={
-                    "username": "alice",
-                    "password": "correct horse",
-                    "csr": make_csr()[0].decode(),
-                },
-            )
-        dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    issue_certs(env, device, ["com.example.columns", "com.example.rows"])
     with _tunnel_client(env, "acme") as tunnel:
         acme = x509.load_pem_x509_certificate((env.work / "console-acme.pem").read_bytes())
         objects = jws.verify(
