@@ -300,7 +300,7 @@ class FeedFollower:
             )
             if body is None:
                 raise FeedUnavailable(f"console answered 204 on {path}")
-            page, table = await self._checked(self._verified_page, body, table, after, limit)
+            page, table = await self._checked(body, table, after, limit)
             if signed_at is None:
                 signed_at = page.signed_at
             if page.next is None:
@@ -311,18 +311,20 @@ class FeedFollower:
     async def accept_snapshot(self, token: bytes | str) -> None:
         """Verify a one-page signed snapshot (format 2) and swap it in; on failure keep
         the table."""
-        page, table = await self._checked(self._verified_page, token, None, "", snapshot.PAGE_LIMIT)
+        page, table = await self._checked(token, None, "", snapshot.PAGE_LIMIT)
         if page.next is not None:
             raise FeedError("snapshot has further pages; use fetch_snapshot")
         await self._swap(page.signed_at, table)
 
-    async def _checked(self, check: Any, *args: Any) -> tuple[_VerifiedPage, DeviceTable]:
+    async def _checked(
+        self, token: bytes | str, table: DeviceTable | None, after: str, limit: int
+    ) -> tuple[_VerifiedPage, DeviceTable]:
+        """``_verified_page`` off the event loop; a rejection is logged with its reason."""
         try:
-            result: tuple[_VerifiedPage, DeviceTable] = await asyncio.to_thread(check, *args)
+            return await asyncio.to_thread(self._verified_page, token, table, after, limit)
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed snapshot: %s; keeping seq %d", exc, self._table.seq)
             raise
-        return result
 
     async def _swap(self, signed_at: float, table: DeviceTable) -> None:
         old, self._table, self._needs_snapshot = self._table, table, False
