@@ -267,7 +267,8 @@ class DeviceTable:
 
     Single-threaded by design (the asyncio shell owns it). ``apply_batch`` mutates in
     place, but only after the whole batch has validated; snapshot reloads build a new
-    table with ``from_snapshot`` and swap the reference (STYLE.md habit 8).
+    table aside (``from_snapshot``, or page by page with ``extend_columns``) and swap the
+    reference (STYLE.md habit 8).
     """
 
     __slots__ = ("_bundles", "_groups", "_records", "_seq")
