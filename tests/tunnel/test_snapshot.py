@@ -281,4 +281,6 @@ def test_any_value_anywhere_fails_cleanly(path: str, value: object) -> None:
         table.extend_columns(decode_page(payload, "", PAGE_LIMIT).columns)
     except FeedError:
         return
-    assert len(table) == 3  # accepted only if it still says the same thing
+    # The check is that nothing but FeedError escapes; a page that decodes still holds
+    # its three entries (a changed seq, say, is accepted and not reflected here).
+    assert len(table) == 3
