@@ -46,9 +46,9 @@ from enum import Enum
 
 from cryptography import x509
 
+from certgate.feed import ComplianceStatus, EnrollmentStatus, Entry
 from certgate.pki.identity import BUNDLE_ID_RE, Identity, IdentityKind, identity_of
 from certgate.pki.thumbprint import thumbprint
-from certgate.tunnel.table import ComplianceStatus, EnrollmentStatus, Entry
 
 __all__ = [
     "AdmissionRequest",

@@ -30,7 +30,6 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -38,12 +37,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from certgate import jws
 from certgate.errors import CertgateError, ConfigError
+from certgate.feed import FEED_VERSION, FeedError, PolicyUpdate, decode_op
 from certgate.pki import identity
 from certgate.pki.authority import utcnow
 from certgate.pki.keys import PrivateKey, load_private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
-from certgate.tunnel.rules import RuleSet
 
 __all__ = [
     "DEFAULT_LONG_POLL_S",
@@ -112,7 +111,7 @@ class TrustConfig:
     console_url: str
     tunnel: TunnelSettings
     feed: FeedSettings
-    server_rules: Mapping[str, Any]
+    policy: PolicyUpdate  # the group policy at setup; the feed brings newer ones
     issued_at: int
     expires_at: int
 
@@ -247,22 +246,37 @@ def _feed_settings(raw: Mapping[str, Any]) -> FeedSettings:
     return settings
 
 
-def _server_rules(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+def _initial_policy(
+    payload: Mapping[str, Any], tunnel: TunnelSettings, feed: FeedSettings
+) -> PolicyUpdate:
+    """The policy the trust config was signed with, in the feed's own terms (version 0
+    when the console predates policy versions), parsed once."""
+    op = {
+        "op": "policy",
+        "version": payload.get("policy_version", 0),
+        "server_rules": _field(payload, "server_rules", dict, ""),
+        "device_rules": payload.get("device_rules", {}),
+        "feed": {"long_poll_s": feed.long_poll_s, "max_staleness_s": feed.max_staleness_s},
+        "tunnel": {"proxy_port": tunnel.proxy_port, "per_app_port": tunnel.per_app_port},
+    }
     try:
-        RuleSet.from_dict(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"trust config: invalid server rules: {exc}") from exc
-    return MappingProxyType(dict(raw))
+        policy = decode_op(op, "trust config", FEED_VERSION)
+    except FeedError as exc:
+        raise ConfigError(f"trust config: invalid policy: {exc}") from exc
+    assert isinstance(policy, PolicyUpdate)
+    return policy
 
 
 def parse_trust(payload: Mapping[str, Any]) -> TrustConfig:
     """The verified trust payload as typed settings (signature already checked)."""
+    tunnel = _tunnel_settings(_field(payload, "tunnel", dict, ""))
+    feed = _feed_settings(_field(payload, "feed", dict, ""))
     return TrustConfig(
         group_id=_field(payload, "group_id", str, ""),
         console_url=_field(payload, "console_url", str, ""),
-        tunnel=_tunnel_settings(_field(payload, "tunnel", dict, "")),
-        feed=_feed_settings(_field(payload, "feed", dict, "")),
-        server_rules=_server_rules(_field(payload, "server_rules", dict, "")),
+        tunnel=tunnel,
+        feed=feed,
+        policy=_initial_policy(payload, tunnel, feed),
         issued_at=_field(payload, "iat", int, ""),
         expires_at=_field(payload, "exp", int, ""),
     )

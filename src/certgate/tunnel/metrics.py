@@ -75,7 +75,16 @@ class TunnelMetrics:
         )
         self.closed_by_policy = Counter(
             "certgate_tunnel_closed_by_policy",
-            "Live tunnels closed after a feed change",
+            "Live tunnels closed because policy refuses them now, by reason",
+            ["mode", "reason"],
+            registry=r,
+        )
+        self.policy_version = Gauge(
+            "certgate_tunnel_policy_version", "Version of the group policy applied", registry=r
+        )
+        self.restart_required = Gauge(
+            "certgate_tunnel_restart_required",
+            "1 while the policy names listener ports this node can only take by a restart",
             registry=r,
         )
         self.enforce_seconds = Histogram(

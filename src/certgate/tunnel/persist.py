@@ -19,10 +19,16 @@ not re-verified against the console's signature.
 
 Snapshot format (all integers little-endian)::
 
-    header   "<8sQQII": magic b"CGTABLE1", seq, record count, len(groups), len(bundles)
+    header   "<8sQQIII": magic b"CGTABLE2", seq, record count, len(groups), len(bundles),
+             len(policy)
     groups   JSON array of group ids, bundles: JSON array of bundle ids
+    policy   the group policy at seq as a feed ``policy`` operation (JSON), or ``null``
     records  count x 63 bytes: thumbprint (32 bytes, big-endian) + packed table record (31)
     trailer  SHA-256 of everything above
+
+A ``CGTABLE1`` file (written before policies were feed content) has no policy length nor
+policy and still loads; the trust config's policy then applies until the feed sends one.
+Journal lines carry the batch's contract version (``"version"``, absent for version 1).
 
 Loading 1,000,000 entries must take seconds, and ``DeviceTable.from_snapshot`` validates
 each entry (about 8 us each), so the snapshot stores the table's own packed records and
@@ -46,10 +52,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from certgate import feed
 from certgate.errors import CertgateError
+from certgate.feed import FeedError, InvalidEntry, PolicyUpdate
 from certgate.pki.identity import BUNDLE_ID_RE, GROUP_ID_RE
 from certgate.tunnel import table as table_module
-from certgate.tunnel.table import DeviceTable, FeedError, SequenceReplay
+from certgate.tunnel.table import DeviceTable, SequenceReplay
 
 __all__ = [
     "DEFAULT_COMPACT_AFTER_BYTES",
@@ -71,8 +79,10 @@ JOURNAL_FILE = "table.journal"
 SYNC_FILE = "sync.json"
 DEFAULT_COMPACT_AFTER_BYTES = 16 * 1024 * 1024
 
-_MAGIC = b"CGTABLE1"
-_HEADER = struct.Struct("<8sQQII")
+_MAGIC_V1 = b"CGTABLE1"
+_MAGIC = b"CGTABLE2"
+_HEADER_V1 = struct.Struct("<8sQQII")
+_HEADER = struct.Struct("<8sQQIII")
 _KEY_BYTES = 32
 _TABLE_RECORD_FORMAT = "<16sqIHB"  # table.py's packed record, as this file format knows it
 _RECORD_BYTES = _KEY_BYTES + struct.calcsize(_TABLE_RECORD_FORMAT)
@@ -140,11 +150,15 @@ class _PackedTable:
 
     @staticmethod
     def build(
-        seq: int, groups: list[str], bundles: list[str], records: dict[int, bytes]
+        seq: int,
+        groups: list[str],
+        bundles: list[str],
+        records: dict[int, bytes],
+        policy: PolicyUpdate | None,
     ) -> DeviceTable:
         try:
-            return DeviceTable.from_packed(seq, groups, bundles, records)
-        except table_module.InvalidEntry as exc:
+            return DeviceTable.from_packed(seq, groups, bundles, records, policy)
+        except InvalidEntry as exc:
             raise PersistError(str(exc)) from exc
 
 
@@ -161,8 +175,9 @@ def snapshot_parts(table: DeviceTable) -> Iterator[bytes | bytearray]:
     node kept afterwards)."""
     _PackedTable.check_layout()
     groups, bundles = _PackedTable.names(table)
-    names = [json.dumps(n, separators=(",", ":")).encode() for n in (groups, bundles)]
-    head = _HEADER.pack(_MAGIC, table.seq, len(table), len(names[0]), len(names[1]))
+    policy = None if table.policy is None else table.policy.encode()
+    names = [json.dumps(n, separators=(",", ":")).encode() for n in (groups, bundles, policy)]
+    head = _HEADER.pack(_MAGIC, table.seq, len(table), *map(len, names))
     digest = hashlib.sha256()
     for part in itertools.chain([head, *names], _record_parts(table)):
         digest.update(part)
@@ -185,14 +200,21 @@ def decode_snapshot(data: bytes) -> DeviceTable:
     body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
     if len(data) < _HEADER.size + _DIGEST_BYTES or hashlib.sha256(body).digest() != digest:
         raise PersistError("snapshot file is truncated or damaged (checksum mismatch)")
-    magic, seq, count, group_len, bundle_len = _HEADER.unpack_from(body)
-    if magic != _MAGIC:
+    magic = body[:8]
+    if magic == _MAGIC:
+        _, seq, count, group_len, bundle_len, policy_len = _HEADER.unpack_from(body)
+        at = _HEADER.size
+    elif magic == _MAGIC_V1:
+        _, seq, count, group_len, bundle_len = _HEADER_V1.unpack_from(body)
+        at, policy_len = _HEADER_V1.size, 0
+    else:
         raise PersistError(f"not a certgate table snapshot (magic {magic!r})")
-    start = _HEADER.size + group_len + bundle_len
+    start = at + group_len + bundle_len + policy_len
     if len(body) != start + count * _RECORD_BYTES:
         raise PersistError("snapshot file length does not match its header")
-    groups = _names(body[_HEADER.size : _HEADER.size + group_len], GROUP_ID_RE)
-    bundles = _names(body[_HEADER.size + group_len : start], BUNDLE_ID_RE)
+    groups = _names(body[at : at + group_len], GROUP_ID_RE)
+    bundles = _names(body[at + group_len : at + group_len + bundle_len], BUNDLE_ID_RE)
+    policy = _policy(body[at + group_len + bundle_len : start]) if policy_len else None
     end, width, key = start + count * _RECORD_BYTES, _RECORD_BYTES, _KEY_BYTES
     records = {
         int.from_bytes(body[at : at + key], "big"): body[at + key : at + width]
@@ -200,7 +222,18 @@ def decode_snapshot(data: bytes) -> DeviceTable:
     }
     if len(records) != count:
         raise PersistError("snapshot file holds duplicate thumbprints")
-    return _PackedTable.build(seq, groups, bundles, records)
+    return _PackedTable.build(seq, groups, bundles, records, policy)
+
+
+def _policy(blob: bytes) -> PolicyUpdate | None:
+    try:
+        raw = json.loads(blob)
+        decoded = None if raw is None else feed.decode_op(raw, "policy", feed.FEED_VERSION)
+    except (ValueError, FeedError) as exc:
+        raise PersistError(f"snapshot policy is malformed: {exc}") from exc
+    if decoded is not None and not isinstance(decoded, PolicyUpdate):
+        raise PersistError("snapshot policy is not a policy operation")
+    return decoded
 
 
 def _names(blob: bytes, pattern: re.Pattern[str]) -> list[str]:
@@ -215,15 +248,17 @@ def _names(blob: bytes, pattern: re.Pattern[str]) -> list[str]:
     return names
 
 
-def encode_journal_line(from_seq: int, to_seq: int, entries: Sequence[object]) -> bytes:
-    body = json.dumps(
-        {"from_seq": from_seq, "to_seq": to_seq, "entries": list(entries)},
-        separators=(",", ":"),
-    ).encode()
+def encode_journal_line(
+    from_seq: int, to_seq: int, entries: Sequence[object], version: int = feed.MIN_FEED_VERSION
+) -> bytes:
+    batch: dict[str, object] = {"from_seq": from_seq, "to_seq": to_seq, "entries": list(entries)}
+    if version != feed.MIN_FEED_VERSION:
+        batch["version"] = version
+    body = json.dumps(batch, separators=(",", ":")).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _decode_journal_line(line: bytes) -> tuple[int, int, list[object]]:
+def _decode_journal_line(line: bytes) -> tuple[int, int, list[object], int]:
     """One complete journal line (newline included); raise ``PersistError`` if damaged."""
     crc, _, body = line.rstrip(b"\n").partition(b" ")
     if not line.endswith(b"\n") or len(crc) != 8 or f"{zlib.crc32(body):08x}".encode() != crc:
@@ -237,7 +272,11 @@ def _decode_journal_line(line: bytes) -> tuple[int, int, list[object]]:
     from_seq, to_seq, entries = batch.get("from_seq"), batch.get("to_seq"), batch.get("entries")
     if type(from_seq) is not int or type(to_seq) is not int or not isinstance(entries, list):
         raise PersistError("journal line is not a batch")
-    return from_seq, to_seq, entries
+    try:
+        version = feed.message_version(batch)
+    except FeedError as exc:
+        raise PersistError(f"journal line: {exc}") from exc
+    return from_seq, to_seq, entries, version
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +382,15 @@ class TableStore:
         atomic_write(self.journal_path, b"")
         self._journal_bytes = 0
 
-    def append_batch(self, from_seq: int, to_seq: int, entries: Sequence[object]) -> None:
+    def append_batch(
+        self,
+        from_seq: int,
+        to_seq: int,
+        entries: Sequence[object],
+        version: int = feed.MIN_FEED_VERSION,
+    ) -> None:
         """Append one applied batch and fsync it (the batch is durable on return)."""
-        line = encode_journal_line(from_seq, to_seq, entries)
+        line = encode_journal_line(from_seq, to_seq, entries, version)
         created = not self.journal_path.exists()
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -371,8 +416,8 @@ class TableStore:
         seq = entries = None
         try:
             with self.snapshot_path.open("rb") as handle:
-                magic, seq, entries, _, _ = _HEADER.unpack(handle.read(_HEADER.size))
-            if magic != _MAGIC:
+                magic, seq, entries, _, _ = _HEADER_V1.unpack(handle.read(_HEADER_V1.size))
+            if magic not in (_MAGIC, _MAGIC_V1):
                 seq = entries = None
         except (FileNotFoundError, struct.error):
             pass

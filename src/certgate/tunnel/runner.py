@@ -21,7 +21,6 @@ from pathlib import Path
 
 from certgate.errors import ConfigError
 from certgate.tunnel.config import TunnelState, load_state
-from certgate.tunnel.rules import RuleSet
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
 from certgate.tunnel.sync import FeedFollower
@@ -62,16 +61,9 @@ def run(options: RunOptions) -> None:
 
 
 def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedFollower]:
-    """The service and its feed follower, wired to each other."""
-    holder: dict[str, TunnelService] = {}
-
-    def on_revoked(thumbprints: tuple[str, ...]) -> None:
-        if "service" in holder:
-            holder["service"].on_revoked(thumbprints, follower.last_signed_at)
-
-    follower = FeedFollower(state, on_revoked, state_dir=options.state_dir)
-    tunnel = state.trust.tunnel
-    gate = Gate(state.group_id, follower, RuleSet.from_dict(dict(state.trust.server_rules)))
+    """The service and its feed follower; the follower reports changes to the service."""
+    follower = FeedFollower(state, state_dir=options.state_dir)
+    policy = follower.policy
     tls = data_plane_tls(
         [state.tunnel_cert, *state.tunnel_chain],
         state.tunnel_key,
@@ -79,15 +71,20 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
         options.tls_curve,
     )
     service = TunnelService(
-        gate,
+        Gate(state.group_id, follower),
         tls,
-        options.proxy or Endpoint(options.listen_host, tunnel.proxy_port),
-        options.per_app or Endpoint(options.listen_host, tunnel.per_app_port),
+        options.proxy or Endpoint(options.listen_host, policy.proxy_port),
+        options.per_app or Endpoint(options.listen_host, policy.per_app_port),
         options.admin,
         options.limits,
         status=follower.status,
+        ports_from_policy={
+            name: f"{name}_port"
+            for name, pinned in (("proxy", options.proxy), ("per_app", options.per_app))
+            if pinned is None
+        },
     )
-    holder["service"] = service
+    follower.subscribe(service.on_change)
     return service, follower
 
 

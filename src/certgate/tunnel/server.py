@@ -10,6 +10,14 @@ certificates). Per connection:
     only; an IP literal is used as it is) -> server traffic ``rules.evaluate`` (pure) ->
     upstream connect -> relay.
 
+Live tunnels are judged again whenever what decided them changes (a feed batch touching
+their certificate, a snapshot swap, a policy change, the table going stale, the
+certificate expiring): ``Gate.judge`` makes the same two decisions as for a new
+connection (``admit``, then ``rules.evaluate`` on the same addresses), so a rule can never
+refuse new connections while leaving live ones open. A tunnel closed by policy ends with
+a TCP reset (no close_notify), so its client sees an error (curl: exit 56, "Connection
+reset by peer"), never a clean end of stream it could take for a complete response.
+
 The shell is callbacks on socket readiness (``sockets.Watched``), not asyncio transports: the
 accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
 so a failed handshake (expired, wrong CA, self-signed, no certificate) is caught and logged
@@ -21,10 +29,12 @@ thumbprint, app, destination and reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -35,6 +45,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certgate.errors import ChainError
+from certgate.feed import PolicyUpdate
 from certgate.protocol.http_proxy import (
     HTTPProxyError,
     HTTPProxyParser,
@@ -55,7 +66,7 @@ from certgate.tunnel.admission import (
 )
 from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
 from certgate.tunnel.relay import BufferPool, Pump
-from certgate.tunnel.rules import RuleSet, evaluate
+from certgate.tunnel.rules import RuleDecision, RuleSet, evaluate
 from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
     Dialer,
@@ -85,27 +96,74 @@ class Limits:
 
 
 class TableSource(Protocol):
-    """What the data plane needs from sync: the current table and its freshness."""
+    """What the data plane needs from sync: the table, the policy and their freshness."""
 
     @property
     def table(self) -> DeviceTable: ...
 
+    @property
+    def policy(self) -> PolicyUpdate: ...
+
     def is_fresh(self, now: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where an admitted tunnel goes: the request's host and port, and the addresses the
+    rules were evaluated on (and connected to)."""
+
+    host: str
+    port: int
+    addresses: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    status: int
+    reason: str
+    detail: str
 
 
 @dataclass
 class Gate:
-    """Policy inputs of one tunnel group: who is admitted, where traffic may go."""
+    """Policy of one tunnel group: who is admitted, where traffic may go. Every decision
+    about a connection, new or live, is made here."""
 
     group_id: str
     source: TableSource
-    ruleset: RuleSet
     clock: Callable[[], float] = time.time
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.source.policy.server_rules
 
     def admit(self, peer: PeerIdentity, mode: Mode, app: str | None) -> Decision:
         entry = self.source.table.lookup(peer.thumbprint)
         request = AdmissionRequest(table_fresh=self.source.is_fresh(), app_bundle_id=app)
         return admit(peer, entry, mode, request, self.clock(), self.group_id)
+
+    def route(self, route: Route) -> Denial | None:
+        verdict = evaluate(self.ruleset, route.host, route.port, route.addresses)
+        return None if verdict.allowed else destination_denial(verdict, route)
+
+    def judge(
+        self, peer: PeerIdentity, mode: Mode, app: str | None, route: Route | None
+    ) -> Denial | None:
+        """Would this tunnel be let through now? The decisions of a new connection."""
+        decision = self.admit(peer, mode, app)
+        if not decision.admitted:
+            reason = decision.reason.value if decision.reason else "denied"
+            return Denial(decision.http_status, reason, decision.detail)
+        return None if route is None else self.route(route)
+
+
+def destination_denial(verdict: RuleDecision, route: Route) -> Denial:
+    rule = "default" if verdict.rule_index is None else f"rule {verdict.rule_index}"
+    return Denial(
+        403,
+        "destination_denied",
+        f"server traffic rules refuse {route.host}:{route.port} ({rule}, {verdict.reason.value})",
+    )
 
 
 class Phase(Enum):
@@ -115,6 +173,10 @@ class Phase(Enum):
     RELAYING = "relaying"
     CLOSING = "closing"  # a final answer is being written, then the socket lingers
     CLOSED = "closed"
+
+
+_ADMITTED_PHASES = frozenset({Phase.CONNECTING, Phase.RELAYING})
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 
 
 class Registry:
@@ -139,11 +201,21 @@ class Registry:
                 if not bucket:
                     del self.by_thumbprint[conn.peer.thumbprint]
 
-    def close_thumbprints(self, thumbprints: tuple[str, ...], reason: str) -> int:
+    def judged(self, thumbprints: tuple[str, ...] | None) -> list[ClientConnection]:
+        """The admitted connections of ``thumbprints`` (None: all) that policy must judge."""
+        if thumbprints is None:
+            conns: list[ClientConnection] = list(self.all)
+        else:
+            conns = [c for tp in thumbprints for c in self.by_thumbprint.get(tp, ())]
+        return [c for c in conns if c.phase in _ADMITTED_PHASES]
+
+    def enforce(self, gate: Gate, thumbprints: tuple[str, ...] | None, cause: str) -> int:
+        """Judge the admitted connections again; close those now denied. Returns how many."""
         closed = 0
-        for tp in thumbprints:
-            for conn in list(self.by_thumbprint.get(tp, ())):
-                conn.abort(reason)
+        for conn in self.judged(thumbprints):
+            denial = conn.judge(gate)
+            if denial is not None:
+                conn.close_by_policy(denial, cause)
                 closed += 1
         return closed
 
@@ -238,6 +310,9 @@ class ClientConnection:
         self.peer_addr = peer_addr
         self.destination = "-"
         self.app: str | None = None
+        self.requested_app: str | None = None  # the app the request named (admission input)
+        self.route: Route | None = None
+        self.admitted_at: float | None = None  # wall clock, for live tunnel reports
         self.parser = HTTPProxyParser(max_header_bytes=shared.limits.max_header_bytes)
         self.up: Pump | None = None
         self.down: Pump | None = None
@@ -366,7 +441,7 @@ class ClientConnection:
         self._disarm()
         self.destination = f"{request.host}:{request.port}"
         try:
-            self.app = app_of(request)
+            self.app = self.requested_app = app_of(request)
         except HTTPProxyError as exc:
             self._refuse(exc)
             return
@@ -381,6 +456,7 @@ class ClientConnection:
             return
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
+        self.admitted_at = time.time()
         literal = ip_literal(request.host)
         if literal is None:
             self.shared.spawn(self._resolve_then_route(request))
@@ -410,15 +486,12 @@ class ClientConnection:
             self._deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
 
     def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
-        verdict = evaluate(self.shared.gate.ruleset, request.host, request.port, addresses)
-        if not verdict.allowed:
-            rule = "default" if verdict.rule_index is None else f"rule {verdict.rule_index}"
-            self._deny(
-                403,
-                "destination_denied",
-                f"server traffic rules refuse {self.destination} ({rule}, {verdict.reason.value})",
-            )
+        route = Route(request.host, request.port, tuple(addresses))
+        denial = self.shared.gate.route(route)
+        if denial is not None:
+            self._deny(denial.status, denial.reason, denial.detail)
             return
+        self.route = route
         self._dialer = Dialer(
             self.loop,
             addresses,
@@ -569,8 +642,33 @@ class ClientConnection:
         except OSError:  # ssl.SSLWantReadError included: the client's is never awaited
             pass
 
+    def judge(self, gate: Gate) -> Denial | None:
+        """The gate's verdict on this admitted connection now."""
+        assert self.peer is not None  # admitted connections have a peer
+        return gate.judge(self.peer, self.listener.mode, self.requested_app, self.route)
+
+    def close_by_policy(self, denial: Denial, cause: str) -> None:
+        """Close an admitted tunnel that policy now refuses: logged like a denial, with the
+        rule or reason, and ended by a TCP reset so the client sees an error."""
+        peer = self.peer
+        self.shared.metrics.closed_by_policy.labels(self.listener.mode.value, denial.reason).inc()
+        log.warning(
+            "close device=%s thumbprint=%s app=%s dest=%s listener=%s reason=%s cause=%s detail=%s",
+            peer.identity.device_uid if peer else "-",
+            peer.thumbprint if peer else "-",
+            self.app or "-",
+            self.destination,
+            self.listener.name,
+            denial.reason,
+            cause,
+            denial.detail,
+        )
+        with contextlib.suppress(OSError):
+            self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self._drop()
+
     def abort(self, reason: str) -> None:
-        """Drop the connection at once (policy change, shutdown, limits)."""
+        """Drop the connection at once (shutdown, limits, a failed client)."""
         if self.phase is not Phase.CLOSED:
             log.info(
                 "close device=%s thumbprint=%s app=%s dest=%s reason=%s",

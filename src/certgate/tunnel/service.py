@@ -1,5 +1,11 @@
-"""A running tunnel: its listeners, the idle sweeper, enforcement of feed changes, the admin
-endpoint (``/healthz``, ``/metrics``) and a graceful drain on shutdown."""
+"""A running tunnel: its listeners, the sweeper, enforcement of feed and policy changes, the
+admin endpoint (``/healthz``, ``/metrics``) and a graceful drain on shutdown.
+
+Enforcement: every ``FeedChange`` makes the registry judge the affected live tunnels again
+through the gate (``Registry.enforce``); the sweeper does the same for every live tunnel
+when the table turns stale and for a tunnel whose certificate has expired. Listener ports
+are policy too, but a socket cannot move: when the policy names other ports than the ones
+this node took from it, ``/healthz`` and ``certgate_tunnel_restart_required`` say so."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
-from certgate.tunnel.server import Gate, Limits, Listener, Shared, accept_client
+from certgate.tunnel.server import Gate, Limits, Listener, Phase, Shared, accept_client
 from certgate.tunnel.sockets import Acceptor
+from certgate.tunnel.sync import FeedChange
 
 log = logging.getLogger("certgate.tunnel")
 SWEEP_INTERVAL_S = 1.0
@@ -49,10 +56,13 @@ class TunnelService:
     metrics: TunnelMetrics = field(default_factory=TunnelMetrics)
     servers: list[Acceptor | asyncio.Server] = field(default_factory=list)
     bound: dict[str, int] = field(default_factory=dict)
+    # Listeners whose port came from the policy (not pinned by a flag): name -> policy key.
+    ports_from_policy: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.shared = Shared(self.gate, self.limits, self.metrics)
         self._sweeper: asyncio.Task[None] | None = None
+        self._was_fresh = self.gate.source.is_fresh()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -84,20 +94,37 @@ class TunnelService:
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
 
-    def on_revoked(self, thumbprints: tuple[str, ...], signed_at: float | None = None) -> None:
-        """Feed callback: close live tunnels of certificates no longer admissible."""
-        closed = self.shared.registry.close_thumbprints(thumbprints, "policy changed")
-        if closed:
-            self.metrics.closed_by_policy.inc(closed)
-            if signed_at is not None:
-                self.metrics.enforce_seconds.observe(max(0.0, time.time() - signed_at))
+    def on_change(self, change: FeedChange) -> None:
+        """Feed callback: judge the live tunnels the change concerns; close the refused."""
+        closed = self.shared.registry.enforce(self.gate, change.thumbprints, change.cause)
+        if closed and change.signed_at is not None:
+            self.metrics.enforce_seconds.observe(max(0.0, time.time() - change.signed_at))
+        if change.cause == "policy":
+            self._note_restart_required()
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            self._close_idle(time.monotonic())
-            self.shared.pool.trim()
-            self._refresh_gauges()
+            self.sweep(time.monotonic(), time.time())
+
+    def sweep(self, now: float, wall: float) -> None:
+        """Once a second: idle tunnels, staleness, expired certificates, buffers, gauges."""
+        self._close_idle(now)
+        fresh = self.gate.source.is_fresh()
+        if self._was_fresh and not fresh:
+            self.shared.registry.enforce(self.gate, None, "stale")
+        self._was_fresh = fresh
+        expired = tuple(
+            {
+                conn.peer.thumbprint
+                for conn in self.shared.registry.all
+                if conn.peer is not None and conn.peer.not_after <= wall
+            }
+        )
+        if expired:
+            self.shared.registry.enforce(self.gate, expired, "expiry")
+        self.shared.pool.trim()
+        self._refresh_gauges()
 
     def _close_idle(self, now: float) -> None:
         limit = self.limits.idle_timeout_s
@@ -105,11 +132,47 @@ class TunnelService:
             if now - conn.last_activity > limit:
                 conn.abort(f"idle for more than {limit:g}s")
 
+    def restart_required(self) -> list[str]:
+        """Listeners whose port the policy moved since this node bound them."""
+        policy = self.gate.source.policy
+        return [
+            f"{name} listens on {self.bound[name]}, policy says {getattr(policy, key)}"
+            for name, key in sorted(self.ports_from_policy.items())
+            if name in self.bound and self.bound[name] != getattr(policy, key)
+        ]
+
+    def _note_restart_required(self) -> None:
+        for problem in self.restart_required():
+            log.warning("restart required to follow the group policy: %s", problem)
+
+    def live_tunnels(self) -> list[dict[str, Any]]:
+        """The admitted tunnels now, as the node reports them to the console (dry-run)."""
+        tunnels = []
+        for conn in self.shared.registry.all:
+            if conn.phase not in (Phase.CONNECTING, Phase.RELAYING) or conn.peer is None:
+                continue
+            route = conn.route
+            tunnels.append(
+                {
+                    "thumbprint": conn.peer.thumbprint,
+                    "device_uid": conn.peer.identity.device_uid,
+                    "mode": conn.listener.mode.value,
+                    "app": conn.requested_app,
+                    "host": route.host if route else None,
+                    "port": route.port if route else None,
+                    "addresses": [str(a) for a in route.addresses] if route else [],
+                    "since": conn.admitted_at,
+                }
+            )
+        return tunnels
+
     def _refresh_gauges(self) -> None:
         table = self.gate.source.table
         self.metrics.table_entries.set(len(table))
         self.metrics.table_seq.set(table.seq)
         self.metrics.table_fresh.set(1 if self.gate.source.is_fresh() else 0)
+        self.metrics.policy_version.set(self.gate.source.policy.version)
+        self.metrics.restart_required.set(1 if self.restart_required() else 0)
         status = self.status() if self.status else {}
         if "age_s" in status and status["age_s"] is not None:
             self.metrics.table_age.set(status["age_s"])
@@ -136,6 +199,8 @@ class TunnelService:
             "table_entries": len(self.gate.source.table),
             "table_seq": self.gate.source.table.seq,
             "connections": len(self.shared.registry.all),
+            "policy_version": self.gate.source.policy.version,
+            "restart_required": self.restart_required(),
             "sync": self.status() if self.status else None,
         }
         return (200 if fresh else 503), body

@@ -22,7 +22,9 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from certgate.tunnel.table import ATTRIBUTE_FIELDS, Columns, FeedError, InvalidEntry
+from certgate import feed
+from certgate.feed import ATTRIBUTE_FIELDS, FeedError, InvalidEntry, PolicyUpdate
+from certgate.tunnel.table import Columns
 
 __all__ = ["PAGE_LIMIT", "Page", "decode_page", "max_token_bytes"]
 
@@ -34,6 +36,8 @@ TOKEN_BYTES_PER_ENTRY = 700
 TOKEN_BYTES_FIXED = 64 * 1024  # header with the x5c chain, envelope, signature
 
 _PAGE_KEYS = frozenset({"group_id", "iat", "exp", "seq", "after", "next", "entries"})
+# Version 2 pages say their version and carry the group policy at their seq.
+_PAGE_KEYS_V2 = _PAGE_KEYS | {"version", "policy"}
 _ENTRIES_KEYS = frozenset({"count", "thumbprint", "device_uid", "not_after", "attributes"})
 _ATTRIBUTES_KEYS = frozenset({"fields", "values", "index"})
 _THUMBPRINT_BYTES, _UID_BYTES = 32, 16
@@ -45,6 +49,7 @@ class Page:
     seq: int
     next: str | None  # the cursor of the following page; None: the snapshot is complete
     columns: Columns
+    policy: PolicyUpdate | None  # None: a version 1 page (the console predates policy)
 
 
 def max_token_bytes(limit: int) -> int:
@@ -54,7 +59,11 @@ def max_token_bytes(limit: int) -> int:
 
 def decode_page(payload: Mapping[str, object], after: str, limit: int) -> Page:
     """Check the verified ``payload`` of the page asked for with ``after`` and ``limit``."""
-    _require_keys(payload, _PAGE_KEYS, "snapshot page")
+    version = feed.message_version(payload)
+    _require_keys(payload, _PAGE_KEYS if version == 1 else _PAGE_KEYS_V2, "snapshot page")
+    policy = None if version == 1 else feed.decode_op(payload["policy"], "policy", version)
+    if policy is not None and not isinstance(policy, PolicyUpdate):
+        raise InvalidEntry("snapshot page policy: expected a policy operation")
     seq = payload["seq"]
     if type(seq) is not int or seq < 0:
         raise FeedError(f"snapshot page seq must be a non-negative integer, got {seq!r}")
@@ -71,7 +80,7 @@ def decode_page(payload: Mapping[str, object], after: str, limit: int) -> Page:
     keys = [int.from_bytes(thumbprint, "big") for thumbprint in thumbprints]
     not_after = _integers(entries["not_after"], count, _MAX_NOT_AFTER, "entries.not_after")
     attributes, index = _attributes(entries["attributes"], count)
-    return Page(seq, following, Columns(keys, uids, not_after, attributes, index))
+    return Page(seq, following, Columns(keys, uids, not_after, attributes, index), policy)
 
 
 def _check_order(

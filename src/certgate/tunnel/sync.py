@@ -13,11 +13,20 @@ its reason, and the table stays exactly as it was: batches apply atomically
 (``DeviceTable.apply_batch``) and snapshots are built aside, then swapped in (STYLE.md
 habit 8).
 
+Policy: the group policy (server traffic rules, staleness budget, long-poll, ports) is
+feed content like the entries (``certgate.feed.PolicyUpdate``): batches and snapshot pages
+carry it at their seq, the table keeps it, and the trust config's policy applies until the
+feed brings one. The follower asks for contract version ``FEED_VERSION``.
+
+Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
+again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
+policy change. The follower never decides who may pass; ``admission.admit`` does.
+
 Freshness: the list is fresh while the last successful exchange with the console (a
 verified snapshot, or a long-poll answer 200 with an applied batch or 204) is younger
-than the trust config's ``feed.max_staleness_s`` (default 300 s, ``config.py``). The
-time of that exchange is persisted too, so a restart does not reset the budget. The data
-plane asks ``is_fresh()`` and fails closed when it is False.
+than the policy's ``max_staleness_s`` (default 300 s, ``config.py``). The time of that
+exchange is persisted too, so a restart does not reset the budget. The data plane asks
+``is_fresh()`` and fails closed when it is False, for new and live tunnels alike.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import ctypes
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +45,14 @@ import httpx
 
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
+from certgate.feed import FEED_VERSION, FeedError, PolicyUpdate, message_version
 from certgate.tlsconf import client_context
 from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
-from certgate.tunnel.table import Changes, DeviceTable, FeedError, SequenceGap, SequenceReplay
+from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
 
-__all__ = ["NODE_HEADER", "FeedFollower", "FeedUnavailable"]
+__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +67,26 @@ CLOCK_SKEW_S = 60.0
 EXCHANGE_PERSIST_INTERVAL_S = 5.0
 MAX_ERROR_TEXT = 200
 
-RevokedCallback = Callable[[tuple[str, ...]], None]
-
 
 class FeedUnavailable(CertgateError):
     """The console answered a feed request with something other than 200/204."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedChange:
+    """What the data plane must judge again after an applied change.
+
+    ``thumbprints``: the live tunnels of these certificates; None: every live tunnel (a
+    snapshot was swapped in, or the policy changed). ``signed_at`` is the console's
+    signature time of what was applied (for time-to-enforce), ``cause`` names it for logs.
+    """
+
+    thumbprints: tuple[str, ...] | None
+    signed_at: float | None
+    cause: str
+
+
+ChangeCallback = Callable[[FeedChange], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +98,14 @@ class _VerifiedPage:
 class FeedFollower:
     """Keeps ``table`` in step with the console's feed for one tunnel group.
 
-    ``on_revoked`` receives the thumbprints whose live tunnels must close: ``Changes.revoked``
-    after each applied batch, and after a snapshot swap those that disappeared, became
-    inadmissible, or changed binding. It is called on the event loop, only when non-empty.
+    ``on_change`` (set at construction or later with ``subscribe``) receives a
+    ``FeedChange`` after each applied batch and snapshot swap, on the event loop.
     """
 
     def __init__(
         self,
         state: TunnelState,
-        on_revoked: RevokedCallback,
+        on_change: ChangeCallback | None = None,
         *,
         state_dir: Path,
         clock: Callable[[], float] = time.time,
@@ -92,7 +116,7 @@ class FeedFollower:
         self.state = state
         self._snapshot_page = snapshot_page  # None: the console's page size
         self._transport = transport  # None: mTLS to the console; else a stand-in console
-        self._on_revoked = on_revoked
+        self._on_change = on_change
         self._clock = clock
         self._store = TableStore(state_dir, compact_after_bytes=compact_after_bytes)
         self._table = DeviceTable()
@@ -113,9 +137,17 @@ class FeedFollower:
     def table(self) -> DeviceTable:
         return self._table
 
+    def subscribe(self, on_change: ChangeCallback) -> None:
+        self._on_change = on_change
+
+    @property
+    def policy(self) -> PolicyUpdate:
+        """The group policy in force: the feed's latest, else the trust config's."""
+        return self._table.policy or self.state.trust.policy
+
     @property
     def max_staleness_s(self) -> float:
-        return self.state.trust.feed.max_staleness_s
+        return self.policy.max_staleness_s
 
     @property
     def last_signed_at(self) -> float | None:
@@ -145,6 +177,9 @@ class FeedFollower:
             "age_s": None if age is None else round(age, 3),
             "fresh": self.is_fresh(now),
             "max_staleness_s": self.max_staleness_s,
+            "long_poll_s": self.policy.long_poll_s,
+            "policy_version": self.policy.version,
+            "feed_version": FEED_VERSION,
             "last_error": self._last_error,
             "consecutive_failures": self._failures,
         }
@@ -292,7 +327,7 @@ class FeedFollower:
         signed_at: float | None = None
         after = ""
         while True:
-            params: dict[str, Any] = {"format": 2, "limit": limit}
+            params: dict[str, Any] = {"format": 2, "limit": limit, "version": FEED_VERSION}
             if after:
                 params["after"] = after
             body = await self._get(
@@ -335,7 +370,7 @@ class FeedFollower:
         # only after the table, so that a restart never takes an older table on disk for a
         # fresher one.
         self._record_success(self._clock())
-        self._notify(await asyncio.to_thread(_revoked_by_swap, old, table))
+        self._notify(FeedChange(None, signed_at, "snapshot"))
         del old  # the replaced table goes before the heap is trimmed
         self._store_behind = not await self._write(self._store.write_snapshot, table)
         await self._exchanged()
@@ -356,7 +391,7 @@ class FeedFollower:
         if table is not None and page.seq < table.seq:
             raise FeedError(f"snapshot page of seq {page.seq} follows one of seq {table.seq}")
         if table is None:
-            table = DeviceTable(page.seq)
+            table = DeviceTable(page.seq, page.policy)
         table.extend_columns(page.columns)
         return _VerifiedPage(float(payload["iat"]), page.next), table
 
@@ -369,10 +404,15 @@ class FeedFollower:
 
     async def poll_once(self, wait: float | None = None) -> Changes | None:
         """One long-poll: apply the batch the console returns (200), or None on 204."""
-        wait = self.state.trust.feed.long_poll_s if wait is None else wait
+        wait = self.policy.long_poll_s if wait is None else wait
         path = self.state.trust.feed.feed_path
         body = await self._get(
-            path, wait + LONG_POLL_GRACE_S, jws.MAX_TOKEN_BYTES, after=self._table.seq, wait=wait
+            path,
+            wait + LONG_POLL_GRACE_S,
+            jws.MAX_TOKEN_BYTES,
+            after=self._table.seq,
+            wait=wait,
+            version=FEED_VERSION,
         )
         if body is None:
             await self._exchanged()
@@ -385,25 +425,32 @@ class FeedFollower:
         try:
             payload = self._verify(token, jws.TYP_BATCH)
             from_seq, to_seq, entries = _batch_fields(payload)
-            changes = self._table.apply_batch(from_seq, to_seq, entries)
+            version = message_version(payload)
+            changes = self._table.apply_batch(from_seq, to_seq, entries, version)
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)
             raise
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
             raise
-        self._last_signed_at = float(payload["iat"])
-        await self._store_batch(from_seq, to_seq, entries)
+        self._last_signed_at = signed_at = float(payload["iat"])
+        await self._store_batch(from_seq, to_seq, entries, version)
         await self._exchanged()
-        self._notify(changes.revoked)
+        if changes.policy is not None:
+            log.info("applied group policy version %d (seq %d)", changes.policy.version, to_seq)
+            self._notify(FeedChange(None, signed_at, "policy"))
+        elif changes.touched:
+            self._notify(FeedChange(changes.touched, signed_at, "batch"))
         return changes
 
     # Bookkeeping
 
-    async def _store_batch(self, from_seq: int, to_seq: int, entries: list[object]) -> None:
+    async def _store_batch(
+        self, from_seq: int, to_seq: int, entries: list[object], version: int
+    ) -> None:
         if self._store_behind:  # a write failed: the journal would skip a batch
             self._store_behind = not await self._write(self._store.write_snapshot, self._table)
-        elif not await self._write(self._store.append_batch, from_seq, to_seq, entries):
+        elif not await self._write(self._store.append_batch, from_seq, to_seq, entries, version):
             self._store_behind = True
         elif self._store.needs_compaction():  # if this fails the journal is still whole
             await self._write(self._store.write_snapshot, self._table)
@@ -426,13 +473,13 @@ class FeedFollower:
             self._persisted_exchange = now
             await self._write(self._store.save_exchange_time, now)
 
-    def _notify(self, revoked: tuple[str, ...]) -> None:
-        if not revoked:
+    def _notify(self, change: FeedChange) -> None:
+        if self._on_change is None:
             return
         try:
-            self._on_revoked(revoked)
+            self._on_change(change)
         except Exception:  # a broken callback must not stop the sync
-            log.exception("on_revoked callback failed for %d thumbprints", len(revoked))
+            log.exception("on_change callback failed after a %s", change.cause)
 
 
 def _release_free_memory() -> None:
@@ -455,36 +502,6 @@ def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:
     if type(from_seq) is not int or type(to_seq) is not int or not isinstance(entries, list):
         raise FeedError("batch lacks integer from_seq/to_seq or its entries")
     return from_seq, to_seq, entries
-
-
-def _revoked_by_swap(old: DeviceTable, new: DeviceTable) -> tuple[str, ...]:
-    """Thumbprints active under ``old`` that ``new`` no longer admits the same way: gone,
-    inactive, bound to another device/group/app, or expiring earlier."""
-    revoked = [
-        str(before["thumbprint"])
-        for before in old.to_snapshot()
-        if _was_active(before) and _no_longer_admits(before, new)
-    ]
-    return tuple(sorted(revoked))
-
-
-def _was_active(entry: Mapping[str, object]) -> bool:
-    return (
-        entry["enrollment_status"] == "enrolled"
-        and entry["compliance_status"] == "compliant"
-        and entry["blocked"] is False
-    )
-
-
-def _no_longer_admits(before: Mapping[str, object], new: DeviceTable) -> bool:
-    current = new.lookup(str(before["thumbprint"]))
-    if current is None or not current.active:
-        return True
-    after = current.to_feed()
-    if any(after[key] != before[key] for key in ("device_uid", "group_id", "app_bundle_id")):
-        return True
-    not_after = before["not_after"]
-    return isinstance(not_after, int) and current.not_after < not_after
 
 
 async def _read_prefix(chunks: AsyncIterator[bytes]) -> bytes:

@@ -5,9 +5,11 @@ communication if it sees a certificate it recognizes" (spec, certificate integra
 step 6). This module is that list: pure data, no I/O. The shell (``sync.py``) verifies the
 signed snapshot or batch and hands its ``entries`` here; ``admission.py`` reads the result.
 
-Feed entries follow docs/CONVENTIONS.md "Device feed entry". Validation is strict (exact
-keys, exact types, enum values, canonical hex) and happens *before* any mutation, so a bad
-batch leaves the table exactly as it was.
+Feed operations are decoded by the contract (``certgate.feed``: exact keys, exact types,
+enum values, canonical hex) *before* any mutation, so a bad batch leaves the table exactly
+as it was. The table keeps the group policy at its seq beside the entries (a batch or
+snapshot carries it), and answers lookups; it never judges an entry: ``admission.admit``
+is the one place that decides whether a certificate may pass.
 
 Memory layout (measured with ``bench/table_scale.py``; the target is 1,000,000 entries well
 under 250 MB RSS). One plain ``dict`` maps each thumbprint to a packed record:
@@ -26,36 +28,30 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from enum import Enum
-from re import Pattern
-from typing import TypeVar
+from typing import Any
 
-from certgate.errors import CertgateError
-from certgate.pki.identity import BUNDLE_ID_RE, DEVICE_UID_RE, GROUP_ID_RE
-from certgate.pki.thumbprint import THUMBPRINT_RE, is_thumbprint
+from certgate import feed
+from certgate.feed import (
+    ATTRIBUTE_FIELDS,
+    ComplianceStatus,
+    Delete,
+    EnrollmentStatus,
+    Entry,
+    FeedError,
+    InvalidEntry,
+    PolicyUpdate,
+)
+from certgate.pki.identity import BUNDLE_ID_RE, GROUP_ID_RE
+from certgate.pki.thumbprint import THUMBPRINT_RE
 
 __all__ = [
-    "ATTRIBUTE_FIELDS",
     "Changes",
     "Columns",
-    "ComplianceStatus",
     "DeviceTable",
-    "EnrollmentStatus",
-    "Entry",
-    "FeedError",
-    "InvalidEntry",
     "SequenceError",
     "SequenceGap",
     "SequenceReplay",
 ]
-
-
-class FeedError(CertgateError):
-    """The content of a (correctly signed) feed snapshot or batch cannot be applied."""
-
-
-class InvalidEntry(FeedError):
-    """An entry breaks the feed entry schema; the whole snapshot or batch is rejected."""
 
 
 class SequenceError(FeedError):
@@ -76,80 +72,21 @@ class SequenceReplay(SequenceError):
     """Every seq in the batch is already applied: safe to ignore."""
 
 
-class EnrollmentStatus(Enum):
-    ENROLLED = "enrolled"
-    UNENROLLED = "unenrolled"
-    WIPED = "wiped"
-
-
-class ComplianceStatus(Enum):
-    COMPLIANT = "compliant"
-    NONCOMPLIANT = "noncompliant"
-    UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One device certificate as the console last described it (a feed ``upsert``)."""
-
-    thumbprint: str
-    device_uid: str
-    group_id: str
-    app_bundle_id: str | None
-    enrollment_status: EnrollmentStatus
-    compliance_status: ComplianceStatus
-    blocked: bool
-    not_after: int
-
-    @property
-    def active(self) -> bool:
-        """Enrolled, compliant and not blocked (expiry needs a clock; admission checks it)."""
-        return (
-            self.enrollment_status is EnrollmentStatus.ENROLLED
-            and self.compliance_status is ComplianceStatus.COMPLIANT
-            and not self.blocked
-        )
-
-    def to_feed(self) -> dict[str, object]:
-        """This entry as a feed ``upsert`` object (the inverse of parsing)."""
-        return {
-            "op": "upsert",
-            "thumbprint": self.thumbprint,
-            "device_uid": self.device_uid,
-            "group_id": self.group_id,
-            "app_bundle_id": self.app_bundle_id,
-            "enrollment_status": self.enrollment_status.value,
-            "compliance_status": self.compliance_status.value,
-            "blocked": self.blocked,
-            "not_after": self.not_after,
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class Changes:
     """What one applied batch did.
 
-    ``revoked`` holds (sorted) every touched thumbprint whose live tunnels must be closed:
-    the entry is gone, no longer enrolled/compliant/unblocked, now names another device,
-    group or app, or expires earlier than before. Thumbprints that only became better
-    (e.g. newly added, or unblocked) are not listed.
+    ``touched`` holds (sorted) every thumbprint the batch upserted or deleted: the live
+    tunnels of exactly these must be judged again (``admission.admit`` decides; the
+    table does not). ``policy`` is the new group policy when the batch carried one.
     """
 
     from_seq: int
     to_seq: int
     upserted: int
     deleted: int
-    revoked: tuple[str, ...]
-
-
-# The fields a format-2 snapshot page dictionary-encodes (docs/CONVENTIONS.md).
-ATTRIBUTE_FIELDS = (
-    "group_id",
-    "app_bundle_id",
-    "enrollment_status",
-    "compliance_status",
-    "blocked",
-)
+    touched: tuple[str, ...]
+    policy: PolicyUpdate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,34 +105,12 @@ class Columns:
     index: list[int]
 
 
-_UPSERT_KEYS = frozenset(
-    {
-        "op",
-        "thumbprint",
-        "device_uid",
-        "group_id",
-        "app_bundle_id",
-        "enrollment_status",
-        "compliance_status",
-        "blocked",
-        "not_after",
-    }
-)
-_DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
-_MAX_NOT_AFTER = 2**63 - 1  # int64 in the packed record
 _canonical = THUMBPRINT_RE.fullmatch  # is_thumbprint without a call: lookups are hot
 
-# Codes are ordered so that an admissible status packs to 0 (see ``_parse_attributes``).
-_ENROLLMENT_CODES = (
-    EnrollmentStatus.ENROLLED,
-    EnrollmentStatus.UNENROLLED,
-    EnrollmentStatus.WIPED,
-)
-_COMPLIANCE_CODES = (
-    ComplianceStatus.COMPLIANT,
-    ComplianceStatus.NONCOMPLIANT,
-    ComplianceStatus.UNKNOWN,
-)
+# Status codes of the packed record, in enum order. The record stores the statuses, never
+# a verdict on them: admission (``admission.admit``) is the only judge.
+_ENROLLMENT_CODES = tuple(EnrollmentStatus)
+_COMPLIANCE_CODES = tuple(ComplianceStatus)
 _ENROLLMENT_CODE = {member.value: code for code, member in enumerate(_ENROLLMENT_CODES)}
 _COMPLIANCE_CODE = {member.value: code for code, member in enumerate(_COMPLIANCE_CODES)}
 _BLOCKED_BIT = 1 << 4
@@ -226,9 +141,8 @@ _Op = tuple[int, _Upsert | None]
     _set_compliance_status,
     _set_blocked,
     _set_not_after,
-) = (getattr(Entry, field.name).__set__ for field in fields(Entry))
+) = (getattr(Entry, f.name).__set__ for f in fields(Entry))
 _new_object = object.__new__
-_T = TypeVar("_T")
 
 
 class _Interner:
@@ -263,28 +177,32 @@ class _Interner:
 
 
 class DeviceTable:
-    """Device certificates by thumbprint, plus the feed seq they reflect.
+    """Device certificates by thumbprint, the group policy, and the feed seq they reflect.
 
     Single-threaded by design (the asyncio shell owns it). ``apply_batch`` mutates in
     place, but only after the whole batch has validated; snapshot reloads build a new
     table aside (``from_snapshot``, or page by page with ``extend_columns``) and swap the
-    reference (STYLE.md habit 8).
+    reference (STYLE.md habit 8). ``policy`` is None until the feed carried one (the node
+    then applies the policy of its trust config).
     """
 
-    __slots__ = ("_bundles", "_groups", "_records", "_seq")
+    __slots__ = ("_bundles", "_groups", "_records", "_seq", "policy")
 
-    def __init__(self, seq: int = 0) -> None:
+    def __init__(self, seq: int = 0, policy: PolicyUpdate | None = None) -> None:
         if type(seq) is not int or seq < 0:
             raise SequenceError(f"invalid table seq {seq!r}", table_seq=seq, from_seq=0, to_seq=0)
         self._seq = seq
+        self.policy = policy
         self._records: dict[int, bytes] = {}
         self._groups = _Interner(_MAX_GROUPS, "group ids")
         self._bundles = _Interner(_MAX_BUNDLES, "bundle ids")
 
     @classmethod
-    def from_snapshot(cls, seq: int, entries: Iterable[object]) -> DeviceTable:
+    def from_snapshot(
+        cls, seq: int, entries: Iterable[object], policy: PolicyUpdate | None = None
+    ) -> DeviceTable:
         """A table holding exactly ``entries`` (all ``upsert``; no duplicates) at ``seq``."""
-        table = cls(seq)
+        table = cls(seq, policy)
         table.extend(entries)
         return table
 
@@ -296,11 +214,13 @@ class DeviceTable:
         start = len(self._records)
         for index, raw in enumerate(_iterate(entries), start):
             where = f"entries[{index}]"
-            key, upsert = _parse_op(raw, where)
-            if upsert is None:
+            op = feed.decode_op(raw, where, feed.MIN_FEED_VERSION)
+            if not isinstance(op, Entry):
                 raise InvalidEntry(f"{where}: a snapshot holds only upserts")
+            key, upsert = _packable(op)
             if key in self._records:
                 raise InvalidEntry(f"{where}: duplicate thumbprint {_hex(key)}")
+            assert upsert is not None  # an Entry packs to an upsert
             self._records[key] = self._pack(upsert)
 
     def extend_columns(self, columns: Columns) -> None:
@@ -342,10 +262,15 @@ class DeviceTable:
 
     @classmethod
     def from_packed(
-        cls, seq: int, groups: list[str], bundles: list[str], records: dict[int, bytes]
+        cls,
+        seq: int,
+        groups: list[str],
+        bundles: list[str],
+        records: dict[int, bytes],
+        policy: PolicyUpdate | None = None,
     ) -> DeviceTable:
         """Rebuild a table from its packed form (trusted input: the node's own files)."""
-        table = cls(seq)
+        table = cls(seq, policy)
         for interner, names in ((table._groups, groups), (table._bundles, bundles)):
             for index, name in enumerate(names, start=1):
                 if interner.code(name) != index:
@@ -373,17 +298,42 @@ class DeviceTable:
         record = self._records.get(key)
         return None if record is None else self._unpack(thumbprint, record)
 
-    def apply_batch(self, from_seq: int, to_seq: int, entries: Iterable[object]) -> Changes:
-        """Apply a gapless feed batch atomically: all of it, or (on any error) nothing."""
+    def apply_batch(
+        self,
+        from_seq: int,
+        to_seq: int,
+        entries: Iterable[object],
+        version: int = feed.MIN_FEED_VERSION,
+    ) -> Changes:
+        """Apply a gapless feed batch of contract ``version`` atomically: all of it, or
+        (on any error) nothing."""
         self._check_sequence(from_seq, to_seq)
-        ops = [_parse_op(raw, f"entries[{i}]") for i, raw in enumerate(_iterate(entries))]
+        decoded = [
+            feed.decode_op(raw, f"entries[{i}]", version) for i, raw in enumerate(_iterate(entries))
+        ]
+        policies = [op for op in decoded if isinstance(op, PolicyUpdate)]
+        ops = [_packable(op) for op in decoded if not isinstance(op, PolicyUpdate)]
         upserts = [upsert for _, upsert in ops if upsert is not None]
         self._groups.check_room(upsert[2] for upsert in upserts)
         self._bundles.check_room(upsert[3] for upsert in upserts)
         # Validation is complete: nothing below can raise, so the batch applies whole.
-        revoked = self._apply(ops)
+        for key, upsert in ops:
+            if upsert is None:
+                self._records.pop(key, None)
+            else:
+                self._records[key] = self._pack(upsert)
+        if policies:
+            self.policy = policies[-1]
         self._seq = to_seq
-        return Changes(from_seq, to_seq, len(upserts), len(ops) - len(upserts), revoked)
+        touched = tuple(sorted({_hex(key) for key, _ in ops}))
+        return Changes(
+            from_seq,
+            to_seq,
+            len(upserts),
+            len(ops) - len(upserts),
+            touched,
+            policies[-1] if policies else None,
+        )
 
     def to_snapshot(self) -> Iterator[dict[str, object]]:
         """Every entry as a feed ``upsert`` object, for persistence and ``from_snapshot``.
@@ -391,23 +341,11 @@ class DeviceTable:
         Lazy: finish iterating (or take a ``list``) before the next ``apply_batch``.
         """
         for key, record in self._records.items():
-            yield self._unpack(_hex(key), record).to_feed()
+            yield self._unpack(_hex(key), record).encode()
 
-    def revoked_or_inadmissible(
-        self, thumbprints: Iterable[str], *, now: float | None = None
-    ) -> tuple[str, ...]:
-        """Those of ``thumbprints`` the table would not admit now (unknown or inactive).
-
-        Used after a snapshot swap to find live tunnels to close. With ``now`` given, an
-        entry whose ``not_after`` is not in the future also counts (CONVENTIONS.md).
-        """
-        found: list[str] = []
-        for thumbprint in thumbprints:
-            key = _key_or_none(thumbprint)
-            record = None if key is None else self._records.get(key)
-            if record is None or not _record_admissible(record, now):
-                found.append(thumbprint)
-        return tuple(found)
+    def thumbprints(self) -> Iterator[str]:
+        """Every thumbprint the table holds (lazy, like ``to_snapshot``)."""
+        return (_hex(key) for key in self._records)
 
     def _check_sequence(self, from_seq: int, to_seq: int) -> None:
         seqs = {"table_seq": self._seq, "from_seq": from_seq, "to_seq": to_seq}
@@ -417,20 +355,6 @@ class DeviceTable:
             raise SequenceReplay(f"batch {from_seq}..{to_seq} already applied", **seqs)
         if from_seq != self._seq + 1:
             raise SequenceGap(f"batch starts at {from_seq}, table is at {self._seq}", **seqs)
-
-    def _apply(self, ops: list[_Op]) -> tuple[str, ...]:
-        before: dict[int, bytes | None] = {}
-        for key, upsert in ops:
-            if key not in before:
-                before[key] = self._records.get(key)
-            if upsert is None:
-                self._records.pop(key, None)
-            else:
-                self._records[key] = self._pack(upsert)
-        revoked = [
-            key for key, old in before.items() if not _still_admits(old, self._records.get(key))
-        ]
-        return tuple(sorted(_hex(key) for key in revoked))
 
     def _pack(self, upsert: _Upsert) -> bytes:
         uid, not_after, group_id, bundle_id, status = upsert
@@ -453,21 +377,16 @@ class DeviceTable:
         return entry
 
 
-def _record_admissible(record: bytes, now: float | None) -> bool:
-    _, not_after, _, _, status = _RECORD.unpack(record)
-    return status == 0 and (now is None or now < not_after)
-
-
-def _still_admits(old: bytes | None, new: bytes | None) -> bool:
-    """False when a tunnel admitted under ``old`` may no longer be admitted under ``new``."""
-    if new is None or not _record_admissible(new, None):
-        return False
-    if old is None:
-        return True
-    old_uid, old_not_after, old_bundle, old_group, _ = _RECORD.unpack(old)
-    new_uid, new_not_after, new_bundle, new_group, _ = _RECORD.unpack(new)
-    same_binding = (old_uid, old_bundle, old_group) == (new_uid, new_bundle, new_group)
-    return same_binding and new_not_after >= old_not_after
+def _packable(op: Entry | Delete) -> _Op:
+    """The thumbprint key and, for an upsert, its fields ready to pack."""
+    key = int(op.thumbprint, 16)
+    if isinstance(op, Delete):
+        return key, None
+    status = _ENROLLMENT_CODE[op.enrollment_status.value]
+    status |= _COMPLIANCE_CODE[op.compliance_status.value] << 2
+    if op.blocked:
+        status |= _BLOCKED_BIT
+    return key, (bytes.fromhex(op.device_uid), op.not_after, op.group_id, op.app_bundle_id, status)
 
 
 def _hex(key: int) -> str:
@@ -487,92 +406,13 @@ def _iterate(entries: Iterable[object]) -> Iterator[object]:
     return iter(entries)
 
 
-def _parse_op(raw: object, where: str) -> _Op:
-    """Validate one feed entry completely; return its key and upsert (None for delete)."""
-    # JSON gives plain dicts: test for them first (an ABC isinstance costs more).
-    if type(raw) is not dict and not isinstance(raw, Mapping):
-        raise InvalidEntry(f"{where}: expected an object, got {type(raw).__name__}")
-    op = raw.get("op")
-    if op == "upsert":
-        _require_keys(raw, _UPSERT_KEYS, where)
-        thumbprint = _parse_thumbprint(raw, where)
-        return int(thumbprint, 16), _parse_upsert(raw, where)
-    if op == "delete":
-        _require_keys(raw, _DELETE_KEYS, where)
-        thumbprint = _parse_thumbprint(raw, where)
-        _text(raw, "device_uid", DEVICE_UID_RE, where)
-        _text(raw, "group_id", GROUP_ID_RE, where)
-        return int(thumbprint, 16), None
-    raise InvalidEntry(f"{where}.op: expected 'upsert' or 'delete', got {_show(op)}")
-
-
-def _parse_upsert(raw: Mapping[object, object], where: str) -> _Upsert:
-    """The upsert's fields (the caller checked the thumbprint), validated in order, packed."""
-    uid = _text(raw, "device_uid", DEVICE_UID_RE, where)
-    group_id, bundle_id, status = _parse_attributes(raw, where)
-    not_after = _timestamp(raw, "not_after", where)
-    return bytes.fromhex(uid), not_after, group_id, bundle_id, status
-
-
-def _parse_attributes(raw: Mapping[object, object], where: str) -> tuple[str, str | None, int]:
-    """(group id, bundle id, status bits) of the ATTRIBUTE_FIELDS in ``raw``.
-
-    Status codes are ordered so that an admissible status packs to 0."""
-    group_id = _text(raw, "group_id", GROUP_ID_RE, where)
+def _parse_attributes(raw: Mapping[Any, Any], where: str) -> tuple[str, str | None, int]:
+    """(group id, bundle id, status bits) of the ATTRIBUTE_FIELDS in ``raw``."""
+    group_id = feed.text(raw, "group_id", GROUP_ID_RE, where)
     bundle = raw["app_bundle_id"]
-    bundle_id = None if bundle is None else _text(raw, "app_bundle_id", BUNDLE_ID_RE, where)
-    status = _choice(raw, "enrollment_status", _ENROLLMENT_CODE, where)
-    status |= _choice(raw, "compliance_status", _COMPLIANCE_CODE, where) << 2
-    if _boolean(raw, "blocked", where):
+    bundle_id = None if bundle is None else feed.text(raw, "app_bundle_id", BUNDLE_ID_RE, where)
+    status = feed.choice(raw, "enrollment_status", _ENROLLMENT_CODE, where)
+    status |= feed.choice(raw, "compliance_status", _COMPLIANCE_CODE, where) << 2
+    if feed.boolean(raw, "blocked", where):
         status |= _BLOCKED_BIT
     return group_id, bundle_id, status
-
-
-def _require_keys(raw: Mapping[object, object], expected: frozenset[str], where: str) -> None:
-    if raw.keys() != expected:  # a keys view compares as a set, without building one
-        keys = set(raw)
-        missing = sorted(expected - keys)
-        extra = sorted(_show(key) for key in keys - expected)
-        raise InvalidEntry(f"{where}: missing keys {missing}, unexpected keys {extra}")
-
-
-def _parse_thumbprint(raw: Mapping[object, object], where: str) -> str:
-    value = raw["thumbprint"]
-    if not (isinstance(value, str) and is_thumbprint(value)):
-        raise InvalidEntry(f"{where}.thumbprint: expected 64 lower-case hex, got {_show(value)}")
-    return value
-
-
-def _text(raw: Mapping[object, object], key: str, pattern: Pattern[str], where: str) -> str:
-    value = raw[key]
-    if not (isinstance(value, str) and pattern.fullmatch(value)):
-        raise InvalidEntry(f"{where}.{key}: expected {pattern.pattern}, got {_show(value)}")
-    return value
-
-
-def _choice(raw: Mapping[object, object], key: str, allowed: dict[str, _T], where: str) -> _T:
-    value = raw[key]
-    if not isinstance(value, str) or value not in allowed:
-        raise InvalidEntry(f"{where}.{key}: expected one of {sorted(allowed)}, got {_show(value)}")
-    return allowed[value]
-
-
-def _boolean(raw: Mapping[object, object], key: str, where: str) -> bool:
-    value = raw[key]
-    if type(value) is not bool:
-        raise InvalidEntry(f"{where}.{key}: expected a boolean, got {_show(value)}")
-    return value
-
-
-def _timestamp(raw: Mapping[object, object], key: str, where: str) -> int:
-    value = raw[key]
-    # type() rather than isinstance(): JSON true must not pass as the integer 1.
-    if type(value) is not int or not 0 <= value <= _MAX_NOT_AFTER:
-        raise InvalidEntry(f"{where}.{key}: expected epoch seconds, got {_show(value)}")
-    return value
-
-
-def _show(value: object) -> str:
-    """A short repr for error messages (the feed is signed, but keep logs bounded)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -23,6 +23,7 @@ from certgate.console.services import audit, tunnels
 from certgate.console.services.feed import SNAPSHOT_PAGE, current_seq
 from certgate.console.services.snapshots import PageKey
 from certgate.errors import BadRequest
+from certgate.feed import FEED_VERSION, MIN_FEED_VERSION
 
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
@@ -57,9 +58,11 @@ def snapshot(
     after: str = Query("", pattern="^([0-9a-f]{64}|[0-9a-f]{96})?$"),
     limit: int = Query(SNAPSHOT_PAGE, ge=1, le=SNAPSHOT_PAGE),
     page_format: int = Query(1, alias="format", ge=1, le=2),
+    version: int = Query(MIN_FEED_VERSION, ge=MIN_FEED_VERSION),
 ) -> Response:
     """A signed page of the group's live entries after the cursor ``after``: a thumbprint
-    in format 1, a device uid and a thumbprint in format 2."""
+    in format 1, a device uid and a thumbprint in format 2. ``version``: the node's feed
+    contract version; the page is of that version or the newest this console speaks."""
     state = state_of(request)
     if after and len(after) != CURSOR_HEX[page_format]:
         raise BadRequest(
@@ -73,25 +76,33 @@ def snapshot(
     with tunnel_tx(request) as (session, group_id):
         seq = current_seq(session, group_id)
     # Outside the transaction: the page may be one another request is signing.
-    page = state.snapshot_pages.page(PageKey(group_id, after, limit), seq)
+    key = PageKey(group_id, after, limit, min(version, FEED_VERSION))
+    page = state.snapshot_pages.page(key, seq)
     return Response(page.token, media_type=JWS_TYPE)
 
 
-def _poll_once(request: Request, after: int) -> tuple[str, tunnels.SignedBatch | None]:
+def _poll_once(
+    request: Request, after: int, version: int
+) -> tuple[str, tunnels.SignedBatch | None]:
     state = state_of(request)
     with tunnel_tx(request) as (session, group_id):
-        return group_id, tunnels.signed_batch(session, state.pki, group_id, after)
+        return group_id, tunnels.signed_batch(session, state.pki, group_id, after, version)
 
 
 @router.get("/feed", response_class=Response)
 async def feed(
-    request: Request, after: int = Query(ge=0), wait: float = Query(25.0, ge=0, le=300)
+    request: Request,
+    after: int = Query(ge=0),
+    wait: float = Query(25.0, ge=0, le=300),
+    version: int = Query(MIN_FEED_VERSION, ge=MIN_FEED_VERSION),
 ) -> Response:
-    """Changes after ``after`` as one signed batch (200), or 204 when none came in time."""
+    """Changes after ``after`` as one signed batch (200), or 204 when none came in time.
+    ``version``: the node's feed contract version (1 for nodes that do not say)."""
     state = state_of(request)
     deadline = time.monotonic() + min(wait, state.config.long_poll_max_s)
+    version = min(version, FEED_VERSION)
     while True:
-        group_id, batch = await run_in_threadpool(_poll_once, request, after)
+        group_id, batch = await run_in_threadpool(_poll_once, request, after, version)
         if batch is not None:
             return Response(
                 batch.token, media_type=JWS_TYPE, headers={"certgate-feed-seq": str(batch.to_seq)}

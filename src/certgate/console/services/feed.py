@@ -1,5 +1,9 @@
 """The device feed: per-group, gapless sequence of changes a tunnel applies in order.
 
+What travels is the contract's (``certgate.feed``): entries, deletions and the group
+policy, encoded by its types. A node asks for a contract version; ``for_version`` drops
+what an older version cannot carry (policy operations), keeping the seqs.
+
 Writers lock the group row by bumping ``feed_seq`` and insert events in the transaction that
 made the change, so an event exists exactly when its change committed. Snapshot readers
 take the same row lock in shared mode, so a snapshot and its ``seq`` always agree.
@@ -33,55 +37,60 @@ from sqlalchemy.sql.functions import FunctionElement
 from certgate.console.services.ca import now
 from certgate.console.store.models import Certificate, Device, FeedEvent, Group
 from certgate.errors import NotFound
+from certgate.feed import (
+    ATTRIBUTE_FIELDS,
+    FEED_VERSION,
+    MIN_FEED_VERSION,
+    ComplianceStatus,
+    Delete,
+    EnrollmentStatus,
+    Entry,
+    PolicyUpdate,
+)
 
 CLIENT_KINDS = ("device", "app")
 MAX_BATCH = 5000
 FEED_GROUPS_KEY = "certgate.feed_groups"
 
 
-def upsert_entry(cert: Certificate, device: Device) -> dict[str, Any]:
-    return _upsert(
+def entry_of(cert: Certificate, device: Device) -> Entry:
+    """The feed entry of a device or app certificate, as its device stands now."""
+    return Entry(
         cert.thumbprint,
         device.uid,
         device.group_id,
         cert.bundle_id,
-        device.enrollment_status,
-        device.compliance_status,
+        EnrollmentStatus(device.enrollment_status),
+        ComplianceStatus(device.compliance_status),
         device.blocked,
         int(cert.not_after.timestamp()),
     )
 
 
-def _upsert(
-    thumbprint: str,
-    device_uid: str,
-    group_id: str,
-    bundle_id: str | None,
-    enrollment_status: str,
-    compliance_status: str,
-    blocked: bool,
-    not_after: int,
-) -> dict[str, Any]:
-    return {
-        "op": "upsert",
-        "thumbprint": thumbprint,
-        "device_uid": device_uid,
-        "group_id": group_id,
-        "app_bundle_id": bundle_id,
-        "enrollment_status": enrollment_status,
-        "compliance_status": compliance_status,
-        "blocked": blocked,
-        "not_after": not_after,
-    }
+def upsert_entry(cert: Certificate, device: Device) -> dict[str, Any]:
+    return entry_of(cert, device).encode()
 
 
 def delete_entry(cert: Certificate) -> dict[str, Any]:
-    return {
-        "op": "delete",
-        "thumbprint": cert.thumbprint,
-        "device_uid": cert.device_uid,
-        "group_id": cert.group_id,
-    }
+    assert cert.device_uid is not None and cert.group_id is not None  # client certs only
+    return Delete(cert.thumbprint, cert.device_uid, cert.group_id).encode()
+
+
+def policy_of(group: Group) -> PolicyUpdate:
+    """The group policy at its current version (what nodes and devices apply)."""
+    return PolicyUpdate.from_settings(group.policy_version, group.settings)
+
+
+def emit_policy(session: Session, group: Group) -> int:
+    """Publish the group's policy at its current version; returns the new seq."""
+    return emit(session, group.id, [policy_of(group).encode()])
+
+
+def for_version(entries: Iterable[dict[str, Any]], version: int) -> list[dict[str, Any]]:
+    """The operations a node of contract ``version`` can read (docs/CONVENTIONS.md)."""
+    if version >= FEED_VERSION:
+        return list(entries)
+    return [entry for entry in entries if entry.get("op") != "policy"]
 
 
 def active_certs(session: Session, device_uid: str) -> list[Certificate]:
@@ -167,8 +176,6 @@ def batch_after(
 
 
 SNAPSHOT_PAGE = 50_000
-# Format 2 pages dictionary-encode these fields of an entry (docs/CONVENTIONS.md).
-SNAPSHOT_FIELDS = ("group_id", "app_bundle_id", "enrollment_status", "compliance_status", "blocked")
 
 
 class EpochSeconds(FunctionElement[int]):
@@ -191,7 +198,7 @@ def _epoch_seconds_sqlite(element: EpochSeconds, compiler: Any, **kw: Any) -> st
     return f"CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER)"
 
 
-# Row layout: thumbprint, device uid, not_after, then the SNAPSHOT_FIELDS. Plain column
+# Row layout: thumbprint, device uid, not_after, then the ATTRIBUTE_FIELDS. Plain column
 # types (no Boolean or datetime result processing), and only columns that the indexes of
 # migration 0003 hold, so that a format 2 page is two index walks.
 _SNAPSHOT_COLUMNS = (
@@ -234,7 +241,16 @@ def snapshot(
     seq = current_seq(session, group_id, share_lock=True)
     rows = session.connection().execute(_page_query(group_id, after, limit, False)).all()
     entries = [
-        _upsert(tp, uid, group, bundle, enrollment, compliance, bool(blocked), not_after)
+        Entry(
+            tp,
+            uid,
+            group,
+            bundle,
+            EnrollmentStatus(enrollment),
+            ComplianceStatus(compliance),
+            bool(blocked),
+            not_after,
+        ).encode()
         for tp, uid, not_after, group, bundle, enrollment, compliance, blocked in rows[:limit]
     ]
     following = entries[-1]["thumbprint"] if len(rows) > limit else None
@@ -242,9 +258,14 @@ def snapshot(
 
 
 def snapshot_columns(
-    session: Session, group_id: str, after: str = "", limit: int = SNAPSHOT_PAGE
+    session: Session,
+    group_id: str,
+    after: str = "",
+    limit: int = SNAPSHOT_PAGE,
+    version: int = MIN_FEED_VERSION,
 ) -> dict[str, Any]:
-    """Format 2: the payload of one columnar page (docs/CONVENTIONS.md, "Snapshot pages").
+    """Format 2: the payload of one columnar page (docs/CONVENTIONS.md, "Snapshot pages");
+    from contract version 2 on it also carries the group policy at the page's seq.
 
     Entries come in (device uid, thumbprint) order and a cursor names both: walking the
     devices in uid order makes the join a sequential walk of their index (at 1,000,000
@@ -253,7 +274,13 @@ def snapshot_columns(
     seq = current_seq(session, group_id, share_lock=True)
     rows = session.connection().execute(_page_query(group_id, after, limit, True))
     entries, following = _columns(rows, limit)
-    return {"seq": seq, "after": after, "next": following, "entries": entries}
+    page = {"seq": seq, "after": after, "next": following, "entries": entries}
+    if version >= 2:
+        # Read under the same share lock as the seq: a policy change bumps it too.
+        group = session.get(Group, group_id)
+        assert group is not None  # current_seq found it
+        page.update(version=version, policy=policy_of(group).encode())
+    return page
 
 
 def _page_query(group_id: str, after: str, limit: int, by_device: bool) -> _PageQuery:
@@ -283,7 +310,7 @@ def _page_query(group_id: str, after: str, limit: int, by_device: bool) -> _Page
 def _columns(rows: Iterable[Sequence[Any]], limit: int) -> tuple[dict[str, Any], str | None]:
     """A page's entries as columns, and the next page's cursor (None: this is the last).
 
-    Thumbprints and device uids go as one hex string each, the SNAPSHOT_FIELDS of every
+    Thumbprints and device uids go as one hex string each, the ATTRIBUTE_FIELDS of every
     entry as an index into their distinct combinations (one group, a few apps and states:
     a page has a handful). Rows are consumed one at a time: holding a page's 50,000 row
     tuples until they were transposed cost more in cyclic garbage collection (0.075 s a
@@ -304,7 +331,7 @@ def _columns(rows: Iterable[Sequence[Any]], limit: int) -> tuple[dict[str, Any],
         not_after.append(row[2])
         index.append(combinations.setdefault(tuple(row[3:]), len(combinations)))
     values = [[g, b, e, c, bool(blocked)] for g, b, e, c, blocked in combinations]
-    attributes = {"fields": list(SNAPSHOT_FIELDS), "values": values, "index": index}
+    attributes = {"fields": list(ATTRIBUTE_FIELDS), "values": values, "index": index}
     entries = {
         "count": len(thumbprints),
         "thumbprint": "".join(thumbprints),

@@ -9,7 +9,7 @@ from cryptography import x509
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from certgate.console.services import ca
+from certgate.console.services import ca, feed
 from certgate.console.services.rbac import ancestors
 from certgate.console.store.models import Certificate, Group, GroupIdentity
 from certgate.errors import BadRequest, Conflict, NotFound
@@ -74,6 +74,7 @@ def create_group(
         created_at=ca.now(),
         feed_seq=0,
         settings=merged,
+        policy_version=1,
     )
     session.add(group)
     session.flush()
@@ -186,12 +187,16 @@ def identity_pair(
 
 
 SETTINGS_KEYS = ("tunnel", "feed", "device_rules", "server_rules", "initial_compliance")
+# Settings that nodes or devices apply: a change publishes a new policy version.
+POLICY_KEYS = ("tunnel", "feed", "device_rules", "server_rules")
 
 
 def update_settings(
     session: Session, pki: ca.InstancePKI, group_id: str, changes: dict[str, Any]
 ) -> Group:
-    """Merge ``changes`` into the group's settings. New tunnel names re-issue the pair."""
+    """Merge ``changes`` into the group's settings. New tunnel names re-issue the pair; a
+    change of what nodes or devices apply publishes the next policy version in the feed,
+    in this transaction, so running nodes and agents apply it without a new setup."""
     group = get_group(session, group_id)
     unknown = set(changes) - set(SETTINGS_KEYS)
     if unknown:
@@ -200,13 +205,16 @@ def update_settings(
     for key, value in changes.items():
         merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
     validate_settings(merged)
-    old_tunnel = group.settings["tunnel"]
+    old_tunnel, old_settings = group.settings["tunnel"], group.settings
     group.settings = merged
     if (merged["tunnel"]["hostnames"], merged["tunnel"]["ip_addresses"]) != (
         old_tunnel["hostnames"],
         old_tunnel["ip_addresses"],
     ):
         issue_identity_pair(session, pki, group)
+    if any(merged[key] != old_settings[key] for key in POLICY_KEYS):
+        group.policy_version += 1
+        feed.emit_policy(session, group)
     return group
 
 

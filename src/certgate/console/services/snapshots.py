@@ -43,6 +43,7 @@ class PageKey:
     group_id: str
     after: str
     limit: int
+    version: int = 1  # the feed contract version the node asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class SnapshotPages:
         Call it outside any transaction: it may wait for a page another thread signs."""
         page = self._shared(key, seq)
         if page.next is not None:
-            self._prepare(PageKey(key.group_id, page.next, key.limit), page.seq)
+            self._prepare(PageKey(key.group_id, page.next, key.limit, key.version), page.seq)
         return page
 
     @property
@@ -144,7 +145,9 @@ class SnapshotPages:
 
     def _sign(self, key: PageKey) -> SignedPage:
         with self._db.read_only() as session:  # no writer waits for a page being read
-            payload = feed.snapshot_columns(session, key.group_id, key.after, key.limit)
+            payload = feed.snapshot_columns(
+                session, key.group_id, key.after, key.limit, key.version
+            )
             token = tunnels.sign_for_group(
                 session, self._pki, key.group_id, payload, jws.TYP_SNAPSHOT_V2, tunnels.FEED_TTL_S
             )

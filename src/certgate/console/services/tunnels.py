@@ -30,6 +30,7 @@ from certgate.console.services.groups import (
 from certgate.console.services.secrets import IssuedSecret, new_secret
 from certgate.console.store.models import Certificate, GroupIdentity, OneTimeToken, TunnelNode
 from certgate.errors import AuthError, BadRequest
+from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
 from certgate.pki.keys import private_key_pem
 from certgate.pki.thumbprint import thumbprint
@@ -62,6 +63,8 @@ def trust_payload(
         },
         "tunnel": group.settings["tunnel"],
         "server_rules": group.settings["server_rules"],
+        "device_rules": group.settings["device_rules"],
+        "policy_version": group.policy_version,
     }
 
 
@@ -252,16 +255,23 @@ class SignedBatch:
 
 
 def signed_batch(
-    session: Session, pki: ca.InstancePKI, group_id: str, cursor: int
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    cursor: int,
+    version: int = MIN_FEED_VERSION,
 ) -> SignedBatch | None:
+    """The feed after ``cursor`` for a node of contract ``version`` (docs/CONVENTIONS.md)."""
     events = feed.batch_after(session, group_id, cursor)
     if not events:
         return None
-    payload = {
+    payload: dict[str, Any] = {
         "from_seq": events[0].seq,
         "to_seq": events[-1].seq,
-        "entries": [e.entry for e in events],
+        "entries": feed.for_version((e.entry for e in events), version),
     }
+    if version >= 2:
+        payload["version"] = version
     token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S)
     return SignedBatch(token, events[-1].seq, len(events))
 

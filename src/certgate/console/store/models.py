@@ -91,6 +91,8 @@ class Group(Base):
     created_at: Mapped[datetime]
     feed_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Bumped by every change of what nodes and devices apply (feed ``policy`` operations).
+    policy_version: Mapped[int] = mapped_column(BigInteger, default=1)
 
 
 class GroupIdentity(Base):
@@ -236,6 +238,9 @@ class TunnelNode(Base):
     address: Mapped[str] = mapped_column(String(255))
     registered_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
+    # The node's own report (tunnel.report): its live tunnels and sync state, for dry-runs.
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    reported_at: Mapped[datetime | None]
 
 
 class FeedEvent(Base):

@@ -1,0 +1,343 @@
+"""The console -> tunnel feed contract: one home for its vocabulary, values and versions.
+
+Both sides import this module and nothing else for the wire form (docs/CONVENTIONS.md,
+"Device feed"). No I/O, no clock. It owns:
+
+* the status enums (``EnrollmentStatus``, ``ComplianceStatus``), declared once;
+* ``Entry`` (an ``upsert``: one device or app certificate as the console describes it),
+  ``Delete`` and ``PolicyUpdate`` (the group policy a node applies), each with
+  ``encode()`` to its JSON object and one ``decode_op`` that validates any of them;
+* ``FEED_VERSION``, the contract version, and the rule for versions (below).
+
+Versions. A batch or snapshot page of version 2 or later says so (``"version": N``); one
+without the key is version 1 (the format of nodes that predate versions). A node asks
+for the version it speaks (``?version=N``) and the console answers in that version or
+an older one, never a newer one: version 1 answers carry no ``policy`` operations (the
+node keeps the policy of its trust config) and no ``version`` key. Within a version the
+key sets are exact: a key a node does not know is an error, because a field that could
+deny access must never be silently ignored by a node that cannot read it (fail closed).
+New fields therefore come only with a new version, which the console sends only to
+nodes that asked for it. A node that receives a version newer than its own rejects the
+message with that reason (upgrade the node) and keeps its table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from re import Pattern
+from typing import Any, TypeVar
+
+from certgate.errors import CertgateError, ConfigError
+from certgate.pki.identity import BUNDLE_ID_RE, DEVICE_UID_RE, GROUP_ID_RE
+from certgate.pki.thumbprint import is_thumbprint
+from certgate.tunnel.rules import RuleSet
+
+__all__ = [
+    "ATTRIBUTE_FIELDS",
+    "FEED_VERSION",
+    "MIN_FEED_VERSION",
+    "ComplianceStatus",
+    "Delete",
+    "EnrollmentStatus",
+    "Entry",
+    "FeedError",
+    "InvalidEntry",
+    "Op",
+    "PolicyUpdate",
+    "decode_op",
+    "message_version",
+]
+
+FEED_VERSION = 2  # 2: policy operations, "version" on batches and snapshot pages
+MIN_FEED_VERSION = 1
+MAX_NOT_AFTER = 2**63 - 1  # int64, as a node packs it
+
+
+class FeedError(CertgateError):
+    """The content of a (correctly signed) feed snapshot or batch cannot be applied."""
+
+
+class InvalidEntry(FeedError):
+    """An operation breaks the feed schema; the whole snapshot or batch is rejected."""
+
+
+class EnrollmentStatus(Enum):
+    ENROLLED = "enrolled"
+    UNENROLLED = "unenrolled"
+    WIPED = "wiped"
+
+
+class ComplianceStatus(Enum):
+    COMPLIANT = "compliant"
+    NONCOMPLIANT = "noncompliant"
+    UNKNOWN = "unknown"
+
+
+# The fields a format-2 snapshot page dictionary-encodes (docs/CONVENTIONS.md).
+ATTRIBUTE_FIELDS = (
+    "group_id",
+    "app_bundle_id",
+    "enrollment_status",
+    "compliance_status",
+    "blocked",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One device certificate as the console last described it (a feed ``upsert``)."""
+
+    thumbprint: str
+    device_uid: str
+    group_id: str
+    app_bundle_id: str | None  # None: a Per-App Tunnel device certificate
+    enrollment_status: EnrollmentStatus
+    compliance_status: ComplianceStatus
+    blocked: bool
+    not_after: int  # POSIX seconds
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "op": "upsert",
+            "thumbprint": self.thumbprint,
+            "device_uid": self.device_uid,
+            "group_id": self.group_id,
+            "app_bundle_id": self.app_bundle_id,
+            "enrollment_status": self.enrollment_status.value,
+            "compliance_status": self.compliance_status.value,
+            "blocked": self.blocked,
+            "not_after": self.not_after,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """The certificate is gone (revoked, superseded, device unenrolled)."""
+
+    thumbprint: str
+    device_uid: str
+    group_id: str
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "op": "delete",
+            "thumbprint": self.thumbprint,
+            "device_uid": self.device_uid,
+            "group_id": self.group_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyUpdate:
+    """The group policy at ``version``: what every node (and device) of the group applies.
+
+    ``server_rules`` are parsed once, here; ``device_rules`` travel for devices and are
+    kept as the console validated them (a node does not apply them). Listener ports are
+    part of the policy so that a node can say when it needs a restart to follow them.
+    """
+
+    version: int
+    server_rules: RuleSet
+    device_rules: Mapping[str, Any] = field(compare=False)
+    long_poll_s: float
+    max_staleness_s: float
+    proxy_port: int
+    per_app_port: int
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "op": "policy",
+            "version": self.version,
+            "server_rules": self.server_rules.to_dict(),
+            "device_rules": dict(self.device_rules),
+            "feed": {"long_poll_s": self.long_poll_s, "max_staleness_s": self.max_staleness_s},
+            "tunnel": {"proxy_port": self.proxy_port, "per_app_port": self.per_app_port},
+        }
+
+    @classmethod
+    def from_settings(cls, version: int, settings: Mapping[str, Any]) -> PolicyUpdate:
+        """The policy of a group's settings (as the console stores them)."""
+        op = {
+            "op": "policy",
+            "version": version,
+            "server_rules": settings["server_rules"],
+            "device_rules": settings["device_rules"],
+            "feed": {key: settings["feed"][key] for key in _FEED_KEYS},
+            "tunnel": {key: settings["tunnel"][key] for key in _TUNNEL_KEYS},
+        }
+        decoded = decode_op(op, "settings", FEED_VERSION)
+        assert isinstance(decoded, PolicyUpdate)
+        return decoded
+
+
+Op = Entry | Delete | PolicyUpdate
+
+_UPSERT_KEYS = frozenset(
+    {
+        "op",
+        "thumbprint",
+        "device_uid",
+        "group_id",
+        "app_bundle_id",
+        "enrollment_status",
+        "compliance_status",
+        "blocked",
+        "not_after",
+    }
+)
+_DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
+_POLICY_KEYS = frozenset({"op", "version", "server_rules", "device_rules", "feed", "tunnel"})
+_FEED_KEYS = ("long_poll_s", "max_staleness_s")
+_TUNNEL_KEYS = ("proxy_port", "per_app_port")
+_ENROLLMENT = {member.value: member for member in EnrollmentStatus}
+_COMPLIANCE = {member.value: member for member in ComplianceStatus}
+_T = TypeVar("_T")
+
+
+def message_version(payload: Mapping[str, Any]) -> int:
+    """The contract version of a verified batch or snapshot page (absent: 1); raises for
+    a malformed one or one newer than this code speaks."""
+    version = payload.get("version", MIN_FEED_VERSION)
+    if type(version) is not int or version < MIN_FEED_VERSION:
+        raise FeedError(f"malformed feed version {_show(version)}")
+    if "version" in payload and version == MIN_FEED_VERSION:
+        raise FeedError("version 1 messages carry no version key")
+    if version > FEED_VERSION:
+        raise FeedError(
+            f"feed version {version} is newer than this node's {FEED_VERSION}: upgrade the node"
+        )
+    return version
+
+
+def decode_op(raw: object, where: str, version: int) -> Op:
+    """Validate one feed operation completely (exact keys of ``version``)."""
+    if type(raw) is not dict and not isinstance(raw, Mapping):
+        raise InvalidEntry(f"{where}: expected an object, got {type(raw).__name__}")
+    op = raw.get("op")
+    if op == "upsert":
+        return decode_entry(raw, where)
+    if op == "delete":
+        _require_keys(raw, _DELETE_KEYS, where)
+        return Delete(
+            thumbprint(raw, where),
+            text(raw, "device_uid", DEVICE_UID_RE, where),
+            text(raw, "group_id", GROUP_ID_RE, where),
+        )
+    if op == "policy" and version >= 2:
+        return _decode_policy(raw, where)
+    allowed = "'upsert', 'delete' or 'policy'" if version >= 2 else "'upsert' or 'delete'"
+    raise InvalidEntry(f"{where}.op: expected {allowed} (version {version}), got {_show(op)}")
+
+
+def decode_entry(raw: Mapping[Any, Any], where: str) -> Entry:
+    _require_keys(raw, _UPSERT_KEYS, where)
+    bundle = raw["app_bundle_id"]
+    return Entry(
+        thumbprint(raw, where),
+        text(raw, "device_uid", DEVICE_UID_RE, where),
+        text(raw, "group_id", GROUP_ID_RE, where),
+        None if bundle is None else text(raw, "app_bundle_id", BUNDLE_ID_RE, where),
+        choice(raw, "enrollment_status", _ENROLLMENT, where),
+        choice(raw, "compliance_status", _COMPLIANCE, where),
+        boolean(raw, "blocked", where),
+        timestamp(raw, "not_after", where),
+    )
+
+
+def _decode_policy(raw: Mapping[Any, Any], where: str) -> PolicyUpdate:
+    _require_keys(raw, _POLICY_KEYS, where)
+    version = raw["version"]
+    if type(version) is not int or not 0 <= version <= MAX_NOT_AFTER:
+        raise InvalidEntry(f"{where}.version: expected a policy version, got {_show(version)}")
+    feed = _mapping(raw["feed"], frozenset(_FEED_KEYS), f"{where}.feed")
+    tunnel = _mapping(raw["tunnel"], frozenset(_TUNNEL_KEYS), f"{where}.tunnel")
+    long_poll, staleness = (_seconds(feed, key, f"{where}.feed") for key in _FEED_KEYS)
+    if 2 * long_poll > staleness:
+        raise InvalidEntry(f"{where}.feed: long_poll_s must be at most half of max_staleness_s")
+    device_rules = raw["device_rules"]
+    if type(device_rules) is not dict:
+        raise InvalidEntry(f"{where}.device_rules: expected an object")
+    try:
+        server_rules = RuleSet.from_dict(raw["server_rules"])
+    except ConfigError as exc:
+        raise InvalidEntry(f"{where}.server_rules: {exc}") from exc
+    ports = [_port(tunnel, key, f"{where}.tunnel") for key in _TUNNEL_KEYS]
+    return PolicyUpdate(
+        version, server_rules, dict(device_rules), long_poll, staleness, ports[0], ports[1]
+    )
+
+
+# Field checks, shared with the table's packed decoding of snapshot pages.
+
+
+def thumbprint(raw: Mapping[Any, Any], where: str) -> str:
+    value = raw["thumbprint"]
+    if not (isinstance(value, str) and is_thumbprint(value)):
+        raise InvalidEntry(f"{where}.thumbprint: expected 64 lower-case hex, got {_show(value)}")
+    return value
+
+
+def text(raw: Mapping[Any, Any], key: str, pattern: Pattern[str], where: str) -> str:
+    value = raw[key]
+    if not (isinstance(value, str) and pattern.fullmatch(value)):
+        raise InvalidEntry(f"{where}.{key}: expected {pattern.pattern}, got {_show(value)}")
+    return value
+
+
+def choice(raw: Mapping[Any, Any], key: str, allowed: Mapping[str, _T], where: str) -> _T:
+    value = raw[key]
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidEntry(f"{where}.{key}: expected one of {sorted(allowed)}, got {_show(value)}")
+    return allowed[value]
+
+
+def boolean(raw: Mapping[Any, Any], key: str, where: str) -> bool:
+    value = raw[key]
+    if type(value) is not bool:
+        raise InvalidEntry(f"{where}.{key}: expected a boolean, got {_show(value)}")
+    return value
+
+
+def timestamp(raw: Mapping[Any, Any], key: str, where: str) -> int:
+    value = raw[key]
+    # type() rather than isinstance(): JSON true must not pass as the integer 1.
+    if type(value) is not int or not 0 <= value <= MAX_NOT_AFTER:
+        raise InvalidEntry(f"{where}.{key}: expected epoch seconds, got {_show(value)}")
+    return value
+
+
+def _seconds(raw: Mapping[Any, Any], key: str, where: str) -> float:
+    value = raw[key]
+    if type(value) not in (int, float) or not 0 < value <= 30 * 24 * 3600:
+        raise InvalidEntry(f"{where}.{key}: expected seconds in (0, 30 days], got {_show(value)}")
+    return float(value)
+
+
+def _port(raw: Mapping[Any, Any], key: str, where: str) -> int:
+    value = raw[key]
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise InvalidEntry(f"{where}.{key}: expected a port 1-65535, got {_show(value)}")
+    return value
+
+
+def _mapping(value: object, keys: frozenset[str], where: str) -> Mapping[Any, Any]:
+    if type(value) is not dict:
+        raise InvalidEntry(f"{where}: expected an object")
+    _require_keys(value, keys, where)
+    return value
+
+
+def _require_keys(raw: Mapping[Any, Any], expected: frozenset[str], where: str) -> None:
+    if raw.keys() != expected:  # a keys view compares as a set, without building one
+        keys = set(raw)
+        missing = sorted(expected - keys)
+        extra = sorted(_show(key) for key in keys - expected)[:10]
+        raise InvalidEntry(f"{where}: missing keys {missing}, unexpected keys {extra}")
+
+
+def _show(value: object) -> str:
+    """A short repr for error messages (the feed is signed, but keep logs bounded)."""
+    rendered = repr(value)
+    return rendered if len(rendered) <= 80 else rendered[:77] + "..."
