@@ -139,20 +139,20 @@ def _batch(n: int, size: int, rng: random.Random, next_new: int) -> list[dict[st
 def _measure_batches(table: DeviceTable, n: int, count: int, size: int) -> dict[str, float]:
     rng = random.Random(2)
     seconds = 0.0
-    revoked = 0
+    touched = 0
     for b in range(count):
         batch = _batch(n, size, rng, n + b * size)  # built outside the timed region
         seq = table.seq + 1
         started = time.perf_counter()
         changes = table.apply_batch(seq, seq, batch)
         seconds += time.perf_counter() - started
-        revoked += len(changes.revoked)
+        touched += len(changes.touched)
     return {
         "batch_count": count,
         "batch_size": size,
         "batch_entries_per_second": round(count * size / max(seconds, 1e-9)),
         "batch_mean_ms": round(seconds / count * 1000, 3),
-        "batch_revoked_total": revoked,
+        "batch_touched_total": touched,
     }
 
 

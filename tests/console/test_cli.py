@@ -28,7 +28,7 @@ from typer.testing import CliRunner, Result
 
 from certgate.cli import app
 from certgate.console import local
-from certgate.console.services import ca, devices
+from certgate.console.services import ca, devices, tunnels
 from certgate.console.services.rbac import ROLES
 from certgate.console.services.secrets import sha256_hex
 from certgate.console.store.models import (
@@ -41,10 +41,12 @@ from certgate.console.store.models import (
     FeedEvent,
     Group,
     GroupIdentity,
+    TunnelNode,
 )
 from certgate.errors import AuthError
 from certgate.pki.keystore import ENV_VAR
 from certgate.pki.thumbprint import thumbprint
+from certgate.tunnel.rules import RuleSet
 from tests.support import CERTGATE, init_console, make_csr
 
 runner = CliRunner()
@@ -415,6 +417,142 @@ def test_group_create_rejects_invalid_id(data_dir: Path) -> None:
 )
 def test_group_create_errors(data_dir: Path, args: list[str], expected: str) -> None:
     assert expected in refuse("group", "create", "-d", str(data_dir), *args)
+
+
+ALLOW_INTRANET = {"default": "deny", "rules": [{"action": "allow", "hosts": ["intranet.test"]}]}
+DENY_INTRANET = {"default": "deny", "rules": [{"action": "deny", "hosts": ["intranet.test"]}]}
+
+
+def json_path(tmp_path: Path, name: str, value: object) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def group_row(data_dir: Path, group_id: str = "global") -> tuple[int, int, dict[str, object]]:
+    """(feed seq, policy version, settings) of a group."""
+    with transaction(data_dir) as (session, _):
+        group = session.get(Group, group_id)
+        assert group is not None
+        return group.feed_seq, group.policy_version, dict(group.settings)
+
+
+def audited(data_dir: Path, action: str) -> list[AuditEntry]:
+    with transaction(data_dir) as (session, _):
+        query = select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
+        return list(session.execute(query).scalars())
+
+
+def test_group_show_prints_settings_and_policy_version(data_dir: Path) -> None:
+    shown = json.loads(succeed("group", "show", "-d", str(data_dir), "global", "--json").stdout)
+    assert (shown["id"], shown["policy_version"]) == ("global", 1)
+    assert shown["settings"]["server_rules"] == {"default": "deny", "rules": []}
+    text = succeed("group", "show", "-d", str(data_dir), "global").stdout
+    assert "policy version=1" in text and '"max_staleness_s": 300' in text
+
+
+def test_group_set_publishes_the_policy_and_is_audited(data_dir: Path, tmp_path: Path) -> None:
+    rules = json_path(tmp_path, "rules.json", ALLOW_INTRANET)
+    feed = ("--feed", "max_staleness_s=120", "--feed", '{"long_poll_s": 20}')
+    output = succeed("group", "set", "-d", str(data_dir), "global", "--server-rules", rules, *feed)
+    assert "policy version 2" in output.stdout
+    _, version, settings = group_row(data_dir)
+    assert version == 2 and settings["feed"] == {"long_poll_s": 20, "max_staleness_s": 120}
+    entry = last_feed_entry(data_dir)
+    assert entry["op"] == "policy" and entry["version"] == 2
+    assert entry["server_rules"] == RuleSet.from_dict(ALLOW_INTRANET).to_dict()
+    [audit] = audited(data_dir, "group.settings")
+    assert audit.actor == ACTOR and audit.detail == {"keys": ["feed", "server_rules"]}
+
+
+def report_tunnel(data_dir: Path, uid: str, serial: str) -> str:
+    """A node of ``global`` reporting one Per-App tunnel of the device to intranet.test."""
+    with transaction(data_dir) as (session, _):
+        cert = session.get(Certificate, serial)
+        assert cert is not None
+        session.add(
+            TunnelNode(
+                group_id="global",
+                name="n1",
+                address="127.0.0.1",
+                registered_at=ca.now(),
+                last_seen_at=ca.now(),
+            )
+        )
+        session.flush()
+        live = {
+            "thumbprint": cert.thumbprint,
+            "device_uid": uid,
+            "mode": "per_app",
+            "app": "com.example.mail",
+            "host": "intranet.test",
+            "port": 443,
+            "addresses": ["10.1.2.3"],
+            "since": 1.0,
+        }
+        status = {"policy_version": 2, "table_seq": 3, "fresh": True, "age_s": 1.0}
+        report = {"node": "n1", "at": 1.0, "live_total": 1, "live": [live], "status": status}
+        tunnels.record_report(session, "global", "n1", report)
+        return cert.thumbprint
+
+
+def test_group_set_dry_run_changes_nothing_and_names_the_tunnels_closed(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    uid, serial = enroll_device(data_dir)
+    succeed("device", "set", "-d", str(data_dir), uid, "--compliance", "compliant")
+    allow, deny = (
+        json_path(tmp_path, n, r) for n, r in (("a", ALLOW_INTRANET), ("d", DENY_INTRANET))
+    )
+    succeed("group", "set", "-d", str(data_dir), "global", "--server-rules", allow)
+    tp = report_tunnel(data_dir, uid, serial)
+    before = group_row(data_dir)
+    dry = ("group", "set", "-d", str(data_dir), "global", "--server-rules", deny, "--dry-run")
+    answer = json.loads(succeed(*dry, "--json").stdout)
+    assert group_row(data_dir) == before and len(audited(data_dir, "group.settings")) == 1
+    assert answer["dry_run"] is True and answer["devices"] == []
+    [closed] = answer["live_tunnels"]
+    assert (closed["node"], closed["thumbprint"], closed["device_uid"]) == ("n1", tp, uid)
+    assert (closed["destination"], closed["reason"]) == ("intranet.test:443", "destination_denied")
+    assert [n["node"] for n in answer["nodes_reporting"]] == ["n1"]
+    text = succeed(*dry).stdout
+    assert "nothing was changed" in text and "1 live tunnels closed" in text
+    assert "destination_denied" in text and "nodes reporting: n1" in text
+    dry_runs = audited(data_dir, "group.settings.dry_run")
+    assert len(dry_runs) == 2 and dry_runs[0].actor == ACTOR
+    assert dry_runs[0].detail == {"keys": ["server_rules"], "devices": 0, "live_tunnels": 1}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "nothing to set"),
+        (["--server-rules", "/nonexistent/rules.json"], "cannot read"),
+        (["--server-rules", "{tmp}/broken.json"], "is not JSON"),
+        (["--server-rules", "{tmp}/list.json"], "server_rules: Input should be a valid dictionary"),
+        (["--server-rules", "{tmp}/bad.json"], "invalid rules"),
+        (["--feed", "max_staleness_s=5"], "feed.max_staleness_s must be 10 s to 30 days"),
+        (["--feed", "long_poll_s"], "key=value"),
+        (["--feed", "{oops"], "--feed is not JSON"),
+        (["--feed", "max_staleness_s=40", "--dry-run"], "long_poll_s must be at most half"),
+    ],
+)
+def test_group_set_refuses_bad_input_as_the_api_does(
+    data_dir: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    (tmp_path / "broken.json").write_text("{not json")
+    json_path(tmp_path, "list.json", [])
+    json_path(tmp_path, "bad.json", {"default": "maybe", "rules": []})
+    before = group_row(data_dir)
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert expected in refuse("group", "set", "-d", str(data_dir), "global", *arguments)
+    assert group_row(data_dir) == before
+
+
+def test_group_set_of_an_unknown_group(data_dir: Path) -> None:
+    feed = ("--feed", "max_staleness_s=100")
+    for extra in ((), ("--dry-run",)):
+        assert "not found" in refuse("group", "set", "-d", str(data_dir), "nope", *feed, *extra)
 
 
 # --- devices ----------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def agent_config(**overrides: Any) -> AgentConfig:
         "http": ListenAddress("127.0.0.1", 0),
         "app_ports": ((BROWSER, ListenAddress("127.0.0.1", 0)),),
         "check_interval_s": None,
+        "policy_wait_s": None,  # the provisioned console URL leads nowhere
         "timeouts": Timeouts(head_s=5, connect_s=5, idle_s=30),
     }
     values.update(overrides)

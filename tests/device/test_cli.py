@@ -3,6 +3,7 @@ command prints, the exit codes (3 for an unenrolled device, with guidance), and 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_enroll_profile_app_auth_status(
     status = device("status", "-s", str(state))
     assert status.exit_code == 0, status.output
     assert "console: enrolled, compliant" in status.output and "profile: v2" in status.output
+    assert re.search(r"^policy: v[1-9][0-9]*$", status.output, re.MULTILINE), status.output
 
     renew = device("renew", "--fraction", "0.99999999", "-s", str(state))
     assert renew.exit_code == 0, renew.output

@@ -19,6 +19,7 @@ from typing import Any
 import uvloop
 from cryptography import x509
 
+from certgate.feed import FEED_VERSION, PolicyUpdate, decode_op
 from certgate.pki import identity
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import PrivateKey, generate_key, private_key_pem
@@ -31,7 +32,6 @@ from certgate.pki.profiles import (
 )
 from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
-from certgate.tunnel.rules import RuleSet
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
 from certgate.tunnel.table import DeviceTable
@@ -138,12 +138,35 @@ class Client:
         return entry
 
 
+DEFAULT_RULES: dict[str, Any] = {
+    "default": "deny",
+    "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}],
+}
+
+
+def policy(rules: dict[str, Any] | None = None, version: int = 1, **changes: Any) -> PolicyUpdate:
+    """A group policy as the feed carries it: ``rules`` as server rules."""
+    op = {
+        "op": "policy",
+        "version": version,
+        "server_rules": rules or DEFAULT_RULES,
+        "device_rules": {"default": "block", "rules": []},
+        "feed": {"long_poll_s": 25, "max_staleness_s": 300},
+        "tunnel": {"proxy_port": 2020, "per_app_port": 8443},
+    }
+    op.update(changes)
+    decoded = decode_op(op, "test policy", FEED_VERSION)
+    assert isinstance(decoded, PolicyUpdate)
+    return decoded
+
+
 @dataclass
 class StaticSource:
     """A table that changes only when the test changes it (the feed is tested elsewhere)."""
 
     table: DeviceTable
     fresh: bool = True
+    policy: PolicyUpdate = field(default_factory=policy)
 
     def is_fresh(self, now: float | None = None) -> bool:
         return self.fresh
@@ -193,10 +216,9 @@ def make_service(
     rules: dict[str, Any] | None = None,
     limits: Limits | None = None,
 ) -> TunnelService:
-    ruleset = RuleSet.from_dict(
-        rules or {"default": "deny", "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}]}
-    )
-    gate = Gate(GROUP, source, ruleset)
+    if rules is not None:
+        source.policy = policy(rules)
+    gate = Gate(GROUP, source)
     tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.device_root)
     return TunnelService(
         gate,

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certgate.errors import ChainError
+from certgate.feed import ComplianceStatus, EnrollmentStatus, Entry
 from certgate.pki import identity
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel.admission import (
@@ -26,7 +27,6 @@ from certgate.tunnel.admission import (
     admit,
     peer_identity,
 )
-from certgate.tunnel.table import ComplianceStatus, EnrollmentStatus, Entry
 
 GROUP = "g"
 UID = "0123456789abcdef0123456789abcdef"
@@ -317,7 +317,9 @@ def test_admitted_only_when_every_condition_holds(
     assert isinstance(decision, Decision)
     assert decision.admitted is (decision.reason is None)
     if decision.admitted:
-        assert entry is not None and fresh and entry.active
+        assert entry is not None and fresh
+        assert entry.enrollment_status is EnrollmentStatus.ENROLLED and not entry.blocked
+        assert entry.compliance_status is ComplianceStatus.COMPLIANT
         assert now < min(entry.not_after, leaf.not_after)
         wanted = identity.IdentityKind.APP if mode is P else identity.IdentityKind.DEVICE
         assert leaf.identity.kind is wanted

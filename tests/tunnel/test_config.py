@@ -53,7 +53,10 @@ def test_load_state_returns_the_verified_setup(
     assert state.tunnel_chain == (state.secure_channel_root, state.root)
     assert state.trust.tunnel == config.TunnelSettings(("localhost",), ("127.0.0.1",), 2020, 8443)
     assert state.trust.feed.max_staleness_s == 300 and state.trust.feed.long_poll_s == 25
-    assert state.trust.server_rules["rules"] == [{"action": "allow", "hosts": ["*"]}]
+    assert state.trust.policy.server_rules.to_dict()["rules"] == [
+        {"action": "allow", "hosts": ["*"], "ports": "any", "cidrs": []}
+    ]
+    assert state.trust.policy.version == 1
     assert state.device_root.issuer == state.root.subject
     assert "tunnel_key" not in repr(state)
 
@@ -162,7 +165,7 @@ def test_feed_defaults_apply_when_the_trust_omits_them(
         (("feed", "feed_path"), "https://evil.test/feed", "absolute path"),
         (("feed", "max_staleness_s"), 0, "positive"),
         (("feed", "long_poll_s"), True, "feed.long_poll_s"),
-        (("server_rules", "default"), "maybe", "invalid server rules"),
+        (("server_rules", "default"), "maybe", "invalid policy: trust config.server_rules"),
     ],
 )
 def test_malformed_trust_settings_are_refused(

@@ -28,6 +28,7 @@ from certgate.pki.authority import Issuer, Names
 from certgate.pki.keys import generate_key
 from certgate.pki.profiles import LEAF_USAGE, Profile
 from certgate.tunnel.server import Limits
+from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
 from tests.tunnel.dataplane import (
     APP,
@@ -395,8 +396,8 @@ def test_policy_change_closes_live_tunnel(
             table.seq + 1,
             [client.entry(compliance_status="noncompliant")],
         )
-        assert client.thumbprint in changes.revoked
-        tunnel.run(tunnel.service.on_revoked, changes.revoked)
+        assert changes.touched == (client.thumbprint,)
+        tunnel.run(tunnel.service.on_change, FeedChange(changes.touched, None, "batch"))
         tls.settimeout(10)
         try:
             leftover = tls.recv(4096)

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certgate import jws
+from certgate.feed import ATTRIBUTE_FIELDS, FeedError, InvalidEntry
 from certgate.tunnel.snapshot import PAGE_LIMIT, decode_page, max_token_bytes
-from certgate.tunnel.table import ATTRIBUTE_FIELDS, DeviceTable, FeedError, InvalidEntry
+from certgate.tunnel.table import DeviceTable
 from tests.pki.conftest import shared_hierarchy
 
 GROUP = "g"
@@ -98,7 +99,7 @@ def test_a_page_holds_exactly_its_entries() -> None:
     assert sorted(map(str, table.to_snapshot())) == sorted(map(str, expected.to_snapshot()))
     for e in ENTRIES:
         found = table.lookup(e["thumbprint"])
-        assert found is not None and found.to_feed() == e
+        assert found is not None and found.encode() == e
 
 
 def test_pages_chain_by_cursor() -> None:

@@ -23,12 +23,13 @@ import pytest
 
 from certgate import jws
 from certgate.errors import SignatureError
+from certgate.feed import ComplianceStatus, EnrollmentStatus, Entry, FeedError
 from certgate.pki.keys import generate_key
 from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import TableStore
-from certgate.tunnel.sync import FeedFollower, FeedUnavailable
-from certgate.tunnel.table import ComplianceStatus, FeedError, SequenceGap, SequenceReplay
+from certgate.tunnel.sync import FeedChange, FeedFollower, FeedUnavailable
+from certgate.tunnel.table import SequenceGap, SequenceReplay
 from tests.pki.conftest import shared_hierarchy
 from tests.support import RunningConsole
 from tests.tunnel.conftest import (
@@ -53,26 +54,36 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-class Revoked:
-    """An ``on_revoked`` callback that records its calls."""
+class Reported:
+    """An ``on_change`` callback that records the changes the follower reports."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, ...]] = []
+        self.calls: list[FeedChange] = []
         self.event = asyncio.Event()
 
-    def __call__(self, thumbprints: tuple[str, ...]) -> None:
-        self.calls.append(thumbprints)
+    def __call__(self, change: FeedChange) -> None:
+        self.calls.append(change)
         self.event.set()
 
     @property
-    def all(self) -> set[str]:
-        return {tp for call in self.calls for tp in call}
+    def summary(self) -> list[tuple[str, tuple[str, ...] | None]]:
+        return [(change.cause, change.thumbprints) for change in self.calls]
 
 
 def follower(
-    state: TunnelState, revoked: Callable[[tuple[str, ...]], None], **options: Any
+    state: TunnelState, on_change: Callable[[FeedChange], None], **options: Any
 ) -> FeedFollower:
-    return FeedFollower(state, revoked, state_dir=state.state_dir, **options)
+    return FeedFollower(state, on_change, state_dir=state.state_dir, **options)
+
+
+def in_force(entry: Entry | None) -> bool:
+    """The entry as the console published it for an admissible device (the verdict itself
+    is admission's; tests/tunnel/test_enforcement.py)."""
+    return entry is not None and (
+        entry.enrollment_status,
+        entry.compliance_status,
+        entry.blocked,
+    ) == (EnrollmentStatus.ENROLLED, ComplianceStatus.COMPLIANT, False)
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
@@ -116,11 +127,11 @@ def test_bootstrap_serves_the_console_snapshot(
     console: RunningConsole, node: TunnelState, device: Device
 ) -> None:
     async def scenario() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             assert not f.is_fresh() and f.table.lookup(device.thumbprint) is None
             await f.bootstrap()
             entry = f.table.lookup(device.thumbprint)
-            assert entry is not None and entry.device_uid == device.uid and entry.active
+            assert entry is not None and entry.device_uid == device.uid and in_force(entry)
             status = f.status()
             assert status["fresh"] is True and status["last_error"] is None
             assert status["seq"] == feed_seq(console, node.group_id) == f.table.seq
@@ -132,19 +143,23 @@ def test_bootstrap_serves_the_console_snapshot(
 def test_compliance_change_is_applied_and_reported(
     console: RunningConsole, node: TunnelState, device: Device
 ) -> None:
-    revoked = Revoked()
+    reported = Reported()
 
     async def scenario() -> None:
-        async with follower(node, revoked) as f:
+        async with follower(node, reported) as f:
             await f.bootstrap()
             set_compliance(console, device, "noncompliant")
             changes = await f.poll_once(wait=5)
-            assert changes is not None and changes.revoked == (device.thumbprint,)
+            assert changes is not None and changes.touched == (device.thumbprint,)
             entry = f.table.lookup(device.thumbprint)
             assert entry is not None and entry.compliance_status is ComplianceStatus.NONCOMPLIANT
-            set_compliance(console, device, "compliant")  # an improvement revokes nothing
+            set_compliance(console, device, "compliant")  # judged again too: admission decides
             assert await f.poll_once(wait=5) is not None
-            assert revoked.calls == [(device.thumbprint,)]
+            assert reported.summary == [
+                ("snapshot", None),
+                ("batch", (device.thumbprint,)),
+                ("batch", (device.thumbprint,)),
+            ]
             assert f.is_fresh()
 
     run(scenario())
@@ -153,7 +168,7 @@ def test_compliance_change_is_applied_and_reported(
 def test_run_follows_the_long_poll_and_sends_the_node_name(
     console: RunningConsole, node: TunnelState, device: Device
 ) -> None:
-    revoked = Revoked()
+    reported = Reported()
 
     def last_seen() -> datetime:
         with console.client(console.admins["root"]) as client:
@@ -163,15 +178,15 @@ def test_run_follows_the_long_poll_and_sends_the_node_name(
 
     async def scenario() -> None:
         seen_at_setup = await in_thread(last_seen)
-        async with follower(node, revoked) as f:
+        async with follower(node, reported) as f:
             task = asyncio.create_task(f.run())
             await eventually(lambda: f.table.lookup(device.thumbprint) is not None)
             await in_thread(set_compliance, console, device, "noncompliant")
-            await asyncio.wait_for(revoked.event.wait(), WAIT_LIMIT_S)
+            await eventually(lambda: len(reported.calls) == 2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert revoked.calls == [(device.thumbprint,)]
+        assert reported.summary == [("snapshot", None), ("batch", (device.thumbprint,))]
         assert await in_thread(last_seen) > seen_at_setup  # Certgate-Node header
 
     run(scenario())
@@ -190,7 +205,7 @@ def test_batch_of_another_group_is_rejected(
     foreign_batch, foreign_snapshot = raw_batch(other_node, 0), raw_snapshot(other_node)
 
     async def scenario() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
             before = snapshot_of(f)
             with pytest.raises(SignatureError, match="does not verify with the pinned"):
@@ -209,7 +224,7 @@ def test_replayed_batch_and_older_snapshot_are_rejected(
     console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
             old_snapshot = raw_snapshot(node)
             set_compliance(console, device, "noncompliant")
@@ -224,7 +239,7 @@ def test_replayed_batch_and_older_snapshot_are_rejected(
                 await f.accept_snapshot(old_snapshot)
             assert snapshot_of(f) == before
             entry = f.table.lookup(device.thumbprint)
-            assert entry is not None and entry.active  # the old "noncompliant" did not return
+            assert entry is not None and in_force(entry)  # the old "noncompliant" did not return
 
     caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
     run(scenario())
@@ -238,7 +253,7 @@ def test_truncated_unknown_signer_and_expired_batches_are_rejected(
     late = Clock(time.time() + 2 * jws.CLOCK_SKEW_S + 3600)
 
     async def scenario() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
             set_compliance(console, device, "noncompliant")
             token = raw_batch(node, f.table.seq)
@@ -253,12 +268,12 @@ def test_truncated_unknown_signer_and_expired_batches_are_rejected(
                 with pytest.raises(SignatureError, match=reason):
                     await f.accept_batch(forged)
                 assert snapshot_of(f) == before
-        async with follower(node, Revoked(), clock=late) as f:
+        async with follower(node, Reported(), clock=late) as f:
             with pytest.raises(SignatureError, match="expired"):
                 await f.accept_batch(token)
             assert f.table.lookup(device.thumbprint) is not None
             entry = f.table.lookup(device.thumbprint)
-            assert entry is not None and entry.active
+            assert entry is not None and in_force(entry)
 
     caplog.set_level(logging.WARNING, "certgate.tunnel.sync")
     run(scenario())
@@ -269,10 +284,10 @@ def test_truncated_unknown_signer_and_expired_batches_are_rejected(
 def test_gap_resynchronises_from_a_snapshot(
     console: RunningConsole, group: str, node: TunnelState, device: Device
 ) -> None:
-    revoked = Revoked()
+    reported = Reported()
 
     async def scenario() -> None:
-        async with follower(node, revoked) as f:
+        async with follower(node, reported) as f:
             await f.bootstrap()
             set_compliance(console, device, "noncompliant")
             skipped = feed_seq(console, group)
@@ -282,7 +297,8 @@ def test_gap_resynchronises_from_a_snapshot(
             await f.fetch_snapshot()
             assert f.table.seq == feed_seq(console, group)
             assert f.table.lookup(newcomer.thumbprint) is not None
-            assert revoked.calls == [(device.thumbprint,)]
+            # Every live tunnel is judged again after a swap (the service does the judging).
+            assert reported.summary == [("snapshot", None), ("snapshot", None)]
 
     run(scenario())
 
@@ -297,14 +313,14 @@ def test_restart_with_the_console_down_serves_the_persisted_table(
     other = enroll_device(console, group)
 
     async def before_restart() -> tuple[int, list[dict[str, object]]]:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
             set_compliance(console, other, "noncompliant")
             assert await f.poll_once(wait=5) is not None
             return snapshot_of(f)
 
     async def after_restart(expected: tuple[int, list[dict[str, object]]]) -> FeedFollower:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             assert snapshot_of(f) == expected
             assert f.is_fresh()  # the last exchange time was persisted too
             with pytest.raises(httpx.ConnectError):
@@ -318,9 +334,9 @@ def test_restart_with_the_console_down_serves_the_persisted_table(
     with console_stopped(console):
         revived = run(after_restart(expected))
         entry = revived.table.lookup(device.thumbprint)
-        assert entry is not None and entry.active
+        assert entry is not None and in_force(entry)
         entry = revived.table.lookup(other.thumbprint)
-        assert entry is not None and not entry.active
+        assert entry is not None and not in_force(entry)
         with journal.open("ab") as handle:  # a crash in the middle of an append
             handle.write(b'0badc0de {"from_seq":9,"to_')
         caplog.set_level(logging.INFO, "certgate.tunnel")
@@ -332,7 +348,7 @@ def test_journal_is_compacted_into_a_snapshot(
     console: RunningConsole, node: TunnelState, device: Device
 ) -> None:
     async def scenario() -> None:
-        async with follower(node, Revoked(), compact_after_bytes=1) as f:
+        async with follower(node, Reported(), compact_after_bytes=1) as f:
             await f.bootstrap()
             set_compliance(console, device, "noncompliant")
             await f.poll_once(wait=5)
@@ -360,7 +376,7 @@ def test_staleness_budget_fails_closed_and_recovers(
                 await task
 
     async def scenario(during: Callable[[FeedFollower], Awaitable[None]]) -> None:
-        async with follower(node, Revoked(), clock=clock) as f:
+        async with follower(node, Reported(), clock=clock) as f:
             await during(f)
 
     async def outage(f: FeedFollower) -> None:
@@ -391,11 +407,11 @@ def test_damaged_persisted_table_is_replaced_by_a_console_snapshot(
     console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def sync_once() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
 
     async def restart() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             assert f.table.lookup(device.thumbprint) is None and not f.is_fresh()
             await f.bootstrap()
             assert f.table.lookup(device.thumbprint) is not None and f.is_fresh()
@@ -411,7 +427,7 @@ def test_damaged_persisted_table_is_replaced_by_a_console_snapshot(
 def test_failing_callback_does_not_stop_the_sync(
     console: RunningConsole, node: TunnelState, device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(_: tuple[str, ...]) -> None:
+    def broken(_: FeedChange) -> None:
         raise RuntimeError("data plane bug")
 
     async def scenario() -> None:
@@ -420,10 +436,10 @@ def test_failing_callback_does_not_stop_the_sync(
             set_compliance(console, device, "noncompliant")
             assert await f.poll_once(wait=5) is not None
             entry = f.table.lookup(device.thumbprint)
-            assert entry is not None and not entry.active
+            assert entry is not None and not in_force(entry)
 
     run(scenario())
-    assert "on_revoked callback failed" in caplog.text
+    assert "on_change callback failed" in caplog.text
 
 
 def test_failed_journal_write_is_repaired_by_a_full_snapshot(
@@ -437,7 +453,7 @@ def test_failed_journal_write_is_repaired_by_a_full_snapshot(
         raise OSError(28, "No space left on device")
 
     async def scenario() -> tuple[int, list[dict[str, object]]]:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             await f.bootstrap()
             with monkeypatch.context() as patch:
                 patch.setattr(TableStore, "append_batch", disk_full)
@@ -451,7 +467,7 @@ def test_failed_journal_write_is_repaired_by_a_full_snapshot(
 
     expected = run(scenario())
     assert "could not persist the device table: [Errno 28]" in caplog.text
-    assert snapshot_of(follower(node, Revoked())) == expected
+    assert snapshot_of(follower(node, Reported())) == expected
 
 
 def test_paged_snapshot_is_assembled_from_every_page(
@@ -460,7 +476,7 @@ def test_paged_snapshot_is_assembled_from_every_page(
     devices = [enroll_device(console, group) for _ in range(3)]
 
     async def scenario() -> None:
-        paged = FeedFollower(node, Revoked(), state_dir=tmp_path / "paged", snapshot_page=1)
+        paged = FeedFollower(node, Reported(), state_dir=tmp_path / "paged", snapshot_page=1)
         async with paged as f:
             await f.fetch_snapshot()
             assert len(f.table) == 3
@@ -506,7 +522,7 @@ def stand_in(node: TunnelState, tmp_path: Path, server: PageServer, **options: A
     trusting = dataclasses.replace(node, console_identity=leaf.cert)
     transport = httpx.MockTransport(server)
     return FeedFollower(
-        trusting, Revoked(), state_dir=tmp_path / "stand-in", transport=transport, **options
+        trusting, Reported(), state_dir=tmp_path / "stand-in", transport=transport, **options
     )
 
 
@@ -523,8 +539,8 @@ def test_paged_snapshot_asks_for_format_2_and_follows_the_cursors(
 
     run(scenario())
     assert server.asked == [
-        {"format": "2", "limit": "8"},
-        {"format": "2", "limit": "8", "after": cursor(ENTRIES[3])},
+        {"format": "2", "limit": "8", "version": "2"},
+        {"format": "2", "limit": "8", "version": "2", "after": cursor(ENTRIES[3])},
     ]
 
 
@@ -586,7 +602,7 @@ def test_a_tampered_snapshot_page_is_rejected(
     forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=")
 
     async def scenario() -> None:
-        async with follower(node, Revoked()) as f:
+        async with follower(node, Reported()) as f:
             with pytest.raises(SignatureError, match="does not verify with the pinned"):
                 await f.accept_snapshot(b".".join([header, forged, signature]))
             assert len(f.table) == 0

@@ -13,16 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from certgate import feed
 from certgate.errors import CertgateError
+from certgate.feed import ComplianceStatus, EnrollmentStatus, Entry, FeedError, InvalidEntry
 from certgate.tunnel import table as table_module
 from certgate.tunnel.table import (
     Changes,
-    ComplianceStatus,
     DeviceTable,
-    EnrollmentStatus,
-    Entry,
-    FeedError,
-    InvalidEntry,
     SequenceError,
     SequenceGap,
     SequenceReplay,
@@ -274,32 +271,23 @@ CHANGE_CASES: list[tuple[str, list[dict[str, Any]], bool]] = [
 
 
 @pytest.mark.parametrize(
-    ("batch", "revoked"),
-    [(batch, revoked) for _, batch, revoked in CHANGE_CASES],
-    ids=[name for name, _, _ in CHANGE_CASES],
+    "batch", [batch for _, batch, _ in CHANGE_CASES], ids=[name for name, _, _ in CHANGE_CASES]
 )
-def test_changes_list_thumbprints_to_disconnect(batch: list[dict[str, Any]], revoked: bool) -> None:
+def test_changes_name_every_touched_thumbprint(batch: list[dict[str, Any]]) -> None:
+    """The table reports what a batch touched and never judges it: admission does
+    (tests/tunnel/test_enforcement.py holds the verdicts of these same cases)."""
     table = DeviceTable.from_snapshot(1, [upsert(1), upsert(2, blocked=True)])
     changes = table.apply_batch(2, 2, batch)
-    touched = {entry["thumbprint"] for entry in batch}
-    assert changes.revoked == ((touched.pop(),) if revoked else ())
+    assert changes.touched == tuple(sorted({entry["thumbprint"] for entry in batch}))
+    assert changes.policy is None
 
 
 def test_changes_count_operations() -> None:
     table = DeviceTable.from_snapshot(1, [upsert(1), upsert(2)])
     changes = table.apply_batch(2, 3, [delete(1), upsert(2, blocked=True), upsert(3), delete(4)])
     assert changes == Changes(
-        2, 3, upserted=2, deleted=2, revoked=tuple(sorted([tp(1), tp(2), tp(4)]))
+        2, 3, upserted=2, deleted=2, touched=tuple(sorted([tp(1), tp(2), tp(3), tp(4)]))
     )
-
-
-def test_revoked_or_inadmissible() -> None:
-    table = DeviceTable.from_snapshot(
-        1, [upsert(1), upsert(2, blocked=True), upsert(3, not_after=1000)]
-    )
-    asked = [tp(1), tp(2), tp(3), tp(4), "malformed"]
-    assert table.revoked_or_inadmissible(asked) == (tp(2), tp(4), "malformed")
-    assert table.revoked_or_inadmissible(asked, now=1000) == (tp(2), tp(3), tp(4), "malformed")
 
 
 # --- properties ------------------------------------------------------------------------
@@ -327,7 +315,7 @@ bad_values = st.one_of(
     start=st.lists(entry_strategy, max_size=POOL, unique_by=lambda e: e["thumbprint"]),
     batch=st.lists(op_strategy, max_size=8),
     position=st.integers(0, 8),
-    field=st.sampled_from(sorted(table_module._UPSERT_KEYS)),
+    field=st.sampled_from(sorted(upsert(0))),
     value=bad_values,
 )
 def test_invalid_batches_leave_the_table_unchanged(
@@ -339,7 +327,7 @@ def test_invalid_batches_leave_the_table_unchanged(
 ) -> None:
     bad = {**upsert(0), field: value}
     try:
-        table_module._parse_op(bad, "probe")
+        feed.decode_op(bad, "probe", feed.FEED_VERSION)
     except InvalidEntry:
         pass
     else:
@@ -357,32 +345,18 @@ def test_table_matches_a_reference_model(batches: list[list[dict[str, Any]]]) ->
     table = DeviceTable()
     model: dict[str, dict[str, Any]] = {}
     for batch in batches:
-        before = dict(model)
         for op in batch:
             if op["op"] == "delete":
                 model.pop(op["thumbprint"], None)
             else:
                 model[op["thumbprint"]] = op
         changes = table.apply_batch(table.seq + 1, table.seq + 1, batch)
-        gone = {
-            t
-            for t, old in before.items()
-            if _model_active(old) and (t not in model or not _model_active(model[t]))
-        }
-        assert gone <= set(changes.revoked) <= {op["thumbprint"] for op in batch}
+        assert set(changes.touched) == {op["thumbprint"] for op in batch}
     assert table.seq == len(batches)
     assert len(table) == len(model)
     for n in range(POOL):
         found = table.lookup(tp(n))
-        assert (found.to_feed() if found else None) == model.get(tp(n))
-
-
-def _model_active(entry: dict[str, Any]) -> bool:
-    return (entry["enrollment_status"], entry["compliance_status"], entry["blocked"]) == (
-        "enrolled",
-        "compliant",
-        False,
-    )
+        assert (found.encode() if found else None) == model.get(tp(n))
 
 
 # --- benchmark smoke test ----------------------------------------------------------------

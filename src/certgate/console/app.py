@@ -158,10 +158,14 @@ def create_app(state: ConsoleState) -> FastAPI:
         import asyncio
 
         state.notifier.bind(asyncio.get_running_loop())
+        if state.change_watcher is not None:
+            state.change_watcher.start()
         state.writer.start()
         try:
             yield
         finally:
+            if state.change_watcher is not None:
+                state.change_watcher.stop()
             state.writer.stop()
             state.snapshot_pages.close()
 

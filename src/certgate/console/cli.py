@@ -10,14 +10,15 @@ import getpass
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -26,7 +27,8 @@ from sqlalchemy.orm import Session
 
 from certgate.console import backup as backup_mod
 from certgate.console import local
-from certgate.console.services import admins, audit, ca, devices, groups, tunnels
+from certgate.console.api.schemas import SettingsIn
+from certgate.console.services import admins, audit, ca, devices, dryrun, groups, tunnels
 from certgate.console.services.rbac import ROLES
 from certgate.console.store.models import (
     Admin,
@@ -320,6 +322,195 @@ def group_list(data_dir: DataDir) -> None:
                 group.id, group.name, group.parent_id or "-", str(group.feed_seq), ", ".join(hosts)
             )
     out.print(table)
+
+
+def group_dict(group: Group) -> dict[str, Any]:
+    return {
+        "id": group.id,
+        "name": group.name,
+        "parent_id": group.parent_id,
+        "feed_seq": group.feed_seq,
+        "policy_version": group.policy_version,
+        "settings": group.settings,
+    }
+
+
+def print_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=_iso))
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+@group_app.command("show")
+def group_show(
+    data_dir: DataDir,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A group's settings and policy version (what its tunnel nodes and devices apply)."""
+    with opened(data_dir) as (session, _):
+        shown = group_dict(groups.get_group(session, group_id))
+    if as_json:
+        print_json(shown)
+        return
+    out.print(
+        f"group {escape(group_id)} ({escape(shown['name'])}) parent={shown['parent_id'] or '-'}"
+        f" feed seq={shown['feed_seq']} policy version={shown['policy_version']}"
+    )
+    typer.echo(json.dumps(shown["settings"], indent=2, sort_keys=True))
+
+
+@group_app.command("set")
+def group_set(
+    data_dir: DataDir,
+    group_id: str,
+    server_rules: Annotated[
+        Path | None, typer.Option(help="JSON file: the group's server traffic rules.")
+    ] = None,
+    device_rules: Annotated[
+        Path | None, typer.Option(help="JSON file: the group's device traffic rules.")
+    ] = None,
+    feed: Annotated[
+        list[str] | None,
+        typer.Option(help='Feed timings: JSON ({"max_staleness_s": 60}) or key=value; repeatable.'),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Change nothing; show whom it would refuse.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Change a group's policy, as PATCH /groups/G/settings does (published to its nodes)."""
+    changes = settings_changes(server_rules, device_rules, feed or [])
+    with opened(data_dir) as (session, pki):
+
+        def change(tx: Session) -> Group:
+            return groups.update_settings(tx, pki, group_id, changes)
+
+        if dry_run:
+            shown = rehearse_settings(session, group_id, change, sorted(changes))
+        else:
+            shown = group_dict(change(session))
+            audit.append(
+                session, actor(), "group.settings", group_id=group_id, keys=sorted(changes)
+            )
+    if as_json:
+        print_json(shown)
+    elif dry_run:
+        print_dry_run(group_id, shown)
+    else:
+        out.print(
+            f"group {escape(group_id)}: {', '.join(sorted(changes))} set"
+            f" (policy version {shown['policy_version']}, feed seq {shown['feed_seq']})"
+        )
+
+
+def rehearse_settings(
+    session: Session, group_id: str, change: Callable[[Session], object], keys: list[str]
+) -> dict[str, Any]:
+    result = dryrun.rehearse(session, group_id, change)
+    audit.append(
+        session,
+        actor(),
+        "group.settings.dry_run",
+        group_id=group_id,
+        keys=keys,
+        devices=len(result.devices),
+        live_tunnels=len(result.live_tunnels),
+    )
+    return result.to_dict()
+
+
+def settings_changes(
+    server_rules: Path | None, device_rules: Path | None, feed: list[str]
+) -> dict[str, Any]:
+    """The settings changes of ``group set``, validated as the API validates its body."""
+    raw: dict[str, Any] = {}
+    if server_rules is not None:
+        raw["server_rules"] = json_file(server_rules, "--server-rules")
+    if device_rules is not None:
+        raw["device_rules"] = json_file(device_rules, "--device-rules")
+    if feed:
+        raw["feed"] = feed_settings(feed)
+    if not raw:
+        raise fail("nothing to set: give --server-rules, --device-rules or --feed")
+    try:
+        return SettingsIn.model_validate(raw).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise fail("; ".join(_problem(e) for e in exc.errors())) from exc
+
+
+def _problem(error: Any) -> str:
+    return f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg')}"
+
+
+def json_file(path: Path, option: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise fail(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise fail(f"{option}: {path} is not JSON: {exc}") from exc
+
+
+def feed_settings(items: list[str]) -> dict[str, Any]:
+    """``--feed`` values: JSON objects or ``key=value`` (the value read as JSON if it is)."""
+    merged: dict[str, Any] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                value = json.loads(item)
+            except ValueError as exc:
+                raise fail(f"--feed is not JSON: {exc}") from exc
+            if not isinstance(value, dict):
+                raise fail("--feed JSON must be an object")
+            merged.update(value)
+            continue
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise fail(f"--feed takes JSON or key=value, got {item!r}")
+        merged[key.strip()] = _scalar(text.strip())
+    return merged
+
+
+def _scalar(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def print_dry_run(group_id: str, result: dict[str, Any]) -> None:
+    out.print(f"dry run on group {escape(group_id)}: nothing was changed")
+    if result["devices"]:
+        refused = listing("device", "thumbprint", "app", "reason", title="Certificates refused")
+        for d in result["devices"]:
+            refused.add_row(d["device_uid"], d["thumbprint"], d["app"] or "-", d["reason"])
+        out.print(refused)
+    if result["live_tunnels"]:
+        closed = listing("node", "device", "app", "destination", "reason", title="Tunnels closed")
+        for t in result["live_tunnels"]:
+            closed.add_row(
+                t["node"], t["device_uid"], t["app"] or "-", t["destination"], t["reason"]
+            )
+        out.print(closed)
+    out.print(
+        f"{len(result['devices'])} certificates refused,"
+        f" {len(result['live_tunnels'])} live tunnels closed"
+    )
+    for label, key in (("nodes reporting", "nodes_reporting"), ("stale reports", "stale_reports")):
+        names = [_node_line(n) for n in result[key]]
+        out.print(f"{label}: {', '.join(names) or 'none'}", markup=False)
+
+
+def _node_line(node: dict[str, Any]) -> str:
+    if node["age_s"] is None:
+        return f"{node['node']} (never reported)"
+    cut = f" of {node['live_total']}" if node["live"] < node["live_total"] else ""
+    return f"{node['node']} ({node['live']}{cut} tunnels, {node['age_s']:.1f} s ago)"
 
 
 @device_app.command("enroll-user")

@@ -1,5 +1,5 @@
-"""The running console's shared state: config, storage, loaded PKI, feed notifier, writer,
-signed snapshot pages."""
+"""The running console's shared state: config, storage, loaded PKI, feed notifier and the
+watcher of other processes' commits that feeds it, writer, signed snapshot pages."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from certgate.console.config import ConsoleConfig
+from certgate.console.notify import ChangeWatcher, change_watcher
 from certgate.console.services import ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
 from certgate.console.services.snapshots import SnapshotPages
@@ -41,6 +42,7 @@ class ConsoleState:
     snapshot_pages: SnapshotPages
     crl_cache: ca.CachedCRL | None = None
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
+    change_watcher: ChangeWatcher | None = None  # started and stopped by the app's lifespan
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
@@ -50,7 +52,15 @@ class ConsoleState:
             pki = ca.InstancePKI.load(session, master)
         notifier = FeedNotifier()
         db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
-        return cls(config, db, pki, notifier, Writer(db), SnapshotPages(db, pki))
+        return cls(
+            config,
+            db,
+            pki,
+            notifier,
+            Writer(db),
+            SnapshotPages(db, pki),
+            change_watcher=change_watcher(config.db_url, notifier),
+        )
 
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:

@@ -7,6 +7,12 @@ certificate through profile re-delivery when it is due (or was superseded), swap
 tunnel client in, and warns about app certificates that need their app to authenticate
 again. If the console says the device is unenrolled, the agent stops with exit code 3.
 
+Beside it, unless ``policy_wait_s`` is None, the agent follows the group policy: it
+long-polls the console for a policy newer than the one in its profile, stores the new
+rules and tunnel endpoints (``apply_policy``; the certificate stays) and swaps them into
+the router; listeners and open connections carry on. Errors back off with jitter and the
+rules in use stay in force.
+
 ``device exec`` runs a command whose traffic is attributed to one app: through a running
 agent if ``agent.json`` names a live one, otherwise through an in-process agent that lives
 as long as the command (:class:`AgentThread`).
@@ -15,14 +21,16 @@ as long as the command (:class:`AgentThread`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import random
 import socket
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from certgate.device.enroll import ConsoleAPI, DeviceUnenrolled, reenroll_guidance
 from certgate.device.listeners import ListenAddress, ProxyServer, Router, Timeouts
@@ -30,6 +38,7 @@ from certgate.device.profile import (
     DEFAULT_RENEW_FRACTION,
     Maintenance,
     Profile,
+    apply_policy,
     check_fraction,
     load_profile,
     maintain,
@@ -41,6 +50,7 @@ from certgate.pki.identity import BUNDLE_ID_RE
 
 __all__ = [
     "DEFAULT_APP",
+    "DEFAULT_POLICY_WAIT_S",
     "EXIT_UNENROLLED",
     "PROXY_VARIABLES",
     "Agent",
@@ -63,6 +73,10 @@ PROXY_VARIABLES = (
     "all_proxy",
 )
 MAINTENANCE_TIMEOUT_S = 120.0
+DEFAULT_POLICY_WAIT_S = 25.0  # under the console's default long-poll maximum (30 s)
+MAX_POLICY_WAIT_S = 60.0  # the console's bound on a policy long-poll
+POLICY_RETRY_S = (1.0, 120.0)  # first and longest delay after a failed policy poll
+T = TypeVar("T")
 # The proxy URL's password when the user name names the app: ignored by the agent, but
 # some clients (requests) send Proxy-Authorization only when a password is present.
 ATTRIBUTION_PASSWORD = "app"
@@ -83,6 +97,7 @@ class AgentConfig:
     tunnel_timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     renew_fraction: float = DEFAULT_RENEW_FRACTION
     check_interval_s: float | None = 300.0  # None: no maintenance (short-lived agents)
+    policy_wait_s: float | None = DEFAULT_POLICY_WAIT_S  # None: do not follow the policy
     max_connections: int = 1024
     publish_runtime: bool = False  # write agent.json so that `device exec` finds us
 
@@ -105,6 +120,8 @@ class AgentConfig:
         check_fraction(self.renew_fraction)
         if self.check_interval_s is not None and self.check_interval_s <= 0:
             raise ConfigError("the check interval must be positive")
+        if self.policy_wait_s is not None and not 0 < self.policy_wait_s <= MAX_POLICY_WAIT_S:
+            raise ConfigError(f"the policy wait must be in (0, {MAX_POLICY_WAIT_S:.0f}] seconds")
 
 
 def tunnel_client_for(profile: Profile, device: CertifiedKey, config: AgentConfig) -> TunnelClient:
@@ -127,6 +144,7 @@ class Agent:
         self.router: Router | None = None
         self._stopped = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
+        self._policy: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.state.enrollment()
@@ -141,11 +159,19 @@ class Agent:
             router, default_app=self.config.default_app, max_connections=self.config.max_connections
         )
         await self._listen(self.server)
-        log.info("agent up: profile v%d, device cert %s", profile.version, device.thumbprint)
+        log.info(
+            "agent up: profile v%d, policy v%d, device cert %s",
+            profile.version,
+            profile.policy_version,
+            device.thumbprint,
+        )
         if self.config.publish_runtime:
             self._publish_runtime()
+        loop = asyncio.get_running_loop()
         if self.config.check_interval_s is not None:
-            self._maintenance = asyncio.get_running_loop().create_task(self._maintain_loop())
+            self._maintenance = loop.create_task(self._maintain_loop())
+        if self.config.policy_wait_s is not None:
+            self._policy = loop.create_task(self._policy_loop(self.config.policy_wait_s))
 
     async def _listen(self, server: ProxyServer) -> None:
         if self.config.socks is not None:
@@ -161,9 +187,11 @@ class Agent:
 
     async def stop(self) -> None:
         # stop() may run inside the maintenance task itself (unenrolled): not cancel that.
-        if self._maintenance is not None and self._maintenance is not asyncio.current_task():
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        tasks = [t for t in (self._maintenance, self._policy) if t is not None]
+        tasks = [t for t in tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.close()
         if self.config.publish_runtime:
@@ -251,6 +279,63 @@ class Agent:
         )
         return True
 
+    # -- policy -----------------------------------------------------------------------------
+
+    async def _policy_loop(self, wait_s: float) -> None:
+        failures = 0
+        while True:
+            failures = 0 if await self._policy_pass(wait_s) else failures + 1
+            if failures:
+                await asyncio.sleep(retry_delay(failures))
+
+    async def _policy_pass(self, wait_s: float) -> bool:
+        """One long-poll; False when it failed (said in the log; the rules in use stay)."""
+        try:
+            await self.poll_policy(wait_s)
+        except (CertgateError, TimeoutError, OSError) as exc:
+            log.warning("policy update failed, will retry: %s", exc)
+            return False
+        except Exception:  # a bug must not end policy updates for the agent's lifetime
+            log.exception("policy update failed unexpectedly, will retry")
+            return False
+        return True
+
+    async def poll_policy(self, wait_s: float = DEFAULT_POLICY_WAIT_S) -> Profile | None:
+        """Ask the console for a policy newer than the profile's, waiting up to ``wait_s``;
+        a newer one is stored and swapped in. Returns the updated profile, or None."""
+        profile = await in_daemon_thread(lambda: self._poll_policy_sync(wait_s))
+        if profile is not None:
+            self._use_policy(profile)
+        return profile
+
+    def _poll_policy_sync(self, wait_s: float) -> Profile | None:
+        current = load_profile(self.state)
+        if current is None:
+            raise ConfigError("no Per-App Tunnel profile: run `certgate device profile`")
+        with ConsoleAPI.for_state(self.state) as api:
+            answer = api.device_policy(current.policy_version, wait_s)
+        return None if answer is None else apply_policy(self.state, answer)
+
+    def _use_policy(self, profile: Profile) -> None:
+        """Swap the policy's rules in; a tunnel client for new endpoints, the same one
+        (and the same device certificate) otherwise."""
+        if self.router is None:
+            return
+        tunnel = self.router.tunnel
+        if tuple(profile.tunnel.per_app()) != tunnel.endpoints:
+            device = self.state.device_identity()
+            if device is None:
+                raise ConfigError("the device identity is gone from the state directory")
+            tunnel = tunnel_client_for(profile, device, self.config)
+        self.router.swap(profile.rules, tunnel)
+        log.info(
+            "applied policy v%d: %d device rules, default %s; tunnel %s",
+            profile.policy_version,
+            len(profile.rules.rules),
+            profile.rules.default.value,
+            ", ".join(f"{host}:{port}" for host, port in tunnel.endpoints),
+        )
+
     def _console_url(self) -> str | None:
         try:
             return self.state.enrollment().console_url
@@ -275,6 +360,44 @@ class Agent:
 
 def _address(address: ListenAddress | None) -> list[Any] | None:
     return None if address is None else [address.host, address.port]
+
+
+def retry_delay(failures: int, jitter: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after ``failures`` failed policy polls in a row: doubling from the
+    first delay up to the longest, then a random point in its upper half (so that agents
+    that lost the console together do not all come back at once)."""
+    first, longest = POLICY_RETRY_S
+    ceiling = min(longest, first * 2.0 ** min(failures - 1, 32))
+    return ceiling * (0.5 + jitter() / 2)
+
+
+async def in_daemon_thread(call: Callable[[], T]) -> T:
+    """``call()`` on a daemon thread of its own. ``asyncio.to_thread`` uses the default
+    executor, which ``asyncio.run`` joins at shutdown: stopping the agent would wait for a
+    long-poll to end. Cancelling the await abandons the thread; its outcome is dropped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # cancelled: nobody waits for this outcome any more
+        if error is None:
+            future.set_result(cast(T, result))
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:  # the awaiting task decides what it means
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits either
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=run, name="certgate-policy-poll", daemon=True).start()
+    return await future
 
 
 class AgentThread:
@@ -381,6 +504,7 @@ def exec_command(
         http=None,
         app_ports=((app, ListenAddress("127.0.0.1", 0)),),
         check_interval_s=None,
+        policy_wait_s=None,
     )
     with AgentThread(state, config) as running:
         return _run(argv, f"http://{running.bound[f'app:{app}']}")

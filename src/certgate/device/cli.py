@@ -20,6 +20,7 @@ from rich.table import Table
 
 from certgate.device.agent import (
     DEFAULT_APP,
+    DEFAULT_POLICY_WAIT_S,
     EXIT_UNENROLLED,
     Agent,
     AgentConfig,
@@ -187,6 +188,8 @@ def status_command(state_dir: StateOption = DEFAULT_STATE) -> None:
     out.print(f"DeviceUid {enrollment.device_uid}, group {enrollment.group_id}")
     out.print(f"console: {remote.get('enrollment_status')}, {remote.get('compliance_status')}")
     out.print(f"profile: v{profile.version}" if profile else "profile: none yet")
+    if profile is not None:
+        out.print(f"policy: v{profile.policy_version}")
     for bundle in state.apps():
         out.print(f"app certificate: {bundle}")
     if remote.get("enrollment_status") != "enrolled":
@@ -244,6 +247,10 @@ def run_command(
         float, typer.Option(help="Renewal threshold.")
     ] = DEFAULT_RENEW_FRACTION,
     check_interval: Annotated[float, typer.Option(help="Seconds between console checks.")] = 300.0,
+    policy_wait: Annotated[
+        float,
+        typer.Option(help="Seconds a long-poll for policy changes waits (0: do not follow)."),
+    ] = DEFAULT_POLICY_WAIT_S,
     unsafe_listen_any: Annotated[
         bool, typer.Option("--unsafe-listen-any", help="Allow non-loopback listeners.")
     ] = False,
@@ -260,6 +267,7 @@ def run_command(
             unsafe_listen_any=unsafe_listen_any,
             renew_fraction=renew_fraction,
             check_interval_s=check_interval,
+            policy_wait_s=policy_wait or None,
             publish_runtime=True,
         )
         code = asyncio.run(_serve(state, config))

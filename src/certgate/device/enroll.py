@@ -92,19 +92,34 @@ class ConsoleAPI:
         self._client.close()
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return _json(self._send(method, path, json=body), path)
+
+    def _send(self, method: str, path: str, **options: Any) -> httpx.Response:
         try:
-            response = self._client.request(method, path, json=body)
+            response = self._client.request(method, path, **options)
         except httpx.HTTPError as exc:
             raise ConsoleUnreachable(f"console {self.url}: {exc}") from exc
         _raise_for(response)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise CertgateError(f"console answered {path} with something not JSON") from exc
+        return response
 
     def device_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.call("GET", "/api/v1/device")
         return status
+
+    def device_policy(self, after: int, wait_s: float) -> Any:
+        """The group policy if newer than version ``after`` (the console holds the request
+        up to ``wait_s``), else None."""
+        path = "/api/v1/device/policy"
+        timeout = httpx.Timeout(TIMEOUT_S, read=wait_s + TIMEOUT_S)
+        response = self._send("GET", path, params={"after": after, "wait": wait_s}, timeout=timeout)
+        return None if response.status_code == 204 else _json(response, path)
+
+
+def _json(response: httpx.Response, path: str) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise CertgateError(f"console answered {path} with something not JSON") from exc
 
 
 def _raise_for(response: httpx.Response) -> None:

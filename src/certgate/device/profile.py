@@ -9,6 +9,11 @@ soon as the feed reaches them.
 Renewal: a certificate is due when less than ``fraction`` of its lifetime remains
 (default 1/3). The device certificate renews by re-delivery of the profile; an app
 certificate needs the enrollment credentials again, so the agent can only warn about it.
+
+Policy: the rules and tunnel endpoints of the profile are those of a group policy version
+(``policy_version``; 0 from a console that predates it). A newer policy
+(``GET /api/v1/device/policy``) replaces them in the stored profile without a new
+certificate (``apply_policy``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "Maintenance",
     "Profile",
     "TunnelEndpoints",
+    "apply_policy",
     "check_fraction",
     "fetch_profile",
     "load_profile",
@@ -70,6 +76,7 @@ class Profile:
     tunnel_trust: tuple[x509.Certificate, ...]
     rules: DeviceRules
     thumbprint: str
+    policy_version: int = 0  # the group policy the rules and tunnel endpoints are of
 
     @classmethod
     def from_dict(cls, data: Any) -> Profile:
@@ -84,6 +91,7 @@ class Profile:
                 tunnel_trust=_trust(data["tunnel_trust"]),
                 rules=DeviceRules.from_dict(data["rules"]),
                 thumbprint=_text(data["thumbprint"], _is_hex64),
+                policy_version=_int(data.get("policy_version", 0), 0, 2**62),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"invalid profile: {exc!r}") from exc
@@ -165,6 +173,39 @@ def fetch_profile(state: StateDir, api: ConsoleAPI) -> Delivery:
         log.warning("profile version went from %d to %d", previous.version, profile.version)
     state.save_profile(issued, stored)
     return Delivery(profile, issued, previous.thumbprint if previous else None)
+
+
+def apply_policy(state: StateDir, answer: Any) -> Profile:
+    """Validate a group policy from the console and store its rules and tunnel endpoints
+    in the profile; the device identity stays as it is. Raises ``ConfigError`` and stores
+    nothing for an invalid policy, one of another group, or one not newer than ours."""
+    stored = state.profile_data()
+    if stored is None:
+        raise ConfigError("no profile to apply a policy to: run `certgate device profile`")
+    current = Profile.from_dict(stored)
+    policy = _policy_fields(answer, current.group_id)
+    if policy["policy_version"] <= current.policy_version:
+        raise ConfigError(
+            f"the console sent policy v{policy['policy_version']}; "
+            f"this device has v{current.policy_version} already"
+        )
+    updated = {**stored, **policy}
+    profile = Profile.from_dict(updated)
+    state.save_profile_data(updated)
+    return profile
+
+
+def _policy_fields(answer: Any, group_id: str) -> dict[str, Any]:
+    """The profile fields of a policy answer, each checked as ``Profile`` checks it."""
+    try:
+        if answer["group_id"] != group_id:
+            raise ValueError(f"it is for group {answer['group_id']!r}, not {group_id!r}")
+        DeviceRules.from_dict(answer["rules"])
+        _tunnel(answer["tunnel"])
+        version = _int(answer["version"], 1, 2**62)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid policy: {exc!r}") from exc
+    return {"rules": answer["rules"], "tunnel": answer["tunnel"], "policy_version": version}
 
 
 def check_fraction(fraction: float) -> float:

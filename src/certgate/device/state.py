@@ -6,7 +6,8 @@ Layout, under one directory of mode 0700, every file mode 0600::
     credential               the device credential, sent as ``Authorization: Bearer``
     console-ca.pem           the console's root, pinned at enrollment
     device.pem               Per-App Tunnel identity: certificate, chain, private key
-    profile.json             the last profile: version, tunnel endpoints, trust, rules
+    profile.json             the last profile: version, tunnel endpoints, trust, rules,
+                             and the group policy version its rules and endpoints are of
     apps/<bundle>/identity.pem   Proxy-mode identity of one app: certificate, chain, key
     apps/<bundle>/{cert.pem,key.pem,identity.p12}   exports of it for curl and browsers
     agent.json               a running agent's pid and listeners (for ``device exec``)
@@ -289,6 +290,10 @@ class StateDir:
         """Replace the device identity, then the profile. The old key is gone afterwards:
         the rename overwrote the only file that held it."""
         write_atomic(self.path / "device.pem", identity.to_pem())
+        self._write_json("profile.json", profile)
+
+    def save_profile_data(self, profile: dict[str, Any]) -> None:
+        """Replace the profile alone (a policy update): the device identity is untouched."""
         self._write_json("profile.json", profile)
 
     def device_identity(self) -> CertifiedKey | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from certgate.errors import ConfigError
 from certgate.tunnel.config import TunnelState, load_state
+from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
 from certgate.tunnel.sync import FeedFollower
@@ -96,6 +97,8 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     sync_task = loop.create_task(follower.run())
     await service.start()
+    # Kept, and cancelled before the follower closes the mTLS client the reports use.
+    report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
     log.info(
         "tunnel node %s of group %s serving (loop=%s)",
         state.node_name,
@@ -105,6 +108,7 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
     await stop.wait()
     log.info("draining connections (up to %.0f s)", options.drain_s)
     await service.stop(options.drain_s)
-    sync_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sync_task
+    for task in (report_task, sync_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

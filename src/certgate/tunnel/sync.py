@@ -286,6 +286,15 @@ class FeedFollower:
             )
         return self._client
 
+    async def post_report(self, body: dict[str, Any]) -> None:
+        """POST the node's report (``tunnel.report``) over this follower's mTLS client;
+        raises FeedUnavailable unless the console took it (204)."""
+        path = "/api/v1/tunnel/report"
+        response = await self._http().post(path, json=body)
+        if response.status_code != 204:
+            text = response.text[:MAX_ERROR_TEXT]
+            raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
+
     async def aclose(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None

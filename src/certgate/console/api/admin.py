@@ -1,11 +1,15 @@
 """Admin API: groups, admins, API keys, enrollment, devices, certificates, tunnels, audit.
 
 Every handler authenticates (API key + admin cert), authorizes on the object's group,
-acts, and audits, inside one transaction.
+acts, and audits, inside one transaction. The changes that nodes enforce (group settings,
+compliance, device actions) take ``?dry_run=true``: the same checks and the same service
+call, rolled back (``services.dryrun``); the answer says whom the nodes would refuse, and
+only the dry-run itself is audited (``<action>.dry_run``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -15,13 +19,30 @@ from sqlalchemy.orm import Session
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
-from certgate.console.services import admins, audit, ca, devices, groups, rbac, tunnels
+from certgate.console.services import (
+    admins,
+    audit,
+    ca,
+    devices,
+    dryrun,
+    groups,
+    rbac,
+    tunnels,
+)
 from certgate.console.services.rbac import Permission as P
-from certgate.console.store.models import Admin, AuditEntry, Certificate, Device, TunnelNode
+from certgate.console.store.models import (
+    Admin,
+    AuditEntry,
+    Certificate,
+    Device,
+    Group,
+    TunnelNode,
+)
 from certgate.errors import NotFound
 from certgate.pki.keys import private_key_pem
 
 router = APIRouter(prefix="/api/v1")
+DryRunFlag = Query(False, description="Change nothing; answer whom the change would refuse.")
 
 
 def group_out(group: Any) -> s.GroupOut:
@@ -70,15 +91,48 @@ def get_group(request: Request, group_id: str) -> s.GroupOut:
         return group_out(groups.get_group(session, group_id))
 
 
+def rehearsed(
+    request: Request,
+    session: Session,
+    action: str,
+    group_id: str,
+    change: Callable[[Session], object],
+    **detail: Any,
+) -> s.DryRunOut:
+    """``change`` rolled back, and whom it would refuse; audited as ``<action>.dry_run``."""
+    result = dryrun.rehearse(session, group_id, change)
+    audit.append(
+        session,
+        request.state.actor,
+        f"{action}.dry_run",
+        group_id=group_id,
+        devices=len(result.devices),
+        live_tunnels=len(result.live_tunnels),
+        **detail,
+    )
+    return s.DryRunOut.model_validate(result.to_dict())
+
+
 @router.patch("/groups/{group_id}/settings")
-def update_settings(request: Request, group_id: str, body: s.SettingsIn) -> s.GroupOut:
+def update_settings(
+    request: Request, group_id: str, body: s.SettingsIn, dry_run: bool = DryRunFlag
+) -> s.GroupOut | s.DryRunOut:
+    pki = state_of(request).pki
     with admin_tx(request, group_id) as (session, who):
         changes = body.model_dump(exclude_none=True)
         needed = (
             P.RULES_WRITE if set(changes) <= {"device_rules", "server_rules"} else (P.GROUPS_WRITE)
         )
         rbac.require(session, who.admin, needed, group_id)
-        group = groups.update_settings(session, state_of(request).pki, group_id, changes)
+
+        def change(tx: Session) -> Group:
+            return groups.update_settings(tx, pki, group_id, changes)
+
+        if dry_run:
+            return rehearsed(
+                request, session, "group.settings", group_id, change, keys=sorted(changes)
+            )
+        group = change(session)
         audit.append(
             session, request.state.actor, "group.settings", group_id=group_id, keys=sorted(changes)
         )
@@ -224,9 +278,21 @@ def get_device(request: Request, uid: str) -> s.DeviceOut:
 
 
 @router.put("/devices/{uid}/compliance")
-def set_compliance(request: Request, uid: str, body: s.ComplianceIn) -> s.DeviceOut:
+def set_compliance(
+    request: Request, uid: str, body: s.ComplianceIn, dry_run: bool = DryRunFlag
+) -> s.DeviceOut | s.DryRunOut:
     with admin_tx(request) as (session, who):
         device = _device_for(session, who, uid, P.DEVICES_WRITE)
+        if dry_run:
+            return rehearsed(
+                request,
+                session,
+                "device.compliance",
+                device.group_id,
+                lambda tx: devices.set_compliance(tx, device, body.status),
+                device=uid,
+                status=body.status,
+            )
         devices.set_compliance(session, device, body.status)
         audit.append(
             session,
@@ -239,17 +305,32 @@ def set_compliance(request: Request, uid: str, body: s.ComplianceIn) -> s.Device
         return device_out(device)
 
 
+def _act(session: Session, device: Device, action: str) -> None:
+    if action in ("unenroll", "wipe"):
+        devices.unenroll(session, device, wipe=action == "wipe")
+    else:
+        devices.set_blocked(session, device, action == "block")
+
+
 @router.post("/devices/{uid}/{action}")
-def device_action(request: Request, uid: str, action: str) -> s.DeviceOut:
+def device_action(
+    request: Request, uid: str, action: str, dry_run: bool = DryRunFlag
+) -> s.DeviceOut | s.DryRunOut:
     """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
     if action not in ("unenroll", "wipe", "block", "unblock"):
         raise NotFound(f"no device action {action!r}")
     with admin_tx(request) as (session, who):
         device = _device_for(session, who, uid, P.DEVICES_WRITE)
-        if action in ("unenroll", "wipe"):
-            devices.unenroll(session, device, wipe=action == "wipe")
-        else:
-            devices.set_blocked(session, device, action == "block")
+        if dry_run:
+            return rehearsed(
+                request,
+                session,
+                f"device.{action}",
+                device.group_id,
+                lambda tx: _act(tx, device, action),
+                device=uid,
+            )
+        _act(session, device, action)
         audit.append(
             session, request.state.actor, f"device.{action}", group_id=device.group_id, device=uid
         )

@@ -1,12 +1,15 @@
-"""Device-facing API: enrollment, Proxy-mode app certificates, Per-App Tunnel profiles."""
+"""Device-facing API: enrollment, Proxy-mode app certificates, Per-App Tunnel profiles, and
+the long-poll of the group policy (device traffic rules) that running agents follow."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from cryptography import x509
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import as_device, device_actor, device_tx, state_of
@@ -15,6 +18,8 @@ from certgate.console.store.models import Device
 from certgate.pki.thumbprint import thumbprint
 
 router = APIRouter(prefix="/api/v1")
+POLICY_WAIT_MAX_S = 60.0
+CROSS_NODE_RECHECK_S = 1.0  # as the tunnel feed: commits on other console nodes
 
 
 @router.post("/enroll", status_code=201)
@@ -95,6 +100,41 @@ async def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
         return delivered
 
     return await as_device(request, deliver)
+
+
+def _policy_once(request: Request, after: int) -> tuple[str, dict[str, Any] | None]:
+    with device_tx(request) as (session, device):
+        return device.group_id, devices.device_policy(session, device, after)
+
+
+@router.get(
+    "/device/policy",
+    response_model=s.DevicePolicyOut,
+    responses={
+        200: {"description": "The group policy, newer than `after`."},
+        204: {"description": "No newer policy came within `wait` seconds."},
+        401: {"description": "Missing or unknown device credential."},
+        403: {"description": "The device is unenrolled, wiped or blocked."},
+    },
+)
+async def policy(
+    request: Request,
+    after: int = Query(0, ge=0),
+    wait: float = Query(25.0, ge=0, le=POLICY_WAIT_MAX_S),
+) -> s.DevicePolicyOut | Response:
+    """The device traffic rules and tunnel endpoints of the device's group as soon as its
+    policy version exceeds ``after``; 204 when none came within ``wait`` (bounded by the
+    console's long-poll maximum). A commit on this node wakes the wait at once."""
+    state = state_of(request)
+    deadline = time.monotonic() + min(wait, state.config.long_poll_max_s)
+    while True:
+        group_id, current = await run_in_threadpool(_policy_once, request, after)
+        if current is not None:
+            return s.DevicePolicyOut.model_validate(current)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or await request.is_disconnected():
+            return Response(status_code=204)
+        await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S))
 
 
 def _thumbprint(cert_pem: str) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
 
@@ -148,6 +151,21 @@ class IssuedCert(BaseModel):
     thumbprint: str
 
 
+class TunnelEndpointsOut(BaseModel):
+    hosts: list[str]
+    per_app_port: int
+    proxy_port: int
+
+
+class DevicePolicyOut(BaseModel):
+    """The group policy a device applies: its traffic rules and where the tunnel is."""
+
+    version: int
+    group_id: str
+    rules: dict[str, Any]
+    tunnel: TunnelEndpointsOut
+
+
 class AuditOut(BaseModel):
     id: int
     ts: datetime
@@ -169,3 +187,89 @@ class ApiKeyOut(BaseModel):
 class GrantIn(Strict):
     role: str = Field(max_length=32)
     group_id: str = Field(max_length=63)
+
+
+# Tunnel node reports (certgate.tunnel.report) and dry-run answers (services.dryrun).
+
+
+class StrictReport(BaseModel):
+    """No extra keys and no coercion: a report is machine-made, so anything odd is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LiveTunnelIn(StrictReport):
+    thumbprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    device_uid: str = Field(pattern=r"^[0-9a-f]{32}$")
+    mode: Literal["proxy", "per_app"]
+    app: str | None = Field(max_length=255)
+    host: str | None = Field(max_length=255)
+    port: int | None = Field(ge=1, le=65535)
+    addresses: list[Annotated[str, Field(max_length=45)]] = Field(max_length=64)
+    since: float | None = Field(ge=0)
+
+    @field_validator("addresses")
+    @classmethod
+    def _ip_addresses(cls, addresses: list[str]) -> list[str]:
+        for address in addresses:
+            ipaddress.ip_address(address)  # a ValueError is a validation error
+        return addresses
+
+
+class NodeStatusIn(StrictReport):
+    policy_version: int = Field(ge=0)
+    table_seq: int = Field(ge=0)
+    fresh: bool
+    age_s: float | None
+    restart_required: list[Annotated[str, Field(max_length=200)]] = Field(max_length=8)
+
+
+class TunnelReportIn(StrictReport):
+    node: str = Field(min_length=1, max_length=128)
+    at: float
+    live_total: int = Field(ge=0)
+    live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
+    status: NodeStatusIn
+
+    @model_validator(mode="after")
+    def _total_counts_the_list(self) -> TunnelReportIn:
+        if self.live_total < len(self.live):
+            raise ValueError("live_total is smaller than the list of live tunnels")
+        return self
+
+
+class RefusedCertOut(BaseModel):
+    device_uid: str
+    thumbprint: str
+    app: str | None
+    reason: str
+
+
+class ClosedTunnelOut(BaseModel):
+    node: str
+    thumbprint: str
+    device_uid: str
+    app: str | None
+    destination: str
+    since: float | None
+    reason: str
+    detail: str
+
+
+class NodeReportOut(BaseModel):
+    node: str
+    reported_at: datetime | None
+    age_s: float | None
+    live: int
+    live_total: int
+    table_seq: int | None
+    policy_version: int | None
+    fresh: bool | None
+
+
+class DryRunOut(BaseModel):
+    dry_run: Literal[True] = True
+    devices: list[RefusedCertOut]
+    live_tunnels: list[ClosedTunnelOut]
+    nodes_reporting: list[NodeReportOut]
+    stale_reports: list[NodeReportOut]

@@ -1,4 +1,6 @@
-"""Tunnel-facing API: install by one-time token, signed snapshot, long-poll feed.
+"""Tunnel-facing API: install by one-time token, signed snapshot, long-poll feed, and the
+nodes' reports of their live tunnels (``tunnel.report``; kept for dry-runs, not audited:
+every node sends one every 2 s).
 
 Feed calls authenticate with the group's tunnel identity certificate over mTLS. The
 long-poll holds a request open until the group's feed moves past the cursor or the wait
@@ -18,7 +20,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from certgate.console.api import schemas as s
-from certgate.console.api.deps import state_of, tunnel_tx
+from certgate.console.api.deps import NODE_HEADER, state_of, tunnel_tx
 from certgate.console.services import audit, tunnels
 from certgate.console.services.feed import SNAPSHOT_PAGE, current_seq
 from certgate.console.services.snapshots import PageKey
@@ -111,3 +113,12 @@ async def feed(
         if remaining <= 0 or await request.is_disconnected():
             return Response(status_code=204)
         await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S))
+
+
+@router.post("/report", status_code=204)
+def report(request: Request, body: s.TunnelReportIn) -> Response:
+    """A node's live tunnels and sync state, kept as its latest report (204)."""
+    name = request.headers.get(NODE_HEADER)
+    with tunnel_tx(request) as (session, group_id):
+        tunnels.record_report(session, group_id, name, body.model_dump(mode="json"))
+    return Response(status_code=204)

@@ -32,6 +32,7 @@ from certgate.console.store.models import (
     Certificate,
     Device,
     EnrollmentUser,
+    Group,
     OneTimeToken,
     ProfileDelivery,
 )
@@ -266,6 +267,7 @@ def deliver_profile(
     delivery revokes the previous cert, which tunnels then stop admitting."""
     require_active(device)
     gone = _supersede(session, device, None)
+    policy_version = _policy_version(session, device.group_id)  # before the settings
     settings, tunnel_thumbprint = settings_and_tunnel_thumbprint(session, device.group_id)
     names = Names(f"device {device.uid}"[:64], identity.device(device.uid, device.group_id))
     _, row = pki.issue_from_csr(
@@ -278,9 +280,9 @@ def deliver_profile(
     )
     version = _record_delivery(session, device, row, settings["device_rules"])
     feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
-    tunnel = settings["tunnel"]
     return {
         "version": version,
+        "policy_version": policy_version,
         "device_uid": device.uid,
         "group_id": device.group_id,
         "certificate": row.cert_pem,
@@ -288,13 +290,45 @@ def deliver_profile(
         "chain": pki.chain_pem(ca.DEVICE_ROOT),
         "tunnel_trust": pki.chain_pem(ca.SECURE_CHANNEL_ROOT),
         "tunnel_identity_thumbprint": tunnel_thumbprint,
-        "tunnel": {
-            "hosts": tunnel["hostnames"] + tunnel["ip_addresses"],
-            "per_app_port": tunnel["per_app_port"],
-            "proxy_port": tunnel["proxy_port"],
-        },
+        "tunnel": tunnel_endpoints(settings["tunnel"]),
         "rules": settings["device_rules"],
     }
+
+
+def tunnel_endpoints(tunnel: dict[str, Any]) -> dict[str, Any]:
+    """Where a device reaches its group's tunnel (profile and policy answers alike)."""
+    return {
+        "hosts": tunnel["hostnames"] + tunnel["ip_addresses"],
+        "per_app_port": tunnel["per_app_port"],
+        "proxy_port": tunnel["proxy_port"],
+    }
+
+
+def device_policy(session: Session, device: Device, after: int) -> dict[str, Any] | None:
+    """The device's group policy (rules and tunnel endpoints) if its version is newer than
+    ``after``, else None. A device that may not be served is refused, as for a profile."""
+    require_active(device)
+    group = get_group(session, device.group_id)
+    if group.policy_version <= after:
+        return None
+    return {
+        "version": group.policy_version,
+        "group_id": group.id,
+        "rules": group.settings["device_rules"],
+        "tunnel": tunnel_endpoints(group.settings["tunnel"]),
+    }
+
+
+_POLICY_VERSION = select(Group.policy_version).where(Group.id == bindparam("group_id"))
+
+
+def _policy_version(session: Session, group_id: str) -> int:
+    """The group's policy version, read on its own (a Core statement): read before the
+    settings, a change committed in between can only make the rules the device gets newer
+    than the version it is told, never older (it then asks for them again)."""
+    row = session.connection().execute(_POLICY_VERSION, {"group_id": group_id})
+    version: int = row.scalar_one()
+    return version
 
 
 def _record_delivery(

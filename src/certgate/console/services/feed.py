@@ -6,7 +6,9 @@ what an older version cannot carry (policy operations), keeping the seqs.
 
 Writers lock the group row by bumping ``feed_seq`` and insert events in the transaction that
 made the change, so an event exists exactly when its change committed. Snapshot readers
-take the same row lock in shared mode, so a snapshot and its ``seq`` always agree.
+take the same row lock in shared mode, so a snapshot and its ``seq`` always agree. On
+PostgreSQL that transaction also sends ``NOTIFY`` on ``FEED_CHANNEL``, delivered when it
+commits, so that other console nodes wake their long-polls (``console.notify``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy import (
     Integer,
     Select,
     bindparam,
+    func,
     insert,
     select,
     tuple_,
@@ -51,6 +54,7 @@ from certgate.feed import (
 CLIENT_KINDS = ("device", "app")
 MAX_BATCH = 5000
 FEED_GROUPS_KEY = "certgate.feed_groups"
+FEED_CHANNEL = "certgate_feed"  # PostgreSQL NOTIFY channel; the payload is a group id
 
 
 def entry_of(cert: Certificate, device: Device) -> Entry:
@@ -124,7 +128,10 @@ def emit(session: Session, group_id: str, entries: Iterable[dict[str, Any]]) -> 
             for i, e in enumerate(rows)
         ]
         conn.execute(_INSERT_EVENTS, events)
-    session.info.setdefault(FEED_GROUPS_KEY, set()).add(group_id)
+    notified = session.info.setdefault(FEED_GROUPS_KEY, set())
+    if group_id not in notified and conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY, {"g": group_id})  # once a transaction: PostgreSQL folds repeats
+    notified.add(group_id)
     return seq
 
 
@@ -137,6 +144,7 @@ _BUMP_SEQ = (
     .returning(Group.feed_seq)
 )
 _INSERT_EVENTS = insert(FeedEvent)
+_NOTIFY = select(func.pg_notify(FEED_CHANNEL, bindparam("g")))
 
 
 def _bump(session: Session, conn: Connection, group_id: str, n: int) -> int:
@@ -361,11 +369,21 @@ class FeedNotifier:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake, tuple(groups))
 
+    def notify_all(self) -> None:
+        """Wake every waiting group (changes may have been missed, e.g. on a reconnect)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake_all)
+
     def _wake(self, groups: tuple[str, ...]) -> None:
         for group in groups:
             event = self._events.pop(group, None)
             if event is not None:
                 event.set()
+
+    def _wake_all(self) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
 
     async def wait(self, group: str, timeout: float) -> bool:
         event = self._events.setdefault(group, asyncio.Event())

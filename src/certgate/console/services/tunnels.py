@@ -29,7 +29,7 @@ from certgate.console.services.groups import (
 )
 from certgate.console.services.secrets import IssuedSecret, new_secret
 from certgate.console.store.models import Certificate, GroupIdentity, OneTimeToken, TunnelNode
-from certgate.errors import AuthError, BadRequest
+from certgate.errors import AuthError, BadRequest, NotFound
 from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
 from certgate.pki.keys import private_key_pem
@@ -108,6 +108,24 @@ def touch_node(session: Session, group_id: str, name: str) -> None:
     ).scalar_one_or_none()
     if node is not None:
         node.last_seen_at = ca.now()
+
+
+def record_report(
+    session: Session, group_id: str, name: str | None, report: dict[str, Any]
+) -> TunnelNode:
+    """Keep a node's report of its live tunnels (``tunnel.report``) for dry-runs. The node
+    is the one the ``Certgate-Node`` header names, as for ``touch_node``; the report must
+    name the same one, and the node must be registered."""
+    if not name or report.get("node") != name:
+        raise BadRequest("a report needs the Certgate-Node header, naming the node it reports")
+    node = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == group_id, TunnelNode.name == name)
+    ).scalar_one_or_none()
+    if node is None:
+        raise NotFound(f"no tunnel node {name[:NODE_NAME_MAX]!r} in group {group_id!r}")
+    node.report, node.reported_at = report, ca.now()
+    node.last_seen_at = node.reported_at
+    return node
 
 
 def setup_bundle(
