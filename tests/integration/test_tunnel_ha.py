@@ -375,7 +375,36 @@ def test_compliance_change_closes_live_tunnels_on_both_nodes(cluster: Cluster) -
     _wait_admitted_everywhere(cluster)
 
 
+def test_server_rule_change_closes_live_tunnels_on_both_nodes(cluster: Cluster) -> None:
+    """Policy is feed content: a rules PATCH reaches running nodes without a new setup."""
+    path = f"/api/v1/groups/{GROUP}/settings"
+    tunnels = [_open_tunnel(cluster, node) for node in cluster.nodes]
+    with cluster.console.client(cluster.console.admins["root"]) as admin:
+        before = admin.get(f"/api/v1/groups/{GROUP}").json()["settings"]["server_rules"]
+        changed_at = time.monotonic()
+        admin.patch(
+            path, json={"server_rules": {"default": "deny", "rules": []}}
+        ).raise_for_status()
+    closed = [_closed_within(t, 15) for t in tunnels]
+    enforce_ms = (time.monotonic() - changed_at) * 1000
+    for tls in tunnels:
+        tls.close()
+    try:
+        assert all(c is not None for c in closed), "a live tunnel stayed open"
+        print(f"server-rule change enforced on both nodes in {enforce_ms:.0f} ms")
+        assert enforce_ms < 1000
+        refused = curl(cluster, "-w", " %{http_code}")
+        assert refused.stdout == "certgate: destination_denied\n 403", refused
+        versions = {json.loads(n.health().text)["policy_version"] for n in cluster.nodes}
+        assert len(versions) == 1 and versions.pop() > 1
+    finally:
+        with cluster.console.client(cluster.console.admins["root"]) as admin:
+            admin.patch(path, json={"server_rules": before}).raise_for_status()
+    _wait_admitted_everywhere(cluster)
+
+
 def test_staleness_budget_fails_closed_then_recovers(cluster: Cluster) -> None:
+    tunnels = [_open_tunnel(cluster, node) for node in cluster.nodes]
     cluster.console.stop()
     try:
         deadline = time.monotonic() + 40
@@ -385,6 +414,11 @@ def test_staleness_budget_fails_closed_then_recovers(cluster: Cluster) -> None:
             time.sleep(0.5)
         health = [n.health() for n in cluster.nodes]
         assert all(h.status_code == 503 for h in health), [h.text for h in health]
+        # Live tunnels close too once the budget has passed (the sweeper runs each second).
+        closed = [_closed_within(t, 5) for t in tunnels]
+        for tls in tunnels:
+            tls.close()
+        assert all(c is not None for c in closed), "a live tunnel outlived the staleness budget"
         assert json.loads(health[0].text)["status"] == "stale"
         refused = subprocess.run(
             [
