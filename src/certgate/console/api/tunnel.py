@@ -4,7 +4,9 @@ every node sends one every 2 s).
 
 Feed calls authenticate with the group's tunnel identity certificate over mTLS. The
 long-poll holds a request open until the group's feed moves past the cursor or the wait
-ends; a commit on this node wakes it at once, other console nodes are seen within 1 s.
+ends; a commit on this node wakes it at once, one on another console node (PostgreSQL
+NOTIFY) or by the local CLI (SQLite ``data_version``, ``console/notify.py``) within tens of
+milliseconds; a 1 s recheck stays as a safety net.
 
 Snapshot pages come in two formats (docs/CONVENTIONS.md): 1, entries as feed objects, the
 default for nodes that predate 2; and 2, columns, signed once per feed seq and shared by
