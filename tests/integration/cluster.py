@@ -5,11 +5,13 @@ and real clients (curl, Python's ssl sockets)."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,12 +141,16 @@ def popen_node(node: Node, log: object) -> subprocess.Popen[bytes]:
     )
 
 
-def start_haproxy(work: Path, nodes: list[Node]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+def start_haproxy(
+    work: Path, nodes: list[Node], listener: str = "proxy", port: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """HAProxy in front of the nodes' ``listener`` ("proxy" or "per_app") ports."""
+    port = port or free_port()
     servers = "\n".join(
-        f"  server {n.name} 127.0.0.1:{n.proxy_port} check inter 500ms" for n in nodes
+        f"  server {n.name} 127.0.0.1:{getattr(n, f'{listener}_port')} check inter 500ms"
+        for n in nodes
     )
-    config = work / "haproxy.cfg"
+    config = work / ("haproxy.cfg" if listener == "proxy" else f"haproxy-{listener}.cfg")
     config.write_text(f"""global
   maxconn 2000
 defaults
@@ -152,7 +158,7 @@ defaults
   timeout connect 5s
   timeout client 60s
   timeout server 60s
-frontend tunnel_proxy
+frontend tunnel_{listener}
   bind 127.0.0.1:{port}
   default_backend tunnel_nodes
 backend tunnel_nodes
@@ -304,12 +310,22 @@ def admissions(node: Node) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def open_tunnel(cluster: Cluster, node: Node) -> ssl.SSLSocket:
+def open_tunnel(
+    cluster: Cluster,
+    node: Node,
+    destination: str | None = None,
+    *,
+    suppress_ragged_eofs: bool = True,
+) -> ssl.SSLSocket:
+    """A Proxy-mode CONNECT tunnel through ``node`` (to the cluster's origin by default)."""
     ctx = ssl.create_default_context(cafile=str(cluster.work / "chain.pem"))
     ctx.load_cert_chain(cluster.app_cert, cluster.app_key)
     raw = socket.create_connection(("127.0.0.1", node.proxy_port), timeout=15)
-    tls = ctx.wrap_socket(raw, server_hostname="localhost")
-    tls.sendall(f"CONNECT 127.0.0.1:{cluster.origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    tls = ctx.wrap_socket(
+        raw, server_hostname="localhost", suppress_ragged_eofs=suppress_ragged_eofs
+    )
+    destination = destination or f"127.0.0.1:{cluster.origin.port}"
+    tls.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert tls.recv(4096).startswith(b"HTTP/1.1 200")
     return tls
 
@@ -324,3 +340,85 @@ def closed_within(tls: ssl.SSLSocket, timeout: float) -> float | None:
     except TimeoutError:
         return None
     return time.monotonic() - start if data == b"" else None
+
+
+STREAM_CHUNK_S = 0.1
+STREAM_CHUNKS = 600  # a minute of chunks: longer than any scenario waits for a close
+
+
+class _Streaming(http.server.BaseHTTPRequestHandler):
+    """``GET /stream``: a chunked body of one line every STREAM_CHUNK_S, for a minute; any
+    other path: PAGE."""
+
+    protocol_version = "HTTP/1.1"
+    server: _StreamingServer
+
+    def do_GET(self) -> None:
+        if self.path != "/stream":
+            self._page()
+            return
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        try:
+            for index in range(STREAM_CHUNKS):
+                line = f"chunk {index}\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                if self.server.stopping.wait(STREAM_CHUNK_S):
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            return  # the client (or the tunnel carrying it) went away
+
+    def _page(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _StreamingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__((host, 0), _Streaming)
+        self.stopping = threading.Event()
+
+
+class StreamingOrigin:
+    """A slow streaming origin on ``host`` (any loopback address): a live tunnel to it
+    carries data the whole time, so a close is seen when it happens."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+
+    def __enter__(self) -> StreamingOrigin:
+        self.server = _StreamingServer(self.host)
+        self.port: int = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def destination(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.destination}/stream"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def device_exec(state_dir: Path, app: str, *command: str) -> list[str]:
+    """The argv of ``certgate device exec``: ``command`` with its traffic attributed to
+    ``app``, through the device's running agent or one of its own."""
+    return [*CERTGATE, "device", "exec", "--app", app, "-s", str(state_dir), "--", *command]
