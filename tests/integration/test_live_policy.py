@@ -39,7 +39,6 @@ from tests.integration.cluster import (
     GROUP,
     Cluster,
     Node,
-    StreamingOrigin,
     device_exec,
     open_tunnel,
     start_cluster,
@@ -48,7 +47,7 @@ from tests.integration.cluster import (
     wait_admitted_everywhere,
 )
 from tests.support import free_port
-from tests.tunnel.dataplane import PAGE
+from tests.tunnel.dataplane import PAGE, StreamingOrigin
 
 pytestmark = pytest.mark.integration
 
