@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.server
 import logging
+import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from certgate.device.listeners import ListenAddress, Timeouts
 from certgate.device.state import CertifiedKey, Enrollment, StateDir
 from certgate.pki.keys import load_private_key_pem
 from certgate.protocol import socks5
+from tests.support import CERTGATE, free_port, wait_for_tls_port
 from tests.tunnel.dataplane import GROUP, PKI, Client
 
 BROWSER = "com.example.browser"
@@ -231,3 +234,46 @@ def raw_request(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
         return recv_all(sock)
+
+
+@dataclass
+class Agent:
+    """A running ``certgate device run`` process and the ports of its listeners."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    socks: int
+    http: int
+    browser: int  # the port dedicated to ``app``
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+def start_agent(state: StateDir, work: Path, app: str = BROWSER) -> Agent:
+    """``certgate device run`` for ``state`` on free loopback ports (SOCKS5, HTTP, and one
+    port of ``app``'s own), checking the console every second; logs to work/agent.log."""
+    socks, http, browser = free_port(), free_port(), free_port()
+    log_path = work / "agent.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [*CERTGATE, "device", "run", "-s", str(state.path),
+             "--socks", f"127.0.0.1:{socks}", "--http", f"127.0.0.1:{http}",
+             "--app-port", f"{app}={browser}", "--check-interval", "1"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    agent = Agent(proc, log_path, socks, http, browser)
+    try:
+        for port in (socks, http, browser):
+            wait_for_tls_port(port, proc, 30)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise RuntimeError(f"the agent did not start ({exc}):\n{agent.log()}") from None
+    return agent

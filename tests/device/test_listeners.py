@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from certgate.device.state import StateDir
 from certgate.errors import ConfigError
 from certgate.protocol.http_proxy import HTTPProxyParser, ProxyRequest
 from certgate.protocol.socks5 import ReplyCode
+from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
 from tests.device.harness import (
     BROWSER,
@@ -43,7 +45,15 @@ from tests.device.harness import (
     socks_connect,
     tunnel_log,
 )
-from tests.tunnel.dataplane import PKI, Client, ServiceThread, StaticSource, make_service
+from tests.tunnel.dataplane import (
+    PKI,
+    Client,
+    ServiceThread,
+    StaticSource,
+    StreamingOrigin,
+    make_service,
+    policy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -220,6 +230,35 @@ def test_tunnel_refusal_is_reported_to_the_client(
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"tunnel refused with 403: unknown_thumbprint" in answer
     assert code == ReplyCode.NOT_ALLOWED_BY_RULESET
+
+
+def test_a_tunnel_closed_by_policy_is_reset_for_the_local_client_too(
+    tmp_path: Path, pki: PKI
+) -> None:
+    """The tunnel ends a tunnel that policy closes with a TCP reset; the agent passes the
+    reset on, so its client (raw SOCKS5 here: the bytes have no framing of their own) sees
+    an error too, never an end of stream it could take for a complete answer."""
+    device = pki.client_cert("cut-by-policy")
+    source = StaticSource(DeviceTable.from_snapshot(1, [device.entry()]))
+    with ServiceThread(make_service(pki, source)) as tunnel, StreamingOrigin() as origin:
+        state = provision(tmp_path / "s", pki, device, tunnel.service.bound["per_app"])
+        with AgentThread(state, agent_config()) as running:
+            sock, code = socks_connect(port(running, "socks"), "localhost", origin.port)
+            with sock:
+                assert code == ReplyCode.SUCCEEDED
+                sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                streamed = b""
+                while b"chunk 1" not in streamed:  # the stream flows (a 10 s socket timeout)
+                    streamed += sock.recv(65536)
+
+                def deny_everything() -> None:
+                    source.policy = policy({"default": "deny", "rules": []}, version=2)
+                    tunnel.service.on_change(FeedChange(None, time.time(), "policy"))
+
+                tunnel.run(deny_everything)
+                with pytest.raises(ConnectionResetError):
+                    while sock.recv(65536):
+                        pass
 
 
 def test_unreachable_tunnel_is_a_502(tmp_path: Path, pki: PKI, device: Client) -> None:

@@ -139,12 +139,16 @@ def popen_node(node: Node, log: object) -> subprocess.Popen[bytes]:
     )
 
 
-def start_haproxy(work: Path, nodes: list[Node]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+def start_haproxy(
+    work: Path, nodes: list[Node], listener: str = "proxy", port: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """HAProxy in front of the nodes' ``listener`` ("proxy" or "per_app") ports."""
+    port = port or free_port()
     servers = "\n".join(
-        f"  server {n.name} 127.0.0.1:{n.proxy_port} check inter 500ms" for n in nodes
+        f"  server {n.name} 127.0.0.1:{getattr(n, f'{listener}_port')} check inter 500ms"
+        for n in nodes
     )
-    config = work / "haproxy.cfg"
+    config = work / ("haproxy.cfg" if listener == "proxy" else f"haproxy-{listener}.cfg")
     config.write_text(f"""global
   maxconn 2000
 defaults
@@ -152,7 +156,7 @@ defaults
   timeout connect 5s
   timeout client 60s
   timeout server 60s
-frontend tunnel_proxy
+frontend tunnel_{listener}
   bind 127.0.0.1:{port}
   default_backend tunnel_nodes
 backend tunnel_nodes
@@ -304,12 +308,22 @@ def admissions(node: Node) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def open_tunnel(cluster: Cluster, node: Node) -> ssl.SSLSocket:
+def open_tunnel(
+    cluster: Cluster,
+    node: Node,
+    destination: str | None = None,
+    *,
+    suppress_ragged_eofs: bool = True,
+) -> ssl.SSLSocket:
+    """A Proxy-mode CONNECT tunnel through ``node`` (to the cluster's origin by default)."""
     ctx = ssl.create_default_context(cafile=str(cluster.work / "chain.pem"))
     ctx.load_cert_chain(cluster.app_cert, cluster.app_key)
     raw = socket.create_connection(("127.0.0.1", node.proxy_port), timeout=15)
-    tls = ctx.wrap_socket(raw, server_hostname="localhost")
-    tls.sendall(f"CONNECT 127.0.0.1:{cluster.origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    tls = ctx.wrap_socket(
+        raw, server_hostname="localhost", suppress_ragged_eofs=suppress_ragged_eofs
+    )
+    destination = destination or f"127.0.0.1:{cluster.origin.port}"
+    tls.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert tls.recv(4096).startswith(b"HTTP/1.1 200")
     return tls
 
@@ -324,3 +338,9 @@ def closed_within(tls: ssl.SSLSocket, timeout: float) -> float | None:
     except TimeoutError:
         return None
     return time.monotonic() - start if data == b"" else None
+
+
+def device_exec(state_dir: Path, app: str, *command: str) -> list[str]:
+    """The argv of ``certgate device exec``: ``command`` with its traffic attributed to
+    ``app``, through the device's running agent or one of its own."""
+    return [*CERTGATE, "device", "exec", "--app", app, "-s", str(state_dir), "--", *command]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,12 +48,14 @@ from tests.device.harness import (
     MAIL,
     PAGE,
     RULES,
+    Agent,
     Sentinel,
     TunnelLog,
     counting_origin,
+    start_agent,
     tunnel_log,
 )
-from tests.support import CERTGATE, RunningConsole, free_port, wait_for_tls_port
+from tests.support import CERTGATE, RunningConsole
 
 pytestmark = [
     pytest.mark.integration,
@@ -69,18 +70,6 @@ def device_cli(*args: str) -> str:
     result = runner.invoke(app, ["device", *args], env=ENV)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-@dataclass
-class Agent:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    socks: int
-    http: int
-    browser: int
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @dataclass
@@ -109,7 +98,7 @@ def world(console: RunningConsole, tmp_path_factory: pytest.TempPathFactory) -> 
     ca_file.write_bytes(root_pem(console))
     with tunnel_log() as log, tunnel, counting_origin() as origin:
         state = _device(console, ca_file, work / "device")
-        agent = _start_agent(state, work)
+        agent = start_agent(state, work)
         try:
             yield World(console, tunnel, log, origin, state, ca_file, agent)
         finally:
@@ -128,28 +117,6 @@ def _device(console: RunningConsole, ca_file: Path, directory: Path) -> StateDir
     device_cli("app-auth", "--app", BROWSER, "--user", USER, "--password-env", "ALICE_PW",
                "--p12-password-env", "P12_PW", *state)  # fmt: skip
     return StateDir(directory)
-
-
-def _start_agent(state: StateDir, work: Path) -> Agent:
-    socks, http, browser = free_port(), free_port(), free_port()
-    log_path = work / "agent.log"
-    with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(
-            [*CERTGATE, "device", "run", "-s", str(state.path),
-             "--socks", f"127.0.0.1:{socks}", "--http", f"127.0.0.1:{http}",
-             "--app-port", f"{BROWSER}={browser}", "--check-interval", "1"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    agent = Agent(proc, log_path, socks, http, browser)
-    try:
-        for port in (socks, http, browser):
-            wait_for_tls_port(port, proc, 30)
-    except (RuntimeError, TimeoutError) as exc:
-        proc.kill()
-        raise RuntimeError(f"the agent did not start ({exc}):\n{agent.log()}") from None
-    return agent
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:

@@ -257,6 +257,82 @@ class Origin:
         self.server.server_close()
 
 
+STREAM_CHUNK_S = 0.1
+STREAM_CHUNKS = 600  # a minute of chunks: longer than any scenario waits for a close
+
+
+class _Streaming(http.server.BaseHTTPRequestHandler):
+    """``GET /stream``: a chunked body of one line every STREAM_CHUNK_S, for a minute; any
+    other path: PAGE."""
+
+    protocol_version = "HTTP/1.1"
+    server: _StreamingServer
+
+    def do_GET(self) -> None:
+        if self.path != "/stream":
+            self._page()
+            return
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        try:
+            for index in range(STREAM_CHUNKS):
+                line = f"chunk {index}\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                if self.server.stopping.wait(STREAM_CHUNK_S):
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            return  # the client (or the tunnel carrying it) went away
+
+    def _page(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _StreamingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__((host, 0), _Streaming)
+        self.stopping = threading.Event()
+
+
+class StreamingOrigin:
+    """A slow streaming origin on ``host`` (any loopback address): a live tunnel to it
+    carries data the whole time, so a close is seen when it happens."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+
+    def __enter__(self) -> StreamingOrigin:
+        self.server = _StreamingServer(self.host)
+        self.port: int = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def destination(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.destination}/stream"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def tls_client(pki: PKI, client: Client | None, version: ssl.TLSVersion) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.work / "chain.pem"))
     ctx.minimum_version = ctx.maximum_version = version

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ __all__ = [
 
 log = logging.getLogger("certgate.device")
 READ_CHUNK = 64 * 1024
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,18 @@ def _log_failure(
     if not isinstance(exc, Blocked):  # the router logged the block with its rule
         dest = authority(request.host, request.port)
         log.warning("%s: app=%s dest=%s failed: %s", listener, app, dest, exc)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """End a client's connection with a TCP reset. A relay that did not end cleanly (the
+    tunnel reset it, as it does when policy closes a tunnel; an idle timeout; an error)
+    must not look complete to the client: a FIN would, to any protocol without framing
+    of its own. The client then sees what a client of the tunnel itself sees."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    writer.transport.abort()
 
 
 def text_response(status: int, text: str) -> bytes:
@@ -488,3 +503,5 @@ class ProxyServer:
             # A clean end may still have bytes queued: close flushes them. Otherwise the
             # peer may never read them, and abort is the only bounded ending.
             upstream.writer.close() if clean else upstream.writer.transport.abort()
+            if not clean:
+                reset(writer)

@@ -16,7 +16,8 @@ certificate expiring): ``Gate.judge`` makes the same two decisions as for a new
 connection (``admit``, then ``rules.evaluate`` on the same addresses), so a rule can never
 refuse new connections while leaving live ones open. A tunnel closed by policy ends with
 a TCP reset (no close_notify), so its client sees an error (curl: exit 56, "Connection
-reset by peer"), never a clean end of stream it could take for a complete response.
+reset by peer"), never a close_notify it could take for a complete response (what each
+client observes, also behind HAProxy: docs/CONVENTIONS.md).
 
 The shell is callbacks on socket readiness (``sockets.Watched``), not asyncio transports: the
 accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
