@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from cryptography import x509
@@ -112,13 +112,31 @@ def setup_node(cluster_work: Path, console: RunningConsole, name: str) -> Node:
     return node
 
 
-def start_node(node: Node, work: Path) -> None:
-    with (work / f"{node.name}.log").open("ab") as log:
-        node.proc = popen_node(node, log)
-    wait_for_tls_port(node.proxy_port, node.proc, 30)
+def start_node(node: Node, work: Path, attempts: int = 3) -> None:
+    """Start a node and wait for its listeners. Ports come from ``free_port()``, which
+    another process may take before the node binds it: then the node exits with "Address
+    already in use", and it is started again on fresh ports (bounded)."""
+    log_path = work / f"{node.name}.log"
+    for attempt in range(attempts):
+        with log_path.open("ab") as log:
+            node.proc = popen_node(node, log)
+        try:
+            for port in (node.proxy_port, node.per_app_port, node.admin_port):
+                wait_for_tls_port(port, node.proc, 30)
+            return
+        except RuntimeError:
+            if attempt == attempts - 1 or "Address already in use" not in log_path.read_text(
+                errors="replace"
+            ):
+                raise
+            node.proxy_port, node.per_app_port, node.admin_port = (
+                free_port(),
+                free_port(),
+                free_port(),
+            )
 
 
-def popen_node(node: Node, log: object) -> subprocess.Popen[bytes]:
+def popen_node(node: Node, log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             *CERTGATE,
