@@ -215,7 +215,8 @@ def test_ha_nodes_seal_the_same_key_under_different_node_keys(
 def test_missing_node_key_is_named(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(config.NODE_KEY_ENV, raising=False)
     (state_dir / "node.key").unlink()
-    with pytest.raises(ConfigError, match=r"node.key does not exist and \$CERTGATE_TUNNEL_NODE_KEY"):
+    reason = r"node.key does not exist and \$CERTGATE_TUNNEL_NODE_KEY is not set"
+    with pytest.raises(ConfigError, match=reason):
         load_state(state_dir)
 
 
@@ -227,7 +228,7 @@ def test_wrong_node_key_is_named(state_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_node_key_readable_by_others_is_refused(state_dir: Path) -> None:
     os.chmod(state_dir / "node.key", 0o644)
-    with pytest.raises(ConfigError, match="node key file .* has mode 0644"):
+    with pytest.raises(ConfigError, match=r"node key file .* has mode 0644"):
         load_state(state_dir)
 
 
