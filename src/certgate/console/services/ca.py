@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
 from certgate.errors import Conflict, NotFound, PKIError
-from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.authority import Authority, Issuer, Names, Signer
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey
 from certgate.pki.profiles import INTERMEDIATE_CA, Profile
 from certgate.pki.thumbprint import thumbprint
+from certgate.pki.token import Token, TokenConfig, TokenKey
 
 ROOT = "root"
 SECURE_CHANNEL_ROOT = "secure-channel-root"
@@ -63,24 +64,34 @@ class Record:
 
 @dataclass
 class InstancePKI:
-    """The loaded CAs of this instance. Keys are unsealed on first use and kept in memory."""
+    """The loaded CAs of this instance. Their keys are unsealed at load and kept in memory,
+    or, with a PKCS#11 token, stay in the token, which signs (``pki/token.py``)."""
 
     master: MasterKey
     certs: dict[str, x509.Certificate]
     authority: Authority = field(default_factory=Authority)
-    _keys: dict[str, PrivateKey] = field(default_factory=dict)
+    _keys: dict[str, Signer] = field(default_factory=dict)
     _chain_pems: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    token: Token | None = None
 
     @classmethod
-    def load(cls, session: Session, master: MasterKey) -> InstancePKI:
+    def load(
+        cls, session: Session, master: MasterKey, token: TokenConfig | None = None
+    ) -> InstancePKI:
         rows = session.execute(select(CACert)).scalars().all()
         if {r.label for r in rows} != {ROOT, *INTERMEDIATES}:
             raise PKIError("instance PKI is not initialised; run `certgate console init`")
         certs = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
-        pki = cls(master, certs)
+        pki = cls(master, certs, token=Token(token) if token else None)
         for row in rows:  # unseal now: a wrong master key must fail at startup, not later
-            pki._keys[row.label] = pki.unseal(session, row.key_label)
+            pki._keys[row.label] = pki._ca_key(session, row)
         return pki
+
+    def _ca_key(self, session: Session, row: CACert) -> Signer:
+        if self.token is not None:
+            # The token is the only place looked in: a sealed copy, if any, is never used.
+            return self.token.key(row.key_label, self.certs[row.label].public_key())
+        return self.unseal(session, row.key_label)
 
     def unseal(self, session: Session, label: str) -> PrivateKey:
         row = session.get(SealedKey, label)
@@ -183,15 +194,27 @@ def seal_key(session: Session, master: MasterKey, label: str, key: PrivateKey) -
 
 
 def init_instance(
-    session: Session, master: MasterKey, algorithm: KeyAlgorithm, public_url: str
+    session: Session,
+    master: MasterKey,
+    algorithm: KeyAlgorithm,
+    public_url: str,
+    token: TokenConfig | None = None,
 ) -> InstancePKI:
-    """Create the instance PKI once: a root and the three intermediates below it."""
+    """Create the instance PKI once: a root and the three intermediates below it, their
+    keys sealed under the master key or generated inside the PKCS#11 ``token``."""
     authority = Authority()
-    root_key = generate_key(algorithm)
+    vault = Token(token) if token else None
+
+    def new_key(label: str) -> Signer:
+        if vault is None:
+            return generate_key(algorithm)
+        return vault.generate(f"ca:{label}", algorithm)
+
+    root_key = new_key(ROOT)
     root = authority.create_root(root_key, Names(CA_NAMES[ROOT]))
-    pki = InstancePKI(master, {ROOT: root}, authority, {ROOT: root_key})
+    pki = InstancePKI(master, {ROOT: root}, authority, {ROOT: root_key}, token=vault)
     for label in INTERMEDIATES:
-        key = generate_key(algorithm)
+        key = new_key(label)
         pki.certs[label] = authority.issue(
             pki.issuer(ROOT), INTERMEDIATE_CA, Names(CA_NAMES[label]), key.public_key()
         )
@@ -205,7 +228,9 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
     if session.get(Instance, 1) is not None:
         raise Conflict("instance already initialised")
     for label, cert in pki.certs.items():
-        seal_key(session, pki.master, f"ca:{label}", pki._keys[label])
+        key = pki._keys[label]
+        if not isinstance(key, TokenKey):  # a token's key never leaves the token
+            seal_key(session, pki.master, f"ca:{label}", key)
         session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
         record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
     session.add(
@@ -222,8 +247,12 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
 
 
 def ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
-    """The CA keys, for an encrypted backup only."""
-    return dict(pki._keys)
+    """The CA keys, for an encrypted backup only. Keys in a token cannot be exported."""
+    keys = {label: key for label, key in pki._keys.items() if not isinstance(key, TokenKey)}
+    if pki.token is not None or len(keys) != len(pki._keys):
+        where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
+        raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
+    return keys
 
 
 def revoke(session: Session, serial: str, reason: str) -> Certificate:
