@@ -37,7 +37,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from certgate.errors import ConfigError, Unavailable
 from certgate.pki.keys import KeyAlgorithm, PublicKey, check_public_key
 
-__all__ = ["Token", "TokenConfig", "TokenKey"]
+__all__ = ["Token", "TokenConfig", "TokenKey", "open_token"]
 
 # The private half: usable for signing only, never readable, never exportable.
 _PRIVATE_TEMPLATE = {
@@ -53,6 +53,7 @@ _RSA_MECHANISMS = {
     hashes.SHA384.name: Mechanism.SHA384_RSA_PKCS,
 }
 _LIBRARIES: dict[str, Any] = {}  # one loaded module per path and process (C_Initialize once)
+_TOKENS: dict[TokenConfig, Token] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
@@ -119,7 +120,7 @@ class Token:
                 raise Unavailable(
                     f"{self.config.describe()}: the PIN variable ${self.config.pin_env} is not set"
                 )
-            token = _library(self.config.module).get_token(token_label=self.config.token_label)
+            token = _find(_library(self.config.module), self.config.token_label)
             self._session = token.open(rw=True, user_pin=pin)
         return self._session
 
@@ -174,6 +175,13 @@ class TokenKey:
         return self.token.sign(self, data, algorithm)
 
 
+def open_token(config: TokenConfig) -> Token:
+    """The process's one :class:`Token` for ``config``. PKCS#11 logs a user in per process
+    and token (v2.40 §5.6): a second handle's login would fail with USER_ALREADY_LOGGED_IN."""
+    with _LIBRARIES_LOCK:
+        return _TOKENS.setdefault(config, Token(config))
+
+
 def _library(module: str) -> Any:
     with _LIBRARIES_LOCK:
         if module not in _LIBRARIES:
@@ -181,6 +189,19 @@ def _library(module: str) -> Any:
                 raise Unavailable(f"PKCS#11 module {module} does not exist")
             _LIBRARIES[module] = pkcs11.lib(module)
         return _LIBRARIES[module]
+
+
+def _find(library: Any, label: str) -> Any:
+    """The token labelled ``label``. A slot whose token fails to answer (one removed under
+    a running process, with SoftHSM) is passed over: it must not hide the others."""
+    for slot in library.get_slots(token_present=True):
+        try:
+            token = slot.get_token()
+        except (pkcs11.PKCS11Error, RuntimeError):
+            continue
+        if token.label == label:
+            return token
+    raise pkcs11.NoSuchToken(f"no token labelled {label!r}")
 
 
 def _key_id(public: PublicKey) -> bytes:

@@ -344,9 +344,7 @@ def state_json(group_id: str, console_url: str, node_name: str) -> bytes:
     return json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def state_from_files(
-    files: Mapping[str, bytes], state_dir: Path, key: PrivateKey
-) -> TunnelState:
+def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKey) -> TunnelState:
     """Verify the contents of a state directory (``STATE_FILES`` and ``state.json``) and
     that ``key`` is the tunnel identity's."""
     missing = [name for name in (*STATE_FILES, STATE_JSON) if name not in files]

@@ -19,13 +19,13 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
-from certgate.errors import Conflict, NotFound, PKIError
+from certgate.errors import ConfigError, Conflict, NotFound, PKIError
 from certgate.pki.authority import Authority, Issuer, Names, Signer
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey
 from certgate.pki.profiles import INTERMEDIATE_CA, Profile
 from certgate.pki.thumbprint import thumbprint
-from certgate.pki.token import Token, TokenConfig, TokenKey
+from certgate.pki.token import Token, TokenConfig, TokenKey, open_token
 
 ROOT = "root"
 SECURE_CHANNEL_ROOT = "secure-channel-root"
@@ -41,6 +41,9 @@ CA_NAMES = {
 # RFC 5280 §5.3.1: "unspecified" SHOULD NOT be used; removeFromCRL only in delta CRLs.
 _NOT_FOR_BASE_CRL = (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)
 REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r not in _NOT_FOR_BASE_CRL}
+# A sealed_keys row of a CA whose key is in a PKCS#11 token holds this reference instead of
+# a sealed key: the database says where each CA key lives, and holds no copy of it.
+TOKEN_REFERENCE = b"CGP11:"
 
 
 def now() -> datetime:
@@ -82,15 +85,24 @@ class InstancePKI:
         if {r.label for r in rows} != {ROOT, *INTERMEDIATES}:
             raise PKIError("instance PKI is not initialised; run `certgate console init`")
         certs = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
-        pki = cls(master, certs, token=Token(token) if token else None)
+        pki = cls(master, certs, token=open_token(token) if token else None)
         for row in rows:  # unseal now: a wrong master key must fail at startup, not later
             pki._keys[row.label] = pki._ca_key(session, row)
         return pki
 
     def _ca_key(self, session: Session, row: CACert) -> Signer:
+        stored = session.get(SealedKey, row.key_label)
+        in_token = stored is not None and stored.sealed.startswith(TOKEN_REFERENCE)
         if self.token is not None:
-            # The token is the only place looked in: a sealed copy, if any, is never used.
+            # The token is the only place looked in: there is no other copy to fall back to.
+            if not in_token:
+                raise ConfigError(f"CA key {row.key_label!r} was not created in a PKCS#11 token")
             return self.token.key(row.key_label, self.certs[row.label].public_key())
+        if in_token:
+            raise ConfigError(
+                f"CA key {row.key_label!r} is in a PKCS#11 token: console.json needs the "
+                "pkcs11 settings it was initialised with"
+            )
         return self.unseal(session, row.key_label)
 
     def unseal(self, session: Session, label: str) -> PrivateKey:
@@ -193,6 +205,11 @@ def seal_key(session: Session, master: MasterKey, label: str, key: PrivateKey) -
         row.sealed, row.created_at = master.seal(key, label), now()
 
 
+def _reference_key(session: Session, label: str) -> None:
+    session.add(SealedKey(label=label, sealed=TOKEN_REFERENCE + label.encode(), created_at=now()))
+    session.flush()  # the CA row referencing it follows
+
+
 def init_instance(
     session: Session,
     master: MasterKey,
@@ -203,7 +220,7 @@ def init_instance(
     """Create the instance PKI once: a root and the three intermediates below it, their
     keys sealed under the master key or generated inside the PKCS#11 ``token``."""
     authority = Authority()
-    vault = Token(token) if token else None
+    vault = open_token(token) if token else None
 
     def new_key(label: str) -> Signer:
         if vault is None:
@@ -229,7 +246,9 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
         raise Conflict("instance already initialised")
     for label, cert in pki.certs.items():
         key = pki._keys[label]
-        if not isinstance(key, TokenKey):  # a token's key never leaves the token
+        if isinstance(key, TokenKey):  # a token's key never leaves the token
+            _reference_key(session, f"ca:{label}")
+        else:
             seal_key(session, pki.master, f"ca:{label}", key)
         session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
         record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
