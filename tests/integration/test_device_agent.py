@@ -230,7 +230,8 @@ def test_curl_uses_the_exported_app_certificate_in_proxy_mode(world: World) -> N
 
 def test_an_app_certificate_claiming_another_app_is_refused(world: World) -> None:
     files = world.state.app_files(BROWSER)
-    result = proxy_mode(world, "--proxytunnel", "--proxy-cert", str(files.identity),
+    result = proxy_mode(world, "--proxytunnel", "--proxy-cert", str(files.cert),
+                        "--proxy-key", str(files.key), "--proxy-pass", P12_PASSWORD,
                         "--proxy-header", f"Certgate-App: {MAIL}")  # fmt: skip
     assert result.returncode != 0 and b"403" in result.stderr
     assert world.tunnel_log.denials("app_mismatch")
