@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import select
 
 from certgate.console import local
+from certgate.console.config import ConsoleConfig
 from certgate.console.services import admins, ca
 from certgate.console.store.models import AuditEntry, SealedKey
-from certgate.errors import PKIError
+from certgate.errors import ConfigError, PKIError
 from certgate.pki.keys import KeyAlgorithm
 from certgate.pki.token import TokenKey
 from tests.softhsm import PIN_ENV, SoftHSM, shared
@@ -95,3 +96,41 @@ def test_issuance_answers_503_when_the_token_is_gone(hsm: SoftHSM, tmp_path: Pat
         assert ("POST /api/v1/device/profile", 503, "unavailable") in codes
     finally:
         console.stop()
+
+
+def rewrite_settings(data_dir: Path, **changes: object) -> None:
+    path = data_dir / "console.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_console_without_the_token_settings_refuses_token_keys(
+    hsm: SoftHSM, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "console"
+    init(data_dir, free_port(), hsm, "console")
+    rewrite_settings(data_dir, pkcs11_module=None, pkcs11_token=None, pkcs11_pin_env=None)
+    with pytest.raises(
+        ConfigError, match=r"'ca:[a-z-]+' is in a PKCS#11 token: console\.json needs"
+    ):
+        local.open_db(local.load_config(data_dir))
+
+
+def test_a_console_with_token_settings_never_uses_sealed_ca_keys(
+    hsm: SoftHSM, tmp_path: Path
+) -> None:
+    data_dir, port = tmp_path / "console", free_port()
+    local.init(data_dir, KeyAlgorithm.EC_P256, f"https://127.0.0.1:{port}", "127.0.0.1", port, None)
+    config = hsm.config("console")
+    rewrite_settings(
+        data_dir,
+        pkcs11_module=config.module,
+        pkcs11_token=config.token_label,
+        pkcs11_pin_env=config.pin_env,
+    )
+    with pytest.raises(ConfigError, match=r"'ca:[a-z-]+' was not created in a PKCS#11 token"):
+        local.open_db(local.load_config(data_dir))
+
+
+def test_token_settings_come_all_three_or_none(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="module, a token label and a PIN variable together"):
+        ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", pkcs11_token="only-a-label")

@@ -81,8 +81,10 @@ class Names:
 
 
 def _hash_for(key: Signer) -> Hash:
-    public = key.public_key()
-    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size > 256:
+    # The curve from the key itself: public_key() would cost every issuance an object.
+    holder = key.public if isinstance(key, TokenKey) else key
+    curves = (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)
+    if isinstance(holder, curves) and holder.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
 
