@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from certgate.console.store.models import AuditEntry, SealedKey
 from certgate.errors import ConfigError, PKIError
 from certgate.pki.keys import KeyAlgorithm
 from certgate.pki.token import TokenKey
-from tests.softhsm import PIN_ENV, SoftHSM, shared
-from tests.support import free_port, make_csr, start_console
+from tests.softhsm import MODULE, PIN_ENV, SoftHSM, shared
+from tests.support import CERTGATE, free_port, make_csr, start_console
 
 
 @pytest.fixture
@@ -134,3 +135,21 @@ def test_a_console_with_token_settings_never_uses_sealed_ca_keys(
 def test_token_settings_come_all_three_or_none(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="module, a token label and a PIN variable together"):
         ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", pkcs11_token="only-a-label")
+
+
+def test_console_init_cli_takes_the_token_options(hsm: SoftHSM, tmp_path: Path) -> None:
+    base = [*CERTGATE, "console", "init", "-d"]
+    options = ["--pkcs11-module", MODULE, "--pkcs11-token", "console"]
+    made = subprocess.run(
+        [*base, str(tmp_path / "a"), *options, "--pkcs11-pin-env", PIN_ENV],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "CA keys: in PKCS#11 token 'console'" in made.stdout
+    partial = subprocess.run(
+        [*base, str(tmp_path / "b"), *options], capture_output=True, text=True, check=False
+    )
+    assert partial.returncode == 1
+    assert "needs a module, a token label and a PIN variable" in partial.stderr
