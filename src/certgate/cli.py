@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -39,8 +41,15 @@ def main() -> None:
 @app.command()
 def demo(
     keep: bool = typer.Option(False, "--keep", help="Leave the system running afterwards."),
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Write everything here and keep it (default: a temporary directory, removed).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole system end to end on loopback and show each step."""
     from certgate.demo import run
 
-    raise typer.Exit(run(keep=keep))
+    raise typer.Exit(run(keep=keep, work_dir=work_dir))

@@ -1,7 +1,9 @@
 """``certgate demo``: the whole system end to end on loopback, with rich output of each step.
 
 1. a console on a fresh data directory (embedded SQLite) creates the instance PKI;
-2. admins get an API key and a client certificate each;
+2. admins get an API key and a client certificate each (the key files under a per-run
+   passphrase: an encrypted PEM for curl, a PKCS#12 for browsers); Access is installed
+   with a read-only admin's credentials, every key and its API key sealed;
 3. a tunnel node is set up with ``certgate tunnel setup`` (API key AND admin certificate)
    and started with ``certgate tunnel run``;
 4. the device agent enrolls (``certgate device enroll``), receives its Per-App Tunnel
@@ -11,6 +13,10 @@
 6. an admin marks the device non-compliant: the live tunnel is closed and the next request
    refused, and the time from the change to enforcement is measured;
 7. the audit chain is verified. Everything started is stopped; ``--keep`` leaves it running.
+
+No private key is on disk in clear afterwards, anywhere under the work directory
+(tests/integration/test_demo.py scans it): the console, tunnel nodes, device agent and
+Access seal theirs, and the files meant for a human are protected by the passphrase.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -31,22 +38,27 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from certgate.access.config import ClientRegistration
+from certgate.access.install import InstallRequest, install, load_material
 from certgate.console import local
 from certgate.console.services import admins, ca
 from certgate.errors import CertgateError
-from certgate.pki.keys import KeyAlgorithm, private_key_pem
+from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
+from certgate.pki.profiles import CONSOLE_TLS, ROOT_CA
 from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import pem_of
 
 out = Console()
 GROUP = "demo"
 APP = "com.example.browser"
 INTRANET_PAGE = b"<h1>Welcome to the intranet</h1>\n"
-P12_PASSWORD = "demo-p12-password"
 CERTGATE = [sys.executable, "-m", "certgate"]
 
 
@@ -68,6 +80,8 @@ class Demo:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
     origin: http.server.ThreadingHTTPServer | None = None
+    # Protects every key file the demo writes for a human (admin keys, app key exports).
+    passphrase: str = field(default_factory=lambda: secrets.token_urlsafe(18))
 
     def __post_init__(self) -> None:
         for name in ("console", "proxy", "per_app", "admin"):
@@ -89,7 +103,9 @@ class Demo:
     def client(self, api_key: str | None = None, cert: str | None = None) -> httpx.Client:
         ctx = ssl.create_default_context(cafile=str(self.path("chain.pem")))
         if cert:
-            ctx.load_cert_chain(self.path(f"{cert}.pem"), self.path(f"{cert}.key"))
+            ctx.load_cert_chain(
+                self.path(f"{cert}.pem"), self.path(f"{cert}.key"), password=self.passphrase
+            )
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         return httpx.Client(base_url=self.url, verify=ctx, headers=headers, timeout=60)
 
@@ -172,18 +188,7 @@ def make_admins(demo: Demo) -> None:
                 admin = admins.create_admin(session, name, role, "global")
                 key = admins.issue_api_key(session, admin)
                 cert, private = admins.issue_admin_cert(session, pki, admin)
-            demo.write(f"{name}.pem", ca.pem(cert))
-            demo.write(f"{name}.key", private_key_pem(private))
-            demo.write(
-                f"{name}.p12",
-                pkcs12.serialize_key_and_certificates(
-                    name.encode(),
-                    private,
-                    cert,
-                    None,
-                    BestAvailableEncryption(P12_PASSWORD.encode()),
-                ),
-            )
+            write_admin_files(demo, name, cert, private)
             demo.keys[name] = key.token
             out.print(
                 f"admin [bold]{name}[/] ({role}): cert {thumbprint(cert)[:16]}…, "
@@ -191,6 +196,64 @@ def make_admins(demo: Demo) -> None:
             )
     finally:
         db.dispose()
+
+
+def write_admin_files(demo: Demo, name: str, cert: x509.Certificate, private: PrivateKey) -> None:
+    """The certificate, its key as an encrypted PEM (curl --key with --pass) and as a
+    PKCS#12 (browsers, ``tunnel setup``): both under the demo's passphrase."""
+    secret = demo.passphrase.encode()
+    demo.write(f"{name}.pem", ca.pem(cert))
+    demo.write(f"{name}.key", private_key_pem(private, secret))
+    demo.write(
+        f"{name}.p12",
+        pkcs12.serialize_key_and_certificates(
+            name.encode(), private, cert, None, BestAvailableEncryption(secret)
+        ),
+    )
+
+
+def public_certificate() -> tuple[bytes, bytes]:
+    """A stand-in for the publicly trusted certificate of Access's VIP (chain, key PEM),
+    made in memory: its CA key is dropped here and the leaf key goes straight to Access."""
+    authority = Authority()
+    root_key, leaf_key = generate_key(), generate_key()
+    root = authority.create_root(root_key, Names("demo public root"), ROOT_CA)
+    names = Names("localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",))
+    leaf = authority.issue(Issuer(root, root_key), CONSOLE_TLS, names, leaf_key.public_key())
+    return pem_of([leaf, root]), private_key_pem(leaf_key)
+
+
+def install_access(demo: Demo) -> None:
+    """Access, installed with a read-only admin's credentials held in memory only."""
+    db, pki = local.open_db(local.load_config(demo.path("console")))
+    try:
+        with db.transaction() as session:
+            admin = admins.create_admin(session, "access", "read-only", "global")
+            api_key = admins.issue_api_key(session, admin)
+            cert, private = admins.issue_admin_cert(session, pki, admin)
+    finally:
+        db.dispose()
+    public_chain, public_key = public_certificate()
+    config = install(
+        demo.path("access"),
+        InstallRequest(
+            issuer="https://127.0.0.1:8443",
+            console_url=demo.url,
+            certproxy_url="https://127.0.0.1:5262",
+            clients=(ClientRegistration("com.example.mail", ("com.example.mail:/cb",)),),
+            console_chain_pem=demo.path("chain.pem").read_bytes(),
+            console_admin_cert_pem=ca.pem(cert).encode(),
+            console_admin_key_pem=private_key_pem(private),
+            console_api_key=api_key.token,
+            public_chain_pem=public_chain,
+            public_key_pem=public_key,
+        ),
+    )
+    load_material(config)  # opens every sealed key again, as `access serve` does
+    out.print(
+        f"Access installed in {config.data_dir}: its keys and console API key sealed "
+        "under its master key ✔"
+    )
 
 
 def create_group(demo: Demo) -> None:
@@ -244,7 +307,7 @@ def setup_tunnel(demo: Demo) -> None:
                 "--admin-cert",
                 str(demo.path("tunnel-admin.p12")),
                 "--p12-password",
-                P12_PASSWORD,
+                demo.passphrase,
                 "--ca-file",
                 str(demo.path("root.pem")),
                 "--state-dir",
@@ -302,7 +365,12 @@ def start_intranet(demo: Demo) -> None:
 
 def device_cli(demo: Demo, *args: str) -> str:
     """Run ``certgate device ...`` on the demo device's state directory; its output."""
-    env = {**os.environ, "DEMO_PASSWORD": "alice-password", "COLUMNS": str(out.width)}
+    env = {
+        **os.environ,
+        "DEMO_PASSWORD": "alice-password",
+        "DEMO_EXPORT_PASSWORD": demo.passphrase,
+        "COLUMNS": str(out.width),
+    }
     result = subprocess.run(
         [*CERTGATE, "device", *args, "-s", str(demo.path("device"))],
         capture_output=True,
@@ -348,7 +416,18 @@ def enroll_device(demo: Demo) -> str:
     out.print("$ certgate device profile (delivery generates the per-device certificate)")
     device_cli(demo, "profile")
     out.print(f"$ certgate device app-auth --app {APP} (first app authentication)")
-    device_cli(demo, "app-auth", "--app", APP, "--user", "alice", "--password-env", "DEMO_PASSWORD")
+    device_cli(
+        demo,
+        "app-auth",
+        "--app",
+        APP,
+        "--user",
+        "alice",
+        "--password-env",
+        "DEMO_PASSWORD",
+        "--export-password-env",
+        "DEMO_EXPORT_PASSWORD",
+    )
     openssl_verify(demo, str(demo.path(f"device/apps/{APP}/cert.pem")))
     found = re.search(r"DeviceUid ([0-9a-f]{32})", enrolled)
     if found is None:
@@ -402,6 +481,8 @@ def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]
             str(app / "cert.pem"),
             "--proxy-key",
             str(app / "key.pem"),
+            "--proxy-pass",
+            demo.passphrase,
             f"http://127.0.0.1:{demo.ports['intranet']}/",
         ],
         capture_output=True,
@@ -546,10 +627,12 @@ def audit_verify(demo: Demo) -> None:
 
 def run(keep: bool = False, work_dir: Path | None = None) -> int:
     work = work_dir or Path(tempfile.mkdtemp(prefix="certgate-demo-"))
+    work.mkdir(mode=0o700, parents=True, exist_ok=True)
     demo = Demo(work)
     try:
         start_console(demo)
         make_admins(demo)
+        install_access(demo)
         setup_tunnel(demo)
         start_intranet(demo)
         device_uid = enroll_device(demo)
@@ -579,15 +662,16 @@ def print_kept(demo: Demo) -> None:
         f"[bold]still running[/] (files in {w}); stop with: kill "
         + " ".join(str(p.pid) for p in demo.procs)
     )
+    out.print(f"  key files' passphrase (admin keys, app key exports): {demo.passphrase}")
     out.print(
         f"  console API:  curl --cacert {w}/chain.pem --cert {w}/ops.pem --key "
-        f"{w}/ops.key -H 'Authorization: Bearer {demo.keys['ops']}' "
-        f"{demo.url}/api/v1/groups"
+        f"{w}/ops.key --pass '{demo.passphrase}' -H 'Authorization: Bearer "
+        f"{demo.keys['ops']}' {demo.url}/api/v1/groups"
     )
     out.print(
         f"  Proxy mode:   curl --proxy https://localhost:{demo.ports['proxy']} "
         f"--proxy-cacert {w}/chain.pem --proxy-cert {app}/cert.pem --proxy-key "
-        f"{app}/key.pem http://127.0.0.1:<port>/"
+        f"{app}/key.pem --proxy-pass '{demo.passphrase}' http://127.0.0.1:<port>/"
     )
     out.print(
         f"  Per-App:      certgate device exec -s {w}/device --app {APP} -- curl "

@@ -55,5 +55,10 @@ class BadRequest(CertgateError):
     """The request is malformed or out of bounds. Maps to 400 or 422."""
 
 
+class Unavailable(CertgateError):
+    """Something the request needs is unavailable now (a PKCS#11 token: module missing,
+    token removed, PIN wrong). Maps to 503; nothing falls back."""
+
+
 class TooLarge(BadRequest):
     """The request body or a field is over its limit. Maps to 413."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import os
 import stat
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from certgate.access.config import TLSMode
 from certgate.access.install import ConsoleTrust, install, load_material
 from certgate.errors import ConfigError, KeystoreError
 from certgate.pki.keys import generate_key, private_key_pem
+from certgate.pki.keystore import ENV_VAR
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain, verify_server_chain
 from certgate.tlsconf import pem_of
@@ -46,12 +49,15 @@ def test_install_creates_a_private_data_directory(
         "access-tls.sealed",
         "certproxy-client.sealed",
         "console-admin.sealed",
+        "console-api-key.sealed",
         "id-token.sealed",
         "public-tls.sealed",
     ]
     assert all(_mode(p) == 0o600 for p in (files.root / "keys").iterdir())
     assert b"PRIVATE KEY" not in b"".join(p.read_bytes() for p in files.root.rglob("*.pem"))
-    assert "cgk_test_key" not in files.settings.read_text()
+    everything = b"".join(p.read_bytes() for p in files.root.rglob("*") if p.is_file())
+    assert b"cgk_test_key" not in everything  # the console API key is sealed too
+    assert setup.material.console_api_key == "cgk_test_key"
 
 
 def test_install_root_signs_access_tls_and_the_pinned_proxy_cert(
@@ -135,4 +141,13 @@ def test_a_sealed_key_moved_to_another_label_does_not_open(
     files = setup.config.files
     files.sealed("id-token").write_bytes(files.sealed("access-tls").read_bytes())
     with pytest.raises(KeystoreError, match="does not open"):
+        load_material(setup.config)
+
+
+def test_a_wrong_master_key_is_named(
+    tmp_path: Path, console_pki: ConsolePKI, public: PublicPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = installed(tmp_path / "access", install_request(console_pki, public))
+    monkeypatch.setenv(ENV_VAR, base64.urlsafe_b64encode(os.urandom(32)).decode())
+    with pytest.raises(KeystoreError, match=r"does not open with the key from \$CERTGATE_MASTER"):
         load_material(setup.config)

@@ -68,7 +68,8 @@ def test_enroll_profile_app_auth_status(
         "app-auth", "--app", APP, "--user", USER, "--password-env", "ALICE_PW", "-s", str(state)
     )
     assert auth.exit_code == 0, auth.output
-    assert f"{state}/apps/{APP}/identity.p12" in auth.output
+    assert f"{state}/apps/{APP}/identity.sealed" in auth.output
+    assert "(no key export)" in auth.output  # no export password: no key leaves the seal
 
     status = device("status", "-s", str(state))
     assert status.exit_code == 0, status.output

@@ -131,7 +131,7 @@ def policy_answer(**changes: Any) -> dict[str, Any]:
 
 
 def test_a_policy_replaces_rules_and_version_but_not_the_identity(state: StateDir) -> None:
-    identity_file = (state.path / "device.pem").read_bytes()
+    identity_file = (state.path / "device.sealed").read_bytes()
     before = load_profile(state)
     assert before is not None and before.policy_version == 0  # a profile without one
     applied = apply_policy(state, policy_answer())
@@ -139,7 +139,7 @@ def test_a_policy_replaces_rules_and_version_but_not_the_identity(state: StateDi
     assert applied.policy_version == 2 and applied.version == before.version
     assert applied.rules.evaluate(BROWSER, "localhost").action is Action.BLOCK
     assert applied.thumbprint == before.thumbprint
-    assert (state.path / "device.pem").read_bytes() == identity_file
+    assert (state.path / "device.sealed").read_bytes() == identity_file
 
 
 @pytest.mark.parametrize(

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
 
-from certgate.device.state import CertifiedKey, Enrollment, NotEnrolled, StateDir, write_atomic
-from certgate.errors import ConfigError, PKIError
+from certgate.device.state import (
+    NODE_KEY_ENV,
+    CertifiedKey,
+    Enrollment,
+    NotEnrolled,
+    StateDir,
+    write_atomic,
+)
+from certgate.errors import ConfigError, KeystoreError, PKIError
 from certgate.pki.keys import generate_key
 from tests.tunnel.dataplane import PKI
 
@@ -47,7 +56,9 @@ def test_directory_is_0700_and_every_file_0600(state: StateDir, pki: PKI) -> Non
     state.save_app("com.example.browser", identity(pki, "app", "com.example.browser"))
     assert mode(state.path) == 0o700
     files = [p for p in state.path.rglob("*") if p.is_file()]
-    assert len(files) == 9
+    # node.key, enrollment.json, credential, console-ca.pem, device.sealed, profile.json,
+    # and the app's identity.sealed and cert.pem: no key export without a password.
+    assert len(files) == 8
     assert {mode(p) for p in files} == {0o600}
     assert {mode(p) for p in state.path.rglob("*") if p.is_dir()} == {0o700}
 
@@ -62,7 +73,7 @@ def test_a_directory_open_to_others_is_refused(tmp_path: Path) -> None:
 
 def test_a_key_file_open_to_others_is_refused(state: StateDir, pki: PKI) -> None:
     state.save_profile(identity(pki), {"version": 1})
-    (state.path / "device.pem").chmod(0o644)
+    (state.path / "device.sealed").chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         state.device_identity()
 
@@ -107,7 +118,9 @@ def test_a_new_profile_overwrites_the_old_key(state: StateDir, pki: PKI) -> None
     old, new = identity(pki, "old"), identity(pki, "new")
     state.save_profile(old, {"version": 1})
     state.save_profile(new, {"version": 2})
-    stored = (state.path / "device.pem").read_bytes()
+    stored = state.node_key().unseal_bytes(
+        (state.path / "device.sealed").read_bytes(), "device.sealed"
+    )
     assert stored == new.to_pem()
     assert old.cert_pem()[:200] not in stored
     assert state.profile_data() == {"version": 2}
@@ -122,6 +135,53 @@ def test_app_exports_work_for_other_tools(state: StateDir, pki: PKI) -> None:
     key, cert, cas = pkcs12.load_key_and_certificates(files.pkcs12.read_bytes(), b"p12-secret")
     assert cert == app.cert and key is not None and len(cas) == 2
     assert files.cert.read_bytes() == app.cert_pem()
+    assert files.key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    exported = load_pem_private_key(files.key.read_bytes(), b"p12-secret")
+    assert exported.public_key() == app.key.public_key()
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(files.pkcs12.read_bytes(), None)
+
+
+def test_without_an_export_password_no_key_is_exported(state: StateDir, pki: PKI) -> None:
+    app = identity(pki, "app", "com.example.browser")
+    files = state.save_app("com.example.browser", app, b"p12-secret")
+    files = state.save_app("com.example.browser", app)
+    assert not files.key.exists() and not files.pkcs12.exists()
+    assert files.cert.read_bytes() == app.cert_pem()
+
+
+def test_secrets_are_sealed_under_the_node_key(state: StateDir, pki: PKI) -> None:
+    state.save_enrollment(ENROLLMENT, "cgd_secret", b"root")
+    state.save_profile(identity(pki), {"version": 1})
+    state.save_app("com.example.browser", identity(pki, "app", "com.example.browser"))
+    on_disk = b"".join(p.read_bytes() for p in state.path.rglob("*") if p.is_file())
+    assert b"PRIVATE KEY" not in on_disk and b"cgd_secret" not in on_disk
+    assert mode(state.path / "node.key") == 0o600
+    fresh = StateDir(state.path)  # as another process would open it
+    assert fresh.credential() == "cgd_secret"
+    assert fresh.device_identity() is not None
+
+
+def test_a_missing_or_wrong_node_key_is_named(
+    state: StateDir, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state.save_profile(identity(pki), {"version": 1})
+    monkeypatch.setenv(NODE_KEY_ENV, base64.urlsafe_b64encode(os.urandom(32)).decode())
+    with pytest.raises(KeystoreError, match=r"'device.sealed' .* \$CERTGATE_DEVICE_NODE_KEY"):
+        StateDir(state.path).device_identity()
+    monkeypatch.delenv(NODE_KEY_ENV)
+    (state.path / "node.key").unlink()
+    with pytest.raises(ConfigError, match=r"node.key does not exist"):
+        StateDir(state.path).device_identity()
+
+
+def test_a_sealed_identity_moved_to_another_file_does_not_open(state: StateDir, pki: PKI) -> None:
+    state.save_profile(identity(pki), {"version": 1})
+    app = state.app_files("com.example.browser")
+    app.directory.mkdir(parents=True, mode=0o700)
+    shutil.copy(state.path / "device.sealed", app.identity)
+    with pytest.raises(KeystoreError, match="does not open"):
+        state.app_identity("com.example.browser")
 
 
 @pytest.mark.parametrize("bundle", ["../escape", ".hidden", "a/b", "", "x" * 300])
@@ -135,7 +195,8 @@ def test_wipe_removes_only_what_the_agent_wrote(state: StateDir, pki: PKI) -> No
     state.save_app("com.example.browser", identity(pki, "app", "com.example.browser"))
     (state.path / "notes.txt").write_text("mine")
     state.wipe()
-    assert sorted(p.name for p in state.path.iterdir()) == ["notes.txt"]
+    # The node key is the device's, not the enrollment's: a new enrollment seals under it.
+    assert sorted(p.name for p in state.path.iterdir()) == ["node.key", "notes.txt"]
 
 
 def test_runtime_is_cleared_only_by_its_own_process(state: StateDir) -> None:

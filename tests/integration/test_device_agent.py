@@ -183,9 +183,11 @@ def proxy_mode(world: World, *extra: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_curl_uses_the_exported_app_certificate_in_proxy_mode(world: World) -> None:
     files = world.state.app_files(BROWSER)
-    pem = proxy_mode(world, "--proxy-cert", str(files.identity))
+    # key.pem is an encrypted PKCS#8 PEM: curl opens it with the export password.
+    pem = proxy_mode(world, "--proxy-cert", str(files.cert), "--proxy-key", str(files.key),
+                     "--proxy-pass", P12_PASSWORD)  # fmt: skip
     tunnelled = proxy_mode(world, "--proxytunnel", "--proxy-cert", str(files.cert),
-                           "--proxy-key", str(files.key))  # fmt: skip
+                           "--proxy-key", str(files.key), "--proxy-pass", P12_PASSWORD)  # fmt: skip
     p12 = proxy_mode(world, "--proxy-cert-type", "P12",
                      "--proxy-cert", f"{files.pkcs12}:{P12_PASSWORD}")  # fmt: skip
     for result in (pem, tunnelled, p12):
@@ -195,7 +197,8 @@ def test_curl_uses_the_exported_app_certificate_in_proxy_mode(world: World) -> N
 
 def test_an_app_certificate_claiming_another_app_is_refused(world: World) -> None:
     files = world.state.app_files(BROWSER)
-    result = proxy_mode(world, "--proxytunnel", "--proxy-cert", str(files.identity),
+    result = proxy_mode(world, "--proxytunnel", "--proxy-cert", str(files.cert),
+                        "--proxy-key", str(files.key), "--proxy-pass", P12_PASSWORD,
                         "--proxy-header", f"Certgate-App: {MAIL}")  # fmt: skip
     assert result.returncode != 0 and b"403" in result.stderr
     assert world.tunnel_log.denials("app_mismatch")

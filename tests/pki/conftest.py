@@ -32,6 +32,7 @@ from certgate.pki.profiles import (
     TUNNEL_IDENTITY,
     Profile,
 )
+from tests.softhsm import softhsm  # noqa: F401 - a fixture for test_token
 
 GROUP = "group-a"
 OTHER_GROUP = "group-b"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import shutil
@@ -11,10 +12,12 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from certgate import jws
 from certgate.errors import ConfigError
 from certgate.pki.keys import generate_key, private_key_pem
+from certgate.pki.keystore import MasterKey
 from certgate.tlsconf import pem_of
 from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState, load_state
@@ -77,7 +80,7 @@ def flip_signature(ours: Path, _: Path) -> None:
 
 
 def foreign_key(ours: Path, _: Path) -> None:
-    (ours / "tunnel.key").write_bytes(private_key_pem(generate_key()))
+    config.store_identity(ours, generate_key())
 
 
 def swapped_chain(ours: Path, _: Path) -> None:
@@ -186,3 +189,67 @@ def test_bad_node_names_are_refused(name: str) -> None:
 def test_good_node_names_pass() -> None:
     for name in ("node-a", "tunnel01.dc2", "A_b-c.d", "x" * 128):
         assert config.check_node_name(name) == name
+
+
+# --- the private key at rest: sealed under the node key ------------------------------
+
+
+def test_the_key_on_disk_is_sealed_under_the_node_key(state_dir: Path) -> None:
+    blob = (state_dir / "tunnel.key").read_bytes()
+    assert blob.startswith(b"CGK1") and b"PRIVATE KEY" not in blob
+    assert (state_dir / "node.key").stat().st_mode & 0o777 == 0o600
+    key = config.load_identity(state_dir)
+    assert key.public_key() == load_state(state_dir).tunnel_cert.public_key()
+
+
+def test_ha_nodes_seal_the_same_key_under_different_node_keys(
+    sqlite_console: RunningConsole, nodes: tuple[TunnelState, TunnelState], tmp_path: Path
+) -> None:
+    second = setup_node(sqlite_console, nodes[0].group_id, tmp_path / "b", "node-b")
+    ours, theirs = nodes[0].state_dir, second.state_dir
+    assert (ours / "node.key").read_bytes() != (theirs / "node.key").read_bytes()
+    assert (ours / "tunnel.key").read_bytes() != (theirs / "tunnel.key").read_bytes()
+    assert second.tunnel_cert == nodes[0].tunnel_cert
+
+
+def test_missing_node_key_is_named(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.NODE_KEY_ENV, raising=False)
+    (state_dir / "node.key").unlink()
+    reason = r"node.key does not exist and \$CERTGATE_TUNNEL_NODE_KEY is not set"
+    with pytest.raises(ConfigError, match=reason):
+        load_state(state_dir)
+
+
+def test_wrong_node_key_is_named(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.NODE_KEY_ENV, base64.urlsafe_b64encode(os.urandom(32)).decode())
+    with pytest.raises(ConfigError, match=r"tunnel.key: .*key from \$CERTGATE_TUNNEL_NODE_KEY"):
+        load_state(state_dir)
+
+
+def test_node_key_readable_by_others_is_refused(state_dir: Path) -> None:
+    os.chmod(state_dir / "node.key", 0o644)
+    with pytest.raises(ConfigError, match=r"node key file .* has mode 0644"):
+        load_state(state_dir)
+
+
+def test_a_key_in_clear_is_refused(state_dir: Path) -> None:
+    (state_dir / "tunnel.key").write_bytes(private_key_pem(config.load_identity(state_dir)))
+    with pytest.raises(ConfigError, match="is not sealed"):
+        load_state(state_dir)
+
+
+def test_node_key_from_the_environment_writes_no_key_file(
+    sqlite_console: RunningConsole,
+    nodes: tuple[TunnelState, TunnelState],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = os.urandom(32)
+    monkeypatch.setenv(config.NODE_KEY_ENV, base64.urlsafe_b64encode(secret).decode())
+    state = setup_node(sqlite_console, nodes[0].group_id, tmp_path / "env", "node-env")
+    assert not (state.state_dir / "node.key").exists()
+    blob = (state.state_dir / "tunnel.key").read_bytes()
+    opened = MasterKey(secret).unseal(blob, config.TUNNEL_KEY_LABEL)
+    assert opened.public_key() == state.tunnel_cert.public_key()
+    with pytest.raises(ValueError):
+        load_pem_private_key(blob, None)

@@ -201,7 +201,8 @@ class AccessFiles:
 
     @property
     def console_api_key(self) -> Path:
-        return self.root / "console-api-key"
+        """The console API key, sealed like the private keys (it is a bearer secret)."""
+        return self.sealed("console-api-key")
 
     def sealed(self, label: str) -> Path:
         return self.root / "keys" / f"{label}.sealed"

@@ -7,8 +7,9 @@ the cert proxy's client certificate that Access pins, and its key is then discar
 nothing else can ever chain to it. The publicly trusted certificate is given by file and
 served on 443 under SSL passthrough, and by the cert proxy on 5262 in both modes.
 
-Private keys are sealed under the data directory's master key; the console API key is a
-0600 file. Nothing secret goes into ``access.json``.
+Private keys and the console API key are sealed under the data directory's master key
+(Access's node key: ``master.key``, 0600, or ``$CERTGATE_MASTER_KEY``), each in a 0600
+file. Nothing secret goes into ``access.json`` and nothing secret is on disk in clear.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from certgate.access.config import save_config as _save_config
 from certgate.errors import ChainError, ConfigError, PKIError
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import PrivateKey, generate_key, load_private_key_pem
-from certgate.pki.keystore import ENV_VAR, MasterKey, load_master_key, new_master_key_file
+from certgate.pki.keystore import MasterKey, load_master_key, open_or_create_key
 from certgate.pki.profiles import ACCESS_INSTALL_ROOT, ACCESS_TLS, CERTPROXY_CLIENT
 from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
@@ -48,6 +49,7 @@ ACCESS_TLS_KEY = "access-tls"
 CERTPROXY_KEY = "certproxy-client"
 PUBLIC_TLS_KEY = "public-tls"
 CONSOLE_ADMIN_KEY = "console-admin"
+CONSOLE_API_KEY = "console-api-key"
 ID_TOKEN_KEY = "id-token"
 
 
@@ -175,12 +177,6 @@ def _read_private(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _master_for_install(files: AccessFiles) -> MasterKey:
-    if os.environ.get(ENV_VAR):
-        return load_master_key(None)
-    return new_master_key_file(files.master_key)
-
-
 @dataclass(frozen=True, slots=True)
 class InstallCertificates:
     """What ``access init`` issues; the install root's key is not among them."""
@@ -264,14 +260,14 @@ def install(data_dir: Path, request: InstallRequest) -> AccessConfig:
 def _write_installation(
     files: AccessFiles, request: InstallRequest, given: _Given, issued: InstallCertificates
 ) -> None:
-    seal = _Seal(files, _master_for_install(files))
+    seal = _Seal(files, open_or_create_key(files.master_key))
     files.install_root.write_bytes(pem_of([issued.install_root]))
     files.access_tls.write_bytes(pem_of([issued.access_cert]))
     files.certproxy_client.write_bytes(pem_of([issued.certproxy_cert]))
     files.public_chain.write_bytes(pem_of(given.public_chain))
     files.console_chain.write_bytes(request.console_chain_pem)
     files.console_admin.write_bytes(pem_of(given.admin_chain))
-    _write_private(files.console_api_key, request.console_api_key.strip().encode())
+    seal.secret(CONSOLE_API_KEY, request.console_api_key.strip().encode())
     seal(ACCESS_TLS_KEY, issued.access_key)
     seal(CERTPROXY_KEY, issued.certproxy_key)
     seal(PUBLIC_TLS_KEY, given.public_key)
@@ -287,8 +283,14 @@ class _Seal:
     def __call__(self, label: str, key: PrivateKey) -> None:
         _write_private(self.files.sealed(label), self.master.seal(key, label))
 
+    def secret(self, label: str, plain: bytes) -> None:
+        _write_private(self.files.sealed(label), self.master.seal_bytes(plain, label))
+
     def open(self, label: str) -> PrivateKey:
         return self.master.unseal(_read_private(self.files.sealed(label)), label)
+
+    def open_secret(self, label: str) -> bytes:
+        return self.master.unseal_bytes(_read_private(self.files.sealed(label)), label)
 
 
 def load_material(config: AccessConfig) -> Material:
@@ -309,7 +311,7 @@ def load_material(config: AccessConfig) -> Material:
         console=ConsoleTrust.from_pem(files.console_chain.read_bytes()),
         console_admin_cert=_load_certs(files.console_admin.read_bytes(), "console admin")[0],
         console_admin_key=opened.open(CONSOLE_ADMIN_KEY),
-        console_api_key=_read_private(files.console_api_key).decode().strip(),
+        console_api_key=opened.open_secret(CONSOLE_API_KEY).decode(),
         id_token_key=id_key,
     )
     _cross_check(config, material)

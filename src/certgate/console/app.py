@@ -34,6 +34,7 @@ STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.NotFound, 404, "not_found"),
     (errors.Conflict, 409, "conflict"),
     (errors.TooLarge, 413, "too_large"),
+    (errors.Unavailable, 503, "unavailable"),
     (errors.InvalidCSR, 422, "invalid_csr"),
     (errors.ChainError, 401, "certificate_rejected"),
     (errors.SignatureError, 400, "bad_signature"),

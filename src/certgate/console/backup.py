@@ -49,7 +49,7 @@ def _load_document(blob: bytes, passphrase: str) -> ca.InstancePKI:
         keys[label] = load_private_key_pem(entry["key"].encode())
         if certs[label].public_key() != keys[label].public_key():
             raise KeystoreError(f"backup key of {label} does not match its certificate")
-    return ca.InstancePKI(MasterKey(b"\0" * 32), certs, _keys=keys)
+    return ca.InstancePKI(MasterKey(b"\0" * 32), certs, _keys=dict(keys))
 
 
 def restore_into(
@@ -74,7 +74,7 @@ def restore_into(
         public_url=public_url,
     )
     master = local.master_for_init(config)
-    pki = ca.InstancePKI(master, restored.certs, _keys=ca.ca_keys(restored))
+    pki = ca.InstancePKI(master, restored.certs, _keys=dict(ca.ca_keys(restored)))
     root_key = pki.certs[ca.ROOT].public_key()
     algorithm = "ec-p256"
     if isinstance(root_key, rsa.RSAPublicKey):

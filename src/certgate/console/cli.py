@@ -41,6 +41,7 @@ from certgate.console.store.models import (
 from certgate.errors import CertgateError
 from certgate.pki.keys import KeyAlgorithm, private_key_pem
 from certgate.pki.thumbprint import thumbprint
+from certgate.pki.token import TokenConfig
 
 app = typer.Typer(
     help="Management console: PKI, groups, admins, devices, audit.", no_args_is_help=True
@@ -125,10 +126,20 @@ def init(
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Listen port.")] = 7443,
     db: Annotated[str | None, typer.Option(help="Database URL (default: SQLite).")] = None,
+    pkcs11_module: Annotated[
+        str | None, typer.Option(help="PKCS#11 module: generate and keep the CA keys in a token.")
+    ] = None,
+    pkcs11_token: Annotated[str | None, typer.Option(help="The token's label.")] = None,
+    pkcs11_pin_env: Annotated[
+        str | None, typer.Option(help="Variable holding the token's user PIN.")
+    ] = None,
 ) -> None:
     """Create the instance PKI (Root, Secure Channel Root, Device Root, Admin CA)."""
     try:
-        _, pki = local.init(data_dir, key_algorithm, public_url, host, port, db)
+        token = None
+        if pkcs11_module or pkcs11_token or pkcs11_pin_env:
+            token = TokenConfig(pkcs11_module or "", pkcs11_token or "", pkcs11_pin_env or "")
+        _, pki = local.init(data_dir, key_algorithm, public_url, host, port, db, token)
     except CertgateError as exc:
         raise fail(str(exc)) from exc
     # Plain lines, not a table: a table cell would cut the 64-hex thumbprint short on an
@@ -137,6 +148,8 @@ def init(
     for label, cert in pki.certs.items():
         line = f"  {label:<20} {thumbprint(cert)}  {cert.subject.rfc4514_string()}"
         out.print(line, soft_wrap=True, markup=False, highlight=False)
+    if token is not None:
+        out.print(f"CA keys: in {token.describe()}, non-extractable", markup=False)
     key_file = data_dir / "master.key"
     where = f"{key_file}, mode 0600" if key_file.exists() else "from $CERTGATE_MASTER_KEY"
     out.print(f"data directory: {data_dir} (master key: {where})")

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from certgate.errors import ConfigError
+from certgate.pki.token import TokenConfig
 
 DEFAULT_PORT = 7443
 MASTER_KEY_FILE = "master.key"
@@ -26,6 +27,11 @@ class ConsoleConfig:
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     installer_ttl_s: int = 24 * 3600
     crl_validity_s: int = 24 * 3600
+    # CA keys in a PKCS#11 token (all three or none): the module, the token's label and
+    # the variable holding the user PIN. Unset: the CA keys are sealed in the database.
+    pkcs11_module: str | None = None
+    pkcs11_token: str | None = None
+    pkcs11_pin_env: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -39,6 +45,17 @@ class ConsoleConfig:
             raise ConfigError("max body bytes must be between 1 KiB and 64 MiB")
         if not 1 <= self.long_poll_max_s <= 300:
             raise ConfigError("long-poll maximum must be 1-300 s")
+        self.pkcs11  # noqa: B018 - validates the token settings now, at startup
+
+    @property
+    def pkcs11(self) -> TokenConfig | None:
+        settings = (self.pkcs11_module, self.pkcs11_token, self.pkcs11_pin_env)
+        if not any(settings):
+            return None
+        module, token, pin_env = settings
+        if not (module and token and pin_env):
+            raise ConfigError("PKCS#11 needs a module, a token label and a PIN variable together")
+        return TokenConfig(module, token, pin_env)
 
     @property
     def master_key_file(self) -> Path:

@@ -19,6 +19,7 @@ from certgate.console.store.db import Database, migrate
 from certgate.errors import ConfigError
 from certgate.pki.keys import KeyAlgorithm
 from certgate.pki.keystore import ENV_VAR, MasterKey, load_master_key, new_master_key_file
+from certgate.pki.token import TokenConfig
 
 SETTINGS_FILE = "console.json"
 TOP_GROUP = "global"
@@ -50,8 +51,10 @@ def init(
     host: str,
     port: int,
     db_url: str | None,
+    pkcs11: TokenConfig | None = None,
 ) -> tuple[ConsoleConfig, ca.InstancePKI]:
-    """Create the data dir, master key (unless given by env), schema, PKI, top group."""
+    """Create the data dir, master key (unless given by env), schema, PKI, top group. With
+    ``pkcs11``, the CA keys are generated in that token and never leave it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     config = ConsoleConfig(
@@ -60,13 +63,16 @@ def init(
         host=host,
         port=port,
         public_url=public_url,
+        pkcs11_module=pkcs11.module if pkcs11 else None,
+        pkcs11_token=pkcs11.token_label if pkcs11 else None,
+        pkcs11_pin_env=pkcs11.pin_env if pkcs11 else None,
     )
     master = master_for_init(config)
     db = Database(config.db_url)
     try:
         migrate(db.engine)
         with db.transaction() as session:
-            pki = ca.init_instance(session, master, algorithm, public_url)
+            pki = ca.init_instance(session, master, algorithm, public_url, config.pkcs11)
         with db.transaction() as session:
             create_group(session, pki, TOP_GROUP, "Global", None)
     finally:
@@ -88,5 +94,5 @@ def open_db(config: ConsoleConfig) -> tuple[Database, ca.InstancePKI]:
     db = Database(config.db_url)
     migrate(db.engine)
     with db.transaction() as session:
-        pki = ca.InstancePKI.load(session, master)
+        pki = ca.InstancePKI.load(session, master, config.pkcs11)
     return db, pki

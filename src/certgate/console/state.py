@@ -49,7 +49,7 @@ class ConsoleState:
         master = master or load_master_key(config.master_key_file)
         db = Database(config.db_url)
         with db.transaction() as session:
-            pki = ca.InstancePKI.load(session, master)
+            pki = ca.InstancePKI.load(session, master, config.pkcs11)
         notifier = FeedNotifier()
         db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
         return cls(

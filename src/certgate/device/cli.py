@@ -131,9 +131,14 @@ def app_auth_command(
     password_env: Annotated[
         str, typer.Option("--password-env", help="Variable with the password.")
     ],
-    p12_password_env: Annotated[
+    export_password_env: Annotated[
         str | None,
-        typer.Option("--p12-password-env", help="Variable with a PKCS#12 export password."),
+        typer.Option(
+            "--export-password-env",
+            "--p12-password-env",
+            help="Variable with the password of the key exports (key.pem, identity.p12); "
+            "without one only the certificate is exported.",
+        ),
     ] = None,
     state_dir: StateOption = DEFAULT_STATE,
 ) -> None:
@@ -142,17 +147,22 @@ def app_auth_command(
     try:
         password = _password(password_env)
         assert password is not None
-        p12 = _password(p12_password_env)
-        issued = authenticate_app(state, bundle, user, password, p12.encode() if p12 else None)
+        export = _password(export_password_env)
+        issued = authenticate_app(
+            state, bundle, user, password, export.encode() if export else None
+        )
     except CertgateError as exc:
         raise _fail(exc, state) from exc
     files = issued.files
     out.print(f"app certificate for {escape(bundle)}: {issued.identity.thumbprint}")
     table = Table("file", "use")
-    table.add_row(str(files.identity), "PEM certificate + chain + key (curl --proxy-cert)")
-    table.add_row(str(files.cert), "PEM certificate + chain")
-    table.add_row(str(files.key), "PEM private key (0600)")
-    table.add_row(str(files.pkcs12), "PKCS#12 (browsers; curl --proxy-cert-type P12)")
+    table.add_row(str(files.identity), "certificate + chain + key, sealed (the agent's)")
+    table.add_row(str(files.cert), "PEM certificate + chain (curl --proxy-cert)")
+    if files.key.exists():
+        table.add_row(str(files.key), "encrypted PEM key (curl --proxy-key, --proxy-pass)")
+        table.add_row(str(files.pkcs12), "PKCS#12 (browsers; curl --proxy-cert-type P12)")
+    else:
+        table.add_row("(no key export)", "give --export-password-env to export the key")
     out.print(table)
 
 

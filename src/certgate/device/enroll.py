@@ -238,7 +238,7 @@ def authenticate_app(
     bundle_id: str,
     username: str,
     password: str,
-    p12_password: bytes | None = None,
+    export_password: bytes | None = None,
 ) -> AppCredentials:
     """Proxy mode: the app's first authentication with the enrollment credentials earns
     its app+device certificate; a new key is generated for every authentication."""
@@ -250,7 +250,7 @@ def authenticate_app(
         answer = api.call("POST", f"/api/v1/device/apps/{bundle_id}/certificate", body)
     expected = identity.app(enrollment.device_uid, enrollment.group_id, bundle_id)
     issued = check_issued(answer, key, expected, state.console_ca())
-    state.save_app(bundle_id, issued, p12_password)
+    state.save_app(bundle_id, issued, export_password)
     return AppCredentials(bundle_id, issued, files)
 
 

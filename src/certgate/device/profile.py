@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger("certgate.device")
 DEFAULT_RENEW_FRACTION = 1 / 3
-_NOT_STORED = ("certificate", "chain")  # those live in device.pem, with the key
+_NOT_STORED = ("certificate", "chain")  # those live in device.sealed, with the key
 
 
 @dataclass(frozen=True, slots=True)

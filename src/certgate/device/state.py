@@ -2,20 +2,25 @@
 
 Layout, under one directory of mode 0700, every file mode 0600::
 
+    node.key                 this device's node key, unless ``$CERTGATE_DEVICE_NODE_KEY``
+                             gives it: the secrets below are sealed under it
     enrollment.json          console URL, DeviceUid, group, platform (no secret)
-    credential               the device credential, sent as ``Authorization: Bearer``
+    credential               the device credential (sealed), sent as ``Authorization: Bearer``
     console-ca.pem           the console's root, pinned at enrollment
-    device.pem               Per-App Tunnel identity: certificate, chain, private key
+    device.sealed            Per-App Tunnel identity (sealed): certificate, chain, key
     profile.json             the last profile: version, tunnel endpoints, trust, rules,
                              and the group policy version its rules and endpoints are of
-    apps/<bundle>/identity.pem   Proxy-mode identity of one app: certificate, chain, key
-    apps/<bundle>/{cert.pem,key.pem,identity.p12}   exports of it for curl and browsers
+    apps/<bundle>/identity.sealed   Proxy-mode identity of one app (sealed)
+    apps/<bundle>/cert.pem          its certificate and chain, for curl and browsers
+    apps/<bundle>/{key.pem,identity.p12}   exports of its key under an export password
+                             (an encrypted PKCS#8 PEM and a PKCS#12), written only with one
     agent.json               a running agent's pid and listeners (for ``device exec``)
 
 Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the
 directory): a crash leaves the old file or the new one, never a torn one. Certificate and
 key share one file, so a replaced identity can never pair a new certificate with an old
-key. Private keys are generated here and never leave this directory except as exports.
+key. Private keys are generated here and are never on disk in clear: sealed with the one
+keystore primitive (``certgate.pki.keystore``), or exported under a password.
 """
 
 from __future__ import annotations
@@ -35,13 +40,13 @@ from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
     Encoding,
     KeySerializationEncryption,
-    NoEncryption,
     pkcs12,
 )
 
 from certgate.errors import ConfigError, PKIError
 from certgate.pki.identity import BUNDLE_ID_RE
 from certgate.pki.keys import PrivateKey, load_private_key_pem, private_key_pem
+from certgate.pki.keystore import MasterKey, load_master_key, open_or_create_key
 from certgate.pki.thumbprint import thumbprint
 
 __all__ = [
@@ -55,6 +60,8 @@ __all__ = [
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+NODE_KEY = "node.key"
+NODE_KEY_ENV = "CERTGATE_DEVICE_NODE_KEY"
 _PEM_BLOCK_RE = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL
 )
@@ -62,7 +69,7 @@ _KNOWN_FILES = (
     "enrollment.json",
     "credential",
     "console-ca.pem",
-    "device.pem",
+    "device.sealed",
     "profile.json",
     "agent.json",
 )
@@ -140,13 +147,24 @@ class CertifiedKey:
         if self.cert.public_key() != self.key.public_key():
             raise PKIError("certificate does not certify this private key")
 
-    def to_pkcs12(self, name: str, password: bytes | None) -> bytes:
-        encryption: KeySerializationEncryption = (
-            BestAvailableEncryption(password) if password else NoEncryption()
-        )
+    def to_pkcs12(self, name: str, password: bytes) -> bytes:
         return pkcs12.serialize_key_and_certificates(
-            name.encode(), self.key, self.cert, list(self.chain) or None, encryption
+            name.encode(), self.key, self.cert, list(self.chain) or None, _encryption(password)
         )
+
+    def key_export(self, password: bytes) -> bytes:
+        """The key as an encrypted PKCS#8 PEM (curl ``--key`` with ``--pass``)."""
+        return private_key_pem(self.key, _check_export_password(password))
+
+
+def _check_export_password(password: bytes) -> bytes:
+    if not password:
+        raise ConfigError("an export of a private key needs a password")
+    return password
+
+
+def _encryption(password: bytes) -> KeySerializationEncryption:
+    return BestAvailableEncryption(_check_export_password(password))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +175,7 @@ class AppFiles:
 
     @property
     def identity(self) -> Path:
-        return self.directory / "identity.pem"
+        return self.directory / "identity.sealed"
 
     @property
     def cert(self) -> Path:
@@ -211,6 +229,7 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._node_key: MasterKey | None = None
 
     # -- the directory ------------------------------------------------------------------
 
@@ -249,6 +268,27 @@ class StateDir:
     def _write_json(self, name: str, value: Any) -> None:
         write_atomic(self.path / name, json.dumps(value, indent=2, sort_keys=True).encode())
 
+    # -- sealed secrets ---------------------------------------------------------------
+
+    def node_key(self, *, create: bool = False) -> MasterKey:
+        """The key the secrets are sealed under; created (0600) only when writing them."""
+        if self._node_key is None:
+            path = self.path / NODE_KEY
+            self._node_key = (
+                open_or_create_key(path, NODE_KEY_ENV)
+                if create
+                else load_master_key(path, NODE_KEY_ENV)
+            )
+        return self._node_key
+
+    def _write_sealed(self, name: str, plain: bytes) -> None:
+        # The relative path is the associated data: a blob moved to another file won't open.
+        write_atomic(self.path / name, self.node_key(create=True).seal_bytes(plain, name))
+
+    def _read_sealed(self, name: str) -> bytes | None:
+        blob = self._read(name)
+        return None if blob is None else self.node_key().unseal_bytes(blob, name)
+
     # -- enrollment ---------------------------------------------------------------------
 
     def is_enrolled(self) -> bool:
@@ -257,7 +297,7 @@ class StateDir:
     def save_enrollment(self, enrollment: Enrollment, credential: str, console_ca: bytes) -> None:
         # The credential and the pinned root first: enrollment.json is what marks the
         # directory as enrolled, so it is written last.
-        write_atomic(self.path / "credential", credential.encode())
+        self._write_sealed("credential", credential.encode())
         write_atomic(self.path / "console-ca.pem", console_ca)
         self._write_json("enrollment.json", enrollment.to_dict())
 
@@ -269,7 +309,7 @@ class StateDir:
         return Enrollment.from_dict(data)
 
     def credential(self) -> str:
-        data = self._read("credential")
+        data = self._read_sealed("credential")
         if data is None:
             raise NotEnrolled(f"{self.path} holds no device credential: enroll again")
         return data.decode().strip()
@@ -289,7 +329,7 @@ class StateDir:
     def save_profile(self, identity: CertifiedKey, profile: dict[str, Any]) -> None:
         """Replace the device identity, then the profile. The old key is gone afterwards:
         the rename overwrote the only file that held it."""
-        write_atomic(self.path / "device.pem", identity.to_pem())
+        self._write_sealed("device.sealed", identity.to_pem())
         self._write_json("profile.json", profile)
 
     def save_profile_data(self, profile: dict[str, Any]) -> None:
@@ -297,7 +337,7 @@ class StateDir:
         self._write_json("profile.json", profile)
 
     def device_identity(self) -> CertifiedKey | None:
-        data = self._read("device.pem")
+        data = self._read_sealed("device.sealed")
         return None if data is None else CertifiedKey.from_pem(data)
 
     def profile_data(self) -> dict[str, Any] | None:
@@ -314,28 +354,34 @@ class StateDir:
         return AppFiles(self.path / "apps" / bundle_id)
 
     def save_app(
-        self, bundle_id: str, identity: CertifiedKey, p12_password: bytes | None = None
+        self, bundle_id: str, identity: CertifiedKey, export_password: bytes | None = None
     ) -> AppFiles:
-        """Store the app identity, then refresh its exports from it."""
+        """Store the app identity sealed, then refresh its exports from it: the key only
+        under ``export_password``; without one, older key exports are removed (they would
+        pair with a replaced certificate)."""
         files = self.app_files(bundle_id)
         for directory in (files.directory.parent, files.directory):
             directory.mkdir(mode=DIR_MODE, exist_ok=True)
-        write_atomic(files.identity, identity.to_pem())
+        self._write_sealed(str(files.identity.relative_to(self.path)), identity.to_pem())
         write_atomic(files.cert, identity.cert_pem())
-        write_atomic(files.key, private_key_pem(identity.key))
-        write_atomic(files.pkcs12, identity.to_pkcs12(bundle_id, p12_password))
+        if export_password:
+            write_atomic(files.key, identity.key_export(export_password))
+            write_atomic(files.pkcs12, identity.to_pkcs12(bundle_id, export_password))
+        else:
+            files.key.unlink(missing_ok=True)
+            files.pkcs12.unlink(missing_ok=True)
         return files
 
     def app_identity(self, bundle_id: str) -> CertifiedKey | None:
         files = self.app_files(bundle_id)
-        data = self._read(str(files.identity.relative_to(self.path)))
+        data = self._read_sealed(str(files.identity.relative_to(self.path)))
         return None if data is None else CertifiedKey.from_pem(data)
 
     def apps(self) -> list[str]:
         apps = self.path / "apps"
         if not apps.is_dir():
             return []
-        return sorted(p.name for p in apps.iterdir() if (p / "identity.pem").exists())
+        return sorted(p.name for p in apps.iterdir() if (p / "identity.sealed").exists())
 
     # -- a running agent ------------------------------------------------------------------
 

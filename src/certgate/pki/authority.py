@@ -2,28 +2,40 @@
 
 Callers decide *whether* to issue (provisioners, API handlers); profiles decide *what*;
 this module validates the inputs, builds the certificate from the profile, and signs.
+
+An issuer's key is either a private key in memory or a :class:`~certgate.pki.token.TokenKey`
+in a PKCS#11 token. cryptography's builders sign only with their own key objects, so for a
+token key this module builds the certificate (or CRL) with a stand-in key of the same type,
+has the token sign the exact to-be-signed bytes, puts that signature in place of the
+stand-in's (RFC 5280 §4.1.1.3, §5.1.1.3), and verifies the result before returning it.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from certgate.errors import InvalidCSR, PKIError
 from certgate.pki.identity import Identity
 from certgate.pki.keys import PrivateKey, PublicKey, check_public_key
 from certgate.pki.profiles import ROOT_CA, Profile
+from certgate.pki.token import TokenKey
 
 MAX_CSR_BYTES = 16 * 1024
 Clock = Callable[[], datetime]
+Signer: TypeAlias = PrivateKey | TokenKey
+Hash: TypeAlias = hashes.SHA256 | hashes.SHA384
 
 
 def utcnow() -> datetime:
@@ -32,10 +44,10 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Issuer:
-    """A CA able to sign: its certificate and its private key."""
+    """A CA able to sign: its certificate and its private key (in memory or in a token)."""
 
     cert: x509.Certificate
-    key: PrivateKey
+    key: Signer
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +80,89 @@ class Names:
         return x509.SubjectAlternativeName(general) if general else None
 
 
-def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+def _hash_for(key: Signer) -> Hash:
+    # The curve from the key itself: public_key() would cost every issuance an object.
+    holder = key.public if isinstance(key, TokenKey) else key
+    curves = (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)
+    if isinstance(holder, curves) and holder.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()
+
+
+def _sign_certificate(builder: x509.CertificateBuilder, key: Signer) -> x509.Certificate:
+    algorithm = _hash_for(key)
+    if not isinstance(key, TokenKey):
+        return builder.sign(key, algorithm)
+    draft = builder.sign(_stand_in(key.public), algorithm)
+    der = _in_token(draft.public_bytes(Encoding.DER), draft.tbs_certificate_bytes, key, algorithm)
+    return x509.load_der_x509_certificate(der)
+
+
+def _sign_crl(
+    builder: x509.CertificateRevocationListBuilder, key: Signer
+) -> x509.CertificateRevocationList:
+    algorithm = _hash_for(key)
+    if not isinstance(key, TokenKey):
+        return builder.sign(key, algorithm)
+    draft = builder.sign(_stand_in(key.public), algorithm)
+    der = _in_token(draft.public_bytes(Encoding.DER), draft.tbs_certlist_bytes, key, algorithm)
+    return x509.load_der_x509_crl(der)
+
+
+@functools.cache
+def _stand_in_for(kind: str) -> PrivateKey:
+    # Its signature is always replaced: only its algorithm identifier stays, which depends
+    # on the key type and the hash, not on the key. So one per type and process will do.
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP384R1() if kind == "p384" else ec.SECP256R1())
+
+
+def _stand_in(public: PublicKey) -> PrivateKey:
+    if isinstance(public, rsa.RSAPublicKey):
+        return _stand_in_for("rsa")
+    return _stand_in_for("p384" if public.curve.key_size > 256 else "p256")
+
+
+def _in_token(draft: bytes, tbs: bytes, key: TokenKey, algorithm: Hash) -> bytes:
+    """``draft`` (SEQUENCE {tbs, signatureAlgorithm, signatureValue}) signed by the token."""
+    signature = key.sign(tbs, algorithm)
+    _verify(key.public, signature, tbs, algorithm)
+    body = draft[_header_length(draft) :]
+    if not body.startswith(tbs):
+        raise PKIError("draft does not start with its to-be-signed part")
+    rest = body[len(tbs) :]
+    signature_algorithm = rest[: _header_length(rest) + _content_length(rest)]
+    return _der(0x30, tbs + signature_algorithm + _der(0x03, b"\x00" + signature))
+
+
+def _verify(public: PublicKey, signature: bytes, data: bytes, algorithm: Hash) -> None:
+    try:
+        if isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, data, padding.PKCS1v15(), algorithm)
+        else:
+            public.verify(signature, data, ec.ECDSA(algorithm))
+    except InvalidSignature as exc:
+        raise PKIError("the token's signature does not verify with the CA's public key") from exc
+
+
+def _header_length(der: bytes) -> int:
+    """Tag and length octets of the DER element at the start of ``der`` (X.690 §8.1.3)."""
+    return 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)
+
+
+def _content_length(der: bytes) -> int:
+    if der[1] < 0x80:
+        return der[1]
+    return int.from_bytes(der[2 : _header_length(der)], "big")
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + content
 
 
 def _not_after(profile: Profile, now: datetime, issuer: Issuer | None) -> datetime:
@@ -120,14 +211,14 @@ class Authority:
         self._clock = clock
 
     def create_root(
-        self, key: PrivateKey, names: Names, profile: Profile = ROOT_CA
+        self, key: Signer, names: Names, profile: Profile = ROOT_CA
     ) -> x509.Certificate:
         """A self-signed root CA."""
         if not profile.is_ca:
             raise PKIError("a root needs a CA profile")
         public_key = check_public_key(key.public_key())
         builder = _builder(profile, names, public_key, None, self._clock())
-        return builder.sign(key, _hash_for(key))
+        return _sign_certificate(builder, key)
 
     def issue(
         self, issuer: Issuer, profile: Profile, names: Names, public_key: object
@@ -136,7 +227,7 @@ class Authority:
         checked = check_public_key(public_key)
         _check_issuer_may_sign(issuer, profile)
         builder = _builder(profile, names, checked, issuer, self._clock())
-        return builder.sign(issuer.key, _hash_for(issuer.key))
+        return _sign_certificate(builder, issuer.key)
 
     def issue_from_csr(
         self, issuer: Issuer, profile: Profile, names: Names, csr_pem: bytes
@@ -175,7 +266,7 @@ class Authority:
                 .build()
             )
             builder = builder.add_revoked_certificate(entry)
-        return builder.sign(issuer.key, _hash_for(issuer.key))
+        return _sign_crl(builder, issuer.key)
 
 
 def _check_issuer_may_sign(issuer: Issuer, profile: Profile) -> None:

@@ -1,8 +1,14 @@
-"""Private keys at rest: sealed with AES-256-GCM under a master key.
+"""Private keys and secrets at rest: sealed with AES-256-GCM under a master key.
 
-The master key comes from a file readable by its owner only (mode 0600 or stricter) or
-from the ``CERTGATE_MASTER_KEY`` environment variable (urlsafe base64 of 32 bytes). A
-wider file mode is refused at startup, like ssh refuses a world-readable identity file.
+The one sealing primitive of certgate. The console seals its CA and identity keys under
+its master key; every other component seals its keys under its own "node key", the same
+kind of key: a tunnel node (``CERTGATE_TUNNEL_NODE_KEY`` or ``node.key`` in its state
+directory), the device agent (``CERTGATE_DEVICE_NODE_KEY`` or ``node.key``) and Access
+(``CERTGATE_MASTER_KEY`` or ``master.key`` in its data directory).
+
+A key comes from a file readable by its owner only (mode 0600 or stricter) or from an
+environment variable (urlsafe base64 of 32 bytes), the variable winning. A wider file mode
+is refused at startup, like ssh refuses a world-readable identity file.
 
 A sealed blob is ``b"CGK1" || nonce(12) || AES-GCM(ciphertext+tag)`` with the key's label
 as associated data, so a blob copied onto another key's row fails to open.
@@ -36,9 +42,11 @@ MIN_PASSPHRASE = 12
 
 @dataclass(frozen=True, slots=True)
 class MasterKey:
-    """32 secret bytes. ``repr`` never shows them."""
+    """32 secret bytes and where they came from (a path or ``$VARIABLE``, for errors).
+    ``repr`` never shows the secret."""
 
     secret: bytes
+    origin: str = "the master key"
 
     def __post_init__(self) -> None:
         if len(self.secret) != 32:
@@ -53,21 +61,32 @@ class MasterKey:
         return AESGCM(hkdf.derive(self.secret))
 
     def seal(self, key: PrivateKey, label: str) -> bytes:
-        nonce = os.urandom(_NONCE)
-        plain = private_key_pem(key)
-        return _MAGIC + nonce + self._aead().encrypt(nonce, plain, label.encode())
+        return self.seal_bytes(private_key_pem(key), label)
 
     def unseal(self, blob: bytes, label: str) -> PrivateKey:
-        if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _NONCE + 16:
+        return load_private_key_pem(self.unseal_bytes(blob, label))
+
+    def seal_bytes(self, plain: bytes, label: str) -> bytes:
+        """Seal any secret (an API key, a credential) the way keys are sealed."""
+        nonce = os.urandom(_NONCE)
+        return _MAGIC + nonce + self._aead().encrypt(nonce, plain, label.encode())
+
+    def unseal_bytes(self, blob: bytes, label: str) -> bytes:
+        if not is_sealed(blob):
             raise KeystoreError(f"sealed key {label!r} is not in keystore format")
         nonce = blob[len(_MAGIC) : len(_MAGIC) + _NONCE]
         try:
-            plain = self._aead().decrypt(nonce, blob[len(_MAGIC) + _NONCE :], label.encode())
+            return self._aead().decrypt(nonce, blob[len(_MAGIC) + _NONCE :], label.encode())
         except InvalidTag as exc:
             raise KeystoreError(
-                f"sealed key {label!r} does not open: wrong master key or tampered data"
+                f"sealed key {label!r} does not open with the key from {self.origin}: "
+                "wrong master key or tampered data"
             ) from exc
-        return load_private_key_pem(plain)
+
+
+def is_sealed(blob: bytes) -> bool:
+    """Whether ``blob`` has the keystore's framing (it may still fail to open)."""
+    return blob.startswith(_MAGIC) and len(blob) >= len(_MAGIC) + _NONCE + 16
 
 
 def new_master_key_file(path: Path) -> MasterKey:
@@ -76,7 +95,7 @@ def new_master_key_file(path: Path) -> MasterKey:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(base64.urlsafe_b64encode(secret) + b"\n")
-    return MasterKey(secret)
+    return MasterKey(secret, str(path))
 
 
 def _decode(text: bytes, origin: str) -> MasterKey:
@@ -87,26 +106,34 @@ def _decode(text: bytes, origin: str) -> MasterKey:
         raise ConfigError(f"master key from {origin} is not urlsafe base64") from exc
     if len(secret) != 32:
         raise ConfigError(f"master key from {origin} must decode to 32 bytes")
-    return MasterKey(secret)
+    return MasterKey(secret, origin)
 
 
-def load_master_key(path: Path | None) -> MasterKey:
+def load_master_key(path: Path | None, env_var: str = ENV_VAR) -> MasterKey:
     """The environment variable wins; otherwise the file, whose mode must be 0600 or less."""
-    env = os.environ.get(ENV_VAR)
+    env = os.environ.get(env_var)
     if env:
-        return _decode(env.encode(), f"${ENV_VAR}")
+        return _decode(env.encode(), f"${env_var}")
     if path is None:
-        raise ConfigError(f"no master key: set ${ENV_VAR} or give a master key file")
+        raise ConfigError(f"no master key: set ${env_var} or give a master key file")
+    what = "master key file" if env_var == ENV_VAR else "node key file"
     try:
         st = path.stat()
     except FileNotFoundError as exc:
-        raise ConfigError(f"master key file {path} does not exist") from exc
+        raise ConfigError(f"{what} {path} does not exist and ${env_var} is not set") from exc
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise ConfigError(
-            f"master key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
             "refusing to start: make it 0600 (chmod 600)"
         )
     return _decode(path.read_bytes(), str(path))
+
+
+def open_or_create_key(path: Path, env_var: str = ENV_VAR) -> MasterKey:
+    """At setup, install or enrollment: the variable's key, else the file's, else a new file."""
+    if os.environ.get(env_var) or path.exists():
+        return load_master_key(path, env_var)
+    return new_master_key_file(path)
 
 
 def _passphrase_key(passphrase: str, salt: bytes) -> AESGCM:

@@ -10,9 +10,15 @@ directory stops the tunnel with a reason instead of weakening it:
 ``chain.pem``            Secure Channel Root + Root, sent after the tunnel cert
 ``console-identity.pem`` the group's console identity, pinned: it alone signs messages
 ``tunnel.pem``           the group's tunnel identity (the same on every node)
-``tunnel.key``           its private key (mode 0600, refused if group/other can read)
+``tunnel.key``           its private key, sealed under the node key (keystore format,
+                         mode 0600, refused if group/other can read)
+``node.key``             this node's key (mode 0600), unless ``$CERTGATE_TUNNEL_NODE_KEY``
+                         gives it: each HA node seals the group key under its own
 ``trust.jws``            the signed trust config (docs/CONVENTIONS.md, "Signed messages")
 =======================  ===========================================================
+
+``load_identity`` is the one function that reads the private key; ``store_identity`` the
+one that writes it. No private key is ever on this node's disk in clear.
 
 The persisted device table (``persist.py``) lives in the same directory.
 
@@ -40,9 +46,11 @@ from certgate.errors import CertgateError, ConfigError
 from certgate.feed import FEED_VERSION, FeedError, PolicyUpdate, decode_op
 from certgate.pki import identity
 from certgate.pki.authority import utcnow
-from certgate.pki.keys import PrivateKey, load_private_key_pem
+from certgate.pki.keys import PrivateKey
+from certgate.pki.keystore import is_sealed, load_master_key, open_or_create_key
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
+from certgate.tunnel.persist import atomic_write
 
 __all__ = [
     "DEFAULT_LONG_POLL_S",
@@ -56,6 +64,7 @@ __all__ = [
     "TunnelState",
     "check_node_name",
     "load_certs",
+    "load_identity",
     "load_root",
     "load_secure_channel_root",
     "load_single_cert",
@@ -63,6 +72,7 @@ __all__ = [
     "parse_trust",
     "state_from_files",
     "state_json",
+    "store_identity",
     "verify_identity",
     "verify_signed_by_root",
 ]
@@ -75,8 +85,12 @@ CONSOLE_IDENTITY_PEM = "console-identity.pem"
 TUNNEL_PEM = "tunnel.pem"
 TUNNEL_KEY = "tunnel.key"
 TRUST_JWS = "trust.jws"
-STATE_FILES = (ROOT_PEM, CHAIN_PEM, CONSOLE_IDENTITY_PEM, TUNNEL_PEM, TUNNEL_KEY, TRUST_JWS)
-SECRET_FILES = frozenset({TUNNEL_KEY})
+NODE_KEY = "node.key"
+NODE_KEY_ENV = "CERTGATE_TUNNEL_NODE_KEY"
+TUNNEL_KEY_LABEL = "tunnel-identity"  # the sealed blob's associated data
+# The public files, verified by ``state_from_files``; the key is ``load_identity``'s.
+STATE_FILES = (ROOT_PEM, CHAIN_PEM, CONSOLE_IDENTITY_PEM, TUNNEL_PEM, TRUST_JWS)
+SECRET_FILES = frozenset({TUNNEL_KEY, NODE_KEY})
 
 DEFAULT_LONG_POLL_S = 25.0
 DEFAULT_MAX_STALENESS_S = 300.0
@@ -196,15 +210,10 @@ def verify_identity(
         raise ConfigError(f"certificate names {found.uri()}, expected {expected.uri()}")
 
 
-def _key_matching(key_pem: bytes, cert: x509.Certificate) -> PrivateKey:
-    try:
-        key = load_private_key_pem(key_pem)
-    except CertgateError as exc:
-        raise ConfigError(f"{TUNNEL_KEY}: {exc}") from exc
+def _check_key_matches(key: PrivateKey, cert: x509.Certificate) -> None:
     raw = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
         raise ConfigError(f"{TUNNEL_KEY} does not belong to the tunnel identity certificate")
-    return key
 
 
 def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -335,8 +344,9 @@ def state_json(group_id: str, console_url: str, node_name: str) -> bytes:
     return json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def state_from_files(files: Mapping[str, bytes], state_dir: Path) -> TunnelState:
-    """Verify the contents of a state directory (``STATE_FILES`` and ``state.json``)."""
+def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKey) -> TunnelState:
+    """Verify the contents of a state directory (``STATE_FILES`` and ``state.json``) and
+    that ``key`` is the tunnel identity's."""
     missing = [name for name in (*STATE_FILES, STATE_JSON) if name not in files]
     if missing:
         raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
@@ -347,7 +357,7 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path) -> TunnelState
     verify_identity(console, scr, root, identity.console(group_id))
     tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)
     verify_identity(tunnel, scr, root, identity.tunnel(group_id))
-    key = _key_matching(files[TUNNEL_KEY], tunnel)
+    _check_key_matches(key, tunnel)
     pinned = {"root": root, "scr": scr, "console": console, "tunnel": tunnel}
     trust, device_root = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
     return TunnelState(
@@ -393,4 +403,28 @@ def load_state(state_dir: Path) -> TunnelState:
     if state_dir.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"state directory {state_dir} is writable by group/others")
     files = {name: _read_private(state_dir / name) for name in (*STATE_FILES, STATE_JSON)}
-    return state_from_files(files, state_dir)
+    return state_from_files(files, state_dir, load_identity(state_dir))
+
+
+def load_identity(state_dir: Path) -> PrivateKey:
+    """The tunnel identity's private key, unsealed with this node's key: the one place a
+    node reads it. A missing or wrong node key fails here, naming the file or variable."""
+    path = state_dir / TUNNEL_KEY
+    blob = _read_private(path)
+    if not is_sealed(blob):
+        raise ConfigError(
+            f"{path} is not sealed (a key in clear from an older setup?): "
+            "run 'certgate tunnel setup' again"
+        )
+    node_key = load_master_key(state_dir / NODE_KEY, NODE_KEY_ENV)
+    try:
+        return node_key.unseal(blob, TUNNEL_KEY_LABEL)
+    except CertgateError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def store_identity(state_dir: Path, key: PrivateKey) -> None:
+    """Seal ``key`` under this node's key (created 0600 unless ``$CERTGATE_TUNNEL_NODE_KEY``
+    gives it) and replace ``tunnel.key`` atomically."""
+    node_key = open_or_create_key(state_dir / NODE_KEY, NODE_KEY_ENV)
+    atomic_write(state_dir / TUNNEL_KEY, node_key.seal(key, TUNNEL_KEY_LABEL), 0o600)

@@ -13,7 +13,8 @@ end, and only then is its one-time ``install-token`` redeemed at
 
 Either way the console's answer is verified exactly as ``load_state`` will verify it at
 every start (``config.state_from_files``) before a single byte is written; then each file
-is written atomically, ``state.json`` last.
+is written atomically, the private key sealed under the node key
+(``config.store_identity``), ``state.json`` last.
 """
 
 from __future__ import annotations
@@ -224,8 +225,11 @@ def setup(
     return _store_answer(body, root, group_id, url, node_name, state_dir)
 
 
-def _answer_files(answer: object, root: x509.Certificate, group_id: str) -> dict[str, bytes]:
-    """The state files carried by a setup/install answer (verified by the caller)."""
+def _answer_files(
+    answer: object, root: x509.Certificate, group_id: str
+) -> tuple[dict[str, bytes], PrivateKey]:
+    """The state files and the key carried by a setup/install answer (verified by the
+    caller). The key stays in memory until ``config.store_identity`` seals it."""
     if not isinstance(answer, dict) or answer.get("group_id") != group_id:
         raise SetupError(f"console answer is not a setup bundle for group {group_id!r}")
     chain = answer.get("chain")
@@ -233,14 +237,18 @@ def _answer_files(answer: object, root: x509.Certificate, group_id: str) -> dict
     if not isinstance(chain, list) or not all(isinstance(t, str) for t in [*texts, *chain]):
         raise SetupError("console answer is missing fields of the setup bundle")
     console_pem, tunnel_pem, key_pem, trust = (str(t) for t in texts)
-    return {
+    try:
+        key = load_private_key_pem(key_pem.encode())
+    except CertgateError as exc:
+        raise SetupError(f"console answer's tunnel key: {exc}") from exc
+    files = {
         config.ROOT_PEM: root.public_bytes(Encoding.PEM),
         config.CHAIN_PEM: "".join(chain).encode(),
         config.CONSOLE_IDENTITY_PEM: console_pem.encode(),
         config.TUNNEL_PEM: tunnel_pem.encode(),
-        config.TUNNEL_KEY: key_pem.encode(),
         config.TRUST_JWS: trust.encode(),
     }
+    return files, key
 
 
 def _store_answer(
@@ -256,15 +264,15 @@ def _store_answer(
         answer = json.loads(body)
     except ValueError as exc:
         raise SetupError("console answer is not JSON") from exc
-    files = _answer_files(answer, root, group_id)
+    files, key = _answer_files(answer, root, group_id)
     files[config.STATE_JSON] = config.state_json(group_id, console_url, node_name)
     try:
-        state = config.state_from_files(files, state_dir)
+        state = config.state_from_files(files, state_dir, key)
     except ConfigError as exc:
         raise SetupError(f"console answer does not verify: {exc}") from exc
     if pinned_console is not None and state.console_identity != pinned_console:
         raise SetupError("console answered with a console identity other than the bundle's")
-    _write_state(state_dir, files)
+    _write_state(state_dir, files, key)
     return state
 
 
@@ -281,12 +289,13 @@ def _check_state_dir(state_dir: Path, group_id: str) -> None:
         raise SetupError(f"{state_dir} is set up for group {existing!r}; use another directory")
 
 
-def _write_state(state_dir: Path, files: Mapping[str, bytes]) -> None:
+def _write_state(state_dir: Path, files: Mapping[str, bytes], key: PrivateKey) -> None:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
-    for name in config.STATE_FILES:  # state.json last: it marks the directory complete
-        mode = 0o600 if name in config.SECRET_FILES else 0o644
-        atomic_write(state_dir / name, files[name], mode)
+    for name in config.STATE_FILES:
+        atomic_write(state_dir / name, files[name], 0o644)
+    config.store_identity(state_dir, key)
+    # state.json last: it marks the directory complete.
     atomic_write(state_dir / config.STATE_JSON, files[config.STATE_JSON], 0o644)
 
 

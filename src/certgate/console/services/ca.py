@@ -19,12 +19,13 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from certgate.console.store.models import CACert, Certificate, Instance, SealedKey
-from certgate.errors import Conflict, NotFound, PKIError
-from certgate.pki.authority import Authority, Issuer, Names
+from certgate.errors import ConfigError, Conflict, NotFound, PKIError
+from certgate.pki.authority import Authority, Issuer, Names, Signer
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey
 from certgate.pki.profiles import INTERMEDIATE_CA, Profile
 from certgate.pki.thumbprint import thumbprint
+from certgate.pki.token import Token, TokenConfig, TokenKey, open_token
 
 ROOT = "root"
 SECURE_CHANNEL_ROOT = "secure-channel-root"
@@ -40,6 +41,9 @@ CA_NAMES = {
 # RFC 5280 §5.3.1: "unspecified" SHOULD NOT be used; removeFromCRL only in delta CRLs.
 _NOT_FOR_BASE_CRL = (x509.ReasonFlags.unspecified, x509.ReasonFlags.remove_from_crl)
 REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r not in _NOT_FOR_BASE_CRL}
+# A sealed_keys row of a CA whose key is in a PKCS#11 token holds this reference instead of
+# a sealed key: the database says where each CA key lives, and holds no copy of it.
+TOKEN_REFERENCE = b"CGP11:"
 
 
 def now() -> datetime:
@@ -63,24 +67,43 @@ class Record:
 
 @dataclass
 class InstancePKI:
-    """The loaded CAs of this instance. Keys are unsealed on first use and kept in memory."""
+    """The loaded CAs of this instance. Their keys are unsealed at load and kept in memory,
+    or, with a PKCS#11 token, stay in the token, which signs (``pki/token.py``)."""
 
     master: MasterKey
     certs: dict[str, x509.Certificate]
     authority: Authority = field(default_factory=Authority)
-    _keys: dict[str, PrivateKey] = field(default_factory=dict)
+    _keys: dict[str, Signer] = field(default_factory=dict)
     _chain_pems: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    token: Token | None = None
 
     @classmethod
-    def load(cls, session: Session, master: MasterKey) -> InstancePKI:
+    def load(
+        cls, session: Session, master: MasterKey, token: TokenConfig | None = None
+    ) -> InstancePKI:
         rows = session.execute(select(CACert)).scalars().all()
         if {r.label for r in rows} != {ROOT, *INTERMEDIATES}:
             raise PKIError("instance PKI is not initialised; run `certgate console init`")
         certs = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
-        pki = cls(master, certs)
+        pki = cls(master, certs, token=open_token(token) if token else None)
         for row in rows:  # unseal now: a wrong master key must fail at startup, not later
-            pki._keys[row.label] = pki.unseal(session, row.key_label)
+            pki._keys[row.label] = pki._ca_key(session, row)
         return pki
+
+    def _ca_key(self, session: Session, row: CACert) -> Signer:
+        stored = session.get(SealedKey, row.key_label)
+        in_token = stored is not None and stored.sealed.startswith(TOKEN_REFERENCE)
+        if self.token is not None:
+            # The token is the only place looked in: there is no other copy to fall back to.
+            if not in_token:
+                raise ConfigError(f"CA key {row.key_label!r} was not created in a PKCS#11 token")
+            return self.token.key(row.key_label, self.certs[row.label].public_key())
+        if in_token:
+            raise ConfigError(
+                f"CA key {row.key_label!r} is in a PKCS#11 token: console.json needs the "
+                "pkcs11 settings it was initialised with"
+            )
+        return self.unseal(session, row.key_label)
 
     def unseal(self, session: Session, label: str) -> PrivateKey:
         row = session.get(SealedKey, label)
@@ -182,16 +205,33 @@ def seal_key(session: Session, master: MasterKey, label: str, key: PrivateKey) -
         row.sealed, row.created_at = master.seal(key, label), now()
 
 
+def _reference_key(session: Session, label: str) -> None:
+    session.add(SealedKey(label=label, sealed=TOKEN_REFERENCE + label.encode(), created_at=now()))
+    session.flush()  # the CA row referencing it follows
+
+
 def init_instance(
-    session: Session, master: MasterKey, algorithm: KeyAlgorithm, public_url: str
+    session: Session,
+    master: MasterKey,
+    algorithm: KeyAlgorithm,
+    public_url: str,
+    token: TokenConfig | None = None,
 ) -> InstancePKI:
-    """Create the instance PKI once: a root and the three intermediates below it."""
+    """Create the instance PKI once: a root and the three intermediates below it, their
+    keys sealed under the master key or generated inside the PKCS#11 ``token``."""
     authority = Authority()
-    root_key = generate_key(algorithm)
+    vault = open_token(token) if token else None
+
+    def new_key(label: str) -> Signer:
+        if vault is None:
+            return generate_key(algorithm)
+        return vault.generate(f"ca:{label}", algorithm)
+
+    root_key = new_key(ROOT)
     root = authority.create_root(root_key, Names(CA_NAMES[ROOT]))
-    pki = InstancePKI(master, {ROOT: root}, authority, {ROOT: root_key})
+    pki = InstancePKI(master, {ROOT: root}, authority, {ROOT: root_key}, token=vault)
     for label in INTERMEDIATES:
-        key = generate_key(algorithm)
+        key = new_key(label)
         pki.certs[label] = authority.issue(
             pki.issuer(ROOT), INTERMEDIATE_CA, Names(CA_NAMES[label]), key.public_key()
         )
@@ -205,7 +245,11 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
     if session.get(Instance, 1) is not None:
         raise Conflict("instance already initialised")
     for label, cert in pki.certs.items():
-        seal_key(session, pki.master, f"ca:{label}", pki._keys[label])
+        key = pki._keys[label]
+        if isinstance(key, TokenKey):  # a token's key never leaves the token
+            _reference_key(session, f"ca:{label}")
+        else:
+            seal_key(session, pki.master, f"ca:{label}", key)
         session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
         record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
     session.add(
@@ -222,8 +266,12 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
 
 
 def ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
-    """The CA keys, for an encrypted backup only."""
-    return dict(pki._keys)
+    """The CA keys, for an encrypted backup only. Keys in a token cannot be exported."""
+    keys = {label: key for label, key in pki._keys.items() if not isinstance(key, TokenKey)}
+    if pki.token is not None or len(keys) != len(pki._keys):
+        where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
+        raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
+    return keys
 
 
 def revoke(session: Session, serial: str, reason: str) -> Certificate:
