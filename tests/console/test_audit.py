@@ -5,7 +5,6 @@ entries of older releases keep verifying up to a cut-over that cannot be moved."
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +21,8 @@ from certgate.console.store.db import MIGRATIONS, Database
 from certgate.console.store.models import AuditEntry, Instance
 from certgate.errors import ConfigError
 from certgate.pki.keystore import load_master_key
-from tests.support import CERTGATE, init_console
+from tests.console.conftest import append_audit, cli_audit_verify, tamper
+from tests.support import init_console
 
 Hasher = Callable[[AuditEntry, str], str]  # (row, prev) -> the hash a forger writes
 
@@ -30,24 +30,8 @@ Hasher = Callable[[AuditEntry, str], str]  # (row, prev) -> the hash a forger wr
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     directory, _ = init_console(tmp_path)
-    append(directory, 5)
+    append_audit(directory, 5)
     return directory
-
-
-def append(data_dir: Path, entries: int) -> None:
-    db, _ = local.open_db(local.load_config(data_dir))
-    with db.transaction() as session:
-        for n in range(entries):
-            audit.append(session, "cli:test", "test.action", group_id="global", n=n)
-    db.dispose()
-
-
-def tamper(data_dir: Path, *statements: object) -> None:
-    db, _ = local.open_db(local.load_config(data_dir))
-    with db.transaction() as session:
-        for statement in statements:
-            session.execute(statement)  # type: ignore[call-overload]
-    db.dispose()
 
 
 def verify(data_dir: Path) -> audit.ChainReport:
@@ -56,16 +40,6 @@ def verify(data_dir: Path) -> audit.ChainReport:
         report = audit.verify_chain(session)
     db.dispose()
     return report
-
-
-def cli_verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CERTGATE, "console", "audit", "verify", "-d", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def rechain(session: Session, first_id: int, hasher: Hasher, edit: dict[str, object]) -> None:
@@ -103,7 +77,7 @@ def wrong_key_mac(keyed_from: int) -> Hasher:
 def test_intact_chain_verifies(data_dir: Path) -> None:
     report = verify(data_dir)
     assert report.ok and report.entries == 5
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 0 and "audit chain OK: 5 entries" in result.stdout
 
 
@@ -116,7 +90,7 @@ def test_tampered_and_rechained_database_is_detected(data_dir: Path, hasher: Has
     db.dispose()
     report = verify(data_dir)
     assert not report.ok and report.first_bad_id == 3 and "MAC" in (report.problem or "")
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 1 and "BROKEN at entry 3" in result.stderr
     assert "rechained without the audit key" in result.stderr
 
@@ -204,7 +178,7 @@ def upgraded(tmp_path: Path) -> Path:
             text("UPDATE instance SET audit_head = :h, audit_count = :n"), {"h": prev, "n": UNKEYED}
         )
     db.dispose()
-    append(directory, 2)  # open_db migrates first
+    append_audit(directory, 2)  # open_db migrates first
     db, pki = local.open_db(local.load_config(directory))
     local.checkpointer(local.load_config(directory), db, pki).checkpoint()
     db.dispose()
@@ -221,7 +195,7 @@ def test_unkeyed_entries_verify_up_to_the_cut_over(upgraded: Path) -> None:
     assert keyed_from(upgraded) == UNKEYED  # set by migration 0005 from the old count
     report = verify(upgraded)
     assert report.ok and report.entries == UNKEYED + 2
-    assert cli_verify(upgraded).returncode == 0
+    assert cli_audit_verify(upgraded).returncode == 0
 
 
 def test_a_rewritten_unkeyed_entry_is_caught_by_the_first_keyed_one(upgraded: Path) -> None:
@@ -250,6 +224,6 @@ def test_a_cut_over_moved_past_the_end_is_caught_by_the_signed_checkpoint(upgrad
         rechain(session, UNKEYED + 1, legacy_hash, {"actor": "cli:mallory"})
     db.dispose()
     assert verify(upgraded).ok  # every entry now "unkeyed": the database alone cannot tell
-    result = cli_verify(upgraded)
+    result = cli_audit_verify(upgraded)
     assert result.returncode == 1 and f"BROKEN at entry {UNKEYED + 1}" in result.stderr
     assert "cut-over moved" in result.stderr

@@ -15,7 +15,7 @@ from certgate.console import local
 from certgate.console.services import audit, ca, checkpoints, groups
 from certgate.console.store.models import AuditEntry, CACert, Instance
 from certgate.errors import CertgateError, ChainError, SignatureError
-from tests.console.test_audit import append, cli_verify, tamper
+from tests.console.conftest import append_audit, cli_audit_verify, tamper
 from tests.support import init_console
 
 
@@ -23,7 +23,7 @@ from tests.support import init_console
 def data_dir(tmp_path: Path) -> Path:
     """Init's checkpoint (count 0), five entries, and a checkpoint of them (count 5)."""
     directory, _ = init_console(tmp_path)
-    append(directory, 5)
+    append_audit(directory, 5)
     checkpoint(directory)
     return directory
 
@@ -76,7 +76,7 @@ def test_sink_lines_verify_and_name_the_chain(data_dir: Path) -> None:
     ]
     assert report.checkpoints[0].head == audit.GENESIS
     assert verify_with_sink(data_dir).ok
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 0 and "5 entries, 2 signed checkpoints hold" in result.stdout
 
 
@@ -89,13 +89,13 @@ def test_deleted_tail_is_detected_by_the_checkpoint(data_dir: Path) -> None:
     report = verify_with_sink(data_dir)
     assert not report.ok and report.first_bad_id == 5 and "tail" in (report.problem or "")
     assert "entries after 3 were deleted" in (report.problem or "")
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 1 and "BROKEN at entry 5" in result.stderr
 
 
 def test_deleted_tail_refilled_by_new_entries_is_detected(data_dir: Path) -> None:
     delete_tail(data_dir, keep=3)
-    append(data_dir, 2)  # the count is 5 again, with other entries 4 and 5
+    append_audit(data_dir, 2)  # the count is 5 again, with other entries 4 and 5
     report = verify_with_sink(data_dir)
     assert not report.ok and "differs from the checkpoint of count 5" in (report.problem or "")
 
@@ -103,7 +103,7 @@ def test_deleted_tail_refilled_by_new_entries_is_detected(data_dir: Path) -> Non
 def test_a_database_put_back_from_an_older_copy_is_detected(data_dir: Path) -> None:
     database = Path(local.load_config(data_dir).db_url.removeprefix("sqlite:///"))
     old = database.read_bytes()  # checkpointed state: 5 entries
-    append(data_dir, 3)
+    append_audit(data_dir, 3)
     checkpoint(data_dir)
     database.write_bytes(old)
     for wal in database.parent.glob(database.name + "-*"):
@@ -119,7 +119,7 @@ def test_checkpoint_is_written_only_when_the_head_moved(data_dir: Path) -> None:
     try:
         assert writer.checkpoint() is not None  # a new checkpointer writes its first one
         assert writer.checkpoint() is None
-        append(data_dir, 1)
+        append_audit(data_dir, 1)
         written = writer.checkpoint()
         assert written is not None and written.count == 6 and written.last_id == 6
     finally:
@@ -149,7 +149,7 @@ def test_readable_fields_that_differ_from_the_signed_ones_are_rejected(data_dir:
     assert report.problems == (
         "audit-checkpoints.jsonl line 2: readable fields differ from the signed ones",
     )
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 1 and "line 2" in result.stderr and "REJECTED" in result.stderr
 
 
@@ -219,7 +219,7 @@ def test_a_swapped_ca_certificate_is_refused(data_dir: Path, tmp_path: Path) -> 
     db.dispose()
     with pytest.raises(SignatureError, match="does not match its sealed key"):
         checkpoints.anchors(pki, local.TOP_GROUP)
-    result = cli_verify(data_dir)
+    result = cli_audit_verify(data_dir)
     assert result.returncode == 1 and "does not match its sealed key" in result.stderr
 
 
