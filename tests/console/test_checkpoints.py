@@ -234,3 +234,13 @@ def test_verify_line_raises_for_each_kind_of_failure(data_dir: Path) -> None:
             checkpoints.verify_line(bad, trusted)
     with pytest.raises((SignatureError, ChainError)):
         checkpoints.verify_line(good, checkpoints.Anchors(trusted.root, trusted.issuer, "other"))
+
+
+def test_deleted_tail_is_detected_on_each_backend(tmp_path: Path, db_url: str) -> None:
+    directory, _ = init_console(tmp_path, db_url=db_url)
+    append_audit(directory, 5)
+    checkpoint(directory)
+    assert verify_with_sink(directory).ok
+    delete_tail(directory, keep=3)
+    report = verify_with_sink(directory)
+    assert not report.ok and report.first_bad_id == 5 and "tail" in (report.problem or "")
