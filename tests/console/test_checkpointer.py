@@ -149,3 +149,24 @@ def test_bad_checkpoint_settings_are_refused_at_startup(
 ) -> None:
     with pytest.raises(ConfigError, match="audit"):
         local.load_config(data_dir, **{setting: value})
+
+
+def test_a_syslog_socket_nobody_listens_on_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    config = local.load_config(data_dir, audit_syslog=str(tmp_path / "absent.sock"))
+    db, pki = local.open_db(config)
+    try:
+        with pytest.raises(ConfigError, match=r"audit syslog .* is not reachable"):
+            local.checkpointer(config, db, pki)
+    finally:
+        db.dispose()
+
+
+def test_a_console_that_cannot_write_its_checkpoints_does_not_start(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    sink = local.load_config(data_dir).audit_sink
+    sink.unlink()
+    sink.mkdir()  # not writable as a file, even by root
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        start_console(tmp_path, data_dir, local.load_config(data_dir).port)
+    assert "audit-checkpoints.jsonl" in str(failed.value)

@@ -1,13 +1,13 @@
 """The console's audit checkpointer: signs the chain's head into sinks outside the database.
 
-At start, every ``interval_s`` when the head moved, and at clean shutdown, a thread reads the
-head (one consistent read), signs it (``services.checkpoints``) and appends the line to the
-data directory's ``audit-checkpoints.jsonl`` (``O_APPEND``, fsync'd) and, when configured,
-to syslog. Several consoles on one PostgreSQL database each write their own file: every
-file checkpoints the same shared chain, and ``audit verify -d DIR`` holds the chain to
-DIR's file. The file is append-only by convention only; make it so on disk
-(``chattr +a``) or ship the syslog copy to another host for a sink the database host's
-root cannot rewrite.
+At start (a sink that cannot be written fails the start), every ``interval_s`` when the
+head moved, and at clean shutdown, it reads the head (one consistent read), signs it
+(``services.checkpoints``) and appends the line to the data directory's
+``audit-checkpoints.jsonl`` (``O_APPEND``, fsync'd) and, when configured, to syslog.
+Several consoles on one PostgreSQL database each write their own file: every file
+checkpoints the same shared chain, and ``audit verify -d DIR`` holds the chain to DIR's
+file. The file is append-only by convention only; make it so on disk (``chattr +a``) or
+ship the syslog copy to another host for a sink that the database host cannot rewrite.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
 import threading
 from pathlib import Path
 
 from certgate.console.services import audit, ca, checkpoints
 from certgate.console.store.db import Database
+from certgate.errors import ConfigError
 
 SYSLOG_TAG = "certgate-audit-checkpoint:"
 log = logging.getLogger("certgate.console.checkpointer")
@@ -34,11 +36,7 @@ class CheckpointSink:
         if syslog is not None:
             # A logger of our own, outside the logging tree: checkpoints go to syslog only.
             self._syslog = logging.Logger("certgate.audit.checkpoint", logging.INFO)
-            self._syslog.addHandler(
-                logging.handlers.SysLogHandler(
-                    syslog, facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV
-                )
-            )
+            self._syslog.addHandler(_syslog_handler(syslog))
 
     def append(self, line: str) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -53,6 +51,27 @@ class CheckpointSink:
     def close(self) -> None:
         for handler in self._syslog.handlers if self._syslog else ():
             handler.close()
+
+
+class _SyslogHandler(logging.handlers.SysLogHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        # The file holds the line; say that the syslog copy is missing instead of printing
+        # logging's bare traceback.
+        log.exception("audit checkpoint not sent to syslog %r", self.address)
+
+
+def _syslog_handler(address: str | tuple[str, int]) -> logging.Handler:
+    try:  # a host name that does not resolve fails here
+        handler = _SyslogHandler(address, facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV)
+    except OSError as exc:
+        raise ConfigError(f"audit syslog {address!r} is not reachable: {exc}") from exc
+    sock: socket.socket | None = getattr(handler, "socket", None)
+    if sock is None or sock.fileno() == -1:
+        # A socket path that fails to connect is only retried at each message; one nobody
+        # listens on at start is a misconfiguration: refuse to start without it.
+        handler.close()
+        raise ConfigError(f"audit syslog {address!r} is not reachable")
+    return handler
 
 
 class Checkpointer:
@@ -83,6 +102,9 @@ class Checkpointer:
         return head
 
     def start(self) -> None:
+        """Checkpoint now, failing the start if the sink cannot be written; then go on in a
+        thread (later failures are logged and retried: they must not stop the console)."""
+        self.checkpoint()
         self._thread = threading.Thread(target=self._run, name="audit-checkpointer", daemon=True)
         self._thread.start()
 
@@ -94,10 +116,8 @@ class Checkpointer:
         self._sink.close()
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping.wait(self._interval_s):
             self._tick()
-            if self._stopping.wait(self._interval_s):
-                break
         self._tick()  # clean shutdown: the last writes get their checkpoint
 
     def _tick(self) -> None:
