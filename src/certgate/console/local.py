@@ -29,8 +29,6 @@ from certgate.pki.keystore import ENV_VAR, MasterKey, load_master_key, new_maste
 
 SETTINGS_FILE = "console.json"
 TOP_GROUP = "global"
-
-
 _SQLITE = "sqlite:///"
 
 
@@ -50,7 +48,7 @@ def load_config(data_dir: Path, **overrides: Any) -> ConsoleConfig:
         raise ConfigError(f"{data_dir} is not a console data directory (run console init)")
     data = json.loads(path.read_text())
     data.update({k: v for k, v in overrides.items() if v is not None})
-    data["db_url"] = resolve_db_url(data["db_url"], data.get("data_dir"), data_dir)
+    data["db_url"] = _resolve_db_url(data["db_url"], data.get("data_dir"), data_dir)
     data["data_dir"] = data_dir
     return ConsoleConfig(**data)
 
@@ -68,7 +66,7 @@ def _stored_db_url(config: ConsoleConfig) -> str:
     return config.db_url
 
 
-def resolve_db_url(stored: str, stored_dir: str | None, data_dir: Path) -> str:
+def _resolve_db_url(stored: str, stored_dir: str | None, data_dir: Path) -> str:
     """The database of ``data_dir``, from the URL its ``console.json`` holds.
 
     Relative SQLite paths are the directory's own. An absolute one inside the directory
