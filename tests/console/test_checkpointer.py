@@ -1,11 +1,15 @@
 """The checkpointer shell: a running console signs the audit head at start, periodically and
-at clean shutdown; lines go to the data directory's file and to syslog (UDP or a socket)."""
+at clean shutdown; lines go to the data directory's file and to syslog (UDP or a socket,
+and through a real rsyslogd)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -170,3 +174,60 @@ def test_a_console_that_cannot_write_its_checkpoints_does_not_start(
     with pytest.raises(RuntimeError, match="did not start") as failed:
         start_console(tmp_path, data_dir, local.load_config(data_dir).port)
     assert "audit-checkpoints.jsonl" in str(failed.value)
+
+
+RSYSLOGD = shutil.which("rsyslogd", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+RSYSLOG_CONF = """
+global(workDirectory="{work}")
+module(load="imudp")
+input(type="imudp" address="127.0.0.1" port="{port}")
+template(name="raw" type="string" string="%syslogfacility-text%.%syslogseverity-text% %msg%\\n")
+authpriv.* action(type="omfile" file="{out}" template="raw")
+"""
+
+
+def wait_for_udp_bound(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until rsyslogd holds the port: binding it ourselves then fails."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"rsyslogd did not bind 127.0.0.1:{port} (exit {proc.poll()})")
+
+
+@pytest.mark.skipif(RSYSLOGD is None, reason="rsyslog is not installed (make sysdeps)")
+def test_a_real_rsyslog_receives_verifiable_checkpoints(data_dir: Path, tmp_path: Path) -> None:
+    assert RSYSLOGD is not None
+    port, out, conf = free_udp_port(), tmp_path / "authpriv.log", tmp_path / "rsyslog.conf"
+    conf.write_text(RSYSLOG_CONF.format(work=tmp_path, port=port, out=out))
+    command = [RSYSLOGD, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslogd.pid")]
+    with (tmp_path / "rsyslogd.log").open("wb") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for_udp_bound(port, proc)
+        append_audit(data_dir, 2)
+        checkpoint_with(local.load_config(data_dir, audit_syslog=f"127.0.0.1:{port}"))
+        deadline = time.monotonic() + WAIT_S
+        while not (out.exists() and out.read_text().endswith("\n")):
+            assert time.monotonic() < deadline, "rsyslogd wrote nothing"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    [received] = out.read_text().splitlines()
+    assert received.startswith("authpriv.info ")
+    line = received[received.index("{") :]
+    db, pki = local.open_db(local.load_config(data_dir))
+    db.dispose()
+    assert checkpoints.verify_line(line, checkpoints.anchors(pki, local.TOP_GROUP)).count == 2
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
