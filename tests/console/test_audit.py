@@ -5,6 +5,7 @@ entries of older releases keep verifying up to a cut-over that cannot be moved."
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,3 +228,35 @@ def test_a_cut_over_moved_past_the_end_is_caught_by_the_signed_checkpoint(upgrad
     result = cli_audit_verify(upgraded)
     assert result.returncode == 1 and f"BROKEN at entry {UNKEYED + 1}" in result.stderr
     assert "cut-over moved" in result.stderr
+
+
+def test_verify_during_concurrent_appends_sees_no_break(tmp_path: Path, db_url: str) -> None:
+    """On PostgreSQL a verify reads in READ COMMITTED: entries committed while it walks
+    must not look like a rewritten head or a truncated tail."""
+    directory, _ = init_console(tmp_path, db_url=db_url)
+    # Opened here, one after the other: migrations must not run in two threads at once.
+    writing, _ = local.open_db(local.load_config(directory))
+    reading, _ = local.open_db(local.load_config(directory))
+    done = threading.Event()
+
+    def appender() -> None:
+        try:
+            for n in range(60):
+                with writing.transaction() as session:
+                    audit.append(session, "test:concurrent", "test.action", n=n)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=appender)
+    thread.start()
+    reports = []
+    try:
+        while not done.is_set():
+            with reading.read_only() as session:
+                reports.append(audit.verify_chain(session))
+    finally:
+        thread.join()
+        writing.dispose()
+        reading.dispose()
+    assert reports and all(r.ok for r in reports), [r for r in reports if not r.ok]
+    assert verify(directory).entries == 60
