@@ -14,7 +14,9 @@ What it resists: a person with write access to the database but not the master k
 - What a chain inside the database cannot see: its tail deleted with the head and count on
   the instance rewound, or an older copy of the database put back. Checkpoints signed by
   the console identity into a sink outside the database (``services.checkpoints``) record
-  (count, head) as they were; ``verify_chain`` holds the chain to each of them.
+  (count, head) as they were; ``verify_chain`` holds the chain to each of them. Entries
+  appended since the last checkpoint can still be cut unseen: the window is the
+  checkpoint interval (``audit_checkpoint_s``).
 
 Appends lock the instance row first, so concurrent writers (threads or console nodes on
 PostgreSQL) form one chain.

@@ -5,6 +5,8 @@ audit_keyed_from`` records how many there are (the chain's count at upgrade time
 new database). Every keyed entry's MAC covers that number and so does every signed
 checkpoint (``console.services.checkpoints``), so a database writer cannot move the cut-over
 to pass keyed entries off as unkeyed ones. No key is needed here: nothing is rehashed.
+Until the first checkpoint after the upgrade (written when the console starts), nothing
+outside the database vouches for the cut-over: start the console soon after upgrading.
 
 Revision ID: 0005
 Revises: 0004
