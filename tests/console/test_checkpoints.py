@@ -244,3 +244,9 @@ def test_deleted_tail_is_detected_on_each_backend(tmp_path: Path, db_url: str) -
     delete_tail(directory, keep=3)
     report = verify_with_sink(directory)
     assert not report.ok and report.first_bad_id == 5 and "tail" in (report.problem or "")
+
+
+def test_a_renumbered_entry_is_detected(data_dir: Path) -> None:
+    tamper(data_dir, update(AuditEntry).where(AuditEntry.id == 5).values(id=50))
+    report = verify_with_sink(data_dir)
+    assert not report.ok and report.first_bad_id == 50 and "renumbered" in (report.problem or "")

@@ -270,8 +270,9 @@ class _Walk:
         if not hmac.compare_digest(self._expected(row), row.hash):
             raise _Broken(row.id, self._mismatch())
         for checkpoint in self.signed.get(self.position, ()):
-            if row.hash != checkpoint.head:
-                raise _Broken(row.id, f"differs from the {checkpoint.describe()} (rewritten)")
+            if (row.hash, row.id) != (checkpoint.head, checkpoint.last_id):
+                problem = f"differs from the {checkpoint.describe()} (rewritten or renumbered)"
+                raise _Broken(row.id, problem)
         if self.position == self.recorded.count and row.hash != self.recorded.head:
             raise _Broken(row.id, "differs from the head the instance records (rewritten)")
         self.prev, self.last_id = row.hash, row.id
