@@ -8,6 +8,7 @@ declare -A probe=(
   [postgresql]="/usr/lib/postgresql/*/bin/initdb"
   [python3-venv]="python3 -c 'import ensurepip'"
   [softhsm2]="softhsm2-util"
+  [rsyslog]="/usr/sbin/rsyslogd"
 )
 missing=()
 for pkg in "$@"; do

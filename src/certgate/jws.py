@@ -34,6 +34,7 @@ TYP_BATCH = "certgate-feed-batch+jws"
 TYP_SNAPSHOT = "certgate-snapshot+jws"  # format 1: entries as feed upsert objects
 TYP_SNAPSHOT_V2 = "certgate-snapshot-v2+jws"  # format 2: entries as columns
 TYP_INSTALLER = "certgate-installer+jws"
+TYP_AUDIT_CHECKPOINT = "certgate-audit-checkpoint+jws"  # console.services.checkpoints
 
 
 class _Registry(_jws.JWSRegistry):

@@ -1,10 +1,12 @@
 """Fixtures of the console's store tests: a new, empty database on each backend, the store
-of the module's running console, and device rows written directly."""
+of the module's running console, device rows written directly, and the audit tests' ways
+to write, tamper with and verify a data directory's log."""
 
 from __future__ import annotations
 
 import itertools
 import secrets
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,11 +15,11 @@ from typing import Any
 import pytest
 
 from certgate.console import local
-from certgate.console.services import ca
+from certgate.console.services import audit, ca
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate, Device
 from tests.postgres import PostgresServer
-from tests.support import RunningConsole
+from tests.support import CERTGATE, RunningConsole
 
 _names = itertools.count()
 
@@ -74,3 +76,31 @@ def add_device(session: Any, group_id: str) -> str:
     )
     session.flush()
     return uid
+
+
+def append_audit(data_dir: Path, entries: int) -> None:
+    """``entries`` audit entries written as a local command would write them."""
+    db, _ = local.open_db(local.load_config(data_dir))
+    with db.transaction() as session:
+        for n in range(entries):
+            audit.append(session, "cli:test", "test.action", group_id="global", n=n)
+    db.dispose()
+
+
+def tamper(data_dir: Path, *statements: object) -> None:
+    """What a database writer does: statements on the data dir's database, committed."""
+    db, _ = local.open_db(local.load_config(data_dir))
+    with db.transaction() as session:
+        for statement in statements:
+            session.execute(statement)  # type: ignore[call-overload]
+    db.dispose()
+
+
+def cli_audit_verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CERTGATE, "console", "audit", "verify", "-d", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

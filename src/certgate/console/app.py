@@ -162,12 +162,16 @@ def create_app(state: ConsoleState) -> FastAPI:
         if state.change_watcher is not None:
             state.change_watcher.start()
         state.writer.start()
+        if state.checkpointer is not None:
+            state.checkpointer.start()
         try:
             yield
         finally:
             if state.change_watcher is not None:
                 state.change_watcher.stop()
             state.writer.stop()
+            if state.checkpointer is not None:  # after the writer: its last commits count
+                state.checkpointer.stop()
             state.snapshot_pages.close()
 
     app = FastAPI(

@@ -22,13 +22,22 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from sqlalchemy.orm import Session
 
 from certgate.console import backup as backup_mod
 from certgate.console import local
 from certgate.console.api.schemas import SettingsIn
-from certgate.console.services import admins, audit, ca, devices, dryrun, groups, tunnels
+from certgate.console.services import (
+    admins,
+    audit,
+    ca,
+    checkpoints,
+    devices,
+    dryrun,
+    groups,
+    tunnels,
+)
 from certgate.console.services.rbac import ROLES
 from certgate.console.store.models import (
     Admin,
@@ -706,13 +715,27 @@ def audit_list(data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 5
 
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDir) -> None:
-    """Recompute the audit hash chain; exit 1 at the first entry that does not fit."""
-    with opened(data_dir) as (session, _):
-        report = audit.verify_chain(session)
+    """Recompute the keyed audit chain of DIR's database and hold it to the signed
+    checkpoints in DIR; exit 1 at the first entry that does not fit, or if a checkpoint
+    line does not verify."""
+    with opened(data_dir) as (session, pki):
+        config = local.load_config(data_dir)
+        trusted = checkpoints.anchors(pki, local.TOP_GROUP)
+        sink = checkpoints.read_sink(config.audit_sink, trusted)
+        report = audit.verify_chain(session, sink.checkpoints)
+    database = make_url(config.db_url).render_as_string(hide_password=True)
+    out.print(f"database {database}; checkpoints {config.audit_sink}", soft_wrap=True)
+    for problem in sink.problems:
+        err.print(f"checkpoint REJECTED: {escape(problem)}", soft_wrap=True)
     if not report.ok:
         where = f" at entry {report.first_bad_id}" if report.first_bad_id else ""
         raise fail(f"audit chain BROKEN{where}: {report.problem} ({report.entries} checked)")
-    out.print(f"audit chain OK: {report.entries} entries")
+    if sink.problems:
+        raise fail(f"{len(sink.problems)} checkpoint line(s) do not verify (forged or damaged)")
+    held = len(sink.checkpoints)
+    out.print(f"audit chain OK: {report.entries} entries, {held} signed checkpoints hold")
+    if not held:
+        err.print("warning: no signed checkpoint yet: a deleted tail would go unnoticed")
 
 
 @app.command("installer")

@@ -13,6 +13,7 @@ from certgate.pki.token import TokenConfig
 DEFAULT_PORT = 7443
 MASTER_KEY_FILE = "master.key"
 DB_FILE = "console.db"
+AUDIT_SINK_FILE = "audit-checkpoints.jsonl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,10 @@ class ConsoleConfig:
     pkcs11_module: str | None = None
     pkcs11_token: str | None = None
     pkcs11_pin_env: str | None = None
+    # Signed audit checkpoints: how often (when the head moved), and the syslog destination
+    # besides the file ("" none, "/dev/log" or another socket path, or "host:port" UDP).
+    audit_checkpoint_s: float = 60.0
+    audit_syslog: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -45,7 +50,21 @@ class ConsoleConfig:
             raise ConfigError("max body bytes must be between 1 KiB and 64 MiB")
         if not 1 <= self.long_poll_max_s <= 300:
             raise ConfigError("long-poll maximum must be 1-300 s")
+        if not 1 <= self.audit_checkpoint_s <= 24 * 3600:
+            raise ConfigError("audit checkpoint interval must be 1 s to 24 h")
+        self.syslog_address()  # validated now, used by the checkpointer
         self.pkcs11  # noqa: B018 - validates the token settings now, at startup
+
+    def syslog_address(self) -> str | tuple[str, int] | None:
+        """``audit_syslog`` as ``SysLogHandler`` takes it: a socket path or (host, port)."""
+        if not self.audit_syslog or self.audit_syslog.startswith("/"):
+            return self.audit_syslog or None
+        host, _, port = self.audit_syslog.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"audit syslog must be /socket/path or host:port: {self.audit_syslog!r}"
+            )
+        return host.strip("[]"), int(port)
 
     @property
     def pkcs11(self) -> TokenConfig | None:
@@ -60,6 +79,11 @@ class ConsoleConfig:
     @property
     def master_key_file(self) -> Path:
         return self.data_dir / MASTER_KEY_FILE
+
+    @property
+    def audit_sink(self) -> Path:
+        """The append-only file of signed audit checkpoints (outside the database)."""
+        return self.data_dir / AUDIT_SINK_FILE
 
     @property
     def public_host(self) -> str:

@@ -1,7 +1,13 @@
 """Local administration: open a data directory directly (no HTTP), as the CLI does.
 
-The data directory holds ``console.json`` (non-secret settings), ``master.key`` (0600) and,
-by default, the SQLite database. Secrets never go into ``console.json``.
+The data directory holds ``console.json`` (non-secret settings), ``master.key`` (0600), the
+signed audit checkpoints and, by default, the SQLite database. Secrets never go into
+``console.json``.
+
+A SQLite database inside the data directory belongs to it: ``console.json`` names it by a
+path relative to the directory, so a copied or moved directory opens its own database, not
+the one it was copied from. A database outside the directory (PostgreSQL, or a SQLite file
+given elsewhere at init) is shared by every copy, as configured.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from certgate.console.config import ConsoleConfig, default_db_url
-from certgate.console.services import ca
+from certgate.console.checkpointer import Checkpointer, CheckpointSink
+from certgate.console.config import DB_FILE, ConsoleConfig, default_db_url
+from certgate.console.services import audit, ca
 from certgate.console.services.groups import create_group
 from certgate.console.store.db import Database, migrate
 from certgate.errors import ConfigError
@@ -23,11 +30,13 @@ from certgate.pki.token import TokenConfig
 
 SETTINGS_FILE = "console.json"
 TOP_GROUP = "global"
+_SQLITE = "sqlite:///"
 
 
 def save_config(config: ConsoleConfig) -> None:
     data: dict[str, Any] = asdict(config)
     data["data_dir"] = str(config.data_dir)
+    data["db_url"] = _stored_db_url(config)
     path = config.data_dir / SETTINGS_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -40,8 +49,53 @@ def load_config(data_dir: Path, **overrides: Any) -> ConsoleConfig:
         raise ConfigError(f"{data_dir} is not a console data directory (run console init)")
     data = json.loads(path.read_text())
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data["db_url"] = _resolve_db_url(data["db_url"], data.get("data_dir"), data_dir)
     data["data_dir"] = data_dir
     return ConsoleConfig(**data)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix(_SQLITE)) if url.startswith(_SQLITE) else None
+
+
+def _stored_db_url(config: ConsoleConfig) -> str:
+    """``config.db_url`` as ``console.json`` keeps it: relative when inside the data dir."""
+    path = _sqlite_path(config.db_url)
+    home = config.data_dir.resolve()
+    if path is not None and path.resolve().is_relative_to(home):
+        return _SQLITE + str(path.resolve().relative_to(home))
+    return config.db_url
+
+
+def _resolve_db_url(stored: str, stored_dir: str | None, data_dir: Path) -> str:
+    """The database of ``data_dir``, from the URL its ``console.json`` holds.
+
+    Relative SQLite paths are the directory's own. An absolute one inside the directory
+    named by ``stored_dir`` (``console.json`` of releases that stored absolute paths) is
+    rebased onto ``data_dir``. Any other absolute path is used as is, unless ``data_dir``
+    holds a database of its own, which it would silently ignore: that is refused."""
+    path = _sqlite_path(stored)
+    home = data_dir.resolve()
+    if path is None:
+        return stored
+    if not path.is_absolute():
+        return _SQLITE + str(home / path)
+    for old_home in _old_homes(stored_dir):
+        if path.is_relative_to(old_home):
+            return _SQLITE + str(home / path.relative_to(old_home))
+    own = home / DB_FILE
+    if own.exists() and not (path.exists() and path.samefile(own)):
+        raise ConfigError(
+            f"{data_dir}/{SETTINGS_FILE} names the database {path}, outside {data_dir}, "
+            f"while {own} exists: set db_url there to the database you mean"
+        )
+    return stored
+
+
+def _old_homes(stored_dir: str | None) -> list[Path]:
+    if not stored_dir or not Path(stored_dir).is_absolute():
+        return []
+    return [Path(stored_dir), Path(stored_dir).resolve()]
 
 
 def init(
@@ -68,13 +122,17 @@ def init(
         pkcs11_pin_env=pkcs11.pin_env if pkcs11 else None,
     )
     master = master_for_init(config)
-    db = Database(config.db_url)
+    db = Database(config.db_url, session_info=audit.session_info(master))
     try:
         migrate(db.engine)
         with db.transaction() as session:
             pki = ca.init_instance(session, master, algorithm, public_url, config.pkcs11)
         with db.transaction() as session:
             create_group(session, pki, TOP_GROUP, "Global", None)
+        # The first signed checkpoint vouches for the cut-over (0: every entry keyed).
+        first = checkpointer(config, db, pki)
+        first.checkpoint()
+        first.stop()
     finally:
         db.dispose()
     save_config(config)
@@ -89,9 +147,15 @@ def master_for_init(config: ConsoleConfig) -> MasterKey:
     return new_master_key_file(config.master_key_file)
 
 
+def checkpointer(config: ConsoleConfig, db: Database, pki: ca.InstancePKI) -> Checkpointer:
+    """The checkpointer of this data directory, signing as the top group's console."""
+    sink = CheckpointSink(config.audit_sink, config.syslog_address())
+    return Checkpointer(db, pki, sink, TOP_GROUP, config.audit_checkpoint_s)
+
+
 def open_db(config: ConsoleConfig) -> tuple[Database, ca.InstancePKI]:
     master = load_master_key(config.master_key_file)
-    db = Database(config.db_url)
+    db = Database(config.db_url, session_info=audit.session_info(master))
     migrate(db.engine)
     with db.transaction() as session:
         pki = ca.InstancePKI.load(session, master, config.pkcs11)

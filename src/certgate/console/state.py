@@ -1,5 +1,6 @@
 """The running console's shared state: config, storage, loaded PKI, feed notifier and the
-watcher of other processes' commits that feeds it, writer, signed snapshot pages."""
+watcher of other processes' commits that feeds it, writer, signed snapshot pages, audit
+checkpointer."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from certgate.console import local
+from certgate.console.checkpointer import Checkpointer
 from certgate.console.config import ConsoleConfig
 from certgate.console.notify import ChangeWatcher, change_watcher
-from certgate.console.services import ca
+from certgate.console.services import audit, ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
 from certgate.console.services.snapshots import SnapshotPages
 from certgate.console.store.db import Database
@@ -43,11 +46,12 @@ class ConsoleState:
     crl_cache: ca.CachedCRL | None = None
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
     change_watcher: ChangeWatcher | None = None  # started and stopped by the app's lifespan
+    checkpointer: Checkpointer | None = None  # likewise
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
         master = master or load_master_key(config.master_key_file)
-        db = Database(config.db_url)
+        db = Database(config.db_url, session_info=audit.session_info(master))
         with db.transaction() as session:
             pki = ca.InstancePKI.load(session, master, config.pkcs11)
         notifier = FeedNotifier()
@@ -60,6 +64,7 @@ class ConsoleState:
             Writer(db),
             SnapshotPages(db, pki),
             change_watcher=change_watcher(config.db_url, notifier),
+            checkpointer=local.checkpointer(config, db, pki),
         )
 
     def tls_context(self) -> ssl.SSLContext:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -67,12 +67,17 @@ def migrate(engine: Engine) -> None:
 
 
 class Database:
-    """The console's handle on storage: an engine and a session factory."""
+    """The console's handle on storage: an engine and a session factory.
 
-    def __init__(self, url: str) -> None:
+    ``session_info`` is copied into every session's ``info`` (the audit chain's MAC key
+    travels this way, so no caller of ``audit.append`` handles it)."""
+
+    def __init__(self, url: str, session_info: Mapping[str, Any] | None = None) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(
+            self.engine, expire_on_commit=False, info=dict(session_info or {})
+        )
         self._commit_hooks: list[Callable[[dict[Any, Any]], None]] = []
         # SQLite has one writer and every transaction here begins IMMEDIATE: this process's
         # threads queue on a lock instead of sleeping in SQLite's busy handler, whose back-off

@@ -65,6 +65,8 @@ class Instance(Base):
     crl_number: Mapped[int] = mapped_column(BigInteger, default=0)
     audit_head: Mapped[str] = mapped_column(String(64))
     audit_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Entries 1..audit_keyed_from carry the unkeyed SHA-256 chain of releases before 0005.
+    audit_keyed_from: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class SealedKey(Base):
