@@ -121,6 +121,7 @@ class FeedFollower:
         snapshot_page: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         feed_version: int = FEED_VERSION,
+        read_only: bool = False,
     ) -> None:
         if not MIN_FEED_VERSION <= feed_version <= FEED_VERSION:
             raise ValueError(f"feed version {feed_version} is not one this node speaks")
@@ -130,7 +131,10 @@ class FeedFollower:
         self._transport = transport  # None: mTLS to the console; else a stand-in console
         self._on_change = on_change
         self._clock = clock
-        self._store = TableStore(state_dir, compact_after_bytes=compact_after_bytes)
+        # read_only: a look at a running node's table that never writes (tunnel status).
+        self._store = TableStore(
+            state_dir, compact_after_bytes=compact_after_bytes, read_only=read_only
+        )
         self._table = DeviceTable()
         self._needs_snapshot = True
         self._store_behind = False
