@@ -14,9 +14,13 @@ at once, by a wake-up rather than the long-poll's 1 s recheck (``api.tunnel``).
 Nothing here asserts a duration: the time to enforce (250 ms target) is printed, p50 and
 max over repetitions. What is asserted is where the wake-up came from, from console A's log
 (``feed batch group=... node=... to_seq=N woken_by=notify|data_version|recheck|...``).
-A NOTIFY can lose a race with the recheck that fires in the few milliseconds before it
-arrives (then the log honestly says ``recheck``), so the PostgreSQL scenario asserts that
-most samples came by NOTIFY: with NOTIFY broken, none would.
+A wake-up can lose a race with the recheck: one that fires while the change commits (its
+poll then waits behind the writer) or in the milliseconds before the wake-up arrives finds
+the batch first, and the log honestly says ``recheck`` (measured on SQLite with 2 s
+long-polls: such batches reached the node as fast as the woken ones, 50-80 ms after the
+audit entry; 3 of 17 and 4 of 12 samples there, none of 20 here with 20 s long-polls).
+So the scenarios assert that more than a quarter of the samples came by the wake-up (far
+from what that race can reach): with the watcher or NOTIFY broken, none would.
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def test_changes_through_console_b_wake_the_nodes_of_console_a_by_notify(
         print(summary(f"{label} change through console B, both nodes of A", values))
     print(f"console A's long-polls woken by: {sorted(sources)}")
     assert set(sources) <= {feed.WAKE_NOTIFY, "recheck"}, sources
-    assert sources.count(feed.WAKE_NOTIFY) * 2 > len(sources), sources
+    assert sources.count(feed.WAKE_NOTIFY) * 4 > len(sources), sources
 
 
 # SQLite: a change by the local CLI
@@ -273,7 +277,7 @@ def test_cli_changes_wake_the_serving_console_by_data_version(sqlite_cluster: Cl
         )
     print(f"the serving console's long-polls woken by: {sorted(sources)}")
     assert set(sources) <= {feed.WAKE_DATA_VERSION, "recheck"}, sources
-    assert sources.count(feed.WAKE_DATA_VERSION) * 2 > len(sources), sources
+    assert sources.count(feed.WAKE_DATA_VERSION) * 4 > len(sources), sources
 
 
 def test_a_new_connection_after_the_cli_returned_is_refused_once_the_node_has_the_batch(
@@ -286,8 +290,8 @@ def test_a_new_connection_after_the_cli_returned_is_refused_once_the_node_has_th
     delays: list[float] = []
     admitted: list[int] = []
     for _ in range(REPETITIONS):
+        target = feed_seq(cluster.console) + 1  # the device has one certificate: one event
         returned = cli(cluster, "device", "set", uid, "--compliance", "noncompliant")
-        target = feed_seq(cluster.console)
         admitted.append(0)
         deadline = time.monotonic() + CLOSE_GUARD_S
         while time.monotonic() < deadline:
@@ -301,6 +305,7 @@ def test_a_new_connection_after_the_cli_returned_is_refused_once_the_node_has_th
             admitted[-1] += 1
         else:
             raise AssertionError("new connections were still admitted")
+        assert feed_seq(cluster.console) == target
         cli(cluster, "device", "set", uid, "--compliance", "compliant")
         wait_admitted_everywhere(cluster)
     print(f"new connections admitted after the CLI returned, before the batch: {admitted}")
