@@ -196,18 +196,17 @@ _COMPLIANCE = {member.value: member for member in ComplianceStatus}
 _T = TypeVar("_T")
 
 
-def message_version(payload: Mapping[str, Any]) -> int:
+def message_version(payload: Mapping[str, Any], own: int = FEED_VERSION) -> int:
     """The contract version of a verified batch or snapshot page (absent: 1); raises for
-    a malformed one or one newer than this code speaks."""
+    a malformed one or one newer than ``own``, the version the reader asked for (a node
+    pinned to an older version reads as a node of that version would)."""
     version = payload.get("version", MIN_FEED_VERSION)
     if type(version) is not int or version < MIN_FEED_VERSION:
         raise FeedError(f"malformed feed version {_show(version)}")
     if "version" in payload and version == MIN_FEED_VERSION:
         raise FeedError("version 1 messages carry no version key")
-    if version > FEED_VERSION:
-        raise FeedError(
-            f"feed version {version} is newer than this node's {FEED_VERSION}: upgrade the node"
-        )
+    if version > own:
+        raise FeedError(f"feed version {version} is newer than this node's {own}: upgrade the node")
     return version
 
 

@@ -3,8 +3,8 @@ under the 1 s recheck (``api.tunnel.CROSS_NODE_RECHECK_S``), on SQLite (another 
 the same file, the real CLI included) and on PostgreSQL (another node; after a dropped
 listener connection too).
 
-Every wait below is shorter than the recheck: a ``FeedNotifier.wait`` returns True only when
-something notified it, and nothing in these tests notifies but the watcher under test.
+Every wait below is shorter than the recheck: a ``FeedNotifier.wait`` returns what woke it
+(None: nothing did), and nothing in these tests notifies but the watcher under test.
 """
 
 from __future__ import annotations
@@ -95,14 +95,34 @@ def run_bound(scenario: Callable[[feed.FeedNotifier], Awaitable[None]]) -> None:
 
 async def woken_by(
     notifier: feed.FeedNotifier, group: str, commit: Callable[[], Any], within: float
-) -> tuple[bool, float]:
-    """Wait on ``group`` while ``commit`` runs on a worker thread; (woken, seconds taken)."""
+) -> tuple[str | None, float]:
+    """Wait on ``group`` while ``commit`` runs on a worker thread; (what woke it, seconds)."""
     waiting = asyncio.create_task(notifier.wait(group, within))
     await asyncio.sleep(0)  # the waiter is registered
     started = time.monotonic()
     await asyncio.to_thread(commit)
     woken = await waiting
     return woken, time.monotonic() - started
+
+
+def test_a_wake_between_reading_the_feed_and_waiting_is_not_lost() -> None:
+    """A long-poll reads the feed, then waits: a commit in between must end the wait at
+    once, not at the recheck (``mark`` taken before the read, passed to ``wait``)."""
+
+    async def scenario(notifier: feed.FeedNotifier) -> None:
+        mark = notifier.mark("g")
+        notifier.notify(["g"], feed.WAKE_NOTIFY)  # as from the listener thread
+        await asyncio.sleep(0)  # delivered, with no waiter registered yet
+        assert notifier.mark("g") != mark
+        assert await notifier.wait("g", HANG_GUARD_S, since=mark) == feed.WAKE_NOTIFY
+        assert await notifier.wait("g", QUIET_S, since=notifier.mark("g")) is None
+        assert await notifier.wait("other", QUIET_S, since=notifier.mark("other")) is None
+        mark = notifier.mark("other")
+        notifier.notify_all()
+        await asyncio.sleep(0)
+        assert await notifier.wait("other", HANG_GUARD_S, since=mark) == feed.WAKE_RECONNECT
+
+    run_bound(scenario)
 
 
 @pytest.fixture
@@ -147,7 +167,7 @@ def test_a_commit_by_another_process_wakes_its_group_within_the_bound(
             child.communicate(timeout=HANG_GUARD_S)
             watcher.stop()
         print(f"woken by the other process's commit within {took * 1000:.0f} ms")
-        assert woken
+        assert woken == feed.WAKE_DATA_VERSION
         assert child.returncode == 0
 
     run_bound(scenario)
@@ -166,7 +186,7 @@ def test_only_the_groups_whose_feed_moved_are_woken(sqlite_db: tuple[Database, s
             assert not await notifier.wait(moved, QUIET_S)
             other = asyncio.create_task(notifier.wait(still, QUIET_S + WAKE_WITHIN_S))
             woken, _ = await woken_by(notifier, moved, lambda: emit_one(db, moved), WAKE_WITHIN_S)
-            assert woken
+            assert woken == feed.WAKE_DATA_VERSION
             assert not await other
             rename(db, moved)
             assert not await notifier.wait(moved, QUIET_S)
@@ -269,7 +289,7 @@ def test_a_commit_by_another_node_wakes_its_group_and_a_rollback_does_not(
                 notifier, group, lambda: emit_one(pg_db, group), WAKE_WITHIN_S
             )
             print(f"woken by another node's commit within {took * 1000:.0f} ms")
-            assert woken
+            assert woken == feed.WAKE_NOTIFY
             woken, _ = await woken_by(notifier, group, lambda: rolled_back(pg_db, group), QUIET_S)
             assert not woken
         finally:
@@ -300,13 +320,13 @@ def test_a_dropped_listener_reconnects_wakes_everyone_and_still_delivers(
             woken, _ = await woken_by(
                 notifier, group, lambda: terminate(pg_db, first), HANG_GUARD_S
             )
-            assert woken  # notifications may have been lost: every group was woken
+            assert woken == feed.WAKE_RECONNECT  # notifications may have been lost
             second = await asyncio.to_thread(listener_pid, pg_db, first)
             assert second != first
             woken, _ = await woken_by(
                 notifier, group, lambda: emit_one(pg_db, group), WAKE_WITHIN_S
             )
-            assert woken
+            assert woken == feed.WAKE_NOTIFY
         finally:
             listener.stop()
 

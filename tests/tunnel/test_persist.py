@@ -156,6 +156,28 @@ def test_torn_last_line_is_ignored_and_cut(
     assert contents(loaded(tmp_path).table) == contents(table)
 
 
+def test_a_read_only_store_reads_a_torn_tail_without_cutting_it(tmp_path: Path) -> None:
+    """``tunnel status`` reads beside a running node: the "torn" tail may be the line the
+    node is writing at that moment, so it is left alone, and nothing is written."""
+    table, store = table_of(10), TableStore(tmp_path)
+    store.write_snapshot(table)
+    apply_and_journal(table, store, [upsert(1, version=3)])
+    with (tmp_path / persist.JOURNAL_FILE).open("ab") as handle:
+        handle.write(b"123 {half a li")
+    size = (tmp_path / persist.JOURNAL_FILE).stat().st_size
+    reader = TableStore(tmp_path, read_only=True)
+    again = reader.load()
+    assert again is not None and again.torn_tail and contents(again.table) == contents(table)
+    assert (tmp_path / persist.JOURNAL_FILE).stat().st_size == size
+    with pytest.raises(persist.PersistError, match="read-only"):
+        reader.write_snapshot(table)
+    with pytest.raises(persist.PersistError, match="read-only"):
+        reader.append_batch(12, 12, [delete(1)])
+    with pytest.raises(persist.PersistError, match="read-only"):
+        reader.save_exchange_time(1.0)
+    assert (tmp_path / persist.JOURNAL_FILE).stat().st_size == size
+
+
 def test_damaged_middle_line_stops_replay_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,7 +37,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL, make_url
 
-from certgate.console.services.feed import FEED_CHANNEL, FeedNotifier
+from certgate.console.services.feed import (
+    FEED_CHANNEL,
+    WAKE_DATA_VERSION,
+    WAKE_NOTIFY,
+    FeedNotifier,
+)
 
 log = logging.getLogger("certgate.console.notify")
 
@@ -152,7 +157,7 @@ class SQLiteWatcher(_Worker):
         moved = [group for group, seq in seqs.items() if self._seqs.get(group) != seq]
         self._seqs = seqs
         if moved:
-            self._notifier.notify(moved)
+            self._notifier.notify(moved, WAKE_DATA_VERSION)
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
@@ -187,4 +192,4 @@ class PostgresListener(_Worker):
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             for note in conn.notifies(timeout=STOP_POLL_S):
-                self._notifier.notify([note.payload])
+                self._notifier.notify([note.payload], WAKE_NOTIFY)

@@ -5,16 +5,17 @@
 
 from __future__ import annotations
 
-import time
+import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from certgate.errors import CertgateError
+from certgate.feed import PolicyUpdate
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import setup as setup_mod
 from certgate.tunnel.config import TunnelState, load_state
@@ -105,28 +106,94 @@ def install(
 
 
 @app.command()
-def status(state_dir: StateDir) -> None:
-    """Show (and verify) a state directory: identity, trust, persisted device table."""
+def status(
+    state_dir: StateDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the /healthz keys).")] = (
+        False
+    ),
+) -> None:
+    """Show (and verify) a state directory: identity, trust, persisted device table, and
+    the group policy in force (version, staleness budget, long-poll, restart required)."""
     try:
         state = load_state(state_dir)
+        report = status_report(state)
     except CertgateError as exc:
         raise fail(str(exc)) from exc
-    table = _state_table(state)
-    info = TableStore(state_dir).describe()
-    table.add_row("table seq (snapshot)", _text(info.snapshot_seq))
-    table.add_row("table entries (snapshot)", _text(info.snapshot_entries))
-    table.add_row("journal", f"{info.journal_batches} batches, {info.journal_bytes} bytes")
-    budget = state.trust.feed.max_staleness_s
-    if info.last_exchange_at is None:
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    out.print(_status_table(state, report))
+
+
+def status_report(state: TunnelState) -> dict[str, Any]:
+    """What ``/healthz`` says of a running node, read from its state directory: the
+    follower loads the persisted table as the node does at start (the policy in force is
+    its latest, else the trust config's), and the ports the node bound when it last
+    started say whether the policy moved one of them."""
+    from certgate.tunnel.service import BoundListeners, moved_ports
+    from certgate.tunnel.sync import FeedFollower
+
+    # Makes no request and writes nothing: the node may be running beside it.
+    follower = FeedFollower(state, state_dir=state.state_dir, read_only=True)
+    sync = follower.status()
+    info = TableStore(state.state_dir, read_only=True).describe()
+    listeners = BoundListeners.load(state.state_dir)
+    restart = None
+    if listeners is not None:
+        restart = moved_ports(listeners.bound, listeners.from_policy, follower.policy)
+    return {
+        "status": "ok" if sync["fresh"] else "stale",
+        "group_id": state.group_id,
+        "table_entries": sync["entries"],
+        "table_seq": sync["seq"],
+        "policy_version": sync["policy_version"],
+        "policy": _policy_summary(follower.policy),
+        "restart_required": restart,  # None: the node never started from this directory
+        "bound": None if listeners is None else listeners.bound,
+        "sync": sync,
+        "store": {
+            "snapshot_seq": info.snapshot_seq,
+            "snapshot_entries": info.snapshot_entries,
+            "journal_batches": info.journal_batches,
+            "journal_bytes": info.journal_bytes,
+        },
+    }
+
+
+def _policy_summary(policy: PolicyUpdate) -> dict[str, Any]:
+    """The policy's version, timings and ports (its rules are the console's to show)."""
+    encoded = policy.encode()
+    return {key: encoded[key] for key in ("version", "feed", "tunnel")}
+
+
+def _status_table(state: TunnelState, report: dict[str, Any]) -> Table:
+    sync, store = report["sync"], report["store"]
+    table = _state_table(state, report["policy"])
+    table.add_row("table seq", f"{report['table_seq']} ({report['table_entries']} entries)")
+    table.add_row("table seq (snapshot)", _text(store["snapshot_seq"]))
+    table.add_row("table entries (snapshot)", _text(store["snapshot_entries"]))
+    table.add_row("journal", f"{store['journal_batches']} batches, {store['journal_bytes']} bytes")
+    if sync["age_s"] is None:
         table.add_row("last console exchange", "never")
     else:
-        age = time.time() - info.last_exchange_at
-        fresh = "fresh" if 0 <= age < budget else "STALE"
-        table.add_row("last console exchange", f"{age:.0f}s ago ({fresh}, budget {budget:g}s)")
-    out.print(table)
+        fresh = "fresh" if sync["fresh"] else "STALE"
+        budget = sync["max_staleness_s"]
+        table.add_row(
+            "last console exchange", f"{sync['age_s']:.0f}s ago ({fresh}, budget {budget:g}s)"
+        )
+    table.add_row("restart required", _restart_text(report["restart_required"]))
+    return table
 
 
-def _state_table(state: TunnelState) -> Table:
+def _restart_text(problems: list[str] | None) -> str:
+    if problems is None:
+        return "unknown (the node has not run from this directory)"
+    return "; ".join(problems) if problems else "no"
+
+
+def _state_table(state: TunnelState, policy: dict[str, Any] | None = None) -> Table:
+    """``policy``: a ``_policy_summary``, the one in force; default: the trust config's."""
+    shown = policy or _policy_summary(state.trust.policy)
     table = Table("setting", "value", title=f"tunnel state {state.state_dir}")
     table.add_row("group", state.group_id)
     table.add_row("node", state.node_name)
@@ -140,8 +207,11 @@ def _state_table(state: TunnelState) -> Table:
     )
     tunnel = state.trust.tunnel
     table.add_row("names", ", ".join([*tunnel.hostnames, *tunnel.ip_addresses]))
-    table.add_row("ports", f"proxy {tunnel.proxy_port}, per-app {tunnel.per_app_port}")
-    table.add_row("staleness budget", f"{state.trust.feed.max_staleness_s:g}s")
+    ports = shown["tunnel"]
+    table.add_row("ports", f"proxy {ports['proxy_port']}, per-app {ports['per_app_port']}")
+    table.add_row("policy version", str(shown["version"]))
+    table.add_row("staleness budget", f"{shown['feed']['max_staleness_s']:g}s")
+    table.add_row("long-poll", f"{shown['feed']['long_poll_s']:g}s")
     return table
 
 

@@ -303,13 +303,21 @@ class StoreInfo:
 
 class TableStore:
     """Snapshot + journal + sync time of one state directory. Blocking I/O: the follower
-    calls it from a worker thread, one call at a time."""
+    calls it from a worker thread, one call at a time.
+
+    ``read_only``: for a reader beside the running node (``certgate tunnel status``), which
+    must not cut a journal line the node may be writing at that moment."""
 
     def __init__(
-        self, directory: Path, *, compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES
+        self,
+        directory: Path,
+        *,
+        compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES,
+        read_only: bool = False,
     ) -> None:
         self.directory = directory
         self.compact_after_bytes = compact_after_bytes
+        self.read_only = read_only
         self._journal_bytes = 0
 
     @property
@@ -327,6 +335,10 @@ class TableStore:
     @property
     def journal_bytes(self) -> int:
         return self._journal_bytes
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise PersistError(f"{self.directory} is open read-only")
 
     def needs_compaction(self) -> bool:
         return self._journal_bytes > self.compact_after_bytes
@@ -359,7 +371,7 @@ class TableStore:
                 break
             replayed, offset = replayed + 1, offset + len(line)
         torn = offset < len(data)
-        if torn:
+        if torn and not self.read_only:
             os.truncate(self.journal_path, offset)
             _fsync_file(self.journal_path)
         return replayed, offset, torn
@@ -378,6 +390,7 @@ class TableStore:
 
     def write_snapshot(self, table: DeviceTable) -> None:
         """Persist ``table`` whole and start an empty journal after it."""
+        self._check_writable()
         atomic_write_parts(self.snapshot_path, snapshot_parts(table))
         atomic_write(self.journal_path, b"")
         self._journal_bytes = 0
@@ -390,6 +403,7 @@ class TableStore:
         version: int = feed.MIN_FEED_VERSION,
     ) -> None:
         """Append one applied batch and fsync it (the batch is durable on return)."""
+        self._check_writable()
         line = encode_journal_line(from_seq, to_seq, entries, version)
         created = not self.journal_path.exists()
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -403,6 +417,7 @@ class TableStore:
         self._journal_bytes += len(line)
 
     def save_exchange_time(self, at: float) -> None:
+        self._check_writable()
         atomic_write(self.sync_path, json.dumps({"last_exchange_at": at}).encode())
 
     def load_exchange_time(self) -> float | None:

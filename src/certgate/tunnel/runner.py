@@ -97,6 +97,7 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     sync_task = loop.create_task(follower.run())
     await service.start()
+    service.record_listeners(options.state_dir)
     # Kept, and cancelled before the follower closes the mTLS client the reports use.
     report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
     log.info(

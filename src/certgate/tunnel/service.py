@@ -5,7 +5,9 @@ Enforcement: every ``FeedChange`` makes the registry judge the affected live tun
 through the gate (``Registry.enforce``); the sweeper does the same for every live tunnel
 when the table turns stale and for a tunnel whose certificate has expired. Listener ports
 are policy too, but a socket cannot move: when the policy names other ports than the ones
-this node took from it, ``/healthz`` and ``certgate_tunnel_restart_required`` say so."""
+this node took from it, ``/healthz`` and ``certgate_tunnel_restart_required`` say so. What
+the node bound is also recorded in its state directory (``LISTENERS_FILE``), so that
+``certgate tunnel status`` says it too (``moved_ports``, the one home of that decision)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import json
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -22,10 +26,12 @@ from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certgate.addresses import ListenAddress
+from certgate.feed import PolicyUpdate
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
+from certgate.tunnel.persist import atomic_write
 from certgate.tunnel.server import Gate, Limits, Listener, Phase, Shared, accept_client
 from certgate.tunnel.sockets import Acceptor
 from certgate.tunnel.sync import FeedChange
@@ -42,6 +48,44 @@ TLS13_TICKETS = 1
 
 
 Endpoint = ListenAddress  # the data plane's name for a listen address
+LISTENERS_FILE = "listeners.json"
+
+
+@dataclass(frozen=True, slots=True)
+class BoundListeners:
+    """The ports a node bound (name -> port), and which of them it took from the group
+    policy (name -> the policy's key) rather than from a flag."""
+
+    bound: dict[str, int]
+    from_policy: dict[str, str]
+
+    def save(self, state_dir: Path) -> None:
+        atomic_write(state_dir / LISTENERS_FILE, json.dumps(asdict(self)).encode())
+
+    @classmethod
+    def load(cls, state_dir: Path) -> BoundListeners | None:
+        """What the node recorded when it last started; None if it never did (or the
+        record is unreadable: then nothing is claimed about restarts)."""
+        try:
+            raw = json.loads((state_dir / LISTENERS_FILE).read_bytes())
+            return cls(
+                {str(k): int(v) for k, v in raw["bound"].items()},
+                {str(k): str(v) for k, v in raw["from_policy"].items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+def moved_ports(
+    bound: Mapping[str, int], from_policy: Mapping[str, str], policy: PolicyUpdate
+) -> list[str]:
+    """Listeners whose port the policy moved since the node bound them: a socket cannot
+    move, so following the policy takes a restart."""
+    return [
+        f"{name} listens on {bound[name]}, policy says {getattr(policy, key)}"
+        for name, key in sorted(from_policy.items())
+        if name in bound and bound[name] != getattr(policy, key)
+    ]
 
 
 @dataclass
@@ -134,12 +178,11 @@ class TunnelService:
 
     def restart_required(self) -> list[str]:
         """Listeners whose port the policy moved since this node bound them."""
-        policy = self.gate.source.policy
-        return [
-            f"{name} listens on {self.bound[name]}, policy says {getattr(policy, key)}"
-            for name, key in sorted(self.ports_from_policy.items())
-            if name in self.bound and self.bound[name] != getattr(policy, key)
-        ]
+        return moved_ports(self.bound, self.ports_from_policy, self.gate.source.policy)
+
+    def record_listeners(self, state_dir: Path) -> None:
+        """Record what ``start`` bound, for ``certgate tunnel status``."""
+        BoundListeners(dict(self.bound), dict(self.ports_from_policy)).save(state_dir)
 
     def _note_restart_required(self) -> None:
         for problem in self.restart_required():

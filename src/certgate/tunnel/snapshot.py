@@ -57,9 +57,12 @@ def max_token_bytes(limit: int) -> int:
     return TOKEN_BYTES_FIXED + TOKEN_BYTES_PER_ENTRY * limit
 
 
-def decode_page(payload: Mapping[str, object], after: str, limit: int) -> Page:
-    """Check the verified ``payload`` of the page asked for with ``after`` and ``limit``."""
-    version = feed.message_version(payload)
+def decode_page(
+    payload: Mapping[str, object], after: str, limit: int, own: int = feed.FEED_VERSION
+) -> Page:
+    """Check the verified ``payload`` of the page asked for with ``after`` and ``limit`` by
+    a node of contract version ``own``."""
+    version = feed.message_version(payload, own)
     _require_keys(payload, _PAGE_KEYS if version == 1 else _PAGE_KEYS_V2, "snapshot page")
     policy = None if version == 1 else feed.decode_op(payload["policy"], "policy", version)
     if policy is not None and not isinstance(policy, PolicyUpdate):

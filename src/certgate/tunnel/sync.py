@@ -16,7 +16,9 @@ habit 8).
 Policy: the group policy (server traffic rules, staleness budget, long-poll, ports) is
 feed content like the entries (``certgate.feed.PolicyUpdate``): batches and snapshot pages
 carry it at their seq, the table keeps it, and the trust config's policy applies until the
-feed brings one. The follower asks for contract version ``FEED_VERSION``.
+feed brings one. The follower asks for contract version ``FEED_VERSION``, or the older
+``feed_version`` it is pinned to (it then reads exactly as a node of that version: a
+version 1 node gets no policy operations and rejects any newer message).
 
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
@@ -45,7 +47,13 @@ import httpx
 
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
-from certgate.feed import FEED_VERSION, FeedError, PolicyUpdate, message_version
+from certgate.feed import (
+    FEED_VERSION,
+    MIN_FEED_VERSION,
+    FeedError,
+    PolicyUpdate,
+    message_version,
+)
 from certgate.tlsconf import client_context
 from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
@@ -112,13 +120,21 @@ class FeedFollower:
         compact_after_bytes: int = DEFAULT_COMPACT_AFTER_BYTES,
         snapshot_page: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        feed_version: int = FEED_VERSION,
+        read_only: bool = False,
     ) -> None:
+        if not MIN_FEED_VERSION <= feed_version <= FEED_VERSION:
+            raise ValueError(f"feed version {feed_version} is not one this node speaks")
         self.state = state
+        self.feed_version = feed_version
         self._snapshot_page = snapshot_page  # None: the console's page size
         self._transport = transport  # None: mTLS to the console; else a stand-in console
         self._on_change = on_change
         self._clock = clock
-        self._store = TableStore(state_dir, compact_after_bytes=compact_after_bytes)
+        # read_only: a look at a running node's table that never writes (tunnel status).
+        self._store = TableStore(
+            state_dir, compact_after_bytes=compact_after_bytes, read_only=read_only
+        )
         self._table = DeviceTable()
         self._needs_snapshot = True
         self._store_behind = False
@@ -179,7 +195,7 @@ class FeedFollower:
             "max_staleness_s": self.max_staleness_s,
             "long_poll_s": self.policy.long_poll_s,
             "policy_version": self.policy.version,
-            "feed_version": FEED_VERSION,
+            "feed_version": self.feed_version,
             "last_error": self._last_error,
             "consecutive_failures": self._failures,
         }
@@ -336,7 +352,7 @@ class FeedFollower:
         signed_at: float | None = None
         after = ""
         while True:
-            params: dict[str, Any] = {"format": 2, "limit": limit, "version": FEED_VERSION}
+            params: dict[str, Any] = {"format": 2, "limit": limit, **self._version_param()}
             if after:
                 params["after"] = after
             body = await self._get(
@@ -389,7 +405,7 @@ class FeedFollower:
         self, token: bytes | str, table: DeviceTable | None, after: str, limit: int
     ) -> tuple[_VerifiedPage, DeviceTable]:
         payload = self._verify(token, jws.TYP_SNAPSHOT_V2)
-        page = snapshot.decode_page(payload, after, limit)
+        page = snapshot.decode_page(payload, after, limit, self.feed_version)
         if page.seq < self._table.seq:  # the current table is never rolled back
             raise SequenceReplay(
                 f"snapshot seq {page.seq} is behind the table's seq {self._table.seq}",
@@ -421,12 +437,16 @@ class FeedFollower:
             jws.MAX_TOKEN_BYTES,
             after=self._table.seq,
             wait=wait,
-            version=FEED_VERSION,
+            **self._version_param(),
         )
         if body is None:
             await self._exchanged()
             return None
         return await self.accept_batch(body)
+
+    def _version_param(self) -> dict[str, int]:
+        """``?version``, which version 1 nodes predate and never send."""
+        return {} if self.feed_version == MIN_FEED_VERSION else {"version": self.feed_version}
 
     async def accept_batch(self, token: bytes | str) -> Changes:
         """Verify a signed batch and apply it whole, or reject it and keep the table."""
@@ -434,7 +454,7 @@ class FeedFollower:
         try:
             payload = self._verify(token, jws.TYP_BATCH)
             from_seq, to_seq, entries = _batch_fields(payload)
-            version = message_version(payload)
+            version = message_version(payload, self.feed_version)
             changes = self._table.apply_batch(from_seq, to_seq, entries, version)
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)

@@ -6,7 +6,9 @@ Feed calls authenticate with the group's tunnel identity certificate over mTLS. 
 long-poll holds a request open until the group's feed moves past the cursor or the wait
 ends; a commit on this node wakes it at once, one on another console node (PostgreSQL
 NOTIFY) or by the local CLI (SQLite ``data_version``, ``console/notify.py``) within tens of
-milliseconds; a 1 s recheck stays as a safety net.
+milliseconds; a 1 s recheck stays as a safety net. A batch answered after a wait is logged
+with what woke the long-poll (``woken_by=commit|notify|data_version|reconnect|recheck``):
+the way to tell a wake-up from the safety net.
 
 Snapshot pages come in two formats (docs/CONVENTIONS.md): 1, entries as feed objects, the
 default for nodes that predate 2; and 2, columns, signed once per feed seq and shared by
@@ -15,6 +17,7 @@ every node of the group (``services.snapshots``).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -29,6 +32,7 @@ from certgate.console.services.snapshots import PageKey
 from certgate.errors import BadRequest
 from certgate.feed import FEED_VERSION, MIN_FEED_VERSION
 
+log = logging.getLogger("certgate.console.feed")
 router = APIRouter(prefix="/api/v1/tunnel")
 JWS_TYPE = "application/jose"
 CROSS_NODE_RECHECK_S = 1.0
@@ -87,10 +91,12 @@ def snapshot(
 
 def _poll_once(
     request: Request, after: int, version: int
-) -> tuple[str, tunnels.SignedBatch | None]:
+) -> tuple[str, int, tunnels.SignedBatch | None]:
+    """(group, its notifier mark taken before the feed was read, the batch or None)."""
     state = state_of(request)
     with tunnel_tx(request) as (session, group_id):
-        return group_id, tunnels.signed_batch(session, state.pki, group_id, after, version)
+        mark = state.notifier.mark(group_id)
+        return group_id, mark, tunnels.signed_batch(session, state.pki, group_id, after, version)
 
 
 @router.get("/feed", response_class=Response)
@@ -105,16 +111,26 @@ async def feed(
     state = state_of(request)
     deadline = time.monotonic() + min(wait, state.config.long_poll_max_s)
     version = min(version, FEED_VERSION)
+    woken_by: str | None = None  # what ended the last wait; None: no wait yet
     while True:
-        group_id, batch = await run_in_threadpool(_poll_once, request, after, version)
+        group_id, mark, batch = await run_in_threadpool(_poll_once, request, after, version)
         if batch is not None:
+            if woken_by is not None:
+                log.info(
+                    "feed batch group=%s node=%s to_seq=%d woken_by=%s",
+                    group_id,
+                    request.headers.get(NODE_HEADER, "-"),
+                    batch.to_seq,
+                    woken_by,
+                )
             return Response(
                 batch.token, media_type=JWS_TYPE, headers={"certgate-feed-seq": str(batch.to_seq)}
             )
         remaining = deadline - time.monotonic()
         if remaining <= 0 or await request.is_disconnected():
             return Response(status_code=204)
-        await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S))
+        wait_s = min(remaining, CROSS_NODE_RECHECK_S)
+        woken_by = await state.notifier.wait(group_id, wait_s, since=mark) or "recheck"
 
 
 @router.post("/report", status_code=204)

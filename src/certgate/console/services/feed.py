@@ -350,45 +350,77 @@ def _columns(rows: Iterable[Sequence[Any]], limit: int) -> tuple[dict[str, Any],
     return entries, following
 
 
+# What woke a long-poll (``FeedNotifier.wait``): a commit in this process, a PostgreSQL
+# NOTIFY from another console node, the SQLite data_version watcher (another process on the
+# file, e.g. the CLI), or a watcher's (re)connection, after which every group is woken.
+WAKE_COMMIT, WAKE_NOTIFY, WAKE_DATA_VERSION, WAKE_RECONNECT = (
+    "commit",
+    "notify",
+    "data_version",
+    "reconnect",
+)
+
+
 class FeedNotifier:
     """Wakes long-polls when a transaction that emitted feed events commits.
 
     Commits happen on worker threads; waiters live on the event loop. Each group has an
-    ``asyncio.Event`` that is set and replaced on every notification.
+    ``asyncio.Event`` that is set and replaced on every notification. A waiter reads the
+    feed before it waits, so a wake in between would be lost: it takes ``mark`` before
+    reading and passes it to ``wait``, which returns at once if a wake came since.
     """
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, asyncio.Event] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the counts, read by ``mark`` on any thread
+        self._wakes: dict[str, int] = {}
+        self._wakes_of_all = 0
+        self._source: dict[str, str] = {}  # the group's latest wake-up (event loop only)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def notify(self, groups: Iterable[str]) -> None:
+    def notify(self, groups: Iterable[str], source: str = WAKE_COMMIT) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake, tuple(groups))
+            self._loop.call_soon_threadsafe(self._wake, tuple(groups), source)
 
-    def notify_all(self) -> None:
+    def notify_all(self, source: str = WAKE_RECONNECT) -> None:
         """Wake every waiting group (changes may have been missed, e.g. on a reconnect)."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake_all)
+            self._loop.call_soon_threadsafe(self._wake_all, source)
 
-    def _wake(self, groups: tuple[str, ...]) -> None:
+    def mark(self, group: str) -> int:
+        """How often ``group`` was woken so far (any thread): take it before reading."""
+        with self._lock:
+            return self._wakes.get(group, 0) + self._wakes_of_all
+
+    def _wake(self, groups: tuple[str, ...], source: str) -> None:
+        with self._lock:
+            for group in groups:
+                self._wakes[group] = self._wakes.get(group, 0) + 1
         for group in groups:
+            self._source[group] = source
             event = self._events.pop(group, None)
             if event is not None:
                 event.set()
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, source: str) -> None:
+        with self._lock:
+            self._wakes_of_all += 1
         events, self._events = self._events, {}
-        for event in events.values():
+        self._source = dict.fromkeys(self._source, source)
+        for group, event in events.items():
+            self._source[group] = source
             event.set()
 
-    async def wait(self, group: str, timeout: float) -> bool:
-        event = self._events.setdefault(group, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    async def wait(self, group: str, timeout: float, since: int | None = None) -> str | None:
+        """What woke ``group`` (a ``WAKE_*`` source), or None if ``timeout`` passed first.
+        ``since``: a ``mark`` taken before the caller read the feed."""
+        if since is None or self.mark(group) == since:
+            event = self._events.setdefault(group, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except TimeoutError:
+                return None
+        return self._source.get(group, WAKE_RECONNECT)
