@@ -102,9 +102,11 @@ async def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
     return await as_device(request, deliver)
 
 
-def _policy_once(request: Request, after: int) -> tuple[str, dict[str, Any] | None]:
+def _policy_once(request: Request, after: int) -> tuple[str, int, dict[str, Any] | None]:
+    """(group, its notifier mark taken before the policy was read, the policy or None)."""
     with device_tx(request) as (session, device):
-        return device.group_id, devices.device_policy(session, device, after)
+        mark = state_of(request).notifier.mark(device.group_id)
+        return device.group_id, mark, devices.device_policy(session, device, after)
 
 
 @router.get(
@@ -128,13 +130,13 @@ async def policy(
     state = state_of(request)
     deadline = time.monotonic() + min(wait, state.config.long_poll_max_s)
     while True:
-        group_id, current = await run_in_threadpool(_policy_once, request, after)
+        group_id, mark, current = await run_in_threadpool(_policy_once, request, after)
         if current is not None:
             return s.DevicePolicyOut.model_validate(current)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or await request.is_disconnected():
             return Response(status_code=204)
-        await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S))
+        await state.notifier.wait(group_id, min(remaining, CROSS_NODE_RECHECK_S), since=mark)
 
 
 def _thumbprint(cert_pem: str) -> str:
