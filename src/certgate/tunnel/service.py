@@ -62,6 +62,7 @@ class TunnelService:
     def __post_init__(self) -> None:
         self.shared = Shared(self.gate, self.limits, self.metrics)
         self._sweeper: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
         self._was_fresh = self.gate.source.is_fresh()
 
     async def start(self) -> None:
@@ -73,6 +74,7 @@ class TunnelService:
             if endpoint is None:
                 continue
             listener = Listener(mode, self.tls, name)
+            self._listeners.append(listener)
             acceptor = Acceptor.listen(
                 loop,
                 endpoint.host,
@@ -93,6 +95,14 @@ class TunnelService:
         self.servers.append(server)
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
+
+    def swap_tls(self, tls: ssl.SSLContext) -> None:
+        """Serve new connections with ``tls`` (built aside by the caller); connections
+        open now keep the context they were accepted with, so none is closed."""
+        self.tls = tls
+        for listener in self._listeners:
+            listener.tls = tls
+        self.metrics.identity_swaps.inc()
 
     def on_change(self, change: FeedChange) -> None:
         """Feed callback: judge the live tunnels the change concerns; close the refused."""

@@ -18,6 +18,14 @@ feed content like the entries (``certgate.feed.PolicyUpdate``): batches and snap
 carry it at their seq, the table keeps it, and the trust config's policy applies until the
 feed brings one. The follower asks for contract version ``FEED_VERSION``.
 
+Rotation: a batch's ``trust`` operations (feed version 3, ``certgate.feed.TrustUpdate``)
+carry the group's next tunnel identity. The follower checks it (``tunnel.rotation``) at
+prepare, and at switch hands it to the data plane (``on_identity``: build the new TLS
+context aside, swap it in), stores it, and from then on calls the console with it too.
+Any failure keeps the identity in use and is logged and shown in ``status()``; the
+console's rotation status then shows the node still presenting the old one. The trust
+operations are applied before the batch is persisted, so a restart never skips one.
+
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
 policy change. The follower never decides who may pass; ``admission.admit`` does.
@@ -45,9 +53,17 @@ import httpx
 
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
-from certgate.feed import FEED_VERSION, FeedError, PolicyUpdate, message_version
+from certgate.feed import (
+    FEED_VERSION,
+    FeedError,
+    PolicyUpdate,
+    RotationPhase,
+    TrustUpdate,
+    message_version,
+    split_trust,
+)
 from certgate.tlsconf import client_context
-from certgate.tunnel import snapshot
+from certgate.tunnel import rotation, snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
@@ -87,6 +103,8 @@ class FeedChange:
 
 
 ChangeCallback = Callable[[FeedChange], None]
+# Puts a verified next identity to use in the data plane; raises to refuse it.
+IdentityCallback = Callable[[TunnelState], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +146,10 @@ class FeedFollower:
         self._last_signed_at: float | None = None
         self._failures = 0
         self._client: httpx.AsyncClient | None = None
+        self._retired_clients: list[httpx.AsyncClient] = []
+        self._on_identity: IdentityCallback | None = None
+        self._next_identity: str | None = None  # thumbprint of a prepared identity
+        self._identity_error: str | None = None
         self._load_persisted()
         self._was_fresh = self.is_fresh()
 
@@ -137,8 +159,11 @@ class FeedFollower:
     def table(self) -> DeviceTable:
         return self._table
 
-    def subscribe(self, on_change: ChangeCallback) -> None:
+    def subscribe(
+        self, on_change: ChangeCallback, on_identity: IdentityCallback | None = None
+    ) -> None:
         self._on_change = on_change
+        self._on_identity = on_identity
 
     @property
     def policy(self) -> PolicyUpdate:
@@ -182,6 +207,9 @@ class FeedFollower:
             "feed_version": FEED_VERSION,
             "last_error": self._last_error,
             "consecutive_failures": self._failures,
+            "tunnel_identity": self.state.tunnel_thumbprint,
+            "next_tunnel_identity": self._next_identity,
+            "identity_error": self._identity_error,
         }
 
     # Startup
@@ -296,8 +324,11 @@ class FeedFollower:
             raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
 
     async def aclose(self) -> None:
+        clients, self._retired_clients = self._retired_clients, []
         if self._client is not None:
-            client, self._client = self._client, None
+            clients.append(self._client)
+            self._client = None
+        for client in clients:
             await client.aclose()
 
     async def __aenter__(self) -> FeedFollower:
@@ -435,6 +466,7 @@ class FeedFollower:
             payload = self._verify(token, jws.TYP_BATCH)
             from_seq, to_seq, entries = _batch_fields(payload)
             version = message_version(payload)
+            trust, entries = split_trust(entries, version)
             changes = self._table.apply_batch(from_seq, to_seq, entries, version)
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)
@@ -443,6 +475,8 @@ class FeedFollower:
             log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
             raise
         self._last_signed_at = signed_at = float(payload["iat"])
+        for op in trust:  # before the batch is persisted: a restart sees it again
+            await self._apply_trust(op)
         await self._store_batch(from_seq, to_seq, entries, version)
         await self._exchanged()
         if changes.policy is not None:
@@ -451,6 +485,47 @@ class FeedFollower:
         elif changes.touched:
             self._notify(FeedChange(changes.touched, signed_at, "batch"))
         return changes
+
+    # Rotation
+
+    async def _apply_trust(self, op: TrustUpdate) -> None:
+        """Check the identity a trust operation carries; use it from switch on. Failures
+        keep the identity in use (logged, and in ``status()``)."""
+        if rotation.is_current(self.state, op):
+            self._next_identity = None
+            return
+        try:
+            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
+            if op.phase is not RotationPhase.PREPARE and self._on_identity is not None:
+                self._on_identity(identity.state)  # the data plane first: it may refuse
+        except (CertgateError, OSError) as exc:
+            self._identity_error = f"rotation {op.rotation} ({op.phase.value}): {exc}"
+            log.error(
+                "%s; keeping tunnel identity %s", self._identity_error, self.state.tunnel_thumbprint
+            )
+            return
+        if op.phase is RotationPhase.PREPARE:
+            self._next_identity, self._identity_error = identity.thumbprint, None
+            log.info(
+                "rotation %d: holding next tunnel identity %s", op.rotation, identity.thumbprint
+            )
+            return
+        self._use(identity.state)
+        log.info("rotation %d: presenting tunnel identity %s", op.rotation, identity.thumbprint)
+        try:
+            await asyncio.to_thread(rotation.store_identity, identity)
+        except OSError as exc:
+            self._identity_error = f"rotation {op.rotation}: new identity not stored: {exc}"
+            log.error("%s; a restart would present the old one", self._identity_error)
+
+    def _use(self, state: TunnelState) -> None:
+        """Call the console with the new identity from the next request on; requests in
+        flight on the old client finish (it is closed with the follower)."""
+        self.state = state
+        self._next_identity, self._identity_error = None, None
+        if self._client is not None:
+            self._retired_clients.append(self._client)
+            self._client = None
 
     # Bookkeeping
 

@@ -1,0 +1,379 @@
+"""Rotation without downtime: one model for everything the system presents or trusts.
+
+prepare: the new key and certificate exist and are distributed; old and new are both
+trusted. switch: the new one is used for new work. finish: the old one is no longer
+trusted and its certificate is revoked. ``next_phase`` is the one state machine (its
+``_TRANSITIONS`` table; anything else raises); ``status`` says who still depends on the
+old one, and ``finish`` refuses while anyone does, unless forced (audited by the caller).
+
+Group tunnel identity (``tunnel-identity``): prepare issues the next identity and
+publishes it in the group's feed as a ``trust`` operation (``certgate.feed.TrustUpdate``,
+feed version 3): the certificate, its key sealed to the group's current tunnel identity
+(``pki.keywrap``; only the group's nodes can open it) and a trust config naming it, all
+signed, as every feed batch, by the group's console identity. Nodes check and hold it.
+Switch makes it the group's current identity and publishes the step; nodes swap their
+TLS context live (devices trust the chain, not the leaf). Until finish the console
+accepts both identities from nodes (``tunnels.accepted_tunnel_serials``); finish revokes
+the old one. A change of the group's tunnel names is such a rotation, prepared and
+switched at once (``names_changed``), never an instant swap.
+
+The other kinds of issue #11 (console identity, Device Root, Secure Channel Root, Root)
+are refused with that reason until they are implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate import jws
+from certgate.console.services import ca, feed, tunnels
+from certgate.console.services.groups import get_group, tunnel_key_label
+from certgate.console.store.models import (
+    Certificate,
+    Group,
+    GroupIdentity,
+    Instance,
+    Rotation,
+    SealedKey,
+    TunnelNode,
+)
+from certgate.errors import BadRequest, Conflict, NotFound
+from certgate.feed import RotationPhase, TrustUpdate, tunnel_key_context
+from certgate.pki import identity, keywrap
+from certgate.pki.authority import Names
+from certgate.pki.keys import check_public_key, generate_key
+from certgate.pki.profiles import TUNNEL_IDENTITY
+from certgate.pki.thumbprint import thumbprint
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "KINDS",
+    "Phase",
+    "finish",
+    "names_changed",
+    "next_phase",
+    "prepare",
+    "status",
+    "switch",
+]
+
+TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
+KINDS = (TUNNEL, "console-identity", "device-root", "secure-channel-root", "root")
+IMPLEMENTED = (TUNNEL,)
+DEFAULT_OVERLAP = timedelta(hours=1)
+MAX_OVERLAP = timedelta(days=400)
+# A node whose last call is older than this is reported as unseen (it may be down).
+SEEN_WITHIN = timedelta(minutes=5)
+
+
+class Phase(Enum):
+    PREPARED = "prepared"
+    SWITCHED = "switched"
+    FINISHED = "finished"
+
+
+_TRANSITIONS: dict[tuple[Phase | None, RotationPhase], Phase] = {
+    (None, RotationPhase.PREPARE): Phase.PREPARED,
+    (Phase.PREPARED, RotationPhase.SWITCH): Phase.SWITCHED,
+    (Phase.SWITCHED, RotationPhase.FINISH): Phase.FINISHED,
+}
+
+
+def next_phase(current: Phase | None, step: RotationPhase) -> Phase:
+    """The phase after ``step`` from ``current``; Conflict for an illegal step."""
+    try:
+        return _TRANSITIONS[(current, step)]
+    except KeyError:
+        where = "no rotation running" if current is None else f"the rotation is {current.value}"
+        raise Conflict(f"cannot {step.value}: {where}") from None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise BadRequest(f"unknown rotation kind {kind!r}; one of {', '.join(KINDS)}")
+    if kind not in IMPLEMENTED:
+        raise BadRequest(f"rotation of {kind} is not implemented yet (issue #11)")
+
+
+def _running(session: Session, group_id: str, kind: str) -> Rotation | None:
+    return session.execute(
+        select(Rotation).where(
+            Rotation.group_id == group_id, Rotation.kind == kind, Rotation.finished_at.is_(None)
+        )
+    ).scalar_one_or_none()
+
+
+def _require_running(session: Session, group_id: str, kind: str) -> Rotation:
+    _check_kind(kind)
+    get_group(session, group_id)
+    rotation = _running(session, group_id, kind)
+    if rotation is None:
+        raise NotFound(f"no {kind} rotation is running in group {group_id!r}")
+    return rotation
+
+
+def _rotation_key_label(rotation: Rotation) -> str:
+    return f"rotation:{rotation.id}:key"
+
+
+def _cert(session: Session, serial: str) -> x509.Certificate:
+    row = session.get(Certificate, serial)
+    assert row is not None  # FK-enforced
+    return x509.load_pem_x509_certificate(row.cert_pem.encode())
+
+
+# The steps
+
+
+def prepare(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    kind: str,
+    started_by: str,
+    overlap: timedelta = DEFAULT_OVERLAP,
+) -> Rotation:
+    """Start a rotation: issue the new one and publish it to the group's nodes."""
+    _check_kind(kind)
+    if not timedelta(0) <= overlap <= MAX_OVERLAP:
+        raise BadRequest(f"overlap must be 0 to {MAX_OVERLAP.days} days")
+    group = get_group(session, group_id)
+    if _running(session, group_id, kind) is not None:
+        raise Conflict(f"a {kind} rotation is already running in group {group_id!r}; finish it")
+    next_phase(None, RotationPhase.PREPARE)
+    pair = session.get(GroupIdentity, group_id)
+    if pair is None:
+        raise NotFound(f"group {group_id!r} has no identity pair")
+    key = generate_key()
+    _, row = pki.issue(
+        session,
+        ca.SECURE_CHANNEL_ROOT,
+        TUNNEL_IDENTITY,
+        _tunnel_names(group),
+        key.public_key(),
+        ca.Record(kind="tunnel-identity", group_id=group_id),
+    )
+    rotation = Rotation(
+        group_id=group_id,
+        kind=kind,
+        phase=Phase.PREPARED.value,
+        old_serial=pair.tunnel_serial,
+        new_serial=row.serial,
+        overlap_s=int(overlap.total_seconds()),
+        started_by=started_by[:200],
+        prepared_at=ca.now(),
+        forced=False,
+    )
+    session.add(rotation)
+    session.flush()  # the id names the sealed key and the feed operation
+    ca.seal_key(session, pki.master, _rotation_key_label(rotation), key)
+    rotation.prepare_seq = _publish(session, pki, rotation, RotationPhase.PREPARE)
+    return rotation
+
+
+def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> Rotation:
+    """Use the new one for new work: the group's current tunnel identity from now on."""
+    rotation = _require_running(session, group_id, kind)
+    rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
+    rotation.switched_at = ca.now()
+    pair = session.get(GroupIdentity, group_id)
+    assert pair is not None  # prepare checked it
+    pair.tunnel_serial = rotation.new_serial
+    key = pki.unseal(session, _rotation_key_label(rotation))
+    ca.seal_key(session, pki.master, tunnel_key_label(group_id), key)
+    rotation.switch_seq = _publish(session, pki, rotation, RotationPhase.SWITCH)
+    return rotation
+
+
+def finish(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    kind: str,
+    *,
+    force: bool = False,
+) -> Rotation:
+    """Stop trusting the old one and revoke it. Refused while a node still depends on it
+    or the overlap has not passed since the switch, unless ``force``."""
+    rotation = _require_running(session, group_id, kind)
+    phase = next_phase(Phase(rotation.phase), RotationPhase.FINISH)
+    if not force:
+        blockers = _blockers(session, rotation)
+        if blockers:
+            raise Conflict(
+                "the old identity is still needed: " + "; ".join(blockers) + " (or --force)"
+            )
+    rotation.phase, rotation.finished_at, rotation.forced = phase.value, ca.now(), force
+    ca.revoke(session, rotation.old_serial, "superseded")
+    _publish(session, pki, rotation, RotationPhase.FINISH)
+    sealed = session.get(SealedKey, _rotation_key_label(rotation))
+    if sealed is not None:  # the key lives on as the group's current one
+        session.delete(sealed)
+    return rotation
+
+
+def names_changed(session: Session, pki: ca.InstancePKI, group: Group, started_by: str) -> Rotation:
+    """The group's tunnel names changed: a tunnel-identity rotation, prepared and switched
+    at once (new connections need the new names); the old identity stays accepted until
+    an admin finishes the rotation."""
+    if _running(session, group.id, TUNNEL) is not None:
+        raise Conflict(
+            f"a tunnel-identity rotation is running in group {group.id!r}:"
+            " finish it before changing the tunnel names"
+        )
+    prepare(session, pki, group.id, TUNNEL, started_by)
+    return switch(session, pki, group.id, TUNNEL)
+
+
+def _tunnel_names(group: Group) -> Names:
+    conf = group.settings["tunnel"]
+    return Names(
+        f"tunnel {group.id}"[:64],
+        identity.tunnel(group.id),
+        dns_names=tuple(conf["hostnames"]),
+        ip_addresses=tuple(conf["ip_addresses"]),
+    )
+
+
+def _publish(
+    session: Session,
+    pki: ca.InstancePKI,
+    rotation: Rotation,
+    step: RotationPhase,
+) -> int:
+    """Emit the step as a trust operation in the group's feed; returns its seq."""
+    group_id = rotation.group_id
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    console_url = instance.public_url
+    assert group_id is not None  # tunnel identities are per group
+    old, new = _cert(session, rotation.old_serial), _cert(session, rotation.new_serial)
+    key = pki.unseal(session, _rotation_key_label(rotation))
+    trust = tunnels.sign_for_group(
+        session,
+        pki,
+        group_id,
+        tunnels.trust_payload(session, pki, group_id, console_url, tunnel_cert=new),
+        jws.TYP_TRUST,
+        tunnels.TRUST_TTL_S,
+    )
+    op = TrustUpdate(
+        rotation.kind,
+        step,
+        rotation.id,
+        ca.pem(new),
+        keywrap.seal_key(
+            key, check_public_key(old.public_key()), tunnel_key_context(group_id, thumbprint(new))
+        ),
+        trust,
+    )
+    return feed.emit(session, group_id, [op.encode()])
+
+
+# Status
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    last_seen_at: str
+    seen_recently: bool
+    has_new: bool  # the node's table is past the prepare step (from its reports)
+    presents: str  # "old", "new" or "unknown" (the identity of its last call)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "last_seen_at": self.last_seen_at,
+            "seen_recently": self.seen_recently,
+            "has_new": self.has_new,
+            "presents": self.presents,
+        }
+
+
+def _node_status(node: TunnelNode, rotation: Rotation, old: str, new: str) -> NodeStatus:
+    report_seq = ((node.report or {}).get("status") or {}).get("table_seq")
+    has_new = (
+        isinstance(report_seq, int)
+        and rotation.prepare_seq is not None
+        and report_seq >= rotation.prepare_seq
+    ) or node.identity_thumbprint == new
+    presents = {old: "old", new: "new"}.get(node.identity_thumbprint or "", "unknown")
+    return NodeStatus(
+        node.name,
+        node.last_seen_at.isoformat(timespec="seconds"),
+        ca.now() - node.last_seen_at <= SEEN_WITHIN,
+        has_new,
+        presents,
+    )
+
+
+def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
+    rows = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == rotation.group_id).order_by(TunnelNode.name)
+    ).scalars()
+    old = session.get(Certificate, rotation.old_serial)
+    new = session.get(Certificate, rotation.new_serial)
+    assert old is not None and new is not None  # FK-enforced
+    return [_node_status(n, rotation, old.thumbprint, new.thumbprint) for n in rows]
+
+
+def _blockers(session: Session, rotation: Rotation) -> list[str]:
+    """Who or what still depends on the old one (empty: finish may proceed)."""
+    blockers = [
+        f"node {n.name} still presents the old identity (last seen {n.last_seen_at})"
+        for n in _nodes(session, rotation)
+        if n.presents != "new"
+    ]
+    if rotation.switched_at is not None:
+        ends = rotation.switched_at + timedelta(seconds=rotation.overlap_s)
+        if ca.now() < ends:
+            blockers.append(f"the overlap runs until {ends.isoformat(timespec='seconds')}")
+    return blockers
+
+
+def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
+    """A rotation as the API and CLI show it, with its nodes and what blocks finish."""
+    old = session.get(Certificate, rotation.old_serial)
+    new = session.get(Certificate, rotation.new_serial)
+    assert old is not None and new is not None  # FK-enforced
+    running = rotation.finished_at is None
+    return {
+        "id": rotation.id,
+        "group_id": rotation.group_id,
+        "kind": rotation.kind,
+        "phase": rotation.phase,
+        "old": {"serial": old.serial, "thumbprint": old.thumbprint},
+        "new": {"serial": new.serial, "thumbprint": new.thumbprint},
+        "overlap_s": rotation.overlap_s,
+        "started_by": rotation.started_by,
+        "prepared_at": _iso(rotation.prepared_at),
+        "switched_at": _iso(rotation.switched_at),
+        "finished_at": _iso(rotation.finished_at),
+        "forced": rotation.forced,
+        "nodes": [n.to_dict() for n in _nodes(session, rotation)] if running else [],
+        "blockers": _blockers(session, rotation) if running else [],
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else str(value.isoformat(timespec="seconds"))
+
+
+def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The group's rotations, newest first: running ones with their nodes and blockers."""
+    get_group(session, group_id)
+    rows = session.execute(
+        select(Rotation)
+        .where(Rotation.group_id == group_id)
+        .order_by(Rotation.id.desc())
+        .limit(limit)
+    ).scalars()
+    return [describe(session, r) for r in rows]

@@ -1,0 +1,81 @@
+"""The node's side of a tunnel-identity rotation (``console.services.rotation``).
+
+A ``trust`` operation of the feed (``certgate.feed.TrustUpdate``) carries the group's
+next tunnel identity: its certificate, its key sealed to the identity the node holds now,
+and a trust config naming it. ``next_identity`` opens the key and checks the whole
+state exactly as ``config.load_state`` checks it at every start (chain, names, key pair,
+the trust config's signature by the pinned console identity) before anything uses it;
+``store_identity`` writes it through the same function setup writes with. Both raise, and
+the caller keeps the identity it has (STYLE.md habit 8). No asyncio here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from certgate.errors import CertgateError, ConfigError
+from certgate.feed import TrustUpdate, tunnel_key_context
+from certgate.pki import keywrap
+from certgate.pki.keys import private_key_pem
+from certgate.pki.thumbprint import thumbprint
+from certgate.tunnel import config
+from certgate.tunnel.config import TunnelState
+from certgate.tunnel.setup import write_state
+
+__all__ = ["NextIdentity", "is_current", "next_identity", "store_identity"]
+
+
+@dataclass(frozen=True, slots=True)
+class NextIdentity:
+    """A verified next identity: the state it makes, and the files that hold it."""
+
+    state: TunnelState
+    files: dict[str, bytes] = field(repr=False)  # holds the key: never logged
+
+    @property
+    def thumbprint(self) -> str:
+        return self.state.tunnel_thumbprint
+
+
+def is_current(state: TunnelState, op: TrustUpdate) -> bool:
+    """The operation names the identity the node presents already (nothing to do)."""
+    try:
+        cert = config.load_single_cert(op.certificate.encode(), "rotated tunnel identity")
+    except ConfigError:
+        return False
+    return thumbprint(cert) == state.tunnel_thumbprint
+
+
+def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
+    """Open and check the identity ``op`` carries; raises ConfigError with the reason."""
+    try:
+        cert = config.load_single_cert(op.certificate.encode(), "rotated tunnel identity")
+        context = tunnel_key_context(state.group_id, thumbprint(cert))
+        key = keywrap.unseal_key(op.sealed_key, state.tunnel_key, context)
+    except CertgateError as exc:
+        raise ConfigError(f"rotation {op.rotation}: {exc}") from exc
+    files = _current_files(state.state_dir)
+    files[config.TUNNEL_PEM] = op.certificate.encode()
+    files[config.TUNNEL_KEY] = private_key_pem(key)
+    files[config.TRUST_JWS] = op.trust.encode()
+    try:
+        verified = config.state_from_files(files, state.state_dir)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"rotation {op.rotation}: the new identity does not verify: {exc}"
+        ) from exc
+    if (verified.group_id, verified.node_name) != (state.group_id, state.node_name):
+        raise ConfigError(f"rotation {op.rotation}: the new state names another group or node")
+    return NextIdentity(verified, files)
+
+
+def _current_files(state_dir: Path) -> dict[str, bytes]:
+    return {
+        name: (state_dir / name).read_bytes() for name in (*config.STATE_FILES, config.STATE_JSON)
+    }
+
+
+def store_identity(identity: NextIdentity) -> None:
+    """Persist the identity, so that a restart serves it (``setup.write_state``)."""
+    write_state(identity.state.state_dir, identity.files)
