@@ -16,7 +16,6 @@ to a real echo server, which exchange data after every step. Shown, in order:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import socketserver
@@ -41,6 +40,7 @@ from tests.integration.cluster import (
     Node,
     closed_within,
     curl,
+    enroll_app,
     start_cluster,
 )
 from tests.support import CERTGATE
@@ -128,22 +128,42 @@ def traffic(cluster: Cluster, echo_port: int) -> Iterator[tuple[CurlLoop, list[L
             tunnel.tls.close()
 
 
-def connect(cluster: Cluster, port: int, target_port: int) -> ssl.SSLSocket:
+def connect(
+    cluster: Cluster, port: int, target_port: int, cert: tuple[Path, Path] | None = None
+) -> ssl.SSLSocket:
+    """A live CONNECT tunnel to ``target_port`` (the cluster's app certificate unless
+    ``cert`` names another)."""
     ctx = ssl.create_default_context(cafile=str(cluster.work / "chain.pem"))
-    ctx.load_cert_chain(cluster.app_cert, cluster.app_key)
+    ctx.load_cert_chain(*(cert or (cluster.app_cert, cluster.app_key)))
     raw = socket.create_connection(("127.0.0.1", port), timeout=15)
-    tls = ctx.wrap_socket(raw, server_hostname="localhost")
-    tls.sendall(f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = tls.recv(4096)
-        assert chunk, "tunnel closed during CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        tls.sendall(f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            assert chunk, "tunnel closed during CONNECT"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+    except BaseException:
+        tls.close()
+        raise
     return tls
 
 
-def served_thumbprint(cluster: Cluster, node: Node, server_name: str = "localhost") -> str:
+def admits(cluster: Cluster, port: int, target_port: int, cert: tuple[Path, Path]) -> bool:
+    try:
+        connect(cluster, port, target_port, cert).close()
+    except (AssertionError, ssl.SSLError, ConnectionError):
+        return False
+    return True
+
+
+def served_cert(cluster: Cluster, node: Node, server_name: str = "localhost") -> x509.Certificate:
     """The tunnel identity a node presents to a new connection now."""
     ctx = ssl.create_default_context(cafile=str(cluster.work / "chain.pem"))
     ctx.load_cert_chain(cluster.app_cert, cluster.app_key)
@@ -153,7 +173,11 @@ def served_thumbprint(cluster: Cluster, node: Node, server_name: str = "localhos
     ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
-    return hashlib.sha256(der).hexdigest()
+    return x509.load_der_x509_certificate(der)
+
+
+def served_thumbprint(cluster: Cluster, node: Node) -> str:
+    return thumbprint(served_cert(cluster, node))
 
 
 def sync_status(node: Node) -> dict[str, Any]:
@@ -244,9 +268,7 @@ def test_tunnel_identity_rotation_without_a_failed_connection(
         early = client.post(f"/api/v1/groups/{GROUP}/rotations/tunnel-identity/finish")
         assert early.status_code == 409, early.text
         assert "cannot finish: the rotation is prepared" in early.json()["detail"]
-        client.post(
-            f"/api/v1/groups/{GROUP}/rotations/tunnel-identity/switch"
-        ).raise_for_status()
+        client.post(f"/api/v1/groups/{GROUP}/rotations/tunnel-identity/switch").raise_for_status()
     took = wait_until(
         "both nodes present the new identity to new connections",
         lambda: all(served_thumbprint(cluster, n) == new for n in cluster.nodes),
@@ -279,3 +301,68 @@ def test_tunnel_identity_rotation_without_a_failed_connection(
     assert load_private_key_pem((node.state_dir / "tunnel.key").read_bytes()) is not None
     assert loop.failures == [], loop.failures
     print(f"tunnel-identity rotation: {loop.ok} curl requests, 0 failed; 3 live tunnels, 0 closed")
+
+
+def test_a_tunnel_name_change_is_a_rotation_and_enforcement_goes_on(
+    cluster: Cluster, traffic: tuple[CurlLoop, list[LiveTunnel]], echo_port: int
+) -> None:
+    loop, tunnels = traffic
+    uid, cert, key = enroll_app(cluster.console, cluster.work, "eve")
+    wait_until(
+        "both nodes admit the second device",
+        lambda: all(admits(cluster, n.proxy_port, echo_port, (cert, key)) for n in cluster.nodes),
+    )
+    old = served_thumbprint(cluster, cluster.nodes[0])
+    names = {"tunnel": {"hostnames": ["localhost", "tunnel.example"]}}
+    with admin(cluster) as client:
+        client.patch(f"/api/v1/groups/{GROUP}/settings", json=names).raise_for_status()
+        again = client.patch(
+            f"/api/v1/groups/{GROUP}/settings", json={"tunnel": {"hostnames": ["localhost"]}}
+        )
+    assert again.status_code == 409 and "finish it before" in again.json()["detail"], again.text
+    rotation = running_rotation(cluster)
+    assert (rotation["kind"], rotation["phase"]) == ("tunnel-identity", "switched")
+
+    # A device made noncompliant while the rotation runs loses its live tunnels on both
+    # nodes and is refused, within the usual time to enforce.
+    theirs = [connect(cluster, n.proxy_port, echo_port, (cert, key)) for n in cluster.nodes]
+    with admin(cluster) as client:
+        changed_at = time.monotonic()
+        client.put(
+            f"/api/v1/devices/{uid}/compliance", json={"status": "noncompliant"}
+        ).raise_for_status()
+    closed = [closed_within(t, 15) for t in theirs]
+    enforce_ms = (time.monotonic() - changed_at) * 1000
+    for tls in theirs:
+        tls.close()
+    assert all(c is not None for c in closed), "a live tunnel of the noncompliant device stayed"
+    print(f"time to enforce during the rotation: {enforce_ms:.0f} ms")
+    assert not admits(cluster, cluster.haproxy_port, echo_port, (cert, key))
+
+    took = wait_until(
+        "both nodes present the new names",
+        lambda: all(served_thumbprint(cluster, n) != old for n in cluster.nodes),
+    )
+    for node in cluster.nodes:
+        names_in_cert = (
+            served_cert(cluster, node)
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value.get_values_for_type(x509.DNSName)
+        )
+        assert "tunnel.example" in names_in_cert
+    report(f"tunnel names changed (nodes swapped after {took * 1000:.0f} ms)", loop, tunnels)
+    wait_until(
+        "both nodes call the console with the new identity",
+        lambda: all(n["presents"] == "new" for n in running_rotation(cluster)["nodes"]),
+    )
+    refused = cli(cluster, "finish", "tunnel-identity", GROUP)
+    assert refused.returncode == 1 and "the overlap runs until" in refused.stderr, refused
+    forced = cli(cluster, "finish", "tunnel-identity", GROUP, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["forced"] is True
+    with admin(cluster) as client:
+        audit = client.get("/api/v1/audit", params={"group_id": GROUP}).json()
+    assert any(entry["action"] == "rotation.finish.forced" for entry in audit)
+    report("finish (forced)", loop, tunnels)
+    assert loop.failures == [], loop.failures
+    print(f"tunnel name rotation: {loop.ok} curl requests, 0 failed; 3 live tunnels, 0 closed")
