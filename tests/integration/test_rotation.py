@@ -11,7 +11,10 @@ to a real echo server, which exchange data after every step. Shown, in order:
   0 failed curl requests and 0 closed live tunnels throughout (counted, printed);
 * a change of the group's tunnel names is a rotation too: the nodes present the new
   names without a failed request, and a device made noncompliant during that rotation
-  is refused within the usual time to enforce.
+  is refused within the usual time to enforce;
+* a node restart and a console restart between prepare and switch, a node restart after
+  the switch (it serves the identity it stored), and a node down for the whole rotation:
+  refused by the console with what to do, and serving again once that is done.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from tests.integration.cluster import (
     closed_within,
     curl,
     enroll_app,
+    setup_node,
     start_cluster,
+    start_node,
+    stop_node,
 )
 from tests.support import CERTGATE
 from tests.tunnel.dataplane import PAGE
@@ -178,6 +184,22 @@ def served_cert(cluster: Cluster, node: Node, server_name: str = "localhost") ->
 
 def served_thumbprint(cluster: Cluster, node: Node) -> str:
     return thumbprint(served_cert(cluster, node))
+
+
+def healthy(node: Node) -> bool:
+    """The node answers /healthz with 200 (fresh); False while it is not listening yet."""
+    try:
+        return node.health().status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def last_error(node: Node) -> str:
+    """The node's last sync error ('' while it is not listening yet)."""
+    try:
+        return str(sync_status(node)["last_error"])
+    except httpx.HTTPError:
+        return ""
 
 
 def sync_status(node: Node) -> dict[str, Any]:
@@ -366,3 +388,60 @@ def test_a_tunnel_name_change_is_a_rotation_and_enforcement_goes_on(
     report("finish (forced)", loop, tunnels)
     assert loop.failures == [], loop.failures
     print(f"tunnel name rotation: {loop.ok} curl requests, 0 failed; 3 live tunnels, 0 closed")
+
+
+def test_restarts_during_a_rotation_and_a_node_down_for_all_of_it(cluster: Cluster) -> None:
+    """Node and console restarts in the middle change nothing; a node down for the whole
+    rotation is refused by the console with what to do, and recovers by doing it."""
+    late = setup_node(cluster.work, cluster.console, "node-3")
+    started: list[Node] = [late]
+    try:
+        start_node(late, cluster.work)
+        wait_until("node-3 is fresh", lambda: healthy(late))
+        stop_node(late)  # down from before prepare until after finish
+        base = f"/api/v1/groups/{GROUP}/rotations/tunnel-identity"
+        with admin(cluster) as client:
+            prepared = client.post(base, json={"overlap_s": 0})
+        assert prepared.status_code == 201, prepared.text
+        new = prepared.json()["new"]["thumbprint"]
+
+        first, second = cluster.nodes
+        stop_node(first)  # a node restart between prepare and switch
+        start_node(first, cluster.work)
+        cluster.console.stop()  # and a console restart
+        cluster.restart_console()
+        with admin(cluster) as client:
+            client.post(base + "/switch").raise_for_status()
+        wait_until(
+            "both nodes present the new identity",
+            lambda: all(served_thumbprint(cluster, n) == new for n in cluster.nodes),
+        )
+        stop_node(second)  # a restart after the switch serves what the node stored
+        start_node(second, cluster.work)
+        assert served_thumbprint(cluster, second) == new
+        assert sync_status(second)["tunnel_identity"] == new
+        wait_until("curl passes both nodes", lambda: curl(cluster).stdout.encode() == PAGE)
+
+        with admin(cluster) as client:
+            refused = client.post(base + "/finish")
+            assert refused.status_code == 409, refused.text
+            assert "node node-3 still presents the old identity" in refused.json()["detail"]
+            client.post(base + "/finish", params={"force": "true"}).raise_for_status()
+
+        start_node(late, cluster.work)  # back after the overlap, with the retired identity
+        wait_until(
+            "node-3 says what to do",
+            lambda: "run 'certgate tunnel setup'" in last_error(late),
+        )
+        print(f"node down for the whole rotation: {last_error(late)}")
+        stop_node(late)
+        late = setup_node(cluster.work, cluster.console, "node-3")  # what it said to do
+        started.append(late)
+        start_node(late, cluster.work)
+        wait_until(
+            "node-3 serves the new identity and is fresh",
+            lambda: healthy(late) and served_thumbprint(cluster, late) == new,
+        )
+    finally:
+        for node in started:
+            stop_node(node)
