@@ -39,8 +39,10 @@ from certgate.tunnel.rules import RuleSet
 
 __all__ = [
     "ATTRIBUTE_FIELDS",
+    "CONSOLE_IDENTITY",
     "FEED_VERSION",
     "MIN_FEED_VERSION",
+    "TUNNEL_IDENTITY",
     "ComplianceStatus",
     "Delete",
     "EnrollmentStatus",
@@ -189,7 +191,9 @@ class RotationPhase(Enum):
     FINISH = "finish"
 
 
-TRUST_KINDS = frozenset({"tunnel-identity"})
+TUNNEL_IDENTITY = "tunnel-identity"
+CONSOLE_IDENTITY = "console-identity"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,15 +204,18 @@ class TrustUpdate:
     ``sealed_key`` its private key sealed to the group's *current* tunnel identity
     (``pki.keywrap``; never a clear key), ``trust`` the trust config (a signed
     ``certgate-trust+jws``) that names the new identity, which the node stores with it.
-    Every step carries the whole pair, so a node that missed one catches up at the next.
-    The node checks the pair exactly as at setup before it uses or stores it.
+    ``console-identity``: ``certificate`` is the group's next console identity, announced
+    in a batch signed by the current one; ``trust`` is signed by the new one and names it;
+    ``sealed_key`` is null (a node never holds a console key).
+    Every step carries all of it, so a node that missed one catches up at the next. The
+    node checks it exactly as at setup before it uses or stores it.
     """
 
     kind: str
     phase: RotationPhase
     rotation: int
     certificate: str
-    sealed_key: Mapping[str, str] = field(compare=False)
+    sealed_key: Mapping[str, str] | None = field(compare=False)
     trust: str
 
     def encode(self) -> dict[str, Any]:
@@ -218,7 +225,7 @@ class TrustUpdate:
             "phase": self.phase.value,
             "rotation": self.rotation,
             "certificate": self.certificate,
-            "sealed_key": dict(self.sealed_key),
+            "sealed_key": None if self.sealed_key is None else dict(self.sealed_key),
             "trust": self.trust,
         }
 
@@ -305,8 +312,12 @@ def _decode_trust(raw: Mapping[Any, Any], where: str) -> TrustUpdate:
     rotation = raw["rotation"]
     if type(rotation) is not int or not 0 < rotation <= MAX_NOT_AFTER:
         raise InvalidEntry(f"{where}.rotation: expected a rotation id, got {_show(rotation)}")
-    sealed = _mapping(raw["sealed_key"], _SEALED_KEYS, f"{where}.sealed_key")
-    texts = [raw["certificate"], raw["trust"], *sealed.values()]
+    sealed: Mapping[Any, Any] | None = None
+    if kind == TUNNEL_IDENTITY:
+        sealed = _mapping(raw["sealed_key"], _SEALED_KEYS, f"{where}.sealed_key")
+    elif raw["sealed_key"] is not None:
+        raise InvalidEntry(f"{where}.sealed_key: must be null for {kind}")
+    texts = [raw["certificate"], raw["trust"], *(sealed or {}).values()]
     if not all(isinstance(t, str) and 0 < len(t) <= MAX_TRUST_TEXT for t in texts):
         raise InvalidEntry(f"{where}: certificate, trust and sealed_key fields must be text")
     return TrustUpdate(
@@ -314,7 +325,7 @@ def _decode_trust(raw: Mapping[Any, Any], where: str) -> TrustUpdate:
         choice(raw, "phase", _PHASES, where),
         rotation,
         raw["certificate"],
-        dict(sealed),
+        None if sealed is None else dict(sealed),
         raw["trust"],
     )
 

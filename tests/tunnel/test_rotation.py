@@ -164,7 +164,7 @@ def test_next_identity_checks_the_pair_as_setup_does(
     node: TunnelState, switch_op: TrustUpdate
 ) -> None:
     identity = rotation.next_identity(node, switch_op)
-    assert identity.thumbprint != node.tunnel_thumbprint
+    assert identity.thumbprint("tunnel-identity") != node.tunnel_thumbprint
     assert identity.state.group_id == node.group_id
     assert "tunnel.key" not in repr(identity)  # the files (with the key) are never shown
     assert not rotation.is_current(node, switch_op)

@@ -1,12 +1,13 @@
-"""The node's side of a tunnel-identity rotation (``console.services.rotation``).
+"""The node's side of identity rotations (``console.services.rotation``).
 
 A ``trust`` operation of the feed (``certgate.feed.TrustUpdate``) carries the group's
-next tunnel identity: its certificate, its key sealed to the identity the node holds now,
-and a trust config naming it. ``next_identity`` opens the key and checks the whole
-state exactly as ``config.load_state`` checks it at every start (chain, names, key pair,
-the trust config's signature by the pinned console identity) before anything uses it;
-``store_identity`` writes it through the same function setup writes with. Both raise, and
-the caller keeps the identity it has (STYLE.md habit 8). No asyncio here.
+next tunnel identity (its certificate, its key sealed to the identity the node holds now,
+and a trust config naming it) or the group's next console identity (its certificate and
+a trust config it signed). ``next_identity`` opens the key and checks the whole state
+exactly as ``config.load_state`` checks it at every start (chain, names, key pair, the
+trust config's signature by the console identity of that state) before anything uses
+it; ``store_identity`` writes it through the same function setup writes with. Both
+raise, and the caller keeps the identity it has (STYLE.md habit 8). No asyncio here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 from certgate.errors import CertgateError, ConfigError
-from certgate.feed import TrustUpdate, tunnel_key_context
+from certgate.feed import CONSOLE_IDENTITY, TrustUpdate, tunnel_key_context
 from certgate.pki import keywrap
-from certgate.pki.keys import private_key_pem
+from certgate.pki.keys import PrivateKey, private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState
@@ -33,32 +36,41 @@ class NextIdentity:
     state: TunnelState
     files: dict[str, bytes] = field(repr=False)  # holds the key: never logged
 
-    @property
-    def thumbprint(self) -> str:
+    def thumbprint(self, kind: str) -> str:
+        """The new identity's: the console identity's or the tunnel identity's."""
+        if kind == CONSOLE_IDENTITY:
+            return thumbprint(self.state.console_identity)
         return self.state.tunnel_thumbprint
 
 
+def _certificate(op: TrustUpdate) -> x509.Certificate:
+    return config.load_single_cert(op.certificate.encode(), f"rotated {op.kind}")
+
+
 def is_current(state: TunnelState, op: TrustUpdate) -> bool:
-    """The operation names the identity the node presents already (nothing to do)."""
+    """The operation names the identity the node uses already (nothing to do)."""
     try:
-        cert = config.load_single_cert(op.certificate.encode(), "rotated tunnel identity")
+        cert = _certificate(op)
     except ConfigError:
         return False
+    if op.kind == CONSOLE_IDENTITY:
+        return cert == state.console_identity
     return thumbprint(cert) == state.tunnel_thumbprint
 
 
 def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
     """Open and check the identity ``op`` carries; raises ConfigError with the reason."""
     try:
-        cert = config.load_single_cert(op.certificate.encode(), "rotated tunnel identity")
-        context = tunnel_key_context(state.group_id, thumbprint(cert))
-        key = keywrap.unseal_key(op.sealed_key, state.tunnel_key, context)
+        cert = _certificate(op)
+        files = _current_files(state.state_dir)
+        files[config.TRUST_JWS] = op.trust.encode()
+        if op.kind == CONSOLE_IDENTITY:
+            files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
+        else:
+            files[config.TUNNEL_PEM] = op.certificate.encode()
+            files[config.TUNNEL_KEY] = private_key_pem(_opened_key(state, op, cert))
     except CertgateError as exc:
         raise ConfigError(f"rotation {op.rotation}: {exc}") from exc
-    files = _current_files(state.state_dir)
-    files[config.TUNNEL_PEM] = op.certificate.encode()
-    files[config.TUNNEL_KEY] = private_key_pem(key)
-    files[config.TRUST_JWS] = op.trust.encode()
     try:
         verified = config.state_from_files(files, state.state_dir)
     except ConfigError as exc:
@@ -68,6 +80,13 @@ def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
     if (verified.group_id, verified.node_name) != (state.group_id, state.node_name):
         raise ConfigError(f"rotation {op.rotation}: the new state names another group or node")
     return NextIdentity(verified, files)
+
+
+def _opened_key(state: TunnelState, op: TrustUpdate, cert: x509.Certificate) -> PrivateKey:
+    if op.sealed_key is None:
+        raise ConfigError("a tunnel identity comes with its sealed key")
+    context = tunnel_key_context(state.group_id, thumbprint(cert))
+    return keywrap.unseal_key(op.sealed_key, state.tunnel_key, context)
 
 
 def _current_files(state_dir: Path) -> dict[str, bytes]:

@@ -40,6 +40,7 @@ exchange is persisted too, so a restart does not reset the budget. The data plan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import random
@@ -50,11 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
 
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.feed import (
+    CONSOLE_IDENTITY,
     FEED_VERSION,
+    TUNNEL_IDENTITY,
     FeedError,
     PolicyUpdate,
     RotationPhase,
@@ -62,6 +66,7 @@ from certgate.feed import (
     message_version,
     split_trust,
 )
+from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import client_context
 from certgate.tunnel import rotation, snapshot
 from certgate.tunnel.config import TunnelState
@@ -148,7 +153,8 @@ class FeedFollower:
         self._client: httpx.AsyncClient | None = None
         self._retired_clients: list[httpx.AsyncClient] = []
         self._on_identity: IdentityCallback | None = None
-        self._next_identity: str | None = None  # thumbprint of a prepared identity
+        self._next: dict[str, str] = {}  # rotation kind -> thumbprint of a prepared one
+        self._other_signers: tuple[x509.Certificate, ...] = ()
         self._identity_error: str | None = None
         self._load_persisted()
         self._was_fresh = self.is_fresh()
@@ -208,7 +214,9 @@ class FeedFollower:
             "last_error": self._last_error,
             "consecutive_failures": self._failures,
             "tunnel_identity": self.state.tunnel_thumbprint,
-            "next_tunnel_identity": self._next_identity,
+            "next_tunnel_identity": self._next.get(TUNNEL_IDENTITY),
+            "console_identity": thumbprint(self.state.console_identity),
+            "next_console_identity": self._next.get(CONSOLE_IDENTITY),
             "identity_error": self._identity_error,
         }
 
@@ -436,9 +444,20 @@ class FeedFollower:
         return _VerifiedPage(float(payload["iat"]), page.next), table
 
     def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
-        return jws.verify(
-            token, self.state.console_identity, typ, self.state.group_id, now=self._clock()
-        )
+        """Verify with the pinned console identity, or during a console-identity rotation
+        with the other one (announced in a message the pinned one signed)."""
+        try:
+            return self._verify_with(self.state.console_identity, token, typ)
+        except SignatureError:
+            for signer in self._other_signers:
+                with contextlib.suppress(SignatureError):
+                    return self._verify_with(signer, token, typ)
+            raise
+
+    def _verify_with(
+        self, signer: x509.Certificate, token: bytes | str, typ: str
+    ) -> dict[str, Any]:
+        return jws.verify(token, signer, typ, self.state.group_id, now=self._clock())
 
     # Batches
 
@@ -492,38 +511,45 @@ class FeedFollower:
         """Check the identity a trust operation carries; use it from switch on. Failures
         keep the identity in use (logged, and in ``status()``)."""
         if rotation.is_current(self.state, op):
-            self._next_identity = None
+            self._next.pop(op.kind, None)
+            if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
+                self._other_signers = ()  # the new console identity alone from now on
             return
         try:
             identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
-            if op.phase is not RotationPhase.PREPARE and self._on_identity is not None:
-                self._on_identity(identity.state)  # the data plane first: it may refuse
+            if op.kind == TUNNEL_IDENTITY and op.phase is not RotationPhase.PREPARE:
+                if self._on_identity is not None:
+                    self._on_identity(identity.state)  # the data plane first: it may refuse
         except (CertgateError, OSError) as exc:
-            self._identity_error = f"rotation {op.rotation} ({op.phase.value}): {exc}"
-            log.error(
-                "%s; keeping tunnel identity %s", self._identity_error, self.state.tunnel_thumbprint
-            )
+            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
+            log.error("%s; keeping the identity in use", self._identity_error)
             return
+        new = identity.thumbprint(op.kind)
         if op.phase is RotationPhase.PREPARE:
-            self._next_identity, self._identity_error = identity.thumbprint, None
-            log.info(
-                "rotation %d: holding next tunnel identity %s", op.rotation, identity.thumbprint
-            )
+            self._next[op.kind], self._identity_error = new, None
+            if op.kind == CONSOLE_IDENTITY:  # announced by the current one: both sign now
+                self._other_signers = (identity.state.console_identity,)
+            log.info("rotation %d: holding the next %s %s", op.rotation, op.kind, new)
             return
-        self._use(identity.state)
-        log.info("rotation %d: presenting tunnel identity %s", op.rotation, identity.thumbprint)
+        self._use(identity.state, op)
+        log.info("rotation %d: now using %s %s", op.rotation, op.kind, new)
         try:
             await asyncio.to_thread(rotation.store_identity, identity)
         except OSError as exc:
-            self._identity_error = f"rotation {op.rotation}: new identity not stored: {exc}"
-            log.error("%s; a restart would present the old one", self._identity_error)
+            self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
+            log.error("%s; a restart would use the old one", self._identity_error)
 
-    def _use(self, state: TunnelState) -> None:
-        """Call the console with the new identity from the next request on; requests in
-        flight on the old client finish (it is closed with the follower)."""
-        self.state = state
-        self._next_identity, self._identity_error = None, None
-        if self._client is not None:
+    def _use(self, state: TunnelState, op: TrustUpdate) -> None:
+        """Use ``state`` from now on. A new tunnel identity is presented to the console
+        from the next request (requests in flight on the old client finish; it is closed
+        with the follower); an old console identity is still accepted until finish."""
+        previous, self.state = self.state, state
+        self._next.pop(op.kind, None)
+        self._identity_error = None
+        if op.kind == CONSOLE_IDENTITY:
+            finished = op.phase is RotationPhase.FINISH
+            self._other_signers = () if finished else (previous.console_identity,)
+        elif self._client is not None:
             self._retired_clients.append(self._client)
             self._client = None
 

@@ -23,6 +23,7 @@ are refused with that reason until they are implemented.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from certgate import jws
 from certgate.console.services import ca, feed, tunnels
-from certgate.console.services.groups import get_group, tunnel_key_label
+from certgate.console.services.groups import console_key_label, get_group, tunnel_key_label
 from certgate.console.store.models import (
     Certificate,
     Group,
@@ -49,7 +50,7 @@ from certgate.feed import RotationPhase, TrustUpdate, tunnel_key_context
 from certgate.pki import identity, keywrap
 from certgate.pki.authority import Names
 from certgate.pki.keys import check_public_key, generate_key
-from certgate.pki.profiles import TUNNEL_IDENTITY
+from certgate.pki.profiles import CONSOLE_IDENTITY, TUNNEL_IDENTITY, Profile
 from certgate.pki.thumbprint import thumbprint
 
 __all__ = [
@@ -65,8 +66,9 @@ __all__ = [
 ]
 
 TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
-KINDS = (TUNNEL, "console-identity", "device-root", "secure-channel-root", "root")
-IMPLEMENTED = (TUNNEL,)
+CONSOLE = tunnels.CONSOLE_IDENTITY_ROTATION
+KINDS = (TUNNEL, CONSOLE, "device-root", "secure-channel-root", "root")
+IMPLEMENTED = (TUNNEL, CONSOLE)
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
 # A node whose last call is older than this is reported as unseen (it may be down).
@@ -119,8 +121,26 @@ def _require_running(session: Session, group_id: str, kind: str) -> Rotation:
     return rotation
 
 
-def _rotation_key_label(rotation: Rotation) -> str:
-    return f"rotation:{rotation.id}:key"
+def _next_key_label(rotation: Rotation) -> str:
+    return tunnels.rotation_key_label(rotation.id, "next")
+
+
+def _previous_key_label(rotation: Rotation) -> str:
+    return tunnels.rotation_key_label(rotation.id, "previous")
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What differs between the identities a group rotates."""
+
+    profile: Profile
+    names: Callable[[Group], Names]
+    current_label: Callable[[str], str]
+    serial: str  # the GroupIdentity column
+
+
+def _console_names(group: Group) -> Names:
+    return Names(f"console {group.id}"[:64], identity.console(group.id))
 
 
 def _cert(session: Session, serial: str) -> x509.Certificate:
@@ -151,20 +171,21 @@ def prepare(
     pair = session.get(GroupIdentity, group_id)
     if pair is None:
         raise NotFound(f"group {group_id!r} has no identity pair")
-    key = generate_key()
+    what = _KINDS[kind]
+    key = generate_key()  # P-256: console identities sign ES256
     _, row = pki.issue(
         session,
         ca.SECURE_CHANNEL_ROOT,
-        TUNNEL_IDENTITY,
-        _tunnel_names(group),
+        what.profile,
+        what.names(group),
         key.public_key(),
-        ca.Record(kind="tunnel-identity", group_id=group_id),
+        ca.Record(kind=kind, group_id=group_id),
     )
     rotation = Rotation(
         group_id=group_id,
         kind=kind,
         phase=Phase.PREPARED.value,
-        old_serial=pair.tunnel_serial,
+        old_serial=getattr(pair, what.serial),
         new_serial=row.serial,
         overlap_s=int(overlap.total_seconds()),
         started_by=started_by[:200],
@@ -173,21 +194,28 @@ def prepare(
     )
     session.add(rotation)
     session.flush()  # the id names the sealed key and the feed operation
-    ca.seal_key(session, pki.master, _rotation_key_label(rotation), key)
+    ca.seal_key(session, pki.master, _next_key_label(rotation), key)
     rotation.prepare_seq = _publish(session, pki, rotation, RotationPhase.PREPARE)
     return rotation
 
 
 def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> Rotation:
-    """Use the new one for new work: the group's current tunnel identity from now on."""
+    """Use the new one for new work: the group's current identity from now on. A console
+    identity's old key is kept until finish: the feed up to this step stays signed by it
+    (``tunnels.signed_batch``)."""
     rotation = _require_running(session, group_id, kind)
     rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
     rotation.switched_at = ca.now()
     pair = session.get(GroupIdentity, group_id)
     assert pair is not None  # prepare checked it
-    pair.tunnel_serial = rotation.new_serial
-    key = pki.unseal(session, _rotation_key_label(rotation))
-    ca.seal_key(session, pki.master, tunnel_key_label(group_id), key)
+    what = _KINDS[kind]
+    current = what.current_label(group_id)
+    if kind == CONSOLE:
+        ca.seal_key(
+            session, pki.master, _previous_key_label(rotation), pki.unseal(session, current)
+        )
+    setattr(pair, what.serial, rotation.new_serial)
+    ca.seal_key(session, pki.master, current, pki.unseal(session, _next_key_label(rotation)))
     rotation.switch_seq = _publish(session, pki, rotation, RotationPhase.SWITCH)
     return rotation
 
@@ -213,9 +241,10 @@ def finish(
     rotation.phase, rotation.finished_at, rotation.forced = phase.value, ca.now(), force
     ca.revoke(session, rotation.old_serial, "superseded")
     _publish(session, pki, rotation, RotationPhase.FINISH)
-    sealed = session.get(SealedKey, _rotation_key_label(rotation))
-    if sealed is not None:  # the key lives on as the group's current one
-        session.delete(sealed)
+    for label in (_next_key_label(rotation), _previous_key_label(rotation)):
+        sealed = session.get(SealedKey, label)
+        if sealed is not None:  # the new key lives on as the group's current one
+            session.delete(sealed)
     return rotation
 
 
@@ -242,6 +271,17 @@ def _tunnel_names(group: Group) -> Names:
     )
 
 
+_KINDS = {
+    TUNNEL: _Kind(TUNNEL_IDENTITY, _tunnel_names, tunnel_key_label, "tunnel_serial"),
+    CONSOLE: _Kind(CONSOLE_IDENTITY, _console_names, console_key_label, "console_serial"),
+}
+
+
+def _current_label(rotation: Rotation) -> str:
+    assert rotation.group_id is not None  # identities are per group
+    return _KINDS[rotation.kind].current_label(rotation.group_id)
+
+
 def _publish(
     session: Session,
     pki: ca.InstancePKI,
@@ -255,25 +295,26 @@ def _publish(
     console_url = instance.public_url
     assert group_id is not None  # tunnel identities are per group
     old, new = _cert(session, rotation.old_serial), _cert(session, rotation.new_serial)
-    key = pki.unseal(session, _rotation_key_label(rotation))
-    trust = tunnels.sign_for_group(
+    key = pki.unseal(
         session,
-        pki,
-        group_id,
-        tunnels.trust_payload(session, pki, group_id, console_url, tunnel_cert=new),
-        jws.TYP_TRUST,
-        tunnels.TRUST_TTL_S,
+        _next_key_label(rotation) if step is not RotationPhase.FINISH else _current_label(rotation),
     )
-    op = TrustUpdate(
-        rotation.kind,
-        step,
-        rotation.id,
-        ca.pem(new),
-        keywrap.seal_key(
-            key, check_public_key(old.public_key()), tunnel_key_context(group_id, thumbprint(new))
-        ),
-        trust,
-    )
+    if rotation.kind == TUNNEL:
+        payload = tunnels.trust_payload(session, pki, group_id, console_url, tunnel_cert=new)
+        trust = tunnels.sign_for_group(
+            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
+        )
+        context = tunnel_key_context(group_id, thumbprint(new))
+        sealed: dict[str, str] | None = keywrap.seal_key(
+            key, check_public_key(old.public_key()), context
+        )
+    else:  # the new console identity signs the trust config that names it
+        payload = tunnels.trust_payload(session, pki, group_id, console_url, console_cert=new)
+        trust = tunnels.sign_for_group(
+            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S, (new, key)
+        )
+        sealed = None
+    op = TrustUpdate(rotation.kind, step, rotation.id, ca.pem(new), sealed, trust)
     return feed.emit(session, group_id, [op.encode()])
 
 
@@ -298,14 +339,20 @@ class NodeStatus:
         }
 
 
+def _past(report_seq: object, seq: int | None) -> bool:
+    """The node's reported table is at or past ``seq`` (it has read that step)."""
+    return isinstance(report_seq, int) and seq is not None and report_seq >= seq
+
+
 def _node_status(node: TunnelNode, rotation: Rotation, old: str, new: str) -> NodeStatus:
     report_seq = ((node.report or {}).get("status") or {}).get("table_seq")
-    has_new = (
-        isinstance(report_seq, int)
-        and rotation.prepare_seq is not None
-        and report_seq >= rotation.prepare_seq
-    ) or node.identity_thumbprint == new
-    presents = {old: "old", new: "new"}.get(node.identity_thumbprint or "", "unknown")
+    if rotation.kind == CONSOLE:  # what the node pins, from how far it has read the feed
+        has_new = _past(report_seq, rotation.prepare_seq)
+        presents = "new" if _past(report_seq, rotation.switch_seq) else "old"
+        presents = "unknown" if report_seq is None else presents
+    else:  # the identity of its last call
+        has_new = _past(report_seq, rotation.prepare_seq) or node.identity_thumbprint == new
+        presents = {old: "old", new: "new"}.get(node.identity_thumbprint or "", "unknown")
     return NodeStatus(
         node.name,
         node.last_seen_at.isoformat(timespec="seconds"),
@@ -327,8 +374,9 @@ def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
 
 def _blockers(session: Session, rotation: Rotation) -> list[str]:
     """Who or what still depends on the old one (empty: finish may proceed)."""
+    depends = "presents" if rotation.kind == TUNNEL else "pins"
     blockers = [
-        f"node {n.name} still presents the old identity (last seen {n.last_seen_at})"
+        f"node {n.name} still {depends} the old identity (last seen {n.last_seen_at})"
         for n in _nodes(session, rotation)
         if n.presents != "new"
     ]

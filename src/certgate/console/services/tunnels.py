@@ -38,7 +38,7 @@ from certgate.console.store.models import (
 from certgate.errors import AuthError, BadRequest, NotFound
 from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
-from certgate.pki.keys import private_key_pem
+from certgate.pki.keys import PrivateKey, private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
 
@@ -48,6 +48,7 @@ FEED_TTL_S = 3600
 INSTALLER_FORMAT = "certgate-tunnel-installer/1"
 NODE_NAME_MAX = 128
 TUNNEL_IDENTITY_ROTATION = "tunnel-identity"
+CONSOLE_IDENTITY_ROTATION = "console-identity"
 
 
 def trust_payload(
@@ -56,12 +57,13 @@ def trust_payload(
     group_id: str,
     console_url: str,
     tunnel_cert: x509.Certificate | None = None,
+    console_cert: x509.Certificate | None = None,
 ) -> dict[str, Any]:
-    """The trust config of the group's nodes; ``tunnel_cert``: name this tunnel identity
-    instead of the current one (a rotation's next identity)."""
+    """The trust config of the group's nodes; ``tunnel_cert``, ``console_cert``: name this
+    identity instead of the current one (a rotation's next identity)."""
     group = get_group(session, group_id)
-    console_cert, current_tunnel = group_certificates(session, group_id)
-    tunnel_cert = tunnel_cert or current_tunnel
+    current_console, current_tunnel = group_certificates(session, group_id)
+    tunnel_cert, console_cert = tunnel_cert or current_tunnel, console_cert or current_console
     return {
         "group_id": group_id,
         "console_url": console_url,
@@ -89,9 +91,14 @@ def sign_for_group(
     payload: dict[str, Any],
     typ: str,
     ttl_s: int,
+    signer: tuple[x509.Certificate, PrivateKey] | None = None,
 ) -> str:
-    console_cert, _ = group_certificates(session, group_id)
-    console_key = pki.unseal(session, console_key_label(group_id))
+    """``payload`` signed by the group's console identity (or ``signer``, a rotation's
+    other one)."""
+    if signer is None:
+        console_cert, _ = group_certificates(session, group_id)
+        signer = console_cert, pki.unseal(session, console_key_label(group_id))
+    console_cert, console_key = signer
     chain = [console_cert, pki.certs[ca.SECURE_CHANNEL_ROOT]]
     return jws.sign({**payload, "group_id": group_id}, console_key, chain, typ, ttl_s)
 
@@ -345,8 +352,17 @@ def signed_batch(
     cursor: int,
     version: int = MIN_FEED_VERSION,
 ) -> SignedBatch | None:
-    """The feed after ``cursor`` for a node of contract ``version`` (docs/CONVENTIONS.md)."""
+    """The feed after ``cursor`` for a node of contract ``version`` (docs/CONVENTIONS.md).
+
+    While a console-identity rotation is switched and not finished, the feed up to its
+    switch step is signed by the old identity (a node behind it pins only that one, and
+    learns the new one from those steps); a batch never crosses the switch."""
     events = feed.batch_after(session, group_id, cursor)
+    signer = None
+    previous = _previous_console(session, pki, group_id)
+    if previous is not None and cursor < previous[0]:
+        events = [e for e in events if e.seq <= previous[0]]
+        signer = previous[1]
     if not events:
         return None
     payload: dict[str, Any] = {
@@ -356,8 +372,34 @@ def signed_batch(
     }
     if version >= 2:
         payload["version"] = version
-    token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S)
+    token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S, signer)
     return SignedBatch(token, events[-1].seq, len(events))
+
+
+def rotation_key_label(rotation_id: int, role: str) -> str:
+    """A key a rotation keeps sealed: ``next`` (until switch), ``previous`` (until finish)."""
+    return f"rotation:{rotation_id}:{role}"
+
+
+def _previous_console(
+    session: Session, pki: ca.InstancePKI, group_id: str
+) -> tuple[int, tuple[x509.Certificate, PrivateKey]] | None:
+    """(switch seq, old console identity and key) of a switched, unfinished console
+    identity rotation of the group."""
+    row = session.execute(
+        select(Rotation).where(
+            Rotation.group_id == group_id,
+            Rotation.kind == CONSOLE_IDENTITY_ROTATION,
+            Rotation.switch_seq.is_not(None),
+            Rotation.finished_at.is_(None),
+        )
+    ).scalar_one_or_none()
+    if row is None or row.switch_seq is None:
+        return None
+    old = session.get(Certificate, row.old_serial)
+    assert old is not None  # FK-enforced
+    cert = x509.load_pem_x509_certificate(old.cert_pem.encode())
+    return row.switch_seq, (cert, pki.unseal(session, rotation_key_label(row.id, "previous")))
 
 
 def signed_snapshot(
