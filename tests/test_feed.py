@@ -108,3 +108,14 @@ def test_the_device_table_never_holds_a_trust_operation() -> None:
     with pytest.raises(InvalidEntry, match="trust operation reached the device table"):
         table.apply_batch(1, 1, [TRUST.encode()], 3)
     assert table.seq == 0
+
+
+def test_a_console_identity_carries_no_key_and_a_tunnel_identity_always_one() -> None:
+    console = _changed(kind="console-identity", sealed_key=None)
+    decoded = decode_op(console, "op", 3)
+    assert isinstance(decoded, TrustUpdate) and decoded.sealed_key is None
+    assert decoded.encode() == console
+    with pytest.raises(InvalidEntry, match="must be null for console-identity"):
+        decode_op(_changed(kind="console-identity"), "op", 3)
+    with pytest.raises(InvalidEntry, match="sealed_key: expected an object"):
+        decode_op(_changed(sealed_key=None), "op", 3)

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from certgate import jws
-from certgate.errors import ConfigError
+from certgate.errors import ConfigError, SignatureError
 from certgate.feed import RotationPhase, TrustUpdate, decode_op
+from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import rotation
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.sync import FeedChange, FeedFollower
@@ -25,6 +26,7 @@ from tests.support import RunningConsole
 from tests.tunnel.conftest import (
     COMPLIANT,
     create_group,
+    enroll_device,
     raw_batch,
     raw_snapshot,
     setup_node,
@@ -193,3 +195,67 @@ def test_another_groups_node_cannot_open_the_key(
     stranger = setup_node(sqlite_console, create_group(sqlite_console, COMPLIANT), tmp_path / "x")
     with pytest.raises(ConfigError, match="does not open"):
         rotation.next_identity(stranger, switch_op)
+
+
+def console_step(console: RunningConsole, group: str, path: str, **body: Any) -> dict[str, Any]:
+    with console.client(console.admins["root"]) as client:
+        response = client.post(
+            f"/api/v1/groups/{group}/rotations/console-identity{path}", json=body or None
+        )
+    assert response.status_code in (200, 201), response.text
+    shown: dict[str, Any] = response.json()
+    return shown
+
+
+def test_console_identity_announced_then_pinned_at_switch(
+    sqlite_console: RunningConsole, group: str, node: TunnelState
+) -> None:
+    old = thumbprint(node.console_identity)
+
+    async def scenario() -> None:
+        async with FeedFollower(node, state_dir=node.state_dir) as f:
+            f.subscribe(_ignore, Identities())
+            await f.accept_snapshot(raw_snapshot(node))
+            new = console_step(sqlite_console, group, "", overlap_s=0)["new"]["thumbprint"]
+            await f.poll_once(wait=5)
+            assert f.status()["next_console_identity"] == new
+            assert f.status()["console_identity"] == old
+            console_step(sqlite_console, group, "/switch")
+            seq = f.table.seq
+            await f.poll_once(wait=5)  # the switch step, signed by the old identity
+            assert f.table.seq > seq
+            assert f.status()["console_identity"] == new
+            assert thumbprint(load_state(node.state_dir).console_identity) == new
+            enroll_device(sqlite_console, group)  # a batch the new identity signs
+            assert await f.poll_once(wait=5) is not None
+            assert f.status()["last_error"] is None
+
+    asyncio.run(scenario())
+
+
+def test_the_feed_up_to_the_switch_stays_signed_by_the_old_identity(
+    sqlite_console: RunningConsole, group: str, node: TunnelState
+) -> None:
+    console_step(sqlite_console, group, "")
+    console_step(sqlite_console, group, "/switch")
+    enroll_device(sqlite_console, group)
+    before = jws.verify(raw_batch(node, 0, 3), node.console_identity, jws.TYP_BATCH)
+    ops = [decode_op(e, "op", 3) for e in before["entries"]]
+    switch = [op for op in ops if isinstance(op, TrustUpdate)][-1]
+    assert switch.phase is RotationPhase.SWITCH  # the batch ends with the switch step
+    assert before["entries"][-1]["op"] == "trust"
+    after = raw_batch(node, before["to_seq"], 3)
+    with pytest.raises(SignatureError):  # signed by the new identity only
+        jws.verify(after, node.console_identity, jws.TYP_BATCH)
+    announced = rotation.next_identity(node, switch).state.console_identity
+    assert jws.verify(after, announced, jws.TYP_BATCH)["entries"]
+
+
+def test_a_console_identity_whose_trust_config_it_did_not_sign_is_refused(
+    sqlite_console: RunningConsole, group: str, node: TunnelState
+) -> None:
+    console_step(sqlite_console, group, "")
+    (prepare,) = trust_ops(node, 0)
+    forged = dataclasses.replace(prepare, trust=(node.state_dir / "trust.jws").read_text())
+    with pytest.raises(ConfigError, match="does not verify"):
+        rotation.next_identity(node, forged)
