@@ -19,9 +19,11 @@ carry it at their seq, the table keeps it, and the trust config's policy applies
 feed brings one. The follower asks for contract version ``FEED_VERSION``.
 
 Rotation: a batch's ``trust`` operations (feed version 3, ``certgate.feed.TrustUpdate``)
-carry the group's next tunnel identity. The follower checks it (``tunnel.rotation``) at
-prepare, and at switch hands it to the data plane (``on_identity``: build the new TLS
-context aside, swap it in), stores it, and from then on calls the console with it too.
+carry the group's next tunnel or console identity. The follower checks it
+(``tunnel.rotation``) at prepare. At switch a tunnel identity goes to the data plane
+(``on_identity``: build the new TLS context aside, swap it in), is stored, and is presented
+to the console from the next request; a console identity is pinned and stored, and the
+old one is still accepted until finish (messages verify with either, ``_verify``).
 Any failure keeps the identity in use and is logged and shown in ``status()``; the
 console's rotation status then shows the node still presenting the old one. The trust
 operations are applied before the batch is persisted, so a restart never skips one.
