@@ -323,6 +323,10 @@ def test_tunnel_identity_rotation_without_a_failed_connection(
     assert "retired by rotation" in answer.json()["detail"]
     assert "run 'certgate tunnel setup'" in answer.json()["detail"]
     assert tunnel_identity_of(cluster) == new
+    metrics = node.metrics()
+    assert 'certgate_tunnel_certificate_expires_seconds{certificate="tunnel-identity"}' in metrics
+    assert "certgate_tunnel_identity_swaps_total 1.0" in metrics
+    assert node.health().json()["warnings"] == []  # fresh certificates: none due
     assert load_private_key_pem((node.state_dir / "tunnel.key").read_bytes()) is not None
     assert loop.failures == [], loop.failures
     print(f"tunnel-identity rotation: {loop.ok} curl requests, 0 failed; 3 live tunnels, 0 closed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from certgate.feed import RotationPhase, TrustUpdate, decode_op
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import rotation
 from certgate.tunnel.config import TunnelState, load_state
+from certgate.tunnel.service import renewal_warnings
 from certgate.tunnel.sync import FeedChange, FeedFollower
 from tests.support import RunningConsole
 from tests.tunnel.conftest import (
@@ -259,3 +261,22 @@ def test_a_console_identity_whose_trust_config_it_did_not_sign_is_refused(
     forged = dataclasses.replace(prepare, trust=(node.state_dir / "trust.jws").read_text())
     with pytest.raises(ConfigError, match="does not verify"):
         rotation.next_identity(node, forged)
+
+
+def test_certificates_in_use_and_their_renewal_window(node: TunnelState) -> None:
+    now = time.time()
+    fresh = {c.name: c for c in rotation.certificates_in_use(node, now)}
+    assert set(fresh) == {
+        "tunnel-identity",
+        "console-identity",
+        "device-root",
+        "secure-channel-root",
+        "root",
+    }
+    assert not any(c.renewal_due for c in fresh.values())
+    end = fresh["tunnel-identity"].not_after
+    late = {c.name: c for c in rotation.certificates_in_use(node, end - 10 * 86400)}
+    assert late["tunnel-identity"].renewal_due
+    warnings = renewal_warnings({"certificates": [c.to_dict() for c in late.values()]})
+    assert "tunnel-identity expires in 10 days: rotate it" in warnings[0]
+    assert renewal_warnings({"certificates": [c.to_dict() for c in fresh.values()]}) == []

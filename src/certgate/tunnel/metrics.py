@@ -98,6 +98,18 @@ class TunnelMetrics:
             "Tunnel identities put to use live by a rotation (TLS context swapped)",
             registry=r,
         )
+        self.certificate_expiry = Gauge(
+            "certgate_tunnel_certificate_expires_seconds",
+            "Seconds until a certificate the node presents or trusts expires",
+            ["certificate"],
+            registry=r,
+        )
+        self.renewal_due = Gauge(
+            "certgate_tunnel_certificate_renewal_due",
+            "1 while a certificate in use is within its renewal window (rotate it)",
+            ["certificate"],
+            registry=r,
+        )
         self.table_entries = Gauge("certgate_tunnel_table_entries", "Device table size", registry=r)
         self.table_seq = Gauge(
             "certgate_tunnel_table_seq", "Last applied feed sequence", registry=r

@@ -26,7 +26,54 @@ from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.setup import write_state
 
-__all__ = ["NextIdentity", "is_current", "next_identity", "store_identity"]
+__all__ = [
+    "RENEWAL_WINDOW_S",
+    "CertificateInUse",
+    "NextIdentity",
+    "certificates_in_use",
+    "is_current",
+    "next_identity",
+    "store_identity",
+]
+
+# A certificate the node uses is due for rotation this long before it expires: time for an
+# admin to prepare, switch and finish with an overlap (a tunnel identity lives 2 years).
+RENEWAL_WINDOW_S = 30 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateInUse:
+    name: str  # what rotates it: tunnel-identity, console-identity, device-root, ...
+    not_after: float  # POSIX seconds
+    expires_in_s: float
+
+    @property
+    def renewal_due(self) -> bool:
+        return self.expires_in_s <= RENEWAL_WINDOW_S
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "not_after": int(self.not_after),
+            "expires_in_s": int(self.expires_in_s),
+            "renewal_due": self.renewal_due,
+        }
+
+
+def certificates_in_use(state: TunnelState, now: float) -> list[CertificateInUse]:
+    """Every certificate the node presents or trusts, with its time to expiry."""
+    certs = {
+        "tunnel-identity": state.tunnel_cert,
+        "console-identity": state.console_identity,
+        "device-root": state.device_root,
+        "secure-channel-root": state.secure_channel_root,
+        "root": state.root,
+    }
+    return [
+        CertificateInUse(name, end, end - now)
+        for name, cert in certs.items()
+        for end in [cert.not_valid_after_utc.timestamp()]
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,6 +220,7 @@ class FeedFollower:
             "console_identity": thumbprint(self.state.console_identity),
             "next_console_identity": self._next.get(CONSOLE_IDENTITY),
             "identity_error": self._identity_error,
+            "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
         }
 
     # Startup
