@@ -17,8 +17,15 @@ accepts both identities from nodes (``tunnels.accepted_tunnel_serials``); finish
 the old one. A change of the group's tunnel names is such a rotation, prepared and
 switched at once (``names_changed``), never an instant swap.
 
-The other kinds of issue #11 (console identity, Device Root, Secure Channel Root, Root)
-are refused with that reason until they are implemented.
+Group console identity (``console-identity``): prepare issues the next one and announces
+it in a trust operation of a batch the current one signs, with a trust config the new
+one signs; nodes then accept both signers. Switch makes it the signer, but the feed up
+to the switch step stays signed by the old one (``tunnels.signed_batch``), so a node
+always learns the new identity from a message it can verify; nodes pin the new one when
+they apply the switch, and stop accepting the old one at finish.
+
+The other kinds of issue #11 (Device Root, Secure Channel Root, Root) are refused with
+that reason until they are implemented.
 """
 
 from __future__ import annotations
@@ -290,10 +297,10 @@ def _publish(
 ) -> int:
     """Emit the step as a trust operation in the group's feed; returns its seq."""
     group_id = rotation.group_id
+    assert group_id is not None  # group identities are per group
     instance = session.get(Instance, 1)
     assert instance is not None  # an initialised console
     console_url = instance.public_url
-    assert group_id is not None  # tunnel identities are per group
     old, new = _cert(session, rotation.old_serial), _cert(session, rotation.new_serial)
     key = pki.unseal(
         session,
