@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from certgate.cli import app
+from certgate.console.services import ca, rotation
 from certgate.console.services.rotation import Phase, next_phase
 from certgate.errors import Conflict
 from certgate.feed import RotationPhase
+from certgate.pki.profiles import RENEWAL_WINDOW, TUNNEL_IDENTITY
 from certgate.tunnel.config import TunnelState
 from tests.support import RunningConsole
 from tests.tunnel.conftest import COMPLIANT, create_group, setup_node, tunnel_client
@@ -171,3 +174,16 @@ def test_the_cli_runs_the_same_service(console: RunningConsole, group: str) -> N
     assert finished.exit_code == 0, finished.output
     audit = call(console, "GET", "/api/v1/audit", params={"group_id": group}).json()
     assert any(e["action"] == "rotation.finish" and e["actor"].startswith("cli:") for e in audit)
+
+
+def test_renewal_rotates_identities_near_their_end(console: RunningConsole, group: str) -> None:
+    with console.local() as (session, pki):
+        assert all(r.group_id != group for r in rotation.renew_due(session, pki))
+    with console.local() as (session, pki):
+        late = ca.now() + TUNNEL_IDENTITY.validity - RENEWAL_WINDOW + timedelta(days=1)
+        started = [r for r in rotation.renew_due(session, pki, late) if r.group_id == group]
+        assert [(r.kind, r.phase, r.started_by) for r in started] == [
+            ("tunnel-identity", "switched", "renewal")
+        ]
+    with console.local() as (session, pki):  # once switched, a later run does not start another
+        assert all(r.group_id != group for r in rotation.renew_due(session, pki, late))

@@ -914,3 +914,31 @@ def rotate_status(
         out.print(f"no rotations in group {escape(group_id)}")
     for one in shown:
         print_rotation(one)
+
+
+@rotate_app.command("renew")
+def rotate_renew(
+    data_dir: DataDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Renewal before expiry (run it daily, e.g. from a systemd timer): rotate every group
+    identity within 30 days of its end, and finish such rotations nothing depends on."""
+    with opened(data_dir) as (session, pki):
+        rotations = rotation.renew_due(session, pki)
+        for done in rotations:
+            audit.append(
+                session,
+                actor(),
+                f"rotation.renew.{done.phase}",
+                group_id=done.group_id,
+                kind=done.kind,
+                rotation=done.id,
+            )
+        shown = [rotation.describe(session, r) for r in rotations]
+    if as_json:
+        print_json(shown)
+        return
+    if not shown:
+        out.print("nothing is due for renewal")
+    for one in shown:
+        print_rotation(one)

@@ -21,6 +21,7 @@ from certgate.errors import CertgateError, ConfigError
 from certgate.feed import CONSOLE_IDENTITY, TrustUpdate, tunnel_key_context
 from certgate.pki import keywrap
 from certgate.pki.keys import PrivateKey, private_key_pem
+from certgate.pki.profiles import RENEWAL_WINDOW
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState
@@ -36,9 +37,7 @@ __all__ = [
     "store_identity",
 ]
 
-# A certificate the node uses is due for rotation this long before it expires: time for an
-# admin to prepare, switch and finish with an overlap (a tunnel identity lives 2 years).
-RENEWAL_WINDOW_S = 30 * 24 * 3600
+RENEWAL_WINDOW_S = RENEWAL_WINDOW.total_seconds()
 
 
 @dataclass(frozen=True, slots=True)

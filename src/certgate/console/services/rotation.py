@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -57,7 +57,7 @@ from certgate.feed import RotationPhase, TrustUpdate, tunnel_key_context
 from certgate.pki import identity, keywrap
 from certgate.pki.authority import Names
 from certgate.pki.keys import check_public_key, generate_key
-from certgate.pki.profiles import CONSOLE_IDENTITY, TUNNEL_IDENTITY, Profile
+from certgate.pki.profiles import CONSOLE_IDENTITY, RENEWAL_WINDOW, TUNNEL_IDENTITY, Profile
 from certgate.pki.thumbprint import thumbprint
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "names_changed",
     "next_phase",
     "prepare",
+    "renew_due",
     "status",
     "switch",
 ]
@@ -78,6 +79,7 @@ KINDS = (TUNNEL, CONSOLE, "device-root", "secure-channel-root", "root")
 IMPLEMENTED = (TUNNEL, CONSOLE)
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
+RENEWAL = "renewal"  # started_by of the rotations renew_due starts
 # A node whose last call is older than this is reported as unseen (it may be down).
 SEEN_WITHIN = timedelta(minutes=5)
 
@@ -266,6 +268,31 @@ def names_changed(session: Session, pki: ca.InstancePKI, group: Group, started_b
         )
     prepare(session, pki, group.id, TUNNEL, started_by)
     return switch(session, pki, group.id, TUNNEL)
+
+
+def renew_due(session: Session, pki: ca.InstancePKI, now: datetime | None = None) -> list[Rotation]:
+    """Renewal before expiry: every group identity within ``RENEWAL_WINDOW`` of its end,
+    and not already rotating, is rotated (prepared and switched at once; an admin, or a
+    later call once the overlap has passed and nothing depends on it, finishes it).
+    Rotations this started whose finish is no longer blocked are finished."""
+    now = now or ca.now()
+    rotations = []
+    for pair in session.execute(select(GroupIdentity).order_by(GroupIdentity.group_id)).scalars():
+        for kind, what in _KINDS.items():
+            current = session.get(Certificate, getattr(pair, what.serial))
+            assert current is not None  # FK-enforced
+            if current.not_after - now > RENEWAL_WINDOW:
+                continue
+            if _running(session, pair.group_id, kind) is None:
+                prepare(session, pki, pair.group_id, kind, RENEWAL)
+                rotations.append(switch(session, pki, pair.group_id, kind))
+    for running in session.execute(
+        select(Rotation).where(Rotation.started_by == RENEWAL, Rotation.finished_at.is_(None))
+    ).scalars():
+        if running.switched_at is not None and not _blockers(session, running):
+            assert running.group_id is not None
+            rotations.append(finish(session, pki, running.group_id, running.kind))
+    return rotations
 
 
 def _tunnel_names(group: Group) -> Names:
