@@ -5,19 +5,22 @@ Both sides import this module and nothing else for the wire form (docs/CONVENTIO
 
 * the status enums (``EnrollmentStatus``, ``ComplianceStatus``), declared once;
 * ``Entry`` (an ``upsert``: one device or app certificate as the console describes it),
-  ``Delete`` and ``PolicyUpdate`` (the group policy a node applies), each with
-  ``encode()`` to its JSON object and one ``decode_op`` that validates any of them;
+  ``Delete``, ``PolicyUpdate`` (the group policy a node applies) and ``TrustUpdate`` (a
+  step of a rotation of what the node presents or trusts), each with ``encode()`` to its
+  JSON object and one ``decode_op`` that validates any of them;
 * ``FEED_VERSION``, the contract version, and the rule for versions (below).
 
 Versions. A batch or snapshot page of version 2 or later says so (``"version": N``); one
 without the key is version 1 (the format of nodes that predate versions). A node asks
 for the version it speaks (``?version=N``) and the console answers in that version or
 an older one, never a newer one: version 1 answers carry no ``policy`` operations (the
-node keeps the policy of its trust config) and no ``version`` key. Within a version the
-key sets are exact: a key a node does not know is an error, because a field that could
-deny access must never be silently ignored by a node that cannot read it (fail closed).
-New fields therefore come only with a new version, which the console sends only to
-nodes that asked for it. A node that receives a version newer than its own rejects the
+node keeps the policy of its trust config) and no ``version`` key; version 2 answers
+carry no ``trust`` operations (a version 2 node cannot follow a rotation: the console's
+rotation status says so, and finishing the rotation waits for it or for ``--force``).
+Within a version the key sets are exact: a key a node does not know is an error, because
+a field that could deny access must never be silently ignored by a node that cannot read
+it (fail closed). New fields therefore come only with a new version, which the console
+sends only to nodes that asked for it. A node that receives a version newer than its own rejects the
 message with that reason (upgrade the node) and keeps its table.
 """
 
@@ -36,8 +39,10 @@ from certgate.tunnel.rules import RuleSet
 
 __all__ = [
     "ATTRIBUTE_FIELDS",
+    "CONSOLE_IDENTITY",
     "FEED_VERSION",
     "MIN_FEED_VERSION",
+    "TUNNEL_IDENTITY",
     "ComplianceStatus",
     "Delete",
     "EnrollmentStatus",
@@ -46,11 +51,16 @@ __all__ = [
     "InvalidEntry",
     "Op",
     "PolicyUpdate",
+    "RotationPhase",
+    "TrustUpdate",
     "decode_op",
     "message_version",
+    "split_trust",
+    "tunnel_key_context",
 ]
 
-FEED_VERSION = 2  # 2: policy operations, "version" on batches and snapshot pages
+# 2: policy operations, "version" on batches and snapshot pages; 3: trust operations
+FEED_VERSION = 3
 MIN_FEED_VERSION = 1
 MAX_NOT_AFTER = 2**63 - 1  # int64, as a node packs it
 
@@ -172,7 +182,55 @@ class PolicyUpdate:
         return decoded
 
 
-Op = Entry | Delete | PolicyUpdate
+class RotationPhase(Enum):
+    """prepare: the new one exists and is distributed, old and new are both trusted;
+    switch: the new one is used for new work; finish: the old one is no longer trusted."""
+
+    PREPARE = "prepare"
+    SWITCH = "switch"
+    FINISH = "finish"
+
+
+TUNNEL_IDENTITY = "tunnel-identity"
+CONSOLE_IDENTITY = "console-identity"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY})
+
+
+@dataclass(frozen=True, slots=True)
+class TrustUpdate:
+    """One step of a rotation, for the nodes of the group (version 3).
+
+    ``tunnel-identity``: ``certificate`` is the group's next tunnel identity (PEM),
+    ``sealed_key`` its private key sealed to the group's *current* tunnel identity
+    (``pki.keywrap``; never a clear key), ``trust`` the trust config (a signed
+    ``certgate-trust+jws``) that names the new identity, which the node stores with it.
+    ``console-identity``: ``certificate`` is the group's next console identity, announced
+    in a batch signed by the current one; ``trust`` is signed by the new one and names it;
+    ``sealed_key`` is null (a node never holds a console key).
+    Every step carries all of it, so a node that missed one catches up at the next. The
+    node checks it exactly as at setup before it uses or stores it.
+    """
+
+    kind: str
+    phase: RotationPhase
+    rotation: int
+    certificate: str
+    sealed_key: Mapping[str, str] | None = field(compare=False)
+    trust: str
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "op": "trust",
+            "kind": self.kind,
+            "phase": self.phase.value,
+            "rotation": self.rotation,
+            "certificate": self.certificate,
+            "sealed_key": None if self.sealed_key is None else dict(self.sealed_key),
+            "trust": self.trust,
+        }
+
+
+Op = Entry | Delete | PolicyUpdate | TrustUpdate
 
 _UPSERT_KEYS = frozenset(
     {
@@ -189,6 +247,10 @@ _UPSERT_KEYS = frozenset(
 )
 _DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
 _POLICY_KEYS = frozenset({"op", "version", "server_rules", "device_rules", "feed", "tunnel"})
+_TRUST_KEYS = frozenset({"op", "kind", "phase", "rotation", "certificate", "sealed_key", "trust"})
+_SEALED_KEYS = frozenset({"alg", "epk", "nonce", "ciphertext"})
+_PHASES = {member.value: member for member in RotationPhase}
+MAX_TRUST_TEXT = 64 * 1024
 _FEED_KEYS = ("long_poll_s", "max_staleness_s")
 _TUNNEL_KEYS = ("proxy_port", "per_app_port")
 _ENROLLMENT = {member.value: member for member in EnrollmentStatus}
@@ -226,8 +288,66 @@ def decode_op(raw: object, where: str, version: int) -> Op:
         )
     if op == "policy" and version >= 2:
         return _decode_policy(raw, where)
-    allowed = "'upsert', 'delete' or 'policy'" if version >= 2 else "'upsert' or 'delete'"
+    if op == "trust" and version >= 3:
+        return _decode_trust(raw, where)
+    allowed = ", ".join(_OPS_OF_VERSION[min(version, FEED_VERSION)])
     raise InvalidEntry(f"{where}.op: expected {allowed} (version {version}), got {_show(op)}")
+
+
+_OPS_OF_VERSION = {
+    1: ("'upsert'", "'delete'"),
+    2: ("'upsert'", "'delete'", "'policy'"),
+    3: ("'upsert'", "'delete'", "'policy'", "'trust'"),
+}
+
+
+def _decode_trust(raw: Mapping[Any, Any], where: str) -> TrustUpdate:
+    _require_keys(raw, _TRUST_KEYS, where)
+    kind = raw["kind"]
+    if kind not in TRUST_KINDS:
+        raise InvalidEntry(
+            f"{where}.kind: expected one of {sorted(TRUST_KINDS)}, got {_show(kind)}"
+        )
+    rotation = raw["rotation"]
+    if type(rotation) is not int or not 0 < rotation <= MAX_NOT_AFTER:
+        raise InvalidEntry(f"{where}.rotation: expected a rotation id, got {_show(rotation)}")
+    sealed: Mapping[Any, Any] | None = None
+    if kind == TUNNEL_IDENTITY:
+        sealed = _mapping(raw["sealed_key"], _SEALED_KEYS, f"{where}.sealed_key")
+    elif raw["sealed_key"] is not None:
+        raise InvalidEntry(f"{where}.sealed_key: must be null for {kind}")
+    texts = [raw["certificate"], raw["trust"], *(sealed or {}).values()]
+    if not all(isinstance(t, str) and 0 < len(t) <= MAX_TRUST_TEXT for t in texts):
+        raise InvalidEntry(f"{where}: certificate, trust and sealed_key fields must be text")
+    return TrustUpdate(
+        kind,
+        choice(raw, "phase", _PHASES, where),
+        rotation,
+        raw["certificate"],
+        None if sealed is None else dict(sealed),
+        raw["trust"],
+    )
+
+
+def tunnel_key_context(group_id: str, tunnel_thumbprint: str) -> bytes:
+    """What a sealed tunnel identity key is for (``pki.keywrap`` context): the group and
+    the certificate the key belongs to, so that a sealed key cannot pass for another."""
+    return f"tunnel-identity:{group_id}:{tunnel_thumbprint}".encode()
+
+
+def split_trust(entries: list[object], version: int) -> tuple[list[TrustUpdate], list[object]]:
+    """The trust operations of a batch (validated) and the rest (for the device table).
+    A node applies trust operations itself; the table never holds them."""
+    trust: list[TrustUpdate] = []
+    rest: list[object] = []
+    for i, raw in enumerate(entries):
+        if isinstance(raw, Mapping) and raw.get("op") == "trust":
+            decoded = decode_op(raw, f"entries[{i}]", version)
+            assert isinstance(decoded, TrustUpdate)
+            trust.append(decoded)
+        else:
+            rest.append(raw)
+    return trust, rest
 
 
 def decode_entry(raw: Mapping[Any, Any], where: str) -> Entry:

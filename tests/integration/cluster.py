@@ -188,25 +188,30 @@ backend tunnel_nodes
     return proc, port
 
 
-def enroll_app(console: RunningConsole, work: Path) -> tuple[str, Path, Path]:
+def enroll_app(
+    console: RunningConsole, work: Path, username: str = "dora"
+) -> tuple[str, Path, Path]:
+    """Enroll a device of ``username`` with an app certificate (files named after the user
+    but for the cluster's own device, whose files are app.pem and app.key)."""
     root = console.admins["root"]
     with console.client(root) as admin:
         admin.post(
             f"/api/v1/groups/{GROUP}/enrollment-users",
-            json={"username": "dora", "password": "dora-password"},
+            json={"username": username, "password": f"{username}-password"},
         ).raise_for_status()
     with console.client() as anon:
         device = anon.post(
             "/api/v1/enroll",
-            json={"username": "dora", "password": "dora-password", "platform": "android"},
+            json={"username": username, "password": f"{username}-password", "platform": "android"},
         ).json()
     csr, key = make_csr()
     with console.client(api_key=device["credential"]) as dev:
         issued = dev.post(
             f"/api/v1/device/apps/{APP}/certificate",
-            json={"username": "dora", "password": "dora-password", "csr": csr.decode()},
+            json={"username": username, "password": f"{username}-password", "csr": csr.decode()},
         ).json()
-    cert_path, key_path = work / "app.pem", work / "app.key"
+    stem = "app" if username == "dora" else f"app-{username}"
+    cert_path, key_path = work / f"{stem}.pem", work / f"{stem}.key"
     cert_path.write_text(issued["certificate"])
     key_path.write_bytes(private_key_pem(key))
     return device["device_uid"], cert_path, key_path

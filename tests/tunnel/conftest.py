@@ -127,9 +127,11 @@ def tunnel_client(state: TunnelState) -> httpx.Client:
     return httpx.Client(base_url=state.console_url, verify=ctx, timeout=30)
 
 
-def raw_batch(state: TunnelState, after: int) -> bytes:
+def raw_batch(state: TunnelState, after: int, version: int | None = None) -> bytes:
+    """The signed batch after ``after``, of feed ``version`` (None: a node that says none)."""
+    params = {"after": after, "wait": 0} | ({} if version is None else {"version": version})
     with tunnel_client(state) as client:
-        response = client.get(state.trust.feed.feed_path, params={"after": after, "wait": 0})
+        response = client.get(state.trust.feed.feed_path, params=params)
     assert response.status_code == 200, (response.status_code, response.text)
     return response.content
 

@@ -23,7 +23,7 @@ import pytest
 
 from certgate import jws
 from certgate.errors import SignatureError
-from certgate.feed import ComplianceStatus, EnrollmentStatus, Entry, FeedError
+from certgate.feed import FEED_VERSION, ComplianceStatus, EnrollmentStatus, Entry, FeedError
 from certgate.pki.keys import generate_key
 from certgate.tunnel import snapshot
 from certgate.tunnel.config import TunnelState
@@ -539,8 +539,8 @@ def test_paged_snapshot_asks_for_format_2_and_follows_the_cursors(
 
     run(scenario())
     assert server.asked == [
-        {"format": "2", "limit": "8", "version": "2"},
-        {"format": "2", "limit": "8", "version": "2", "after": cursor(ENTRIES[3])},
+        {"format": "2", "limit": "8", "version": str(FEED_VERSION)},
+        {"format": "2", "limit": "8", "version": str(FEED_VERSION), "after": cursor(ENTRIES[3])},
     ]
 
 

@@ -21,12 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from certgate import errors
 from certgate.console.api import admin, public
 from certgate.console.api import device as device_api
+from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin)
+ROUTERS = (device_api, tunnel_api, public, admin, rotation_api)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),

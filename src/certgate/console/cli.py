@@ -36,6 +36,7 @@ from certgate.console.services import (
     devices,
     dryrun,
     groups,
+    rotation,
     tunnels,
 )
 from certgate.console.services.rbac import ROLES
@@ -800,3 +801,172 @@ def restore(
     except (CertgateError, OSError) as exc:
         raise fail(str(exc)) from exc
     out.print(f"restored {len(pki.certs)} CAs into {data_dir}")
+
+
+# Rotations (services.rotation): prepare with `rotate KIND GROUP`, then switch, finish.
+
+rotate_app = typer.Typer(
+    help="Rotate what the system presents or trusts, without downtime: prepare, switch, finish.",
+    no_args_is_help=True,
+)
+app.add_typer(rotate_app, name="rotate")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``12h``, ``7d`` (a bare number is seconds)."""
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    if not number.isdigit():
+        raise fail(f"duration {text!r}: use a whole number with s, m, h or d (e.g. 12h)")
+    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+
+
+def print_rotation(shown: dict[str, Any]) -> None:
+    out.print(
+        f"rotation {shown['id']} of {shown['kind']} in group {escape(str(shown['group_id']))}:"
+        f" {shown['phase']} (old {shown['old']['thumbprint'][:16]}...,"
+        f" new {shown['new']['thumbprint'][:16]}...)"
+    )
+    for node in shown["nodes"]:
+        out.print(
+            f"  node {escape(node['name'])}: has new={node['has_new']}"
+            f" presents={node['presents']} last seen {node['last_seen_at']}"
+        )
+    for blocker in shown["blockers"]:
+        out.print(f"  finish waits: {escape(blocker)}")
+
+
+RotateKind = Annotated[str, typer.Argument(help=f"One of {', '.join(rotation.KINDS)}.")]
+
+
+def rotate_start(
+    data_dir: DataDir,
+    kind: str,
+    group_id: str,
+    overlap: str,
+    as_json: bool,
+) -> None:
+    """Prepare: issue the new one and distribute it; old and new are both trusted."""
+    with opened(data_dir) as (session, pki):
+        started = rotation.prepare(session, pki, group_id, kind, actor(), parse_duration(overlap))
+        audit.append(
+            session,
+            actor(),
+            "rotation.prepare",
+            group_id=group_id,
+            kind=kind,
+            rotation=started.id,
+            overlap_s=started.overlap_s,
+        )
+        shown = rotation.describe(session, started)
+    print_json(shown) if as_json else print_rotation(shown)
+
+
+def _register_start(kind: str) -> None:
+    """``certgate console rotate KIND GROUP [--overlap 1h]``: one command per kind."""
+
+    def start(
+        data_dir: DataDir,
+        group_id: str,
+        overlap: Annotated[
+            str, typer.Option(help="Least time between switch and finish (e.g. 1h, 7d).")
+        ] = "1h",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        rotate_start(data_dir, kind, group_id, overlap, as_json)
+
+    start.__doc__ = f"Prepare a {kind} rotation: the new one is issued and distributed."
+    rotate_app.command(kind)(start)
+
+
+for _kind in rotation.KINDS:
+    _register_start(_kind)
+
+
+@rotate_app.command("switch")
+def rotate_switch(
+    data_dir: DataDir,
+    kind: RotateKind,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Switch: the new one is used for new work."""
+    with opened(data_dir) as (session, pki):
+        switched = rotation.switch(session, pki, group_id, kind)
+        audit.append(
+            session, actor(), "rotation.switch", group_id=group_id, kind=kind, rotation=switched.id
+        )
+        shown = rotation.describe(session, switched)
+    print_json(shown) if as_json else print_rotation(shown)
+
+
+@rotate_app.command("finish")
+def rotate_finish(
+    data_dir: DataDir,
+    kind: RotateKind,
+    group_id: str,
+    force: Annotated[
+        bool, typer.Option("--force", help="Finish although something depends on the old one.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Finish: the old one is no longer trusted and is revoked."""
+    with opened(data_dir) as (session, pki):
+        finished = rotation.finish(session, pki, group_id, kind, force=force)
+        audit.append(
+            session,
+            actor(),
+            "rotation.finish.forced" if force else "rotation.finish",
+            group_id=group_id,
+            kind=kind,
+            rotation=finished.id,
+        )
+        shown = rotation.describe(session, finished)
+    print_json(shown) if as_json else print_rotation(shown)
+
+
+@rotate_app.command("status")
+def rotate_status(
+    data_dir: DataDir,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The group's rotations: per node, who has the new one and who presents the old."""
+    with opened(data_dir) as (session, _):
+        shown = rotation.status(session, group_id)
+    if as_json:
+        print_json(shown)
+        return
+    if not shown:
+        out.print(f"no rotations in group {escape(group_id)}")
+    for one in shown:
+        print_rotation(one)
+
+
+@rotate_app.command("renew")
+def rotate_renew(
+    data_dir: DataDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Renewal before expiry (run it daily, e.g. from a systemd timer): rotate every group
+    identity within 30 days of its end, and finish such rotations nothing depends on."""
+    with opened(data_dir) as (session, pki):
+        rotations = rotation.renew_due(session, pki)
+        for done in rotations:
+            audit.append(
+                session,
+                actor(),
+                f"rotation.renew.{done.phase}",
+                group_id=done.group_id,
+                kind=done.kind,
+                rotation=done.id,
+            )
+        shown = [rotation.describe(session, r) for r in rotations]
+    if as_json:
+        print_json(shown)
+        return
+    if not shown:
+        out.print("nothing is due for renewal")
+    for one in shown:
+        print_rotation(one)

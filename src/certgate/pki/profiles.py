@@ -13,6 +13,10 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 DAY = timedelta(days=1)
+# A certificate the system issues to itself is renewed (rotated) this long before it
+# expires, and nodes warn about one in use that is this close: time for a rotation's
+# prepare, switch and an overlap before finish.
+RENEWAL_WINDOW = 30 * DAY
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,23 @@ class TunnelMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.identity_swaps = Counter(
+            "certgate_tunnel_identity_swaps",
+            "Tunnel identities put to use live by a rotation (TLS context swapped)",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "certgate_tunnel_certificate_expires_seconds",
+            "Seconds until a certificate the node presents or trusts expires",
+            ["certificate"],
+            registry=r,
+        )
+        self.renewal_due = Gauge(
+            "certgate_tunnel_certificate_renewal_due",
+            "1 while a certificate in use is within its renewal window (rotate it)",
+            ["certificate"],
+            registry=r,
+        )
         self.table_entries = Gauge("certgate_tunnel_table_entries", "Device table size", registry=r)
         self.table_seq = Gauge(
             "certgate_tunnel_table_seq", "Last applied feed sequence", registry=r

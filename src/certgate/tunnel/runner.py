@@ -85,7 +85,20 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
             if pinned is None
         },
     )
-    follower.subscribe(service.on_change)
+
+    def use_identity(rotated: TunnelState) -> None:
+        """A rotated tunnel identity: its TLS context built aside, then swapped in (a
+        failure raises here and the follower keeps the identity in use)."""
+        service.swap_tls(
+            data_plane_tls(
+                [rotated.tunnel_cert, *rotated.tunnel_chain],
+                rotated.tunnel_key,
+                rotated.device_root,
+                options.tls_curve,
+            )
+        )
+
+    follower.subscribe(service.on_change, use_identity)
     return service, follower
 
 

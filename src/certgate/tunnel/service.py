@@ -106,6 +106,7 @@ class TunnelService:
     def __post_init__(self) -> None:
         self.shared = Shared(self.gate, self.limits, self.metrics)
         self._sweeper: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
         self._was_fresh = self.gate.source.is_fresh()
 
     async def start(self) -> None:
@@ -117,6 +118,7 @@ class TunnelService:
             if endpoint is None:
                 continue
             listener = Listener(mode, self.tls, name)
+            self._listeners.append(listener)
             acceptor = Acceptor.listen(
                 loop,
                 endpoint.host,
@@ -137,6 +139,14 @@ class TunnelService:
         self.servers.append(server)
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
+
+    def swap_tls(self, tls: ssl.SSLContext) -> None:
+        """Serve new connections with ``tls`` (built aside by the caller); connections
+        open now keep the context they were accepted with, so none is closed."""
+        self.tls = tls
+        for listener in self._listeners:
+            listener.tls = tls
+        self.metrics.identity_swaps.inc()
 
     def on_change(self, change: FeedChange) -> None:
         """Feed callback: judge the live tunnels the change concerns; close the refused."""
@@ -219,6 +229,9 @@ class TunnelService:
         status = self.status() if self.status else {}
         if "age_s" in status and status["age_s"] is not None:
             self.metrics.table_age.set(status["age_s"])
+        for cert in status.get("certificates", []):
+            self.metrics.certificate_expiry.labels(cert["name"]).set(cert["expires_in_s"])
+            self.metrics.renewal_due.labels(cert["name"]).set(1 if cert["renewal_due"] else 0)
 
     async def stop(self, drain_s: float = 30.0) -> None:
         """Stop accepting, let open tunnels finish for up to ``drain_s``, then cut them."""
@@ -236,6 +249,7 @@ class TunnelService:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         fresh = self.gate.source.is_fresh()
+        sync: dict[str, Any] | None = self.status() if self.status else None
         body = {
             "status": "ok" if fresh else "stale",
             "group_id": self.gate.group_id,
@@ -244,7 +258,8 @@ class TunnelService:
             "connections": len(self.shared.registry.all),
             "policy_version": self.gate.source.policy.version,
             "restart_required": self.restart_required(),
-            "sync": self.status() if self.status else None,
+            "sync": sync,
+            "warnings": renewal_warnings(sync or {}),
         }
         return (200 if fresh else 503), body
 
@@ -275,6 +290,16 @@ class TunnelService:
             self._refresh_gauges()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
         return 404, "text/plain", b"not found\n"
+
+
+def renewal_warnings(sync: dict[str, Any]) -> list[str]:
+    """A line for each certificate in use that is within its renewal window."""
+    return [
+        f"{cert['name']} expires in {cert['expires_in_s'] // 86400} days: rotate it"
+        f" (certgate console rotate {cert['name']} ...)"
+        for cert in sync.get("certificates", [])
+        if cert["renewal_due"]
+    ]
 
 
 async def _read_target(reader: asyncio.StreamReader) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "resolve_root",
     "setup",
     "verify_bundle",
+    "write_state",
 ]
 
 INSTALLER_FORMAT = "certgate-tunnel-installer/1"
@@ -272,7 +273,7 @@ def _store_answer(
         raise SetupError(f"console answer does not verify: {exc}") from exc
     if pinned_console is not None and state.console_identity != pinned_console:
         raise SetupError("console answered with a console identity other than the bundle's")
-    _write_state(state_dir, files, key)
+    write_state(state_dir, files, key)
     return state
 
 
@@ -289,7 +290,9 @@ def _check_state_dir(state_dir: Path, group_id: str) -> None:
         raise SetupError(f"{state_dir} is set up for group {existing!r}; use another directory")
 
 
-def _write_state(state_dir: Path, files: Mapping[str, bytes], key: PrivateKey) -> None:
+def write_state(state_dir: Path, files: Mapping[str, bytes], key: PrivateKey) -> None:
+    """Write a verified state directory and seal its key (also a rotated identity,
+    ``tunnel.rotation``)."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     for name in config.STATE_FILES:

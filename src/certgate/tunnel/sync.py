@@ -20,6 +20,16 @@ feed brings one. The follower asks for contract version ``FEED_VERSION``, or the
 ``feed_version`` it is pinned to (it then reads exactly as a node of that version: a
 version 1 node gets no policy operations and rejects any newer message).
 
+Rotation: a batch's ``trust`` operations (feed version 3, ``certgate.feed.TrustUpdate``)
+carry the group's next tunnel or console identity. The follower checks it
+(``tunnel.rotation``) at prepare. At switch a tunnel identity goes to the data plane
+(``on_identity``: build the new TLS context aside, swap it in), is stored, and is presented
+to the console from the next request; a console identity is pinned and stored, and the
+old one is still accepted until finish (messages verify with either, ``_verify``).
+Any failure keeps the identity in use and is logged and shown in ``status()``; the
+console's rotation status then shows the node still presenting the old one. The trust
+operations are applied before the batch is persisted, so a restart never skips one.
+
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
 policy change. The follower never decides who may pass; ``admission.admit`` does.
@@ -34,6 +44,7 @@ exchange is persisted too, so a restart does not reset the budget. The data plan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import random
@@ -44,18 +55,25 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
 
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.feed import (
+    CONSOLE_IDENTITY,
     FEED_VERSION,
     MIN_FEED_VERSION,
+    TUNNEL_IDENTITY,
     FeedError,
     PolicyUpdate,
+    RotationPhase,
+    TrustUpdate,
     message_version,
+    split_trust,
 )
+from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import client_context
-from certgate.tunnel import snapshot
+from certgate.tunnel import rotation, snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
@@ -95,6 +113,8 @@ class FeedChange:
 
 
 ChangeCallback = Callable[[FeedChange], None]
+# Puts a verified next identity to use in the data plane; raises to refuse it.
+IdentityCallback = Callable[[TunnelState], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +164,11 @@ class FeedFollower:
         self._last_signed_at: float | None = None
         self._failures = 0
         self._client: httpx.AsyncClient | None = None
+        self._retired_clients: list[httpx.AsyncClient] = []
+        self._on_identity: IdentityCallback | None = None
+        self._next: dict[str, str] = {}  # rotation kind -> thumbprint of a prepared one
+        self._other_signers: tuple[x509.Certificate, ...] = ()
+        self._identity_error: str | None = None
         self._load_persisted()
         self._was_fresh = self.is_fresh()
 
@@ -153,8 +178,11 @@ class FeedFollower:
     def table(self) -> DeviceTable:
         return self._table
 
-    def subscribe(self, on_change: ChangeCallback) -> None:
+    def subscribe(
+        self, on_change: ChangeCallback, on_identity: IdentityCallback | None = None
+    ) -> None:
         self._on_change = on_change
+        self._on_identity = on_identity
 
     @property
     def policy(self) -> PolicyUpdate:
@@ -198,6 +226,12 @@ class FeedFollower:
             "feed_version": self.feed_version,
             "last_error": self._last_error,
             "consecutive_failures": self._failures,
+            "tunnel_identity": self.state.tunnel_thumbprint,
+            "next_tunnel_identity": self._next.get(TUNNEL_IDENTITY),
+            "console_identity": thumbprint(self.state.console_identity),
+            "next_console_identity": self._next.get(CONSOLE_IDENTITY),
+            "identity_error": self._identity_error,
+            "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
         }
 
     # Startup
@@ -312,8 +346,11 @@ class FeedFollower:
             raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
 
     async def aclose(self) -> None:
+        clients, self._retired_clients = self._retired_clients, []
         if self._client is not None:
-            client, self._client = self._client, None
+            clients.append(self._client)
+            self._client = None
+        for client in clients:
             await client.aclose()
 
     async def __aenter__(self) -> FeedFollower:
@@ -421,9 +458,20 @@ class FeedFollower:
         return _VerifiedPage(float(payload["iat"]), page.next), table
 
     def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
-        return jws.verify(
-            token, self.state.console_identity, typ, self.state.group_id, now=self._clock()
-        )
+        """Verify with the pinned console identity, or during a console-identity rotation
+        with the other one (announced in a message the pinned one signed)."""
+        try:
+            return self._verify_with(self.state.console_identity, token, typ)
+        except SignatureError:
+            for signer in self._other_signers:
+                with contextlib.suppress(SignatureError):
+                    return self._verify_with(signer, token, typ)
+            raise
+
+    def _verify_with(
+        self, signer: x509.Certificate, token: bytes | str, typ: str
+    ) -> dict[str, Any]:
+        return jws.verify(token, signer, typ, self.state.group_id, now=self._clock())
 
     # Batches
 
@@ -455,6 +503,7 @@ class FeedFollower:
             payload = self._verify(token, jws.TYP_BATCH)
             from_seq, to_seq, entries = _batch_fields(payload)
             version = message_version(payload, self.feed_version)
+            trust, entries = split_trust(entries, version)
             changes = self._table.apply_batch(from_seq, to_seq, entries, version)
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)
@@ -463,6 +512,8 @@ class FeedFollower:
             log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
             raise
         self._last_signed_at = signed_at = float(payload["iat"])
+        for op in trust:  # before the batch is persisted: a restart sees it again
+            await self._apply_trust(op)
         await self._store_batch(from_seq, to_seq, entries, version)
         await self._exchanged()
         if changes.policy is not None:
@@ -471,6 +522,54 @@ class FeedFollower:
         elif changes.touched:
             self._notify(FeedChange(changes.touched, signed_at, "batch"))
         return changes
+
+    # Rotation
+
+    async def _apply_trust(self, op: TrustUpdate) -> None:
+        """Check the identity a trust operation carries; use it from switch on. Failures
+        keep the identity in use (logged, and in ``status()``)."""
+        if rotation.is_current(self.state, op):
+            self._next.pop(op.kind, None)
+            if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
+                self._other_signers = ()  # the new console identity alone from now on
+            return
+        try:
+            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
+            if op.kind == TUNNEL_IDENTITY and op.phase is not RotationPhase.PREPARE:
+                if self._on_identity is not None:
+                    self._on_identity(identity.state)  # the data plane first: it may refuse
+        except (CertgateError, OSError) as exc:
+            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
+            log.error("%s; keeping the identity in use", self._identity_error)
+            return
+        new = identity.thumbprint(op.kind)
+        if op.phase is RotationPhase.PREPARE:
+            self._next[op.kind], self._identity_error = new, None
+            if op.kind == CONSOLE_IDENTITY:  # announced by the current one: both sign now
+                self._other_signers = (identity.state.console_identity,)
+            log.info("rotation %d: holding the next %s %s", op.rotation, op.kind, new)
+            return
+        self._use(identity.state, op)
+        log.info("rotation %d: now using %s %s", op.rotation, op.kind, new)
+        try:
+            await asyncio.to_thread(rotation.store_identity, identity)
+        except OSError as exc:
+            self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
+            log.error("%s; a restart would use the old one", self._identity_error)
+
+    def _use(self, state: TunnelState, op: TrustUpdate) -> None:
+        """Use ``state`` from now on. A new tunnel identity is presented to the console
+        from the next request (requests in flight on the old client finish; it is closed
+        with the follower); an old console identity is still accepted until finish."""
+        previous, self.state = self.state, state
+        self._next.pop(op.kind, None)
+        self._identity_error = None
+        if op.kind == CONSOLE_IDENTITY:
+            finished = op.phase is RotationPhase.FINISH
+            self._other_signers = () if finished else (previous.console_identity,)
+        elif self._client is not None:
+            self._retired_clients.append(self._client)
+            self._client = None
 
     # Bookkeeping
 

@@ -312,7 +312,10 @@ class DeviceTable:
             feed.decode_op(raw, f"entries[{i}]", version) for i, raw in enumerate(_iterate(entries))
         ]
         policies = [op for op in decoded if isinstance(op, PolicyUpdate)]
-        ops = [_packable(op) for op in decoded if not isinstance(op, PolicyUpdate)]
+        if any(isinstance(op, feed.TrustUpdate) for op in decoded):
+            # The node applies rotations itself (sync.FeedFollower); never the table.
+            raise feed.InvalidEntry("a trust operation reached the device table")
+        ops = [_packable(op) for op in decoded if isinstance(op, Entry | Delete)]
         upserts = [upsert for _, upsert in ops if upsert is not None]
         self._groups.check_room(upsert[2] for upsert in upserts)
         self._bundles.check_room(upsert[3] for upsert in upserts)

@@ -84,10 +84,10 @@ async def as_device(request: Request, act: Callable[[Session, Device], T]) -> T:
 def tunnel_tx(request: Request) -> Iterator[tuple[Session, str]]:
     state = state_of(request)
     with state.db.transaction() as session:
-        group_id = tunnels.tunnel_group_of(session, state.pki, peer_cert_der(request.scope))
-        request.state.actor = f"tunnel:{group_id}"
-        request.state.group_id = group_id
+        peer = tunnels.tunnel_group_of(session, state.pki, peer_cert_der(request.scope))
+        request.state.actor = f"tunnel:{peer.group_id}"
+        request.state.group_id = peer.group_id
         node = request.headers.get(NODE_HEADER)
         if node:
-            tunnels.touch_node(session, group_id, node)
-        yield session, group_id
+            tunnels.touch_node(session, peer, node)
+        yield session, peer.group_id

@@ -273,3 +273,10 @@ class DryRunOut(BaseModel):
     live_tunnels: list[ClosedTunnelOut]
     nodes_reporting: list[NodeReportOut]
     stale_reports: list[NodeReportOut]
+
+
+class RotateIn(Strict):
+    """Start a rotation (prepare); ``overlap_s``: the least time between switch and
+    finish, during which old and new are both trusted."""
+
+    overlap_s: int = Field(3600, ge=0, le=400 * 24 * 3600)

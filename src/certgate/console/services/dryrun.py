@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from certgate.console.services import ca, feed
 from certgate.console.services.groups import get_group
 from certgate.console.store.models import Certificate, Device, FeedEvent, TunnelNode
-from certgate.feed import FEED_VERSION, Entry, Op, PolicyUpdate, decode_op
+from certgate.feed import FEED_VERSION, Delete, Entry, Op, PolicyUpdate, decode_op
 from certgate.tunnel.admission import Mode, PeerIdentity, peer_identity
 from certgate.tunnel.report import STALE_REPORT_S
 from certgate.tunnel.server import Gate, Route
@@ -249,8 +249,10 @@ def _judge(
     live: dict[str, list[dict[str, Any]]],
     now: float,
 ) -> tuple[list[RefusedCert], list[ClosedTunnel]]:
+    # Trust operations (rotations) change what a node presents, never whom it admits.
+    ops = [op for op in ops if op.get("op") != "trust"]
     decoded = [decode_op(op, f"feed[{i}]", FEED_VERSION) for i, op in enumerate(ops)]
-    touched = sorted({op.thumbprint for op in decoded if not isinstance(op, PolicyUpdate)})
+    touched = sorted({op.thumbprint for op in decoded if isinstance(op, Entry | Delete)})
     judged = _judged_tunnels(live, decoded, set(touched))
     certs = _certificates(session, {*touched, *(t["thumbprint"] for _, t in judged)})
     table = _table_after(session, group_id, certs.values(), ops)

@@ -91,10 +91,12 @@ def emit_policy(session: Session, group: Group) -> int:
 
 
 def for_version(entries: Iterable[dict[str, Any]], version: int) -> list[dict[str, Any]]:
-    """The operations a node of contract ``version`` can read (docs/CONVENTIONS.md)."""
+    """The operations a node of contract ``version`` can read (docs/CONVENTIONS.md):
+    policy operations from version 2, trust operations (rotations) from version 3."""
     if version >= FEED_VERSION:
         return list(entries)
-    return [entry for entry in entries if entry.get("op") != "policy"]
+    unreadable = {"trust"} if version >= 2 else {"policy", "trust"}
+    return [entry for entry in entries if entry.get("op") not in unreadable]
 
 
 def active_certs(session: Session, device_uid: str) -> list[Certificate]:

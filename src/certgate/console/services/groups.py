@@ -194,7 +194,8 @@ POLICY_KEYS = ("tunnel", "feed", "device_rules", "server_rules")
 def update_settings(
     session: Session, pki: ca.InstancePKI, group_id: str, changes: dict[str, Any]
 ) -> Group:
-    """Merge ``changes`` into the group's settings. New tunnel names re-issue the pair; a
+    """Merge ``changes`` into the group's settings. New tunnel names rotate the group's
+    tunnel identity (``rotation.names_changed``); a
     change of what nodes or devices apply publishes the next policy version in the feed,
     in this transaction, so running nodes and agents apply it without a new setup."""
     group = get_group(session, group_id)
@@ -211,7 +212,11 @@ def update_settings(
         old_tunnel["hostnames"],
         old_tunnel["ip_addresses"],
     ):
-        issue_identity_pair(session, pki, group)
+        # A rotation, not an instant swap: nodes keep the old identity until they hold
+        # the new one, and the console accepts both until the rotation is finished.
+        from certgate.console.services import rotation  # it builds on this module
+
+        rotation.names_changed(session, pki, group, "group.settings")
     if any(merged[key] != old_settings[key] for key in POLICY_KEYS):
         group.policy_version += 1
         feed.emit_policy(session, group)

@@ -28,11 +28,17 @@ from certgate.console.services.groups import (
     tunnel_key_label,
 )
 from certgate.console.services.secrets import IssuedSecret, new_secret
-from certgate.console.store.models import Certificate, GroupIdentity, OneTimeToken, TunnelNode
+from certgate.console.store.models import (
+    Certificate,
+    GroupIdentity,
+    OneTimeToken,
+    Rotation,
+    TunnelNode,
+)
 from certgate.errors import AuthError, BadRequest, NotFound
 from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
-from certgate.pki.keys import private_key_pem
+from certgate.pki.keys import PrivateKey, private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
 
@@ -41,13 +47,23 @@ TRUST_TTL_S = 365 * 24 * 3600
 FEED_TTL_S = 3600
 INSTALLER_FORMAT = "certgate-tunnel-installer/1"
 NODE_NAME_MAX = 128
+TUNNEL_IDENTITY_ROTATION = "tunnel-identity"
+CONSOLE_IDENTITY_ROTATION = "console-identity"
 
 
 def trust_payload(
-    session: Session, pki: ca.InstancePKI, group_id: str, console_url: str
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    console_url: str,
+    tunnel_cert: x509.Certificate | None = None,
+    console_cert: x509.Certificate | None = None,
 ) -> dict[str, Any]:
+    """The trust config of the group's nodes; ``tunnel_cert``, ``console_cert``: name this
+    identity instead of the current one (a rotation's next identity)."""
     group = get_group(session, group_id)
-    console_cert, tunnel_cert = group_certificates(session, group_id)
+    current_console, current_tunnel = group_certificates(session, group_id)
+    tunnel_cert, console_cert = tunnel_cert or current_tunnel, console_cert or current_console
     return {
         "group_id": group_id,
         "console_url": console_url,
@@ -75,9 +91,14 @@ def sign_for_group(
     payload: dict[str, Any],
     typ: str,
     ttl_s: int,
+    signer: tuple[x509.Certificate, PrivateKey] | None = None,
 ) -> str:
-    console_cert, _ = group_certificates(session, group_id)
-    console_key = pki.unseal(session, console_key_label(group_id))
+    """``payload`` signed by the group's console identity (or ``signer``, a rotation's
+    other one)."""
+    if signer is None:
+        console_cert, _ = group_certificates(session, group_id)
+        signer = console_cert, pki.unseal(session, console_key_label(group_id))
+    console_cert, console_key = signer
     chain = [console_cert, pki.certs[ca.SECURE_CHANNEL_ROOT]]
     return jws.sign({**payload, "group_id": group_id}, console_key, chain, typ, ttl_s)
 
@@ -101,13 +122,18 @@ def _register_node(session: Session, group_id: str, name: str, address: str) -> 
     return node
 
 
-def touch_node(session: Session, group_id: str, name: str) -> None:
-    """Record that a registered node of ``group_id`` called in (unknown names are ignored)."""
+def touch_node(session: Session, peer: TunnelPeer, name: str) -> None:
+    """Record that a registered node called in, and the identity it presented (unknown
+    names are ignored)."""
     node = session.execute(
-        select(TunnelNode).where(TunnelNode.group_id == group_id, TunnelNode.name == name[:128])
+        select(TunnelNode).where(
+            TunnelNode.group_id == peer.group_id, TunnelNode.name == name[:NODE_NAME_MAX]
+        )
     ).scalar_one_or_none()
     if node is not None:
         node.last_seen_at = ca.now()
+        if node.identity_thumbprint != peer.thumbprint:
+            node.identity_thumbprint = peer.thumbprint
 
 
 def record_report(
@@ -242,8 +268,34 @@ def installer(
     return buffer.getvalue(), token.id
 
 
-def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> str:
-    """Authenticate a tunnel by its identity cert: valid chain, and the group's current one."""
+@dataclass(frozen=True, slots=True)
+class TunnelPeer:
+    """A tunnel node authenticated by its group's tunnel identity."""
+
+    group_id: str
+    thumbprint: str  # of the identity it presented (old or new during a rotation)
+
+
+def accepted_tunnel_serials(session: Session, group_id: str) -> set[str]:
+    """The tunnel identities the console accepts from the group's nodes: the current one,
+    and while a tunnel-identity rotation runs (prepared or switched), its old and new."""
+    pair = session.get(GroupIdentity, group_id)
+    accepted = {pair.tunnel_serial} if pair else set()
+    running = session.execute(
+        select(Rotation.old_serial, Rotation.new_serial).where(
+            Rotation.group_id == group_id,
+            Rotation.kind == TUNNEL_IDENTITY_ROTATION,
+            Rotation.finished_at.is_(None),
+        )
+    )
+    for old, new in running:
+        accepted |= {old, new}
+    return accepted
+
+
+def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> TunnelPeer:
+    """Authenticate a tunnel by its identity cert: valid chain, and one the console accepts
+    now (``accepted_tunnel_serials``)."""
     if peer_der is None:
         raise AuthError("tunnel identity certificate required (mTLS)")
     cert = x509.load_der_x509_certificate(peer_der)
@@ -258,11 +310,32 @@ def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | Non
         expected_issuer=pki.certs[ca.SECURE_CHANNEL_ROOT],
         at=ca.now(),
     )
-    pair = session.get(GroupIdentity, ident.group_id)
-    row = session.get(Certificate, pair.tunnel_serial) if pair else None
-    if row is None or row.thumbprint != thumbprint(cert) or row.revoked_at is not None:
-        raise AuthError("tunnel identity is not the group's current one")
-    return ident.group_id
+    presented = thumbprint(cert)
+    row = session.execute(
+        select(Certificate).where(Certificate.thumbprint == presented)
+    ).scalar_one_or_none()
+    accepted = accepted_tunnel_serials(session, ident.group_id)
+    if row is None or row.serial not in accepted or row.revoked_at is not None:
+        raise AuthError(_refusal(session, ident.group_id, row))
+    return TunnelPeer(ident.group_id, presented)
+
+
+def _refusal(session: Session, group_id: str, row: Certificate | None) -> str:
+    """Why a tunnel identity of the group is refused, and what the node's operator does."""
+    retired = None
+    if row is not None:
+        retired = session.execute(
+            select(Rotation).where(
+                Rotation.old_serial == row.serial, Rotation.finished_at.is_not(None)
+            )
+        ).scalar_one_or_none()
+    if retired is None or retired.finished_at is None:
+        return "tunnel identity is not the group's current one"
+    return (
+        f"tunnel identity was retired by rotation {retired.id} (finished"
+        f" {retired.finished_at.isoformat(timespec='seconds')}); this node missed the"
+        f" rotation: run 'certgate tunnel setup' for group {group_id} again"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +352,17 @@ def signed_batch(
     cursor: int,
     version: int = MIN_FEED_VERSION,
 ) -> SignedBatch | None:
-    """The feed after ``cursor`` for a node of contract ``version`` (docs/CONVENTIONS.md)."""
+    """The feed after ``cursor`` for a node of contract ``version`` (docs/CONVENTIONS.md).
+
+    While a console-identity rotation is switched and not finished, the feed up to its
+    switch step is signed by the old identity (a node behind it pins only that one, and
+    learns the new one from those steps); a batch never crosses the switch."""
     events = feed.batch_after(session, group_id, cursor)
+    signer = None
+    previous = _previous_console(session, pki, group_id)
+    if previous is not None and cursor < previous[0]:
+        events = [e for e in events if e.seq <= previous[0]]
+        signer = previous[1]
     if not events:
         return None
     payload: dict[str, Any] = {
@@ -290,8 +372,34 @@ def signed_batch(
     }
     if version >= 2:
         payload["version"] = version
-    token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S)
+    token = sign_for_group(session, pki, group_id, payload, jws.TYP_BATCH, FEED_TTL_S, signer)
     return SignedBatch(token, events[-1].seq, len(events))
+
+
+def rotation_key_label(rotation_id: int, role: str) -> str:
+    """A key a rotation keeps sealed: ``next`` (until switch), ``previous`` (until finish)."""
+    return f"rotation:{rotation_id}:{role}"
+
+
+def _previous_console(
+    session: Session, pki: ca.InstancePKI, group_id: str
+) -> tuple[int, tuple[x509.Certificate, PrivateKey]] | None:
+    """(switch seq, old console identity and key) of a switched, unfinished console
+    identity rotation of the group."""
+    row = session.execute(
+        select(Rotation).where(
+            Rotation.group_id == group_id,
+            Rotation.kind == CONSOLE_IDENTITY_ROTATION,
+            Rotation.switch_seq.is_not(None),
+            Rotation.finished_at.is_(None),
+        )
+    ).scalar_one_or_none()
+    if row is None or row.switch_seq is None:
+        return None
+    old = session.get(Certificate, row.old_serial)
+    assert old is not None  # FK-enforced
+    cert = x509.load_pem_x509_certificate(old.cert_pem.encode())
+    return row.switch_seq, (cert, pki.unseal(session, rotation_key_label(row.id, "previous")))
 
 
 def signed_snapshot(

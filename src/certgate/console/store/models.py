@@ -243,6 +243,32 @@ class TunnelNode(Base):
     # The node's own report (tunnel.report): its live tunnels and sync state, for dry-runs.
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     reported_at: Mapped[datetime | None]
+    # The tunnel identity the node presented on its last call (rotation status).
+    identity_thumbprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Rotation(Base):
+    """One rotation (``services.rotation``): prepare -> switch -> finish of ``kind``.
+
+    At most one unfinished rotation of a kind per group; ``*_seq`` are the group feed seqs
+    of the trust operations that announced each step (a node past ``prepare_seq`` holds
+    the new one)."""
+
+    __tablename__ = "rotations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("groups.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(16))
+    old_serial: Mapped[str] = mapped_column(ForeignKey("certificates.serial"))
+    new_serial: Mapped[str] = mapped_column(ForeignKey("certificates.serial"))
+    overlap_s: Mapped[int] = mapped_column(BigInteger)
+    started_by: Mapped[str] = mapped_column(String(200))
+    prepared_at: Mapped[datetime]
+    switched_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    prepare_seq: Mapped[int | None] = mapped_column(BigInteger)
+    switch_seq: Mapped[int | None] = mapped_column(BigInteger)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class FeedEvent(Base):

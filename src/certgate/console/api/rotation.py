@@ -1,0 +1,84 @@
+"""Rotation API (``services.rotation``): start (prepare), switch, finish, status.
+
+``POST /api/v1/groups/{g}/rotations/{kind}`` prepares, ``.../{kind}/switch`` switches,
+``.../{kind}/finish`` finishes (``?force=true`` finishes although something still depends
+on the old one; audited as such), ``GET /api/v1/groups/{g}/rotations`` is the status.
+Every step is audited as ``rotation.<step>`` in the transaction that made it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+
+from certgate.console.api import schemas as s
+from certgate.console.api.deps import admin_tx, state_of
+from certgate.console.services import audit, rbac, rotation
+from certgate.console.services.rbac import Permission as P
+
+router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations")
+
+
+@router.get("")
+def rotation_status(request: Request, group_id: str) -> list[dict[str, Any]]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.TUNNEL_READ, group_id)
+        return rotation.status(session, group_id)
+
+
+@router.post("/{kind}", status_code=201)
+def rotation_prepare(
+    request: Request, group_id: str, kind: str, body: s.RotateIn | None = None
+) -> dict[str, Any]:
+    overlap = timedelta(seconds=body.overlap_s) if body else rotation.DEFAULT_OVERLAP
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        started = rotation.prepare(
+            session, state_of(request).pki, group_id, kind, request.state.actor, overlap
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "rotation.prepare",
+            group_id=group_id,
+            kind=kind,
+            rotation=started.id,
+            overlap_s=started.overlap_s,
+        )
+        return rotation.describe(session, started)
+
+
+@router.post("/{kind}/switch")
+def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        switched = rotation.switch(session, state_of(request).pki, group_id, kind)
+        audit.append(
+            session,
+            request.state.actor,
+            "rotation.switch",
+            group_id=group_id,
+            kind=kind,
+            rotation=switched.id,
+        )
+        return rotation.describe(session, switched)
+
+
+@router.post("/{kind}/finish")
+def rotation_finish(
+    request: Request, group_id: str, kind: str, force: bool = Query(False)
+) -> dict[str, Any]:
+    with admin_tx(request, group_id) as (session, who):
+        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        finished = rotation.finish(session, state_of(request).pki, group_id, kind, force=force)
+        audit.append(
+            session,
+            request.state.actor,
+            "rotation.finish.forced" if force else "rotation.finish",
+            group_id=group_id,
+            kind=kind,
+            rotation=finished.id,
+        )
+        return rotation.describe(session, finished)

@@ -1,0 +1,461 @@
+"""Rotation without downtime: one model for everything the system presents or trusts.
+
+prepare: the new key and certificate exist and are distributed; old and new are both
+trusted. switch: the new one is used for new work. finish: the old one is no longer
+trusted and its certificate is revoked. ``next_phase`` is the one state machine (its
+``_TRANSITIONS`` table; anything else raises); ``status`` says who still depends on the
+old one, and ``finish`` refuses while anyone does, unless forced (audited by the caller).
+
+Group tunnel identity (``tunnel-identity``): prepare issues the next identity and
+publishes it in the group's feed as a ``trust`` operation (``certgate.feed.TrustUpdate``,
+feed version 3): the certificate, its key sealed to the group's current tunnel identity
+(``pki.keywrap``; only the group's nodes can open it) and a trust config naming it, all
+signed, as every feed batch, by the group's console identity. Nodes check and hold it.
+Switch makes it the group's current identity and publishes the step; nodes swap their
+TLS context live (devices trust the chain, not the leaf). Until finish the console
+accepts both identities from nodes (``tunnels.accepted_tunnel_serials``); finish revokes
+the old one. A change of the group's tunnel names is such a rotation, prepared and
+switched at once (``names_changed``), never an instant swap.
+
+Group console identity (``console-identity``): prepare issues the next one and announces
+it in a trust operation of a batch the current one signs, with a trust config the new
+one signs; nodes then accept both signers. Switch makes it the signer, but the feed up
+to the switch step stays signed by the old one (``tunnels.signed_batch``), so a node
+always learns the new identity from a message it can verify; nodes pin the new one when
+they apply the switch, and stop accepting the old one at finish.
+
+The other kinds of issue #11 (Device Root, Secure Channel Root, Root) are refused with
+that reason until they are implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certgate import jws
+from certgate.console.services import ca, feed, tunnels
+from certgate.console.services.groups import console_key_label, get_group, tunnel_key_label
+from certgate.console.store.models import (
+    Certificate,
+    Group,
+    GroupIdentity,
+    Instance,
+    Rotation,
+    SealedKey,
+    TunnelNode,
+)
+from certgate.errors import BadRequest, Conflict, NotFound
+from certgate.feed import RotationPhase, TrustUpdate, tunnel_key_context
+from certgate.pki import identity, keywrap
+from certgate.pki.authority import Names
+from certgate.pki.keys import check_public_key, generate_key
+from certgate.pki.profiles import CONSOLE_IDENTITY, RENEWAL_WINDOW, TUNNEL_IDENTITY, Profile
+from certgate.pki.thumbprint import thumbprint
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "KINDS",
+    "Phase",
+    "finish",
+    "names_changed",
+    "next_phase",
+    "prepare",
+    "renew_due",
+    "status",
+    "switch",
+]
+
+TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
+CONSOLE = tunnels.CONSOLE_IDENTITY_ROTATION
+KINDS = (TUNNEL, CONSOLE, "device-root", "secure-channel-root", "root")
+IMPLEMENTED = (TUNNEL, CONSOLE)
+DEFAULT_OVERLAP = timedelta(hours=1)
+MAX_OVERLAP = timedelta(days=400)
+RENEWAL = "renewal"  # started_by of the rotations renew_due starts
+# A node whose last call is older than this is reported as unseen (it may be down).
+SEEN_WITHIN = timedelta(minutes=5)
+
+
+class Phase(Enum):
+    PREPARED = "prepared"
+    SWITCHED = "switched"
+    FINISHED = "finished"
+
+
+_TRANSITIONS: dict[tuple[Phase | None, RotationPhase], Phase] = {
+    (None, RotationPhase.PREPARE): Phase.PREPARED,
+    (Phase.PREPARED, RotationPhase.SWITCH): Phase.SWITCHED,
+    (Phase.SWITCHED, RotationPhase.FINISH): Phase.FINISHED,
+}
+
+
+def next_phase(current: Phase | None, step: RotationPhase) -> Phase:
+    """The phase after ``step`` from ``current``; Conflict for an illegal step."""
+    try:
+        return _TRANSITIONS[(current, step)]
+    except KeyError:
+        where = "no rotation running" if current is None else f"the rotation is {current.value}"
+        raise Conflict(f"cannot {step.value}: {where}") from None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise BadRequest(f"unknown rotation kind {kind!r}; one of {', '.join(KINDS)}")
+    if kind not in IMPLEMENTED:
+        raise BadRequest(f"rotation of {kind} is not implemented yet (issue #11)")
+
+
+def _running(session: Session, group_id: str, kind: str) -> Rotation | None:
+    return session.execute(
+        select(Rotation).where(
+            Rotation.group_id == group_id, Rotation.kind == kind, Rotation.finished_at.is_(None)
+        )
+    ).scalar_one_or_none()
+
+
+def _require_running(session: Session, group_id: str, kind: str) -> Rotation:
+    _check_kind(kind)
+    get_group(session, group_id)
+    rotation = _running(session, group_id, kind)
+    if rotation is None:
+        raise NotFound(f"no {kind} rotation is running in group {group_id!r}")
+    return rotation
+
+
+def _next_key_label(rotation: Rotation) -> str:
+    return tunnels.rotation_key_label(rotation.id, "next")
+
+
+def _previous_key_label(rotation: Rotation) -> str:
+    return tunnels.rotation_key_label(rotation.id, "previous")
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What differs between the identities a group rotates."""
+
+    profile: Profile
+    names: Callable[[Group], Names]
+    current_label: Callable[[str], str]
+    serial: str  # the GroupIdentity column
+
+
+def _console_names(group: Group) -> Names:
+    return Names(f"console {group.id}"[:64], identity.console(group.id))
+
+
+def _cert(session: Session, serial: str) -> x509.Certificate:
+    row = session.get(Certificate, serial)
+    assert row is not None  # FK-enforced
+    return x509.load_pem_x509_certificate(row.cert_pem.encode())
+
+
+# The steps
+
+
+def prepare(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    kind: str,
+    started_by: str,
+    overlap: timedelta = DEFAULT_OVERLAP,
+) -> Rotation:
+    """Start a rotation: issue the new one and publish it to the group's nodes."""
+    _check_kind(kind)
+    if not timedelta(0) <= overlap <= MAX_OVERLAP:
+        raise BadRequest(f"overlap must be 0 to {MAX_OVERLAP.days} days")
+    group = get_group(session, group_id)
+    if _running(session, group_id, kind) is not None:
+        raise Conflict(f"a {kind} rotation is already running in group {group_id!r}; finish it")
+    next_phase(None, RotationPhase.PREPARE)
+    pair = session.get(GroupIdentity, group_id)
+    if pair is None:
+        raise NotFound(f"group {group_id!r} has no identity pair")
+    what = _KINDS[kind]
+    key = generate_key()  # P-256: console identities sign ES256
+    _, row = pki.issue(
+        session,
+        ca.SECURE_CHANNEL_ROOT,
+        what.profile,
+        what.names(group),
+        key.public_key(),
+        ca.Record(kind=kind, group_id=group_id),
+    )
+    rotation = Rotation(
+        group_id=group_id,
+        kind=kind,
+        phase=Phase.PREPARED.value,
+        old_serial=getattr(pair, what.serial),
+        new_serial=row.serial,
+        overlap_s=int(overlap.total_seconds()),
+        started_by=started_by[:200],
+        prepared_at=ca.now(),
+        forced=False,
+    )
+    session.add(rotation)
+    session.flush()  # the id names the sealed key and the feed operation
+    ca.seal_key(session, pki.master, _next_key_label(rotation), key)
+    rotation.prepare_seq = _publish(session, pki, rotation, RotationPhase.PREPARE)
+    return rotation
+
+
+def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> Rotation:
+    """Use the new one for new work: the group's current identity from now on. A console
+    identity's old key is kept until finish: the feed up to this step stays signed by it
+    (``tunnels.signed_batch``)."""
+    rotation = _require_running(session, group_id, kind)
+    rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
+    rotation.switched_at = ca.now()
+    pair = session.get(GroupIdentity, group_id)
+    assert pair is not None  # prepare checked it
+    what = _KINDS[kind]
+    current = what.current_label(group_id)
+    if kind == CONSOLE:
+        ca.seal_key(
+            session, pki.master, _previous_key_label(rotation), pki.unseal(session, current)
+        )
+    setattr(pair, what.serial, rotation.new_serial)
+    ca.seal_key(session, pki.master, current, pki.unseal(session, _next_key_label(rotation)))
+    rotation.switch_seq = _publish(session, pki, rotation, RotationPhase.SWITCH)
+    return rotation
+
+
+def finish(
+    session: Session,
+    pki: ca.InstancePKI,
+    group_id: str,
+    kind: str,
+    *,
+    force: bool = False,
+) -> Rotation:
+    """Stop trusting the old one and revoke it. Refused while a node still depends on it
+    or the overlap has not passed since the switch, unless ``force``."""
+    rotation = _require_running(session, group_id, kind)
+    phase = next_phase(Phase(rotation.phase), RotationPhase.FINISH)
+    if not force:
+        blockers = _blockers(session, rotation)
+        if blockers:
+            raise Conflict(
+                "the old identity is still needed: " + "; ".join(blockers) + " (or --force)"
+            )
+    rotation.phase, rotation.finished_at, rotation.forced = phase.value, ca.now(), force
+    ca.revoke(session, rotation.old_serial, "superseded")
+    _publish(session, pki, rotation, RotationPhase.FINISH)
+    for label in (_next_key_label(rotation), _previous_key_label(rotation)):
+        sealed = session.get(SealedKey, label)
+        if sealed is not None:  # the new key lives on as the group's current one
+            session.delete(sealed)
+    return rotation
+
+
+def names_changed(session: Session, pki: ca.InstancePKI, group: Group, started_by: str) -> Rotation:
+    """The group's tunnel names changed: a tunnel-identity rotation, prepared and switched
+    at once (new connections need the new names); the old identity stays accepted until
+    an admin finishes the rotation."""
+    if _running(session, group.id, TUNNEL) is not None:
+        raise Conflict(
+            f"a tunnel-identity rotation is running in group {group.id!r}:"
+            " finish it before changing the tunnel names"
+        )
+    prepare(session, pki, group.id, TUNNEL, started_by)
+    return switch(session, pki, group.id, TUNNEL)
+
+
+def renew_due(session: Session, pki: ca.InstancePKI, now: datetime | None = None) -> list[Rotation]:
+    """Renewal before expiry: every group identity within ``RENEWAL_WINDOW`` of its end,
+    and not already rotating, is rotated (prepared and switched at once; an admin, or a
+    later call once the overlap has passed and nothing depends on it, finishes it).
+    Rotations this started whose finish is no longer blocked are finished."""
+    now = now or ca.now()
+    rotations = []
+    for pair in session.execute(select(GroupIdentity).order_by(GroupIdentity.group_id)).scalars():
+        for kind, what in _KINDS.items():
+            current = session.get(Certificate, getattr(pair, what.serial))
+            assert current is not None  # FK-enforced
+            if current.not_after - now > RENEWAL_WINDOW:
+                continue
+            if _running(session, pair.group_id, kind) is None:
+                prepare(session, pki, pair.group_id, kind, RENEWAL)
+                rotations.append(switch(session, pki, pair.group_id, kind))
+    for running in session.execute(
+        select(Rotation).where(Rotation.started_by == RENEWAL, Rotation.finished_at.is_(None))
+    ).scalars():
+        if running.switched_at is not None and not _blockers(session, running):
+            assert running.group_id is not None
+            rotations.append(finish(session, pki, running.group_id, running.kind))
+    return rotations
+
+
+def _tunnel_names(group: Group) -> Names:
+    conf = group.settings["tunnel"]
+    return Names(
+        f"tunnel {group.id}"[:64],
+        identity.tunnel(group.id),
+        dns_names=tuple(conf["hostnames"]),
+        ip_addresses=tuple(conf["ip_addresses"]),
+    )
+
+
+_KINDS = {
+    TUNNEL: _Kind(TUNNEL_IDENTITY, _tunnel_names, tunnel_key_label, "tunnel_serial"),
+    CONSOLE: _Kind(CONSOLE_IDENTITY, _console_names, console_key_label, "console_serial"),
+}
+
+
+def _current_label(rotation: Rotation) -> str:
+    assert rotation.group_id is not None  # identities are per group
+    return _KINDS[rotation.kind].current_label(rotation.group_id)
+
+
+def _publish(
+    session: Session,
+    pki: ca.InstancePKI,
+    rotation: Rotation,
+    step: RotationPhase,
+) -> int:
+    """Emit the step as a trust operation in the group's feed; returns its seq."""
+    group_id = rotation.group_id
+    assert group_id is not None  # group identities are per group
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    console_url = instance.public_url
+    old, new = _cert(session, rotation.old_serial), _cert(session, rotation.new_serial)
+    key = pki.unseal(
+        session,
+        _next_key_label(rotation) if step is not RotationPhase.FINISH else _current_label(rotation),
+    )
+    if rotation.kind == TUNNEL:
+        payload = tunnels.trust_payload(session, pki, group_id, console_url, tunnel_cert=new)
+        trust = tunnels.sign_for_group(
+            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
+        )
+        context = tunnel_key_context(group_id, thumbprint(new))
+        sealed: dict[str, str] | None = keywrap.seal_key(
+            key, check_public_key(old.public_key()), context
+        )
+    else:  # the new console identity signs the trust config that names it
+        payload = tunnels.trust_payload(session, pki, group_id, console_url, console_cert=new)
+        trust = tunnels.sign_for_group(
+            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S, (new, key)
+        )
+        sealed = None
+    op = TrustUpdate(rotation.kind, step, rotation.id, ca.pem(new), sealed, trust)
+    return feed.emit(session, group_id, [op.encode()])
+
+
+# Status
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    last_seen_at: str
+    seen_recently: bool
+    has_new: bool  # the node's table is past the prepare step (from its reports)
+    presents: str  # "old", "new" or "unknown" (the identity of its last call)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "last_seen_at": self.last_seen_at,
+            "seen_recently": self.seen_recently,
+            "has_new": self.has_new,
+            "presents": self.presents,
+        }
+
+
+def _past(report_seq: object, seq: int | None) -> bool:
+    """The node's reported table is at or past ``seq`` (it has read that step)."""
+    return isinstance(report_seq, int) and seq is not None and report_seq >= seq
+
+
+def _node_status(node: TunnelNode, rotation: Rotation, old: str, new: str) -> NodeStatus:
+    report_seq = ((node.report or {}).get("status") or {}).get("table_seq")
+    if rotation.kind == CONSOLE:  # what the node pins, from how far it has read the feed
+        has_new = _past(report_seq, rotation.prepare_seq)
+        presents = "new" if _past(report_seq, rotation.switch_seq) else "old"
+        presents = "unknown" if report_seq is None else presents
+    else:  # the identity of its last call
+        has_new = _past(report_seq, rotation.prepare_seq) or node.identity_thumbprint == new
+        presents = {old: "old", new: "new"}.get(node.identity_thumbprint or "", "unknown")
+    return NodeStatus(
+        node.name,
+        node.last_seen_at.isoformat(timespec="seconds"),
+        ca.now() - node.last_seen_at <= SEEN_WITHIN,
+        has_new,
+        presents,
+    )
+
+
+def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
+    rows = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == rotation.group_id).order_by(TunnelNode.name)
+    ).scalars()
+    old = session.get(Certificate, rotation.old_serial)
+    new = session.get(Certificate, rotation.new_serial)
+    assert old is not None and new is not None  # FK-enforced
+    return [_node_status(n, rotation, old.thumbprint, new.thumbprint) for n in rows]
+
+
+def _blockers(session: Session, rotation: Rotation) -> list[str]:
+    """Who or what still depends on the old one (empty: finish may proceed)."""
+    depends = "presents" if rotation.kind == TUNNEL else "pins"
+    blockers = [
+        f"node {n.name} still {depends} the old identity (last seen {n.last_seen_at})"
+        for n in _nodes(session, rotation)
+        if n.presents != "new"
+    ]
+    if rotation.switched_at is not None:
+        ends = rotation.switched_at + timedelta(seconds=rotation.overlap_s)
+        if ca.now() < ends:
+            blockers.append(f"the overlap runs until {ends.isoformat(timespec='seconds')}")
+    return blockers
+
+
+def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
+    """A rotation as the API and CLI show it, with its nodes and what blocks finish."""
+    old = session.get(Certificate, rotation.old_serial)
+    new = session.get(Certificate, rotation.new_serial)
+    assert old is not None and new is not None  # FK-enforced
+    running = rotation.finished_at is None
+    return {
+        "id": rotation.id,
+        "group_id": rotation.group_id,
+        "kind": rotation.kind,
+        "phase": rotation.phase,
+        "old": {"serial": old.serial, "thumbprint": old.thumbprint},
+        "new": {"serial": new.serial, "thumbprint": new.thumbprint},
+        "overlap_s": rotation.overlap_s,
+        "started_by": rotation.started_by,
+        "prepared_at": _iso(rotation.prepared_at),
+        "switched_at": _iso(rotation.switched_at),
+        "finished_at": _iso(rotation.finished_at),
+        "forced": rotation.forced,
+        "nodes": [n.to_dict() for n in _nodes(session, rotation)] if running else [],
+        "blockers": _blockers(session, rotation) if running else [],
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else str(value.isoformat(timespec="seconds"))
+
+
+def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The group's rotations, newest first: running ones with their nodes and blockers."""
+    get_group(session, group_id)
+    rows = session.execute(
+        select(Rotation)
+        .where(Rotation.group_id == group_id)
+        .order_by(Rotation.id.desc())
+        .limit(limit)
+    ).scalars()
+    return [describe(session, r) for r in rows]
