@@ -38,8 +38,9 @@ import httpx
 import pytest
 from cryptography import x509
 
-from certgate.pki.keys import load_private_key_pem
+from certgate.pki.keys import private_key_pem
 from certgate.pki.thumbprint import thumbprint
+from certgate.tunnel.config import load_identity
 from tests.integration.cluster import (
     GROUP,
     Cluster,
@@ -271,7 +272,8 @@ def test_tunnel_identity_rotation_without_a_failed_connection(
     node = cluster.nodes[0]
     old_cert, old_key = tmp_path / "old.pem", tmp_path / "old.key"
     old_cert.write_bytes((node.state_dir / "tunnel.pem").read_bytes())
-    old_key.write_bytes((node.state_dir / "tunnel.key").read_bytes())
+    # The node keeps its key sealed; the test plays a thief holding the old pair in clear.
+    old_key.write_bytes(private_key_pem(load_identity(node.state_dir)))
     old = thumbprint(x509.load_pem_x509_certificate(old_cert.read_bytes()))
     wait_until("the loop has made requests", lambda: loop.ok >= 3)
 
@@ -327,7 +329,8 @@ def test_tunnel_identity_rotation_without_a_failed_connection(
     assert 'certgate_tunnel_certificate_expires_seconds{certificate="tunnel-identity"}' in metrics
     assert "certgate_tunnel_identity_swaps_total 1.0" in metrics
     assert node.health().json()["warnings"] == []  # fresh certificates: none due
-    assert load_private_key_pem((node.state_dir / "tunnel.key").read_bytes()) is not None
+    stored_cert = x509.load_pem_x509_certificate((node.state_dir / "tunnel.pem").read_bytes())
+    assert load_identity(node.state_dir).public_key() == stored_cert.public_key()
     assert loop.failures == [], loop.failures
     print(f"tunnel-identity rotation: {loop.ok} curl requests, 0 failed; 3 live tunnels, 0 closed")
 
