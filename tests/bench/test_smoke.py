@@ -54,8 +54,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=280,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-4000:] + _errors(out)
     return out
+
+
+def _errors(out: Path) -> str:
+    """The tracebacks a failed run recorded in its result files (its stderr has none)."""
+    found = []
+    for path in sorted(out.glob("*.json")):
+        result = json.loads(path.read_text()).get("result", {})
+        if isinstance(result, dict) and "error" in result:
+            found.append(f"\n{path.stem}: {str(result['error'])[-2000:]}")
+    return "".join(found)
 
 
 def _load(results: Path, name: str) -> Any:
