@@ -395,11 +395,11 @@ def _enforce(results: dict[str, Any]) -> list[str]:
         )
     header = ["change", "changes", "refused p50", "refused p99", "closed p50", "closed p99"]
     header += ["both p50", "both p99", "first change", "API p50", "API max", "not enforced"]
-    nodes = (results.get("enforce") or results.get("enforce_policy") or {}).get("nodes")
+    nodes = (results.get("enforce") or results.get("enforce_policy") or {}).get("nodes") or []
     note = (
         "Milliseconds from the admin's API call until the next connection is refused (403) and"
-        f" the live tunnel is closed, on both nodes ({nodes}); not enforced: within"
-        " the step timeout."
+        f" the live tunnel is closed, on both nodes ({', '.join(nodes)}); p99 of 100 changes is"
+        " the slowest. Not enforced: not within the step timeout."
     )
     return ["## 5. Time to enforce", "", note, "", *_table(header, rows)]
 
