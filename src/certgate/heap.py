@@ -5,7 +5,7 @@ schemas, compiled statements, the trust configuration), and keeps them for its l
 CPython's cyclic collector traversed them all again on every full collection. Serving the
 feed promotes many short-lived objects (a batch of 5,000 entries as dicts) to the oldest
 generation, which runs a full collection about once a second; at 1,000,000 devices each
-one stopped every thread of the console for 0.2-0.4 s, and of a node for up to 0.26 s,
+one stopped every thread of the console for 0.2-0.4 s, and of a node for up to 0.47 s,
 so a change that arrived then waited that long (bench/FINDINGS.md, "Time to enforce").
 """
 
