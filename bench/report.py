@@ -59,8 +59,13 @@ HEADLINES = (
     Headline(
         "lookup_p99_us", "us", "<= 5", lambda v: v <= 5, ("table_1m", "headline", "lookup_p99_us")
     ),
+    Headline("enforce_p99_ms", "ms", "<= 250", lambda v: v <= 250, ("enforce", "enforced_p99_ms")),
     Headline(
-        "enforce_p99_ms", "ms", "<= 1000", lambda v: v <= 1000, ("enforce", "enforced_p99_ms")
+        "policy_enforce_p99_ms",
+        "ms",
+        "<= 250",
+        lambda v: v <= 250,
+        ("enforce_policy", "enforced_p99_ms"),
     ),
     Headline(
         "issuance_pki_per_s",
@@ -72,6 +77,18 @@ HEADLINES = (
     Headline(
         "issuance_api_per_s", "certs/s", ">= 200", lambda v: v >= 200, ("issuance", "api", "per_s")
     ),
+)
+
+
+# Headline figures measured on the console and nodes that hold the whole fleet.
+FLEET_KEYS = frozenset(
+    {
+        "table_1m_rss_mb",
+        "table_1m_bootstrap_s",
+        "lookup_p99_us",
+        "enforce_p99_ms",
+        "policy_enforce_p99_ms",
+    }
 )
 
 
@@ -106,7 +123,7 @@ def summary(results: dict[str, Any], sizes: Sizes, smoke: bool) -> dict[str, Any
             "target": h.target,
             "met": None if number is None else h.meets(number),
             "anchor": dig(results, h.anchor_path) if h.anchor_path else None,
-            "devices": sizes.devices if h.key.startswith(("table_", "lookup", "enforce")) else None,
+            "devices": sizes.devices if h.key in FLEET_KEYS else None,
             "smoke": smoke,
             "date": environment["date"],
             "commit": environment["versions"]["certgate_commit"],
@@ -350,20 +367,41 @@ def _fleet(results: dict[str, Any]) -> list[str]:
     ]
 
 
+ENFORCE_KINDS = (
+    ("enforce", "compliance (PUT compliance)"),
+    ("enforce_policy", "policy (PATCH server_rules)"),
+)
+
+
 def _enforce(results: dict[str, Any]) -> list[str]:
-    r = results.get("enforce") or {}
-    rows = [
-        ["next connection refused", r.get("refused_p50_ms"), r.get("refused_p99_ms")],
-        ["live tunnel closed", r.get("closed_p50_ms"), r.get("closed_p99_ms")],
-        ["both, on both nodes", r.get("enforced_p50_ms"), r.get("enforced_p99_ms")],
-    ]
-    return [
-        f"## 5. Time to enforce ({r.get('changes')} changes, nodes {r.get('nodes')})",
-        "",
-        *_table(["from the API call to", "p50 ms", "p99 ms"], rows),
-        f"Not enforced within the timeout: {r.get('not_enforced_within_timeout')}.",
-        "",
-    ]
+    rows = []
+    for key, label in ENFORCE_KINDS:
+        r = results.get(key) or {}
+        rows.append(
+            [
+                label,
+                r.get("changes"),
+                r.get("refused_p50_ms"),
+                r.get("refused_p99_ms"),
+                r.get("closed_p50_ms"),
+                r.get("closed_p99_ms"),
+                r.get("enforced_p50_ms"),
+                r.get("enforced_p99_ms"),
+                r.get("first_enforced_ms"),
+                r.get("api_p50_ms"),
+                r.get("api_max_ms"),
+                r.get("not_enforced_within_timeout"),
+            ]
+        )
+    header = ["change", "changes", "refused p50", "refused p99", "closed p50", "closed p99"]
+    header += ["both p50", "both p99", "first change", "API p50", "API max", "not enforced"]
+    nodes = (results.get("enforce") or results.get("enforce_policy") or {}).get("nodes") or []
+    note = (
+        "Milliseconds from the admin's API call until the next connection is refused (403) and"
+        f" the live tunnel is closed, on both nodes ({', '.join(nodes)}); p99 of 100 changes is"
+        " the slowest. Not enforced: not within the step timeout."
+    )
+    return ["## 5. Time to enforce", "", note, "", *_table(header, rows)]
 
 
 def _issuance(results: dict[str, Any]) -> list[str]:

@@ -3,8 +3,8 @@
 Started by ``bench/run.py`` (which sets OPENSSL_CONF before ``ssl`` is loaded and bounds
 the whole run in time). Scenarios run in this order, each one's failure recorded without
 stopping the others: relay throughput and new connections (with the event-loop
-comparison), concurrency, the 1,000,000-device table, time to enforce, issuance (on the
-console that now holds the full fleet).
+comparison), concurrency, the 1,000,000-device table, time to enforce (a compliance
+change, then a policy change), issuance (on the console that now holds the full fleet).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def _fleet_and_enforce(w: world.World) -> dict[str, Any]:
     result, nodes = fleet.run(w)
     out: dict[str, Any] = {"table_1m": result}
     try:
-        out["enforce"] = enforce.run(w, nodes)
+        out.update(enforce.run(w, nodes))
     except Exception:
-        out["enforce"] = {"error": traceback.format_exc()}
+        out.update({key: {"error": traceback.format_exc()} for key in enforce.KEYS})
     finally:
         for node in nodes:
             w.sup.stop(node.proc)
@@ -55,7 +55,7 @@ def _issuance(w: world.World) -> dict[str, Any]:
 SCENARIOS: tuple[tuple[str, tuple[str, ...], Callable[[world.World], dict[str, Any]]], ...] = (
     ("relay", ("relay_throughput", "connection_rate", "event_loop"), _relays),
     ("concurrency", ("concurrency",), _concurrency),
-    ("fleet", ("table_1m", "enforce"), _fleet_and_enforce),
+    ("fleet", ("table_1m", *enforce.KEYS), _fleet_and_enforce),
     ("issuance", ("issuance",), _issuance),
 )
 
@@ -68,6 +68,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--only", help="comma-separated scenarios: " + ",".join(s[0] for s in SCENARIOS)
     )
     parser.add_argument("--keep-work", action="store_true", help="keep logs and state dirs")
+    parser.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one size for development, e.g. --size devices=100000 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path(tempfile.gettempdir(), "certgate-bench-smoke") if args.smoke else RESULTS
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OPENSSL_CONF") != str(env.PIN_FILE):
         print("run the benchmark with bench/run.py (it pins TLS via OPENSSL_CONF)", file=sys.stderr)
         return 2
-    sizes = world.SMOKE if args.smoke else world.FULL
+    sizes = world.resized(world.SMOKE if args.smoke else world.FULL, args.size)
     soft, hard = env.raise_open_files_limit()
     loadgen_cores, relay_cores = env.core_plan()
     env.pin(os.getpid(), loadgen_cores)

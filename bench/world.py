@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from bench import fixture
@@ -70,6 +70,18 @@ SMOKE = Sizes(
     issuance_api_clients=2,
     issuance_devices=2,
 )
+
+
+def resized(sizes: Sizes, overrides: list[str]) -> Sizes:
+    """``sizes`` with ``NAME=VALUE`` overrides, each VALUE of the field's own type."""
+    types = {f.name: f.type for f in fields(Sizes)}
+    changed: dict[str, int | float] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"not a size: {item!r} (one of {', '.join(types)})")
+        changed[name] = float(value) if types[name] in (float, "float") else int(value)
+    return replace(sizes, **changed)
 
 
 @dataclass

@@ -26,6 +26,7 @@ HEADLINE_KEYS = (
     "table_1m_bootstrap_s",
     "lookup_p99_us",
     "enforce_p99_ms",
+    "policy_enforce_p99_ms",
     "issuance_pki_per_s",
     "issuance_api_per_s",
 )
@@ -36,6 +37,7 @@ SCENARIO_FILES = (
     "concurrency",
     "table_1m",
     "enforce",
+    "enforce_policy",
     "issuance",
 )
 RELAYS = ("certgate", "haproxy", "stunnel", "plain")
@@ -52,8 +54,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=280,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-4000:] + _errors(out)
     return out
+
+
+def _errors(out: Path) -> str:
+    """The tracebacks a failed run recorded in its result files (its stderr has none)."""
+    found = []
+    for path in sorted(out.glob("*.json")):
+        result = json.loads(path.read_text()).get("result", {})
+        if isinstance(result, dict) and "error" in result:
+            found.append(f"\n{path.stem}: {str(result['error'])[-2000:]}")
+    return "".join(found)
 
 
 def _load(results: Path, name: str) -> Any:
@@ -99,9 +111,11 @@ def test_each_relay_was_measured_beside_haproxy_with_the_same_cipher(results: Pa
 def test_both_tunnel_nodes_loaded_the_fleet_and_enforced_every_change(results: Path) -> None:
     table = _load(results, "table_1m")["result"]
     assert [n["entries"] for n in table["nodes"]] == [table["devices"] + 1] * 2
-    enforce = _load(results, "enforce")["result"]
-    assert enforce["changes"] > 0
-    assert enforce["not_enforced_within_timeout"] == 0
+    for name in ("enforce", "enforce_policy"):  # a compliance change, a server-rule change
+        enforce = _load(results, name)["result"]
+        assert enforce["changes"] > 0, name
+        assert enforce["not_enforced_within_timeout"] == 0, (name, enforce["per_change"])
+        assert len(enforce["per_change"]) == enforce["changes"], name
 
 
 def test_summary_markdown_has_the_headline_table(results: Path) -> None:

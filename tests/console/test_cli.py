@@ -47,7 +47,7 @@ from certgate.errors import AuthError
 from certgate.pki.keystore import ENV_VAR
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel.rules import RuleSet
-from tests.support import CERTGATE, init_console, make_csr
+from tests.support import CERTGATE, init_console, make_csr, start_console
 
 runner = CliRunner()
 # Wide output so table cells are never cut; secrets must not depend on it (checked below
@@ -228,6 +228,21 @@ def test_serve_refuses_a_group_readable_master_key(data_dir: Path) -> None:
     assert proc.returncode != 0
     assert "0644" in proc.stderr and "0600" in proc.stderr
     assert "listening" not in proc.stderr
+
+
+def test_serve_leaves_its_start_up_objects_out_of_garbage_collection(tmp_path: Path) -> None:
+    data_dir, port = init_console(tmp_path)
+    console = start_console(tmp_path, data_dir, port)
+    try:
+        with console.client() as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        console.stop()
+    found = re.search(
+        r"console: (\d+) start-up objects left out of garbage collection", console.log()
+    )
+    assert found, console.log()
+    assert int(found.group(1)) > 10_000  # modules, routes, schemas: the whole start-up heap
 
 
 # --- admin ------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from certgate.console.store.models import (
     RoleBinding,
 )
 from certgate.errors import CertgateError
+from certgate.heap import freeze_startup_heap
 from certgate.pki.keys import KeyAlgorithm, private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import TokenConfig
@@ -184,6 +185,9 @@ def serve(
     except CertgateError as exc:
         raise fail(str(exc)) from exc
     err.print(f"console listening on https://{config.host}:{config.port}")
+    # Once start-up is done: full collections stop traversing it (certgate.heap).
+    frozen = freeze_startup_heap()
+    err.print(f"console: {frozen} start-up objects left out of garbage collection")
     server.run()
 
 
