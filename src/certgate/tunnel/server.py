@@ -38,7 +38,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certgate.errors import ChainError
 from certgate.feed import PolicyUpdate
+from certgate.protocol.datagram import TRANSPORT_HEADER
 from certgate.protocol.http_proxy import (
     HTTPProxyError,
     HTTPProxyParser,
@@ -67,7 +68,7 @@ from certgate.tunnel.admission import (
 )
 from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
 from certgate.tunnel.relay import BufferPool, Pump
-from certgate.tunnel.rules import RuleDecision, RuleSet, evaluate
+from certgate.tunnel.rules import RuleDecision, RuleSet, Transport, evaluate
 from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
     Dialer,
@@ -79,6 +80,7 @@ from certgate.tunnel.sockets import (
     ip_literal,
 )
 from certgate.tunnel.table import DeviceTable
+from certgate.tunnel.udp import UDPLimits, UDPRelay
 
 log = logging.getLogger("certgate.tunnel")
 
@@ -94,6 +96,7 @@ class Limits:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_connections: int = 10_000
+    udp: UDPLimits = field(default_factory=UDPLimits)
 
 
 class TableSource(Protocol):
@@ -116,6 +119,7 @@ class Route:
     host: str
     port: int
     addresses: tuple[IPAddress, ...]
+    transport: Transport = Transport.TCP
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +148,7 @@ class Gate:
         return admit(peer, entry, mode, request, self.clock(), self.group_id)
 
     def route(self, route: Route) -> Denial | None:
-        verdict = evaluate(self.ruleset, route.host, route.port, route.addresses)
+        verdict = evaluate(self.ruleset, route.host, route.port, route.addresses, route.transport)
         return None if verdict.allowed else destination_denial(verdict, route)
 
     def judge(
@@ -163,7 +167,8 @@ def destination_denial(verdict: RuleDecision, route: Route) -> Denial:
     return Denial(
         403,
         "destination_denied",
-        f"server traffic rules refuse {route.host}:{route.port} ({rule}, {verdict.reason.value})",
+        f"server traffic rules refuse {route.transport.value} to {route.host}:{route.port} "
+        f"({rule}, {verdict.reason.value})",
     )
 
 
@@ -313,6 +318,8 @@ class ClientConnection:
         self.app: str | None = None
         self.requested_app: str | None = None  # the app the request named (admission input)
         self.route: Route | None = None
+        self.transport = Transport.TCP
+        self.udp: UDPRelay | None = None
         self.admitted_at: float | None = None  # wall clock, for live tunnel reports
         self.parser = HTTPProxyParser(max_header_bytes=shared.limits.max_header_bytes)
         self.up: Pump | None = None
@@ -325,6 +332,8 @@ class ClientConnection:
 
     @property
     def last_activity(self) -> float:
+        if self.udp is not None:
+            return self.udp.touched
         if self.up is None or self.down is None:
             return self.opened
         return max(self.up.touched, self.down.touched)
@@ -449,6 +458,11 @@ class ClientConnection:
         if request.scheme == "https":
             self._deny(400, "unsupported", "use CONNECT for https:// destinations")
             return
+        transport = transport_of(request)
+        if transport is None:
+            self._deny(400, "unsupported", f"{TRANSPORT_HEADER} must be tcp, or udp on a CONNECT")
+            return
+        self.transport = transport
         assert self.peer is not None
         decision = self.shared.gate.admit(self.peer, self.listener.mode, self.app)
         if not decision.admitted:
@@ -487,12 +501,15 @@ class ClientConnection:
             self._deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
 
     def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
-        route = Route(request.host, request.port, tuple(addresses))
+        route = Route(request.host, request.port, tuple(addresses), self.transport)
         denial = self.shared.gate.route(route)
         if denial is not None:
             self._deny(denial.status, denial.reason, denial.detail)
             return
         self.route = route
+        if route.transport is Transport.UDP:
+            self._start_udp(route)
+            return
         self._dialer = Dialer(
             self.loop,
             addresses,
@@ -530,16 +547,40 @@ class ClientConnection:
             self.up.preload(origin_request_head(request) + trailing)
         self.phase = Phase.RELAYING
         self.stats.admissions += 1
+        self._log_admission()
+        self.down.begin()
+        self.up.begin()
+
+    def _start_udp(self, route: Route) -> None:
+        self.udp = UDPRelay(
+            self.client, route.addresses[0], route.port, self.shared.limits.udp, self._udp_ended
+        )
+        self.phase = Phase.RELAYING
+        self.stats.admissions += 1
+        self._log_admission()
+        self.udp.start(response_head(200, "Connection established"), self.parser.trailing_data)
+
+    def _udp_ended(self, error: str | None) -> None:
+        if self.phase is not Phase.RELAYING:
+            return
+        if error is not None:
+            self.abort(f"udp tunnel: {error}")
+            return
+        if not self.client.ragged:
+            self._close_notify()
+        self._drop()
+
+    def _log_admission(self) -> None:
+        assert self.peer is not None
         log.info(
-            "admit device=%s thumbprint=%s app=%s dest=%s listener=%s",
+            "admit device=%s thumbprint=%s app=%s dest=%s transport=%s listener=%s",
             self.peer.identity.device_uid,
             self.peer.thumbprint,
             self.app or "-",
             self.destination,
+            self.transport.value,
             self.listener.name,
         )
-        self.down.begin()
-        self.up.begin()
 
     def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
         if self.phase is not Phase.RELAYING:
@@ -689,6 +730,8 @@ class ClientConnection:
         self._disarm()
         if self._dialer is not None:
             self._dialer.cancel()
+        if self.udp is not None:
+            self.udp.close()
         for end in (self.client, self.upstream):
             if end is not None:
                 end.watched.close()
@@ -699,11 +742,24 @@ class ClientConnection:
         self._fold_counters()
 
     def _fold_counters(self) -> None:
+        if self.udp is not None:
+            self.stats.bytes_up += self.udp.bytes_up
+            self.stats.bytes_down += self.udp.bytes_down
         if self.up is not None and self.down is not None:
             self.up.release()
             self.down.release()
             self.stats.bytes_up += self.up.bytes
             self.stats.bytes_down += self.down.bytes
+
+
+def transport_of(request: ProxyRequest) -> Transport | None:
+    """TCP unless the request names ``udp`` (CONNECT only); None for anything else."""
+    named = request.headers.get(TRANSPORT_HEADER.lower())
+    if named is None or named.strip().lower() == "tcp":
+        return Transport.TCP
+    if named.strip().lower() == "udp" and request.method == "CONNECT":
+        return Transport.UDP
+    return None
 
 
 def end_entity_client(cert: x509.Certificate) -> x509.Certificate:
