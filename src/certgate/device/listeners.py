@@ -41,6 +41,7 @@ from certgate.device.tunnel_client import (
     TunnelUnreachable,
     Upstream,
 )
+from certgate.device.udp import UDPForward, UDPForwardSpec
 from certgate.errors import CertgateError
 from certgate.pki.identity import BUNDLE_ID_RE
 from certgate.protocol import socks5
@@ -336,6 +337,19 @@ class ProxyServer:
         self.servers: list[asyncio.Server] = []
         self.bound: dict[str, ListenAddress] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.forwards: list[UDPForward] = []
+
+    async def listen_udp(self, spec: UDPForwardSpec) -> None:
+        """A local UDP port for ``spec.app``, forwarding to ``spec.host:spec.port``."""
+        idle_s = self.router.timeouts.idle_s
+        transport, forward = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: UDPForward(self.router, spec.app, spec.host, spec.port, idle_s),
+            local_addr=(spec.listen.host, spec.listen.port),
+        )
+        self.forwards.append(forward)
+        name = f"udp:{spec.app}"
+        self.bound[name] = ListenAddress(spec.listen.host, transport.get_extra_info("sockname")[1])
+        log.info("%s listening on %s for %s", name, self.bound[name], spec.host)
 
     async def listen_socks(self, address: ListenAddress) -> None:
         await self._listen("socks", address, self._serve_socks)
@@ -372,6 +386,8 @@ class ProxyServer:
         log.info("%s listening on %s", name, self.bound[name])
 
     async def close(self) -> None:
+        for forward in self.forwards:
+            forward.close()
         for server in self.servers:
             server.close()
         for task in list(self.tasks):
