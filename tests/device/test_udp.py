@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import socks
 
-from certgate.device.agent import AgentThread
+from certgate.device.agent import DEFAULT_APP, AgentThread
 from certgate.device.listeners import ListenAddress
 from certgate.device.udp import FlowTable, UDPForwardSpec
 from certgate.errors import ConfigError
@@ -31,7 +32,10 @@ ANSWER = "10.9.8.7"
 NAME = "intranet.corp.test"
 DEVICE_RULES: dict[str, Any] = {
     "default": "block",
-    "rules": [{"apps": [BROWSER], "domains": ["127.0.0.1"], "action": "tunnel"}],
+    "rules": [
+        {"apps": [BROWSER, DEFAULT_APP], "domains": ["127.0.0.1"], "action": "tunnel"},
+        {"apps": ["*"], "domains": ["127.0.0.2"], "action": "block"},
+    ],
 }
 UDP_RULES: dict[str, Any] = {
     "default": "deny",
@@ -129,6 +133,7 @@ class World:
         self.agent = AgentThread(state, agent_config(**forwarding(dns_port)))
         self.agent.__enter__()
         self.port = self.agent.bound[f"udp:{BROWSER}"].port
+        self.dns_port = dns_port
 
     def close(self) -> None:
         self.agent.__exit__(None, None, None)
@@ -180,6 +185,42 @@ def test_a_policy_change_closes_the_live_udp_tunnel(world_factory: Any, log: Tun
     )
     assert dig(world.port, timeout_s=2).returncode == 9  # and a new one is refused
     assert log.denials("destination_denied"), log.lines
+
+
+def dns_query(name: str, ident: int) -> bytes:
+    """A standard recursive query for the A record of ``name`` (RFC 1035 section 4.1)."""
+    header = ident.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    return header + labels + b"\x00\x00\x01\x00\x01"
+
+
+def socks_udp_client(world: World, timeout_s: float) -> socks.socksocket:
+    client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.set_proxy(socks.SOCKS5, "127.0.0.1", world.agent.bound["socks"].port)
+    client.settimeout(timeout_s)
+    return client
+
+
+def test_socks5_udp_associate_carries_dns(world_factory: Any, log: TunnelLog) -> None:
+    """PySocks, unmodified, asks the agent for UDP ASSOCIATE and sends a DNS query to
+    dnsmasq; the answer comes back through the tunnel, wrapped for the client."""
+    world = world_factory(UDP_RULES)
+    with socks_udp_client(world, 10) as client:
+        client.sendto(dns_query(NAME, 0x1234), ("127.0.0.1", world.dns_port))
+        answer, source = client.recvfrom(4096)
+    assert source == ("127.0.0.1", world.dns_port)
+    assert answer[:2] == b"\x12\x34" and answer[3] & 0x0F == 0  # our id, RCODE NOERROR
+    assert answer.endswith(socket.inet_aton(ANSWER))
+    assert [line for line in log.admits(app=DEFAULT_APP) if "transport=udp" in line], log.lines
+
+
+def test_socks5_udp_to_a_blocked_destination_is_dropped(world_factory: Any, log: TunnelLog) -> None:
+    world = world_factory(UDP_RULES)
+    with socks_udp_client(world, 2) as client:
+        client.sendto(dns_query(NAME, 1), ("127.0.0.2", world.dns_port))
+        with pytest.raises(TimeoutError):
+            client.recvfrom(4096)
+    assert not log.admits(), log.lines  # the tunnel never saw it
 
 
 def test_forward_spec_parsing() -> None:

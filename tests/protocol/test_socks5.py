@@ -547,6 +547,15 @@ def test_udp_associate_transcript() -> None:
     assert client_udp_associate() == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
 
 
+def test_udp_associate_takes_a_placeholder_address() -> None:
+    """PySocks names the domain "0" and its local port: advisory (§7), so accepted."""
+    server = Socks5Server()
+    server.receive_data(NO_AUTH_GREETING + b"\x05\x03\x00\x03\x010\x9c\x40")
+    assert server.next_event() == Greeting((0,))
+    server.send(MethodSelection(0))
+    assert server.next_event() == UDPAssociateRequest("0", 40000, AddressType.DOMAIN_NAME)
+
+
 UDP_VECTORS = [
     (b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x35dns?", UDPDatagram("127.0.0.1", 53, b"dns?")),
     (b"\x00\x00\x00\x03\x05a.com\x01\xbb", UDPDatagram("a.com", 443, b"")),

@@ -31,12 +31,20 @@ from certgate.addresses import ListenAddress, authority
 from certgate.device.rules import Action
 from certgate.device.tunnel_client import TunnelError, Upstream
 from certgate.errors import CertgateError, ConfigError
+from certgate.protocol import socks5
 from certgate.protocol.datagram import NEED_DATA, DatagramDecoder, FrameError, encode
 
 if TYPE_CHECKING:
     from certgate.device.listeners import Router
 
-__all__ = ["DatagramTunnel", "FlowTable", "UDPForward", "UDPForwardSpec", "UDPTarget"]
+__all__ = [
+    "DatagramTunnel",
+    "FlowTable",
+    "SocksAssociation",
+    "UDPForward",
+    "UDPForwardSpec",
+    "UDPTarget",
+]
 
 log = logging.getLogger("certgate.device")
 
@@ -219,3 +227,57 @@ class UDPForward(asyncio.DatagramProtocol):
         if self.transport is not None:
             with contextlib.suppress(OSError):
                 self.transport.close()
+
+
+MAX_TARGETS = 64  # destinations per SOCKS association
+
+
+class SocksAssociation(asyncio.DatagramProtocol):
+    """The relay of one SOCKS5 UDP ASSOCIATE (RFC 1928 §7) for ``app``.
+
+    Datagrams are accepted only from the client's host, and once one arrived only from
+    that address (the first sender is the client, §7); each destination it names gets
+    its own UDP tunnel, and replies come back wrapped with that destination's address.
+    The association ends with its TCP control connection (the caller closes it).
+    """
+
+    def __init__(self, router: Router, app: str, client_host: str) -> None:
+        self.router, self.app, self.client_host = router, app, client_host
+        self.client: Any = None
+        self.targets: dict[tuple[str, int], UDPTarget] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if addr[0] != self.client_host or (self.client is not None and addr != self.client):
+            log.info("socks udp: dropping a datagram from %s, not the client", addr[0])
+            return
+        self.client = addr
+        try:
+            datagram = socks5.parse_udp_datagram(data)
+        except socks5.Socks5Error as exc:
+            log.info("socks udp: dropping a datagram: %s", exc)
+            return
+        self._target(datagram.host, datagram.port)
+        target = self.targets.get((datagram.host, datagram.port))
+        if target is not None and len(datagram.data) <= MAX_DATAGRAM:
+            target.send(1, datagram.data)
+
+    def _target(self, host: str, port: int) -> None:
+        if (host, port) in self.targets or len(self.targets) >= MAX_TARGETS:
+            return
+
+        def reply(flow: int, payload: bytes) -> None:
+            if self.transport is not None and self.client is not None:
+                wrapped = socks5.encode_udp_datagram(socks5.UDPDatagram(host, port, payload))
+                self.transport.sendto(wrapped, self.client)
+
+        self.targets[host, port] = UDPTarget(self.router, self.app, host, port, reply)
+
+    def close(self) -> None:
+        for target in self.targets.values():
+            target.close()
+        if self.transport is not None:
+            self.transport.close()

@@ -430,11 +430,15 @@ def _parse_request(reader: _Reader) -> _Request | None:
     if command not in (Command.CONNECT, Command.UDP_ASSOCIATE):
         raise CommandNotSupported(f"command {command:#04x} is not supported")
     atyp = _parse_reserved_and_atyp(reader)
-    address = None if atyp is None else _parse_address(reader, atyp)
+    # For UDP ASSOCIATE the address is only where the client expects to send from, which
+    # the relay MAY use (§7); clients send placeholders (PySocks: the domain "0"), so it is
+    # read but not validated as a destination. Port 0: the client does not know yet.
+    associate = command == Command.UDP_ASSOCIATE
+    address = None if atyp is None else _parse_address(reader, atyp, strict=not associate)
     if atyp is None or address is None:
         return None
-    if command == Command.UDP_ASSOCIATE:
-        return UDPAssociateRequest(*address, atyp)  # port 0: the client does not know yet
+    if associate:
+        return UDPAssociateRequest(*address, atyp)
     if address[1] == 0:
         raise InvalidAddress("destination port 0")
     return ConnectRequest(*address, atyp)
@@ -520,10 +524,12 @@ def _parse_reserved_and_atyp(reader: _Reader) -> AddressType | None:
     return AddressType(atyp)
 
 
-def _parse_address(reader: _Reader, atyp: AddressType) -> tuple[str, int] | None:
+def _parse_address(
+    reader: _Reader, atyp: AddressType, strict: bool = True
+) -> tuple[str, int] | None:
     """RFC 1928 §5 address, then the port in network byte order."""
     if atyp is AddressType.DOMAIN_NAME:
-        host = _parse_domain(reader)
+        host = _parse_domain(reader, strict)
     else:
         packed = reader.take(4 if atyp is AddressType.IPV4 else 16)
         host = None if packed is None else str(ipaddress.ip_address(packed))
@@ -533,14 +539,17 @@ def _parse_address(reader: _Reader, atyp: AddressType) -> tuple[str, int] | None
     return host, int.from_bytes(port, "big")
 
 
-def _parse_domain(reader: _Reader) -> str | None:
-    """One length octet (1-255) then the name, which must be an ASCII/IDNA hostname."""
+def _parse_domain(reader: _Reader, strict: bool = True) -> str | None:
+    """One length octet (1-255) then the name, which must be an ASCII/IDNA hostname
+    (``strict``; otherwise any bytes, kept as latin-1 text)."""
     if (length := reader.byte()) is None:
         return None
     if length == 0:
         raise InvalidAddress("empty domain name")
     if (raw := reader.take(length)) is None:
         return None
+    if not strict:
+        return raw.decode("latin-1")
     try:
         return canonical_hostname(raw.decode("ascii"))
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
