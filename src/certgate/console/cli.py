@@ -28,7 +28,16 @@ from sqlalchemy.orm import Session
 from certgate.console import backup as backup_mod
 from certgate.console import local
 from certgate.console.api.schemas import SettingsIn
-from certgate.console.services import admins, audit, ca, devices, dryrun, groups, tunnels
+from certgate.console.services import (
+    admins,
+    audit,
+    ca,
+    devices,
+    dryrun,
+    groups,
+    signin,
+    tunnels,
+)
 from certgate.console.services.rbac import ROLES
 from certgate.console.store.models import (
     Admin,
@@ -283,6 +292,35 @@ def admin_grant(
         admins.bind_role(session, admin, role, group)
         audit.append(session, actor(), "admin.grant", group_id=group, admin=username, role=role)
     out.print(f"{username} now holds {role} on {group}")
+
+
+@admin_app.command("set-password")
+def admin_set_password(
+    data_dir: DataDir,
+    username: str,
+    password: Annotated[
+        str | None,
+        typer.Option(envvar="CERTGATE_ADMIN_PASSWORD", help="Else asked for on the terminal."),
+    ] = None,
+) -> None:
+    """Set an admin's web console password (scrypt); signs its browsers out."""
+    secret = password or typer.prompt("new password", hide_input=True, confirmation_prompt=True)
+    with opened(data_dir) as (session, _):
+        admin = admins.by_username(session, username)
+        signin.set_password(session, admin, secret)
+        audit.append(session, actor(), "admin.set_password", admin=username)
+    out.print(f"web console password of {username} set")
+
+
+@admin_app.command("totp")
+def admin_totp(data_dir: DataDir, username: str) -> None:
+    """Give an admin a new TOTP second factor; prints its otpauth:// URI once (for an
+    authenticator app). The previous one stops working and its browsers are signed out."""
+    with opened(data_dir) as (session, pki):
+        admin = admins.by_username(session, username)
+        uri = signin.new_totp(session, pki.master, admin)
+        audit.append(session, actor(), "admin.totp", admin=username)
+    show_secret("TOTP URI", uri)
 
 
 @admin_app.command("revoke-key")

@@ -26,6 +26,9 @@ class ConsoleConfig:
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     installer_ttl_s: int = 24 * 3600
     crl_validity_s: int = 24 * 3600
+    # Web console sessions (``console.ui``): idle and absolute lifetimes.
+    ui_idle_timeout_s: int = 30 * 60
+    ui_absolute_timeout_s: int = 12 * 3600
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -39,6 +42,8 @@ class ConsoleConfig:
             raise ConfigError("max body bytes must be between 1 KiB and 64 MiB")
         if not 1 <= self.long_poll_max_s <= 300:
             raise ConfigError("long-poll maximum must be 1-300 s")
+        if not 1 <= self.ui_idle_timeout_s <= self.ui_absolute_timeout_s <= 7 * 24 * 3600:
+            raise ConfigError("web session timeouts: 1 s <= idle <= absolute <= 7 days")
 
     @property
     def master_key_file(self) -> Path:

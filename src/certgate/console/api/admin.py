@@ -120,10 +120,7 @@ def update_settings(
     pki = state_of(request).pki
     with admin_tx(request, group_id) as (session, who):
         changes = body.model_dump(exclude_none=True)
-        needed = (
-            P.RULES_WRITE if set(changes) <= {"device_rules", "server_rules"} else (P.GROUPS_WRITE)
-        )
-        rbac.require(session, who.admin, needed, group_id)
+        rbac.require(session, who.admin, rbac.settings_permission(set(changes)), group_id)
 
         def change(tx: Session) -> Group:
             return groups.update_settings(tx, pki, group_id, changes)

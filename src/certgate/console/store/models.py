@@ -179,6 +179,8 @@ class Device(Base):
             "compliance_status",
             "blocked",
         ),
+        # The web console's device search by owner, in keyset (owner, uid) order.
+        Index("ix_devices_owner", "owner", "uid"),
     )
     uid: Mapped[str] = mapped_column(String(32), primary_key=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
@@ -264,3 +266,28 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AdminSignIn(Base):
+    """An admin's web sign-in factors: a scrypt password hash and a sealed TOTP secret
+    (``ui.signin``); ``totp_last_step`` refuses a code's reuse (RFC 6238 section 5.2)."""
+
+    __tablename__ = "admin_signins"
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), primary_key=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    totp_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    totp_last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds ``cgs_<id>_<secret>``; only the secret's
+    SHA-256 is stored. Deleted at sign-out and when found expired."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    client: Mapped[str] = mapped_column(String(64), default="")
