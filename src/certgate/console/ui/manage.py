@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from certgate.console.api.admin import rehearsed
@@ -138,7 +138,10 @@ def audit_page(
         visible = [g.id for g in readable_groups(session, who, P.AUDIT_READ)]
         if group:
             rbac.require(session, who.admin, P.AUDIT_READ, group)
-        query = select(AuditEntry).where(AuditEntry.group_id.in_([group] if group else visible))
+        scope = AuditEntry.group_id.in_([group] if group else visible)
+        if not group and may_verify(session, who):  # sign-ins, key and admin changes
+            scope = or_(scope, AuditEntry.group_id.is_(None))
+        query = select(AuditEntry).where(scope)
         if action:
             query = query.where(AuditEntry.action.like(f"{action}%"))
         if actor:
@@ -174,7 +177,8 @@ def audit_page(
 
 
 def may_verify(session: Session, who: SignedIn) -> bool:
-    """The chain spans every group: its verification is shown to top-level auditors."""
+    """Top-level auditors: they see the chain's verification (it spans every group) and
+    the entries of no group (sign-ins, admin and key changes)."""
     top = session.execute(select(Group.id).where(Group.parent_id.is_(None))).scalars()
     return any(may(session, who, P.AUDIT_READ, g) for g in top)
 
