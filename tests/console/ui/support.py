@@ -6,9 +6,9 @@ uses its own admin (``web_admin`` makes a fresh one)."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 

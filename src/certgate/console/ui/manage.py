@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
 from certgate.console.api.admin import rehearsed
@@ -138,7 +138,7 @@ def audit_page(
         visible = [g.id for g in readable_groups(session, who, P.AUDIT_READ)]
         if group:
             rbac.require(session, who.admin, P.AUDIT_READ, group)
-        scope = AuditEntry.group_id.in_([group] if group else visible)
+        scope: ColumnElement[bool] = AuditEntry.group_id.in_([group] if group else visible)
         if not group and may_verify(session, who):  # sign-ins, key and admin changes
             scope = or_(scope, AuditEntry.group_id.is_(None))
         query = select(AuditEntry).where(scope)
