@@ -6,17 +6,19 @@ uses its own admin (``web_admin`` makes a fresh one)."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pyotp
 
 from certgate.console.services import admins, signin
-from tests.support import RunningConsole
+from tests.support import RunningConsole, init_console, start_console
 
 PASSWORD = "correct horse battery"
 _names = itertools.count()
@@ -64,3 +66,18 @@ def csrf_of(page: httpx.Response) -> str:
     match = CSRF_RE.search(page.text)
     assert match, "no CSRF field in the page"
     return match.group(1)
+
+
+@contextmanager
+def short_sessions(work: Path, idle_s: int = 2) -> Iterator[RunningConsole]:
+    """A console whose web sessions go idle after ``idle_s`` seconds."""
+    data_dir, port = init_console(work)
+    settings = data_dir / "console.json"
+    config = json.loads(settings.read_text())
+    config.update(ui_idle_timeout_s=idle_s, ui_absolute_timeout_s=60)
+    settings.write_text(json.dumps(config))
+    running = start_console(work, data_dir, port)
+    try:
+        yield running
+    finally:
+        running.stop()

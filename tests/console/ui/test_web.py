@@ -17,8 +17,8 @@ from certgate.console.services import groups
 from certgate.console.store.models import AuditEntry, Device, Group
 from certgate.console.ui.ratelimit import ACCOUNT_BURST
 from tests.console.conftest import add_device
-from tests.console.ui.support import browser, csrf_of, sign_in, web_admin
-from tests.support import RunningConsole, init_console, start_console
+from tests.console.ui.support import browser, csrf_of, short_sessions, sign_in, web_admin
+from tests.support import RunningConsole
 
 
 def _audit(console: RunningConsole, action: str) -> list[AuditEntry]:
@@ -196,23 +196,30 @@ def test_audit_exports_as_csv_and_json(console: RunningConsole) -> None:
 
 
 @pytest.fixture
-def short_sessions(tmp_path: Path) -> Iterator[RunningConsole]:
-    """A console whose sessions go idle after 2 s."""
-    data_dir, port = init_console(tmp_path)
-    settings = data_dir / "console.json"
-    config = json.loads(settings.read_text())
-    settings.write_text(json.dumps({**config, "ui_idle_timeout_s": 2, "ui_absolute_timeout_s": 60}))
-    running = start_console(tmp_path, data_dir, port)
-    try:
+def short_lived(tmp_path: Path) -> Iterator[RunningConsole]:
+    with short_sessions(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
-def test_an_idle_session_expires(short_sessions: RunningConsole) -> None:
-    who = web_admin(short_sessions, "superadmin", "global")
-    with sign_in(short_sessions, who) as client:
+def test_an_idle_session_expires(short_lived: RunningConsole) -> None:
+    who = web_admin(short_lived, "superadmin", "global")
+    with sign_in(short_lived, who) as client:
         assert client.get("/ui/").status_code == 200
         time.sleep(3)  # beyond the 2 s idle timeout
         assert client.get("/ui/").headers.get("location") == "/ui/login"
         assert client.post("/ui/logout", data={"csrf": "x"}).status_code == 401
+
+
+def test_a_new_api_key_is_shown_once_and_works(console: RunningConsole) -> None:
+    who = web_admin(console, "superadmin", "global")
+    with sign_in(console, who) as client:
+        page = client.get("/ui/admins")
+        assert page.status_code == 200 and who.username in page.text
+        admin_id = console.admins[who.username].id
+        shown = client.post(f"/ui/admins/{admin_id}/api-keys", data={"csrf": csrf_of(page)})
+        token = shown.text.split('id="new-key">')[1].split("<")[0]
+        assert token.startswith("cgk_")
+        assert token not in client.get("/ui/admins").text
+    creds = console.admins[who.username]
+    with console.client(creds, api_key=token) as api:
+        assert api.get("/api/v1/groups").status_code == 200

@@ -230,7 +230,7 @@ def _manageable(session: Session, who: SignedIn) -> list[dict[str, Any]]:
             {
                 "admin": admin,
                 "roles": [f"{b.role} @ {b.group_id}" for b in roles],
-                "keys": admins.api_keys_of(session, admin),
+                "api_keys": admins.api_keys_of(session, admin),
             }
         )
     return out
