@@ -143,7 +143,7 @@ def non_compliant_in_the_ui(
     sign_in(watched, cluster.console, web_admin(cluster.console, "device-admin", GROUP))
     page = watched.page
     page.goto(f"{cluster.console.url}/ui/devices/{cluster.device_uid}")
-    page.click("a.button:has-text('Noncompliant')")
+    page.click("a.button:has-text('Mark non-compliant')")
     assert "/confirm/noncompliant" in page.url
     assert "closes its live tunnels" in page.content()
     page.screenshot(path=shots / "confirm-noncompliant.png", full_page=True)

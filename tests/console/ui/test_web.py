@@ -223,3 +223,34 @@ def test_a_new_api_key_is_shown_once_and_works(console: RunningConsole) -> None:
     creds = console.admins[who.username]
     with console.client(creds, api_key=token) as api:
         assert api.get("/api/v1/groups").status_code == 200
+
+
+def test_the_rules_editor_shows_the_dry_run_before_saving(console: RunningConsole) -> None:
+    with console.local() as (session, pki):
+        if session.get(Group, "rules") is None:
+            groups.create_group(session, pki, "rules", "rules", "global")
+    who = web_admin(console, "device-admin", "rules")
+    rules = {
+        "server_rules": {"default": "deny", "rules": [{"action": "allow", "cidrs": ["10.0.0.0/8"]}]}
+    }
+    with sign_in(console, who) as client:
+        page = client.get("/ui/groups/rules")
+        assert page.status_code == 200 and "Preview (dry-run)" in page.text
+        form = {"csrf": csrf_of(page), "settings": json.dumps(rules)}
+        preview = client.post("/ui/groups/rules/settings", data=form)
+        assert preview.status_code == 200 and "Who would lose access" in preview.text
+        with console.local() as (session, _):
+            assert session.get(Group, "rules").settings.get("server_rules") != rules["server_rules"]
+        saved = client.post("/ui/groups/rules/settings", data={**form, "confirm": "yes"})
+        assert saved.status_code == 200 and "Saved." in saved.text
+        bad = client.post("/ui/groups/rules/settings", data={**form, "settings": "{not json"})
+        assert bad.status_code == 400 and "settings:" in bad.text
+        wider = client.post(
+            "/ui/groups/rules/settings",
+            data={**form, "settings": json.dumps({"feed": {"long_poll_s": 5}})},
+        )
+        assert wider.status_code == 403  # device-admin holds rules:write, not groups:write
+    with console.local() as (session, _):
+        assert session.get(Group, "rules").settings["server_rules"] == rules["server_rules"]
+    assert any(e.detail.get("via") == "ui" for e in _audit(console, "group.settings"))
+    assert _audit(console, "group.settings.dry_run")

@@ -26,6 +26,7 @@ from certgate.errors import BadRequest, NotFound
 router = APIRouter(prefix="/ui")
 PAGE_SIZE = 50
 EXPIRING = timedelta(days=30)
+LABELS = {"noncompliant": "Mark non-compliant", "compliant": "Mark compliant"}
 ACTIONS: dict[str, str] = {
     "noncompliant": "Mark the device non-compliant: every tunnel node refuses its certificates "
     "and closes its live tunnels.",
@@ -254,6 +255,7 @@ def device_page(request: Request, uid: str) -> Response:
             can_write=may(session, who, P.DEVICES_WRITE, device.group_id),
             can_revoke=may(session, who, P.CERTS_REVOKE, device.group_id),
             actions=ACTIONS,
+            labels=LABELS,
         )
 
 
@@ -308,6 +310,7 @@ def confirm_action(request: Request, uid: str, action: str) -> Response:
             device=device,
             action=action,
             says=ACTIONS[action],
+            label=LABELS.get(action, action.capitalize()),
             preview=preview,
         )
 
