@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -37,7 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from certgate.console import local
-from certgate.console.services import admins, ca
+from certgate.console.services import admins, ca, signin
 from certgate.errors import CertgateError
 from certgate.pki.keys import KeyAlgorithm, private_key_pem
 from certgate.pki.thumbprint import thumbprint
@@ -189,8 +190,22 @@ def make_admins(demo: Demo) -> None:
                 f"admin [bold]{name}[/] ({role}): cert {thumbprint(cert)[:16]}…, "
                 f"API key id {key.id}"
             )
+        web_sign_in(demo, db, pki)
     finally:
         db.dispose()
+
+
+def web_sign_in(demo: Demo, db: Any, pki: ca.InstancePKI) -> None:
+    """Give ``ops`` a web console password and TOTP factor, and say how to sign in."""
+    password = secrets.token_urlsafe(12)
+    with db.transaction() as session:
+        ops = admins.by_username(session, "ops")
+        signin.set_password(session, ops, password)
+        uri = signin.new_totp(session, pki.master, ops)
+    out.print(f"web console: {demo.url}/ui/ - user ops, password {password}", soft_wrap=True)
+    out.print(f"  TOTP (add to an authenticator app): {uri}", soft_wrap=True)
+    code = f"import pyotp; print(pyotp.parse_uri('{uri}').now())"
+    out.print(f'  or a current code: python3 -c "{code}"', soft_wrap=True)
 
 
 def create_group(demo: Demo) -> None:
