@@ -4,8 +4,6 @@ the API's own service path (``api.admin``) after the same ``rbac.require``."""
 
 from __future__ import annotations
 
-import base64
-import json
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -16,6 +14,7 @@ from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from certgate.console.api.admin import _act, rehearsed
+from certgate.console.paging import decode_cursor, encode_cursor
 from certgate.console.services import audit, ca, devices, rbac
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.signin import SignedIn
@@ -127,22 +126,6 @@ def _denials(session: Session, group_ids: list[str]) -> Counter[str]:
         .limit(1000)
     ).scalars()
     return Counter(str((d or {}).get("code", "denied")) for d in rows)
-
-
-def encode_cursor(values: list[str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, size: int) -> list[str]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError as exc:
-        raise BadRequest("malformed page cursor") from exc
-    if not (
-        isinstance(values, list) and len(values) == size and all(isinstance(v, str) for v in values)
-    ):
-        raise BadRequest("malformed page cursor")
-    return values
 
 
 @router.get("/devices")

@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session
 from certgate.console.api.admin import rehearsed
 from certgate.console.api.deps import state_of
 from certgate.console.api.schemas import SettingsIn
+from certgate.console.paging import decode_cursor, encode_cursor
 from certgate.console.services import admins, audit, groups, rbac
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.signin import SignedIn
 from certgate.console.store.models import Admin, AuditEntry, Group, RoleBinding
-from certgate.console.ui.fleet import decode_cursor, encode_cursor, readable_groups
+from certgate.console.ui.fleet import readable_groups
 from certgate.console.ui.web import SECURITY_HEADERS, FormBody, may, render, ui_tx
 from certgate.errors import BadRequest, NotFound, PermissionDenied
 
