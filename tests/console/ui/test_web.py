@@ -5,7 +5,9 @@ tests/integration/test_web_console.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,3 +256,22 @@ def test_the_rules_editor_shows_the_dry_run_before_saving(console: RunningConsol
         assert session.get(Group, "rules").settings["server_rules"] == rules["server_rules"]
     assert any(e.detail.get("via") == "ui" for e in _audit(console, "group.settings"))
     assert _audit(console, "group.settings.dry_run")
+
+
+def test_the_installer_downloads_for_tunnel_setup_admins_only(console: RunningConsole) -> None:
+    setup = web_admin(console, "tunnel-setup", "global")
+    with sign_in(console, setup) as client:
+        page = client.get("/ui/nodes")
+        assert "Download the installer for global" in page.text
+        archive = client.post("/ui/groups/global/installer", data={"csrf": csrf_of(page)})
+        assert archive.status_code == 200
+        assert archive.headers["content-type"] == "application/gzip"
+        with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+            assert {"manifest.jws", "install-token"} <= set(tar.getnames())
+    reader = web_admin(console, "read-only", "global")
+    with sign_in(console, reader) as client:
+        page = client.get("/ui/nodes")
+        assert "Download the installer" not in page.text
+        refused = client.post("/ui/groups/global/installer", data={"csrf": csrf_of(page)})
+        assert refused.status_code == 403
+    assert any(e.detail.get("via") == "ui" for e in _audit(console, "tunnel.installer"))

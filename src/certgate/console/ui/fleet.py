@@ -14,12 +14,20 @@ from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from certgate.console.api.admin import _act, rehearsed
+from certgate.console.api.deps import state_of
 from certgate.console.paging import decode_cursor, encode_cursor
-from certgate.console.services import audit, ca, devices, rbac
+from certgate.console.services import audit, ca, devices, rbac, tunnels
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.signin import SignedIn
-from certgate.console.store.models import AuditEntry, Certificate, Device, Group, TunnelNode
-from certgate.console.ui.web import FormBody, may, redirect, render, ui_tx
+from certgate.console.store.models import (
+    AuditEntry,
+    Certificate,
+    Device,
+    Group,
+    ProfileDelivery,
+    TunnelNode,
+)
+from certgate.console.ui.web import SECURITY_HEADERS, FormBody, may, redirect, render, ui_tx
 from certgate.errors import BadRequest, NotFound
 
 router = APIRouter(prefix="/ui")
@@ -235,6 +243,7 @@ def device_page(request: Request, uid: str) -> Response:
             certs=list(certs),
             tunnels=_live_tunnels(session, device),
             history=_history(session, device),
+            profiles=_profiles(session, device),
             can_write=may(session, who, P.DEVICES_WRITE, device.group_id),
             can_revoke=may(session, who, P.CERTS_REVOKE, device.group_id),
             actions=ACTIONS,
@@ -252,6 +261,18 @@ def _live_tunnels(session: Session, device: Device) -> list[dict[str, Any]]:
         for tunnel in (node.report or {}).get("live", [])
         if tunnel.get("device_uid") == device.uid
     ]
+
+
+def _profiles(session: Session, device: Device) -> list[ProfileDelivery]:
+    """The Per-App Tunnel profile versions delivered to the device, newest first."""
+    return list(
+        session.execute(
+            select(ProfileDelivery)
+            .where(ProfileDelivery.device_uid == device.uid)
+            .order_by(ProfileDelivery.version.desc())
+            .limit(20)
+        ).scalars()
+    )
 
 
 def _history(session: Session, device: Device) -> list[AuditEntry]:
@@ -366,6 +387,7 @@ def nodes_page(request: Request) -> Response:
             who,
             nodes=_nodes(session, [g.id for g in groups]),
             setup_groups=[g.id for g in groups if may(session, who, P.TUNNEL_SETUP, g.id)],
+            console_url=state_of(request).config.public_url,
         )
 
 
@@ -391,3 +413,34 @@ def certificates_page(request: Request, group: str = "", after: str = "") -> Res
         return render(
             "certificates.html", who, certs=certs, group=group, groups=groups, cursor=cursor
         )
+
+
+@router.post("/groups/{group_id}/installer")
+def tunnel_installer(request: Request, group_id: str, form: FormBody) -> Response:
+    """The node installer archive, as ``GET /api/v1/groups/{id}/tunnel/installer`` makes
+    it (it holds a one-time install token, hence a POST with the CSRF token here)."""
+    state = state_of(request)
+    with ui_tx(request, form, group_id) as (session, who):
+        rbac.require(session, who.admin, P.TUNNEL_SETUP, group_id)
+        data, token_id = tunnels.installer(
+            session,
+            state.pki,
+            group_id,
+            state.config.public_url,
+            request.state.actor,
+            timedelta(seconds=state.config.installer_ttl_s),
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "tunnel.installer",
+            group_id=group_id,
+            install_token_id=token_id,
+            via="ui",
+        )
+    name = f"certgate-tunnel-{group_id}.tar.gz"
+    return Response(
+        data,
+        media_type="application/gzip",
+        headers={**SECURITY_HEADERS, "content-disposition": f'attachment; filename="{name}"'},
+    )
