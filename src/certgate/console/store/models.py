@@ -179,8 +179,13 @@ class Device(Base):
             "compliance_status",
             "blocked",
         ),
-        # The web console's device search by owner, in keyset (owner, uid) order.
+        # Keyset pages of the web console and the API (migration 0007): uid or owner
+        # order, in one group or across all, optionally by compliance.
+        Index("ix_devices_group_uid", "group_id", "uid"),
+        Index("ix_devices_group_owner", "group_id", "owner", "uid"),
+        Index("ix_devices_group_compliance", "group_id", "compliance_status", "uid"),
         Index("ix_devices_owner", "owner", "uid"),
+        Index("ix_devices_compliance", "compliance_status", "uid"),
     )
     uid: Mapped[str] = mapped_column(String(32), primary_key=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)

@@ -150,7 +150,7 @@ def audit_page(
         if outcome:
             query = query.where(AuditEntry.outcome == outcome)
         if before:
-            query = query.where(AuditEntry.id < int(decode_cursor(before, 1)[0]))
+            query = query.where(AuditEntry.id < _entry_id(before))
         limit = EXPORT_MAX if format != "html" else AUDIT_PAGE
         rows = list(
             session.execute(query.order_by(AuditEntry.id.desc()).limit(limit + 1)).scalars()
@@ -175,6 +175,13 @@ def audit_page(
             cursor=encode_cursor([str(rows[-1].id)]) if more and rows else "",
             chain=audit.verify_chain(session) if may_verify(session, who) else None,
         )
+
+
+def _entry_id(cursor: str) -> int:
+    value = decode_cursor(cursor, 1)[0]
+    if not value.isdigit():
+        raise BadRequest("malformed page cursor")
+    return int(value)
 
 
 def may_verify(session: Session, who: SignedIn) -> bool:

@@ -2,8 +2,9 @@
 
 Admins sign in to the web console with a password (scrypt) and a TOTP code; the TOTP
 secret is sealed with the master key. Sessions live server-side; the cookie carries an id
-and a secret whose SHA-256 only is stored. The device list searches by owner, which
-needs an index at a million devices.
+and a secret whose SHA-256 only is stored. The device list pages by uid or owner, in a
+group or across groups, filtered by compliance: one index per order, so that every page is
+a range scan at a million devices.
 
 Revision ID: 0007
 Revises: 0006 (chained on 0004 on the webui branch until 0005/0006 are merged)
@@ -19,6 +20,16 @@ revision = "0007"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
+
+# Keyset pages of devices (web console, API) in uid or owner order, in one group or all,
+# optionally by compliance: each page is an index range scan at any fleet size.
+DEVICE_INDEXES = {
+    "ix_devices_group_uid": ["group_id", "uid"],
+    "ix_devices_group_owner": ["group_id", "owner", "uid"],
+    "ix_devices_group_compliance": ["group_id", "compliance_status", "uid"],
+    "ix_devices_owner": ["owner", "uid"],
+    "ix_devices_compliance": ["compliance_status", "uid"],
+}
 
 
 def upgrade() -> None:
@@ -40,11 +51,13 @@ def upgrade() -> None:
         sa.Column("client", sa.String(64), nullable=False, server_default=""),
     )
     op.create_index("ix_web_sessions_admin_id", "web_sessions", ["admin_id"])
-    op.create_index("ix_devices_owner", "devices", ["owner", "uid"])
+    for name, columns in DEVICE_INDEXES.items():
+        op.create_index(name, "devices", columns)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_devices_owner", table_name="devices")
+    for name in DEVICE_INDEXES:
+        op.drop_index(name, table_name="devices")
     op.drop_index("ix_web_sessions_admin_id", table_name="web_sessions")
     op.drop_table("web_sessions")
     op.drop_table("admin_signins")
