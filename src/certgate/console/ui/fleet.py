@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import Select, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from certgate.console.api.admin import _act, rehearsed
@@ -55,21 +55,32 @@ def readable_groups(session: Session, who: SignedIn, permission: P) -> list[Grou
 @router.get("/")
 def dashboard(request: Request) -> Response:
     with ui_tx(request) as (session, who):
-        group_ids = [g.id for g in readable_groups(session, who, P.DEVICES_READ)]
+        scope = _scope(session, [g.id for g in readable_groups(session, who, P.DEVICES_READ)])
         return render(
             "dashboard.html",
             who,
-            states=_device_states(session, group_ids),
-            expiring=_expiring(session, group_ids),
+            states=_device_states(session, scope),
+            expiring=_expiring(session, scope),
             nodes=_nodes(session, [g.id for g in readable_groups(session, who, P.TUNNEL_READ)]),
             denials=_denials(session, [g.id for g in readable_groups(session, who, P.AUDIT_READ)]),
         )
 
 
-def _device_states(session: Session, group_ids: list[str]) -> dict[str, Counter[str]]:
+def _scope(session: Session, readable: list[str]) -> list[str] | None:
+    """``readable``, or None when that is every group: then a query needs no group
+    condition and reads one index in order (or a covering one whole)."""
+    every = session.execute(select(func.count()).select_from(Group)).scalar_one()
+    return None if len(readable) == every else readable
+
+
+def _in(column: Any, scope: list[str] | None) -> Any:
+    return true() if scope is None else column.in_(scope)
+
+
+def _device_states(session: Session, scope: list[str] | None) -> dict[str, Counter[str]]:
     rows = session.execute(
         select(Device.enrollment_status, Device.compliance_status, Device.blocked, func.count())
-        .where(Device.group_id.in_(group_ids))
+        .where(_in(Device.group_id, scope))
         .group_by(Device.enrollment_status, Device.compliance_status, Device.blocked)
     ).all()
     states: dict[str, Counter[str]] = {"enrollment": Counter(), "compliance": Counter()}
@@ -79,14 +90,17 @@ def _device_states(session: Session, group_ids: list[str]) -> dict[str, Counter[
     return states
 
 
-def _expiring(session: Session, group_ids: list[str]) -> int:
+def _expiring(session: Session, scope: list[str] | None) -> int:
     now = ca.now()
     return int(
         session.execute(
             select(func.count())
             .select_from(Certificate)
             .where(
-                Certificate.group_id.in_(group_ids),
+                # Group certificates only (not the admins' or the instance CAs').
+                Certificate.group_id.is_not(None)
+                if scope is None
+                else _in(Certificate.group_id, scope),
                 Certificate.revoked_at.is_(None),
                 Certificate.not_after > now,
                 Certificate.not_after < now + EXPIRING,
@@ -160,9 +174,8 @@ def device_list(
         if group:
             rbac.require(session, who.admin, P.DEVICES_READ, group)
             scope: list[str] | None = [group]
-        else:  # no group condition when every group is readable: one index range, in order
-            every = session.execute(select(func.count()).select_from(Group)).scalar_one()
-            scope = None if len(readable) == every else readable
+        else:
+            scope = _scope(session, readable)
         query = _filtered(scope, q, compliance, enrollment)
         rows = session.execute(_paged(query, sort, after)).scalars().all()
         more = len(rows) > PAGE_SIZE
