@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from certgate.console import paging
 from certgate.console.services import groups
 from certgate.console.store.models import AuditEntry, Device, Group
 from certgate.console.ui.ratelimit import ACCOUNT_BURST
@@ -175,6 +176,7 @@ def test_device_pages_are_keyset_pages_in_order(console: RunningConsole) -> None
             url = page.text.split('rel="next"')[0].rsplit('href="', 1)[1].split('"')[0]
             url = url.replace("&amp;", "&")
         assert client.get("/ui/devices?after=!!notacursor").status_code == 400
+        assert client.get("/ui/audit?before=" + paging.encode_cursor(["x"])).status_code == 400
     assert seen == uids
 
 
