@@ -14,11 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
+from certgate.console import ui
 from certgate.console.api import admin, public
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
@@ -31,6 +32,7 @@ ROUTERS = (device_api, tunnel_api, public, admin, rotation_api)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),
+    (ui.CSRFFailed, 403, "csrf_failed"),
     (errors.PermissionDenied, 403, "forbidden"),
     (errors.NotFound, 404, "not_found"),
     (errors.Conflict, 409, "conflict"),
@@ -91,25 +93,32 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-async def _certgate_error(request: Request, exc: Exception) -> JSONResponse:
+def _answer(request: Request, status: int, code: str, detail: str) -> Response:
+    """The JSON error body, or for a web console page the same error as a page."""
+    if ui.is_ui(request.url.path):
+        return ui.error_page(request, status, code, detail)
+    return _error(status, code, detail)
+
+
+async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
     await _audit_failure(request, code, status, str(exc))
-    return _error(status, code, str(exc))
+    return _answer(request, status, code, str(exc))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
     )
     await _audit_failure(request, "invalid_request", 422, detail)
-    return _error(422, "invalid_request", detail)
+    return _answer(request, 422, "invalid_request", detail)
 
 
-async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+async def _integrity_error(request: Request, exc: Exception) -> Response:
     await _audit_failure(request, "conflict", 409, "conflicts with existing data")
-    return _error(409, "conflict", "the request conflicts with existing data")
+    return _answer(request, 409, "conflict", "the request conflicts with existing data")
 
 
 class BodyLimit:
@@ -186,5 +195,6 @@ def create_app(state: ConsoleState) -> FastAPI:
     # far more often than admins (no path of one router matches another's; tested).
     for module in ROUTERS:
         app.include_router(module.router)
+    ui.mount(app)  # the web console, after the API: its paths are all under /ui
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

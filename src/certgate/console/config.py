@@ -37,6 +37,9 @@ class ConsoleConfig:
     # besides the file ("" none, "/dev/log" or another socket path, or "host:port" UDP).
     audit_checkpoint_s: float = 60.0
     audit_syslog: str = ""
+    # Web console sessions (``console.ui``): idle and absolute lifetimes.
+    ui_idle_timeout_s: int = 30 * 60
+    ui_absolute_timeout_s: int = 12 * 3600
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -75,6 +78,8 @@ class ConsoleConfig:
         if not (module and token and pin_env):
             raise ConfigError("PKCS#11 needs a module, a token label and a PIN variable together")
         return TokenConfig(module, token, pin_env)
+        if not 1 <= self.ui_idle_timeout_s <= self.ui_absolute_timeout_s <= 7 * 24 * 3600:
+            raise ConfigError("web session timeouts: 1 s <= idle <= absolute <= 7 days")
 
     @property
     def master_key_file(self) -> Path:

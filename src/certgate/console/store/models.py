@@ -181,6 +181,13 @@ class Device(Base):
             "compliance_status",
             "blocked",
         ),
+        # Keyset pages of the web console and the API (migration 0007): uid or owner
+        # order, in one group or across all, optionally by compliance.
+        Index("ix_devices_group_uid", "group_id", "uid"),
+        Index("ix_devices_group_owner", "group_id", "owner", "uid"),
+        Index("ix_devices_group_compliance", "group_id", "compliance_status", "uid"),
+        Index("ix_devices_owner", "owner", "uid"),
+        Index("ix_devices_compliance", "compliance_status", "uid"),
     )
     uid: Mapped[str] = mapped_column(String(32), primary_key=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
@@ -292,3 +299,28 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AdminSignIn(Base):
+    """An admin's web sign-in factors: a scrypt password hash and a sealed TOTP secret
+    (``ui.signin``); ``totp_last_step`` refuses a code's reuse (RFC 6238 section 5.2)."""
+
+    __tablename__ = "admin_signins"
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), primary_key=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    totp_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    totp_last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds ``cgs_<id>_<secret>``; only the secret's
+    SHA-256 is stored. Deleted at sign-out and when found expired."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    client: Mapped[str] = mapped_column(String(64), default="")
