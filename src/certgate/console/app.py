@@ -19,14 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
-from certgate.console.api import admin, public
+from certgate.console.api import admin, compliance, public
 from certgate.console.api import device as device_api
 from certgate.console.api import tunnel as tunnel_api
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin)
+ROUTERS = (device_api, tunnel_api, public, admin, compliance)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),
@@ -161,9 +161,11 @@ def create_app(state: ConsoleState) -> FastAPI:
         if state.change_watcher is not None:
             state.change_watcher.start()
         state.writer.start()
+        sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
         finally:
+            sweeper.cancel()
             if state.change_watcher is not None:
                 state.change_watcher.stop()
             state.writer.stop()

@@ -26,6 +26,9 @@ class ConsoleConfig:
     enrollment_token_ttl_s: int = 7 * 24 * 3600
     installer_ttl_s: int = 24 * 3600
     crl_validity_s: int = 24 * 3600
+    # How often devices governed by a compliance policy are judged again without a
+    # check-in (a silent device's check-in age grows; overrides expire).
+    compliance_sweep_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -39,6 +42,8 @@ class ConsoleConfig:
             raise ConfigError("max body bytes must be between 1 KiB and 64 MiB")
         if not 1 <= self.long_poll_max_s <= 300:
             raise ConfigError("long-poll maximum must be 1-300 s")
+        if not 0.5 <= self.compliance_sweep_s <= 3600:
+            raise ConfigError("compliance sweep interval must be 0.5-3600 s")
 
     @property
     def master_key_file(self) -> Path:
