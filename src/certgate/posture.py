@@ -164,12 +164,12 @@ def _value(value: Any, kind: type, op: Op, where: str) -> str | bool | int | tup
         if not all(type(v) is str and len(v) <= MAX_TEXT for v in value):
             raise ValueError(f"{where}: 'one_of' needs a non-empty list of strings")
         return tuple(value)
-    if type(value) is not kind or (isinstance(value, str) and len(value) > MAX_TEXT):
-        raise ValueError(f"{where}: value must be a {kind.__name__}")
     checked: str | bool | int = value
+    if type(checked) is not kind or (isinstance(checked, str) and len(checked) > MAX_TEXT):
+        raise ValueError(f"{where}: value must be a {kind.__name__}")
     if isinstance(checked, str) and op is not Op.EQUALS and not _version(checked):
         raise ValueError(f"{where}: {checked!r} is not a version (digits and dots)")
-    if kind is int and not 0 <= checked <= 10 * 365 * 86400:
+    if isinstance(checked, int) and not 0 <= checked <= 10 * 365 * 86400:
         raise ValueError(f"{where}: value must be 0 to 10 years in seconds")
     return checked
 
