@@ -28,7 +28,16 @@ from sqlalchemy.orm import Session
 from certgate.console import backup as backup_mod
 from certgate.console import local
 from certgate.console.api.schemas import SettingsIn
-from certgate.console.services import admins, audit, ca, devices, dryrun, groups, tunnels
+from certgate.console.services import (
+    admins,
+    audit,
+    ca,
+    compliance,
+    devices,
+    dryrun,
+    groups,
+    tunnels,
+)
 from certgate.console.services.rbac import ROLES
 from certgate.console.store.models import (
     Admin,
@@ -611,6 +620,27 @@ def device_set(
         f"device {uid}: compliance={device.compliance_status} "
         f"enrollment={device.enrollment_status} blocked={device.blocked}"
     )
+
+
+@device_app.command("compliance")
+def device_compliance(
+    data_dir: DataDir,
+    uid: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A device's compliance: status, failing rules, override, and its history."""
+    with opened(data_dir) as (session, _):
+        shown = compliance.state_of(session, devices.get_device(session, uid), limit)
+    if as_json:
+        print_json(shown)
+        return
+    out.print(f"device {uid}: {shown['compliance_status']}, override: {shown['override']}")
+    table = listing("when", "status", "cause", "failing rules", title="Compliance history")
+    for event in shown["history"]:
+        reasons = "; ".join(f"{f['rule']}: {f['reason']}" for f in event["failures"])
+        table.add_row(_iso(event["at"]), event["status"], event["cause"], escape(reasons))
+    out.print(table)
 
 
 @cert_app.command("list")
