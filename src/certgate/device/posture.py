@@ -25,12 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from certgate import __version__
+from certgate.device.enroll import ConsoleAPI
+from certgate.device.state import StateDir
 from certgate.posture import FactValue, PostureReport
 
 OS_RELEASE = Path("/etc/os-release")
 LSBLK_TIMEOUT_S = 10.0
 NO_SCREEN_LOCK = "Linux has no platform screen lock (each desktop has its own)"
 NO_ROOTED = "not applicable on Linux (the device owner is root by design)"
+
+
+def check_in(state: StateDir) -> dict[str, Any]:
+    """Report this host's posture to the console with the device certificate (mTLS);
+    returns the console's verdict (``compliance_status``, ``failures``)."""
+    report = collect()
+    with ConsoleAPI.with_device_cert(state) as api:
+        return api.check_in(report.to_dict())
 
 
 def collect(os_release: Path = OS_RELEASE) -> PostureReport:

@@ -82,7 +82,7 @@ def set_policy(session: Session, group_id: str, rules: Any, by: str) -> tuple[po
 
 
 def _devices_under(session: Session, group_id: str) -> list[Device]:
-    parents = dict(session.execute(select(Group.id, Group.parent_id)).tuples().all())
+    parents = {g: p for g, p in session.execute(select(Group.id, Group.parent_id))}
     subtree = {g for g in parents if _descends(g, group_id, parents)}
     query = select(Device).where(
         Device.group_id.in_(subtree), Device.enrollment_status == "enrolled"
