@@ -241,3 +241,18 @@ def test_bad_est_requests_get_a_precise_answer_and_an_audit_entry(
     assert detail in answer["detail"]
     denial = last_denial(cluster)
     assert denial["action"] == f"POST {EST}/simpleenroll" and detail in denial["reason"]
+
+
+def test_an_enrollment_token_enrolls_once(cluster: Cluster) -> None:
+    enable_est(cluster, True)
+    with cluster.console.client(cluster.console.admins["root"]) as admin:
+        token = admin.post(
+            f"/api/v1/groups/{GROUP}/enrollment-tokens", json={"owner": USER[0]}
+        ).json()["token"]
+    csr, _ = p256_csr(cluster.work, "token")
+    bearer = ["-H", f"Authorization: Bearer {token}"]
+    status, body = enroll_post(cluster, "/simpleenroll", csr, *bearer)
+    assert status == 200, body
+    assert identity.identity_of(certs_of(body)[0]).group_id == GROUP
+    status, body = enroll_post(cluster, "/simpleenroll", csr, *bearer)  # replayed
+    assert (status, json.loads(body)["detail"]) == (401, "enroll token already used")
