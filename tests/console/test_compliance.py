@@ -112,6 +112,23 @@ def test_a_parent_policy_governs_the_subgroup_and_a_child_rule_replaces_it(
     assert history[0].facts["os_version"] == "11" and history[0].facts["cert_age_s"] == 0
 
 
+def test_removing_the_rules_that_failed_a_device_makes_it_compliant(
+    tree: tuple[Database, str, str],
+) -> None:
+    db, parent, _ = tree
+    with db.transaction() as session:
+        judged = add_device(session, parent)
+    assert check_in(db, judged, "11").status == "compliant"
+    with db.transaction() as session:
+        compliance.set_policy(session, parent, [MIN_OS], "test")
+        assert device(session, judged).compliance_status == "noncompliant"
+    with db.transaction() as session:
+        compliance.set_policy(session, parent, [], "test")
+        assert device(session, judged).compliance_status == "compliant"
+        history = compliance.state_of(session, device(session, judged))["history"]
+        assert (history[0]["status"], history[0]["failures"]) == ("compliant", [])
+
+
 def test_an_unchanged_check_in_adds_no_history_and_no_feed_entry(
     tree: tuple[Database, str, str],
 ) -> None:

@@ -5,7 +5,8 @@ applies the result through ``devices.set_compliance``, the one service that chan
 device's compliance (it publishes the feed entry, so tunnels refuse the device and close
 its live tunnels). Only devices of groups with an effective policy (their own or an
 ancestor's) are governed; the others keep the status an admin or ``initial_compliance``
-gave them. An unexpired override wins over the policy; the sweep clears expired ones.
+gave them (a device the policy had failed becomes compliant when its rules are removed).
+An unexpired override wins over the policy; the sweep clears expired ones.
 A history row records each change of a device's status or failing rules, with its facts.
 """
 
@@ -181,7 +182,9 @@ def judge(session: Session, device: Device, cause: str) -> Verdict:
     failures = posture.evaluate(rules, facts)
     if row.override_status is not None:
         verdict = Verdict(row.override_status, failures, True)
-    elif rules:
+    elif rules or row.failures:
+        # No rules left but the policy had failed the device: those rules are gone, so
+        # nothing fails it now (a status an admin set by hand, without failures, stays).
         verdict = Verdict("noncompliant" if failures else "compliant", failures, False)
     else:
         return Verdict(device.compliance_status, (), False)
