@@ -127,6 +127,14 @@ def enable_est(cluster: Cluster, on: bool) -> None:
     assert response.status_code == 200, response.text
 
 
+def last_entries(cluster: Cluster, count: int) -> list[dict[str, Any]]:
+    with cluster.console.local() as (session, _):
+        entries = session.execute(
+            select(AuditEntry).order_by(AuditEntry.id.desc()).limit(count)
+        ).scalars()
+        return [{"action": e.action, "actor": e.actor, **e.detail} for e in entries]
+
+
 def last_denial(cluster: Cluster) -> dict[str, Any]:
     with cluster.console.local() as (session, _):
         entry = (
@@ -154,6 +162,7 @@ def test_est_enrolls_and_reenrolls_and_the_node_follows(cluster: Cluster) -> Non
     subjects = sorted(c.subject.rfc4514_string() for c in certs_of(body))
     assert subjects == ["CN=certgate Device Root,O=certgate", "CN=certgate Root CA,O=certgate"]
     status, body = curl(cluster, "/csrattrs")
+    assert [e["action"] for e in last_entries(cluster, 2)] == ["est.csrattrs", "est.cacerts"]
     parsed = run(
         "openssl", "asn1parse", "-inform", "DER", data=run("openssl", "base64", "-d", data=body)
     )
@@ -180,6 +189,9 @@ def test_est_enrolls_and_reenrolls_and_the_node_follows(cluster: Cluster) -> Non
     )
     assert status == 200, body
     (second,) = certs_of(body)
+    (reenrolled,) = last_entries(cluster, 1)
+    assert reenrolled["action"] == "est.simplereenroll"
+    assert reenrolled["actor"] == f"device:{ident.device_uid}"
     assert identity.identity_of(second).device_uid == ident.device_uid
     refused = eventually(
         lambda: fetch_through_node(cluster, first, key), lambda r: isinstance(r, str)

@@ -40,19 +40,28 @@ def _b64_response(body: bytes, media_type: str) -> Response:
     return Response(body, media_type=media_type, headers={"content-transfer-encoding": "base64"})
 
 
+def _audit_public(request: Request, action: str) -> None:
+    """Every EST request is audited, the public ones too (who asked, from where)."""
+    client = request.client.host if request.client else "unknown"
+    with state_of(request).db.transaction() as session:
+        audit.append(session, f"anonymous@{client}", action)
+
+
 @router.get("/cacerts")
 def cacerts(request: Request) -> Response:
     """The Device Root and the instance Root: what issued EST certificates chain to
     (§4.1.3). Public, as the CA certificates are."""
     pki = state_of(request).pki
+    _audit_public(request, "est.cacerts")
     return _b64_response(
         est.certs_only([pki.certs[ca.DEVICE_ROOT], pki.certs[ca.ROOT]]), est.CERTS_ONLY
     )
 
 
 @router.get("/csrattrs")
-def csrattrs() -> Response:
+def csrattrs(request: Request) -> Response:
     """What the CSR should carry (§4.5): a P-256 key, signed with SHA-256 ECDSA."""
+    _audit_public(request, "est.csrattrs")
     return _b64_response(base64.encodebytes(est.CSRATTRS), est.CSRATTRS_TYPE)
 
 
