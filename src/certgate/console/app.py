@@ -19,14 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
-from certgate.console.api import admin, compliance, est, public
+from certgate.console.api import admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import tunnel as tunnel_api
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin, compliance, est)
+ROUTERS = (device_api, tunnel_api, public, admin, compliance, est, scep)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),

@@ -302,3 +302,14 @@ class ComplianceEvent(Base):
     cause: Mapped[str] = mapped_column(String(16))
     failures: Mapped[list[Any]] = mapped_column(JSON)
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ScepTransaction(Base):
+    """SCEP transaction ids seen (a replayed one is refused) and, once issued, the
+    certificate a GetCertInitial for it answers with."""
+
+    __tablename__ = "scep_transactions"
+    transaction_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    signer_thumbprint: Mapped[str] = mapped_column(String(64))
+    cert_serial: Mapped[str | None] = mapped_column(ForeignKey("certificates.serial"))
+    created_at: Mapped[datetime]

@@ -1,4 +1,5 @@
-"""posture compliance: group compliance policies, device posture, compliance history
+"""posture compliance and SCEP: compliance policies, device posture and history; SCEP
+transaction ids
 
 Compliance is computed from what devices report (``certgate.posture``): each group may
 hold a policy its subgroups inherit; each device keeps its last check-in, its failing
@@ -53,9 +54,19 @@ def upgrade() -> None:
         sa.Column("facts", sa.JSON(), nullable=False),
     )
     op.create_index("ix_compliance_history_device_uid", "compliance_history", ["device_uid"])
+    op.create_table(
+        "scep_transactions",
+        sa.Column("transaction_id", sa.String(128), primary_key=True),
+        sa.Column("signer_thumbprint", sa.String(64), nullable=False),
+        sa.Column(
+            "cert_serial", sa.String(64), sa.ForeignKey("certificates.serial"), nullable=True
+        ),
+        sa.Column("created_at", UTC_TIME, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("scep_transactions")
     op.drop_index("ix_compliance_history_device_uid", table_name="compliance_history")
     op.drop_table("compliance_history")
     op.drop_table("device_posture")

@@ -1,0 +1,302 @@
+"""SCEP (RFC 8894) messages, sans-IO: parse a PKIOperation request, build the CertRep.
+
+A request (§3.2) is a CMS SignedData (signed by the requester's key: a self-signed
+certificate for PKCSReq and GetCertInitial, its current certificate for RenewalReq) whose
+content is an EnvelopedData encrypted to the RA certificate, and whose signed attributes
+carry the SCEP fields (§3.2.1). asn1crypto reads and writes the CMS structures;
+cryptography verifies the signature and decrypts the envelope (``pkcs7_decrypt_der``)
+and builds the answer's envelope (``PKCS7EnvelopeBuilder``). What no library does is the
+SignedData of the CertRep with SCEP's own signed attributes; it is assembled here from
+asn1crypto's types and signed with the RA key given by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+
+__all__ = [
+    "CACAPS",
+    "FailInfo",
+    "MessageType",
+    "PKIRequest",
+    "SCEPError",
+    "cert_rep",
+    "parse_request",
+]
+
+MAX_MESSAGE = 64 * 1024
+# GetCACaps (§3.5.2): POST, SHA-256, AES, renewal, and the RFC 8894 profile.
+CACAPS = b"POSTPKIOperation\nSHA-256\nAES\nRenewal\nSCEPStandard\n"
+# SCEP attribute OIDs (§3.2.1.x), under id-VeriSign 2.16.840.1.113733.1.9.
+MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
+PKI_STATUS = "2.16.840.1.113733.1.9.3"
+FAIL_INFO = "2.16.840.1.113733.1.9.4"
+SENDER_NONCE = "2.16.840.1.113733.1.9.5"
+RECIPIENT_NONCE = "2.16.840.1.113733.1.9.6"
+TRANSACTION_ID = "2.16.840.1.113733.1.9.7"
+_DIGESTS: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+class MessageType(Enum):  # §3.2.1.2
+    CERT_REP = "3"
+    RENEWAL_REQ = "17"
+    PKCS_REQ = "19"
+    CERT_POLL = "20"  # GetCertInitial
+
+
+class FailInfo(Enum):  # §3.2.1.4
+    BAD_ALG = "0"
+    BAD_MESSAGE_CHECK = "1"
+    BAD_REQUEST = "2"
+    BAD_TIME = "3"
+    BAD_CERT_ID = "4"
+
+
+class SCEPError(ValueError):
+    """A request that cannot be answered with a CertRep (no signer, nonce or transaction
+    to answer to): malformed CMS, wrong signature, an envelope not for us."""
+
+
+@dataclass(frozen=True, slots=True)
+class PKIRequest:
+    message_type: MessageType
+    transaction_id: str
+    sender_nonce: bytes
+    signer: x509.Certificate  # the requester's certificate: the answer is encrypted to it
+    content: bytes  # decrypted: a DER CSR, or IssuerAndSubject for GetCertInitial
+
+
+def parse_request(
+    message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey
+) -> PKIRequest:
+    """Check and open a PKIOperation message. Raises SCEPError with the reason."""
+    if len(message) > MAX_MESSAGE:
+        raise SCEPError(f"message of {len(message)} bytes is over {MAX_MESSAGE}")
+    try:
+        return _parse(message, ra_cert, ra_key)
+    except SCEPError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise SCEPError(f"malformed PKCS#7: {exc}"[:300]) from exc
+
+
+def _parse(message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey) -> PKIRequest:
+    info = cms.ContentInfo.load(message, strict=True)
+    if info["content_type"].native != "signed_data":
+        raise SCEPError("not a CMS SignedData")
+    signed = info["content"]
+    if len(signed["signer_infos"]) != 1:
+        raise SCEPError("a SCEP request has exactly one signer")
+    signer_info = signed["signer_infos"][0]
+    signer = _signer_cert(signed, signer_info)
+    envelope = signed["encap_content_info"]["content"]
+    if not isinstance(envelope, core.ParsableOctetString) or envelope.native is None:
+        raise SCEPError("the SignedData carries no envelope")
+    attrs = _attributes(signer_info)
+    _verify(signer, signer_info, attrs, bytes(envelope.native))
+    try:
+        content = pkcs7.pkcs7_decrypt_der(bytes(envelope.native), ra_cert, ra_key, [])
+    except ValueError as exc:
+        raise SCEPError(f"the envelope cannot be opened with the RA key: {exc}") from exc
+    return PKIRequest(
+        _message_type(attrs),
+        _printable(attrs, TRANSACTION_ID),
+        _nonce(attrs, SENDER_NONCE),
+        signer,
+        content,
+    )
+
+
+def _signer_cert(signed: Any, signer_info: Any) -> x509.Certificate:
+    sid = signer_info["sid"]
+    if sid.name != "issuer_and_serial_number":
+        raise SCEPError("the signer must be named by issuer and serial number")
+    wanted = (sid.chosen["issuer"].dump(), sid.chosen["serial_number"].native)
+    for choice in signed["certificates"] or []:
+        if choice.name != "certificate":
+            continue
+        cert = choice.chosen
+        if (cert.issuer.dump(), cert.serial_number) == wanted:
+            return x509.load_der_x509_certificate(cert.dump())
+    raise SCEPError("the signer's certificate is not in the message")
+
+
+def _attributes(signer_info: Any) -> dict[str, Any]:
+    attrs = signer_info["signed_attrs"]
+    if not attrs:
+        raise SCEPError("the signer info has no signed attributes")
+    found: dict[str, Any] = {}
+    for attr in attrs:
+        oid = attr["type"].dotted
+        if oid in found or len(attr["values"]) != 1:
+            raise SCEPError(f"attribute {oid} must appear once with one value")
+        found[oid] = attr["values"][0]
+    return found
+
+
+def _verify(signer: x509.Certificate, signer_info: Any, attrs: dict[str, Any], body: bytes) -> None:
+    """The signed attributes' signature (RFC 5652 §5.4: DER as a SET OF) and the
+    messageDigest of the content."""
+    digest_name = signer_info["digest_algorithm"]["algorithm"].native
+    if digest_name not in _DIGESTS:
+        raise SCEPError(f"digest {digest_name} is not accepted; use SHA-256")
+    algorithm = _DIGESTS[digest_name]()
+    digest = hashes.Hash(algorithm)
+    digest.update(body)
+    declared = attrs.get("1.2.840.113549.1.9.4")  # messageDigest
+    if declared is None or bytes(_octets(declared)) != digest.finalize():
+        raise SCEPError("messageDigest does not match the content")
+    signed_bytes = b"\x31" + signer_info["signed_attrs"].dump()[1:]  # [0] IMPLICIT -> SET
+    key = signer.public_key()
+    signature = bytes(signer_info["signature"].native)
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, signed_bytes, ec.ECDSA(algorithm))
+        else:
+            raise SCEPError("the signer's key is neither RSA nor ECDSA")
+    except InvalidSignature as exc:
+        raise SCEPError("the signature over the signed attributes does not verify") from exc
+
+
+def _octets(value: Any) -> bytes:
+    return bytes(core.OctetString.load(value.dump()).native)
+
+
+def _printable(attrs: dict[str, Any], oid: str) -> str:
+    if oid not in attrs:
+        raise SCEPError(f"attribute {oid} is missing")
+    text = core.PrintableString.load(attrs[oid].dump()).native
+    if not isinstance(text, str) or not 0 < len(text) <= 128:
+        raise SCEPError(f"attribute {oid} must be a PrintableString of 1-128 characters")
+    return text
+
+
+def _nonce(attrs: dict[str, Any], oid: str) -> bytes:
+    if oid not in attrs:
+        raise SCEPError(f"attribute {oid} is missing")
+    nonce = _octets(attrs[oid])
+    if len(nonce) != 16:  # §3.2.1.5: 16 octets
+        raise SCEPError("a nonce is 16 octets")
+    return nonce
+
+
+def _message_type(attrs: dict[str, Any]) -> MessageType:
+    value = _printable(attrs, MESSAGE_TYPE)
+    try:
+        kind = MessageType(value)
+    except ValueError as exc:
+        raise SCEPError(f"messageType {value!r} is not a request this CA answers") from exc
+    if kind is MessageType.CERT_REP:
+        raise SCEPError("a CertRep is an answer, not a request")
+    return kind
+
+
+# -- the answer ------------------------------------------------------------------------------
+
+
+def cert_rep(
+    request: PKIRequest,
+    ra_cert: x509.Certificate,
+    ra_key: rsa.RSAPrivateKey,
+    issued: list[x509.Certificate] | None,
+    fail: FailInfo | None = None,
+) -> bytes:
+    """A CertRep (§3.3.2): SUCCESS with ``issued`` in an envelope for the requester, or
+    FAILURE with ``fail``. Signed with the RA key."""
+    if (issued is None) == (fail is None):
+        raise ValueError("a CertRep carries either certificates or a failInfo")
+    content = b""
+    if issued is not None:
+        certs = pkcs7.serialize_certificates(issued, Encoding.DER)
+        content = (
+            pkcs7.PKCS7EnvelopeBuilder()
+            .set_data(certs)
+            .add_recipient(request.signer)
+            .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        )
+    attrs = _rep_attributes(request, content, fail)
+    signature = ra_key.sign(b"\x31" + attrs.dump()[1:], padding.PKCS1v15(), hashes.SHA256())
+    ra = asn1_x509.Certificate.load(ra_cert.public_bytes(Encoding.DER))
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                {
+                    "issuer_and_serial_number": cms.IssuerAndSerialNumber(
+                        {"issuer": ra.issuer, "serial_number": ra.serial_number}
+                    )
+                }
+            ),
+            "digest_algorithm": algos.DigestAlgorithm({"algorithm": "sha256"}),
+            "signed_attrs": attrs,
+            "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}),
+            "signature": signature,
+        }
+    )
+    encap: dict[str, Any] = {"content_type": "data"}
+    if content:
+        encap["content"] = content
+    signed = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [algos.DigestAlgorithm({"algorithm": "sha256"})],
+            "encap_content_info": encap,
+            "certificates": [ra],
+            "signer_infos": [signer_info],
+        }
+    )
+    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
+
+
+def _rep_attributes(request: PKIRequest, content: bytes, fail: FailInfo | None) -> Any:
+    values: list[tuple[str, Any]] = [
+        ("1.2.840.113549.1.9.3", cms.ContentType("data")),
+        ("1.2.840.113549.1.9.4", core.OctetString(hashlib.sha256(content).digest())),
+        (MESSAGE_TYPE, core.PrintableString(MessageType.CERT_REP.value)),
+        (PKI_STATUS, core.PrintableString("2" if fail else "0")),
+        (TRANSACTION_ID, core.PrintableString(request.transaction_id)),
+        (SENDER_NONCE, core.OctetString(secrets.token_bytes(16))),
+        (RECIPIENT_NONCE, core.OctetString(request.sender_nonce)),
+    ]
+    if fail is not None:
+        values.append((FAIL_INFO, core.PrintableString(fail.value)))
+    # DER sorts a SET OF by encoding (X.690 §11.6); verifiers that re-encode (Go) rely on it.
+    attributes = sorted((_any_attribute(oid, value) for oid, value in values), key=_der)
+    return cms.CMSAttributes(attributes)
+
+
+def _der(value: Any) -> bytes:
+    return bytes(value.dump())
+
+
+class _AnyValues(core.SetOf):  # type: ignore[misc]
+    _child_spec = core.Any
+
+
+class _RawAttribute(core.Sequence):  # type: ignore[misc]
+    """An attribute of any type, so that asn1crypto's per-OID value types stay out of it."""
+
+    _fields = [("type", core.ObjectIdentifier), ("values", _AnyValues)]  # noqa: RUF012
+
+
+def _any_attribute(oid: str, value: Any) -> Any:
+    raw = _RawAttribute({"type": oid, "values": [core.Any.load(value.dump())]})
+    return cms.CMSAttribute.load(raw.dump())
