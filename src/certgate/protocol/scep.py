@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from asn1crypto import algos, cms, core
+from asn1crypto import algos, cms, core, parser
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 __all__ = [
@@ -46,7 +49,13 @@ FAIL_INFO = "2.16.840.1.113733.1.9.4"
 SENDER_NONCE = "2.16.840.1.113733.1.9.5"
 RECIPIENT_NONCE = "2.16.840.1.113733.1.9.6"
 TRANSACTION_ID = "2.16.840.1.113733.1.9.7"
-_DIGESTS: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+# SHA-1 is accepted for the request's CMS signature only because deployed clients
+# (Debian's scepclient, go.mozilla.org/pkcs7) sign with it whatever GetCACaps says. It
+# proves no more than possession of the requester's transport key; what authorizes the
+# request is the challenge inside the envelope, and the CSR's own signature is checked by
+# the authority's rules. Answers are always signed with SHA-256.
+_DIGESTS: dict[str, type[hashes.SHA1 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
@@ -105,15 +114,10 @@ def _parse(message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey)
         raise SCEPError("a SCEP request has exactly one signer")
     signer_info = signed["signer_infos"][0]
     signer = _signer_cert(signed, signer_info)
-    envelope = signed["encap_content_info"]["content"]
-    if not isinstance(envelope, core.ParsableOctetString) or envelope.native is None:
-        raise SCEPError("the SignedData carries no envelope")
+    envelope = _envelope(signed["encap_content_info"])
     attrs = _attributes(signer_info)
-    _verify(signer, signer_info, attrs, bytes(envelope.native))
-    try:
-        content = pkcs7.pkcs7_decrypt_der(bytes(envelope.native), ra_cert, ra_key, [])
-    except ValueError as exc:
-        raise SCEPError(f"the envelope cannot be opened with the RA key: {exc}") from exc
+    _verify(signer, signer_info, attrs, envelope)
+    content = open_envelope(envelope, ra_cert, ra_key)
     return PKIRequest(
         _message_type(attrs),
         _printable(attrs, TRANSACTION_ID),
@@ -121,6 +125,92 @@ def _parse(message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey)
         signer,
         content,
     )
+
+
+def _envelope(encap: Any) -> bytes:
+    """The pkcsPKIEnvelope: the DER of an EnvelopedData ContentInfo, carried as ``data``."""
+    if encap["content_type"].native != "data":
+        raise SCEPError("the signed content must be of type data")
+    envelope = encap["content"].native
+    if not isinstance(envelope, bytes) or not envelope:
+        raise SCEPError("the SignedData carries no envelope")
+    return envelope
+
+
+def open_envelope(der: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey) -> bytes:
+    """The plaintext of an EnvelopedData for the RA (RFC 5652 §6): cryptography's
+    ``pkcs7_decrypt_der`` first; by hand when it cannot read the encoding, as with the
+    constructed (BER) encryptedContent go.mozilla.org/pkcs7 writes, or the cipher, as
+    with the single DES that Debian's scepclient uses for PKCSReq whatever GetCACaps
+    offers (the transport here is TLS either way)."""
+    try:
+        return pkcs7.pkcs7_decrypt_der(der, ra_cert, ra_key, [])
+    except ValueError:
+        pass  # read it by hand below; a wrong key fails there with the reason
+    except UnsupportedAlgorithm:
+        pass
+    info = cms.ContentInfo.load(der)
+    if info["content_type"].native != "enveloped_data":
+        raise SCEPError("the signed content is not an EnvelopedData")
+    enveloped = info["content"]
+    key = ra_key.decrypt(_encrypted_key(enveloped, ra_cert), padding.PKCS1v15())
+    encrypted = enveloped["encrypted_content_info"]
+    algorithm = encrypted["content_encryption_algorithm"]
+    return _decrypt(algorithm["algorithm"].native, key, algorithm, _ber_octets(encrypted))
+
+
+def _encrypted_key(enveloped: Any, ra_cert: x509.Certificate) -> bytes:
+    ra = asn1_x509.Certificate.load(ra_cert.public_bytes(Encoding.DER))
+    for recipient in enveloped["recipient_infos"]:
+        if recipient.name != "ktri":
+            continue
+        rid = recipient.chosen["rid"]
+        if rid.name == "issuer_and_serial_number" and (
+            rid.chosen["issuer"].dump() == ra.issuer.dump()
+            and rid.chosen["serial_number"].native == ra.serial_number
+        ):
+            return bytes(recipient.chosen["encrypted_key"].native)
+    raise SCEPError("the envelope is not encrypted to this RA's certificate")
+
+
+def _ber_octets(encrypted: Any) -> bytes:
+    """encryptedContent, primitive or constructed of OCTET STRING segments (X.690
+    §8.7.3), which asn1crypto's OctetString refuses: read from the raw child."""
+    encrypted["content_type"]  # parses the children, leaving raw tuples
+    raw = encrypted.children[2] if len(encrypted.children) > 2 else None
+    if raw is None or not isinstance(raw, tuple):
+        raise SCEPError("the envelope has no encrypted content")
+    method, contents = raw[1], raw[4]  # asn1crypto's (class, method, tag, header, contents, ...)
+    if method == 0:
+        return bytes(contents)
+    chunks, pointer = [], 0
+    while pointer < len(contents):
+        part = parser.parse(contents[pointer:], strict=False)
+        if part[2] != 4:
+            raise SCEPError("a constructed encryptedContent holds only OCTET STRINGs")
+        chunks.append(part[4])
+        pointer += len(part[3]) + len(part[4]) + len(part[5])
+    return b"".join(chunks)
+
+
+def _decrypt(name: str, key: bytes, algorithm: Any, ciphertext: bytes) -> bytes:
+    iv = algorithm["parameters"].native
+    if name in ("aes128_cbc", "aes192_cbc", "aes256_cbc"):
+        cipher = Cipher(algorithms.AES(key), modes.CBC(iv))
+        block = 128
+    elif name in ("des", "tripledes_3key"):
+        # Single DES is TripleDES with K1 = K2 = K3.
+        cipher = Cipher(TripleDES(key * 3 if len(key) == 8 else key), modes.CBC(iv))
+        block = 64
+    else:
+        raise SCEPError(f"content encryption {name} is not supported; use AES")
+    decryptor = cipher.decryptor()
+    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    unpadder = sym_padding.PKCS7(block).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError as exc:
+        raise SCEPError("the envelope does not decrypt with the RA key") from exc
 
 
 def _signer_cert(signed: Any, signer_info: Any) -> x509.Certificate:
