@@ -36,7 +36,10 @@ __all__ = [
     "PKIRequest",
     "SCEPError",
     "cert_rep",
+    "envelope_for",
+    "open_envelope",
     "parse_request",
+    "signed_message",
 ]
 
 MAX_MESSAGE = 64 * 1024
@@ -316,22 +319,54 @@ def cert_rep(
     content = b""
     if issued is not None:
         certs = pkcs7.serialize_certificates(issued, Encoding.DER)
-        content = (
-            pkcs7.PKCS7EnvelopeBuilder()
-            .set_data(certs)
-            .add_recipient(request.signer)
-            .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary])
-        )
-    attrs = _rep_attributes(request, content, fail)
-    signature = ra_key.sign(b"\x31" + attrs.dump()[1:], padding.PKCS1v15(), hashes.SHA256())
-    ra = asn1_x509.Certificate.load(ra_cert.public_bytes(Encoding.DER))
+        content = envelope_for(request.signer, certs)
+    fields: list[tuple[str, Any]] = [
+        (MESSAGE_TYPE, core.PrintableString(MessageType.CERT_REP.value)),
+        (PKI_STATUS, core.PrintableString("2" if fail else "0")),
+        (TRANSACTION_ID, core.PrintableString(request.transaction_id)),
+        (SENDER_NONCE, core.OctetString(secrets.token_bytes(16))),
+        (RECIPIENT_NONCE, core.OctetString(request.sender_nonce)),
+    ]
+    if fail is not None:
+        fields.append((FAIL_INFO, core.PrintableString(fail.value)))
+    return signed_message(content, fields, ra_cert, ra_key)
+
+
+def envelope_for(recipient: x509.Certificate, data: bytes) -> bytes:
+    """An EnvelopedData of ``data`` for ``recipient``'s RSA key (AES-128-CBC)."""
+    return (
+        pkcs7.PKCS7EnvelopeBuilder()
+        .set_data(data)
+        .add_recipient(recipient)
+        .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    )
+
+
+def signed_message(
+    content: bytes,
+    fields: list[tuple[str, Any]],
+    cert: x509.Certificate,
+    key: rsa.RSAPrivateKey,
+) -> bytes:
+    """A SCEP message (§3.2): a SignedData of ``content`` (omitted when empty) whose
+    signed attributes are contentType, messageDigest (SHA-256) and the SCEP ``fields``,
+    signed with ``key`` (RSA PKCS#1 v1.5, SHA-256)."""
+    values = [
+        ("1.2.840.113549.1.9.3", cms.ContentType("data")),
+        ("1.2.840.113549.1.9.4", core.OctetString(hashlib.sha256(content).digest())),
+        *fields,
+    ]
+    # DER sorts a SET OF by encoding (X.690 §11.6); verifiers that re-encode (Go) rely on it.
+    attrs = cms.CMSAttributes(sorted((_any_attribute(o, v) for o, v in values), key=_der))
+    signature = key.sign(b"\x31" + attrs.dump()[1:], padding.PKCS1v15(), hashes.SHA256())
+    signer = asn1_x509.Certificate.load(cert.public_bytes(Encoding.DER))
     signer_info = cms.SignerInfo(
         {
             "version": "v1",
             "sid": cms.SignerIdentifier(
                 {
                     "issuer_and_serial_number": cms.IssuerAndSerialNumber(
-                        {"issuer": ra.issuer, "serial_number": ra.serial_number}
+                        {"issuer": signer.issuer, "serial_number": signer.serial_number}
                     )
                 }
             ),
@@ -349,32 +384,11 @@ def cert_rep(
             "version": "v1",
             "digest_algorithms": [algos.DigestAlgorithm({"algorithm": "sha256"})],
             "encap_content_info": encap,
-            "certificates": [ra],
+            "certificates": [signer],
             "signer_infos": [signer_info],
         }
     )
     return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
-
-
-def _rep_attributes(request: PKIRequest, content: bytes, fail: FailInfo | None) -> Any:
-    values: list[tuple[str, Any]] = [
-        ("1.2.840.113549.1.9.3", cms.ContentType("data")),
-        ("1.2.840.113549.1.9.4", core.OctetString(hashlib.sha256(content).digest())),
-        (MESSAGE_TYPE, core.PrintableString(MessageType.CERT_REP.value)),
-        (PKI_STATUS, core.PrintableString("2" if fail else "0")),
-        (TRANSACTION_ID, core.PrintableString(request.transaction_id)),
-        (SENDER_NONCE, core.OctetString(secrets.token_bytes(16))),
-        (RECIPIENT_NONCE, core.OctetString(request.sender_nonce)),
-    ]
-    if fail is not None:
-        values.append((FAIL_INFO, core.PrintableString(fail.value)))
-    # DER sorts a SET OF by encoding (X.690 §11.6); verifiers that re-encode (Go) rely on it.
-    attributes = sorted((_any_attribute(oid, value) for oid, value in values), key=_der)
-    return cms.CMSAttributes(attributes)
-
-
-def _der(value: Any) -> bytes:
-    return bytes(value.dump())
 
 
 class _AnyValues(core.SetOf):  # type: ignore[misc]
@@ -390,3 +404,7 @@ class _RawAttribute(core.Sequence):  # type: ignore[misc]
 def _any_attribute(oid: str, value: Any) -> Any:
     raw = _RawAttribute({"type": oid, "values": [core.Any.load(value.dump())]})
     return cms.CMSAttribute.load(raw.dump())
+
+
+def _der(value: Any) -> bytes:
+    return bytes(value.dump())
