@@ -106,6 +106,8 @@ def parse_request(
         raise
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise SCEPError(f"malformed PKCS#7: {exc}"[:300]) from exc
+    except UnsupportedAlgorithm as exc:  # a signer key or cipher nothing here can use
+        raise SCEPError(f"unsupported algorithm: {exc}"[:300]) from exc
 
 
 def _parse(message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey) -> PKIRequest:
@@ -255,18 +257,42 @@ def _verify(signer: x509.Certificate, signer_info: Any, attrs: dict[str, Any], b
     declared = attrs.get("1.2.840.113549.1.9.4")  # messageDigest
     if declared is None or bytes(_octets(declared)) != digest.finalize():
         raise SCEPError("messageDigest does not match the content")
-    signed_bytes = b"\x31" + signer_info["signed_attrs"].dump()[1:]  # [0] IMPLICIT -> SET
     key = signer.public_key()
     signature = bytes(signer_info["signature"].native)
+    for signed_bytes in _signed_encodings(signer_info["signed_attrs"]):
+        if _signature_holds(key, signature, signed_bytes, algorithm):
+            return
+    raise SCEPError("the signature over the signed attributes does not verify")
+
+
+def _signed_encodings(attrs: Any) -> list[bytes]:
+    """What the signature covers (RFC 5652 §5.4): the attributes' DER, as a SET OF, which
+    sorts them (X.690 §11.6); go.mozilla.org/pkcs7 signs them sorted but sends them in
+    its own order. Then the encoding as sent, for signers that send them sorted."""
+    sorted_set = _tlv(0x31, b"".join(sorted(bytes(a.dump()) for a in attrs)))
+    as_sent = b"\x31" + bytes(attrs.dump())[1:]  # [0] IMPLICIT -> SET
+    return [sorted_set] if sorted_set == as_sent else [sorted_set, as_sent]
+
+
+def _signature_holds(key: Any, signature: bytes, data: bytes, algorithm: Any) -> bool:
     try:
         if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, signed_bytes, padding.PKCS1v15(), algorithm)
+            key.verify(signature, data, padding.PKCS1v15(), algorithm)
         elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, signed_bytes, ec.ECDSA(algorithm))
+            key.verify(signature, data, ec.ECDSA(algorithm))
         else:
             raise SCEPError("the signer's key is neither RSA nor ECDSA")
-    except InvalidSignature as exc:
-        raise SCEPError("the signature over the signed attributes does not verify") from exc
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    """DER tag, definite length (X.690 §8.1.3), value."""
+    if len(body) < 0x80:
+        return bytes([tag, len(body)]) + body
+    length = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + body
 
 
 def _octets(value: Any) -> bytes:

@@ -42,7 +42,7 @@ class ChallengeIn(BaseModel):
     expires_in_s: int = Field(default=3600, ge=60, le=30 * 86400)
 
 
-@router.post("/api/v1/devices/{uid}/scep-challenge", status_code=201)
+@router.post("/api/v1/devices/{uid}/scep/challenge", status_code=201)
 def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str, object]:
     """A single-use challenge password that enrolls this device over SCEP (shown once)."""
     with admin_tx(request) as (session, who):
@@ -111,7 +111,7 @@ def _operation(request: Request, message: bytes) -> Response:
     try:
         with state.db.transaction() as session:
             device, cert = service.issue(session, state.pki, parsed)
-            _audit(session, request, parsed, "issued", device.group_id, device=device.uid,
+            _audit(session, request, parsed, "ok", device.group_id, device=device.uid,
                    thumbprint=thumbprint(cert))  # fmt: skip
         answer = scep.cert_rep(parsed, ra_cert, ra_key, [cert])
     except (CertgateError, IntegrityError) as exc:
