@@ -39,6 +39,7 @@ from certgate.protocol.scep import (
     SENDER_NONCE,
     TRANSACTION_ID,
     envelope_for,
+    open_envelope,
     signed_message,
 )
 from tests.integration.cluster import DEFAULT_SETTINGS, GROUP, Cluster, start_cluster
@@ -190,6 +191,54 @@ def test_scepclient_enrolls_and_the_node_follows(cluster: Cluster) -> None:
     old = eventually(lambda: fetch_through_node(cluster, "first"), lambda r: isinstance(r, str))
     assert isinstance(old, str) and "unknown_thumbprint" in old  # superseded, out of the feed
     assert is_page(eventually(lambda: fetch_through_node(cluster, "second"), is_page))
+    renew_and_poll(cluster, "second")
+
+
+def renew_and_poll(cluster: Cluster, name: str) -> None:
+    """RenewalReq signed with the device's current certificate (no challenge), then
+    GetCertInitial for the same transaction answers with the same certificate."""
+    work = cluster.work / name
+    current = CertifiedKey.from_pem(
+        (work / f"{name}.pem").read_bytes() + (work / f"{name}.key").read_bytes()
+    )
+    assert isinstance(current.key, rsa.RSAPrivateKey)
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    request_csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renew")]))
+        .sign(new_key, hashes.SHA256())
+        .public_bytes(Encoding.DER)
+    )
+    ra = ra_of(cluster)
+
+    def message(kind: str, content: bytes) -> bytes:
+        fields = [
+            (MESSAGE_TYPE, core.PrintableString(kind)),
+            (TRANSACTION_ID, core.PrintableString(f"renew-{name}")),
+            (SENDER_NONCE, core.OctetString(os.urandom(16))),
+        ]
+        return signed_message(envelope_for(ra, content), fields, current.cert, current.key)
+
+    renewed = post(cluster, message("17", request_csr))
+    assert status_of(renewed.content) == ("0", None)
+    issued = open_answer(renewed.content, current)
+    assert issued.public_key() == new_key.public_key()
+    assert identity.identity_of(issued).device_uid == identity.identity_of(current.cert).device_uid
+    assert last_audit(cluster, "scep.")["action"] == "scep.renewal_req"
+    polled = post(cluster, message("20", b"issuer-and-subject"))
+    assert status_of(polled.content) == ("0", None)
+    assert open_answer(polled.content, current) == issued
+    stale = eventually(lambda: fetch_through_node(cluster, name), lambda r: isinstance(r, str))
+    assert isinstance(stale, str) and "unknown_thumbprint" in stale  # renewed: superseded
+
+
+def open_answer(answer: bytes, requester: CertifiedKey) -> x509.Certificate:
+    envelope = cms.ContentInfo.load(answer)["content"]["encap_content_info"]["content"].native
+    assert isinstance(requester.key, rsa.RSAPrivateKey)
+    (cert,) = pkcs7.load_der_pkcs7_certificates(
+        open_envelope(envelope, requester.cert, requester.key)
+    )
+    return cert
 
 
 # -- bad requests from a requester built with certgate.protocol.scep ----------------------

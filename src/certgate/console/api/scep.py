@@ -65,6 +65,7 @@ def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str,
 @router.get("/scep")
 async def scep_get(request: Request, operation: str = "", message: str = "") -> Response:
     if operation == "GetCACaps":
+        await run_in_threadpool(_audit_public, request, "scep.getcacaps")
         return Response(scep.CACAPS, media_type="text/plain")
     if operation == "GetCACert":
         return await run_in_threadpool(_ca_certs, request)
@@ -85,12 +86,17 @@ async def scep_post(request: Request, operation: str = "") -> Response:
     return await run_in_threadpool(_operation, request, body)
 
 
+def _audit_public(request: Request, action: str) -> None:
+    client = request.client.host if request.client else "unknown"
+    with state_of(request).db.transaction() as session:
+        audit.append(session, f"anonymous@{client}", action)
+
+
 def _ca_certs(request: Request) -> Response:
     state = state_of(request)
     with state.db.transaction() as session:
         ra, _ = service.ra_identity(session, state.pki)
-        client = request.client.host if request.client else "unknown"
-        audit.append(session, f"anonymous@{client}", "scep.getcacert")
+    _audit_public(request, "scep.getcacert")
     body = scep_certs(service.ca_certificates(state.pki, ra))
     return Response(body, media_type=CA_RA_CERT)
 
