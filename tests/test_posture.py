@@ -207,7 +207,7 @@ RULE_LIKE = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=JSON | st.lists(RULE_LIKE, max_size=4))
 def test_the_rules_parser_fails_only_with_value_error(data: Any) -> None:
     try:
@@ -217,7 +217,7 @@ def test_the_rules_parser_fails_only_with_value_error(data: Any) -> None:
     evaluate(rules, DEBIAN_12)  # whatever parses can be evaluated
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=JSON, facts=st.dictionaries(FACT_NAMES, JSON, max_size=7))
 def test_the_report_parser_fails_only_with_value_error(data: Any, facts: dict[str, Any]) -> None:
     for candidate in (data, {"facts": {**report()["facts"], **facts}, "unavailable": {}}):

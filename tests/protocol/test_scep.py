@@ -214,7 +214,7 @@ def test_a_constructed_encrypted_content_is_read_as_go_clients_write_it() -> Non
     assert open_envelope(go_style, RA, RA_KEY) == b"payload"
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_any_bytes_fail_only_with_scep_error(data: bytes) -> None:
     try:
@@ -226,7 +226,7 @@ def test_any_bytes_fail_only_with_scep_error(data: bytes) -> None:
 VALID = request()
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, len(VALID) - 1), st.integers(1, 255))
 def test_a_mutated_message_fails_only_with_scep_error(index: int, flip: int) -> None:
     mutated = bytearray(VALID)
