@@ -15,7 +15,6 @@ import base64
 import binascii
 from datetime import timedelta
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,12 +96,8 @@ def _ca_certs(request: Request) -> Response:
     with state.db.transaction() as session:
         ra, _ = service.ra_identity(session, state.pki)
     _audit_public(request, "scep.getcacert")
-    body = scep_certs(service.ca_certificates(state.pki, ra))
+    body = pkcs7.serialize_certificates(service.ca_certificates(state.pki, ra), Encoding.DER)
     return Response(body, media_type=CA_RA_CERT)
-
-
-def scep_certs(certs: list[x509.Certificate]) -> bytes:
-    return pkcs7.serialize_certificates(certs, Encoding.DER)
 
 
 def _operation(request: Request, message: bytes) -> Response:
