@@ -9,6 +9,7 @@ declare -A probe=(
   [python3-venv]="python3 -c 'import ensurepip'"
   [softhsm2]="softhsm2-util"
   [rsyslog]="/usr/sbin/rsyslogd"
+  [scep]="scepclient"
 )
 missing=()
 for pkg in "$@"; do

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
 from certgate.console import ui
-from certgate.console.api import admin, public
+from certgate.console.api import admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -28,7 +28,7 @@ from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin, rotation_api)
+ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),
@@ -174,9 +174,11 @@ def create_app(state: ConsoleState) -> FastAPI:
         state.writer.start()
         if state.checkpointer is not None:
             state.checkpointer.start()
+        sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
         finally:
+            sweeper.cancel()
             if state.change_watcher is not None:
                 state.change_watcher.stop()
             state.writer.stop()

@@ -33,6 +33,7 @@ from certgate.console.services import (
     audit,
     ca,
     checkpoints,
+    compliance,
     devices,
     dryrun,
     groups,
@@ -698,6 +699,27 @@ def device_set(
         f"device {uid}: compliance={device.compliance_status} "
         f"enrollment={device.enrollment_status} blocked={device.blocked}"
     )
+
+
+@device_app.command("compliance")
+def device_compliance(
+    data_dir: DataDir,
+    uid: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A device's compliance: status, failing rules, override, and its history."""
+    with opened(data_dir) as (session, _):
+        shown = compliance.state_of(session, devices.get_device(session, uid), limit)
+    if as_json:
+        print_json(shown)
+        return
+    out.print(f"device {uid}: {shown['compliance_status']}, override: {shown['override']}")
+    table = listing("when", "status", "cause", "failing rules", title="Compliance history")
+    for event in shown["history"]:
+        reasons = "; ".join(f"{f['rule']}: {f['reason']}" for f in event["failures"])
+        table.add_row(_iso(event["at"]), event["status"], event["cause"], escape(reasons))
+    out.print(table)
 
 
 @cert_app.command("list")

@@ -324,3 +324,52 @@ class WebSession(Base):
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     client: Mapped[str] = mapped_column(String(64), default="")
+
+
+class CompliancePolicy(Base):
+    """A group's compliance rules (``certgate.posture``); subgroups inherit them."""
+
+    __tablename__ = "compliance_policies"
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), primary_key=True)
+    rules: Mapped[list[Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class DevicePosture(Base):
+    """A device's last check-in, its current failing rules and an admin override."""
+
+    __tablename__ = "device_posture"
+    device_uid: Mapped[str] = mapped_column(ForeignKey("devices.uid"), primary_key=True)
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    unavailable: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    checked_in_at: Mapped[datetime | None]
+    cert_not_before: Mapped[datetime | None]
+    failures: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    override_status: Mapped[str | None] = mapped_column(String(16))
+    override_until: Mapped[datetime | None]
+    override_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ComplianceEvent(Base):
+    """Compliance history: each change of a device's status or failing rules, and why."""
+
+    __tablename__ = "compliance_history"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_uid: Mapped[str] = mapped_column(ForeignKey("devices.uid"), index=True)
+    at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(String(16))
+    failures: Mapped[list[Any]] = mapped_column(JSON)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ScepTransaction(Base):
+    """SCEP transaction ids seen (a replayed one is refused) and, once issued, the
+    certificate a GetCertInitial for it answers with."""
+
+    __tablename__ = "scep_transactions"
+    transaction_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    signer_thumbprint: Mapped[str] = mapped_column(String(64))
+    cert_serial: Mapped[str | None] = mapped_column(ForeignKey("certificates.serial"))
+    created_at: Mapped[datetime]
