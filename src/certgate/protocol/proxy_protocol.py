@@ -36,7 +36,9 @@ __all__ = [
     "ProxyProtocolError",
     "ReaderState",
     "Transport",
+    "client_address",
     "encode",
+    "starts_like_header",
 ]
 
 # §2.2: "\r\n\r\n\0\r\nQUIT\n", chosen so it can never start a valid text protocol message.
@@ -126,6 +128,15 @@ class ProxyHeaderReader:
         else:
             self._eof = True
 
+    def bytes_needed(self) -> int:
+        """At least this many more bytes belong to the header, so a shell reading a socket
+        can take exactly the header and leave the relayed stream in the kernel."""
+        have = len(self._buffer)
+        if have < _FIXED:
+            return _FIXED - have
+        length: int = struct.unpack_from("!H", self._buffer, 14)[0]
+        return max(_FIXED + length - have, 0)
+
     def next_event(self) -> ProxyHeader | NeedData:
         """The header once complete; NEED_DATA before; raises ProxyProtocolError on bad input."""
         if self.state is not ReaderState.AWAITING_HEADER:
@@ -165,6 +176,18 @@ class ProxyHeaderReader:
         self.trailing_data = buffer[_FIXED + length :]
         self._buffer.clear()
         return _decode_payload(command, family, transport, payload)
+
+
+def starts_like_header(data: bytes) -> bool:
+    """True when ``data`` (the first bytes of a connection) is, or begins, a v2 signature:
+    what a peer that is not a load balancer must not send."""
+    return bool(data) and SIGNATURE.startswith(data[: len(SIGNATURE)])
+
+
+def client_address(header: ProxyHeader, peer: tuple[str, int]) -> tuple[str, int]:
+    """Whom the connection is for: the relayed source, or the peer itself (LOCAL, UNSPEC,
+    UNIX: §2.2 says to use the real connection endpoints)."""
+    return header.source if header.source is not None else peer
 
 
 def _check_signature(buffer: bytes) -> None:
