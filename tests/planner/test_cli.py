@@ -140,6 +140,7 @@ def test_emit_ports_health_path_and_balance_are_flags(tmp_path: Path, wildcard_p
         "--node-secondary-port": "25263",
         "--health-check-path": "/ready",
         "--balance": "roundrobin",
+        "--lb-source": "10.0.0.2",
     }
     given = [arg for pair in flags.items() for arg in pair]
     invoke_json(*args, *emit_args, "--node", "node1.example.dmz=10.0.0.11", *given)
@@ -149,11 +150,13 @@ def test_emit_ports_health_path_and_balance_are_flags(tmp_path: Path, wildcard_p
     for port in (9443, 25262, 25263):
         assert f"server node1.example.dmz 10.0.0.11:{port} " in config
     assert "uri /ready " in config and "balance source" not in config
+    assert "\n    source 10.0.0.2\n" in config
     defaults = invoke_json(*args, *emit_args, "--node", "node1.example.dmz=10.0.0.11")
     assert defaults["haproxy_config"] == str(out)
     config = out.read_text(encoding="utf-8")
     assert "bind 127.0.0.1:443 ssl crt" in config and "10.0.0.11:5263 send-proxy-v2" in config
     assert "uri /healthz " in config and "balance roundrobin" not in config
+    assert "\n    source " not in config
 
 
 @pytest.mark.parametrize("flag", ["--lb-https-port", "--node-secondary-port", "--balance"])

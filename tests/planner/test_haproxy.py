@@ -138,6 +138,7 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
         timeout_client_s=30,
         balance=Balance.ROUNDROBIN,
         send_proxy_v2=False,
+        source_address="::1",
     )
     config = emit(
         FIGURE_2, VIP, nodes, str(tls_files.lb_pem), ca_file=str(tls_files.ca_file), options=options
@@ -146,6 +147,7 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
     assert "bind [::1]:15263" in config
     assert "server node1.example.dmz [2001:db8::11]:15263 check" in config
     assert "send-proxy" not in config and "PROXY v2" not in config
+    assert "\n    source [::1]\n" in config
     assert config.count("balance roundrobin") == 3 and "balance source" not in config
     assert "uri /SAAS/API/1.0/REST/system/health" in config
     assert "timeout client 30s" in config
@@ -210,6 +212,7 @@ def test_bad_nodes_raise(nodes: list[NodeAddress], message: str) -> None:
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(bind_address="*"), "bind address"),
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(https_port=0), "not a TCP port"),
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(health_check_path="x y"), "URI path"),
+        ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(source_address="lb"), "not an IP"),
     ],
 )
 def test_bad_reencrypt_inputs_raise(

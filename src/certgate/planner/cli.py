@@ -94,6 +94,7 @@ class PlanArgs:
     ports: EmitPorts = field(default_factory=lambda: EmitPorts())
     health_check_path: str | None = None
     balance: Balance | None = None
+    lb_source: str | None = None
 
     @property
     def namespace_mode(self) -> bool:
@@ -111,6 +112,7 @@ class PlanArgs:
         given: dict[str, object] = {"--out": self.out, "--lb-pem": self.lb_pem}
         given |= {"--ca-file": self.ca_file, "--bind": self.bind, "--node": self.nodes or None}
         given |= {"--health-check-path": self.health_check_path, "--balance": self.balance}
+        given |= {"--lb-source": self.lb_source}
         given |= self.ports.given()
         return [name for name, value in given.items() if value is not None]
 
@@ -180,6 +182,10 @@ def plan(
         Balance | None,
         typer.Option(help="source (default: per-node sign-ins) or roundrobin."),
     ] = None,
+    lb_source: Annotated[
+        str | None,
+        typer.Option(help="Address the LB connects to nodes from (their --load-balancer)."),
+    ] = None,
 ) -> None:
     """Decide whether CertProxy needs port 5263, from a description or from a certificate."""
     args = PlanArgs(
@@ -207,6 +213,7 @@ def plan(
         ),
         health_check_path=health_check_path,
         balance=balance,
+        lb_source=lb_source,
     )
     _validate_modes(args)
     try:
@@ -307,6 +314,7 @@ def _haproxy_options(args: PlanArgs) -> HAProxyOptions:
         "certproxy_secondary_port": args.ports.lb_secondary,
         "health_check_path": args.health_check_path,
         "balance": args.balance,
+        "source_address": args.lb_source,
     }
     return HAProxyOptions(**{k: v for k, v in chosen.items() if v is not None})  # type: ignore[arg-type]
 

@@ -71,6 +71,9 @@ class HAProxyOptions:
     health_check_path: str = ACCESS_HEALTH_PATH
     balance: Balance = Balance.SOURCE
     send_proxy_v2: bool = True
+    # The address the nodes see the load balancer connect from (HAProxy ``source``): what
+    # their --load-balancer lists. None lets the kernel choose.
+    source_address: str | None = None
     timeout_connect_s: int = 5
     timeout_client_s: int = 60
     timeout_server_s: int = 60
@@ -163,7 +166,19 @@ def _global_and_defaults(options: HAProxyOptions) -> list[str]:
         f"    timeout server {options.timeout_server_s}s",
         f"    timeout check {options.timeout_check_s}s",
         f"    default-server inter {options.check_interval_s}s fall 3 rise 2",
+        *_source(options),
     ]
+
+
+def _source(options: HAProxyOptions) -> list[str]:
+    """``source ADDR`` for every server connection and check, when one is chosen."""
+    if options.source_address is None:
+        return []
+    try:
+        ip = ipaddress.ip_address(options.source_address)
+    except ValueError:
+        raise ConfigError(f"source address {options.source_address!r} is not an IP") from None
+    return [f"    source {f'[{ip}]' if ip.version == 6 else ip}"]
 
 
 def _server_options(options: HAProxyOptions) -> str:
