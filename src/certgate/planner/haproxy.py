@@ -161,6 +161,7 @@ def _global_and_defaults(options: HAProxyOptions) -> list[str]:
         "defaults",
         "    log global",
         "    option dontlognull",
+        "    option log-health-checks",
         f"    timeout connect {options.timeout_connect_s}s",
         f"    timeout client {options.timeout_client_s}s",
         f"    timeout server {options.timeout_server_s}s",
