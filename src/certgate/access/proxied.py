@@ -43,6 +43,7 @@ __all__ = ["ProxiedServer", "client_of", "is_load_balancer", "make_access_server
 log = logging.getLogger("certgate.access.proxied")
 Address = tuple[str, int]
 Receive = Callable[[int], Awaitable[bytes]]
+ACCEPT_RETRY_S = 0.5
 
 
 def is_load_balancer(host: str, balancers: Sequence[IPNetwork]) -> bool:
@@ -126,7 +127,12 @@ class ProxiedServer(uvicorn.Server):
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, addr = await loop.sock_accept(sock)
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: keep serving once it passes
+                log.error("accept failed: %s; retrying", exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             task = loop.create_task(self._connect(conn, (str(addr[0]), int(addr[1]))))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
