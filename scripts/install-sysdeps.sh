@@ -9,6 +9,7 @@ declare -A probe=(
   [python3-venv]="python3 -c 'import ensurepip'"
   [softhsm2]="softhsm2-util"
   [rsyslog]="/usr/sbin/rsyslogd"
+  [scep]="scepclient"
   [dnsmasq-base]="/usr/sbin/dnsmasq" [bind9-dnsutils]="dig"
 )
 missing=()

@@ -47,7 +47,7 @@ from rich.text import Text
 from certgate.access.config import ClientRegistration
 from certgate.access.install import InstallRequest, install, load_material
 from certgate.console import local
-from certgate.console.services import admins, ca
+from certgate.console.services import admins, ca, signin
 from certgate.errors import CertgateError
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
@@ -194,6 +194,7 @@ def make_admins(demo: Demo) -> None:
                 f"admin [bold]{name}[/] ({role}): cert {thumbprint(cert)[:16]}…, "
                 f"API key id {key.id}"
             )
+        web_sign_in(demo, db, pki)
     finally:
         db.dispose()
 
@@ -254,6 +255,19 @@ def install_access(demo: Demo) -> None:
         f"Access installed in {config.data_dir}: its keys and console API key sealed "
         "under its master key ✔"
     )
+
+
+def web_sign_in(demo: Demo, db: Any, pki: ca.InstancePKI) -> None:
+    """Give ``ops`` a web console password and TOTP factor, and say how to sign in."""
+    password = secrets.token_urlsafe(12)
+    with db.transaction() as session:
+        ops = admins.by_username(session, "ops")
+        signin.set_password(session, ops, password)
+        uri = signin.new_totp(session, pki.master, ops)
+    out.print(f"web console: {demo.url}/ui/ - user ops, password {password}", soft_wrap=True)
+    out.print(f"  TOTP (add to an authenticator app): {uri}", soft_wrap=True)
+    code = f"import pyotp; print(pyotp.parse_uri('{uri}').now())"
+    out.print(f'  or a current code: python3 -c "{code}"', soft_wrap=True)
 
 
 def create_group(demo: Demo) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import ssl
 import tempfile
 import threading
@@ -26,8 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certgate.access.app import AccessState, access_tls_context, create_app
-from certgate.access.config import AccessConfig, ClientRegistration, TLSMode
+from certgate.access.config import AccessConfig, ClientRegistration, TLSMode, parse_networks
 from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.access.proxied import make_access_server
 from certgate.certproxy.cli import build_proxy
 from certgate.certproxy.server import CertProxy, Limits
 from certgate.httpserver import make_server
@@ -217,17 +219,21 @@ def installed(directory: Path, request: InstallRequest) -> Installed:
 
 
 @contextmanager
-def serve_asgi(app: Any, port: int, ctx: ssl.SSLContext) -> Iterator[None]:
-    """An ASGI app on uvicorn (our TLS-aware protocol) in a thread, on loopback ``port``."""
-    server = make_server(
-        app,
-        "127.0.0.1",
-        port,
-        ctx,
-        proxy_headers=False,
-        access_log=False,
-        h11_max_incomplete_event_size=32 * 1024,
-    )
+def serve_asgi(
+    app: Any, port: int, ctx: ssl.SSLContext, load_balancers: tuple[str, ...] | None = None
+) -> Iterator[None]:
+    """An ASGI app on uvicorn (our TLS-aware protocol) in a thread, on loopback ``port``;
+    behind Access's own listener (the PROXY v2 rule) when ``load_balancers`` is given."""
+    options: dict[str, Any] = {
+        "proxy_headers": False,
+        "access_log": False,
+        "h11_max_incomplete_event_size": 32 * 1024,
+    }
+    if load_balancers is None:
+        server = make_server(app, "127.0.0.1", port, ctx, **options)
+    else:
+        networks = parse_networks(load_balancers)
+        server = make_access_server(app, "127.0.0.1", port, ctx, networks, **options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -258,6 +264,7 @@ def proxy_server(
     port: int = 0,
     offload_port: int | None = 0,
     limits: Limits | None = None,
+    load_balancers: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[CertProxy, list[tuple[str, int]]]]:
     """The cert proxy on its own event loop in a thread (ephemeral ports by default)."""
     proxy = build_proxy(
@@ -269,6 +276,7 @@ def proxy_server(
         access_host="127.0.0.1",
         access_port=access_port,
         limits=limits,
+        load_balancers=load_balancers,
     )
     loop = asyncio.new_event_loop()
     bound = loop.run_until_complete(proxy.start())
@@ -291,6 +299,42 @@ def device_context(trust: x509.Certificate, leaf: Leaf | None = None) -> ssl.SSL
             cert_path, key_path = leaf.write(Path(tmp), "device")
             ctx.load_cert_chain(cert_path, key_path)
     return ctx
+
+
+def exchange_after(
+    port: int, prefix: bytes, ctx: ssl.SSLContext, request: bytes, server_hostname: str
+) -> bytes:
+    """Connect, write ``prefix`` in clear (a PROXY header, or nothing), then TLS, ``request``
+    and everything the server sends until it closes. TLS runs over memory BIOs: a server
+    that resets the connection before the handshake makes ``ssl.wrap_socket`` leak its
+    socket (CPython 3.11), this does not. Raises ``ssl.SSLError``/``OSError`` on refusal."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+
+        def pump(step: Callable[[], Any]) -> Any:
+            while True:
+                try:
+                    result = step()
+                    raw.sendall(outgoing.read())
+                    return result
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    incoming.write(data) if data else incoming.write_eof()
+
+        raw.sendall(prefix)
+        pump(tls.do_handshake)
+        pump(lambda: tls.write(request))
+        received = b""
+        while True:
+            try:
+                chunk: bytes = pump(lambda: tls.read(65536))
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return received
+            if not chunk:  # close_notify
+                return received
+            received += chunk
 
 
 def wait_for_log(records: Callable[[], list[logging.LogRecord]], text: str) -> None:

@@ -48,6 +48,18 @@ def test_round_trip(tmp_path: Path) -> None:
     assert load_config(tmp_path, port=None).port == 8443
 
 
+def test_load_balancers_round_trip_and_override(tmp_path: Path) -> None:
+    cfg = config(tmp_path, load_balancers=("10.0.0.2", "2001:db8::/64"))
+    save_config(cfg)
+    assert load_config(tmp_path) == cfg
+    assert load_config(tmp_path, load_balancers=("10.0.0.3",)).load_balancers == ("10.0.0.3",)
+    (tmp_path / "access.json").write_text(
+        (tmp_path / "access.json").read_text().replace('"10.0.0.2"', '"lb.example.com"')
+    )
+    with pytest.raises(ConfigError, match=r"'lb\.example\.com' is not an IP address or network"):
+        load_config(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -64,6 +76,7 @@ def test_round_trip(tmp_path: Path) -> None:
         ({"code_ttl_s": 601}, "code lifetime"),
         ({"status_ttl_s": True}, "status cache"),
         ({"console_timeout_s": 0}, "console request timeout"),
+        ({"load_balancers": ("10.0.0.1/8",)}, "has host bits set"),
     ],
 )
 def test_invalid_settings_raise(tmp_path: Path, changes: dict[str, Any], message: str) -> None:

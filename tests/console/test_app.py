@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi.routing import APIRoute
 
-from certgate.console.api import admin, device, public, rotation, tunnel
+from certgate.console.api import admin, compliance, device, est, public, rotation, scep, tunnel
 from certgate.console.app import ROUTERS
 
 
@@ -27,7 +27,7 @@ def _could_match_the_same_path(a: APIRoute, b: APIRoute) -> bool:
 
 
 def test_every_router_is_included() -> None:
-    assert set(ROUTERS) == {admin, device, public, rotation, tunnel}
+    assert set(ROUTERS) == {admin, compliance, device, est, public, rotation, scep, tunnel}
     assert ROUTERS[0] is device
 
 

@@ -1,9 +1,14 @@
-"""Android SSO by device certificate behind a real HAProxy, in both topologies of the spec.
+"""Android SSO by device certificate behind a real HAProxy, in every topology the planner emits.
 
 Figure 1: 443 is SSL passthrough, so Access serves the publicly trusted certificate and the
 cert proxy listens on 5262 only. Figure 2: the load balancer offloads 443 (re-encrypting to
 Access's self-signed certificate), so the cert proxy also listens on 5263 with that
-self-signed certificate. HAProxy's configuration comes from ``certgate.planner.haproxy``.
+self-signed certificate. Re-encryption without 5263: the same 443, the cert proxy on 5262
+only. HAProxy's configuration is ``certgate.planner.haproxy``'s, with its defaults: health
+checks (``GET /healthz`` when re-encrypting) and PROXY v2 to every node. HAProxy connects
+from 127.0.0.2 (``source``), the address Access and the cert proxy list as their load
+balancer, while clients and the cert proxy's own hop to Access come from 127.0.0.1: so the
+logs show whose address the nodes record.
 
 Everything is a real process: the console (``certgate console serve``, SQLite), Access
 (``certgate access init`` then ``serve``), the cert proxy (``certgate certproxy serve``)
@@ -17,6 +22,7 @@ against the published JWKS.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -43,7 +49,8 @@ from requests.adapters import HTTPAdapter
 from certgate.pki.keys import private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.planner.haproxy import HAProxyOptions, NodeAddress, emit
-from certgate.planner.matrix import CertType, LBMode, decide
+from certgate.planner.matrix import CertType, LBMode, Plan, decide
+from certgate.protocol.proxy_protocol import Command, Family, ProxyHeader, Transport, encode
 from certgate.tlsconf import pem_of
 from tests.access.harness import ConsolePKI, Leaf, PublicPKI
 from tests.support import (
@@ -67,6 +74,13 @@ NODE = "node1.example.dmz"
 START_TIMEOUT_S = 30.0
 FIGURE_1 = decide("example.com", "example.dmz", CertType.SAN, LBMode.PASSTHROUGH)
 FIGURE_2 = decide("example.com", "example.dmz", CertType.WILDCARD, LBMode.REENCRYPT)
+REENCRYPT_NO_5263 = decide("example.com", "example.dmz", CertType.SAN, LBMode.REENCRYPT)
+TOPOLOGIES = {
+    "figure-1-passthrough": FIGURE_1,
+    "figure-2-reencrypt": FIGURE_2,
+    "reencrypt-without-5263": REENCRYPT_NO_5263,
+}
+LB_SOURCE = "127.0.0.2"  # what HAProxy connects from; the nodes' --load-balancer
 
 
 @dataclass
@@ -153,6 +167,7 @@ class Topology:
     """One figure's processes and how a client reaches them."""
 
     name: str
+    plan: Plan
     work: Path
     public: PublicPKI
     ports: dict[str, int]
@@ -236,42 +251,45 @@ def _access_init(topo: Topology, org: Org, mode: str) -> None:
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-def _haproxy_config(topo: Topology, offload: bool) -> Path:
+def _haproxy_config(topo: Topology) -> Path:
+    """The planner's configuration with its defaults; only ports and source are chosen."""
     p = topo.ports
     node = NodeAddress(NODE, "127.0.0.1", p["access"], p["proxy5262"], p.get("proxy5263"))
     options = HAProxyOptions(
         https_port=p["lb443"],
         certproxy_port=p["lb5262"],
         certproxy_secondary_port=p.get("lb5263", 5263),
-        health_check_path="/healthz",
+        check_interval_s=1,
+        source_address=LB_SOURCE,
     )
-    if offload:
+    if topo.plan.lb is LBMode.REENCRYPT:
         leaf = topo.public.leaf
         lb_pem = _write(
             topo.work / "lb.pem", pem_of([leaf.cert]) + private_key_pem(leaf.key), 0o600
         )
         ca_file = topo.work / "access" / "install-root.pem"
-        config = emit(FIGURE_2, VIP, [node], str(lb_pem), ca_file=str(ca_file), options=options)
+        config = emit(topo.plan, VIP, [node], str(lb_pem), ca_file=str(ca_file), options=options)
     else:
-        config = emit(FIGURE_1, VIP, [node], None, options=options)
+        config = emit(topo.plan, VIP, [node], None, options=options)
     return _write(topo.work / "haproxy.cfg", config.encode())
 
 
-def _topology(org: Org, tmp: Path, figure: int) -> Topology:
-    offload = figure == 2
+def _topology(org: Org, tmp: Path, name: str) -> Topology:
+    plan = TOPOLOGIES[name]
+    offload = plan.lb is LBMode.REENCRYPT
     names = ["lb443", "lb5262", "access", "proxy5262"]
-    names += ["lb5263", "proxy5263"] if offload else []
+    names += ["lb5263", "proxy5263"] if plan.port_5263_required else []
     public = PublicPKI.create((VIP,))
-    topo = Topology(f"figure-{figure}", tmp, public, {n: free_port() for n in names})
+    topo = Topology(name, plan, tmp, public, {n: free_port() for n in names})
     _access_init(topo, org, "offload" if offload else "passthrough")
     p = topo.ports
-    data = ["-d", str(tmp / "access")]
+    data = ["-d", str(tmp / "access"), "--load-balancer", LB_SOURCE]
     try:
         _start(topo, "access", [*CERTGATE, "access", "serve", *data], p["access"])
         proxy = [*CERTGATE, "certproxy", "serve", *data, "--port", str(p["proxy5262"])]
-        proxy += ["--offload-port", str(p["proxy5263"])] if offload else []
+        proxy += ["--offload-port", str(p["proxy5263"])] if plan.port_5263_required else []
         _start(topo, "certproxy", proxy, p["proxy5262"])
-        haproxy = ["haproxy", "-f", str(_haproxy_config(topo, offload))]
+        haproxy = ["haproxy", "-f", str(_haproxy_config(topo))]
         _start(topo, "haproxy", haproxy, p["lb443"])
         _wait_listening(p["lb5262"], topo.procs[-1], "haproxy", topo.logs["haproxy"])
     except Exception:
@@ -280,11 +298,11 @@ def _topology(org: Org, tmp: Path, figure: int) -> Topology:
     return topo
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["figure-1-passthrough", "figure-2-offload"])
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
 def topo(
     request: pytest.FixtureRequest, org: Org, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Topology]:
-    built = _topology(org, tmp_path_factory.mktemp(f"figure{request.param}"), request.param)
+    built = _topology(org, tmp_path_factory.mktemp(request.param), request.param)
     try:
         yield built
     finally:
@@ -392,6 +410,18 @@ def _assert_valid_id_token(topo: Topology, signin: SignIn, device: Device) -> No
     assert claims["cert_thumbprint"] == thumbprint(device.leaf.cert)
 
 
+def test_every_backend_passes_its_health_check(topo: Topology) -> None:
+    """HAProxy's checks (PROXY v2 LOCAL header, then TLS, and GET /healthz when
+    re-encrypting) succeed on every backend: none is marked down."""
+    backends = ["access_443_nodes", "certproxy_5262_nodes"]
+    backends += ["certproxy_5263_nodes"] if topo.plan.port_5263_required else []
+    layer = "Layer7" if topo.plan.lb is LBMode.REENCRYPT else "Layer4"
+    passed = [f"{backend}/{NODE} succeeded" for backend in backends]
+    _wait_for(lambda: all(line in topo.log("haproxy") for line in passed), 30)
+    assert f"{backends[0]}/{NODE} succeeded, reason: {layer} check passed" in topo.log("haproxy")
+    assert "failed" not in topo.log("haproxy") and " is DOWN" not in topo.log("haproxy")
+
+
 def test_an_android_device_completes_the_sso_flow(topo: Topology, org: Org) -> None:
     signin = sign_in(topo, org.compliant.leaf)
     assert signin.query["iss"] == [topo.issuer]
@@ -399,14 +429,25 @@ def test_an_android_device_completes_the_sso_flow(topo: Topology, org: Org) -> N
     assert f"admitted device {org.compliant.uid}" in topo.log("access")
 
 
+def test_the_nodes_record_the_devices_address_not_the_balancers(topo: Topology, org: Org) -> None:
+    """The cert proxy learns the device's address (127.0.0.1) from HAProxy's PROXY v2 header
+    and passes it to Access, which logs it; 127.0.0.2 is only ever the relay."""
+    sign_in(topo, org.compliant.leaf)
+    forwarded = [line for line in topo.log("certproxy").splitlines() if "forwarded GET" in line]
+    assert forwarded and all(f"via {LB_SOURCE}:" in line for line in forwarded), forwarded
+    assert all(" from 127.0.0.1:" in line for line in forwarded), forwarded
+    admitted = [line for line in topo.log("access").splitlines() if "admitted device" in line]
+    assert admitted and all(line.endswith("via cert proxy for 127.0.0.1") for line in admitted)
+
+
 def test_port_5263_exists_exactly_when_the_plan_requires_it(topo: Topology, org: Org) -> None:
     """Figure 2's certificate step also works on 5263, with Access's self-signed certificate."""
     config = (topo.work / "haproxy.cfg").read_text()
     if "lb5263" not in topo.ports:
-        assert not FIGURE_1.port_5263_required and "certproxy_5263" not in config
+        assert not topo.plan.port_5263_required and "certproxy_5263" not in config
         assert "cert proxy 5263 listening" not in topo.log("certproxy")
         return
-    assert FIGURE_2.port_5263_required and "frontend certproxy_5263" in config
+    assert topo.plan.port_5263_required and "frontend certproxy_5263" in config
     assert "cert proxy 5263 listening" in topo.log("certproxy")
     signin = sign_in(topo, org.compliant.leaf, via_port="lb5263")
     _assert_valid_id_token(topo, signin, org.compliant)
@@ -440,7 +481,7 @@ def test_a_forged_client_cert_header_sent_to_access_is_refused(
     """Straight to Access's own port, and through the load balancer's 443."""
     der = org.compliant.leaf.cert.public_bytes(Encoding.DER)
     forged = {"Client-Cert": f":{base64.b64encode(der).decode()}:"}
-    offloaded = "lb5263" in topo.ports and port == "access"
+    offloaded = topo.plan.lb is LBMode.REENCRYPT and port == "access"
     trust = topo.install_root if offloaded else topo.public.root.cert
     response = requests.get(
         f"https://127.0.0.1:{topo.ports[port]}/authorize/cert?req=anything",
@@ -451,10 +492,34 @@ def test_a_forged_client_cert_header_sent_to_access_is_refused(
     assert response.status_code == 403
     assert response.json()["error"] == "client_cert_not_accepted"
     _wait_for(lambda: "Client-Cert header on a connection that is not" in topo.log("access"))
+    denials = [line for line in topo.log("access").splitlines() if "Client-Cert header" in line]
+    # Through HAProxy or not, Access names the client (via PROXY v2), never the balancer.
+    assert denials and all(" from 127.0.0.1:" in line for line in denials), denials
 
 
-def _wait_for(condition: Any) -> None:
-    deadline = time.monotonic() + 10
+def test_a_proxy_header_from_a_peer_that_is_not_the_balancer_is_refused(
+    topo: Topology,
+) -> None:
+    """127.0.0.1 is not a configured load balancer: its header claiming another address is
+    refused at Access and at the cert proxy, and logged."""
+    header = encode(
+        ProxyHeader(
+            Command.PROXY, Family.INET, Transport.STREAM, ("198.51.100.9", 1), ("127.0.0.1", 443)
+        )
+    )
+    for name, port in (("access", topo.ports["access"]), ("certproxy", topo.ports["proxy5262"])):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            raw.sendall(header + b"\x16\x03\x01\x00\x05hello")
+            # Closed without a TLS answer: a FIN, or a reset since our bytes were left unread.
+            with contextlib.suppress(ConnectionResetError):
+                assert raw.recv(1024) == b""
+        _wait_for(
+            lambda n=name: "PROXY header from a peer that is not a load balancer" in topo.log(n)
+        )
+
+
+def _wait_for(condition: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in 10 s"
+        assert time.monotonic() < deadline, f"condition not met in {seconds} s"
         time.sleep(0.05)

@@ -123,7 +123,47 @@ def test_emit_passthrough_needs_no_ca_file(tmp_path: Path, wildcard_pem: Path) -
     args = cert_args(wildcard_pem, "passthrough", "node1.example.com")
     result = invoke(*args, "--emit", "haproxy", "--out", str(out), "--node", "node1.example.com=n1")
     assert result.exit_code == 0, result.output
-    assert "server node1.example.com n1:443 check" in out.read_text(encoding="utf-8")
+    assert "server node1.example.com n1:443 send-proxy-v2 check" in out.read_text(encoding="utf-8")
+
+
+def test_emit_ports_health_path_and_balance_are_flags(tmp_path: Path, wildcard_pem: Path) -> None:
+    ca_file = write_pem(tmp_path / "ca.pem", make_certificate(["node1.example.dmz"])[0])
+    out = tmp_path / "haproxy.cfg"
+    args = cert_args(wildcard_pem, "reencrypt", "node1.example.dmz")
+    emit_args = ["--emit", "haproxy", "--out", str(out), "--ca-file", str(ca_file)]
+    flags = {
+        "--lb-https-port": "8443",
+        "--lb-certproxy-port": "15262",
+        "--lb-secondary-port": "15263",
+        "--node-https-port": "9443",
+        "--node-certproxy-port": "25262",
+        "--node-secondary-port": "25263",
+        "--health-check-path": "/ready",
+        "--balance": "roundrobin",
+        "--lb-source": "10.0.0.2",
+    }
+    given = [arg for pair in flags.items() for arg in pair]
+    invoke_json(*args, *emit_args, "--node", "node1.example.dmz=10.0.0.11", *given)
+    config = out.read_text(encoding="utf-8")
+    for bind in ("127.0.0.1:8443 ssl crt", "127.0.0.1:15262\n", "127.0.0.1:15263\n"):
+        assert f"bind {bind}" in config
+    for port in (9443, 25262, 25263):
+        assert f"server node1.example.dmz 10.0.0.11:{port} " in config
+    assert "uri /ready " in config and "balance source" not in config
+    assert "\n    source 10.0.0.2\n" in config
+    defaults = invoke_json(*args, *emit_args, "--node", "node1.example.dmz=10.0.0.11")
+    assert defaults["haproxy_config"] == str(out)
+    config = out.read_text(encoding="utf-8")
+    assert "bind 127.0.0.1:443 ssl crt" in config and "10.0.0.11:5263 send-proxy-v2" in config
+    assert "uri /healthz " in config and "balance roundrobin" not in config
+    assert "\n    source " not in config
+
+
+@pytest.mark.parametrize("flag", ["--lb-https-port", "--node-secondary-port", "--balance"])
+def test_emit_flags_need_emit(wildcard_pem: Path, flag: str) -> None:
+    value = "source" if flag == "--balance" else "8443"
+    result = invoke(*cert_args(wildcard_pem, "reencrypt", "node1.example.dmz"), flag, value)
+    assert result.exit_code == 2 and f"{flag} only make sense with --emit" in result.output
 
 
 @pytest.mark.parametrize(

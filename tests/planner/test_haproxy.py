@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from certgate.errors import ConfigError
-from certgate.planner.haproxy import HAProxyOptions, NodeAddress, emit
+from certgate.planner.haproxy import Balance, HAProxyOptions, NodeAddress, emit
 from certgate.planner.matrix import CertType, LBMode, Plan, decide
 from tests.planner.test_certcheck import make_certificate, write_pem
 
@@ -88,7 +88,7 @@ def test_figure_1_passthrough_only_5262(tmp_path: Path) -> None:
     assert "bind 127.0.0.1:443\n" in config and "bind 127.0.0.1:5262\n" in config
     assert "mode http" not in config and "ssl crt" not in config
     assert "5263" not in config.split("\nglobal\n", 1)[1]
-    assert "server node1.example.dmz 10.0.0.11:5262 check" in config
+    assert "server node1.example.dmz 10.0.0.11:5262 send-proxy-v2 check" in config
 
 
 @needs_haproxy
@@ -99,12 +99,12 @@ def test_figure_2_reencrypt_with_5262_and_5263(tmp_path: Path, tls_files: TLSFil
     assert "mode http" in https and f"bind 127.0.0.1:443 ssl crt {tls_files.lb_pem}" in https
     assert (
         f"server node1.example.dmz 10.0.0.11:443 ssl verify required ca-file {tls_files.ca_file} "
-        "sni str(node1.example.dmz) verifyhost node1.example.dmz check "
+        "sni str(node1.example.dmz) verifyhost node1.example.dmz send-proxy-v2 check "
         "check-sni node1.example.dmz"
     ) in config
     assert "mode tcp" in _frontend(config, "certproxy_5262")
     assert "mode tcp" in _frontend(config, "certproxy_5263")
-    assert "server node2.example.dmz 10.0.0.12:5263 check" in config
+    assert "server node2.example.dmz 10.0.0.12:5263 send-proxy-v2 check" in config
     assert f"hdr Host {VIP}" in config
 
 
@@ -136,6 +136,9 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
         certproxy_secondary_port=15263,
         health_check_path="/SAAS/API/1.0/REST/system/health",
         timeout_client_s=30,
+        balance=Balance.ROUNDROBIN,
+        send_proxy_v2=False,
+        source_address="::1",
     )
     config = emit(
         FIGURE_2, VIP, nodes, str(tls_files.lb_pem), ca_file=str(tls_files.ca_file), options=options
@@ -143,8 +146,25 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
     assert_valid(config, tmp_path)
     assert "bind [::1]:15263" in config
     assert "server node1.example.dmz [2001:db8::11]:15263 check" in config
+    assert "send-proxy" not in config and "PROXY v2" not in config
+    assert "\n    source [::1]\n" in config
+    assert config.count("balance roundrobin") == 3 and "balance source" not in config
     assert "uri /SAAS/API/1.0/REST/system/health" in config
     assert "timeout client 30s" in config
+
+
+@pytest.mark.parametrize("plan", [FIGURE_1, FIGURE_2, REENCRYPT_NO_5263])
+def test_defaults_check_access_health_and_send_proxy_v2_everywhere(plan: Plan) -> None:
+    config = emit(plan, VIP, NODES, "/etc/lb.pem", ca_file="/etc/ca.pem")
+    servers = [line for line in config.splitlines() if line.strip().startswith("server ")]
+    assert servers and all(" send-proxy-v2 check" in line for line in servers)
+    assert "--load-balancer" in config.split("\nglobal\n")[0]  # the header says what nodes need
+    backends = config.count("\nbackend ")
+    assert config.count("    balance source\n") == backends
+    if plan.lb is LBMode.REENCRYPT:
+        assert "http-check send meth GET uri /healthz ver HTTP/1.1" in config
+    else:
+        assert "httpchk" not in config
 
 
 def test_header_records_the_plan() -> None:
@@ -156,7 +176,7 @@ def test_header_records_the_plan() -> None:
 
 def test_node_names_are_normalized() -> None:
     config = emit(FIGURE_1, VIP, [("NODE1.Example.DMZ.", "node1.internal", 443, 5262, None)], None)
-    assert "server node1.example.dmz node1.internal:443 check" in config
+    assert "server node1.example.dmz node1.internal:443 send-proxy-v2 check" in config
 
 
 def _plan_with(lb: LBMode, required: bool) -> Plan:
@@ -192,6 +212,7 @@ def test_bad_nodes_raise(nodes: list[NodeAddress], message: str) -> None:
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(bind_address="*"), "bind address"),
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(https_port=0), "not a TCP port"),
         ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(health_check_path="x y"), "URI path"),
+        ("/etc/lb.pem", "/etc/ca.pem", HAProxyOptions(source_address="lb"), "not an IP"),
     ],
 )
 def test_bad_reencrypt_inputs_raise(
@@ -281,8 +302,14 @@ def test_figure_2_config_serves_traffic(tmp_path: Path) -> None:
     lb_pem = write_pem(tmp_path / "public.pem", public, public_key)
     node_pem = write_pem(tmp_path / "node.pem", node_cert, node_key)
     ca_file = write_pem(tmp_path / "node-ca.pem", node_cert)
+    # The stand-in node speaks no PROXY protocol and answers any path: this checks only the
+    # emitted HTTP plumbing; real Access nodes behind every emitted topology, with PROXY v2
+    # and /healthz, are in tests/integration/test_access_haproxy.py.
     ports = HAProxyOptions(
-        https_port=_free_port(), certproxy_port=_free_port(), certproxy_secondary_port=_free_port()
+        https_port=_free_port(),
+        certproxy_port=_free_port(),
+        certproxy_secondary_port=_free_port(),
+        send_proxy_v2=False,
     )
     with _tls_node(node_pem) as node_port:
         node = NodeAddress("node1.example.dmz", "127.0.0.1", node_port, node_port, node_port)

@@ -17,6 +17,7 @@ from certgate.access.config import (
     ClientRegistration,
     TLSMode,
     load_config,
+    parse_networks,
 )
 from certgate.access.install import InstallRequest, Material, install, load_material
 from certgate.errors import CertgateError, ConfigError
@@ -32,6 +33,14 @@ err = Console(stderr=True)
 DataDir = Annotated[
     Path,
     typer.Option("--data-dir", "-d", envvar="CERTGATE_ACCESS_DIR", help="Access data directory."),
+]
+LoadBalancers = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--load-balancer",
+        help="Address or CIDR of a load balancer sending PROXY v2 headers (repeatable); "
+        "a connection from it must carry one, from anywhere else must not.",
+    ),
 ]
 MAX_HEADER_BYTES = 32 * 1024
 
@@ -90,6 +99,7 @@ def init(
     ip_address: Annotated[
         list[str] | None, typer.Option(help="IP address for the self-signed certificate.")
     ] = None,
+    load_balancer: LoadBalancers = None,
 ) -> None:
     """Install: generate the self-signed certificate, the cert proxy credential and the ID
     token key; store the public certificate and the console credentials."""
@@ -110,6 +120,7 @@ def init(
             port=port,
             dns_names=tuple(dns_name or ("localhost",)),
             ip_addresses=tuple(ip_address or ("127.0.0.1",)),
+            load_balancers=tuple(load_balancer or ()),
         )
         config = install(data_dir, request)
         material = load_material(config)
@@ -142,21 +153,24 @@ def serve(
     data_dir: DataDir,
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+    load_balancer: LoadBalancers = None,
 ) -> None:
     """Run Access over HTTPS (self-signed certificate when offloaded, public otherwise)."""
     from certgate.access.app import AccessState, access_tls_context, console_client, create_app
-    from certgate.httpserver import make_server
+    from certgate.access.proxied import make_access_server
 
     try:
-        config = load_config(data_dir, host=host, port=port)
+        balancers = tuple(load_balancer) if load_balancer else None
+        config = load_config(data_dir, host=host, port=port, load_balancers=balancers)
         material = load_material(config)
         console = console_client(config, material)
         app_ = create_app(AccessState.build(config, material, console), console)
-        server = make_server(
+        server = make_access_server(
             app_,
             config.host,
             config.port,
             access_tls_context(config, material),
+            parse_networks(config.load_balancers),
             proxy_headers=False,  # who may speak for a client is decided by Access, not uvicorn
             access_log=False,  # Access logs its own decisions; URLs carry sign-in handles
             h11_max_incomplete_event_size=MAX_HEADER_BYTES,

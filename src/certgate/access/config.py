@@ -28,9 +28,11 @@ __all__ = [
     "ClientRegistration",
     "TLSMode",
     "load_config",
+    "parse_networks",
     "save_config",
 ]
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SETTINGS_FILE = "access.json"
 DEFAULT_PORT = 443
 CERTPROXY_PORT = 5262
@@ -129,6 +131,9 @@ class AccessConfig:
     console_budget_s: float = 30.0
     console_timeout_s: float = 5.0
     max_pending: int = 10_000
+    # Addresses (or networks) of the load balancers that send a PROXY v2 header; a
+    # connection from one must start with it, one from anywhere else must not carry it.
+    load_balancers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_https_url(self.issuer, "issuer", path_allowed=True)
@@ -151,6 +156,7 @@ class AccessConfig:
         _check_range(self.console_budget_s, 0, 3600, "console unreachable budget (s)")
         _check_range(self.console_timeout_s, 0.1, 60, "console request timeout (s)")
         _check_range(self.max_pending, 1, 1_000_000, "maximum pending authorizations")
+        parse_networks(self.load_balancers)
 
     @property
     def files(self) -> AccessFiles:
@@ -158,6 +164,19 @@ class AccessConfig:
 
     def client(self, client_id: str) -> ClientRegistration | None:
         return next((c for c in self.clients if c.client_id == client_id), None)
+
+
+def parse_networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Load balancer addresses: IP addresses or CIDR networks, host bits clear."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value))
+        except ValueError as exc:
+            raise ConfigError(
+                f"load balancer {value!r} is not an IP address or network: {exc}"
+            ) from exc
+    return tuple(networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +231,7 @@ def save_config(config: AccessConfig) -> None:
     data: dict[str, Any] = asdict(config)
     data["data_dir"] = str(config.data_dir)
     data["tls_mode"] = config.tls_mode.value
+    data["load_balancers"] = list(config.load_balancers)
     data["clients"] = [
         {"client_id": c.client_id, "redirect_uris": list(c.redirect_uris)} for c in config.clients
     ]
@@ -233,6 +253,10 @@ def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["data_dir"] = data_dir
         data["tls_mode"] = TLSMode(data.get("tls_mode", TLSMode.OFFLOAD.value))
+        balancers = data.get("load_balancers", ())
+        if not isinstance(balancers, list | tuple):
+            raise TypeError("load_balancers must be a list of addresses")
+        data["load_balancers"] = tuple(balancers)
         data["clients"] = tuple(
             ClientRegistration(c["client_id"], tuple(c["redirect_uris"]))
             for c in data.get("clients", [])

@@ -125,6 +125,7 @@ class InstallRequest:
     port: int = 443
     dns_names: tuple[str, ...] = ("localhost",)
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
+    load_balancers: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"InstallRequest(issuer={self.issuer!r}, secrets=<redacted>)"
@@ -249,6 +250,7 @@ def install(data_dir: Path, request: InstallRequest) -> AccessConfig:
         tls_mode=request.tls_mode,
         host=request.host,
         port=request.port,
+        load_balancers=request.load_balancers,
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from certgate.access.config import CERTPROXY_PORT, AccessConfig, load_config
+from certgate.access.config import CERTPROXY_PORT, AccessConfig, load_config, parse_networks
 from certgate.access.install import Material, load_material
 from certgate.certproxy.server import (
     CertProxy,
@@ -60,6 +60,7 @@ def build_proxy(
     access_host: str | None = None,
     access_port: int | None = None,
     limits: Limits | None = None,
+    load_balancers: tuple[str, ...] | None = None,
 ) -> CertProxy:
     """The proxy for this installation: 5262 presents the public certificate, 5263 (when
     asked for) the Access self-signed one; both forward only to this Access."""
@@ -82,7 +83,8 @@ def build_proxy(
         upstream_context(serving_chain[0], material.certproxy_cert, material.certproxy_key),
         thumbprint(serving_chain[0]),
     )
-    return CertProxy(listeners, upstream, device_root, material.console.root, limits)
+    balancers = parse_networks(config.load_balancers if load_balancers is None else load_balancers)
+    return CertProxy(listeners, upstream, device_root, material.console.root, limits, balancers)
 
 
 async def _run(proxy: CertProxy) -> None:
@@ -111,6 +113,14 @@ def serve(
     ] = None,
     access_host: Annotated[str | None, typer.Option(help="Access address (forced).")] = None,
     access_port: Annotated[int | None, typer.Option(help="Access port (forced).")] = None,
+    load_balancer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--load-balancer",
+            help="Address or CIDR of a load balancer sending PROXY v2 headers (repeatable; "
+            "default: Access's setting).",
+        ),
+    ] = None,
 ) -> None:
     """Run the cert proxy: verify device certificates, forward the step to Access."""
     try:
@@ -123,6 +133,7 @@ def serve(
             offload_port=offload_port,
             access_host=access_host,
             access_port=access_port,
+            load_balancers=tuple(load_balancer) if load_balancer else None,
         )
     except CertgateError as exc:
         err.print(f"[bold red]error:[/] {exc}")

@@ -33,6 +33,8 @@ from http import HTTPStatus
 import h11
 from cryptography import x509
 
+from certgate.access.config import IPNetwork
+from certgate.access.proxied import client_of
 from certgate.certproxy.forwarding import (
     Headers,
     Refusal,
@@ -44,6 +46,7 @@ from certgate.errors import ChainError
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
+from certgate.protocol.proxy_protocol import ProxyProtocolError
 from certgate.tlsconf import ClientAuth, client_context, server_context
 
 __all__ = [
@@ -135,11 +138,14 @@ class TLSStream:
         writer: asyncio.StreamWriter,
         ctx: ssl.SSLContext,
         timeout_s: float,
+        initial: bytes = b"",
     ) -> None:
+        """``initial``: bytes of the stream already read from ``reader`` (a peek)."""
         self._reader, self._writer, self._timeout = reader, writer, timeout_s
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self.received_any = False
+        self._incoming.write(initial)
+        self.received_any = bool(initial)
 
     async def handshake(self) -> None:
         """Complete the handshake or raise (``ssl.SSLError``, ``TimeoutError``, ``OSError``)."""
@@ -210,14 +216,16 @@ class _Conn:
 
     listener: Listener
     tls: TLSStream
-    peer: tuple[str, int]
+    peer: tuple[str, int]  # the device: the PROXY header's source behind a load balancer
     h11: h11.Connection
     leaf: x509.Certificate | None = None
     leaf_error: str | None = None
+    via: tuple[str, int] | None = None  # the load balancer that relayed the connection
     log_name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.log_name = f"{self.peer[0]}:{self.peer[1]} on {self.listener.name}"
+        via = f" via {self.via[0]}:{self.via[1]}" if self.via and self.via != self.peer else ""
+        self.log_name = f"{self.peer[0]}:{self.peer[1]}{via} on {self.listener.name}"
 
 
 def _log_handshake_failure(exc: BaseException, peer: str, tls: TLSStream) -> None:
@@ -241,8 +249,10 @@ class CertProxy:
         device_root: x509.Certificate,
         root: x509.Certificate,
         limits: Limits | None = None,
+        load_balancers: Sequence[IPNetwork] = (),
     ) -> None:
         self.listeners, self.upstream = list(listeners), upstream
+        self.load_balancers = tuple(load_balancers)
         self._device_root, self._root = device_root, root
         self.limits = limits or Limits()
         self._slots = asyncio.Semaphore(self.limits.max_connections)
@@ -305,9 +315,19 @@ class CertProxy:
             return
         self._connections[task] = writer  # also keeps the task referenced until it ends
         async with self._slots:
-            tls = TLSStream(reader, writer, listener.ssl_context, self.limits.handshake_timeout_s)
             try:
-                await self._serve_connection(listener, tls, peer)
+                client, peeked = await self._client_of(listener, reader, peer)
+            except (ProxyProtocolError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "denied %s:%s on %s: %s", *peer, listener.name, exc or type(exc).__name__
+                )
+                await _close(writer)
+                del self._connections[task]
+                return
+            timeout = self.limits.handshake_timeout_s
+            tls = TLSStream(reader, writer, listener.ssl_context, timeout, peeked)
+            try:
+                await self._serve_connection(listener, tls, client, peer)
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 log.debug("%s:%s on %s: connection ended: %r", *peer, listener.name, exc)
             except asyncio.CancelledError:
@@ -316,8 +336,28 @@ class CertProxy:
                 await tls.close()
                 del self._connections[task]
 
+    async def _client_of(
+        self, listener: Listener, reader: asyncio.StreamReader, peer: tuple[str, int]
+    ) -> tuple[tuple[str, int], bytes]:
+        """The device's address (PROXY v2 rule, :func:`certgate.access.proxied.client_of`)
+        and any bytes read ahead of the TLS handshake."""
+        peeked = b""
+
+        async def peek(size: int) -> bytes:
+            nonlocal peeked
+            peeked = await reader.read(size)
+            return peeked
+
+        async with asyncio.timeout(self.limits.handshake_timeout_s):
+            client = await client_of(peer, self.load_balancers, reader.read, peek)
+        return client, peeked
+
     async def _serve_connection(
-        self, listener: Listener, tls: TLSStream, peer: tuple[str, int]
+        self,
+        listener: Listener,
+        tls: TLSStream,
+        peer: tuple[str, int],
+        via: tuple[str, int] | None = None,
     ) -> None:
         name = f"{peer[0]}:{peer[1]} on {listener.name}"
         try:
@@ -331,6 +371,7 @@ class CertProxy:
             tls,
             peer,
             h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
+            via=via,
         )
         self._check_peer_certificate(conn)
         for _ in range(self.limits.max_requests_per_connection):

@@ -14,12 +14,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
-from certgate.console.api import admin, public
+from certgate.console import ui
+from certgate.console.api import admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -27,10 +28,11 @@ from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin, rotation_api)
+ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),
+    (ui.CSRFFailed, 403, "csrf_failed"),
     (errors.PermissionDenied, 403, "forbidden"),
     (errors.NotFound, 404, "not_found"),
     (errors.Conflict, 409, "conflict"),
@@ -91,25 +93,32 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
-async def _certgate_error(request: Request, exc: Exception) -> JSONResponse:
+def _answer(request: Request, status: int, code: str, detail: str) -> Response:
+    """The JSON error body, or for a web console page the same error as a page."""
+    if ui.is_ui(request.url.path):
+        return ui.error_page(request, status, code, detail)
+    return _error(status, code, detail)
+
+
+async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
     await _audit_failure(request, code, status, str(exc))
-    return _error(status, code, str(exc))
+    return _answer(request, status, code, str(exc))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
     )
     await _audit_failure(request, "invalid_request", 422, detail)
-    return _error(422, "invalid_request", detail)
+    return _answer(request, 422, "invalid_request", detail)
 
 
-async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+async def _integrity_error(request: Request, exc: Exception) -> Response:
     await _audit_failure(request, "conflict", 409, "conflicts with existing data")
-    return _error(409, "conflict", "the request conflicts with existing data")
+    return _answer(request, 409, "conflict", "the request conflicts with existing data")
 
 
 class BodyLimit:
@@ -165,9 +174,11 @@ def create_app(state: ConsoleState) -> FastAPI:
         state.writer.start()
         if state.checkpointer is not None:
             state.checkpointer.start()
+        sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
         finally:
+            sweeper.cancel()
             if state.change_watcher is not None:
                 state.change_watcher.stop()
             state.writer.stop()
@@ -186,5 +197,6 @@ def create_app(state: ConsoleState) -> FastAPI:
     # far more often than admins (no path of one router matches another's; tested).
     for module in ROUTERS:
         app.include_router(module.router)
+    ui.mount(app)  # the web console, after the API: its paths are all under /ui
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

@@ -27,16 +27,18 @@ from sqlalchemy.orm import Session
 
 from certgate.console import backup as backup_mod
 from certgate.console import local
-from certgate.console.api.schemas import SettingsIn
+from certgate.console.api.schemas import ApiKeyOut, AuditOut, CertOut, DeviceOut, SettingsIn
 from certgate.console.services import (
     admins,
     audit,
     ca,
     checkpoints,
+    compliance,
     devices,
     dryrun,
     groups,
     rotation,
+    signin,
     tunnels,
 )
 from certgate.console.services.rbac import ROLES
@@ -102,6 +104,49 @@ def listing(*columns: str, title: str) -> Table:
     for column in columns:
         table.add_column(column, overflow="fold")
     return table
+
+
+CERT_COLUMNS = (
+    "serial",
+    "kind",
+    "group_id",
+    "device_uid",
+    "bundle_id",
+    "thumbprint",
+    "not_after",
+    "revocation_reason",
+)
+AUDIT_COLUMNS = ("id", "ts", "actor", "group_id", "action", "outcome", "detail")
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print a JSON list of objects instead of a table.")
+]
+
+
+def show_listing(
+    rows: list[dict[str, Any]], title: str, as_json: bool, columns: tuple[str, ...] = ()
+) -> None:
+    """``rows`` as JSON (stdout, machine-readable), or as a table of their fields (or of
+    ``columns`` only, when all would not fit a terminal)."""
+    if as_json:
+        print_json(rows)
+        return
+    names = columns or tuple(rows[0] if rows else ("(none)",))
+    table = listing(*names, title=title)
+    for row in rows:
+        table.add_row(*(_cell(row[name]) for name in names))
+    out.print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)[:120]
+    return str(value)
 
 
 def actor() -> str:
@@ -250,39 +295,34 @@ def _write_admin_files(
 
 
 @admin_app.command("list")
-def admin_list(data_dir: DataDir) -> None:
+def admin_list(data_dir: DataDir, as_json: JsonFlag = False) -> None:
     with opened(data_dir) as (session, _):
-        table = listing("id", "username", "roles", "disabled", title="Admins")
+        rows = []
         for admin in session.execute(select(Admin).order_by(Admin.username)).scalars():
             roles = session.execute(
                 select(RoleBinding).where(RoleBinding.admin_id == admin.id)
             ).scalars()
-            table.add_row(
-                admin.id,
-                admin.username,
-                ", ".join(f"{b.role}@{b.group_id}" for b in roles),
-                str(admin.disabled),
+            rows.append(
+                {
+                    "id": admin.id,
+                    "username": admin.username,
+                    "roles": [f"{b.role}@{b.group_id}" for b in roles],
+                    "disabled": admin.disabled,
+                }
             )
-    out.print(table)
+    show_listing(rows, "Admins", as_json)
 
 
 @admin_app.command("keys")
-def admin_keys(data_dir: DataDir, username: str) -> None:
+def admin_keys(data_dir: DataDir, username: str, as_json: JsonFlag = False) -> None:
     """List an admin's API keys (ids, last use, revocation); keys are never stored."""
     with opened(data_dir) as (session, _):
         admin = admins.by_username(session, username)
-        table = listing(
-            "key id", "label", "created", "last used", "revoked", title=f"API keys of {username}"
-        )
-        for key in admins.api_keys_of(session, admin):
-            table.add_row(
-                key.id,
-                key.label,
-                f"{key.created_at:%Y-%m-%d %H:%M}",
-                f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "-",
-                f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "",
-            )
-    out.print(table)
+        rows = [
+            ApiKeyOut.model_validate(k, from_attributes=True).model_dump()
+            for k in admins.api_keys_of(session, admin)
+        ]
+    show_listing(rows, f"API keys of {username}", as_json)
 
 
 @admin_app.command("new-key")
@@ -310,6 +350,35 @@ def admin_grant(
         admins.bind_role(session, admin, role, group)
         audit.append(session, actor(), "admin.grant", group_id=group, admin=username, role=role)
     out.print(f"{username} now holds {role} on {group}")
+
+
+@admin_app.command("set-password")
+def admin_set_password(
+    data_dir: DataDir,
+    username: str,
+    password: Annotated[
+        str | None,
+        typer.Option(envvar="CERTGATE_ADMIN_PASSWORD", help="Else asked for on the terminal."),
+    ] = None,
+) -> None:
+    """Set an admin's web console password (scrypt); signs its browsers out."""
+    secret = password or typer.prompt("new password", hide_input=True, confirmation_prompt=True)
+    with opened(data_dir) as (session, _):
+        admin = admins.by_username(session, username)
+        signin.set_password(session, admin, secret)
+        audit.append(session, actor(), "admin.set_password", admin=username)
+    out.print(f"web console password of {username} set")
+
+
+@admin_app.command("totp")
+def admin_totp(data_dir: DataDir, username: str) -> None:
+    """Give an admin a new TOTP second factor; prints its otpauth:// URI once (for an
+    authenticator app). The previous one stops working and its browsers are signed out."""
+    with opened(data_dir) as (session, pki):
+        admin = admins.by_username(session, username)
+        uri = signin.new_totp(session, pki.master, admin)
+        audit.append(session, actor(), "admin.totp", admin=username)
+    show_secret("TOTP URI", uri)
 
 
 @admin_app.command("revoke-key")
@@ -340,15 +409,21 @@ def group_create(
 
 
 @group_app.command("list")
-def group_list(data_dir: DataDir) -> None:
+def group_list(data_dir: DataDir, as_json: JsonFlag = False) -> None:
     with opened(data_dir) as (session, _):
-        table = listing("id", "name", "parent", "feed seq", "tunnel hosts", title="Groups")
-        for group in session.execute(select(Group).order_by(Group.id)).scalars():
-            hosts = group.settings["tunnel"]["hostnames"] + group.settings["tunnel"]["ip_addresses"]
-            table.add_row(
-                group.id, group.name, group.parent_id or "-", str(group.feed_seq), ", ".join(hosts)
-            )
-    out.print(table)
+        groups_ = session.execute(select(Group).order_by(Group.id)).scalars()
+        rows = [
+            {
+                "id": g.id,
+                "name": g.name,
+                "parent_id": g.parent_id,
+                "feed_seq": g.feed_seq,
+                "tunnel_hosts": g.settings["tunnel"]["hostnames"]
+                + g.settings["tunnel"]["ip_addresses"],
+            }
+            for g in groups_
+        ]
+    show_listing(rows, "Groups", as_json)
 
 
 def group_dict(group: Group) -> dict[str, Any]:
@@ -582,29 +657,15 @@ def device_enroll_token(
 
 
 @device_app.command("list")
-def device_list(data_dir: DataDir, group_id: str) -> None:
+def device_list(data_dir: DataDir, group_id: str, as_json: JsonFlag = False) -> None:
+    """The group's devices in uid order (the API's device objects with --json)."""
     with opened(data_dir) as (session, _):
-        table = listing(
-            "uid",
-            "platform",
-            "owner",
-            "enrollment",
-            "compliance",
-            "blocked",
-            "profile",
-            title=f"Devices of {group_id}",
-        )
-        for d in session.execute(select(Device).where(Device.group_id == group_id)).scalars():
-            table.add_row(
-                d.uid,
-                d.platform,
-                d.owner,
-                d.enrollment_status,
-                d.compliance_status,
-                str(d.blocked),
-                str(d.profile_version),
-            )
-    out.print(table)
+        query = select(Device).where(Device.group_id == group_id).order_by(Device.uid)
+        rows = [
+            DeviceOut.model_validate(d, from_attributes=True).model_dump()
+            for d in session.execute(query).scalars()
+        ]
+    show_listing(rows, f"Devices of {group_id}", as_json)
 
 
 @device_app.command("set")
@@ -640,37 +701,42 @@ def device_set(
     )
 
 
+@device_app.command("compliance")
+def device_compliance(
+    data_dir: DataDir,
+    uid: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A device's compliance: status, failing rules, override, and its history."""
+    with opened(data_dir) as (session, _):
+        shown = compliance.state_of(session, devices.get_device(session, uid), limit)
+    if as_json:
+        print_json(shown)
+        return
+    out.print(f"device {uid}: {shown['compliance_status']}, override: {shown['override']}")
+    table = listing("when", "status", "cause", "failing rules", title="Compliance history")
+    for event in shown["history"]:
+        reasons = "; ".join(f"{f['rule']}: {f['reason']}" for f in event["failures"])
+        table.add_row(_iso(event["at"]), event["status"], event["cause"], escape(reasons))
+    out.print(table)
+
+
 @cert_app.command("list")
 def cert_list(
-    data_dir: DataDir, group_id: Annotated[str | None, typer.Option("--group")] = None
+    data_dir: DataDir,
+    group_id: Annotated[str | None, typer.Option("--group")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     with opened(data_dir) as (session, _):
         query = select(Certificate).order_by(Certificate.issued_at)
         if group_id:
             query = query.where(Certificate.group_id == group_id)
-        table = listing(
-            "serial",
-            "kind",
-            "group",
-            "device",
-            "app",
-            "thumbprint",
-            "not after",
-            "revoked",
-            title="Certificates",
-        )
-        for c in session.execute(query).scalars():
-            table.add_row(
-                c.serial,
-                c.kind,
-                c.group_id or "-",
-                c.device_uid or "-",
-                c.bundle_id or "-",
-                c.thumbprint,
-                f"{c.not_after:%Y-%m-%d}",
-                c.revocation_reason or "",
-            )
-    out.print(table)
+        rows = [
+            CertOut.model_validate(c, from_attributes=True).model_dump()
+            for c in session.execute(query).scalars()
+        ]
+    show_listing(rows, "Certificates", as_json, CERT_COLUMNS)
 
 
 @cert_app.command("revoke")
@@ -692,30 +758,16 @@ def cert_revoke(
 
 
 @audit_app.command("list")
-def audit_list(data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
+def audit_list(
+    data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 50, as_json: JsonFlag = False
+) -> None:
     with opened(data_dir) as (session, _):
-        table = listing(
-            "id",
-            "time",
-            "actor",
-            "group",
-            "action",
-            "outcome",
-            "detail",
-            title="Audit log (newest first)",
-        )
-        rows = session.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
-        for e in rows.scalars():
-            table.add_row(
-                str(e.id),
-                f"{e.ts:%Y-%m-%d %H:%M:%S}",
-                e.actor,
-                e.group_id or "-",
-                e.action,
-                e.outcome,
-                json.dumps(e.detail)[:80],
-            )
-    out.print(table)
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        rows = [
+            AuditOut.model_validate(e, from_attributes=True).model_dump()
+            for e in session.execute(query).scalars()
+        ]
+    show_listing(rows, "Audit log (newest first)", as_json, AUDIT_COLUMNS)
 
 
 @audit_app.command("verify")

@@ -37,6 +37,12 @@ class ConsoleConfig:
     # besides the file ("" none, "/dev/log" or another socket path, or "host:port" UDP).
     audit_checkpoint_s: float = 60.0
     audit_syslog: str = ""
+    # Web console sessions (``console.ui``): idle and absolute lifetimes.
+    ui_idle_timeout_s: int = 30 * 60
+    ui_absolute_timeout_s: int = 12 * 3600
+    # How often devices governed by a compliance policy are judged again without a
+    # check-in (a silent device's check-in age grows; overrides expire).
+    compliance_sweep_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -53,6 +59,10 @@ class ConsoleConfig:
         if not 1 <= self.audit_checkpoint_s <= 24 * 3600:
             raise ConfigError("audit checkpoint interval must be 1 s to 24 h")
         self.syslog_address()  # validated now, used by the checkpointer
+        if not 1 <= self.ui_idle_timeout_s <= self.ui_absolute_timeout_s <= 7 * 24 * 3600:
+            raise ConfigError("web session timeouts: 1 s <= idle <= absolute <= 7 days")
+        if not 0.5 <= self.compliance_sweep_s <= 3600:
+            raise ConfigError("compliance sweep interval must be 0.5-3600 s")
         self.pkcs11  # noqa: B018 - validates the token settings now, at startup
 
     def syslog_address(self) -> str | tuple[str, int] | None:

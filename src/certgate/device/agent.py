@@ -4,8 +4,10 @@
 :class:`~certgate.device.listeners.ProxyServer`, and runs a maintenance pass at start and
 every ``check_interval_s``: it asks the console about the device, renews the device
 certificate through profile re-delivery when it is due (or was superseded), swaps the new
-tunnel client in, and warns about app certificates that need their app to authenticate
-again. If the console says the device is unenrolled, the agent stops with exit code 3.
+tunnel client in, warns about app certificates that need their app to authenticate
+again, and checks in with the device's posture (``certgate.device.posture``) over mTLS
+with the device certificate. If the console says the device is unenrolled, the agent
+stops with exit code 3.
 
 Beside it, unless ``policy_wait_s`` is None, the agent follows the group policy: it
 long-polls the console for a policy newer than the one in its profile, stores the new
@@ -32,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from certgate.device import posture
 from certgate.device.enroll import ConsoleAPI, DeviceUnenrolled, reenroll_guidance
 from certgate.device.listeners import ListenAddress, ProxyServer, Router, Timeouts
 from certgate.device.profile import (
@@ -244,7 +247,26 @@ class Agent:
             asyncio.to_thread(self._maintain_sync), MAINTENANCE_TIMEOUT_S
         )
         self._apply(report)
+        await self.check_in_now()
         return report
+
+    async def check_in_now(self) -> dict[str, Any] | None:
+        """Report posture with the device certificate in use (after any renewal). A failed
+        check-in is logged and does not fail the pass: the console's timer judges a
+        device that stays silent."""
+        try:
+            verdict = await asyncio.wait_for(
+                asyncio.to_thread(posture.check_in, self.state), MAINTENANCE_TIMEOUT_S
+            )
+        except (CertgateError, TimeoutError, OSError) as exc:
+            log.warning("posture check-in failed, will retry: %s", exc)
+            return None
+        failing = "; ".join(f"{f['rule']}: {f['reason']}" for f in verdict.get("failures", []))
+        if failing:
+            log.warning(
+                "the console judges this device %s: %s", verdict.get("compliance_status"), failing
+            )
+        return verdict
 
     def _maintain_sync(self) -> Maintenance:
         with ConsoleAPI.for_state(self.state) as api:

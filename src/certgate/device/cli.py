@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from certgate.device import posture
 from certgate.device.agent import (
     DEFAULT_APP,
     DEFAULT_POLICY_WAIT_S,
@@ -205,6 +206,25 @@ def status_command(state_dir: StateOption = DEFAULT_STATE) -> None:
         out.print(f"app certificate: {bundle}")
     if remote.get("enrollment_status") != "enrolled":
         raise _fail(DeviceUnenrolled(f"device is {remote.get('enrollment_status')}"), state)
+
+
+@app.command("checkin")
+def checkin_command(
+    state_dir: StateOption = DEFAULT_STATE,
+    show: Annotated[bool, typer.Option("--show", help="Print the report; send nothing.")] = False,
+) -> None:
+    """Report this host's posture with the device certificate; print the verdict."""
+    if show:
+        out.print_json(data=posture.collect().to_dict())
+        return
+    state = StateDir(state_dir)
+    try:
+        verdict = posture.check_in(state)
+    except CertgateError as exc:
+        raise _fail(exc, state) from exc
+    out.print(f"compliance: {verdict.get('compliance_status')}")
+    for failure in verdict.get("failures", []):
+        out.print(f"  failing {escape(failure['rule'])}: {escape(failure['reason'])}")
 
 
 @app.command("renew")

@@ -65,12 +65,18 @@ class ConsoleAPI:
     """The console's device API over HTTPS, trusting only the pinned console root."""
 
     def __init__(
-        self, url: str, trust: list[x509.Certificate], credential: str | None = None
+        self,
+        url: str,
+        trust: list[x509.Certificate],
+        credential: str | None = None,
+        client_identity: CertifiedKey | None = None,
     ) -> None:
         if urlsplit(url).scheme != "https":
             # The credential and enrollment secrets must never travel in clear.
             raise ConfigError(f"the console URL must be https://..., got {url!r}")
-        ctx = client_context(trust)
+        mine = client_identity
+        chain = [mine.cert, *mine.chain] if mine else []
+        ctx = client_context(trust, chain=chain, key=mine.key if mine else None)
         headers = {"authorization": f"Bearer {credential}"} if credential else {}
         self.url = url.rstrip("/")
         self._client = httpx.Client(
@@ -81,6 +87,14 @@ class ConsoleAPI:
     def for_state(cls, state: StateDir) -> ConsoleAPI:
         enrollment = state.enrollment()
         return cls(enrollment.console_url, state.console_ca(), state.credential())
+
+    @classmethod
+    def with_device_cert(cls, state: StateDir) -> ConsoleAPI:
+        """Calls authenticated by the device certificate over mTLS (posture check-ins)."""
+        device = state.device_identity()
+        if device is None:
+            raise ConfigError("no device certificate yet: run `certgate device profile`")
+        return cls(state.enrollment().console_url, state.console_ca(), client_identity=device)
 
     def __enter__(self) -> ConsoleAPI:
         return self
@@ -105,6 +119,12 @@ class ConsoleAPI:
     def device_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.call("GET", "/api/v1/device")
         return status
+
+    def check_in(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Report posture (needs the device certificate: ``with_device_cert``); the answer
+        is the compliance verdict."""
+        verdict: dict[str, Any] = self.call("POST", "/api/v1/device/checkin", report)
+        return verdict
 
     def device_policy(self, after: int, wait_s: float) -> Any:
         """The group policy if newer than version ``after`` (the console holds the request

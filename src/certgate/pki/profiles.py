@@ -87,6 +87,17 @@ SERVICE_TLS = Profile("service-tls", 365 * DAY, False, LEAF_USAGE, (SERVER, CLIE
 ADMIN_CLIENT = Profile("admin-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
 DEVICE_CLIENT = Profile("device-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
 APP_CLIENT = Profile("app-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
+# The SCEP RA (RFC 8894 §2.1): requests are encrypted to its RSA key and answers signed
+# with it, so it signs and deciphers keys; id-kp-cmcRA (RFC 6402) names the role. It
+# signs no certificates: issuance stays with the Device Root.
+CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
+SCEP_RA = Profile(
+    "scep-ra",
+    365 * DAY,
+    False,
+    KeyUsageFlags(digital_signature=True, key_encipherment=True),
+    (CMC_RA,),
+)
 
 # Access's install root (the spec's "self-signed certificate generated during installation"):
 # it signs only the Access TLS certificate and the cert proxy's client certificate at

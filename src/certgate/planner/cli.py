@@ -16,7 +16,7 @@ The command is the sub-app's callback so that mounting it with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -30,7 +30,7 @@ from rich.text import Text
 
 from certgate.errors import CertgateError
 from certgate.planner.certcheck import decide_from_cert, load_certificate
-from certgate.planner.haproxy import HAProxyOptions, NodeAddress, emit
+from certgate.planner.haproxy import Balance, HAProxyOptions, NodeAddress, emit
 from certgate.planner.matrix import CertType, InvalidName, LBMode, Plan, decide, normalize_domain
 
 __all__ = ["app"]
@@ -59,6 +59,21 @@ class EmitFormat(Enum):
 
 
 @dataclass(frozen=True)
+class EmitPorts:
+    """Ports of ``--emit``; None keeps today's (443, 5262, 5263 on the LB and the nodes)."""
+
+    lb_https: int | None = None
+    lb_certproxy: int | None = None
+    lb_secondary: int | None = None
+    node_https: int | None = None
+    node_certproxy: int | None = None
+    node_secondary: int | None = None
+
+    def given(self) -> dict[str, object]:
+        return {f"--{name.replace('_', '-')}-port": value for name, value in asdict(self).items()}
+
+
+@dataclass(frozen=True)
 class PlanArgs:
     """The command line, gathered before validation."""
 
@@ -76,6 +91,10 @@ class PlanArgs:
     lb_pem: Path | None
     ca_file: Path | None
     bind: str | None
+    ports: EmitPorts = field(default_factory=lambda: EmitPorts())
+    health_check_path: str | None = None
+    balance: Balance | None = None
+    lb_source: str | None = None
 
     @property
     def namespace_mode(self) -> bool:
@@ -92,6 +111,9 @@ class PlanArgs:
         """The HAProxy-only options present on the command line."""
         given: dict[str, object] = {"--out": self.out, "--lb-pem": self.lb_pem}
         given |= {"--ca-file": self.ca_file, "--bind": self.bind, "--node": self.nodes or None}
+        given |= {"--health-check-path": self.health_check_path, "--balance": self.balance}
+        given |= {"--lb-source": self.lb_source}
+        given |= self.ports.given()
         return [name for name, value in given.items() if value is not None]
 
 
@@ -139,6 +161,31 @@ def plan(
     bind: Annotated[
         str | None, typer.Option("--bind", help="LB listener address (default 127.0.0.1).")
     ] = None,
+    lb_https_port: Annotated[int | None, typer.Option(help="LB port for Access (443).")] = None,
+    lb_certproxy_port: Annotated[
+        int | None, typer.Option(help="LB port for the cert proxy (5262).")
+    ] = None,
+    lb_secondary_port: Annotated[
+        int | None, typer.Option(help="LB port for the cert proxy's secondary port (5263).")
+    ] = None,
+    node_https_port: Annotated[int | None, typer.Option(help="Access port on nodes (443).")] = None,
+    node_certproxy_port: Annotated[
+        int | None, typer.Option(help="Cert proxy port on nodes (5262).")
+    ] = None,
+    node_secondary_port: Annotated[
+        int | None, typer.Option(help="Cert proxy secondary port on nodes (5263).")
+    ] = None,
+    health_check_path: Annotated[
+        str | None, typer.Option(help="What re-encryption checks on nodes (/healthz).")
+    ] = None,
+    balance: Annotated[
+        Balance | None,
+        typer.Option(help="source (default: per-node sign-ins) or roundrobin."),
+    ] = None,
+    lb_source: Annotated[
+        str | None,
+        typer.Option(help="Address the LB connects to nodes from (their --load-balancer)."),
+    ] = None,
 ) -> None:
     """Decide whether CertProxy needs port 5263, from a description or from a certificate."""
     args = PlanArgs(
@@ -156,6 +203,17 @@ def plan(
         lb_pem=lb_pem,
         ca_file=ca_file,
         bind=bind,
+        ports=EmitPorts(
+            lb_https_port,
+            lb_certproxy_port,
+            lb_secondary_port,
+            node_https_port,
+            node_certproxy_port,
+            node_secondary_port,
+        ),
+        health_check_path=health_check_path,
+        balance=balance,
+        lb_source=lb_source,
     )
     _validate_modes(args)
     try:
@@ -226,7 +284,7 @@ def _parse_nodes(args: PlanArgs) -> list[NodeAddress]:
         name, sep, host = spec.partition("=")
         if not sep or not name or not host:
             raise PlanUsageError(f"--node {spec!r} must look like NODE_FQDN=HOST")
-        pairs.append(NodeAddress(normalize_domain(name, what="--node name"), host))
+        pairs.append(_node_address(normalize_domain(name, what="--node name"), host, args.ports))
     named = {pair.name for pair in pairs}
     fqdns = {normalize_domain(n, what="node FQDN") for n in args.node_fqdns}
     if named != fqdns or len(pairs) != len(named):
@@ -237,12 +295,36 @@ def _parse_nodes(args: PlanArgs) -> list[NodeAddress]:
     return pairs
 
 
+def _node_address(name: str, host: str, ports: EmitPorts) -> NodeAddress:
+    """One node with the port flags applied over NodeAddress's defaults."""
+    node = NodeAddress(name, host)
+    return node._replace(
+        port_443=ports.node_https or node.port_443,
+        port_5262=ports.node_certproxy or node.port_5262,
+        port_5263=ports.node_secondary or node.port_5263,
+    )
+
+
+def _haproxy_options(args: PlanArgs) -> HAProxyOptions:
+    """HAProxyOptions from the flags given; the others keep their defaults."""
+    chosen = {
+        "bind_address": args.bind,
+        "https_port": args.ports.lb_https,
+        "certproxy_port": args.ports.lb_certproxy,
+        "certproxy_secondary_port": args.ports.lb_secondary,
+        "health_check_path": args.health_check_path,
+        "balance": args.balance,
+        "source_address": args.lb_source,
+    }
+    return HAProxyOptions(**{k: v for k, v in chosen.items() if v is not None})  # type: ignore[arg-type]
+
+
 def _haproxy_config(args: PlanArgs, result: Plan) -> str:
     """Emit the HAProxy configuration for the plan from the command line's node list."""
     assert args.cert is not None and args.vip_fqdn is not None
     pem = (args.lb_pem or args.cert).absolute()
     ca_file = args.ca_file.absolute() if args.ca_file is not None else None
-    options = HAProxyOptions(bind_address=args.bind or HAProxyOptions.bind_address)
+    options = _haproxy_options(args)
     return emit(
         result,
         args.vip_fqdn,

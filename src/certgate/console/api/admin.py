@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from certgate.console import paging
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import (
@@ -38,7 +39,7 @@ from certgate.console.store.models import (
     Group,
     TunnelNode,
 )
-from certgate.errors import NotFound
+from certgate.errors import BadRequest, NotFound
 from certgate.pki.keys import private_key_pem
 
 router = APIRouter(prefix="/api/v1")
@@ -120,10 +121,7 @@ def update_settings(
     pki = state_of(request).pki
     with admin_tx(request, group_id) as (session, who):
         changes = body.model_dump(exclude_none=True)
-        needed = (
-            P.RULES_WRITE if set(changes) <= {"device_rules", "server_rules"} else (P.GROUPS_WRITE)
-        )
-        rbac.require(session, who.admin, needed, group_id)
+        rbac.require(session, who.admin, rbac.settings_permission(set(changes)), group_id)
 
         def change(tx: Session) -> Group:
             return groups.update_settings(tx, pki, group_id, changes)
@@ -255,14 +253,56 @@ def create_enrollment_token(
         return s.TokenOut(id=token.id, token=token.token, expires_in_s=ttl)
 
 
-@router.get("/groups/{group_id}/devices")
-def list_devices(request: Request, group_id: str) -> list[s.DeviceOut]:
+PageLimit = Query(paging.DEFAULT_PAGE, ge=1, le=paging.MAX_PAGE, description="Page size.")
+PageCursor = Query(
+    "", max_length=1024, description='From the previous page\'s `Link: <...>; rel="next"`.'
+)
+PAGED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            "Link": {
+                "description": 'The next page: `<URL>; rel="next"`; absent on the last page.',
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
+
+
+def _page(rows: list[Any], limit: int, key: Callable[[Any], list[str]]) -> tuple[list[Any], str]:
+    """The first ``limit`` of ``limit + 1`` rows, and the cursor after them if more follow."""
+    if len(rows) <= limit:
+        return rows, ""
+    return rows[:limit], paging.encode_cursor(key(rows[limit - 1]))
+
+
+@router.get("/groups/{group_id}/devices", responses=PAGED)
+def list_devices(
+    request: Request,
+    response: Response,
+    group_id: str,
+    limit: int = PageLimit,
+    cursor: str = PageCursor,
+    compliance: str | None = Query(None, max_length=16, description="compliant, ..."),
+    enrollment: str | None = Query(None, max_length=16, description="enrolled, ..."),
+    blocked: bool | None = None,
+) -> list[s.DeviceOut]:
+    """The group's devices in uid order, a page at a time (keyset on the primary key)."""
+    query = select(Device).where(Device.group_id == group_id)
+    if compliance:
+        query = query.where(Device.compliance_status == compliance)
+    if enrollment:
+        query = query.where(Device.enrollment_status == enrollment)
+    if blocked is not None:
+        query = query.where(Device.blocked.is_(blocked))
+    if cursor:
+        query = query.where(Device.uid > paging.decode_cursor(cursor, 1)[0])
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.DEVICES_READ, group_id)
-        rows = session.execute(
-            select(Device).where(Device.group_id == group_id).order_by(Device.enrolled_at)
-        ).scalars()
-        return [device_out(d) for d in rows]
+        rows = list(session.execute(query.order_by(Device.uid).limit(limit + 1)).scalars())
+        page, after = _page(rows, limit, lambda d: [d.uid])
+        response.headers.update(paging.next_link(request.url, after))
+        return [device_out(d) for d in page]
 
 
 def _device_for(session: Session, who: admins.AdminPrincipal, uid: str, perm: P) -> Device:
@@ -337,16 +377,38 @@ def device_action(
         return device_out(device)
 
 
-@router.get("/groups/{group_id}/certificates")
-def list_certificates(request: Request, group_id: str) -> list[s.CertOut]:
+@router.get("/groups/{group_id}/certificates", responses=PAGED)
+def list_certificates(
+    request: Request,
+    response: Response,
+    group_id: str,
+    limit: int = PageLimit,
+    cursor: str = PageCursor,
+    kind: str | None = Query(None, max_length=32, description="device, app, ..."),
+    revoked: bool | None = None,
+    device_uid: str | None = Query(None, max_length=32),
+) -> list[s.CertOut]:
+    """The group's certificates in thumbprint order, a page at a time (keyset on
+    ``ix_certificates_group_thumbprint``)."""
+    query = select(Certificate).where(Certificate.group_id == group_id)
+    if kind:
+        query = query.where(Certificate.kind == kind)
+    if revoked is not None:
+        query = query.where(
+            Certificate.revoked_at.is_not(None) if revoked else Certificate.revoked_at.is_(None)
+        )
+    if device_uid:
+        query = query.where(Certificate.device_uid == device_uid)
+    if cursor:
+        query = query.where(Certificate.thumbprint > paging.decode_cursor(cursor, 1)[0])
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.CERTS_READ, group_id)
-        rows = session.execute(
-            select(Certificate)
-            .where(Certificate.group_id == group_id)
-            .order_by(Certificate.issued_at)
-        ).scalars()
-        return [cert_out(c) for c in rows]
+        rows = list(
+            session.execute(query.order_by(Certificate.thumbprint).limit(limit + 1)).scalars()
+        )
+        page, after = _page(rows, limit, lambda c: [c.thumbprint])
+        response.headers.update(paging.next_link(request.url, after))
+        return [cert_out(c) for c in page]
 
 
 @router.post("/certificates/{serial}/revoke")
@@ -436,16 +498,35 @@ def tunnel_nodes(request: Request, group_id: str) -> list[dict[str, Any]]:
         ]
 
 
-@router.get("/audit")
+@router.get("/audit", responses=PAGED)
 def read_audit(
-    request: Request, group_id: str = Query(max_length=63), limit: int = Query(100, ge=1, le=1000)
+    request: Request,
+    response: Response,
+    group_id: str = Query(max_length=63),
+    limit: int = PageLimit,
+    cursor: str = PageCursor,
+    action: str | None = Query(None, max_length=64, description="An action prefix."),
+    actor: str | None = Query(None, max_length=200),
+    outcome: str | None = Query(None, max_length=16, description="ok or denied."),
 ) -> list[s.AuditOut]:
+    """The group's audit entries, newest first, a page at a time (keyset on the id)."""
+    query = select(AuditEntry).where(AuditEntry.group_id == group_id)
+    if action:
+        query = query.where(AuditEntry.action.startswith(action, autoescape=True))
+    if actor:
+        query = query.where(AuditEntry.actor == actor)
+    if outcome:
+        query = query.where(AuditEntry.outcome == outcome)
+    if cursor:
+        before = paging.decode_cursor(cursor, 1)[0]
+        if not before.isdigit():
+            raise BadRequest("malformed page cursor")
+        query = query.where(AuditEntry.id < int(before))
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.AUDIT_READ, group_id)
-        rows = session.execute(
-            select(AuditEntry)
-            .where(AuditEntry.group_id == group_id)
-            .order_by(AuditEntry.id.desc())
-            .limit(limit)
-        ).scalars()
-        return [s.AuditOut.model_validate(r, from_attributes=True) for r in rows]
+        rows = list(
+            session.execute(query.order_by(AuditEntry.id.desc()).limit(limit + 1)).scalars()
+        )
+        page, after = _page(rows, limit, lambda e: [str(e.id)])
+        response.headers.update(paging.next_link(request.url, after))
+        return [s.AuditOut.model_validate(r, from_attributes=True) for r in page]

@@ -109,6 +109,7 @@ class SettingsIn(Strict):
     device_rules: dict[str, Any] | None = None
     server_rules: dict[str, Any] | None = None
     initial_compliance: Literal["compliant", "noncompliant", "unknown"] | None = None
+    enrollment: dict[str, bool] | None = None  # {"est": true, "scep": false}
 
 
 class SetupIn(Strict):

@@ -29,7 +29,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "device_rules": {"default": "block", "rules": []},
     "server_rules": {"default": "deny", "rules": []},
     "initial_compliance": "unknown",
+    # Standard enrollment protocols, off unless a group turns them on.
+    "enrollment": {"est": False, "scep": False},
 }
+ENROLLMENT_PROTOCOLS = ("est", "scep")
 
 
 def console_key_label(group_id: str) -> str:
@@ -80,6 +83,11 @@ def create_group(
     session.flush()
     issue_identity_pair(session, pki, group)
     return group
+
+
+def protocol_enabled(group: Group, protocol: str) -> bool:
+    """Whether the group accepts enrollment by ``protocol`` (est, scep): off by default."""
+    return bool(group.settings.get("enrollment", {}).get(protocol, False))
 
 
 def validate_tunnel_settings(tunnel: dict[str, Any]) -> None:
@@ -186,7 +194,14 @@ def identity_pair(
     )
 
 
-SETTINGS_KEYS = ("tunnel", "feed", "device_rules", "server_rules", "initial_compliance")
+SETTINGS_KEYS = (
+    "tunnel",
+    "feed",
+    "device_rules",
+    "server_rules",
+    "initial_compliance",
+    "enrollment",
+)
 # Settings that nodes or devices apply: a change publishes a new policy version.
 POLICY_KEYS = ("tunnel", "feed", "device_rules", "server_rules")
 
@@ -204,7 +219,8 @@ def update_settings(
         raise BadRequest(f"unknown settings {sorted(unknown)}")
     merged = {**group.settings}
     for key, value in changes.items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+        # .get: a group made before a settings key existed has no value for it yet.
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     validate_settings(merged)
     old_tunnel, old_settings = group.settings["tunnel"], group.settings
     group.settings = merged
@@ -228,6 +244,11 @@ def validate_settings(settings: dict[str, Any]) -> None:
     from certgate.tunnel.rules import RuleSet
 
     validate_tunnel_settings(settings["tunnel"])
+    enrollment = settings.get("enrollment", {})
+    if set(enrollment) - set(ENROLLMENT_PROTOCOLS) or not all(
+        isinstance(on, bool) for on in enrollment.values()
+    ):
+        raise BadRequest(f"enrollment: true or false for each of {list(ENROLLMENT_PROTOCOLS)}")
     feed = settings["feed"]
     if not 1 <= int(feed.get("long_poll_s", 0)) <= 300:
         raise BadRequest("feed.long_poll_s must be 1-300")

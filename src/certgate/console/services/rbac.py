@@ -56,6 +56,14 @@ ROLES: dict[str, frozenset[Permission]] = {
 }
 
 
+RULE_SETTINGS = frozenset({"device_rules", "server_rules"})
+
+
+def settings_permission(keys: set[str]) -> Permission:
+    """Changing only traffic rules needs rules:write; any other setting groups:write."""
+    return Permission.RULES_WRITE if keys <= RULE_SETTINGS else Permission.GROUPS_WRITE
+
+
 def ancestors(session: Session, group_id: str) -> list[str]:
     """``group_id`` then its parents up to the top. Raises NotFound for an unknown group."""
     chain: list[str] = []

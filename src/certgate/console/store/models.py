@@ -181,6 +181,13 @@ class Device(Base):
             "compliance_status",
             "blocked",
         ),
+        # Keyset pages of the web console and the API (migration 0007): uid or owner
+        # order, in one group or across all, optionally by compliance.
+        Index("ix_devices_group_uid", "group_id", "uid"),
+        Index("ix_devices_group_owner", "group_id", "owner", "uid"),
+        Index("ix_devices_group_compliance", "group_id", "compliance_status", "uid"),
+        Index("ix_devices_owner", "owner", "uid"),
+        Index("ix_devices_compliance", "compliance_status", "uid"),
     )
     uid: Mapped[str] = mapped_column(String(32), primary_key=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
@@ -292,3 +299,77 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AdminSignIn(Base):
+    """An admin's web sign-in factors: a scrypt password hash and a sealed TOTP secret
+    (``ui.signin``); ``totp_last_step`` refuses a code's reuse (RFC 6238 section 5.2)."""
+
+    __tablename__ = "admin_signins"
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), primary_key=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    totp_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    totp_last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds ``cgs_<id>_<secret>``; only the secret's
+    SHA-256 is stored. Deleted at sign-out and when found expired."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    admin_id: Mapped[str] = mapped_column(ForeignKey("admins.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    client: Mapped[str] = mapped_column(String(64), default="")
+
+
+class CompliancePolicy(Base):
+    """A group's compliance rules (``certgate.posture``); subgroups inherit them."""
+
+    __tablename__ = "compliance_policies"
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), primary_key=True)
+    rules: Mapped[list[Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class DevicePosture(Base):
+    """A device's last check-in, its current failing rules and an admin override."""
+
+    __tablename__ = "device_posture"
+    device_uid: Mapped[str] = mapped_column(ForeignKey("devices.uid"), primary_key=True)
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    unavailable: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    checked_in_at: Mapped[datetime | None]
+    cert_not_before: Mapped[datetime | None]
+    failures: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    override_status: Mapped[str | None] = mapped_column(String(16))
+    override_until: Mapped[datetime | None]
+    override_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class ComplianceEvent(Base):
+    """Compliance history: each change of a device's status or failing rules, and why."""
+
+    __tablename__ = "compliance_history"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_uid: Mapped[str] = mapped_column(ForeignKey("devices.uid"), index=True)
+    at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(String(16))
+    failures: Mapped[list[Any]] = mapped_column(JSON)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ScepTransaction(Base):
+    """SCEP transaction ids seen (a replayed one is refused) and, once issued, the
+    certificate a GetCertInitial for it answers with."""
+
+    __tablename__ = "scep_transactions"
+    transaction_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    signer_thumbprint: Mapped[str] = mapped_column(String(64))
+    cert_serial: Mapped[str | None] = mapped_column(ForeignKey("certificates.serial"))
+    created_at: Mapped[datetime]
