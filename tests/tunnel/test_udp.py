@@ -119,14 +119,17 @@ def read_datagrams(tls: ssl.SSLSocket, count: int, trailing: bytes = b"") -> lis
     return found
 
 
-def service(pki: PKI, device: Client, rules: dict[str, Any], **udp: Any) -> ServiceThread:
+def service(
+    pki: PKI, device: Client, rules: dict[str, Any], loop: str = "asyncio", **udp: Any
+) -> ServiceThread:
     source = StaticSource(DeviceTable.from_snapshot(1, [device.entry()]))
     limits = Limits(udp=UDPLimits(**udp))
-    return ServiceThread(make_service(pki, source, rules, limits))
+    return ServiceThread(make_service(pki, source, rules, limits), loop=loop)
 
 
-def test_flows_get_their_own_replies(pki: PKI, device: Client, echo: Echo) -> None:
-    with service(pki, device, UDP_RULES) as tunnel:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_flows_get_their_own_replies(pki: PKI, device: Client, echo: Echo, loop: str) -> None:
+    with service(pki, device, UDP_RULES, loop) as tunnel:
         tls, head = open_udp(pki, device, tunnel.service.bound["per_app"], echo.port)
         with tls:
             assert head.startswith(b"HTTP/1.1 200"), head
@@ -187,8 +190,11 @@ def _open_flows(tunnel: ServiceThread) -> list[int]:
     return [flow for c in conns if c.udp is not None for flow in c.udp.flows]
 
 
-def test_a_policy_change_closes_a_live_udp_tunnel(pki: PKI, device: Client, echo: Echo) -> None:
-    with service(pki, device, UDP_RULES) as tunnel:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_policy_change_closes_a_live_udp_tunnel(
+    pki: PKI, device: Client, echo: Echo, loop: str
+) -> None:
+    with service(pki, device, UDP_RULES, loop) as tunnel:
         tls, head = open_udp(pki, device, tunnel.service.bound["per_app"], echo.port)
         with tls:
             tls.sendall(encode(1, b"x"))
@@ -204,3 +210,13 @@ def test_a_policy_change_closes_a_live_udp_tunnel(pki: PKI, device: Client, echo
                     pass
         closed = tunnel.run(lambda: tunnel.service.metrics.closed_by_policy._metrics.copy())
     assert any(labels[1] == "destination_denied" for labels in closed)
+
+
+def test_flows_past_the_bound_are_dropped(pki: PKI, device: Client, echo: Echo) -> None:
+    with service(pki, device, UDP_RULES, max_flows=1) as tunnel:
+        tls, head = open_udp(pki, device, tunnel.service.bound["per_app"], echo.port)
+        with tls:
+            tls.sendall(encode(1, b"first") + encode(2, b"dropped") + encode(1, b"again"))
+            replies = read_datagrams(tls, 2, head.partition(b"\r\n\r\n")[2])
+    assert replies == [Datagram(1, b"echo:first"), Datagram(1, b"echo:again")]
+    assert len(echo.sources) == 1
