@@ -243,3 +243,12 @@ def test_flow_table_numbers_senders_and_forgets_idle_ones() -> None:
     flows.idle_s = -1
     assert flows.flow_of(("127.0.0.1", 3)) == 3  # the idle ones were forgotten
     assert flows.address_of(1) is None
+
+
+def test_a_udp_forward_listens_on_loopback_only() -> None:
+    public = UDPForwardSpec(BROWSER, ListenAddress("0.0.0.0", 5353), "127.0.0.1", 53)
+    with pytest.raises(ConfigError, match="not loopback"):
+        agent_config(udp_forwards=(public,))
+    bad_app = UDPForwardSpec("not a bundle", ListenAddress("127.0.0.1", 0), "127.0.0.1", 53)
+    with pytest.raises(ConfigError, match="invalid application bundle id"):
+        agent_config(udp_forwards=(bad_app,))
