@@ -24,8 +24,8 @@ from http import HTTPStatus
 
 from certgate.errors import BadRequest
 from certgate.pki.identity import BUNDLE_ID_RE
-from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData, ReceiveBuffer
 from certgate.protocol.datagram import TRANSPORT_HEADER
+from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData, ReceiveBuffer
 
 __all__ = [
     "APP_HEADER",
