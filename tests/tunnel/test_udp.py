@@ -135,12 +135,14 @@ def test_flows_get_their_own_replies(pki: PKI, device: Client, echo: Echo, loop:
             assert head.startswith(b"HTTP/1.1 200"), head
             tls.sendall(encode(1, b"one") + encode(2, b"two") + encode(1, b""))
             replies = read_datagrams(tls, 3, head.partition(b"\r\n\r\n")[2])
+            live = tunnel.run(tunnel.service.live_tunnels)
     assert sorted(replies, key=lambda d: (d.flow, d.payload)) == [
         Datagram(1, b"echo:"),
         Datagram(1, b"echo:one"),
         Datagram(2, b"echo:two"),
     ]
     assert len(echo.sources) == 2  # one upstream socket per flow
+    assert [(t["transport"], t["port"]) for t in live] == [("udp", echo.port)]
 
 
 def test_rules_that_name_only_tcp_refuse_udp(pki: PKI, device: Client, echo: Echo) -> None:

@@ -10,7 +10,7 @@ named by the ``Certgate-Node`` header; the console answers 204. The body::
 
     {"node": NAME, "at": POSIX seconds, "live_total": N,
      "live": [{"thumbprint", "device_uid", "mode", "app", "host", "port", "addresses",
-               "since"}, ...],
+               "since", "transport" (only "udp", for UDP tunnels)}, ...],
      "status": {"policy_version", "table_seq", "fresh", "age_s", "restart_required"}}
 
 Bounded: at most ``MAX_REPORT_TUNNELS`` tunnels and about ``MAX_REPORT_BYTES`` of JSON

@@ -32,6 +32,7 @@ from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
 from certgate.tunnel.persist import atomic_write
+from certgate.tunnel.rules import Transport
 from certgate.tunnel.server import Gate, Limits, Listener, Phase, Shared, accept_client
 from certgate.tunnel.sockets import Acceptor
 from certgate.tunnel.sync import FeedChange
@@ -205,8 +206,11 @@ class TunnelService:
             if conn.phase not in (Phase.CONNECTING, Phase.RELAYING) or conn.peer is None:
                 continue
             route = conn.route
+            # "transport" only for UDP: a report of TCP tunnels stays what it was.
+            udp = {"transport": "udp"} if route and route.transport is Transport.UDP else {}
             tunnels.append(
                 {
+                    **udp,
                     "thumbprint": conn.peer.thumbprint,
                     "device_uid": conn.peer.identity.device_uid,
                     "mode": conn.listener.mode.value,

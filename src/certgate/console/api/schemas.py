@@ -208,6 +208,7 @@ class LiveTunnelIn(StrictReport):
     port: int | None = Field(ge=1, le=65535)
     addresses: list[Annotated[str, Field(max_length=45)]] = Field(max_length=64)
     since: float | None = Field(ge=0)
+    transport: Literal["tcp", "udp"] = "tcp"  # sent by nodes for UDP tunnels only
 
     @field_validator("addresses")
     @classmethod
