@@ -27,6 +27,7 @@ from certgate.certproxy.server import (
     listener_context,
     upstream_context,
 )
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError
 from certgate.pki.thumbprint import thumbprint
 
@@ -111,6 +112,7 @@ def serve(
     ] = None,
     access_host: Annotated[str | None, typer.Option(help="Access address (forced).")] = None,
     access_port: Annotated[int | None, typer.Option(help="Access port (forced).")] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Run the cert proxy: verify device certificates, forward the step to Access."""
     try:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.orm import Session
 
+from certgate import logs
 from certgate.console.store.models import AuditEntry, Instance
+
+log = logging.getLogger("certgate.audit")
+_PENDING = "certgate.audit.pending"
 
 GENESIS = "0" * 64
 # Built once: Core statements reuse their compiled form (an ORM unit of work per append cost
@@ -85,7 +90,42 @@ def append(
     }
     conn.execute(_INSERT, row)
     conn.execute(_ADVANCE, {"new_head": digest})
+    session.info.setdefault(_PENDING, []).append(
+        logs.event(
+            "audit",
+            action=action,
+            actor=actor,
+            outcome=outcome,
+            group=group_id,
+            reason=detail.get("reason"),
+            device_uid=detail.get("device"),
+            thumbprint=detail.get("thumbprint"),
+            app=detail.get("app"),
+            node=detail.get("node"),
+        )
+    )
     return digest
+
+
+@event.listens_for(Session, "after_commit")
+def _log_committed(session: Session) -> None:
+    """Audit events reach the logs (and a SIEM) once committed, never before: a rolled
+    back action was not done."""
+    for extra in session.info.pop(_PENDING, ()):
+        fields = extra[next(iter(extra))]
+        log.info(
+            "audit actor=%s action=%s outcome=%s group=%s",
+            fields["actor"],
+            fields["action"],
+            fields["outcome"],
+            fields["group"],
+            extra=extra,
+        )
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 @dataclass(frozen=True, slots=True)
