@@ -61,7 +61,11 @@ def verify_server_chain(
         subject = x509.DNSName(hostname)
     builder = PolicyBuilder().store(Store(list(roots))).time(at or utcnow()).max_chain_depth(3)
     try:
-        return list(builder.build_server_verifier(subject).verify(leaf, list(intermediates)))
+        verifier = builder.build_server_verifier(subject)
+    except ValueError as exc:  # not a valid DNS name, e.g. "foo_bar.example.com"
+        raise ChainError(f"server name {hostname!r} cannot be verified: {exc}") from exc
+    try:
+        return list(verifier.verify(leaf, list(intermediates)))
     except VerificationError as exc:
         raise ChainError(f"server certificate rejected: {exc}") from exc
 
