@@ -89,11 +89,28 @@ def test_expired_leaf_is_refused(hierarchy: Hierarchy) -> None:
         verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=after)
 
 
-def test_not_yet_valid_leaf_is_refused(hierarchy: Hierarchy) -> None:
+def test_not_yet_valid_leaf_is_refused_naming_the_clock(hierarchy: Hierarchy) -> None:
     device = hierarchy.leaves["device"]
-    before = device.cert.not_valid_before_utc - timedelta(seconds=1)
-    with pytest.raises(ChainError, match="cert is not valid at validation time"):
+    before = device.cert.not_valid_before_utc - timedelta(days=1)
+    with pytest.raises(ChainError, match="cert is not valid at validation time") as refused:
         verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=before)
+    assert str(refused.value).startswith("certificate not yet valid, check the clock: ")
+    assert f"this machine's clock says {before:%Y-%m-%d %H:%M:%S} UTC" in str(refused.value)
+
+
+def test_a_server_chain_checked_by_a_clock_behind_names_the_clock() -> None:
+    case = json.loads((VECTORS / "underscore-dns.json").read_text())
+    case["expected_peer_name"]["value"] = "example.com"  # the root's name: a valid one
+    case["validation_time"] = "1969-12-31T00:00:00+00:00"  # before the root's notBefore
+    with pytest.raises(ChainError, match=r"^certificate not yet valid, check the clock"):
+        _limbo_server_check(case)
+
+
+def test_an_expired_leaf_is_not_blamed_on_the_clock(hierarchy: Hierarchy) -> None:
+    device = hierarchy.leaves["device"]
+    after = device.cert.not_valid_after_utc + timedelta(days=1)
+    with pytest.raises(ChainError, match=r"^client certificate rejected: "):
+        verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=after)
 
 
 def test_ca_certificate_is_not_a_client(hierarchy: Hierarchy) -> None:
