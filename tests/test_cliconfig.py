@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from certgate import cliconfig
 from certgate.cli import app
 
 runner = CliRunner()
@@ -93,3 +95,25 @@ def test_a_bad_syslog_target_in_the_file_is_refused(tmp_path: Path) -> None:
     config.write_text('state-dir = "/x"\nsyslog = "ftp://h:1"\n')
     code, output = invoke("tunnel", "run", "--config", str(config))
     assert code == 2 and "scheme" in output, output
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "packaging" / "config"
+
+
+@pytest.mark.parametrize(
+    ("example", "command"),
+    [
+        ("console.toml", ["console", "serve"]),
+        ("tunnel-node1.toml", ["tunnel", "run"]),
+        ("access.toml", ["access", "serve"]),
+        ("certproxy.toml", ["certproxy", "serve"]),
+    ],
+)
+def test_the_packaged_examples_are_accepted_by_their_command(
+    example: str, command: list[str]
+) -> None:
+    group = typer.main.get_command(app)
+    for name in command:
+        group = group.commands[name]  # type: ignore[attr-defined]
+    defaults, logging_ = cliconfig.defaults_from(EXAMPLES / example, group.params)
+    assert defaults and logging_ == {"format": "json"}
