@@ -7,7 +7,8 @@ declare -A probe=(
   [openssl]="openssl" [curl]="curl" [haproxy]="haproxy" [stunnel4]="stunnel4"
   [postgresql]="/usr/lib/postgresql/*/bin/initdb"
   [python3-venv]="python3 -c 'import ensurepip'"
-  [rsyslog]="rsyslogd" [systemd]="systemd-analyze"
+  [rsyslog]="rsyslogd" [rsyslog-openssl]="/usr/lib/*/rsyslog/lmnsd_ossl.so"
+  [systemd]="systemd-analyze"
 )
 missing=()
 for pkg in "$@"; do

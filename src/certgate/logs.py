@@ -22,7 +22,9 @@ import os
 import queue
 import socket
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -190,23 +192,40 @@ class SyslogTarget:
 class SyslogSender(logging.Handler):
     """Sends formatted RFC 5424 messages: one datagram each over UDP; over TCP and TLS
     with octet-counting framing (RFC 6587 section 3.4.1, RFC 5425 section 4.3), so a
-    message can never be split or joined by its content. A failed stream is reopened on
-    the next message; a message that cannot be sent is dropped, never retried forever."""
+    message can never be split or joined by its content. After a failure, messages are
+    dropped for ``RETRY_S`` before the next attempt (said once on stderr: logging it would
+    loop back here), so an absent collector costs no connect timeout per record."""
+
+    RETRY_S = 5.0
 
     def __init__(self, target: SyslogTarget, tls: ssl.SSLContext | None = None) -> None:
         super().__init__()
         self.target, self.tls = target, tls
         self._sock: socket.socket | None = None
+        self._retry_at = 0.0
+        self._failing = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if time.monotonic() < self._retry_at:
+            return
         data = record.getMessage().encode("utf-8", "replace")
         try:
             if self.target.scheme == "udp":
                 self._socket().send(data)
             else:
                 self._socket().sendall(b"%d %s" % (len(data), data))
-        except OSError:
-            self.close_socket()
+        except OSError as exc:
+            self._failed(exc)
+        else:
+            self._failing = False
+
+    def _failed(self, exc: OSError) -> None:
+        self.close_socket()
+        self._retry_at = time.monotonic() + self.RETRY_S
+        if not self._failing:
+            self._failing = True
+            target = f"{self.target.scheme}://{self.target.host}:{self.target.port}"
+            sys.stderr.write(f"certgate: syslog {target} failed ({exc}); dropping records\n")
 
     def _socket(self) -> socket.socket:
         if self._sock is None:

@@ -91,14 +91,50 @@ action(type="omfile" file="{out}" template="fields")
 """
 
 
+TLS_CONFIG = """\
+global(workDirectory="{work}" DefaultNetstreamDriverCAFile="{cert}"
+       DefaultNetstreamDriverCertFile="{cert}" DefaultNetstreamDriverKeyFile="{key}")
+module(load="imtcp" StreamDriver.Name="ossl" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
+module(load="mmpstrucdata")
+input(type="imtcp" address="127.0.0.1" port="{tcp}")
+template(name="fields" type="string"
+         string="%msgid%\\t%app-name%\\t%syslogseverity-text%\\t%$!rfc5424-sd%\\t%msg:::json%\\n")
+action(type="mmpstrucdata")
+action(type="omfile" file="{out}" template="fields")
+"""
+
+
 @pytest.fixture(scope="module")
 def rsyslog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rsyslog]:
-    if not os.path.exists(RSYSLOGD):
-        pytest.fail("rsyslogd missing: make sysdeps installs the Debian package rsyslog")
     work = tmp_path_factory.mktemp("rsyslog")
     server = Rsyslog(free_port(), free_port(), work / "received.log")
+    text = CONFIG.format(work=work, udp=server.udp, tcp=server.tcp, out=server.out)
+    yield from run_rsyslog(work, text, server)
+
+
+@pytest.fixture(scope="module")
+def rsyslog_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rsyslog]:
+    """imtcp with rsyslog's OpenSSL driver; its certificate is made here by openssl."""
+    work = tmp_path_factory.mktemp("rsyslog-tls")
+    cert, key = work / "cert.pem", work / "key.pem"
+    request = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1"
+    names = ["-subj", "/CN=syslog", "-addext", "subjectAltName=IP:127.0.0.1"]
+    made = subprocess.run(
+        ["openssl", *request.split(), "-keyout", str(key), "-out", str(cert), *names],
+        capture_output=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    server = Rsyslog(0, free_port(), work / "received.log")
+    text = TLS_CONFIG.format(work=work, cert=cert, key=key, tcp=server.tcp, out=server.out)
+    yield from run_rsyslog(work, text, server)
+
+
+def run_rsyslog(work: Path, config: str, server: Rsyslog) -> Iterator[Rsyslog]:
+    if not os.path.exists(RSYSLOGD):
+        pytest.fail("rsyslogd missing: make sysdeps installs the Debian package rsyslog")
     conf = work / "rsyslog.conf"
-    conf.write_text(CONFIG.format(work=work, udp=server.udp, tcp=server.tcp, out=server.out))
+    conf.write_text(config)
     with (work / "rsyslogd.out").open("wb") as output:
         proc = subprocess.Popen(
             [RSYSLOGD, "-n", "-f", str(conf), "-i", str(work / "pid")],
@@ -111,6 +147,28 @@ def rsyslog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rsyslog]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_tls_audit_events_reach_rsyslog_and_a_collector_not_trusted_gets_nothing(
+    rsyslog_tls: Rsyslog, tmp_path: Path
+) -> None:
+    data_dir, _ = init_console(tmp_path)
+    ca = str(rsyslog_tls.out.parent / "cert.pem")
+    target = f"tls://127.0.0.1:{rsyslog_tls.tcp}"
+    # Without --syslog-ca the collector's self-signed certificate is not trusted: nothing
+    # is sent, and the command itself still succeeds (logging never fails the service).
+    untrusted = certgate(
+        "--syslog", target, "console", "group", "create", "-d", str(data_dir), "tls-a"
+    )
+    assert untrusted.returncode == 0, untrusted.stderr
+    assert f"syslog {target} failed" in untrusted.stderr  # said once, on stderr
+    trusted = ["--syslog", target, "--syslog-ca", ca]
+    done = certgate(*trusted, "console", "group", "create", "-d", str(data_dir), "tls-b")
+    assert done.returncode == 0, done.stderr
+
+    got = rsyslog_tls.wait_for(lambda r: r.fields.get("group") == "tls-b")
+    assert (got.msgid, got.fields["action"]) == ("audit", "group.create")
+    assert [r for r in rsyslog_tls.records() if r.fields.get("group") == "tls-a"] == []
 
 
 def certgate(*args: str) -> subprocess.CompletedProcess[str]:
