@@ -90,20 +90,19 @@ def append(
     }
     conn.execute(_INSERT, row)
     conn.execute(_ADVANCE, {"new_head": digest})
-    session.info.setdefault(_PENDING, []).append(
-        logs.event(
-            "audit",
-            action=action,
-            actor=actor,
-            outcome=outcome,
-            group=group_id,
-            reason=detail.get("reason"),
-            device_uid=detail.get("device"),
-            thumbprint=detail.get("thumbprint"),
-            app=detail.get("app"),
-            node=detail.get("node"),
-        )
+    fields = logs.event(
+        "audit",
+        action=action,
+        actor=actor,
+        outcome=outcome,
+        group=group_id,
+        reason=detail.get("reason"),
+        device_uid=detail.get("device"),
+        thumbprint=detail.get("thumbprint"),
+        app=detail.get("app"),
+        node=detail.get("node"),
     )
+    session.info.setdefault(_PENDING, []).append((actor, action, outcome, group_id, fields))
     return digest
 
 
@@ -111,15 +110,14 @@ def append(
 def _log_committed(session: Session) -> None:
     """Audit events reach the logs (and a SIEM) once committed, never before: a rolled
     back action was not done."""
-    for extra in session.info.pop(_PENDING, ()):
-        fields = extra[next(iter(extra))]
+    for actor, action, outcome, group_id, fields in session.info.pop(_PENDING, ()):
         log.info(
             "audit actor=%s action=%s outcome=%s group=%s",
-            fields["actor"],
-            fields["action"],
-            fields["outcome"],
-            fields["group"],
-            extra=extra,
+            actor,
+            action,
+            outcome,
+            group_id,
+            extra=fields,
         )
 
 
