@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from certgate import logs
 from certgate.errors import ChainError
 from certgate.feed import PolicyUpdate
 from certgate.protocol.http_proxy import (
@@ -274,7 +275,10 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
     peer_addr = f"{address[0]}:{address[1]}" if address else "?"
     if len(shared.registry.all) >= shared.limits.max_connections:
         log.warning(
-            "refuse %s: connection limit %d reached", peer_addr, shared.limits.max_connections
+            "refuse %s: connection limit %d reached",
+            peer_addr,
+            shared.limits.max_connections,
+            extra=logs.event("refuse", reason="connection_limit", peer=peer_addr),
         )
         sock.close()
         return
@@ -379,6 +383,13 @@ class ClientConnection:
             self.peer_addr,
             self.listener.name,
             detail,
+            extra=logs.event(
+                "deny",
+                reason="tls_handshake",
+                peer=self.peer_addr,
+                listener=self.listener.name,
+                detail=detail,
+            ),
         )
         self.stats.handshake_denials.inc()
         self._drop()
@@ -537,6 +548,7 @@ class ClientConnection:
             self.app or "-",
             self.destination,
             self.listener.name,
+            extra=self._event("admit", None),
         )
         self.down.begin()
         self.up.begin()
@@ -583,6 +595,22 @@ class ClientConnection:
             status,
             reason,
             detail,
+            extra=self._event("deny", reason, status=status, detail=detail),
+        )
+
+    def _event(self, name: str, reason: str | None, **more: object) -> dict[str, object]:
+        """The structured fields of this connection's log lines (certgate.logs)."""
+        peer = self.peer
+        return logs.event(
+            name,
+            reason=reason,
+            device_uid=peer.identity.device_uid if peer else None,
+            thumbprint=peer.thumbprint if peer else None,
+            app=self.app,
+            destination=None if self.destination == "-" else self.destination,
+            listener=self.listener.name,
+            peer=self.peer_addr,
+            **more,
         )
 
     def _send_and_close(self, data: bytes) -> None:
@@ -663,6 +691,7 @@ class ClientConnection:
             denial.reason,
             cause,
             denial.detail,
+            extra=self._event("close", denial.reason, cause=cause, detail=denial.detail),
         )
         with contextlib.suppress(OSError):
             self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
@@ -678,6 +707,7 @@ class ClientConnection:
                 self.app or "-",
                 self.destination,
                 reason,
+                extra=self._event("close", reason),
             )
         self._drop()
 

@@ -307,7 +307,10 @@ def list_devices(
 
 def _device_for(session: Session, who: admins.AdminPrincipal, uid: str, perm: P) -> Device:
     device = devices.get_device(session, uid)
-    rbac.require(session, who.admin, perm, device.group_id)
+    try:
+        rbac.require(session, who.admin, perm, device.group_id)
+    except NotFound as exc:
+        raise devices.unknown_device(uid) from exc
     return device
 
 
