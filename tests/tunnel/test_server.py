@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from certgate import logs
 from certgate.pki import identity
 from certgate.pki.authority import Issuer, Names
 from certgate.pki.keys import generate_key
@@ -270,6 +271,13 @@ def test_unknown_thumbprint_gets_403_with_reason(
     assert answer.startswith(b"HTTP/1.1 403")
     assert b"unknown_thumbprint" in answer
     assert f"thumbprint={bad['unknown-thumbprint'].thumbprint}" in caplog.text
+    # The same denial as a structured event (certgate.logs): what JSON and syslog carry.
+    denial = next(r for r in caplog.records if logs.fields_of(r)["event"] == "deny")
+    fields = logs.fields_of(denial)
+    assert fields["reason"] == "unknown_thumbprint"
+    assert fields["thumbprint"] == bad["unknown-thumbprint"].thumbprint
+    assert fields["destination"] == f"127.0.0.1:{origin.port}"
+    assert fields["status"] == 403
 
 
 @pytest.mark.parametrize(

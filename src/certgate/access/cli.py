@@ -20,6 +20,7 @@ from certgate.access.config import (
     parse_networks,
 )
 from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.thumbprint import thumbprint
 
@@ -154,6 +155,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
     load_balancer: LoadBalancers = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Run Access over HTTPS (self-signed certificate when offloaded, public otherwise)."""
     from certgate.access.app import AccessState, access_tls_context, console_client, create_app

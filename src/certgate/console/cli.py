@@ -25,6 +25,7 @@ from rich.table import Table
 from sqlalchemy import make_url, select
 from sqlalchemy.orm import Session
 
+from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
 from certgate.console import local
 from certgate.console.api.schemas import ApiKeyOut, AuditOut, CertOut, DeviceOut, SettingsIn
@@ -216,6 +217,7 @@ def serve(
     data_dir: DataDir,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Run the console API over HTTPS (mTLS optional at the handshake, required per route)."""
     from certgate.console.app import create_app

@@ -20,7 +20,7 @@ from certgate.console.services import audit, ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
 from certgate.console.services.snapshots import SnapshotPages
 from certgate.console.store.db import Database
-from certgate.console.store.models import Certificate
+from certgate.console.store.models import Certificate, Instance
 from certgate.console.writer import Writer
 from certgate.pki.authority import Names
 from certgate.pki.keys import PrivateKey, generate_key
@@ -81,7 +81,13 @@ class ConsoleState:
         return ctx
 
     def _console_tls(self, session: Session) -> tuple[x509.Certificate, PrivateKey]:
-        """Reuse the console TLS cert while it covers our names and has 30+ days left."""
+        """Reuse the console TLS cert while it covers our names and has 30+ days left.
+
+        Consoles sharing a database start at the same moment: the instance row is locked
+        first, so one of them issues the certificate and the others, once it commits,
+        find and reuse it (without the lock both sealed ``console-tls``, and one died on
+        the duplicate key). SQLite serialises writers at BEGIN IMMEDIATE anyway."""
+        session.execute(select(Instance.id).with_for_update())
         dns, ips = self.config.tls_names()
         row = (
             session.execute(

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError
 from certgate.feed import PolicyUpdate
 from certgate.pki.thumbprint import thumbprint
@@ -251,6 +252,7 @@ def run(
             "default: OpenSSL's list."
         ),
     ] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from certgate import logs
 from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
 from certgate.tunnel.config import TunnelState, load_state
@@ -58,6 +59,7 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 def run(options: RunOptions) -> None:
     state = load_state(options.state_dir)
+    logs.set_context(node=state.node_name, group=state.group_id)
     with asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner:
         runner.run(serve(state, options))
 

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from certgate import logs
 from certgate.errors import ChainError
 from certgate.feed import PolicyUpdate
 from certgate.protocol.datagram import TRANSPORT_HEADER
@@ -279,7 +280,10 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
     peer_addr = f"{address[0]}:{address[1]}" if address else "?"
     if len(shared.registry.all) >= shared.limits.max_connections:
         log.warning(
-            "refuse %s: connection limit %d reached", peer_addr, shared.limits.max_connections
+            "refuse %s: connection limit %d reached",
+            peer_addr,
+            shared.limits.max_connections,
+            extra=logs.event("refuse", reason="connection_limit", peer=peer_addr),
         )
         sock.close()
         return
@@ -388,6 +392,13 @@ class ClientConnection:
             self.peer_addr,
             self.listener.name,
             detail,
+            extra=logs.event(
+                "deny",
+                reason="tls_handshake",
+                peer=self.peer_addr,
+                listener=self.listener.name,
+                detail=detail,
+            ),
         )
         self.stats.handshake_denials.inc()
         self._drop()
@@ -580,6 +591,7 @@ class ClientConnection:
             self.destination,
             self.transport.value,
             self.listener.name,
+            extra=self._event("admit", None),
         )
 
     def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
@@ -624,6 +636,22 @@ class ClientConnection:
             status,
             reason,
             detail,
+            extra=self._event("deny", reason, status=status, detail=detail),
+        )
+
+    def _event(self, name: str, reason: str | None, **more: object) -> dict[str, object]:
+        """The structured fields of this connection's log lines (certgate.logs)."""
+        peer = self.peer
+        return logs.event(
+            name,
+            reason=reason,
+            device_uid=peer.identity.device_uid if peer else None,
+            thumbprint=peer.thumbprint if peer else None,
+            app=self.app,
+            destination=None if self.destination == "-" else self.destination,
+            listener=self.listener.name,
+            peer=self.peer_addr,
+            **more,
         )
 
     def _send_and_close(self, data: bytes) -> None:
@@ -704,6 +732,7 @@ class ClientConnection:
             denial.reason,
             cause,
             denial.detail,
+            extra=self._event("close", denial.reason, cause=cause, detail=denial.detail),
         )
         with contextlib.suppress(OSError):
             self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
@@ -719,6 +748,7 @@ class ClientConnection:
                 self.app or "-",
                 self.destination,
                 reason,
+                extra=self._event("close", reason),
             )
         self._drop()
 
