@@ -35,7 +35,17 @@ from urllib.parse import urlsplit
 # The stable field set, always present in JSON and syslog output (null when unknown).
 FIELDS = ("event", "reason", "device_uid", "thumbprint", "app", "destination", "node", "group")
 # Further fields a call site may add; anything else is a programming error.
-OPTIONAL_FIELDS = ("status", "listener", "cause", "detail", "action", "actor", "outcome", "peer")
+OPTIONAL_FIELDS = (
+    "status",
+    "listener",
+    "cause",
+    "detail",
+    "action",
+    "actor",
+    "outcome",
+    "peer",
+    "transport",
+)
 _ALLOWED = frozenset(FIELDS + OPTIONAL_FIELDS)
 _RECORD_KEY = "certgate_fields"
 SERVICE_EVENT = "service"  # the event of a record logged without one

@@ -3,6 +3,7 @@ echo server as the destination, frames written by hand (protocol.datagram)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -222,3 +223,20 @@ def test_flows_past_the_bound_are_dropped(pki: PKI, device: Client, echo: Echo) 
             replies = read_datagrams(tls, 2, head.partition(b"\r\n\r\n")[2])
     assert replies == [Datagram(1, b"echo:first"), Datagram(1, b"echo:again")]
     assert len(echo.sources) == 1
+
+
+def test_the_admission_event_names_the_transport(
+    pki: PKI, device: Client, echo: Echo, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="certgate.tunnel"),
+        service(pki, device, UDP_RULES) as tunnel,
+    ):
+        tls, head = open_udp(pki, device, tunnel.service.bound["per_app"], echo.port)
+        tls.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    admits = [r for r in caplog.records if r.getMessage().startswith("admit ")]
+    assert len(admits) == 1 and "transport=udp" in admits[0].getMessage()
+    fields = getattr(admits[0], "certgate_fields")  # noqa: B009 (set by logging extra=)
+    assert fields["event"] == "admit" and fields["transport"] == "udp"
+    assert fields["destination"] == f"127.0.0.1:{echo.port}"

@@ -591,7 +591,7 @@ class ClientConnection:
             self.destination,
             self.transport.value,
             self.listener.name,
-            extra=self._event("admit", None),
+            extra=self._event("admit", None, transport=self.transport.value),
         )
 
     def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
