@@ -289,6 +289,20 @@ _listener: logging.handlers.QueueListener | None = None
 _lock = threading.Lock()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream that
+    was stderr at configuration: code that swaps stderr (a test runner capturing a CLI, an
+    embedding program) must not leave the root logger writing to a closed file."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(options: LogOptions) -> None:
     """(Re)configure the root logger: stderr in the chosen format, plus syslog if asked.
 
@@ -296,7 +310,7 @@ def configure(options: LogOptions) -> None:
     global _listener
     target = SyslogTarget.parse(options.syslog) if options.syslog else None
     tls = ssl.create_default_context(cafile=options.syslog_ca) if options.syslog_ca else None
-    stderr = logging.StreamHandler()
+    stderr = _StderrHandler()
     stderr.setFormatter(JSONFormatter() if options.format is LogFormat.JSON else TextFormatter())
     handlers: list[logging.Handler] = [stderr]
     with _lock:
