@@ -89,7 +89,9 @@ def test_a_full_table_asks_for_a_new_generation(tmp_path: Path) -> None:
     assert len(SharedTable(writer.path)) == 10  # nothing written
 
 
-def test_a_writer_stuck_mid_write_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_writer_stuck_mid_write_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A writer that died between its two version bumps (caused for real by calling only
     the first): readers give up after READ_SPIN_S and answer unknown."""
     monkeypatch.setattr(shared_table, "READ_SPIN_S", 0.05)

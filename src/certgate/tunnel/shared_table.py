@@ -174,7 +174,9 @@ class SharedTableWriter:
         _HEADER.pack_into(self._map, 0, MAGIC, 0, slots, 0, 0, 0.0)
 
     @classmethod
-    def build(cls, path: Path, table: DeviceTable, last_exchange: float | None) -> SharedTableWriter:
+    def build(
+        cls, path: Path, table: DeviceTable, last_exchange: float | None
+    ) -> SharedTableWriter:
         """A new generation at ``path`` holding exactly ``table`` (nobody reads it yet)."""
         slots = max(MIN_SLOTS, int(len(table) / BUILD_LOAD) + 1)
         writer = cls(path, slots)

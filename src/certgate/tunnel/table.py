@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from certgate import feed
 from certgate.feed import (
@@ -51,6 +51,7 @@ __all__ = [
     "SequenceError",
     "SequenceGap",
     "SequenceReplay",
+    "TableView",
 ]
 
 
@@ -144,6 +145,18 @@ _Op = tuple[int, _Upsert | None]
     _set_not_after,
 ) = (getattr(Entry, f.name).__set__ for f in fields(Entry))
 _new_object = object.__new__
+
+
+class TableView(Protocol):
+    """What the data plane reads of a device table: this module's ``DeviceTable``, or a
+    worker's ``shared_table.SharedTable``."""
+
+    @property
+    def seq(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def lookup(self, thumbprint: str) -> Entry | None: ...
 
 
 class _Interner:
