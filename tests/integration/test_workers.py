@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -163,3 +164,23 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         assert re.search(r"certgate_tunnel_worker_restarts_total 1\.0", node.metrics())
         for _ in range(6):
             assert curl(cluster, port=node.proxy_port).stdout.encode() == PAGE
+
+        # SIGTERM drains every worker: no new connection, open tunnels relay until they
+        # end, then the node and all its workers exit.
+        draining = opened.enter_context(open_tunnel(cluster, node))  # the origin closes
+        # after one response, so the tunnels above are spent
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: refused(node.proxy_port))
+        assert relays(draining)
+        draining.close()
+        assert node.proc.wait(timeout=WAIT_S) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -206,7 +206,12 @@ class Worker:
     def apply(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "table":
-            self.source.swap(SharedTable(Path(message["path"])))
+            try:
+                table = SharedTable(Path(message["path"]))
+            except (OSError, ValueError) as exc:  # already replaced: its successor follows
+                log.warning("shared table %s not mapped (%s)", message["path"], exc)
+                return
+            self.source.swap(table)
         elif kind == "change":
             if message["policy"] is not None:
                 self.source.policy = _policy(message["policy"])
@@ -358,7 +363,8 @@ class Supervisor:
         elif not self._writer.update(table, change.thumbprints):
             self._new_generation()
         self._writer.set_meta(table.seq, self._last_exchange())
-        policy = self.follower.policy.encode() if change.cause == "policy" else None
+        # A snapshot carries the policy at its seq too: send it with every full change.
+        policy = self.follower.policy.encode() if change.thumbprints is None else None
         self._broadcast(
             {
                 "type": "change",
