@@ -3,7 +3,8 @@ worker processes, real TLS clients.
 
 Shows: connections spread over both workers; both map the one shared table file (the same
 inode, shared, never written by them) and what each holds privately; a compliance change
-closes live tunnels held by either worker; a killed worker is started again while the other
+closes live tunnels held by either worker, and so does a policy change (a new table generation);
+a killed worker is started again while the other
 keeps serving, and only the killed worker's tunnels are lost."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.cluster import (
+    DEFAULT_SETTINGS,
+    GROUP,
     Cluster,
     Node,
     closed_within,
@@ -32,6 +35,7 @@ from tests.integration.cluster import (
 from tests.tunnel.dataplane import PAGE
 
 WAIT_S = 30.0
+ALLOW_LOOPBACK: dict[str, Any] = DEFAULT_SETTINGS["server_rules"]
 TUNNELS = 16
 
 
@@ -76,6 +80,13 @@ def holding(node: Node, count: int) -> list[dict[str, Any]] | None:
 def replaced(node: Node, dead: int) -> list[int] | None:
     pids = ready_pids(node)
     return pids if pids is not None and dead not in pids else None
+
+
+def set_server_rules(cluster: Cluster, rules: dict[str, Any]) -> None:
+    admin = cluster.console.admins["root"]
+    with cluster.console.client(admin) as client:
+        path = f"/api/v1/groups/{GROUP}/settings"
+        client.patch(path, json={"server_rules": rules}).raise_for_status()
 
 
 def set_compliance(cluster: Cluster, status: str) -> None:
@@ -148,6 +159,14 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         set_compliance(cluster, "noncompliant")
         assert all(closed_within(t, WAIT_S) is not None for t in tunnels)
         set_compliance(cluster, "compliant")
+        wait_until(lambda: curl(cluster, port=node.proxy_port).stdout.encode() == PAGE)
+
+        # A policy change (a new table generation, the policy sent along) reaches both too.
+        tunnels = [opened.enter_context(open_tunnel(cluster, node)) for _ in range(TUNNELS)]
+        wait_until(lambda: holding(node, TUNNELS))
+        set_server_rules(cluster, {"default": "deny", "rules": []})
+        assert all(closed_within(t, WAIT_S) is not None for t in tunnels)
+        set_server_rules(cluster, ALLOW_LOOPBACK)
         wait_until(lambda: curl(cluster, port=node.proxy_port).stdout.encode() == PAGE)
 
         # A killed worker: its tunnels go, the other's stay and relay, a new one starts.
