@@ -3,9 +3,9 @@ worker processes, real TLS clients.
 
 Shows: connections spread over both workers; both map the one shared table file (the same
 inode, shared, never written by them) and what each holds privately; a compliance change
-closes live tunnels held by either worker, and so does a policy change (a new table generation);
-a killed worker is started again while the other
-keeps serving, and only the killed worker's tunnels are lost."""
+closes live tunnels held by either worker, and so does a policy change (a new table
+generation); a killed worker is started again while the other keeps serving, and only the
+killed worker's tunnels are lost; SIGTERM drains both workers."""
 
 from __future__ import annotations
 
