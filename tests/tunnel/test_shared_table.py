@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,32 @@ def test_a_writer_stuck_mid_write_fails_closed(
     assert shared.lookup(tp(1)) is None
     writer._end()
     assert shared.lookup(tp(1)) is not None
+
+
+def test_a_reader_waits_out_a_write_in_progress(tmp_path: Path) -> None:
+    """A record half rewritten (the writer between its two version bumps): the reader
+    waits and returns the whole new entry, never the torn one."""
+    import threading
+
+    table = DeviceTable.from_snapshot(1, [upsert(7)])
+    writer = SharedTableWriter.build(tmp_path / "t.map", table, None)
+    shared = SharedTable(writer.path)
+    changes = table.apply_batch(2, 2, [upsert(7, device_uid="ff" * 16, not_after=1)])
+    record = table.packed_record(int(tp(7), 16))
+    assert record is not None
+    slot, found = writer._slot_of(bytes.fromhex(tp(7)))
+    assert found
+    at = shared_table.HEADER_SIZE + slot * shared_table.SLOT_SIZE + 33
+    writer._begin()
+    writer._map[at : at + 8] = record[:8]  # the first half of the new device uid only
+
+    def finish() -> None:
+        time.sleep(0.2)
+        writer._map[at : at + len(record)] = record
+        writer._end()
+
+    finishing = threading.Thread(target=finish)
+    finishing.start()
+    assert shared.lookup(tp(7)) == table.lookup(tp(7))
+    finishing.join()
+    assert changes.touched == (tp(7),)

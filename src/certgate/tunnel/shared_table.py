@@ -207,7 +207,9 @@ class SharedTableWriter:
         """Write what ``table`` now holds for ``thumbprints``; False (nothing written) when
         that would exceed ``MAX_LOAD``: then build a new generation instead."""
         changes = [(bytes.fromhex(t), table.packed_record(int(t, 16))) for t in thumbprints]
-        added = sum(1 for _, record in changes if record is not None)
+        added = sum(
+            1 for key, record in changes if record is not None and not self._slot_of(key)[1]
+        )
         if self._count + added > self._slots * MAX_LOAD:
             return False
         self._write_names(table)  # before any record that uses a new name
