@@ -5,10 +5,12 @@ Shows: connections spread over both workers; both map the one shared table file 
 inode, shared, never written by them) and what each holds privately; a compliance change
 closes live tunnels held by either worker, and so does a policy change (a new table
 generation); a killed worker is started again while the other keeps serving, and only the
-killed worker's tunnels are lost; SIGTERM drains both workers."""
+killed worker's tunnels are lost; a rotated tunnel identity reaches both; SIGTERM drains
+both workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,6 +34,8 @@ from tests.integration.cluster import (
     start_node,
     stop_node,
 )
+from tests.integration.test_rotation import cli as rotate_cli
+from tests.integration.test_rotation import served_thumbprint, sync_status
 from tests.tunnel.dataplane import PAGE
 
 WAIT_S = 30.0
@@ -183,6 +187,21 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         assert re.search(r"certgate_tunnel_worker_restarts_total 1\.0", node.metrics())
         for _ in range(6):
             assert curl(cluster, port=node.proxy_port).stdout.encode() == PAGE
+
+        # A rotated tunnel identity: both workers present it to new connections.
+        prepared = rotate_cli(cluster, "tunnel-identity", GROUP, "--overlap", "15s")
+        assert prepared.returncode == 0, prepared.stderr
+        new = json.loads(prepared.stdout)["new"]["thumbprint"]
+        wait_until(lambda: sync_status(node)["next_tunnel_identity"] == new)
+        with cluster.console.client(cluster.console.admins["root"]) as client:
+            switch = f"/api/v1/groups/{GROUP}/rotations/tunnel-identity/switch"
+            client.post(switch).raise_for_status()
+        wait_until(lambda: served_thumbprint(cluster, node) == new)
+        before = per_worker_connections(node)
+        assert all(served_thumbprint(cluster, node) == new for _ in range(TUNNELS))
+        counts = wait_until(lambda: accepted_since(node, before, TUNNELS))
+        assert all(v > before.get(k, 0) for k, v in counts.items()), counts
+        assert "certgate_tunnel_identity_swaps_total 1.0" in node.metrics()
 
         # SIGTERM drains every worker: no new connection, open tunnels relay until they
         # end, then the node and all its workers exit.

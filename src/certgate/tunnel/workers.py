@@ -379,12 +379,13 @@ class Supervisor:
     def use_identity(self, rotated: TunnelState) -> None:
         """A rotated tunnel identity: checked here (a bad one raises and is refused), then
         sent to every worker, and to every worker started later."""
-        data_plane_tls(
+        tls = data_plane_tls(
             [rotated.tunnel_cert, *rotated.tunnel_chain],
             rotated.tunnel_key,
             rotated.device_root,
             self.options.tls_curve,
         )
+        self.service.swap_tls(tls)  # the node's identity_swaps metric
         self._identity = _identity_message(rotated)
         self._broadcast(self._identity)
 
