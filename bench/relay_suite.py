@@ -33,10 +33,17 @@ class RelaySpec:
     note: str
 
 
-def _certgate(loop: str) -> Callable[[World, int], Relay]:
+def _certgate(loop: str, workers: int = 1) -> Callable[[World, int], Relay]:
     def start(world: World, _origin: int) -> Relay:
+        # One worker keeps to the relay's core; more use every core, the load generator's too.
+        cores = world.relay_cores if workers == 1 else world.relay_cores | world.loadgen_cores
         relay = relays.start_certgate(
-            world.sup, world.relay_state, f"certgate-{loop}", loop=loop, cores=world.relay_cores
+            world.sup,
+            world.relay_state,
+            f"certgate-{loop}-{workers}",
+            loop=loop,
+            cores=cores,
+            workers=workers,
         )
         relays.wait_fresh(relay, 1, 60)
         return relay
@@ -59,6 +66,11 @@ def _plain(world: World, origin: int) -> Relay:
 SPECS = (
     RelaySpec("certgate", _certgate("asyncio"), "certgate tunnel run, stdlib asyncio (default)"),
     RelaySpec("certgate-uvloop", _certgate("uvloop"), "certgate tunnel run --loop uvloop"),
+    RelaySpec(
+        "certgate-workers-2",
+        _certgate("asyncio", workers=2),
+        "certgate tunnel run --workers 2, on both cores (the load generator's too)",
+    ),
     RelaySpec("haproxy", _haproxy, "HAProxy, mode tcp, ssl verify required, nbthread 1"),
     RelaySpec("stunnel", _stunnel, "stunnel4, verify = 2"),
     RelaySpec("plain", _plain, "HAProxy, mode tcp, no TLS: the ceiling"),
@@ -76,6 +88,7 @@ def run(world: World) -> dict[str, dict[str, Any]]:
         "relay_throughput": _throughput_result(world, measured),
         "connection_rate": _rate_result(world, measured),
         "event_loop": _loop_result(measured),
+        "workers": _workers_result(measured),
     }
 
 
@@ -258,3 +271,28 @@ def _loop_result(measured: dict[str, Any]) -> dict[str, Any]:
             "probe_storm": m.get("probe_storm"),
         }
     return {"what": "certgate tunnel run on each event loop, same scenarios", "loops": loops}
+
+
+def _workers_result(measured: dict[str, Any]) -> dict[str, Any]:
+    """``--workers 1`` (the "certgate" relay) against ``--workers 2``, per CPU-second of the
+    node's processes together."""
+    rows = {}
+    for workers, name in (("1", "certgate"), ("2", "certgate-workers-2")):
+        m = measured.get(name, {})
+        rate = m.get("rate") or {}
+        rows[workers] = {
+            "failed": m.get("failed"),
+            "mb_per_relay_cpu_s": _get(measured, name, "throughput", "both", "mb_per_relay_cpu_s"),
+            "full_conns_per_relay_cpu_s": (rate.get("full") or {}).get("conns_per_relay_cpu_s"),
+            "full_conns_per_s": (rate.get("full") or {}).get("conns_per_s"),
+            "resumed_conns_per_relay_cpu_s": (rate.get("resumed") or {}).get(
+                "conns_per_relay_cpu_s"
+            ),
+            "rss_mb": m.get("rss_mb"),
+        }
+    what = (
+        "certgate tunnel run --workers 1 and 2; CPU of the supervisor and its workers"
+        " together. On this 2-core machine two workers share the cores with the load"
+        " generator, so compare per CPU-second, not per second."
+    )
+    return {"what": what, "workers": rows}

@@ -57,6 +57,7 @@ def start_certgate(
     *,
     loop: str = "asyncio",
     cores: set[int] | None = None,
+    workers: int = 1,
 ) -> Relay:
     port, per_app, admin = procs.free_port(), procs.free_port(), procs.free_port()
     argv = [
@@ -75,6 +76,8 @@ def start_certgate(
         loop,
         "--drain-s",
         "1",
+        "--workers",
+        str(workers),
     ]
     pinned = {"OPENSSL_CONF": str(env.PIN_FILE)}
     proc = sup.start(name, argv, cores=cores, env_extra=pinned)

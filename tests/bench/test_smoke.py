@@ -34,6 +34,7 @@ SCENARIO_FILES = (
     "relay_throughput",
     "connection_rate",
     "event_loop",
+    "workers",
     "concurrency",
     "table_1m",
     "enforce",
@@ -106,6 +107,14 @@ def test_each_relay_was_measured_beside_haproxy_with_the_same_cipher(results: Pa
     for relay in ("certgate", "haproxy", "stunnel"):
         assert rates[relay]["full"]["connections"] > 0
         assert rates[relay]["resumed"]["resumed"] > 0, "no TLS 1.3 session was resumed"
+
+
+def test_the_tunnel_was_measured_with_one_and_two_workers(results: Path) -> None:
+    rows = _load(results, "workers")["result"]["workers"]
+    for workers in ("1", "2"):
+        assert rows[workers]["failed"] is None, rows[workers]
+        assert _is_number(rows[workers]["mb_per_relay_cpu_s"]), rows[workers]
+        assert _is_number(rows[workers]["full_conns_per_relay_cpu_s"]), rows[workers]
 
 
 def test_both_tunnel_nodes_loaded_the_fleet_and_enforced_every_change(results: Path) -> None:

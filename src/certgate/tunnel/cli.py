@@ -253,11 +253,19 @@ def run(
         ),
     ] = None,
     config_file: ConfigFile = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-plane processes sharing the listeners and one device table "
+            "(default: the usable CPUs); 1 serves from this process."
+        ),
+    ] = None,
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions
     from certgate.tunnel.runner import run as run_tunnel
     from certgate.tunnel.service import Endpoint
+    from certgate.tunnel.workers import usable_cpus
 
     try:
         options = RunOptions(
@@ -268,6 +276,8 @@ def run(
             admin=Endpoint.parse(admin_listen),
             loop=loop,
             drain_s=drain_s,
+            tls_curve=tls_curve,
+            workers=usable_cpus() if workers is None else workers,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:

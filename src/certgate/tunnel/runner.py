@@ -30,6 +30,7 @@ from certgate.tunnel.sync import FeedFollower
 
 log = logging.getLogger("certgate.tunnel")
 LOOPS = ("asyncio", "uvloop")
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,13 @@ class RunOptions:
     drain_s: float = 30.0
     tls_curve: str | None = None  # None: OpenSSL's default group list
     limits: Limits = field(default_factory=Limits)
+    workers: int = 1  # 1: this process serves; more: tunnel.workers (one follower, N servers)
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -60,6 +64,12 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 def run(options: RunOptions) -> None:
     state = load_state(options.state_dir)
     logs.set_context(node=state.node_name, group=state.group_id)
+    if options.workers > 1:
+        from certgate.tunnel.workers import supervise
+
+        with asyncio.Runner() as runner:  # the supervisor serves no data: the stdlib loop
+            runner.run(supervise(state, options))
+        return
     with asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner:
         runner.run(serve(state, options))
 

@@ -80,7 +80,7 @@ from certgate.tunnel.sockets import (
     Watched,
     ip_literal,
 )
-from certgate.tunnel.table import DeviceTable
+from certgate.tunnel.table import TableView
 from certgate.tunnel.udp import UDPLimits, UDPRelay
 
 log = logging.getLogger("certgate.tunnel")
@@ -104,7 +104,7 @@ class TableSource(Protocol):
     """What the data plane needs from sync: the table, the policy and their freshness."""
 
     @property
-    def table(self) -> DeviceTable: ...
+    def table(self) -> TableView: ...
 
     @property
     def policy(self) -> PolicyUpdate: ...

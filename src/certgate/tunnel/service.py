@@ -103,6 +103,7 @@ class TunnelService:
     bound: dict[str, int] = field(default_factory=dict)
     # Listeners whose port came from the policy (not pinned by a flag): name -> policy key.
     ports_from_policy: dict[str, str] = field(default_factory=dict)
+    reuse_port: bool = False  # a worker process: the port is shared (tunnel.workers)
 
     def __post_init__(self) -> None:
         self.shared = Shared(self.gate, self.limits, self.metrics)
@@ -127,6 +128,7 @@ class TunnelService:
                 lambda sock, addr, listener=listener: accept_client(  # type: ignore[misc]
                     self.shared, listener, sock, addr
                 ),
+                reuse_port=self.reuse_port,
             )
             self._register(name, acceptor)
         if self.admin is not None:

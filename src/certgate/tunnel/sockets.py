@@ -216,6 +216,8 @@ class Acceptor:
         port: int,
         on_accept: Callable[[socket.socket, Any], None],
         backlog: int = 1024,
+        *,
+        reuse_port: bool = False,
     ) -> Acceptor:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -223,6 +225,8 @@ class Acceptor:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # worker processes sharing the port (tunnel.workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)

@@ -78,7 +78,7 @@ from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
 
-__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable"]
+__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable", "is_fresh_age"]
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,7 @@ class FeedFollower:
         return (self._clock() if now is None else now) - self._last_exchange
 
     def is_fresh(self, now: float | None = None) -> bool:
-        age = self.age_s(now)
-        # A last exchange far in the future means a broken clock: do not trust it.
-        return age is not None and -CLOCK_SKEW_S <= age < self.max_staleness_s
+        return is_fresh_age(self.age_s(now), self.max_staleness_s)
 
     def status(self) -> dict[str, Any]:
         now = self._clock()
@@ -608,6 +606,13 @@ class FeedFollower:
             self._on_change(change)
         except Exception:  # a broken callback must not stop the sync
             log.exception("on_change callback failed after a %s", change.cause)
+
+
+def is_fresh_age(age: float | None, max_staleness_s: float) -> bool:
+    """Is a list whose last console exchange is ``age`` seconds old fresh? (None: never.)
+    The one home of that rule, for the follower and the workers (``tunnel.workers``)."""
+    # A last exchange far in the future means a broken clock: do not trust it.
+    return age is not None and -CLOCK_SKEW_S <= age < max_staleness_s
 
 
 def _release_free_memory() -> None:
