@@ -140,7 +140,7 @@ def org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Org]:
             access_admin = _ok(
                 admin.post(
                     "/api/v1/admins",
-                    json={"username": "access-svc", "role": "read-only", "group_id": "global"},
+                    json={"username": "access-svc", "role": "access", "group_id": "global"},
                 ),
                 201,
             )
