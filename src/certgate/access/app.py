@@ -298,6 +298,7 @@ async def authorize(request: Request) -> Response:
         params = await _form(request)
     auth = oidc.parse_authorization_request(params, state.clients)
     handle = await state.store.begin(auth)
+    log.info("started sign-in for client %s from %s", auth.client_id, _peer(request.scope))
     target = state.config.certproxy_url.rstrip("/") + oidc.CERT_STEP_PATH
     return _redirect(f"{target}?{urlencode({'req': handle})}")
 
