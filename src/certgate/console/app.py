@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from certgate import errors
 from certgate.console import ui
-from certgate.console.api import admin, compliance, est, public, scep
+from certgate.console.api import access_signin, admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -28,7 +28,17 @@ from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
-ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
+ROUTERS = (
+    device_api,
+    tunnel_api,
+    public,
+    admin,
+    rotation_api,
+    compliance,
+    est,
+    scep,
+    access_signin,
+)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),

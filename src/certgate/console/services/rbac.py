@@ -32,6 +32,7 @@ class Permission(Enum):
     TUNNEL_SETUP = "tunnel:setup"
     TUNNEL_READ = "tunnel:read"
     AUDIT_READ = "audit:read"
+    ACCESS_SIGNIN = "access:signin"
 
 
 P = Permission
@@ -53,6 +54,8 @@ ROLES: dict[str, frozenset[Permission]] = {
         }
     ),
     "read-only": _READ,
+    # Access (certgate.access): reads devices, keeps sign-in transactions for its devices.
+    "access": frozenset({P.DEVICES_READ, P.GROUPS_READ, P.ACCESS_SIGNIN}),
 }
 
 
@@ -103,6 +106,16 @@ def require(session: Session, admin: Admin, permission: Permission, group_id: st
     if not granted & _READ and permission not in granted:
         raise NotFound(f"group {group_id!r} not found")
     raise PermissionDenied(f"role lacks {permission.value} on group {group_id!r}")
+
+
+def require_somewhere(session: Session, admin: Admin, permission: Permission) -> None:
+    """Raise unless ``admin`` holds ``permission`` on some group (for objects that belong to
+    no group yet, such as a sign-in before the device is known)."""
+    bindings = session.execute(
+        select(RoleBinding).where(RoleBinding.admin_id == admin.id)
+    ).scalars()
+    if not any(permission in ROLES.get(b.role, frozenset()) for b in bindings):
+        raise PermissionDenied(f"role lacks {permission.value} on every group")
 
 
 def visible_groups(session: Session, admin: Admin) -> list[Group]:

@@ -373,3 +373,22 @@ class ScepTransaction(Base):
     signer_thumbprint: Mapped[str] = mapped_column(String(64))
     cert_serial: Mapped[str | None] = mapped_column(ForeignKey("certificates.serial"))
     created_at: Mapped[datetime]
+
+
+class AccessSignIn(Base):
+    """An Access sign-in transaction (``services.access_signins``), shared by every Access
+    node. Keyed by the SHA-256 of its handle and of its code: Access sends only the hashes,
+    so neither secret is ever in the console. ``request`` and ``grant`` are the
+    authorization request and the admitted device, as Access describes them."""
+
+    __tablename__ = "access_signins"
+    handle_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    grant: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    group_id: Mapped[str | None] = mapped_column(String(63))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    code_expires_at: Mapped[datetime | None]
+    purge_after: Mapped[datetime] = mapped_column(index=True)
