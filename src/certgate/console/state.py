@@ -43,7 +43,7 @@ class ConsoleState:
     notifier: FeedNotifier
     writer: Writer
     snapshot_pages: SnapshotPages
-    crl_cache: ca.CachedCRL | None = None
+    crl_cache: dict[str, ca.CachedCRL] = field(default_factory=dict)  # by Device Root label
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
     change_watcher: ChangeWatcher | None = None  # started and stopped by the app's lifespan
     checkpointer: Checkpointer | None = None  # likewise

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 
 from certgate.errors import CertgateError, ConfigError
-from certgate.feed import CONSOLE_IDENTITY, TrustUpdate, tunnel_key_context
+from certgate.feed import CONSOLE_IDENTITY, DEVICE_ROOT, TrustUpdate, tunnel_key_context
 from certgate.pki import keywrap
 from certgate.pki.keys import PrivateKey
 from certgate.pki.profiles import RENEWAL_WINDOW
@@ -90,7 +90,14 @@ class NextIdentity:
         """The new identity's: the console identity's or the tunnel identity's."""
         if kind == CONSOLE_IDENTITY:
             return thumbprint(self.state.console_identity)
+        if kind == DEVICE_ROOT:
+            return ",".join(device_root_thumbprints(self.state))
         return self.state.tunnel_thumbprint
+
+
+def device_root_thumbprints(state: TunnelState) -> list[str]:
+    """The Device Roots the node trusts (the console's rotation status reads them)."""
+    return [thumbprint(root) for root in state.device_roots]
 
 
 def _certificate(op: TrustUpdate) -> x509.Certificate:
@@ -105,6 +112,8 @@ def is_current(state: TunnelState, op: TrustUpdate) -> bool:
         return False
     if op.kind == CONSOLE_IDENTITY:
         return cert == state.console_identity
+    if op.kind == DEVICE_ROOT:  # the trust config decides; applying it again is harmless
+        return False
     return thumbprint(cert) == state.tunnel_thumbprint
 
 
@@ -117,6 +126,8 @@ def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
         key = state.tunnel_key
         if op.kind == CONSOLE_IDENTITY:
             files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
+        elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
+            pass
         else:
             files[config.TUNNEL_PEM] = op.certificate.encode()
             key = _opened_key(state, op, cert)

@@ -16,7 +16,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,14 +329,15 @@ def _h11_response(status: int, headers: list[tuple[str, str]], body: bytes) -> b
 def data_plane_tls(
     chain: list[x509.Certificate],
     key: PrivateKey,
-    device_root: x509.Certificate,
+    device_roots: Sequence[x509.Certificate],
     curve: str | None = None,
 ) -> ssl.SSLContext:
-    """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
+    """The listeners' TLS: the tunnel identity; client certs REQUIRED from a Device Root
+    (two during a Device Root rotation)."""
     ctx = server_context(
         chain,
         key,
-        client_cas=[device_root],
+        client_cas=list(device_roots),
         client_auth=ClientAuth.REQUIRED,
         alpn=["http/1.1"],
         anchor_is_issuer=True,

@@ -69,7 +69,7 @@ def trust_payload(
         "console_url": console_url,
         "root": ca.pem(pki.certs[ca.ROOT]),
         "secure_channel_root": ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]),
-        "device_root": ca.pem(pki.certs[ca.DEVICE_ROOT]),
+        "device_root": "".join(ca.pem(c) for c in pki.device_roots()),  # rotation overlap
         "console_identity_thumbprint": thumbprint(console_cert),
         "tunnel_identity_thumbprint": thumbprint(tunnel_cert),
         "feed": {
