@@ -47,6 +47,7 @@ TOKEN_REFERENCE = b"CGP11:"
 # ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
 # still trusted until finish, and one finish retired (kept to sign its CRL).
 CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
 
 
 def role_of(label: str) -> str:
@@ -94,6 +95,8 @@ class InstancePKI:
     token: Token | None = None
     labels: dict[str, str] = field(default_factory=dict)
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
+    _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
+    _checked: float = 0.0  # monotonic time of the last ``refresh`` query
 
     @classmethod
     def load(
@@ -106,7 +109,7 @@ class InstancePKI:
     def reload(self, session: Session) -> None:
         """Read the CA rows again (a Device Root rotation step, maybe by another process).
         Every key is unsealed now: a wrong master key must fail at startup, not later."""
-        rows = session.execute(select(CACert)).scalars().all()
+        rows = session.execute(select(CACert).order_by(CACert.label)).scalars().all()
         current = [r for r in rows if r.status == CURRENT]
         if sorted(role_of(r.label) for r in current) != sorted({ROOT, *INTERMEDIATES}):
             raise PKIError("instance PKI is not initialised; run `certgate console init`")
@@ -120,6 +123,21 @@ class InstancePKI:
         self.certs = {role_of(r.label): loaded[r.label] for r in current}
         self.labels = {role_of(r.label): r.label for r in current}
         self._chain_pems = {}
+        self._statuses = tuple((r.label, r.status) for r in rows)
+        self._checked = time.monotonic()
+
+    def refresh(self, session: Session, max_age_s: float = REFRESH_S) -> None:
+        """Reload if a rotation step (maybe by another process, the CLI) changed the CA
+        rows. Checked at most every ``max_age_s``: one small query, the keys are unsealed
+        again only on a change. Until then the old current CA issues, which every node
+        still trusts: a step never retires what it makes current."""
+        if time.monotonic() - self._checked < max_age_s:
+            return
+        query = select(CACert.label, CACert.status).order_by(CACert.label)
+        statuses = tuple((label, status) for label, status in session.execute(query))
+        self._checked = time.monotonic()
+        if statuses != self._statuses:
+            self.reload(session)
 
     def label(self, role: str) -> str:
         """The row label of the current CA of ``role``."""
@@ -186,6 +204,7 @@ class InstancePKI:
         record: Record,
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign with CA ``ca`` and add the certificate row to ``session``."""
+        self.refresh(session)
         cert = self.authority.issue(self.issuer(ca), profile, names, public_key)
         row = record_certificate(session, cert, self.label(ca), record)
         return cert, row
@@ -200,6 +219,7 @@ class InstancePKI:
         record: Record,
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign the CSR's key and write its row at once (``insert_certificate``)."""
+        self.refresh(session)
         cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
         return cert, insert_certificate(session, cert, self.label(ca), record)
 

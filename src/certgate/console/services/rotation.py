@@ -187,6 +187,7 @@ def prepare(
 ) -> Rotation:
     """Start a rotation: issue the new one and publish it to the group's nodes."""
     _check_kind(kind)
+    pki.refresh(session, 0)  # a step another process made (the CLI) is seen here
     if not timedelta(0) <= overlap <= MAX_OVERLAP:
         raise BadRequest(f"overlap must be 0 to {MAX_OVERLAP.days} days")
     group = get_group(session, group_id)
@@ -232,6 +233,7 @@ def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> R
     identity's old key is kept until finish: the feed up to this step stays signed by it
     (``tunnels.signed_batch``)."""
     rotation = _require_running(session, group_id, kind)
+    pki.refresh(session, 0)
     rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
     rotation.switched_at = ca.now()
     if kind == DEVICE:
@@ -265,6 +267,7 @@ def finish(
     """Stop trusting the old one and revoke it. Refused while a node still depends on it
     or the overlap has not passed since the switch, unless ``force``."""
     rotation = _require_running(session, group_id, kind)
+    pki.refresh(session, 0)
     phase = next_phase(Phase(rotation.phase), RotationPhase.FINISH)
     if not force:
         blockers = _blockers(session, rotation)

@@ -1,0 +1,133 @@
+"""Tests for the Device Root rotation of certgate.console.services.rotation on a real
+console process (both storage backends; this module has its own console, since the
+rotation is instance-wide): prepare trusts both roots, a switch made by the CLI (another
+process) is used by the running console for issuance without a restart, status counts the
+old root's certificates, finish waits for them unless forced, revokes them, retires the
+old root and publishes its CRL; only a top-level superadmin rotates the Device Root."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from typer.testing import CliRunner
+
+from certgate.cli import app
+from certgate.pki.thumbprint import thumbprint
+from tests.support import RunningConsole, make_csr
+from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
+
+pytestmark = pytest.mark.integration  # a real console process
+
+DEVICE_ROOT = "/api/v1/groups/{}/rotations/device-root"
+REFRESH_WAIT_S = 30  # generous: the console checks its CA rows every 5 s (ca.REFRESH_S)
+
+
+def call(console: RunningConsole, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    with console.client(console.admins["root"]) as client:
+        return client.request(method, path, **kwargs)
+
+
+def deliver(console: RunningConsole, credential: str) -> dict[str, Any]:
+    """A new device profile (certificate and chain) for the device of ``credential``."""
+    with console.client(api_key=credential) as client:
+        response = client.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def chain_root(delivered: dict[str, Any]) -> str:
+    return thumbprint(x509.load_pem_x509_certificate(delivered["chain"][0].encode()))
+
+
+def cli(console: RunningConsole, *args: str) -> str:
+    result = CliRunner().invoke(app, ["console", "rotate", *args, "-d", str(console.data_dir)])
+    assert result.exit_code == 0, result.output
+    return str(result.output)
+
+
+def test_only_a_top_level_superadmin_rotates_the_device_root(console: RunningConsole) -> None:
+    group = create_group(console, COMPLIANT)
+    local_admin = console.make_admin("group-super", "superadmin", group)
+    with console.client(local_admin) as client:
+        refused = client.post(DEVICE_ROOT.format(group))
+    assert refused.status_code == 403, refused.text
+    body = refused.json()
+    assert set(body) == {"error", "detail"}
+    assert body["detail"] == "rotating the device-root needs a top-level superadmin"
+
+
+def test_device_root_rotation_prepare_switch_finish(
+    console: RunningConsole, tmp_path: Path
+) -> None:
+    group = create_group(console, COMPLIANT)
+    node = setup_node(console, group, tmp_path / "node-a", "node-a")
+    old_root = thumbprint(node.device_root)
+    laggard = enroll_device(console, group)  # keeps its old-root certificate throughout
+    renewing = enroll_device(console, group)
+
+    started = call(console, "POST", DEVICE_ROOT.format(group), json={"overlap_s": 0})
+    assert started.status_code == 201, started.text
+    shown = started.json()
+    assert (shown["kind"], shown["group_id"], shown["phase"]) == ("device-root", None, "prepared")
+    assert shown["old"]["thumbprint"] == old_root != shown["new"]["thumbprint"]
+    new_root = shown["new"]["thumbprint"]
+    again = call(console, "POST", DEVICE_ROOT.format(group))
+    assert again.status_code == 409 and "already running" in again.json()["detail"]
+
+    # Prepared: a node set up now trusts both roots (the current one first); issuance
+    # still uses the old one.
+    both = setup_node(console, group, tmp_path / "node-b", "node-b")
+    assert [thumbprint(r) for r in both.device_roots] == [old_root, new_root]
+    assert chain_root(deliver(console, renewing.credential)) == old_root
+
+    # Switched by the CLI, another process: the running console issues from the new root
+    # without a restart (it reads its CA rows again within ca.REFRESH_S).
+    assert "switched" in cli(console, "switch", "device-root", group)
+    deadline = time.monotonic() + REFRESH_WAIT_S
+    while chain_root(delivered := deliver(console, renewing.credential)) != new_root:
+        assert time.monotonic() < deadline, "the console still issues from the old root"
+        time.sleep(1)
+    issued = x509.load_pem_x509_certificate(delivered["certificate"].encode())
+    assert issued.issuer == x509.load_pem_x509_certificate(delivered["chain"][0].encode()).subject
+    switched = setup_node(console, group, tmp_path / "node-c", "node-c")
+    assert [thumbprint(r) for r in switched.device_roots] == [new_root, old_root]
+
+    # Status: the old root's certificates still active, per kind, with their devices.
+    status = call(console, "GET", f"/api/v1/groups/{group}/rotations").json()
+    running = next(r for r in status if r["kind"] == "device-root")
+    assert running["devices"]["old_root_certificates"] == {"device": 1}
+    assert running["devices"]["devices"] == [laggard.uid]
+    refused = call(console, "POST", DEVICE_ROOT.format(group) + "/finish")
+    assert refused.status_code == 409, refused.text
+    assert "1 active device certificate(s) of the old Device Root" in refused.json()["detail"]
+    assert laggard.uid in refused.json()["detail"]
+
+    forced = call(console, "POST", DEVICE_ROOT.format(group) + "/finish", params={"force": True})
+    assert forced.status_code == 200 and forced.json()["forced"] is True, forced.text
+
+    # Finished: nodes set up now trust the new root alone; the laggard's certificate and
+    # the old root itself are revoked; the old root's CRL, signed by it, lists the laggard.
+    after = setup_node(console, group, tmp_path / "node-d", "node-d")
+    assert [thumbprint(r) for r in after.device_roots] == [new_root]
+    certs = call(console, "GET", f"/api/v1/groups/{group}/certificates").json()
+    by_thumb = {c["thumbprint"]: c for c in certs}
+    assert by_thumb[laggard.thumbprint]["revoked_at"] is not None
+    with console.client() as client:
+        old_crl = x509.load_der_x509_crl(client.get("/pki/crl/device-root.crl").content)
+        current_crl = x509.load_der_x509_crl(client.get("/pki/device-root.crl").content)
+        unknown = client.get("/pki/crl/device-root@999.crl")
+    assert old_crl.is_signature_valid(node.device_root.public_key())  # type: ignore[arg-type]
+    laggard_serial = int(by_thumb[laggard.thumbprint]["serial"], 16)
+    assert old_crl.get_revoked_certificate_by_serial_number(laggard_serial) is not None
+    new_root_cert = after.device_roots[0]
+    assert current_crl.is_signature_valid(new_root_cert.public_key())  # type: ignore[arg-type]
+    assert current_crl.get_revoked_certificate_by_serial_number(laggard_serial) is None
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error", "detail"}
+    audit = call(console, "GET", "/api/v1/audit", params={"group_id": group}).json()
+    assert {"rotation.prepare", "rotation.finish.forced"} <= {e["action"] for e in audit}
