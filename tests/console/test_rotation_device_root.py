@@ -8,6 +8,7 @@ old root and publishes its CRL; only a top-level superadmin rotates the Device R
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from certgate.cli import app
+from certgate.console import local
+from certgate.console.services import ca, rotation
+from certgate.console.store.models import SealedKey
+from certgate.pki.authority import Names
+from certgate.pki.keys import KeyAlgorithm, generate_key
+from certgate.pki.profiles import DEVICE_CLIENT
 from certgate.pki.thumbprint import thumbprint
+from certgate.pki.token import TokenKey
+from tests.softhsm import PIN_ENV, SoftHSM, shared
 from tests.support import RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
 
@@ -131,3 +140,50 @@ def test_device_root_rotation_prepare_switch_finish(
     assert unknown.status_code == 404 and set(unknown.json()) == {"error", "detail"}
     audit = call(console, "GET", "/api/v1/audit", params={"group_id": group}).json()
     assert {"rotation.prepare", "rotation.finish.forced"} <= {e["action"] for e in audit}
+
+
+@pytest.fixture
+def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
+    softhsm = shared()
+    monkeypatch.setenv(PIN_ENV, softhsm.pin)
+    return softhsm
+
+
+def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
+    hsm: SoftHSM, tmp_path: Path
+) -> None:
+    data_dir, url = tmp_path / "console", "https://127.0.0.1:8443"
+    local.init(data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", 8443, None, hsm.config("rotation"))
+    config = local.load_config(data_dir)
+    db, pki = local.open_db(config)
+    try:
+        with db.transaction() as session:
+            started = rotation.prepare(session, pki, local.TOP_GROUP, "device-root", "test")
+            rotation.switch(session, pki, local.TOP_GROUP, "device-root")
+            new_label = ca.version_label(ca.DEVICE_ROOT, started.id)
+            reference = session.get(SealedKey, f"ca:{new_label}")
+            assert reference is not None
+            assert reference.sealed == ca.TOKEN_REFERENCE + f"ca:{new_label}".encode()
+            leaf, row = pki.issue(
+                session,
+                ca.DEVICE_ROOT,
+                DEVICE_CLIENT,
+                Names("device"),
+                generate_key().public_key(),
+                ca.Record("device"),
+            )
+            assert row.issuer_label == new_label
+        # A console started afterwards finds the new root's key in the token.
+        _, reopened = local.open_db(config)
+        assert isinstance(reopened.issuer(ca.DEVICE_ROOT).key, TokenKey)
+        leaf.verify_directly_issued_by(reopened.certs[ca.DEVICE_ROOT])
+        with db.transaction() as session:
+            rotation.finish(session, pki, local.TOP_GROUP, "device-root", force=True)
+            crl = x509.load_der_x509_crl(
+                ca.device_root_crl(session, pki, timedelta(days=1), ca.DEVICE_ROOT)
+            )
+        old_root = pki.others[ca.DEVICE_ROOT][1]
+        assert pki.others[ca.DEVICE_ROOT][0] == ca.RETIRED
+        assert crl.is_signature_valid(old_root.public_key())  # type: ignore[arg-type]
+    finally:
+        db.dispose()
