@@ -50,6 +50,13 @@ def deliver(console: RunningConsole, credential: str) -> dict[str, Any]:
     return body
 
 
+def profile_version(console: RunningConsole, credential: str) -> int:
+    with console.client(api_key=credential) as client:
+        response = client.get("/api/v1/device")
+    assert response.status_code == 200, response.text
+    return int(response.json()["profile_version"])
+
+
 def chain_root(delivered: dict[str, Any]) -> str:
     return thumbprint(x509.load_pem_x509_certificate(delivered["chain"][0].encode()))
 
@@ -88,6 +95,8 @@ def test_device_root_rotation_prepare_switch_finish(
     new_root = shown["new"]["thumbprint"]
     again = call(console, "POST", DEVICE_ROOT.format(group))
     assert again.status_code == 409 and "already running" in again.json()["detail"]
+    early = call(console, "POST", DEVICE_ROOT.format(group) + "/renew-devices")
+    assert early.status_code == 409 and "after the switch" in early.json()["detail"]
 
     # Prepared: a node set up now trusts both roots (the current one first); issuance
     # still uses the old one.
@@ -106,6 +115,14 @@ def test_device_root_rotation_prepare_switch_finish(
     assert issued.issuer == x509.load_pem_x509_certificate(delivered["chain"][0].encode()).subject
     switched = setup_node(console, group, tmp_path / "node-c", "node-c")
     assert [thumbprint(r) for r in switched.device_roots] == [new_root, old_root]
+
+    # Forced renewal: the device still on the old root is told a newer profile exists
+    # (what its agent renews on); the one already renewed is not.
+    versions = {d.uid: profile_version(console, d.credential) for d in (laggard, renewing)}
+    renewed = call(console, "POST", DEVICE_ROOT.format(group) + "/renew-devices")
+    assert renewed.status_code == 200 and renewed.json() == {"devices": [laggard.uid]}
+    assert profile_version(console, laggard.credential) == versions[laggard.uid] + 1
+    assert profile_version(console, renewing.credential) == versions[renewing.uid]
 
     # Status: the old root's certificates still active, per kind, with their devices.
     status = call(console, "GET", f"/api/v1/groups/{group}/rotations").json()

@@ -1,8 +1,10 @@
 """Rotation API (``services.rotation``): start (prepare), switch, finish, status.
 
 ``POST /api/v1/groups/{g}/rotations/{kind}`` prepares, ``.../{kind}/switch`` switches,
-``.../{kind}/finish`` finishes (``?force=true`` finishes although something still depends
-on the old one; audited as such), ``GET /api/v1/groups/{g}/rotations`` is the status.
+``.../device-root/renew-devices`` makes every device still on the old Device Root fetch a
+new certificate at its agent's next check, ``.../{kind}/finish`` finishes
+(``?force=true`` finishes although something still depends on the old one; audited as
+such), ``GET /api/v1/groups/{g}/rotations`` is the status.
 An instance-wide kind (``device-root``) is reached through any group's path and needs a
 top-level superadmin.
 Every step is audited as ``rotation.<step>`` in the transaction that made it.
@@ -92,3 +94,19 @@ def rotation_finish(
             rotation=finished.id,
         )
         return rotation.describe(session, finished)
+
+
+@router.post("/device-root/renew-devices")
+def rotation_renew_devices(request: Request, group_id: str) -> dict[str, Any]:
+    with admin_tx(request, group_id) as (session, who):
+        _require_writer(session, who.admin, group_id, rotation.DEVICE)
+        uids = rotation.renew_devices(session, state_of(request).pki, group_id)
+        audit.append(
+            session,
+            request.state.actor,
+            "rotation.renew_devices",
+            group_id=group_id,
+            kind=rotation.DEVICE,
+            devices=len(uids),
+        )
+        return {"devices": uids}

@@ -30,7 +30,8 @@ Root under the Root (``ca.new_ca_version``, its key in the PKCS#11 token when th
 instance uses one) and publishes to every group a trust operation whose trust config
 lists both Device Roots: nodes rebuild the data plane's client-CA set and swap it live.
 Switch makes the new one issue (the console reloads its PKI; the old one is "retiring",
-still trusted); devices get new-root certificates at their next renewal. ``status``
+still trusted); devices get new-root certificates at their next renewal, or at once after
+``renew_devices`` (their agents see a newer profile version and fetch one). ``status``
 counts the active certificates of the old root per kind (the device population still
 presenting it); finish waits for none to be left (or ``force``), revokes those left,
 retires the old root (nodes stop trusting it) and its CRL stays published at
@@ -49,7 +50,7 @@ from enum import Enum
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from certgate import jws
@@ -59,6 +60,7 @@ from certgate.console.services.groups import console_key_label, get_group, tunne
 from certgate.console.store.models import (
     CACert,
     Certificate,
+    Device,
     Group,
     GroupIdentity,
     Instance,
@@ -82,6 +84,7 @@ __all__ = [
     "names_changed",
     "next_phase",
     "prepare",
+    "renew_devices",
     "renew_due",
     "status",
     "switch",
@@ -637,3 +640,22 @@ def _device_root_node(node: TunnelNode, old: str, new: str) -> NodeStatus:
         new in trusted,
         presents if trusted else "unknown",
     )
+
+
+def renew_devices(session: Session, pki: ca.InstancePKI, group_id: str) -> list[str]:
+    """The admin forces renewal: every device whose device certificate is still from the
+    old root is told a newer profile exists (its profile version goes up), so its agent
+    fetches one, from the new root, at its next check and uses it live. App certificates
+    need their app to authenticate again (the agent says so). Only once switched."""
+    rotation = _require_running(session, group_id, DEVICE)
+    if rotation.switched_at is None:
+        raise Conflict("renew devices after the switch: until then the old root issues")
+    certs = _old_root_certificates(session, _old_label(session, rotation))
+    uids = sorted({c.device_uid for c in certs if c.kind == "device" and c.device_uid})
+    if uids:
+        session.execute(
+            update(Device)
+            .where(Device.uid.in_(uids))
+            .values(profile_version=Device.profile_version + 1)
+        )
+    return uids
