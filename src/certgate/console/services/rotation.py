@@ -609,7 +609,21 @@ def _old_root_population(session: Session, rotation: Rotation) -> dict[str, Any]
     for cert in certs:
         by_kind[cert.kind] = by_kind.get(cert.kind, 0) + 1
     devices = sorted({c.device_uid for c in certs if c.device_uid})
-    return {"old_root_certificates": by_kind, "devices": devices[:50], "device_count": len(devices)}
+    return {
+        "old_root_certificates": by_kind,
+        "devices": devices[:50],
+        "device_count": len(devices),
+        "live_tunnels": _live_tunnels_of(session, {c.thumbprint for c in certs}),
+    }
+
+
+def _live_tunnels_of(session: Session, thumbprints: set[str]) -> int:
+    """How many live tunnels the nodes last reported with one of these certificates."""
+    live = 0
+    for node in session.execute(select(TunnelNode)).scalars():
+        tunnels = (node.report or {}).get("live") or []
+        live += sum(1 for t in tunnels if t.get("thumbprint") in thumbprints)
+    return live
 
 
 def _device_root_blockers(session: Session, rotation: Rotation) -> list[str]:
