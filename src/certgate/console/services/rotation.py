@@ -275,8 +275,9 @@ def finish(
     if not force:
         blockers = _blockers(session, rotation)
         if blockers:
+            what = "Device Root" if kind == DEVICE else "identity"
             raise Conflict(
-                "the old identity is still needed: " + "; ".join(blockers) + " (or --force)"
+                f"the old {what} is still needed: " + "; ".join(blockers) + " (or --force)"
             )
     rotation.phase, rotation.finished_at, rotation.forced = phase.value, ca.now(), force
     ca.revoke(session, rotation.old_serial, "superseded")
