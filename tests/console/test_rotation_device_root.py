@@ -129,6 +129,14 @@ def test_device_root_rotation_prepare_switch_finish(
     running = next(r for r in status if r["kind"] == "device-root")
     assert running["devices"]["old_root_certificates"] == {"device": 1}
     assert running["devices"]["devices"] == [laggard.uid]
+    # Each group's status shows its own nodes and devices only.
+    other = create_group(console, COMPLIANT)
+    setup_node(console, other, tmp_path / "node-z", "node-z")
+    theirs = call(console, "GET", f"/api/v1/groups/{other}/rotations").json()
+    seen = next(r for r in theirs if r["kind"] == "device-root")
+    assert [n["name"] for n in seen["nodes"]] == ["node-z"]
+    assert seen["devices"]["devices"] == [] and laggard.uid not in str(seen["blockers"])
+    assert "node-z" not in {n["name"] for n in running["nodes"]}
     refused = call(console, "POST", DEVICE_ROOT.format(group) + "/finish")
     assert refused.status_code == 409, refused.text
     assert "1 active device certificate(s) of the old Device Root" in refused.json()["detail"]

@@ -431,12 +431,14 @@ def _node_status(node: TunnelNode, rotation: Rotation, old: str, new: str) -> No
     )
 
 
-def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
+def _nodes(session: Session, rotation: Rotation, scope: str | None = None) -> list[NodeStatus]:
     old = session.get(Certificate, rotation.old_serial)
     new = session.get(Certificate, rotation.new_serial)
     assert old is not None and new is not None  # FK-enforced
-    if rotation.kind == DEVICE:  # every node of the instance
+    if rotation.kind == DEVICE:  # every node of the instance, or of the group ``scope``
         query = select(TunnelNode).order_by(TunnelNode.group_id, TunnelNode.name)
+        if scope is not None:
+            query = query.where(TunnelNode.group_id == scope)
         rows = session.execute(query).scalars()
         return [_device_root_node(n, old.thumbprint, new.thumbprint) for n in rows]
     rows = session.execute(
@@ -445,10 +447,11 @@ def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
     return [_node_status(n, rotation, old.thumbprint, new.thumbprint) for n in rows]
 
 
-def _blockers(session: Session, rotation: Rotation) -> list[str]:
-    """Who or what still depends on the old one (empty: finish may proceed)."""
+def _blockers(session: Session, rotation: Rotation, scope: str | None = None) -> list[str]:
+    """Who or what still depends on the old one (empty: finish may proceed); ``scope``: of
+    one group only (an instance-wide rotation shown to that group's admins)."""
     if rotation.kind == DEVICE:
-        blockers = _device_root_blockers(session, rotation)
+        blockers = _device_root_blockers(session, rotation, scope)
     else:
         depends = "presents" if rotation.kind == TUNNEL else "pins"
         blockers = [
@@ -463,8 +466,10 @@ def _blockers(session: Session, rotation: Rotation) -> list[str]:
     return blockers
 
 
-def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
-    """A rotation as the API and CLI show it, with its nodes and what blocks finish."""
+def describe(session: Session, rotation: Rotation, scope: str | None = None) -> dict[str, Any]:
+    """A rotation as the API and CLI show it, with its nodes and what blocks finish
+    (``scope``: an instance-wide rotation as one group sees it, its own nodes and
+    devices only)."""
     old = session.get(Certificate, rotation.old_serial)
     new = session.get(Certificate, rotation.new_serial)
     assert old is not None and new is not None  # FK-enforced
@@ -482,9 +487,11 @@ def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
         "switched_at": _iso(rotation.switched_at),
         "finished_at": _iso(rotation.finished_at),
         "forced": rotation.forced,
-        "nodes": [n.to_dict() for n in _nodes(session, rotation)] if running else [],
-        "devices": _old_root_population(session, rotation) if rotation.kind == DEVICE else {},
-        "blockers": _blockers(session, rotation) if running else [],
+        "nodes": [n.to_dict() for n in _nodes(session, rotation, scope)] if running else [],
+        "devices": (
+            _old_root_population(session, rotation, scope) if rotation.kind == DEVICE else {}
+        ),
+        "blockers": _blockers(session, rotation, scope) if running else [],
     }
 
 
@@ -501,7 +508,7 @@ def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, A
         .order_by(Rotation.id.desc())
         .limit(limit)
     ).scalars()
-    return [describe(session, r) for r in rows]
+    return [describe(session, r, group_id) for r in rows]
 
 
 # Device Root (one per instance)
@@ -581,17 +588,18 @@ def _publish_device_root(
     return seq
 
 
-def _old_root_certificates(session: Session, label: str) -> list[Certificate]:
-    return list(
-        session.execute(
-            select(Certificate).where(
-                Certificate.issuer_label == label,
-                Certificate.kind.in_(CLIENT_KINDS),
-                Certificate.revoked_at.is_(None),
-                Certificate.not_after > ca.now(),
-            )
-        ).scalars()
+def _old_root_certificates(
+    session: Session, label: str, scope: str | None = None
+) -> list[Certificate]:
+    query = select(Certificate).where(
+        Certificate.issuer_label == label,
+        Certificate.kind.in_(CLIENT_KINDS),
+        Certificate.revoked_at.is_(None),
+        Certificate.not_after > ca.now(),
     )
+    if scope is not None:
+        query = query.where(Certificate.group_id == scope)
+    return list(session.execute(query).scalars())
 
 
 def _old_label(session: Session, rotation: Rotation) -> str:
@@ -603,9 +611,11 @@ def _old_label(session: Session, rotation: Rotation) -> str:
     raise NotFound(f"no CA row holds the old Device Root {rotation.old_serial}")
 
 
-def _old_root_population(session: Session, rotation: Rotation) -> dict[str, Any]:
+def _old_root_population(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> dict[str, Any]:
     """The device population still holding active certificates of the old root, by kind."""
-    certs = _old_root_certificates(session, _old_label(session, rotation))
+    certs = _old_root_certificates(session, _old_label(session, rotation), scope)
     by_kind: dict[str, int] = {}
     for cert in certs:
         by_kind[cert.kind] = by_kind.get(cert.kind, 0) + 1
@@ -614,23 +624,28 @@ def _old_root_population(session: Session, rotation: Rotation) -> dict[str, Any]
         "old_root_certificates": by_kind,
         "devices": devices[:50],
         "device_count": len(devices),
-        "live_tunnels": _live_tunnels_of(session, {c.thumbprint for c in certs}),
+        "live_tunnels": _live_tunnels_of(session, {c.thumbprint for c in certs}, scope),
     }
 
 
-def _live_tunnels_of(session: Session, thumbprints: set[str]) -> int:
+def _live_tunnels_of(session: Session, thumbprints: set[str], scope: str | None) -> int:
     """How many live tunnels the nodes last reported with one of these certificates."""
+    query = select(TunnelNode)
+    if scope is not None:
+        query = query.where(TunnelNode.group_id == scope)
     live = 0
-    for node in session.execute(select(TunnelNode)).scalars():
+    for node in session.execute(query).scalars():
         tunnels = (node.report or {}).get("live") or []
         live += sum(1 for t in tunnels if t.get("thumbprint") in thumbprints)
     return live
 
 
-def _device_root_blockers(session: Session, rotation: Rotation) -> list[str]:
+def _device_root_blockers(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> list[str]:
     if rotation.finished_at is not None:
         return []
-    population = _old_root_population(session, rotation)
+    population = _old_root_population(session, rotation, scope)
     blockers = [
         f"{count} active {kind} certificate(s) of the old Device Root"
         f" (devices: {', '.join(population['devices'][:5])})"
@@ -638,7 +653,7 @@ def _device_root_blockers(session: Session, rotation: Rotation) -> list[str]:
     ]
     blockers += [
         f"node {n.name} does not trust the new Device Root yet (last seen {n.last_seen_at})"
-        for n in _nodes(session, rotation)
+        for n in _nodes(session, rotation, scope)
         if not n.has_new
     ]
     return blockers
