@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certgate.addresses import ListenAddress
 from certgate.feed import PolicyUpdate
+from certgate.pki import expiry
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
@@ -294,12 +295,9 @@ class TunnelService:
 
 def renewal_warnings(sync: dict[str, Any]) -> list[str]:
     """A line for each certificate in use that is within its renewal window."""
-    return [
-        f"{cert['name']} expires in {cert['expires_in_s'] // 86400} days: rotate it"
-        f" (certgate console rotate {cert['name']} ...)"
-        for cert in sync.get("certificates", [])
-        if cert["renewal_due"]
-    ]
+    return expiry.warnings(
+        sync.get("certificates", []), "rotate it (certgate console rotate {name} ...)"
+    )
 
 
 async def _read_target(reader: asyncio.StreamReader) -> str:
