@@ -37,6 +37,8 @@ class ConsoleConfig:
     # besides the file ("" none, "/dev/log" or another socket path, or "host:port" UDP).
     audit_checkpoint_s: float = 60.0
     audit_syslog: str = ""
+    # Renewal before expiry inside the console (console/renewer.py): how often; 0: never.
+    renew_interval_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -52,6 +54,8 @@ class ConsoleConfig:
             raise ConfigError("long-poll maximum must be 1-300 s")
         if not 1 <= self.audit_checkpoint_s <= 24 * 3600:
             raise ConfigError("audit checkpoint interval must be 1 s to 24 h")
+        if self.renew_interval_s != 0 and not 10 <= self.renew_interval_s <= 7 * 24 * 3600:
+            raise ConfigError("renewal interval must be 0 (off) or 10 s to 7 days")
         self.syslog_address()  # validated now, used by the checkpointer
         self.pkcs11  # noqa: B018 - validates the token settings now, at startup
 

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from certgate.console.api.deps import state_of
 from certgate.console.services import ca
 from certgate.errors import NotFound
+from certgate.pki import expiry
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz(request: Request) -> dict[str, Any]:
+    """Up; the certificates the console presents or issues with and their time to
+    expiry, and a warning for each within its renewal window (``pki.expiry``, the rule the
+    nodes use)."""
+    certs = [c.to_dict() for c in state_of(request).certificates_in_use(time.time())]
+    return {
+        "status": "ok",
+        "certificates": certs,
+        "warnings": expiry.warnings(
+            certs,
+            "renew it (the console renews its TLS certificate"
+            " and the group identities itself; CAs: certgate console rotate {name} ...)",
+        ),
+    }
 
 
 @router.get("/pki/root.pem", response_class=Response)
