@@ -129,6 +129,8 @@ def test_device_root_rotation_prepare_switch_finish(
     running = next(r for r in status if r["kind"] == "device-root")
     assert running["devices"]["old_root_certificates"] == {"device": 1}
     assert running["devices"]["devices"] == [laggard.uid]
+    shown = " ".join(cli(console, "status", group).split())
+    assert "old-root certificates still active: 1 device (1 devices, 0 live tunnels)" in shown
     # Each group's status shows its own nodes and devices only.
     other = create_group(console, COMPLIANT)
     setup_node(console, other, tmp_path / "node-z", "node-z")

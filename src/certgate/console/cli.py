@@ -837,6 +837,13 @@ def print_rotation(shown: dict[str, Any]) -> None:
             f"  node {escape(node['name'])}: has new={node['has_new']}"
             f" presents={node['presents']} last seen {node['last_seen_at']}"
         )
+    devices = shown.get("devices") or {}
+    if devices:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(devices["old_root_certificates"].items()))
+        out.print(
+            f"  old-root certificates still active: {kinds or 'none'}"
+            f" ({devices['device_count']} devices, {devices['live_tunnels']} live tunnels)"
+        )
     for blocker in shown["blockers"]:
         out.print(f"  finish waits: {escape(blocker)}")
 
