@@ -154,7 +154,9 @@ class InstancePKI:
         return [self.certs[DEVICE_ROOT], *extra]
 
     def issuer_of(self, label: str) -> Issuer:
-        """The CA of row ``label``, current or not (a retired one signs only its CRL)."""
+        """The CA of row ``label``, current or not (a retired one signs only its CRL). A
+        label read before a concurrent reload still finds its own CA (then in ``others``);
+        ``Authority`` refuses a certificate and key that do not match."""
         if label in self.others:
             _, cert, key = self.others[label]
             return Issuer(cert, key)
@@ -205,8 +207,9 @@ class InstancePKI:
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign with CA ``ca`` and add the certificate row to ``session``."""
         self.refresh(session)
-        cert = self.authority.issue(self.issuer(ca), profile, names, public_key)
-        row = record_certificate(session, cert, self.label(ca), record)
+        label = self.label(ca)  # the row recorded is the one that signs, whatever reloads
+        cert = self.authority.issue(self.issuer_of(label), profile, names, public_key)
+        row = record_certificate(session, cert, label, record)
         return cert, row
 
     def issue_from_csr(
@@ -220,8 +223,9 @@ class InstancePKI:
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign the CSR's key and write its row at once (``insert_certificate``)."""
         self.refresh(session)
-        cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
-        return cert, insert_certificate(session, cert, self.label(ca), record)
+        label = self.label(ca)  # as in ``issue``
+        cert = self.authority.issue_from_csr(self.issuer_of(label), profile, names, csr_pem)
+        return cert, insert_certificate(session, cert, label, record)
 
 
 def certificate_values(cert: x509.Certificate, ca: str, record: Record) -> dict[str, Any]:
