@@ -81,7 +81,7 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     tls = data_plane_tls(
         [state.tunnel_cert, *state.tunnel_chain],
         state.tunnel_key,
-        state.device_root,
+        state.device_roots,
         options.tls_curve,
     )
     service = TunnelService(
@@ -106,7 +106,7 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
             data_plane_tls(
                 [rotated.tunnel_cert, *rotated.tunnel_chain],
                 rotated.tunnel_key,
-                rotated.device_root,
+                rotated.device_roots,
                 options.tls_curve,
             )
         )
