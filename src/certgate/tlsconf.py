@@ -1,4 +1,6 @@
-"""SSLContext factories: the one place for protocol versions, ciphers and verification.
+"""TLS context factories: the one place for protocol versions, ciphers, groups and
+verification, for Python's ``ssl`` and for pyOpenSSL (the OpenSSL of the cryptography
+wheel, which the data plane can use: ``pyopenssl_server_context``).
 
 TLS 1.2 is the floor; TLS 1.2 suites are restricted to ECDHE with AEAD ciphers (TLS 1.3
 suites are AEAD by definition). Compression and renegotiation are off.
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ossl
 
 from certgate.pki.keys import PrivateKey, private_key_pem
 
@@ -48,6 +52,77 @@ def set_curve(ctx: ssl.SSLContext, curve: str) -> None:
     if curve not in CURVES:
         raise ValueError(f"unsupported curve {curve!r}; one of {', '.join(CURVES)}")
     ctx.set_ecdh_curve(curve)
+
+
+# Key-exchange groups offered and accepted: X25519, P-256 and P-384 (Mozilla's
+# "intermediate"); never FFDHE, X448 or P-521.
+GROUPS = "X25519:P-256:P-384"
+
+
+class Resumption(Enum):
+    """How a pyOpenSSL server resumes sessions (bench/FINDINGS.md compares them)."""
+
+    TICKET = "ticket"  # stateless: the session sealed into a ticket the client keeps
+    CACHE = "cache"  # stateful: the session kept here, the client holds only its id
+
+
+SESSION_CACHE_LIFETIME_S = 2 * 3600  # a resumed session skips the chain check: keep it short
+# OpenSSL's built-in cache bound (SSL_SESSION_CACHE_MAX_SIZE_DEFAULT, 20 * 1024 sessions):
+# the least recently used are evicted beyond it. pyOpenSSL cannot change it.
+SESSION_CACHE_SIZE = 20 * 1024
+
+
+def pyopenssl_server_context(
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    *,
+    client_cas: Sequence[x509.Certificate],
+    session_id: bytes,
+    alpn: bytes | None = None,
+    curve: str | None = None,
+    resumption: Resumption = Resumption.TICKET,
+) -> SSL.Context:
+    """The pyOpenSSL twin of ``server_context(client_auth=REQUIRED, anchor_is_issuer=True)``:
+    the same versions, suites and options; client certificates required and verified
+    against ``client_cas`` alone (partial chains: only a certificate they issued verifies).
+    The key is loaded from memory, never written anywhere. ``session_id`` is the
+    session-id context, without which OpenSSL resumes nothing when it verifies clients.
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_AEAD_CIPHERS.encode())
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    set_groups(ctx, curve or GROUPS)
+    ctx.use_certificate(chain[0])
+    for cert in chain[1:]:
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
+    for ca in client_cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    ctx.set_session_id(session_id)
+    ctx.set_timeout(SESSION_CACHE_LIFETIME_S)
+    if resumption is Resumption.CACHE:
+        ctx.set_options(SSL.OP_NO_TICKET)  # TLS 1.3 then sends tickets naming cache entries
+    if alpn is not None:
+        ctx.set_alpn_select_callback(lambda _conn, offered: _select(alpn, offered))
+    return ctx
+
+
+def _select(ours: bytes, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
+    return ours if ours in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> None:
+    """Restrict key exchange to ``groups`` (colon-separated OpenSSL group names)."""
+    if _ossl.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+        raise ValueError(f"unsupported key-exchange groups {groups!r}")
 
 
 def load_identity(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:

@@ -70,10 +70,11 @@ def source(clients: dict[str, Client]) -> StaticSource:
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def tunnel(
-    pki: PKI, source: StaticSource, request: pytest.FixtureRequest
+    pki: PKI, source: StaticSource, backend: str, request: pytest.FixtureRequest
 ) -> Iterator[ServiceThread]:
-    """The data plane on each event loop: every test using it runs on both."""
-    with ServiceThread(make_service(pki, source), loop=request.param) as running:
+    """The data plane on each event loop and TLS backend: every test using it runs on all."""
+    service = make_service(pki, source, backend=backend)
+    with ServiceThread(service, loop=request.param) as running:
         yield running
 
 
@@ -346,10 +347,10 @@ def test_stale_table_fails_closed(
 
 
 def test_server_rules_deny_destination(
-    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client], backend: str
 ) -> None:
     rules = {"default": "allow", "rules": [{"action": "deny", "cidrs": ["127.0.0.0/8"]}]}
-    with ServiceThread(make_service(pki, source, rules)) as tunnel:
+    with ServiceThread(make_service(pki, source, rules, backend=backend)) as tunnel:
         request = f"CONNECT localhost:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         answer = connect_request(
             tunnel.service.bound["proxy"],
@@ -416,8 +417,12 @@ def test_oversized_head_is_431(pki: PKI, tunnel: ServiceThread, clients: dict[st
     assert answer.startswith(b"HTTP/1.1 431")
 
 
-def test_slow_head_times_out(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
-    with ServiceThread(make_service(pki, source, limits=Limits(header_timeout_s=0.5))) as tunnel:
+def test_slow_head_times_out(
+    pki: PKI, source: StaticSource, clients: dict[str, Client], backend: str
+) -> None:
+    with ServiceThread(
+        make_service(pki, source, limits=Limits(header_timeout_s=0.5), backend=backend)
+    ) as tunnel:
         answer = connect_request(
             tunnel.service.bound["proxy"],
             tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
@@ -426,8 +431,12 @@ def test_slow_head_times_out(pki: PKI, source: StaticSource, clients: dict[str, 
     assert answer.startswith(b"HTTP/1.1 408")
 
 
-def test_connection_limit(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
-    with ServiceThread(make_service(pki, source, limits=Limits(max_connections=1))) as tunnel:
+def test_connection_limit(
+    pki: PKI, source: StaticSource, clients: dict[str, Client], backend: str
+) -> None:
+    with ServiceThread(
+        make_service(pki, source, limits=Limits(max_connections=1), backend=backend)
+    ) as tunnel:
         ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
         port = tunnel.service.bound["proxy"]
         with (
@@ -468,9 +477,9 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
 
 
 def test_graceful_shutdown_drains_open_tunnels(
-    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client], backend: str
 ) -> None:
-    running = ServiceThread(make_service(pki, source))
+    running = ServiceThread(make_service(pki, source, backend=backend))
     running.__enter__()
     port = running.service.bound["proxy"]
     ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)

@@ -248,9 +248,16 @@ def run(
         str | None,
         typer.Option(
             help="Pin one key-exchange curve (prime256v1, secp384r1, X25519); "
-            "default: OpenSSL's list."
+            "default: X25519, P-256 and P-384."
         ),
     ] = None,
+    tls_backend: Annotated[
+        str,
+        typer.Option(
+            help="TLS library of the data plane: pyopenssl (default: OpenSSL of the "
+            "cryptography wheel, faster) or ssl (Python's, the system OpenSSL)."
+        ),
+    ] = "pyopenssl",
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions
@@ -266,6 +273,8 @@ def run(
             admin=Endpoint.parse(admin_listen),
             loop=loop,
             drain_s=drain_s,
+            tls_curve=tls_curve,
+            tls_backend=tls_backend,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:

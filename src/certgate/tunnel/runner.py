@@ -24,7 +24,13 @@ from certgate.heap import freeze_startup_heap
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
-from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.service import (
+    DEFAULT_TLS_BACKEND,
+    TLS_BACKENDS,
+    Endpoint,
+    TunnelService,
+    data_plane_tls,
+)
 from certgate.tunnel.sync import FeedFollower
 
 log = logging.getLogger("certgate.tunnel")
@@ -40,12 +46,17 @@ class RunOptions:
     admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9102))
     loop: str = "asyncio"
     drain_s: float = 30.0
-    tls_curve: str | None = None  # None: OpenSSL's default group list
+    tls_curve: str | None = None  # None: tlsconf.GROUPS
+    tls_backend: str = DEFAULT_TLS_BACKEND
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
+        if self.tls_backend not in TLS_BACKENDS:
+            raise ConfigError(
+                f"TLS backend must be one of {TLS_BACKENDS}, got {self.tls_backend!r}"
+            )
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -71,6 +82,7 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
         state.tunnel_key,
         state.device_root,
         options.tls_curve,
+        options.tls_backend,
     )
     service = TunnelService(
         Gate(state.group_id, follower),
@@ -96,6 +108,7 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
                 rotated.tunnel_key,
                 rotated.device_root,
                 options.tls_curve,
+                options.tls_backend,
             )
         )
 
@@ -116,11 +129,12 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
     report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
     frozen = freeze_startup_heap()  # full collections stop traversing start-up (certgate.heap)
     log.info(
-        "tunnel node %s of group %s serving (loop=%s; %d start-up objects left out of"
-        " garbage collection)",
+        "tunnel node %s of group %s serving (loop=%s, tls=%s; %d start-up objects left out"
+        " of garbage collection)",
         state.node_name,
         state.group_id,
         options.loop,
+        options.tls_backend,
         frozen,
     )
     await stop.wait()

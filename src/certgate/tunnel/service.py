@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,12 +27,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from certgate.addresses import ListenAddress
 from certgate.feed import PolicyUpdate
 from certgate.pki.keys import PrivateKey
-from certgate.tlsconf import ClientAuth, server_context
+from certgate.tlsconf import ClientAuth, pyopenssl_server_context, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
 from certgate.tunnel.persist import atomic_write
 from certgate.tunnel.server import Gate, Limits, Listener, Phase, Shared, accept_client
-from certgate.tunnel.sockets import Acceptor
+from certgate.tunnel.sockets import Acceptor, PyOpenSSLServerTLS, ServerTLS, StdlibServerTLS
 from certgate.tunnel.sync import FeedChange
 
 log = logging.getLogger("certgate.tunnel")
@@ -45,6 +44,9 @@ ADMIN_MAX_REQUEST = 8 * 1024
 # client resuming one connection at a time needs (every resumption brings a new ticket),
 # and RFC 8446 appendix C.4 asks clients to use each ticket once.
 TLS13_TICKETS = 1
+TLS_BACKENDS = ("pyopenssl", "ssl")
+DEFAULT_TLS_BACKEND = "pyopenssl"  # faster handshakes (OpenSSL 4 against 3.0): bench/FINDINGS.md
+SESSION_ID_CONTEXT = b"certgate-tunnel-data-plane"
 
 
 Endpoint = ListenAddress  # the data plane's name for a listen address
@@ -91,7 +93,7 @@ def moved_ports(
 @dataclass
 class TunnelService:
     gate: Gate
-    tls: ssl.SSLContext
+    tls: ServerTLS
     proxy: Endpoint | None
     per_app: Endpoint | None
     admin: Endpoint | None = None
@@ -140,7 +142,7 @@ class TunnelService:
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
 
-    def swap_tls(self, tls: ssl.SSLContext) -> None:
+    def swap_tls(self, tls: ServerTLS) -> None:
         """Serve new connections with ``tls`` (built aside by the caller); connections
         open now keep the context they were accepted with, so none is closed."""
         self.tls = tls
@@ -331,8 +333,24 @@ def data_plane_tls(
     key: PrivateKey,
     device_root: x509.Certificate,
     curve: str | None = None,
-) -> ssl.SSLContext:
-    """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
+    backend: str = DEFAULT_TLS_BACKEND,
+) -> ServerTLS:
+    """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root.
+    ``backend``: Python's ``ssl`` or pyOpenSSL, with the same versions, suites, groups and
+    verification."""
+    if backend == "pyopenssl":
+        return PyOpenSSLServerTLS(
+            pyopenssl_server_context(
+                chain,
+                key,
+                client_cas=[device_root],
+                session_id=SESSION_ID_CONTEXT,
+                alpn=b"http/1.1",
+                curve=curve,
+            )
+        )
+    if backend != "ssl":
+        raise ValueError(f"TLS backend must be one of {TLS_BACKENDS}, got {backend!r}")
     ctx = server_context(
         chain,
         key,
@@ -343,4 +361,4 @@ def data_plane_tls(
         curve=curve,
     )
     ctx.num_tickets = TLS13_TICKETS
-    return ctx
+    return StdlibServerTLS(ctx)
