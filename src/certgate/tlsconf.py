@@ -8,6 +8,8 @@ suites are AEAD by definition). Compression and renegotiation are off.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import secrets
 import ssl
 import tempfile
@@ -41,10 +43,7 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 
-# Key exchange groups: OpenSSL 3's default list (X25519, P-256, X448, P-521, P-384, all of
-# 128-bit security or more) unless a single named curve is required, e.g. prime256v1 for
-# FIPS-style deployments. Python 3.11's ssl can pin one curve (for TLS 1.2 and 1.3 alike),
-# not set a list.
+# One curve can be pinned instead of GROUPS, e.g. prime256v1 for FIPS-style deployments.
 CURVES = ("prime256v1", "secp384r1", "X25519")
 
 
@@ -125,6 +124,39 @@ def set_groups(ctx: SSL.Context, groups: str) -> None:
         raise ValueError(f"unsupported key-exchange groups {groups!r}")
 
 
+_SSL_CTRL_SET_GROUPS_LIST = 92  # OpenSSL ssl.h; SSL_CTX_set1_groups_list is a macro over it
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The OpenSSL that Python's ``ssl`` is linked to (found through ``_ssl``'s own
+    dependencies, so never a different copy)."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def set_stdlib_groups(ctx: ssl.SSLContext, groups: str = GROUPS) -> None:
+    """Restrict an ``ssl.SSLContext``'s key exchange to ``groups``.
+
+    Python 3.11's ``ssl`` can pin one curve, not set a list, and an OpenSSL config file
+    (OPENSSL_CONF) is read when ``ssl`` is first imported, before any of our code runs.
+    So the list is set on the context's SSL_CTX (the pointer that follows the object
+    header of CPython's PySSLContext) through the same libssl. The pointer is checked
+    first, by reading the options back: a different layout refuses to start rather than
+    serve with OpenSSL's default groups.
+    """
+    lib = _libssl()
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != ctx.options:
+        raise RuntimeError("cannot reach this Python's SSL_CTX to restrict key exchange")
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode()) != 1:
+        raise ValueError(f"unsupported key-exchange groups {groups!r}")
+
+
 def load_identity(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:
     """Load a certificate chain and key without ever writing the key in clear to disk.
 
@@ -160,6 +192,7 @@ def server_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_stdlib_groups(ctx)
     load_identity(ctx, chain, key)
     ctx.verify_mode = client_auth.value
     if client_cas:

@@ -33,6 +33,7 @@ from certgate.tunnel.server import Limits
 from certgate.tunnel.service import data_plane_tls
 from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
+from tests.tlsgroups import REFUSED, SERVED, negotiated_group
 from tests.tunnel.dataplane import (
     APP,
     GROUP,
@@ -675,3 +676,15 @@ def test_a_swapped_identity_serves_new_connections_and_keeps_open_ones(
         while PAGE not in answer and (chunk := before.recv(65536)):
             answer += chunk
         assert PAGE in answer
+
+
+@pytest.mark.parametrize("group", [*SERVED, *REFUSED])
+def test_key_exchange_groups(tunnel: ServiceThread, clients: dict[str, Client], group: str) -> None:
+    # X25519, P-256 and P-384 only (Mozilla "intermediate"), on both backends.
+    client = clients["app"]
+    port = tunnel.service.bound["proxy"]
+    used = negotiated_group(port, group, cert=client.cert_path, key=client.key_path)
+    if group in SERVED:
+        assert used is not None and SERVED[group] in used, used
+    else:
+        assert used is None, used
