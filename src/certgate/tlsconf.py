@@ -58,17 +58,9 @@ def set_curve(ctx: ssl.SSLContext, curve: str) -> None:
 GROUPS = "X25519:P-256:P-384"
 
 
-class Resumption(Enum):
-    """How a pyOpenSSL server resumes sessions (bench/FINDINGS.md compares them)."""
-
-    TICKET = "ticket"  # stateless: the session sealed into a ticket the client keeps
-    CACHE = "cache"  # stateful: the session kept here, the client holds only its id
-
-
-SESSION_CACHE_LIFETIME_S = 2 * 3600  # a resumed session skips the chain check: keep it short
-# OpenSSL's built-in cache bound (SSL_SESSION_CACHE_MAX_SIZE_DEFAULT, 20 * 1024 sessions):
-# the least recently used are evicted beyond it. pyOpenSSL cannot change it.
-SESSION_CACHE_SIZE = 20 * 1024
+# How long a resumable session lives (TLS 1.3 ticket lifetime, OpenSSL's session timeout):
+# a resumed session skips the chain check (never admission), so keep it short.
+SESSION_LIFETIME_S = 2 * 3600
 
 
 def pyopenssl_server_context(
@@ -79,13 +71,16 @@ def pyopenssl_server_context(
     session_id: bytes,
     alpn: bytes | None = None,
     curve: str | None = None,
-    resumption: Resumption = Resumption.TICKET,
 ) -> SSL.Context:
     """The pyOpenSSL twin of ``server_context(client_auth=REQUIRED, anchor_is_issuer=True)``:
     the same versions, suites and options; client certificates required and verified
     against ``client_cas`` alone (partial chains: only a certificate they issued verifies).
     The key is loaded from memory, never written anywhere. ``session_id`` is the
     session-id context, without which OpenSSL resumes nothing when it verifies clients.
+
+    Resumption is by stateless tickets (OpenSSL's default two per full handshake; pyOpenSSL
+    cannot set the number), not a stateful session cache: a cache was no cheaper and loses
+    every session whose connection ends without our close_notify (bench/FINDINGS.md).
     """
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -106,9 +101,7 @@ def pyopenssl_server_context(
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     ctx.set_session_id(session_id)
-    ctx.set_timeout(SESSION_CACHE_LIFETIME_S)
-    if resumption is Resumption.CACHE:
-        ctx.set_options(SSL.OP_NO_TICKET)  # TLS 1.3 then sends tickets naming cache entries
+    ctx.set_timeout(SESSION_LIFETIME_S)
     if alpn is not None:
         ctx.set_alpn_select_callback(lambda _conn, offered: _select(alpn, offered))
     return ctx
