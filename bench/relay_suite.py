@@ -1,8 +1,9 @@
 """Scenarios 1 and 2: relay throughput and new connections per second, beside the anchors.
 
 Relays run one at a time on the relay core, the load generator and the origin on the other
-core. certgate runs twice, on the stdlib asyncio loop (the default) and on uvloop, which
-is also the event-loop comparison. A relay that dies is recorded as a crash, with its exit
+core. certgate runs three times: with each TLS backend (pyOpenSSL, the default, and Python's
+``ssl``) on the stdlib asyncio loop, and with pyOpenSSL on uvloop, which is also the
+event-loop comparison. A relay that dies is recorded as a crash, with its exit
 status and log tail, and the run goes on.
 """
 
@@ -33,10 +34,15 @@ class RelaySpec:
     note: str
 
 
-def _certgate(loop: str) -> Callable[[World, int], Relay]:
+def _certgate(loop: str, tls_backend: str = "pyopenssl") -> Callable[[World, int], Relay]:
     def start(world: World, _origin: int) -> Relay:
         relay = relays.start_certgate(
-            world.sup, world.relay_state, f"certgate-{loop}", loop=loop, cores=world.relay_cores
+            world.sup,
+            world.relay_state,
+            f"certgate-{loop}-{tls_backend}",
+            loop=loop,
+            tls_backend=tls_backend,
+            cores=world.relay_cores,
         )
         relays.wait_fresh(relay, 1, 60)
         return relay
@@ -57,7 +63,16 @@ def _plain(world: World, origin: int) -> Relay:
 
 
 SPECS = (
-    RelaySpec("certgate", _certgate("asyncio"), "certgate tunnel run, stdlib asyncio (default)"),
+    RelaySpec(
+        "certgate",
+        _certgate("asyncio"),
+        "certgate tunnel run, stdlib asyncio, --tls-backend pyopenssl (the defaults)",
+    ),
+    RelaySpec(
+        "certgate-ssl",
+        _certgate("asyncio", "ssl"),
+        "certgate tunnel run --tls-backend ssl (Python's ssl, the system OpenSSL)",
+    ),
     RelaySpec("certgate-uvloop", _certgate("uvloop"), "certgate tunnel run --loop uvloop"),
     RelaySpec("haproxy", _haproxy, "HAProxy, mode tcp, ssl verify required, nbthread 1"),
     RelaySpec("stunnel", _stunnel, "stunnel4, verify = 2"),
@@ -237,6 +252,14 @@ def _rate_result(world: World, measured: dict[str, Any]) -> dict[str, Any]:
             (per_cpu.get("certgate") or {}).get("full"),
             (per_cpu.get("haproxy") or {}).get("full"),
         ),
+        "headline_resumed_ratio": env.ratio(
+            (per_cpu.get("certgate") or {}).get("resumed"),
+            (per_cpu.get("haproxy") or {}).get("resumed"),
+        ),
+        "tls_backends": {
+            backend: {kind: (per_cpu.get(name) or {}).get(kind) for kind in ("full", "resumed")}
+            for backend, name in (("pyopenssl", "certgate"), ("ssl", "certgate-ssl"))
+        },
     }
 
 

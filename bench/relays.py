@@ -56,6 +56,7 @@ def start_certgate(
     name: str,
     *,
     loop: str = "asyncio",
+    tls_backend: str = "pyopenssl",
     cores: set[int] | None = None,
 ) -> Relay:
     port, per_app, admin = procs.free_port(), procs.free_port(), procs.free_port()
@@ -73,6 +74,8 @@ def start_certgate(
         f"127.0.0.1:{admin}",
         "--loop",
         loop,
+        "--tls-backend",
+        tls_backend,
         "--drain-s",
         "1",
     ]
