@@ -42,7 +42,8 @@ ADMIN_MAX_REQUEST = 8 * 1024
 # after the first makes OpenSSL 3.0 copy the session through i2d/d2i, which re-decodes the
 # client certificate (about 0.1 ms a connection here, bench/FINDINGS.md). One is what a
 # client resuming one connection at a time needs (every resumption brings a new ticket),
-# and RFC 8446 appendix C.4 asks clients to use each ticket once.
+# and RFC 8446 appendix C.4 asks clients to use each ticket once. The ``ssl`` backend only:
+# pyOpenSSL cannot set the number (bench/FINDINGS.md).
 TLS13_TICKETS = 1
 TLS_BACKENDS = ("pyopenssl", "ssl")
 DEFAULT_TLS_BACKEND = "pyopenssl"  # faster handshakes (OpenSSL 4 against 3.0): bench/FINDINGS.md
