@@ -2,7 +2,9 @@
 
 Status mapping lives here and only here (the error tree is in ``certgate.errors``). Every
 request that fails authentication, authorization or validation is answered with a precise
-4xx and leaves an audit entry with its reason; nothing escapes as a 500 by design.
+4xx and leaves an audit entry with its reason. What no handler maps goes to
+``certgate.httperrors``: a storage failure is a 503 with Retry-After, anything else a JSON
+500 with an error id in the log.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
+from certgate.httperrors import RETRY_AFTER_S, ErrorShield
 
 log = logging.getLogger("certgate.console")
 ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
@@ -104,7 +107,10 @@ async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
     await _audit_failure(request, code, status, str(exc))
-    return _answer(request, status, code, str(exc))
+    response = _answer(request, status, code, str(exc))
+    if status == 503:
+        response.headers["retry-after"] = str(RETRY_AFTER_S)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -198,5 +204,6 @@ def create_app(state: ConsoleState) -> FastAPI:
     for module in ROUTERS:
         app.include_router(module.router)
     ui.mount(app)  # the web console, after the API: its paths are all under /ui
+    app.add_middleware(ErrorShield)  # storage failures: 503; the unexpected: a JSON 500
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

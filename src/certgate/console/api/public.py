@@ -5,16 +5,34 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
+from certgate.console import health
 from certgate.console.api.deps import state_of
 from certgate.console.services import ca
+from certgate.httperrors import RETRY_AFTER_S
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz(request: Request) -> JSONResponse:
+    """Ready to serve: 200 when every check in ``console.health`` passes, else 503 naming
+    the failed checks (a load balancer takes this console out; ``/livez`` stays 200)."""
+    checks = health.run_checks(state_of(request))
+    failed = {name: why for name, why in checks.items() if why != "ok"}
+    if not failed:
+        return JSONResponse({"status": "ok", "checks": checks})
+    detail = "; ".join(f"{name}: {why}" for name, why in failed.items())
+    body = {"error": "unhealthy", "detail": detail, "checks": checks}
+    return JSONResponse(body, status_code=503, headers={"retry-after": str(RETRY_AFTER_S)})
+
+
+@router.get("/livez")
+def livez() -> dict[str, str]:
+    """Alive: answered by the event loop without touching storage or keys, so a supervisor
+    restarts a hung process, not one that waits for its disk."""
+    return {"status": "alive"}
 
 
 @router.get("/pki/root.pem", response_class=Response)
