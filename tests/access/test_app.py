@@ -153,6 +153,14 @@ def test_discovery_and_jwks(env: Env) -> None:
     assert "d" not in jwks["keys"][0]
 
 
+def test_health_liveness_and_unknown_paths_answer_json(env: Env) -> None:
+    with env.access() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/livez").json() == {"status": "alive"}
+        missing = client.get("/no-such-path")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+
+
 def test_an_enrolled_compliant_device_gets_an_id_token(env: Env) -> None:
     leaf = env.enrolled()
     query = cert_step(env, leaf)

@@ -38,6 +38,7 @@ from certgate.access.devicestatus import (
     device_identity,
 )
 from certgate.access.install import Material
+from certgate.httperrors import RETRY_AFTER_S, ErrorShield
 from certgate.httpserver import peer_cert_der
 from certgate.pki.thumbprint import thumbprint_der
 from certgate.pki.verify import verify_client_chain
@@ -186,10 +187,14 @@ async def _oauth_error(request: Request, exc: Exception) -> Response:
 
 async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
-    status = 403 if isinstance(exc, errors.PermissionDenied) else 400
     log.warning(
         "denied %s %s from %s: %s", request.method, request.url.path, _peer(request.scope), exc
     )
+    if isinstance(exc, errors.Unavailable):
+        response = _error(503, "unavailable", str(exc))
+        response.headers["retry-after"] = str(RETRY_AFTER_S)
+        return response
+    status = 403 if isinstance(exc, errors.PermissionDenied) else 400
     return _error(status, "invalid_request", str(exc))
 
 
@@ -357,10 +362,12 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     app.state.access = state
     app.add_exception_handler(oidc.OAuthError, _oauth_error)
     app.add_exception_handler(errors.CertgateError, _certgate_error)
+    app.add_middleware(ErrorShield)  # what no handler maps: a JSON 500 (or 503), never text
     issuer = state.config.issuer
     app.add_api_route(oidc.DISCOVERY_PATH, lambda: oidc.discovery_document(issuer), methods=["GET"])
     app.add_api_route(oidc.JWKS_PATH, lambda: state.signer.jwks(), methods=["GET"])
     app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"])
+    app.add_api_route("/livez", lambda: {"status": "alive"}, methods=["GET"])
     app.add_api_route(oidc.AUTHORIZE_PATH, authorize, methods=["GET", "POST"])
     app.add_api_route(oidc.CERT_STEP_PATH, cert_step, methods=["GET"])
     app.add_api_route(oidc.TOKEN_PATH, token, methods=["POST"])

@@ -43,6 +43,7 @@ from certgate.certproxy.forwarding import (
     upstream_headers,
 )
 from certgate.errors import ChainError
+from certgate.httperrors import classify
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
@@ -410,6 +411,10 @@ class CertProxy:
             status, headers, payload = await self._forward(conn, request, body)
         except Refusal as refusal:
             return await self._refuse(conn, request, refusal)
+        except Exception as exc:  # the last resort: a JSON answer, the trace in the log
+            failure = classify(exc, f"{request.method.decode()} {_path(request)}")
+            unexpected = Refusal(failure.status, failure.error, failure.detail)
+            return await self._refuse(conn, request, unexpected)
         await self._send(conn, status, headers, payload)
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
