@@ -19,10 +19,12 @@ import logging
 import secrets
 import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "FAILURE_KINDS",
     "RETRY_AFTER_S",
     "ErrorShield",
     "Failure",
@@ -33,6 +35,7 @@ __all__ = [
 
 log = logging.getLogger("certgate.errors")
 RETRY_AFTER_S = 30  # long enough for an operator's cleanup or a database failover to start
+FAILURE_KINDS = ("database", "disk", "unexpected")
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
@@ -41,6 +44,7 @@ class Failure:
     """How an unmapped exception is answered: status, the JSON body, extra headers."""
 
     status: int
+    kind: str  # one of FAILURE_KINDS
     error: str
     detail: str
     headers: tuple[tuple[str, str], ...] = ()
@@ -91,10 +95,12 @@ def classify(exc: BaseException, where: str) -> Failure:
     if reason is not None:
         log.error("storage unavailable on %s: %s", where, reason)
         retry = (("retry-after", str(RETRY_AFTER_S)),)
-        return Failure(503, "storage_unavailable", f"{reason}; retry later", retry)
+        kind = reason.split(":", 1)[0]
+        return Failure(503, kind, "storage_unavailable", f"{reason}; retry later", retry)
     error_id = secrets.token_hex(8)
     log.error("unexpected error %s on %s", error_id, where, exc_info=exc)
-    return Failure(500, "internal_error", f"unexpected error, logged with id {error_id}")
+    detail = f"unexpected error, logged with id {error_id}"
+    return Failure(500, "unexpected", "internal_error", detail)
 
 
 class ErrorShield:
@@ -105,8 +111,8 @@ class ErrorShield:
     they left. After the response has started nothing can be said: it is logged and re-raised.
     """
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, on_failure: Callable[[Failure], None] | None = None) -> None:
+        self.app, self.on_failure = app, on_failure
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -123,6 +129,8 @@ class ErrorShield:
             await self.app(scope, receive, watched)
         except Exception as exc:
             failure = classify(exc, f"{scope.get('method')} {scope.get('path')}")
+            if self.on_failure is not None:
+                self.on_failure(failure)
             if started:
                 raise
             await send_failure(send, failure)

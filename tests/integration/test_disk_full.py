@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -151,6 +152,10 @@ def test_disk_full_then_freed(console: RunningConsole, small_disk: Path) -> None
         for i in range(5):
             assert _create_group(admin, f"after-{i}", acked).status_code == 201
             assert _issue(device, csr, serials).status_code == 201
+        with console.client() as local:  # /metrics answers loopback clients
+            metrics = local.get("/metrics").text
+        failures = re.search(r'certgate_server_failures_total\{kind="database"\} (\S+)', metrics)
+        assert failures is not None and float(failures.group(1)) >= 40
         for name in acked:
             assert admin.get(f"/api/v1/groups/{name}").status_code == 200, name
     console.stop()

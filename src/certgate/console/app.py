@@ -26,9 +26,11 @@ from certgate.console.api import admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
+from certgate.console.metrics import ConsoleCollector
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
 from certgate.httperrors import RETRY_AFTER_S, ErrorShield
+from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
 
 log = logging.getLogger("certgate.console")
 ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
@@ -106,6 +108,8 @@ def _answer(request: Request, status: int, code: str, detail: str) -> Response:
 async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
+    if status == 401:
+        request.app.state.metrics.signin_failures.labels("api").inc()
     await _audit_failure(request, code, status, str(exc))
     response = _answer(request, status, code, str(exc))
     if status == 503:
@@ -204,6 +208,15 @@ def create_app(state: ConsoleState) -> FastAPI:
     for module in ROUTERS:
         app.include_router(module.router)
     ui.mount(app)  # the web console, after the API: its paths are all under /ui
-    app.add_middleware(ErrorShield)  # storage failures: 503; the unexpected: a JSON 500
+    metrics = HttpMetrics("console", ())
+    app.add_api_route(
+        "/metrics", metrics_endpoint(metrics), methods=["GET"], include_in_schema=False
+    )
+    metrics.seed(route_templates(app))
+    metrics.registry.register(ConsoleCollector(state))
+    app.state.metrics = metrics
+    # storage failures: 503; the unexpected: a JSON 500; both counted
+    app.add_middleware(ErrorShield, on_failure=metrics.failed)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
     return app

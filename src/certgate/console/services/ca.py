@@ -8,7 +8,9 @@ the revocation list. Nothing is returned to a caller before its row is committed
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,6 +78,8 @@ class InstancePKI:
     _keys: dict[str, Signer] = field(default_factory=dict)
     _chain_pems: dict[str, tuple[str, ...]] = field(default_factory=dict)
     token: Token | None = None
+    signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
+    _signed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(
@@ -124,6 +128,10 @@ class InstancePKI:
             self._chain_pems[label] = tuple(pem(c) for c in self.chain(label))
         return list(self._chain_pems[label])
 
+    def _count_signed(self, kind: str) -> None:
+        with self._signed_lock:  # the writer thread and request threads sign concurrently
+            self.signed[kind] += 1
+
     def issue(
         self,
         session: Session,
@@ -135,6 +143,7 @@ class InstancePKI:
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign with CA ``ca`` and add the certificate row to ``session``."""
         cert = self.authority.issue(self.issuer(ca), profile, names, public_key)
+        self._count_signed(record.kind)
         row = record_certificate(session, cert, ca, record)
         return cert, row
 
@@ -149,6 +158,7 @@ class InstancePKI:
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign the CSR's key and write its row at once (``insert_certificate``)."""
         cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
+        self._count_signed(record.kind)
         return cert, insert_certificate(session, cert, ca, record)
 
 

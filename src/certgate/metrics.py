@@ -1,0 +1,153 @@
+"""Prometheus metrics of an HTTP service (console, Access): one registry per app, so tests
+run several in a process. The tunnel keeps its own (``tunnel/metrics.py``).
+
+Names follow the Prometheus conventions: a ``certgate_`` prefix, the unit in the name
+(``_seconds``), ``_total`` on counters (prometheus-client appends it). Every labelled
+counter has its known label values at 0 from the start, so a rate() over the first event is
+right and an alert on absence is possible. Requests are labelled by route *template*
+(``/api/v1/devices/{uid}``), never by raw path: a scanner cannot grow the series count.
+
+``/metrics`` answers only on loopback (scrape from the host, or through a local agent): the
+console's is on its API port, and route counts and sign-in failures are for operators.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from certgate import __version__
+from certgate.httperrors import FAILURE_KINDS, Failure
+
+__all__ = ["HttpMetrics", "MetricsMiddleware", "metrics_endpoint", "route_templates"]
+
+UNMATCHED = "unmatched"  # the route label of a request no route matched (404s, scans)
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+SIGNIN_FAILURES = ("web", "api")  # the web console's sign-in form; an API credential
+
+
+class HttpMetrics:
+    """The metrics of one service: requests by route and status, latency, failures by kind,
+    sign-in failures, process metrics and the build."""
+
+    def __init__(self, service: str, routes: Iterable[tuple[str, Iterable[str]]]) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # fds, memory, CPU: fds are a known limit
+        Gauge(
+            "certgate_build_info",
+            "The running build",
+            ["service", "version"],
+            registry=self.registry,
+        ).labels(service, __version__).set(1)
+        self.requests = Counter(
+            "certgate_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "certgate_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template",
+            ["route", "method"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "certgate_server_failures",
+            "Requests no handler mapped: storage (database, disk) or unexpected",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.signin_failures = Counter(
+            "certgate_signin_failures",
+            "Failed authentications: the web sign-in form, or an API credential (401)",
+            ["method"],
+            registry=self.registry,
+        )
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind)
+        for method in SIGNIN_FAILURES:
+            self.signin_failures.labels(method)
+        self.seed([*routes, (UNMATCHED, METHODS)])
+
+    def seed(self, routes: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """Series at 0 for each route and method (status 200: the others are not known)."""
+        for route, methods in routes:
+            for method in set(methods) & set(METHODS):  # HEAD follows GET; not counted apart
+                self.latency.labels(route, method)
+                self.requests.labels(route, method, "200")
+
+    def failed(self, failure: Failure) -> None:
+        """For :class:`~certgate.httperrors.ErrorShield`'s ``on_failure``."""
+        self.failures.labels(failure.kind).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """ASGI: count and time every HTTP request by the route that served it."""
+
+    def __init__(self, app: Any, metrics: HttpMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            route = getattr(scope.get("route"), "path", UNMATCHED)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, method, str(status)).inc()
+
+
+def route_templates(app: Any) -> list[tuple[str, Iterable[str]]]:
+    """(path template, methods) of every route a FastAPI app declares in its OpenAPI
+    document (the public way to list them: included routers are no longer flat routes).
+    Routes left out of the schema get their series at their first request."""
+    paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
+    return [(path, [m.upper() for m in operations]) for path, operations in paths.items()]
+
+
+def metrics_endpoint(metrics: HttpMetrics) -> Any:
+    """The ``/metrics`` handler: the exposition to a loopback client, 403 to anyone else."""
+
+    def handler(request: Request) -> Response:
+        host = request.client.host if request.client else ""
+        if not _loopback(host):
+            detail = "/metrics answers on loopback only; scrape from the service's host"
+            return JSONResponse({"error": "forbidden", "detail": detail}, status_code=403)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return handler
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
