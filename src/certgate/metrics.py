@@ -37,14 +37,19 @@ __all__ = ["HttpMetrics", "MetricsMiddleware", "metrics_endpoint", "route_templa
 
 UNMATCHED = "unmatched"  # the route label of a request no route matched (404s, scans)
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-SIGNIN_FAILURES = ("web", "api")  # the web console's sign-in form; an API credential
+SIGNIN_FAILURES = ("web", "api")  # the console's: its sign-in form; an API credential (401)
 
 
 class HttpMetrics:
     """The metrics of one service: requests by route and status, latency, failures by kind,
     sign-in failures, process metrics and the build."""
 
-    def __init__(self, service: str, routes: Iterable[tuple[str, Iterable[str]]]) -> None:
+    def __init__(
+        self,
+        service: str,
+        routes: Iterable[tuple[str, Iterable[str]]],
+        signin_methods: Iterable[str] = SIGNIN_FAILURES,
+    ) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # fds, memory, CPU: fds are a known limit
         Gauge(
@@ -73,13 +78,13 @@ class HttpMetrics:
         )
         self.signin_failures = Counter(
             "certgate_signin_failures",
-            "Failed authentications: the web sign-in form, or an API credential (401)",
+            "Failed authentications (console: web, api; Access: device refused, oidc error)",
             ["method"],
             registry=self.registry,
         )
         for kind in FAILURE_KINDS:
             self.failures.labels(kind)
-        for method in SIGNIN_FAILURES:
+        for method in signin_methods:
             self.signin_failures.labels(method)
         self.seed([*routes, (UNMATCHED, METHODS)])
 
@@ -125,12 +130,16 @@ class MetricsMiddleware:
             self.metrics.requests.labels(route, method, str(status)).inc()
 
 
-def route_templates(app: Any) -> list[tuple[str, Iterable[str]]]:
-    """(path template, methods) of every route a FastAPI app declares in its OpenAPI
-    document (the public way to list them: included routers are no longer flat routes).
-    Routes left out of the schema get their series at their first request."""
-    paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
-    return [(path, [m.upper() for m in operations]) for path, operations in paths.items()]
+def route_templates(*routers: Any) -> list[tuple[str, Iterable[str]]]:
+    """(path template, methods) of the plain routes of apps or routers. A router included
+    in an app is listed by passing it too (FastAPI wraps included routers); routes not
+    listed get their series at their first request."""
+    return [
+        (route.path, route.methods)
+        for router in routers
+        for route in router.routes
+        if isinstance(getattr(route, "path", None), str) and getattr(route, "methods", None)
+    ]
 
 
 def metrics_endpoint(metrics: HttpMetrics) -> Any:

@@ -40,6 +40,7 @@ from certgate.access.devicestatus import (
 from certgate.access.install import Material
 from certgate.httperrors import RETRY_AFTER_S, ErrorShield
 from certgate.httpserver import peer_cert_der
+from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
 from certgate.pki.thumbprint import thumbprint_der
 from certgate.pki.verify import verify_client_chain
 from certgate.protocol.client_cert_header import (
@@ -172,6 +173,7 @@ def state_of(request: Request) -> AccessState:
 
 async def _oauth_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, oidc.OAuthError)
+    request.app.state.metrics.signin_failures.labels("oidc").inc()
     log.warning(
         "denied %s %s from %s: %s (%s)",
         request.method,
@@ -266,6 +268,7 @@ async def cert_step(request: Request) -> Response:
         grant = await authenticate_device(request, state)
     except DeviceDenied as exc:
         state.store.deny(handle)
+        request.app.state.metrics.signin_failures.labels("device").inc()
         log.warning(
             "denied device %s for client %s via cert proxy for %s: %s",
             exc.device_uid or "(unidentified)",
@@ -362,7 +365,6 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     app.state.access = state
     app.add_exception_handler(oidc.OAuthError, _oauth_error)
     app.add_exception_handler(errors.CertgateError, _certgate_error)
-    app.add_middleware(ErrorShield)  # what no handler maps: a JSON 500 (or 503), never text
     issuer = state.config.issuer
     app.add_api_route(oidc.DISCOVERY_PATH, lambda: oidc.discovery_document(issuer), methods=["GET"])
     app.add_api_route(oidc.JWKS_PATH, lambda: state.signer.jwks(), methods=["GET"])
@@ -371,4 +373,10 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     app.add_api_route(oidc.AUTHORIZE_PATH, authorize, methods=["GET", "POST"])
     app.add_api_route(oidc.CERT_STEP_PATH, cert_step, methods=["GET"])
     app.add_api_route(oidc.TOKEN_PATH, token, methods=["POST"])
+    metrics = HttpMetrics("access", (), signin_methods=("device", "oidc"))
+    app.add_api_route("/metrics", metrics_endpoint(metrics), methods=["GET"])
+    metrics.seed(route_templates(app))
+    app.state.metrics = metrics
+    app.add_middleware(ErrorShield, on_failure=metrics.failed)  # a JSON 500/503, never text
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return ClientCertGuard(app, state.config.certproxy_thumbprint)

@@ -212,7 +212,7 @@ def create_app(state: ConsoleState) -> FastAPI:
     app.add_api_route(
         "/metrics", metrics_endpoint(metrics), methods=["GET"], include_in_schema=False
     )
-    metrics.seed(route_templates(app))
+    metrics.seed(route_templates(app, *(module.router for module in ROUTERS)))
     metrics.registry.register(ConsoleCollector(state))
     app.state.metrics = metrics
     # storage failures: 503; the unexpected: a JSON 500; both counted
