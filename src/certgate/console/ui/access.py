@@ -1,5 +1,5 @@
 """Sign-in and sign-out pages. Failures are rate-limited per account and per client address
-(``ratelimit``) and every failure, refusal and success is audited as ``ui.signin``."""
+(``certgate.ratelimit``) and every failure, refusal and success is audited as ``ui.signin``."""
 
 from __future__ import annotations
 
