@@ -33,7 +33,14 @@ from starlette.responses import JSONResponse, Response
 from certgate import __version__
 from certgate.httperrors import FAILURE_KINDS, Failure
 
-__all__ = ["HttpMetrics", "MetricsMiddleware", "metrics_endpoint", "route_templates"]
+__all__ = [
+    "UNMATCHED",
+    "HttpMetrics",
+    "MetricsMiddleware",
+    "loopback",
+    "metrics_endpoint",
+    "route_templates",
+]
 
 UNMATCHED = "unmatched"  # the route label of a request no route matched (404s, scans)
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -147,7 +154,7 @@ def metrics_endpoint(metrics: HttpMetrics) -> Any:
 
     def handler(request: Request) -> Response:
         host = request.client.host if request.client else ""
-        if not _loopback(host):
+        if not loopback(host):
             detail = "/metrics answers on loopback only; scrape from the service's host"
             return JSONResponse({"error": "forbidden", "detail": detail}, status_code=403)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -155,7 +162,7 @@ def metrics_endpoint(metrics: HttpMetrics) -> Any:
     return handler
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

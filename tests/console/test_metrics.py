@@ -140,10 +140,10 @@ def test_healthz_names_each_check_and_livez_is_alive(console: RunningConsole) ->
 
 
 def test_metrics_is_for_loopback_only() -> None:
-    from certgate.metrics import _loopback
+    from certgate.metrics import loopback
 
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("127.0.0.2")
-    assert not _loopback("10.0.0.1") and not _loopback("2001:db8::1") and not _loopback("")
+    assert loopback("127.0.0.1") and loopback("::1") and loopback("127.0.0.2")
+    assert not loopback("10.0.0.1") and not loopback("2001:db8::1") and not loopback("")
 
 
 def test_unmatched_paths_share_one_series(console: RunningConsole) -> None:
