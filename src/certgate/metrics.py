@@ -40,11 +40,24 @@ __all__ = [
     "loopback",
     "metrics_endpoint",
     "route_templates",
+    "service_registry",
 ]
 
 UNMATCHED = "unmatched"  # the route label of a request no route matched (404s, scans)
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 SIGNIN_FAILURES = ("web", "api")  # the console's: its sign-in form; an API credential (401)
+
+
+def service_registry(service: str) -> CollectorRegistry:
+    """A registry with what every certgate process exports: process metrics (open fds,
+    memory, CPU: file descriptors are the tunnel's known limit) and the build."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    build = Gauge(
+        "certgate_build_info", "The running build", ["service", "version"], registry=registry
+    )
+    build.labels(service, __version__).set(1)
+    return registry
 
 
 class HttpMetrics:
@@ -57,14 +70,7 @@ class HttpMetrics:
         routes: Iterable[tuple[str, Iterable[str]]],
         signin_methods: Iterable[str] = SIGNIN_FAILURES,
     ) -> None:
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)  # fds, memory, CPU: fds are a known limit
-        Gauge(
-            "certgate_build_info",
-            "The running build",
-            ["service", "version"],
-            registry=self.registry,
-        ).labels(service, __version__).set(1)
+        self.registry = service_registry(service)
         self.requests = Counter(
             "certgate_http_requests",
             "HTTP requests answered, by route template, method and status",

@@ -457,6 +457,8 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
     )
     assert '"status": "ok"' in health.stdout and f'"group_id": "{GROUP}"' in health.stdout
     assert "certgate_tunnel_table_entries" in metrics.stdout
+    assert 'certgate_build_info{service="tunnel",version=' in metrics.stdout
+    assert "process_open_fds " in metrics.stdout
     source.fresh = False
     stale = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/healthz"],

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from certgate.metrics import service_registry
 
 
 class ListenerMetrics:
@@ -66,7 +68,7 @@ class _ListenerCollector(Collector):
 
 class TunnelMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = service_registry("tunnel")
         r = self.registry
         self._listeners: dict[tuple[str, str], ListenerMetrics] = {}
         r.register(_ListenerCollector(self._listeners))
