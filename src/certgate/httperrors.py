@@ -75,11 +75,18 @@ def _own_storage_reason(exc: BaseException) -> str | None:
     # (Access and the cert proxy never import SQLAlchemy or psycopg).
     sa = sys.modules.get("sqlalchemy.exc")
     if sa is not None and isinstance(exc, sa.OperationalError | sa.InterfaceError):
-        return f"database: {_first_line(exc.orig or exc)}"
+        inner = _own_storage_reason(exc.orig) if exc.orig is not None else None
+        return inner or "database: unavailable"
     psycopg = sys.modules.get("psycopg")
     if psycopg is not None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return f"database: {_first_line(exc)}"
+        # Not its message: that names the server's host and port, and this detail goes to
+        # unauthenticated clients (/healthz). The log line has the message.
+        sqlstate = getattr(exc, "sqlstate", None)
+        return f"database: PostgreSQL error {sqlstate}" if sqlstate else _PG_CONNECTION
     return None
+
+
+_PG_CONNECTION = "database: no connection to PostgreSQL"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -93,7 +100,7 @@ def classify(exc: BaseException, where: str) -> Failure:
     logged here: a storage failure as one line, anything else with its traceback and id."""
     reason = storage_reason(exc)
     if reason is not None:
-        log.error("storage unavailable on %s: %s", where, reason)
+        log.error("storage unavailable on %s: %s (%s)", where, reason, _first_line(exc))
         retry = (("retry-after", str(RETRY_AFTER_S)),)
         kind = reason.split(":", 1)[0]
         return Failure(503, kind, "storage_unavailable", f"{reason}; retry later", retry)

@@ -8,15 +8,18 @@ PostgreSQL) that touches no table a request contends for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from sqlalchemy import text
 
 from certgate.console.services import ca
 from certgate.console.state import ConsoleState
+from certgate.errors import CertgateError
 from certgate.httperrors import storage_reason
 from certgate.pki.authority import probe_signer
 
+log = logging.getLogger("certgate.console.health")
 WRITE_PROBE = text("UPDATE alembic_version SET version_num = version_num")
 Check = Callable[[ConsoleState], None]
 
@@ -42,5 +45,8 @@ def _outcome(check: Check, state: ConsoleState) -> str:
     try:
         check(state)
     except Exception as exc:  # a health check reports every failure; it must not raise
-        return storage_reason(exc) or f"{type(exc).__name__}: {str(exc)[:200]}"
+        log.warning("health check %s failed: %r", check.__name__.lstrip("_"), exc)
+        if isinstance(exc, CertgateError):  # our own messages; others may name internals
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+        return storage_reason(exc) or type(exc).__name__
     return "ok"
