@@ -51,6 +51,7 @@ from certgate.protocol.client_cert_header import (
     decode_client_cert_chain,
     strip_client_cert_headers,
 )
+from certgate.ratelimit import SignInLimiter
 from certgate.tlsconf import ClientAuth, client_context, server_context
 
 __all__ = ["AccessState", "access_tls_context", "console_client", "create_app"]
@@ -263,12 +264,17 @@ async def cert_step(request: Request) -> Response:
             403,
         )
     handle = _handle_of(request)
+    address = _forwarded_for(request)
+    refused = _rate_limited(request, address)
+    if refused is not None:
+        return refused
     tx = state.store.pending(handle)
     try:
         grant = await authenticate_device(request, state)
     except DeviceDenied as exc:
         state.store.deny(handle)
         request.app.state.metrics.signin_failures.labels("device").inc()
+        _limiter(request).failed(None, address, time.monotonic())
         log.warning(
             "denied device %s for client %s via cert proxy for %s: %s",
             exc.device_uid or "(unidentified)",
@@ -306,7 +312,15 @@ async def authorize(request: Request) -> Response:
 
 async def token(request: Request) -> Response:
     state = state_of(request)
-    tx = state.store.redeem(oidc.parse_token_request(await _form(request)))
+    address = request.client.host if request.client else "unknown"
+    refused = _rate_limited(request, address)
+    if refused is not None:
+        return refused
+    try:
+        tx = state.store.redeem(oidc.parse_token_request(await _form(request)))
+    except oidc.OAuthError:
+        _limiter(request).failed(None, address, time.monotonic())
+        raise
     claims = oidc.id_token_claims(
         state.config.issuer, tx, int(time.time()), state.config.id_token_ttl_s
     )
@@ -319,6 +333,30 @@ async def token(request: Request) -> Response:
     }
     log.info("issued ID token for device %s to client %s", claims["sub"], claims["aud"])
     return JSONResponse(body_out, headers=NO_STORE)
+
+
+def _limiter(request: Request) -> SignInLimiter:
+    limiter: SignInLimiter = request.app.state.limiter
+    return limiter
+
+
+def _rate_limited(request: Request, address: str) -> Response | None:
+    """429 with Retry-After, logged, when this address has spent its failures (a denied
+    device at the certificate step, a refused code at the token endpoint); else None."""
+    wait_s = _limiter(request).retry_after(None, address, time.monotonic())
+    if not wait_s:
+        return None
+    log.warning(
+        "denied %s %s for %s: rate_limited (retry in %d s)",
+        request.method,
+        request.url.path,
+        address,
+        wait_s,
+    )
+    detail = f"too many failed sign-ins from this address; retry in {wait_s} s"
+    response = _error(429, "rate_limited", detail)
+    response.headers["retry-after"] = str(wait_s)
+    return response
 
 
 def _opaque_token() -> str:
@@ -363,6 +401,7 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     app = FastAPI(title="certgate access", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.openapi_url = None
     app.state.access = state
+    app.state.limiter = SignInLimiter()  # failures only, per device address (certgate.ratelimit)
     app.add_exception_handler(oidc.OAuthError, _oauth_error)
     app.add_exception_handler(errors.CertgateError, _certgate_error)
     issuer = state.config.issuer
