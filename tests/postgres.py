@@ -55,7 +55,15 @@ class PostgresServer:
             capture_output=True,
             timeout=120,
         )
-        port = free_port()
+        server = cls(directory, free_port())
+        server.resume()
+        return server
+
+    def resume(self) -> None:
+        """Start the server (again, after ``pause``) on its directory and port."""
+        pg_ctl = pg_bin("pg_ctl")
+        assert pg_ctl is not None
+        directory, port = self.directory, self.port
         options = f"-h 127.0.0.1 -p {port} -k {directory} -c fsync=on"
         subprocess.run(
             _as_pg_user(
@@ -75,7 +83,6 @@ class PostgresServer:
             capture_output=True,
             timeout=120,
         )
-        return cls(directory, port)
 
     def create_database(self, name: str) -> str:
         createdb = pg_bin("createdb")
@@ -90,7 +97,8 @@ class PostgresServer:
         )
         return f"postgresql+psycopg://certgate@127.0.0.1:{self.port}/{name}"
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """Stop the server, keeping its data for ``resume``."""
         pg_ctl = pg_bin("pg_ctl")
         assert pg_ctl is not None
         subprocess.run(
@@ -99,4 +107,7 @@ class PostgresServer:
             capture_output=True,
             timeout=120,
         )
+
+    def stop(self) -> None:
+        self.pause()
         shutil.rmtree(self.directory.parent, ignore_errors=True)

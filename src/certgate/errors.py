@@ -60,5 +60,14 @@ class Unavailable(CertgateError):
     token removed, PIN wrong). Maps to 503; nothing falls back."""
 
 
+class RateLimited(CertgateError):
+    """Too many failed authentications from this address or for this account. Maps to 429
+    with ``Retry-After: retry_after_s``."""
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
 class TooLarge(BadRequest):
     """The request body or a field is over its limit. Maps to 413."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,6 +152,35 @@ def test_discovery_and_jwks(env: Env) -> None:
     assert doc["issuer"] == env.issuer and doc["jwks_uri"] == f"{env.issuer}/jwks.json"
     assert [k["alg"] for k in jwks["keys"]] == ["ES256"]
     assert "d" not in jwks["keys"][0]
+
+
+def test_health_liveness_and_unknown_paths_answer_json(env: Env) -> None:
+    with env.access() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/livez").json() == {"status": "alive"}
+        missing = client.get("/no-such-path")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+
+
+def _signin_failures(env: Env, method: str) -> float:
+    with env.access() as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    text = response.text
+    assert 'certgate_build_info{service="access",version=' in text
+    assert "process_open_fds " in text
+    assert 'route="/token"' in text  # seeded before the first token request of a module
+    match = re.search(rf'certgate_signin_failures_total\{{method="{method}"\}} (\S+)', text)
+    assert match is not None
+    return float(match.group(1))
+
+
+def test_metrics_count_sign_in_failures(env: Env) -> None:
+    device, oidc_ = _signin_failures(env, "device"), _signin_failures(env, "oidc")
+    assert cert_step(env, None)["error"] == ["access_denied"]
+    assert redeem(env, "not-a-code").status_code == 400
+    assert _signin_failures(env, "device") == device + 1
+    assert _signin_failures(env, "oidc") == oidc_ + 1
 
 
 def test_an_enrolled_compliant_device_gets_an_id_token(env: Env) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -347,3 +348,22 @@ def test_key_exchange_groups_of_access_and_the_cert_proxy(
             assert used is not None and SERVED[group] in used, (port, used)
         else:
             assert used is None, (port, used)
+
+
+def test_livez_and_metrics_are_answered_by_the_proxy_itself(env: Env) -> None:
+    base = f"https://127.0.0.1:{env.ports[0]}"
+    with env.device(None) as client:
+        live = client.get(f"{base}/livez")
+        client.get(env.url())  # one forwarded request
+        metrics = client.get(f"{base}/metrics")
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert 'certgate_build_info{service="certproxy",version=' in text
+    assert "process_open_fds " in text
+    assert 'certgate_signin_failures_total{method="certificate"}' in text
+    forwarded = re.search(
+        r'certgate_http_requests_total\{method="GET",route="/authorize/cert",status="200"\} (\S+)',
+        text,
+    )
+    assert forwarded is not None and float(forwarded.group(1)) >= 1

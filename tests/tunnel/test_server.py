@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -477,6 +478,8 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
     )
     assert '"status": "ok"' in health.stdout and f'"group_id": "{GROUP}"' in health.stdout
     assert "certgate_tunnel_table_entries" in metrics.stdout
+    assert 'certgate_build_info{service="tunnel",version=' in metrics.stdout
+    assert "process_open_fds " in metrics.stdout
     source.fresh = False
     stale = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/healthz"],
@@ -486,6 +489,12 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
         check=True,
     )
     assert stale.stdout == "503"
+    stale_body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+    assert stale_body["error"] == "unhealthy" and stale_body["detail"].startswith("feed: ")
+    live = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=30)
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
+    unknown = httpx.get(f"http://127.0.0.1:{port}/nothing", timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
 
 
 def test_graceful_shutdown_drains_open_tunnels(

@@ -39,7 +39,9 @@ from certgate.access.devicestatus import (
 )
 from certgate.access.install import Material
 from certgate.access.signins import ConsoleSignIns
+from certgate.httperrors import RETRY_AFTER_S, ErrorShield
 from certgate.httpserver import peer_cert_der
+from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
 from certgate.pki.thumbprint import thumbprint_der
 from certgate.pki.verify import verify_client_chain
 from certgate.protocol.client_cert_header import (
@@ -50,6 +52,7 @@ from certgate.protocol.client_cert_header import (
     decode_client_cert_chain,
     strip_client_cert_headers,
 )
+from certgate.ratelimit import SignInLimiter
 from certgate.tlsconf import ClientAuth, client_context, server_context
 
 __all__ = ["AccessState", "access_tls_context", "console_client", "create_app"]
@@ -179,6 +182,7 @@ def state_of(request: Request) -> AccessState:
 
 async def _oauth_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, oidc.OAuthError)
+    request.app.state.metrics.signin_failures.labels("oidc").inc()
     log.warning(
         "denied %s %s from %s: %s (%s)",
         request.method,
@@ -194,10 +198,14 @@ async def _oauth_error(request: Request, exc: Exception) -> Response:
 
 async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
-    status = 403 if isinstance(exc, errors.PermissionDenied) else 400
     log.warning(
         "denied %s %s from %s: %s", request.method, request.url.path, _peer(request.scope), exc
     )
+    if isinstance(exc, errors.Unavailable):
+        response = _error(503, "unavailable", str(exc))
+        response.headers["retry-after"] = str(RETRY_AFTER_S)
+        return response
+    status = 403 if isinstance(exc, errors.PermissionDenied) else 400
     return _error(status, "invalid_request", str(exc))
 
 
@@ -264,11 +272,17 @@ async def cert_step(request: Request) -> Response:
             403,
         )
     handle = _handle_of(request)
+    address = _forwarded_for(request)
+    refused = _rate_limited(request, address)
+    if refused is not None:
+        return refused
     auth = await state.store.pending(handle)
     try:
         grant = await authenticate_device(request, state)
     except DeviceDenied as exc:
         await state.store.deny(handle)
+        request.app.state.metrics.signin_failures.labels("device").inc()
+        _limiter(request).failed(None, address, time.monotonic())
         log.warning(
             "denied device %s for client %s via cert proxy for %s: %s",
             exc.device_uid or "(unidentified)",
@@ -305,7 +319,15 @@ async def authorize(request: Request) -> Response:
 
 async def token(request: Request) -> Response:
     state = state_of(request)
-    tx = await state.store.redeem(oidc.parse_token_request(await _form(request)))
+    address = request.client.host if request.client else "unknown"
+    refused = _rate_limited(request, address)
+    if refused is not None:
+        return refused
+    try:
+        tx = await state.store.redeem(oidc.parse_token_request(await _form(request)))
+    except oidc.OAuthError:
+        _limiter(request).failed(None, address, time.monotonic())
+        raise
     claims = oidc.id_token_claims(
         state.config.issuer, tx, int(time.time()), state.config.id_token_ttl_s
     )
@@ -318,6 +340,30 @@ async def token(request: Request) -> Response:
     }
     log.info("issued ID token for device %s to client %s", claims["sub"], claims["aud"])
     return JSONResponse(body_out, headers=NO_STORE)
+
+
+def _limiter(request: Request) -> SignInLimiter:
+    limiter: SignInLimiter = request.app.state.limiter
+    return limiter
+
+
+def _rate_limited(request: Request, address: str) -> Response | None:
+    """429 with Retry-After, logged, when this address has spent its failures (a denied
+    device at the certificate step, a refused code at the token endpoint); else None."""
+    wait_s = _limiter(request).retry_after(None, address, time.monotonic())
+    if not wait_s:
+        return None
+    log.warning(
+        "denied %s %s for %s: rate_limited (retry in %d s)",
+        request.method,
+        request.url.path,
+        address,
+        wait_s,
+    )
+    detail = f"too many failed sign-ins from this address; retry in {wait_s} s"
+    response = _error(429, "rate_limited", detail)
+    response.headers["retry-after"] = str(wait_s)
+    return response
 
 
 def _opaque_token() -> str:
@@ -362,13 +408,21 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     app = FastAPI(title="certgate access", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.openapi_url = None
     app.state.access = state
+    app.state.limiter = SignInLimiter()  # failures only, per device address (certgate.ratelimit)
     app.add_exception_handler(oidc.OAuthError, _oauth_error)
     app.add_exception_handler(errors.CertgateError, _certgate_error)
     issuer = state.config.issuer
     app.add_api_route(oidc.DISCOVERY_PATH, lambda: oidc.discovery_document(issuer), methods=["GET"])
     app.add_api_route(oidc.JWKS_PATH, lambda: state.signer.jwks(), methods=["GET"])
     app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"])
+    app.add_api_route("/livez", lambda: {"status": "alive"}, methods=["GET"])
     app.add_api_route(oidc.AUTHORIZE_PATH, authorize, methods=["GET", "POST"])
     app.add_api_route(oidc.CERT_STEP_PATH, cert_step, methods=["GET"])
     app.add_api_route(oidc.TOKEN_PATH, token, methods=["POST"])
+    metrics = HttpMetrics("access", (), signin_methods=("device", "oidc"))
+    app.add_api_route("/metrics", metrics_endpoint(metrics), methods=["GET"])
+    metrics.seed(route_templates(app))
+    app.state.metrics = metrics
+    app.add_middleware(ErrorShield, on_failure=metrics.failed)  # a JSON 500/503, never text
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return ClientCertGuard(app, state.config.certproxy_thumbprint)

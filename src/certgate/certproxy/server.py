@@ -26,16 +26,19 @@ import functools
 import json
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import h11
 from cryptography import x509
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from certgate.access.config import IPNetwork
 from certgate.access.proxied import client_of
 from certgate.certproxy.forwarding import (
+    ALLOWED_PATHS,
     Headers,
     Refusal,
     check_request,
@@ -43,6 +46,8 @@ from certgate.certproxy.forwarding import (
     upstream_headers,
 )
 from certgate.errors import ChainError
+from certgate.httperrors import classify
+from certgate.metrics import UNMATCHED, HttpMetrics, loopback
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
@@ -60,6 +65,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("certgate.certproxy")
+LOCAL_PATHS = ("/livez", "/metrics")  # answered by the proxy itself, never forwarded
 READ_CHUNK = 64 * 1024
 
 
@@ -222,6 +228,8 @@ class _Conn:
     leaf_error: str | None = None
     via: tuple[str, int] | None = None  # the load balancer that relayed the connection
     log_name: str = field(init=False)
+    route: str = UNMATCHED  # of the request being served, for the metrics
+    started: float = 0.0
 
     def __post_init__(self) -> None:
         via = f" via {self.via[0]}:{self.via[1]}" if self.via and self.via != self.peer else ""
@@ -259,6 +267,11 @@ class CertProxy:
         self._servers: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         self._closing = False
+        self.metrics = HttpMetrics(
+            "certproxy",
+            [(path, ["GET"]) for path in (*ALLOWED_PATHS, *LOCAL_PATHS)],
+            signin_methods=("certificate",),
+        )
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listener; returns the bound (host, port) pairs in listener order."""
@@ -406,10 +419,22 @@ class CertProxy:
             return await self._refuse(conn, None, Refusal(408, "timeout", "request too slow"))
         except Refusal as refusal:
             return await self._refuse(conn, None, refusal)
+        conn.started, path = time.perf_counter(), _path(request)
+        conn.route = path if path in (*ALLOWED_PATHS, *LOCAL_PATHS) else UNMATCHED
+        if path in LOCAL_PATHS and request.method == b"GET":
+            status, headers, payload = self._local(conn, path)
+            await self._send(conn, status, headers, payload)
+            return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
         try:
             status, headers, payload = await self._forward(conn, request, body)
         except Refusal as refusal:
+            if refusal.error == "certificate_rejected":
+                self.metrics.signin_failures.labels("certificate").inc()
             return await self._refuse(conn, request, refusal)
+        except Exception as exc:  # the last resort: a JSON answer, the trace in the log
+            failure = classify(exc, f"{request.method.decode()} {_path(request)}")
+            unexpected = Refusal(failure.status, failure.error, failure.detail)
+            return await self._refuse(conn, request, unexpected)
         await self._send(conn, status, headers, payload)
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
@@ -530,7 +555,22 @@ class CertProxy:
             return False  # the client is gone, or the response cannot be framed: just close
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
+    def _local(self, conn: _Conn, path: str) -> tuple[int, Headers, bytes]:
+        """``/livez`` for anyone; ``/metrics`` for a loopback peer only (certgate.metrics)."""
+        json_type = [(b"content-type", b"application/json")]
+        if path == "/livez":
+            return 200, json_type, b'{"status": "alive"}'
+        if not loopback(conn.peer[0]):
+            body = {"error": "forbidden", "detail": "/metrics answers on loopback only"}
+            return 403, json_type, json.dumps(body).encode()
+        return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], self.metrics.exposition()
+
     async def _send(self, conn: _Conn, status: int, headers: Headers, body: bytes) -> None:
+        if conn.started:  # a request was read: count its answer
+            method = "GET" if conn.route != UNMATCHED else "other"
+            self.metrics.requests.labels(conn.route, method, str(status)).inc()
+            elapsed = time.perf_counter() - conn.started
+            self.metrics.latency.labels(conn.route, method).observe(elapsed)
         framed = [*headers, (b"content-length", str(len(body)).encode())]
         response = h11.Response(status_code=status, headers=framed, reason=_reason(status))
         data = conn.h11.send(response) or b""

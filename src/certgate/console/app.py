@@ -2,7 +2,9 @@
 
 Status mapping lives here and only here (the error tree is in ``certgate.errors``). Every
 request that fails authentication, authorization or validation is answered with a precise
-4xx and leaves an audit entry with its reason; nothing escapes as a 500 by design.
+4xx and leaves an audit entry with its reason. What no handler maps goes to
+``certgate.httperrors``: a storage failure is a 503 with Retry-After, anything else a JSON
+500 with an error id in the log.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from time import monotonic
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import IntegrityError
@@ -24,8 +27,12 @@ from certgate.console.api import access_signin, admin, compliance, est, public, 
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
+from certgate.console.metrics import ConsoleCollector
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
+from certgate.httperrors import RETRY_AFTER_S, ErrorShield
+from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
+from certgate.ratelimit import SignInLimiter, TokenBuckets
 
 log = logging.getLogger("certgate.console")
 ROUTERS = (
@@ -47,6 +54,7 @@ STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.NotFound, 404, "not_found"),
     (errors.Conflict, 409, "conflict"),
     (errors.TooLarge, 413, "too_large"),
+    (errors.RateLimited, 429, "rate_limited"),
     (errors.Unavailable, 503, "unavailable"),
     (errors.InvalidCSR, 422, "invalid_csr"),
     (errors.ChainError, 401, "certificate_rejected"),
@@ -113,8 +121,60 @@ def _answer(request: Request, status: int, code: str, detail: str) -> Response:
 async def _certgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.CertgateError)
     status, code = status_of(exc)
+    if status == 401:
+        request.app.state.metrics.signin_failures.labels("api").inc()
+        if not ui.is_ui(request.url.path):  # the web sign-in form has its own limiter
+            _api_limiter(request).failed(_account(request), _client(request), monotonic())
     await _audit_failure(request, code, status, str(exc))
-    return _answer(request, status, code, str(exc))
+    response = _answer(request, status, code, str(exc))
+    if status == 503:
+        response.headers["retry-after"] = str(RETRY_AFTER_S)
+    if isinstance(exc, errors.RateLimited):
+        response.headers["retry-after"] = str(exc.retry_after_s)
+    return response
+
+
+API_ADDRESS_BURST, API_ADDRESS_REFILL_S = 100, 1.0  # 100 failures, then one a second
+# Routes whose JSON body names the account being authenticated, and the field that does.
+ACCOUNT_FIELDS = {"/api/v1/enroll": "username"}
+
+
+async def failure_gate(request: Request) -> None:
+    """Refuse (429) before any credential is checked when this address, or the account the
+    body names, has used up its failures (``certgate.ratelimit``). Only failures count."""
+    account = None
+    field = ACCOUNT_FIELDS.get(_route(request))
+    if field is not None:
+        try:
+            body = await request.json()
+        except ValueError:  # not JSON: validation answers it, with no account to name
+            body = None
+        value = body.get(field) if isinstance(body, dict) else None
+        account = value[:128] if isinstance(value, str) and value else None
+    request.state.rate_account = account
+    wait_s = _api_limiter(request).retry_after(account, _client(request), monotonic())
+    if wait_s:
+        who = f"account {account!r} or address" if account else "address"
+        raise errors.RateLimited(
+            f"too many failed authentications for this {who}; retry in {wait_s} s", wait_s
+        )
+
+
+def api_limiter() -> SignInLimiter:
+    """The web form's per-account buckets; a wider per-address one, since many devices may
+    share an address (a NAT) and one agent with a dead credential must not lock them out.
+    Guessing a key or token gains nothing at this rate; a password is held by its account."""
+    return SignInLimiter(addresses=TokenBuckets(API_ADDRESS_BURST, API_ADDRESS_REFILL_S))
+
+
+def _api_limiter(request: Request) -> SignInLimiter:
+    limiter: SignInLimiter = request.app.state.api_limiter
+    return limiter
+
+
+def _account(request: Request) -> str | None:
+    account: str | None = getattr(request.state, "rate_account", None)
+    return account
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -209,8 +269,20 @@ def create_app(state: ConsoleState) -> FastAPI:
     app.add_exception_handler(IntegrityError, _integrity_error)
     # Matched in this order, so the busiest routes come first: devices and tunnel nodes call
     # far more often than admins (no path of one router matches another's; tested).
+    app.state.api_limiter = api_limiter()
     for module in ROUTERS:
-        app.include_router(module.router)
+        gate = [] if module is public else [Depends(failure_gate)]  # health, trust anchors
+        app.include_router(module.router, dependencies=gate)
     ui.mount(app)  # the web console, after the API: its paths are all under /ui
+    metrics = HttpMetrics("console", ())
+    app.add_api_route(
+        "/metrics", metrics_endpoint(metrics), methods=["GET"], include_in_schema=False
+    )
+    metrics.seed(route_templates(app, *(module.router for module in ROUTERS)))
+    metrics.registry.register(ConsoleCollector(state))
+    app.state.metrics = metrics
+    # storage failures: 503; the unexpected: a JSON 500; both counted
+    app.add_middleware(ErrorShield, on_failure=metrics.failed)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
     return app

@@ -146,6 +146,21 @@ def _verify(public: PublicKey, signature: bytes, data: bytes, algorithm: Hash) -
         raise PKIError("the token's signature does not verify with the CA's public key") from exc
 
 
+PROBE = b"certgate signer health probe"
+
+
+def probe_signer(key: Signer) -> None:
+    """Sign a fixed probe with ``key`` and verify it: raises if the key cannot sign now (a
+    PKCS#11 token removed or logged out). For ``/healthz``; the signature is thrown away."""
+    algorithm = _hash_for(key)
+    if isinstance(key, TokenKey):
+        _verify(key.public, key.sign(PROBE, algorithm), PROBE, algorithm)
+    elif isinstance(key, rsa.RSAPrivateKey):
+        _verify(key.public_key(), key.sign(PROBE, padding.PKCS1v15(), algorithm), PROBE, algorithm)
+    else:
+        _verify(key.public_key(), key.sign(PROBE, ec.ECDSA(algorithm)), PROBE, algorithm)
+
+
 def _header_length(der: bytes) -> int:
     """Tag and length octets of the DER element at the start of ``der`` (X.690 §8.1.3)."""
     return 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)

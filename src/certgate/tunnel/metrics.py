@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from certgate.metrics import service_registry
 
 
 class ListenerMetrics:
@@ -135,7 +137,7 @@ class _WorkersCollector(Collector):
 
 class TunnelMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = service_registry("tunnel")
         r = self.registry
         self._listeners: dict[tuple[str, str], ListenerMetrics] = {}
         self._listener_collector = _ListenerCollector(self._listeners)

@@ -1,5 +1,5 @@
 """A running tunnel: its listeners, the sweeper, enforcement of feed and policy changes, the
-admin endpoint (``/healthz``, ``/metrics``) and a graceful drain on shutdown.
+admin endpoint (``/healthz``, ``/livez``, ``/metrics``) and a graceful drain on shutdown.
 
 Enforcement: every ``FeedChange`` makes the registry judge the affected live tunnels again
 through the gate (``Registry.enforce``); the sweeper does the same for every live tunnel
@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certgate.addresses import ListenAddress
 from certgate.feed import PolicyUpdate
+from certgate.httperrors import classify
 from certgate.pki import expiry
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, pyopenssl_server_context, server_context
@@ -271,20 +272,30 @@ class TunnelService:
             "sync": sync,
             "warnings": renewal_warnings(sync or {}),
         }
+        if not fresh:  # the project's error fields beside the report, naming the check
+            body |= {"error": "unhealthy", "detail": "feed: the table is stale"}
         return (200 if fresh else 503), body
 
     async def _admin_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        extra: list[tuple[str, str]] = []
         try:
             target = await asyncio.wait_for(_read_target(reader), 5)
-            status, ctype, body = self._admin_response(target)
         except (TimeoutError, h11.RemoteProtocolError, ConnectionError):
-            status, ctype, body = 400, "text/plain", b"bad request\n"
+            status, ctype, body = 400, "application/json", _error_body("bad_request", "bad HTTP")
+        else:
+            try:
+                status, ctype, body = self._admin_response(target)
+            except Exception as exc:  # the last resort: a JSON answer, the trace in the log
+                failure = classify(exc, f"admin {target}")
+                status, ctype, body = failure.status, "application/json", failure.body()
+                extra = list(failure.headers)
         headers = [
             ("content-type", ctype),
             ("content-length", str(len(body))),
             ("connection", "close"),
+            *extra,
         ]
         writer.write(_h11_response(status, headers, body))
         try:
@@ -296,10 +307,16 @@ class TunnelService:
         if target == "/healthz":
             status, body = self.health()
             return status, "application/json", json.dumps(body).encode()
+        if target == "/livez":
+            return 200, "application/json", b'{"status": "alive"}'
         if target == "/metrics":
             self._refresh_gauges()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        return 404, "text/plain", b"not found\n"
+        return 404, "application/json", _error_body("not_found", f"no admin endpoint {target}")
+
+
+def _error_body(code: str, detail: str) -> bytes:
+    return json.dumps({"error": code, "detail": detail[:200]}).encode()
 
 
 def renewal_warnings(sync: dict[str, Any]) -> list[str]:

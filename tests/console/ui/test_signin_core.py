@@ -10,9 +10,9 @@ import pyotp
 import pytest
 
 from certgate.console.services import signin
-from certgate.console.ui.ratelimit import ACCOUNT_BURST, ACCOUNT_REFILL_S, SignInLimiter
 from certgate.errors import AuthError
 from certgate.pki.keystore import MasterKey
+from certgate.ratelimit import ACCOUNT_BURST, ACCOUNT_REFILL_S, SignInLimiter
 
 # RFC 6238 Appendix B: SHA-1 seed "12345678901234567890"; T = 59 s gives 94287082 (8
 # digits), whose last six digits are the 6-digit code.

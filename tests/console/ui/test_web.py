@@ -18,7 +18,7 @@ from sqlalchemy import select
 from certgate.console import paging
 from certgate.console.services import groups
 from certgate.console.store.models import AuditEntry, Device, Group
-from certgate.console.ui.ratelimit import ACCOUNT_BURST
+from certgate.ratelimit import ACCOUNT_BURST
 from tests.console.conftest import add_device
 from tests.console.ui.support import browser, csrf_of, short_sessions, sign_in, web_admin
 from tests.support import RunningConsole

@@ -7,23 +7,30 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
+from certgate.console import health
 from certgate.console.api.deps import state_of
 from certgate.console.services import ca
 from certgate.errors import NotFound
+from certgate.httperrors import RETRY_AFTER_S
 from certgate.pki import expiry
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz(request: Request) -> dict[str, Any]:
-    """Up; the certificates the console presents or issues with and their time to
-    expiry, and a warning for each within its renewal window (``pki.expiry``, the rule the
-    nodes use)."""
-    certs = [c.to_dict() for c in state_of(request).certificates_in_use(time.time())]
-    return {
+def healthz(request: Request) -> JSONResponse:
+    """Ready to serve: 200 when every check in ``console.health`` passes, else 503 naming
+    the failed checks (a load balancer takes this console out; ``/livez`` stays 200). Also
+    the certificates the console presents or issues with and their time to expiry, and a
+    warning for each within its renewal window (``pki.expiry``, the rule the nodes use)."""
+    state = state_of(request)
+    checks = health.run_checks(state)
+    certs = [c.to_dict() for c in state.certificates_in_use(time.time())]
+    body: dict[str, Any] = {
         "status": "ok",
+        "checks": checks,
         "certificates": certs,
         "warnings": expiry.warnings(
             certs,
@@ -31,6 +38,19 @@ def healthz(request: Request) -> dict[str, Any]:
             " and the group identities itself; CAs: certgate console rotate {name} ...)",
         ),
     }
+    failed = {name: why for name, why in checks.items() if why != "ok"}
+    if not failed:
+        return JSONResponse(body)
+    detail = "; ".join(f"{name}: {why}" for name, why in failed.items())
+    body.update(status="unhealthy", error="unhealthy", detail=detail)
+    return JSONResponse(body, status_code=503, headers={"retry-after": str(RETRY_AFTER_S)})
+
+
+@router.get("/livez")
+def livez() -> dict[str, str]:
+    """Alive: answered by the event loop without touching storage or keys, so a supervisor
+    restarts a hung process, not one that waits for its disk."""
+    return {"status": "alive"}
 
 
 @router.get("/pki/root.pem", response_class=Response)

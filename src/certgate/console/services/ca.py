@@ -8,7 +8,9 @@ the revocation list. Nothing is returned to a caller before its row is committed
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -97,6 +99,8 @@ class InstancePKI:
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
     _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
     _checked: float = 0.0  # monotonic time of the last ``refresh`` query
+    signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
+    _signed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(
@@ -196,6 +200,10 @@ class InstancePKI:
             self._chain_pems[label] = tuple(pem(c) for c in self.chain(label))
         return list(self._chain_pems[label])
 
+    def _count_signed(self, kind: str) -> None:
+        with self._signed_lock:  # the writer thread and request threads sign concurrently
+            self.signed[kind] += 1
+
     def issue(
         self,
         session: Session,
@@ -209,6 +217,7 @@ class InstancePKI:
         self.refresh(session)
         label = self.label(ca)  # the row recorded is the one that signs, whatever reloads
         cert = self.authority.issue(self.issuer_of(label), profile, names, public_key)
+        self._count_signed(record.kind)
         row = record_certificate(session, cert, label, record)
         return cert, row
 
@@ -225,6 +234,7 @@ class InstancePKI:
         self.refresh(session)
         label = self.label(ca)  # as in ``issue``
         cert = self.authority.issue_from_csr(self.issuer_of(label), profile, names, csr_pem)
+        self._count_signed(record.kind)
         return cert, insert_certificate(session, cert, label, record)
 
 

@@ -9,8 +9,8 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from certgate.console.ui import access, fleet, manage
-from certgate.console.ui.ratelimit import SignInLimiter
 from certgate.console.ui.web import HERE, CSRFFailed, error_page
+from certgate.ratelimit import SignInLimiter
 
 __all__ = ["CSRFFailed", "error_page", "is_ui", "mount"]
 

@@ -1,5 +1,5 @@
 """Sign-in and sign-out pages. Failures are rate-limited per account and per client address
-(``ratelimit``) and every failure, refusal and success is audited as ``ui.signin``."""
+(``certgate.ratelimit``) and every failure, refusal and success is audited as ``ui.signin``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def login(request: Request, form: FormBody) -> Response:
         token = _sign_in(request, username, form)
     except AuthError as exc:
         limiter.failed(username, address, now)
+        request.app.state.metrics.signin_failures.labels("web").inc()
         _audit_signin(request, username, "denied", code="unauthenticated", reason=str(exc))
         return render("login.html", None, status=401, error=str(exc), username=username)
     response = redirect("/ui/")

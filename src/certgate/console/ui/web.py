@@ -24,8 +24,8 @@ from certgate.console.api.deps import state_of
 from certgate.console.services import ca, signin
 from certgate.console.services.rbac import Permission, permissions_on
 from certgate.console.services.signin import SignedIn, Timeouts
-from certgate.console.ui.ratelimit import SignInLimiter
 from certgate.errors import BadRequest, PermissionDenied
+from certgate.ratelimit import SignInLimiter
 
 COOKIE = "__Host-certgate-session"  # __Host-: Secure, Path=/, no Domain (RFC 6265bis 4.1.3)
 HERE = Path(__file__).parent

@@ -1,5 +1,10 @@
-"""Token buckets for failed sign-ins, per account and per client address. Sans-IO: the
-caller passes the monotonic time. Only failures take a token; a success takes none.
+"""Token buckets for failed authentications, per account and per client address. Sans-IO:
+the caller passes the monotonic time. Only failures take a token; a success takes none.
+
+One limiter per surface: the web console's sign-in form (``console.ui``) and the console
+API's credentials: enrollment passwords and tokens, device credentials, API keys
+(``console.app``). An account is what the caller claims to be (a user name); a bare secret
+(a token, a key) names no account and is limited by address only.
 
 In the console process's memory: a restart refills every bucket, which at worst allows
 one more burst; several console processes would each hold their own buckets.
@@ -59,10 +64,12 @@ class SignInLimiter:
         default_factory=lambda: TokenBuckets(ADDRESS_BURST, ADDRESS_REFILL_S)
     )
 
-    def retry_after(self, username: str, address: str, now: float) -> int:
+    def retry_after(self, username: str | None, address: str, now: float) -> int:
         """Seconds to wait before this account or address may try again (0: go ahead)."""
-        return max(self.accounts.wait_s(username.lower(), now), self.addresses.wait_s(address, now))
+        account = self.accounts.wait_s(username.lower(), now) if username else 0
+        return max(account, self.addresses.wait_s(address, now))
 
-    def failed(self, username: str, address: str, now: float) -> None:
-        self.accounts.take(username.lower(), now)
+    def failed(self, username: str | None, address: str, now: float) -> None:
+        if username:
+            self.accounts.take(username.lower(), now)
         self.addresses.take(address, now)
