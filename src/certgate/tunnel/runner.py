@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 from certgate import logs
 from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
+from certgate.tlsconf import client_context
+from certgate.tunnel.cascade import Cascade, Role
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
@@ -45,12 +48,16 @@ class RunOptions:
     tls_curve: str | None = None  # None: OpenSSL's default group list
     limits: Limits = field(default_factory=Limits)
     workers: int = 1  # 1: this process serves; more: tunnel.workers (one follower, N servers)
+    role: Role = Role.STANDALONE  # cascade mode (tunnel.cascade)
+    back_ends: tuple[Endpoint, ...] = ()  # a front end's back ends
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
+        if self.role is not Role.STANDALONE and self.workers != 1:
+            raise ConfigError(f"a {self.role.value} node serves from one process (--workers 1)")
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -78,14 +85,9 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     """The service and its feed follower; the follower reports changes to the service."""
     follower = FeedFollower(state, state_dir=options.state_dir)
     policy = follower.policy
-    tls = data_plane_tls(
-        [state.tunnel_cert, *state.tunnel_chain],
-        state.tunnel_key,
-        state.device_root,
-        options.tls_curve,
-    )
+    tls = listener_tls(state, options)
     service = TunnelService(
-        Gate(state.group_id, follower),
+        Gate(state.group_id, follower, cascade=cascade_of(state, options)),
         tls,
         options.proxy or Endpoint(options.listen_host, policy.proxy_port),
         options.per_app or Endpoint(options.listen_host, policy.per_app_port),
@@ -102,17 +104,46 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     def use_identity(rotated: TunnelState) -> None:
         """A rotated tunnel identity: its TLS context built aside, then swapped in (a
         failure raises here and the follower keeps the identity in use)."""
-        service.swap_tls(
-            data_plane_tls(
-                [rotated.tunnel_cert, *rotated.tunnel_chain],
-                rotated.tunnel_key,
-                rotated.device_root,
-                options.tls_curve,
-            )
-        )
+        service.swap_tls(listener_tls(rotated, options))
 
     follower.subscribe(service.on_change, use_identity)
     return service, follower
+
+
+def listener_tls(state: TunnelState, options: RunOptions) -> ssl.SSLContext:
+    """The tunnel identity, taking client certificates from the Device Root; a back end's
+    clients are front ends, whose tunnel identity the Secure Channel Root issues."""
+    back_end = options.role is Role.BACK_END
+    return data_plane_tls(
+        [state.tunnel_cert, *state.tunnel_chain],
+        state.tunnel_key,
+        state.secure_channel_root if back_end else state.device_root,
+        options.tls_curve,
+    )
+
+
+def cascade_of(state: TunnelState, options: RunOptions) -> Cascade | None:
+    if options.role is Role.STANDALONE:
+        return None
+    client_tls = None
+    if options.role is Role.FRONT_END:
+        # The back end presents the group's tunnel identity; Cascade checks its URI SAN,
+        # since back ends are reached by address, not by the names in the certificate.
+        client_tls = client_context(
+            [state.secure_channel_root],
+            chain=[state.tunnel_cert, *state.tunnel_chain],
+            key=state.tunnel_key,
+        )
+        client_tls.check_hostname = False
+        client_tls.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return Cascade(
+        options.role,
+        state.group_id,
+        state.root,
+        state.device_root,
+        options.back_ends,
+        client_tls,
+    )
 
 
 async def serve(state: TunnelState, options: RunOptions) -> None:
