@@ -36,6 +36,7 @@ from certgate.addresses import ListenAddress
 from certgate.errors import BadRequest, ChainError, ConfigError
 from certgate.pki import identity
 from certgate.pki.authority import utcnow
+from certgate.pki.keys import PrivateKey
 from certgate.pki.verify import verify_client_chain
 from certgate.protocol.client_cert_header import (
     CLIENT_CERT,
@@ -44,6 +45,7 @@ from certgate.protocol.client_cert_header import (
 )
 from certgate.protocol.datagram import TRANSPORT_HEADER
 from certgate.protocol.http_proxy import APP_HEADER, Headers
+from certgate.tlsconf import client_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.rules import Transport
 from certgate.tunnel.sockets import (
@@ -55,7 +57,7 @@ from certgate.tunnel.sockets import (
     ip_literal,
 )
 
-__all__ = ["MODE_HEADER", "BackEndHop", "Cascade", "HopRefused", "Role"]
+__all__ = ["MODE_HEADER", "BackEndHop", "Cascade", "HopRefused", "Role", "front_end_tls"]
 
 MODE_HEADER = "Certgate-Cascade-Mode"
 MAX_ANSWER_HEAD = 16 * 1024
@@ -100,12 +102,12 @@ class Cascade:
 
     # -- back end -----------------------------------------------------------------------
 
-    def check_front_end(self, der: bytes) -> None:
-        """The TLS client (already verified up to the Secure Channel Root) is this group's
-        tunnel identity, not a console identity or another group's tunnel."""
+    def check_peer(self, der: bytes) -> None:
+        """The other end of a hop (verified by TLS up to the Secure Channel Root) is this
+        group's tunnel identity, not a console identity or another group's tunnel."""
         found = identity.identity_of(x509.load_der_x509_certificate(der))
         if found != identity.tunnel(self.group_id):
-            raise ChainError(f"{found.uri()} is not a front end of group {self.group_id}")
+            raise ChainError(f"{found.uri()} is not a tunnel of group {self.group_id}")
 
     def device_of(self, headers: Headers) -> tuple[bytes, Mode]:
         """The device certificate (DER, verified up to the Device Root) and the admission
@@ -150,6 +152,18 @@ class Cascade:
         """The back ends, starting at the next in turn (round robin, then fall over)."""
         start = next(self._turn) % len(self.back_ends)
         return [*self.back_ends[start:], *self.back_ends[:start]]
+
+
+def front_end_tls(
+    chain: list[x509.Certificate], key: PrivateKey, scr: x509.Certificate
+) -> ssl.SSLContext:
+    """A front end's client side: the group's tunnel identity, trusting the Secure Channel
+    Root. Back ends are reached by address, not by the names in their certificate, so the
+    name check is the URI SAN's (``Cascade.check_front_end``: the same group identity)."""
+    ctx = client_context([scr], chain=chain, key=key)
+    ctx.check_hostname = False
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
 
 
 class BackEndHop:
@@ -229,7 +243,7 @@ class BackEndHop:
         try:
             self.end.sock.do_handshake()
             der = self.end.sock.getpeercert(binary_form=True)
-            self.cascade.check_front_end(der or b"")  # the back end is this group's tunnel
+            self.cascade.check_peer(der or b"")  # the back end is this group's tunnel
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
             self._step(self._handshake, blocked)
         except (OSError, ValueError, ChainError) as exc:

@@ -23,8 +23,7 @@ from pathlib import Path
 from certgate import logs
 from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
-from certgate.tlsconf import client_context
-from certgate.tunnel.cascade import Cascade, Role
+from certgate.tunnel.cascade import Cascade, Role, front_end_tls
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
@@ -103,8 +102,11 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
 
     def use_identity(rotated: TunnelState) -> None:
         """A rotated tunnel identity: its TLS context built aside, then swapped in (a
-        failure raises here and the follower keeps the identity in use)."""
-        service.swap_tls(listener_tls(rotated, options))
+        failure raises here and the follower keeps the identity in use). A front end's
+        hops to its back ends present it too."""
+        tls, cascade = listener_tls(rotated, options), cascade_of(rotated, options)
+        service.swap_tls(tls)
+        service.gate.cascade = cascade
 
     follower.subscribe(service.on_change, use_identity)
     return service, follower
@@ -127,15 +129,8 @@ def cascade_of(state: TunnelState, options: RunOptions) -> Cascade | None:
         return None
     client_tls = None
     if options.role is Role.FRONT_END:
-        # The back end presents the group's tunnel identity; Cascade checks its URI SAN,
-        # since back ends are reached by address, not by the names in the certificate.
-        client_tls = client_context(
-            [state.secure_channel_root],
-            chain=[state.tunnel_cert, *state.tunnel_chain],
-            key=state.tunnel_key,
-        )
-        client_tls.check_hostname = False
-        client_tls.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        chain = [state.tunnel_cert, *state.tunnel_chain]
+        client_tls = front_end_tls(chain, state.tunnel_key, state.secure_channel_root)
     return Cascade(
         options.role,
         state.group_id,

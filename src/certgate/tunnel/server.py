@@ -418,7 +418,7 @@ class ClientConnection:
             if der is None:
                 raise ChainError("no client certificate")
             if self.shared.gate.cascade is not None and self.shared.gate.role is Role.BACK_END:
-                self.shared.gate.cascade.check_front_end(der)  # the device comes with the request
+                self.shared.gate.cascade.check_peer(der)  # the device comes with the request
             else:
                 self.peer = self.shared.peers.identity(der)
                 self.shared.registry.bind(self, self.peer.thumbprint)
