@@ -21,6 +21,7 @@ from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import generate_key
 from certgate.pki.profiles import TUNNEL_IDENTITY
 from certgate.protocol.client_cert_header import encode_client_cert
+from certgate.protocol.datagram import Datagram, encode
 from certgate.protocol.http_proxy import Headers, HTTPProxyParser, ProxyRequest
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.cascade import (
@@ -45,8 +46,10 @@ from tests.tunnel.dataplane import (
     ServiceThread,
     StaticSource,
     connect_request,
+    policy,
     tls_client,
 )
+from tests.tunnel.test_udp import UDP_RULES, Echo, open_udp, read_datagrams
 
 TLS13 = ssl.TLSVersion.TLSv1_3
 
@@ -223,6 +226,31 @@ def ended(tls: ssl.SSLSocket) -> bool:
         return tls.recv(4096) == b""
     except (ssl.SSLError, ConnectionError):
         return True
+
+
+def test_udp_flows_cross_the_cascade(
+    pki: PKI,
+    clients: dict[str, Client],
+    front: ServiceThread,
+    back: ServiceThread,
+    back_source: StaticSource,
+) -> None:
+    """The front end carries a UDP tunnel as bytes; the back end decodes the frames,
+    applies the rules for UDP and sends the datagrams."""
+    back_source.policy = policy(UDP_RULES)
+    with Echo() as echo:
+        port = front.service.bound["per_app"]
+        tls, head = open_udp(pki, clients["device"], port, echo.port)
+        with tls:
+            assert head.startswith(b"HTTP/1.1 200"), head
+            tls.sendall(encode(1, b"one") + encode(2, b"two"))
+            replies = read_datagrams(tls, 2, head.partition(b"\r\n\r\n")[2])
+            live = back.run(back.service.live_tunnels)
+    assert sorted(replies, key=lambda d: d.flow) == [
+        Datagram(1, b"echo:one"),
+        Datagram(2, b"echo:two"),
+    ]
+    assert [(t["transport"], t["port"]) for t in live] == [("udp", echo.port)]
 
 
 # -- who may talk to a back end ----------------------------------------------------------
