@@ -57,7 +57,15 @@ from certgate.tunnel.sockets import (
     ip_literal,
 )
 
-__all__ = ["MODE_HEADER", "BackEndHop", "Cascade", "HopRefused", "Role", "front_end_tls"]
+__all__ = [
+    "MODE_HEADER",
+    "BackEndHop",
+    "Cascade",
+    "HopRefused",
+    "Role",
+    "check_settings",
+    "front_end_tls",
+]
 
 MODE_HEADER = "Certgate-Cascade-Mode"
 MAX_ANSWER_HEAD = 16 * 1024
@@ -67,6 +75,19 @@ class Role(Enum):
     STANDALONE = "standalone"
     FRONT_END = "front-end"
     BACK_END = "back-end"
+
+
+def check_settings(role: Role, back_ends: tuple[ListenAddress, ...]) -> None:
+    """A front end names its back ends, by IP address (no resolver on the hop); no
+    other role names any. Raises ``ConfigError``."""
+    if role is Role.FRONT_END:
+        if not back_ends:
+            raise ConfigError("a front end needs at least one --back-end HOST:PORT")
+        for back_end in back_ends:
+            if ip_literal(back_end.host) is None:
+                raise ConfigError(f"--back-end {back_end}: HOST must be an IP address")
+    elif back_ends:
+        raise ConfigError(f"--back-end is for front ends, not a {role.value} node")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +112,9 @@ class Cascade:
     _turn: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        if self.role is Role.FRONT_END:
-            if not self.back_ends or self.client_tls is None:
-                raise ConfigError("a front end needs at least one --back-end HOST:PORT")
-            for back_end in self.back_ends:
-                if ip_literal(back_end.host) is None:
-                    raise ConfigError(f"--back-end {back_end}: HOST must be an IP address")
-        elif self.back_ends:
-            raise ConfigError(f"--back-end is for front ends, not a {self.role.value} node")
+        check_settings(self.role, self.back_ends)
+        if self.role is Role.FRONT_END and self.client_tls is None:
+            raise ConfigError("a front end needs its tunnel identity as TLS client")
 
     # -- back end -----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from certgate import logs
 from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
-from certgate.tunnel.cascade import Cascade, Role, front_end_tls
+from certgate.tunnel.cascade import Cascade, Role, check_settings, front_end_tls
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
@@ -55,6 +55,7 @@ class RunOptions:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
+        check_settings(self.role, self.back_ends)
         if self.role is not Role.STANDALONE and self.workers != 1:
             raise ConfigError(f"a {self.role.value} node serves from one process (--workers 1)")
 
