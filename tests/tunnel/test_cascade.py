@@ -313,7 +313,7 @@ def test_a_back_end_refuses_bad_device_fields_from_a_front_end(
 def test_connect_head_round_trips_through_device_of(pki: PKI, clients: dict[str, Client]) -> None:
     front = cascade(pki, Role.FRONT_END, ListenAddress("127.0.0.1", 1))
     der = clients["device"].cert.public_bytes(Encoding.DER)
-    head = front.connect_head("intranet:443", APP, Transport.UDP, Mode.PER_APP, der)
+    head = front.connect_head("intranet", 443, APP, Transport.UDP, Mode.PER_APP, der)
     parser = HTTPProxyParser()
     parser.receive_data(head)
     request = parser.next_event()
@@ -323,6 +323,9 @@ def test_connect_head_round_trips_through_device_of(pki: PKI, clients: dict[str,
     assert request.headers.get("Certgate-Transport") == "udp"
     back = cascade(pki, Role.BACK_END)
     assert back.device_of(request.headers) == (der, Mode.PER_APP)
+    v6 = front.connect_head("::1", 53, None, Transport.TCP, Mode.PROXY, der)
+    assert v6.startswith(b"CONNECT [::1]:53 HTTP/1.1\r\n")
+    assert b"Certgate-App" not in v6
 
 
 def test_device_of_refuses_a_mode_it_does_not_know(pki: PKI, clients: dict[str, Client]) -> None:

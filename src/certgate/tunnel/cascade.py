@@ -32,7 +32,7 @@ from enum import Enum
 
 from cryptography import x509
 
-from certgate.addresses import ListenAddress
+from certgate.addresses import ListenAddress, authority
 from certgate.errors import BadRequest, ChainError, ConfigError
 from certgate.pki import identity
 from certgate.pki.authority import utcnow
@@ -146,13 +146,15 @@ class Cascade:
 
     def connect_head(
         self,
-        destination: str,
+        host: str,
+        port: int,
         app: str | None,
         transport: Transport,
         mode: Mode,
         device_der: bytes,
     ) -> bytes:
         """The CONNECT a front end sends its back end for one admitted tunnel."""
+        destination = authority(host, port)  # IPv6 literals in brackets (RFC 9112 3.2.3)
         fields = [
             ("Host", destination),
             (CLIENT_CERT, encode_client_cert(device_der)),

@@ -530,7 +530,7 @@ class ClientConnection:
         der = self.tls.getpeercert(binary_form=True)
         assert cascade is not None and der is not None
         head = cascade.connect_head(
-            self.destination, self.requested_app, self.transport, self.mode, der
+            request.host, request.port, self.requested_app, self.transport, self.mode, der
         )
         self._hop = BackEndHop(
             self.loop,
