@@ -219,7 +219,7 @@ def make_service(
     if rules is not None:
         source.policy = policy(rules)
     gate = Gate(GROUP, source)
-    tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.device_root)
+    tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, [pki.device_root])
     return TunnelService(
         gate,
         tls,

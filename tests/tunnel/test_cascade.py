@@ -78,7 +78,7 @@ def cascade(pki: PKI, role: Role, *back_ends: ListenAddress) -> Cascade:
     client_tls = None
     if role is Role.FRONT_END:
         client_tls = front_end_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.scr)
-    return Cascade(role, GROUP, pki.root, pki.device_root, back_ends, client_tls)
+    return Cascade(role, GROUP, pki.root, (pki.device_root,), back_ends, client_tls)
 
 
 def service(pki: PKI, source: StaticSource, node: Cascade) -> TunnelService:
@@ -86,7 +86,7 @@ def service(pki: PKI, source: StaticSource, node: Cascade) -> TunnelService:
     here = Endpoint("127.0.0.1", 0)
     return TunnelService(
         Gate(GROUP, source, cascade=node),
-        data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, client_ca),
+        data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, [client_ca]),
         here,
         here,
         here,
@@ -391,3 +391,20 @@ def test_refusal_of_passes_on_the_back_ends_reason(body: bytes, reason: str) -> 
     assert refusal_of(403, body, back_end) == HopRefused(
         403, reason, "back end 127.0.0.1:9 answered 403"
     )
+
+
+def test_a_device_of_either_device_root_passes_during_a_rotation(
+    pki: PKI, clients: dict[str, Client]
+) -> None:
+    next_root, _ = pki._intermediate("Device Root (next)")
+    headers = Headers(
+        (
+            ("Client-Cert", encode_client_cert(clients["device"].cert)),
+            ("Certgate-Cascade-Mode", "per_app"),
+        )
+    )
+    both = Cascade(Role.BACK_END, GROUP, pki.root, (next_root, pki.device_root))
+    assert both.device_of(headers)[1] is Mode.PER_APP
+    only_next = Cascade(Role.BACK_END, GROUP, pki.root, (next_root,))
+    with pytest.raises(ChainError, match="client certificate rejected"):
+        only_next.device_of(headers)

@@ -10,7 +10,7 @@ inside the network, which alone reaches the destinations.
   destination.
 * Back end: accepts only the group's tunnel identity as TLS client (the Secure Channel
   Root issues it; the URI SAN must be this group's tunnel), verifies the device
-  certificate of ``Client-Cert`` up to the Device Root again, admits it from its own table,
+  certificate of ``Client-Cert`` up to a Device Root again, admits it from its own table,
   resolves, applies the server traffic rules and dials.
 
 Both ends register the tunnel under the device's thumbprint, so a feed change (a device
@@ -106,7 +106,7 @@ class Cascade:
     role: Role
     group_id: str
     root: x509.Certificate
-    device_root: x509.Certificate
+    device_roots: tuple[x509.Certificate, ...]  # two during a Device Root rotation
     back_ends: tuple[ListenAddress, ...] = ()
     client_tls: ssl.SSLContext | None = None  # front end: the tunnel identity, as client
     _turn: itertools.count[int] = field(default_factory=itertools.count)
@@ -132,15 +132,26 @@ class Cascade:
         if value is None:
             raise BadRequest(f"a front end's CONNECT must carry {CLIENT_CERT}")
         der = decode_client_cert(value)
-        leaf = x509.load_der_x509_certificate(der)
-        verify_client_chain(
-            leaf, [self.device_root], [self.root], expected_issuer=self.device_root, at=utcnow()
-        )
+        self._verify_device(x509.load_der_x509_certificate(der))
         try:
             mode = Mode(headers.get(MODE_HEADER) or "")
         except ValueError as exc:
             raise BadRequest(f"{MODE_HEADER} must be proxy or per_app") from exc
         return der, mode
+
+    def _verify_device(self, leaf: x509.Certificate) -> None:
+        """Issued by one of the group's Device Roots, as the front end's TLS layer found."""
+        failures = []
+        for device_root in self.device_roots:
+            try:
+                verify_client_chain(
+                    leaf, [device_root], [self.root], expected_issuer=device_root, at=utcnow()
+                )
+            except ChainError as exc:
+                failures.append(str(exc))
+            else:
+                return
+        raise ChainError("; ".join(failures))
 
     # -- front end ----------------------------------------------------------------------
 

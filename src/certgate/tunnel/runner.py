@@ -114,13 +114,13 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
 
 
 def listener_tls(state: TunnelState, options: RunOptions) -> ssl.SSLContext:
-    """The tunnel identity, taking client certificates from the Device Root; a back end's
+    """The tunnel identity, taking client certificates from the Device Roots; a back end's
     clients are front ends, whose tunnel identity the Secure Channel Root issues."""
     back_end = options.role is Role.BACK_END
     return data_plane_tls(
         [state.tunnel_cert, *state.tunnel_chain],
         state.tunnel_key,
-        state.secure_channel_root if back_end else state.device_root,
+        [state.secure_channel_root] if back_end else state.device_roots,
         options.tls_curve,
     )
 
@@ -136,7 +136,7 @@ def cascade_of(state: TunnelState, options: RunOptions) -> Cascade | None:
         options.role,
         state.group_id,
         state.root,
-        state.device_root,
+        state.device_roots,
         options.back_ends,
         client_tls,
     )

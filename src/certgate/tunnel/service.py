@@ -16,7 +16,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certgate.addresses import ListenAddress
 from certgate.feed import PolicyUpdate
+from certgate.pki import expiry
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import ClientAuth, server_context
 from certgate.tunnel.admission import Mode
@@ -300,12 +301,9 @@ class TunnelService:
 
 def renewal_warnings(sync: dict[str, Any]) -> list[str]:
     """A line for each certificate in use that is within its renewal window."""
-    return [
-        f"{cert['name']} expires in {cert['expires_in_s'] // 86400} days: rotate it"
-        f" (certgate console rotate {cert['name']} ...)"
-        for cert in sync.get("certificates", [])
-        if cert["renewal_due"]
-    ]
+    return expiry.warnings(
+        sync.get("certificates", []), "rotate it (certgate console rotate {name} ...)"
+    )
 
 
 async def _read_target(reader: asyncio.StreamReader) -> str:
@@ -335,14 +333,15 @@ def _h11_response(status: int, headers: list[tuple[str, str]], body: bytes) -> b
 def data_plane_tls(
     chain: list[x509.Certificate],
     key: PrivateKey,
-    device_root: x509.Certificate,
+    device_roots: Sequence[x509.Certificate],
     curve: str | None = None,
 ) -> ssl.SSLContext:
-    """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
+    """The listeners' TLS: the tunnel identity; client certs REQUIRED from a Device Root
+    (two during a Device Root rotation)."""
     ctx = server_context(
         chain,
         key,
-        client_cas=[device_root],
+        client_cas=list(device_roots),
         client_auth=ClientAuth.REQUIRED,
         alpn=["http/1.1"],
         anchor_is_issuer=True,

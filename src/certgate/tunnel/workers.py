@@ -129,7 +129,7 @@ def _identity_message(state: TunnelState) -> dict[str, Any]:
             c.public_bytes(Encoding.PEM).decode() for c in (state.tunnel_cert, *state.tunnel_chain)
         ],
         "key": private_key_pem(state.tunnel_key).decode(),
-        "device_root": state.device_root.public_bytes(Encoding.PEM).decode(),
+        "device_roots": [root.public_bytes(Encoding.PEM).decode() for root in state.device_roots],
     }
 
 
@@ -169,7 +169,7 @@ class Worker:
             data_plane_tls(
                 [state.tunnel_cert, *state.tunnel_chain],
                 state.tunnel_key,
-                state.device_root,
+                state.device_roots,
                 self.curve,
             ),
             _endpoint(hello["proxy"]),
@@ -225,9 +225,9 @@ class Worker:
             )
         elif kind == "identity":
             chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in message["chain"]]
-            root = x509.load_pem_x509_certificate(message["device_root"].encode())
+            roots = [x509.load_pem_x509_certificate(p.encode()) for p in message["device_roots"]]
             key = load_private_key_pem(message["key"].encode())
-            self.service.swap_tls(data_plane_tls(chain, key, root, self.curve))
+            self.service.swap_tls(data_plane_tls(chain, key, roots, self.curve))
 
     async def _report(self) -> None:
         from prometheus_client import generate_latest
@@ -382,7 +382,7 @@ class Supervisor:
         tls = data_plane_tls(
             [rotated.tunnel_cert, *rotated.tunnel_chain],
             rotated.tunnel_key,
-            rotated.device_root,
+            rotated.device_roots,
             self.options.tls_curve,
         )
         self.service.swap_tls(tls)  # the node's identity_swaps metric
@@ -560,7 +560,7 @@ async def supervise(state: TunnelState, options: Any) -> None:
         data_plane_tls(
             [state.tunnel_cert, *state.tunnel_chain],
             state.tunnel_key,
-            state.device_root,
+            state.device_roots,
             options.tls_curve,
         ),
         None,
