@@ -52,6 +52,8 @@ from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
     Dialer,
     End,
+    StdlibTLSEnd,
+    TLSBlocked,
     TLSEnd,
     Want,
     ip_literal,
@@ -215,7 +217,7 @@ class BackEndHop:
         self.pending = cascade.back_end_order()
         self.back_end: ListenAddress | None = None
         self.dialer: Dialer | None = None
-        self.end: TLSEnd | None = None
+        self.end: StdlibTLSEnd | None = None
         self.answer = bytearray()
         self.sent = 0
         self.last_error = "no back end"
@@ -256,26 +258,21 @@ class BackEndHop:
             do_handshake_on_connect=False,
             suppress_ragged_eofs=False,
         )
-        self.end = TLSEnd(tls, plain.watched)  # the same descriptor, so the same watch
+        self.end = StdlibTLSEnd(tls, plain.watched)  # the same descriptor, so the same watch
         self._handshake()
 
-    def _step(self, action: Callable[[], None], blocked: ssl.SSLError | None) -> bool:
-        """Wait for what OpenSSL wants and retry ``action``; True if it had to wait."""
-        if blocked is None or self.end is None:
-            return False
-        want = Want.READ if isinstance(blocked, ssl.SSLWantReadError) else Want.WRITE
-        self.end.watched.wait(want, action)
-        return True
+    def _wait(self, blocked: TLSBlocked, action: Callable[[], None]) -> None:
+        assert self.end is not None
+        self.end.watched.wait(blocked.want, action)
 
     def _handshake(self) -> None:
         assert self.end is not None
         try:
-            self.end.sock.do_handshake()
-            der = self.end.sock.getpeercert(binary_form=True)
-            self.cascade.check_peer(der or b"")  # the back end is this group's tunnel
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            self._step(self._handshake, blocked)
-        except (OSError, ValueError, ChainError) as exc:
+            self.end.handshake()
+            self.cascade.check_peer(self.end.peer_der() or b"")  # this group's tunnel
+        except TLSBlocked as blocked:
+            self._wait(blocked, self._handshake)
+        except (OSError, ValueError, ChainError) as exc:  # HandshakeRefused/Closed included
             self._failed(f"TLS: {exc}")
         else:
             self._send_head()
@@ -283,9 +280,9 @@ class BackEndHop:
     def _send_head(self) -> None:
         assert self.end is not None
         try:
-            self.sent += self.end.sock.send(self.head[self.sent :])
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            self._step(self._send_head, blocked)
+            self.sent += self.end.send_once(memoryview(self.head)[self.sent :])
+        except TLSBlocked as blocked:
+            self._wait(blocked, self._send_head)
             return
         except OSError as exc:
             self._failed(f"sending the request: {exc}")
@@ -299,9 +296,9 @@ class BackEndHop:
         assert self.end is not None
         buffer = bytearray(TLS_MAX_PLAINTEXT)
         try:
-            n = self.end.sock.recv_into(buffer)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            self._step(self._read_answer, blocked)
+            n = self.end.recv_once(memoryview(buffer))
+        except TLSBlocked as blocked:
+            self._wait(blocked, self._read_answer)
             return
         except OSError as exc:
             self._failed(f"reading the answer: {exc}")

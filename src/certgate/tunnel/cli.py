@@ -250,7 +250,7 @@ def run(
         str | None,
         typer.Option(
             help="Pin one key-exchange curve (prime256v1, secp384r1, X25519); "
-            "default: OpenSSL's list."
+            "default: X25519, P-256 and P-384."
         ),
     ] = None,
     config_file: ConfigFile = None,
@@ -272,6 +272,13 @@ def run(
         list[str] | None,
         typer.Option(help="HOST:PORT (IP address) of a back end; repeat for several."),
     ] = None,
+    tls_backend: Annotated[
+        str,
+        typer.Option(
+            help="TLS library of the data plane: pyopenssl (default: OpenSSL of the "
+            "cryptography wheel, faster) or ssl (Python's, the system OpenSSL)."
+        ),
+    ] = "pyopenssl",
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.cascade import Role
@@ -293,6 +300,7 @@ def run(
             workers=_workers(workers, role, usable_cpus),
             role=Role(role),
             back_ends=tuple(Endpoint.parse(text) for text in back_end or ()),
+            tls_backend=tls_backend,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:

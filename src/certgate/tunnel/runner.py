@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,14 @@ from certgate.tunnel.cascade import Cascade, Role, check_settings, front_end_tls
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
-from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.service import (
+    DEFAULT_TLS_BACKEND,
+    TLS_BACKENDS,
+    Endpoint,
+    TunnelService,
+    data_plane_tls,
+)
+from certgate.tunnel.sockets import ServerTLS
 from certgate.tunnel.sync import FeedFollower
 
 log = logging.getLogger("certgate.tunnel")
@@ -44,7 +50,8 @@ class RunOptions:
     admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9102))
     loop: str = "asyncio"
     drain_s: float = 30.0
-    tls_curve: str | None = None  # None: OpenSSL's default group list
+    tls_curve: str | None = None  # None: tlsconf.GROUPS
+    tls_backend: str = DEFAULT_TLS_BACKEND
     limits: Limits = field(default_factory=Limits)
     workers: int = 1  # 1: this process serves; more: tunnel.workers (one follower, N servers)
     role: Role = Role.STANDALONE  # cascade mode (tunnel.cascade)
@@ -58,6 +65,10 @@ class RunOptions:
         check_settings(self.role, self.back_ends)
         if self.role is not Role.STANDALONE and self.workers != 1:
             raise ConfigError(f"a {self.role.value} node serves from one process (--workers 1)")
+        if self.tls_backend not in TLS_BACKENDS:
+            raise ConfigError(
+                f"TLS backend must be one of {TLS_BACKENDS}, got {self.tls_backend!r}"
+            )
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -113,7 +124,7 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     return service, follower
 
 
-def listener_tls(state: TunnelState, options: RunOptions) -> ssl.SSLContext:
+def listener_tls(state: TunnelState, options: RunOptions) -> ServerTLS:
     """The tunnel identity, taking client certificates from the Device Roots; a back end's
     clients are front ends, whose tunnel identity the Secure Channel Root issues."""
     back_end = options.role is Role.BACK_END
@@ -122,6 +133,7 @@ def listener_tls(state: TunnelState, options: RunOptions) -> ssl.SSLContext:
         state.tunnel_key,
         [state.secure_channel_root] if back_end else state.device_roots,
         options.tls_curve,
+        options.tls_backend,
     )
 
 
@@ -155,11 +167,12 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
     report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
     frozen = freeze_startup_heap()  # full collections stop traversing start-up (certgate.heap)
     log.info(
-        "tunnel node %s of group %s serving (loop=%s; %d start-up objects left out of"
-        " garbage collection)",
+        "tunnel node %s of group %s serving (loop=%s, tls=%s; %d start-up objects left out"
+        " of garbage collection)",
         state.node_name,
         state.group_id,
         options.loop,
+        options.tls_backend,
         frozen,
     )
     await stop.wait()

@@ -163,6 +163,7 @@ class Worker:
         self.hello, self.reader, self.writer = hello, reader, writer
         state = load_state(Path(hello["state_dir"]))
         self.curve: str | None = hello["tls_curve"]
+        self.backend: str = hello["tls_backend"]
         self.source = MappedSource(SharedTable(Path(hello["table"])), _policy(hello["policy"]))
         self.service = TunnelService(
             Gate(state.group_id, self.source),
@@ -171,6 +172,7 @@ class Worker:
                 state.tunnel_key,
                 state.device_roots,
                 self.curve,
+                self.backend,
             ),
             _endpoint(hello["proxy"]),
             _endpoint(hello["per_app"]),
@@ -227,7 +229,7 @@ class Worker:
             chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in message["chain"]]
             roots = [x509.load_pem_x509_certificate(p.encode()) for p in message["device_roots"]]
             key = load_private_key_pem(message["key"].encode())
-            self.service.swap_tls(data_plane_tls(chain, key, roots, self.curve))
+            self.service.swap_tls(data_plane_tls(chain, key, roots, self.curve, self.backend))
 
     async def _report(self) -> None:
         from prometheus_client import generate_latest
@@ -384,6 +386,7 @@ class Supervisor:
             rotated.tunnel_key,
             rotated.device_roots,
             self.options.tls_curve,
+            self.options.tls_backend,
         )
         self.service.swap_tls(tls)  # the node's identity_swaps metric
         self._identity = _identity_message(rotated)
@@ -436,6 +439,7 @@ class Supervisor:
             "loop": options.loop,
             "drain_s": options.drain_s,
             "tls_curve": options.tls_curve,
+            "tls_backend": options.tls_backend,
             "limits": asdict(options.limits),
         }
 
@@ -562,6 +566,7 @@ async def supervise(state: TunnelState, options: Any) -> None:
             state.tunnel_key,
             state.device_roots,
             options.tls_curve,
+            options.tls_backend,
         ),
         None,
         None,
