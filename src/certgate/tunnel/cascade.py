@@ -201,7 +201,11 @@ class BackEndHop:
     """Front end: one tunnel's hop to a back end. Dials the back ends in turn, completes
     mTLS, checks the back end is this group's tunnel, sends the CONNECT head and reads the
     answer's head. Then ``on_ready(end, leftover)`` (bytes after the head belong to the
-    tunnel) or ``on_refused(HopRefused)``; ``cancel`` stops it and calls nothing."""
+    tunnel) or ``on_refused(HopRefused)``; ``cancel`` stops it and calls nothing.
+
+    The hop's client side is Python's ``ssl`` (``StdlibTLSEnd``) whatever the listeners'
+    ``--tls-backend``: one handshake per tunnel on the front end's side, where the device's
+    handshake already dominates."""
 
     def __init__(
         self,
