@@ -204,8 +204,8 @@ class BackEndHop:
     tunnel) or ``on_refused(HopRefused)``; ``cancel`` stops it and calls nothing.
 
     The hop's client side is Python's ``ssl`` (``StdlibTLSEnd``) whatever the listeners'
-    ``--tls-backend``: one handshake per tunnel on the front end's side, where the device's
-    handshake already dominates."""
+    ``--tls-backend``: the shell's ends are server-side, and ``StdlibTLSEnd`` is the one
+    that also drives a client ``SSLSocket``. Its cost per tunnel is not measured yet."""
 
     def __init__(
         self,
