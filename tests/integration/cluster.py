@@ -58,6 +58,7 @@ class Node:
     # Scenarios pin one process unless they are about workers (test_workers.py): their
     # timings and metrics were measured on one.
     workers: int = 1
+    extra_args: tuple[str, ...] = ()  # more `tunnel run` options (cascade roles)
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10).text
@@ -155,6 +156,7 @@ def popen_node(node: Node, log: IO[bytes]) -> subprocess.Popen[bytes]:
             f"127.0.0.1:{node.admin_port}",
             "--workers",
             str(node.workers),
+            *node.extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -244,11 +246,15 @@ def start_cluster(
     settings: dict[str, Any] | None = None,
     node_names: tuple[str, ...] = ("node-1", "node-2"),
     db_url: str | None = None,
+    back_ends: tuple[str, ...] = (),
+    origin_host: str = "127.0.0.1",
 ) -> Iterator[Cluster]:
     """Console, tunnel nodes of GROUP behind HAProxy, one enrolled app, an origin.
 
-    Everything started is registered for cleanup at once, so a failure halfway through
-    setup leaves no process behind."""
+    ``back_ends``: names of nodes run as cascade back ends (tunnel.cascade); they start
+    first, the other nodes run as front ends relaying to them, and only the front ends are
+    behind HAProxy. Everything started is registered for cleanup at once, so a failure
+    halfway through setup leaves no process behind."""
     with contextlib.ExitStack() as cleanup:
         data_dir, port = init_console(work, db_url=db_url)
         holder: dict[str, RunningConsole] = {"console": start_console(work, data_dir, port)}
@@ -259,14 +265,23 @@ def start_cluster(
         console.make_admin("setup", "tunnel-setup", GROUP)
         write_setup_p12(console, work)
         nodes = [setup_node(work, console, name) for name in node_names]
-        for node in nodes:
+        backs = [n for n in nodes if n.name in back_ends]
+        fronts = [n for n in nodes if n.name not in back_ends]
+        for node in backs:
+            node.extra_args = ("--role", "back-end")
             cleanup.callback(stop_node, node)
             start_node(node, work)
-        haproxy, hport = start_haproxy(work, nodes)
+        for node in fronts:
+            if backs:  # after the back ends started: their ports are final
+                relay = [a for b in backs for a in ("--back-end", f"127.0.0.1:{b.proxy_port}")]
+                node.extra_args = ("--role", "front-end", *relay)
+            cleanup.callback(stop_node, node)
+            start_node(node, work)
+        haproxy, hport = start_haproxy(work, fronts)
         cleanup.callback(stop_process, haproxy)
         device_uid, cert, key = enroll_app(console, work)
-        origin = cleanup.enter_context(Origin())
-        cluster = Cluster(work, console, nodes, hport, origin, device_uid, cert, key)
+        origin = cleanup.enter_context(Origin(origin_host))
+        cluster = Cluster(work, console, fronts + backs, hport, origin, device_uid, cert, key)
         cleanup.callback(lambda: holder.update(console=cluster.console))  # after restarts
         wait_admitted_everywhere(cluster)
         yield cluster
@@ -308,7 +323,7 @@ def curl(
             str(cluster.app_cert),
             "--proxy-key",
             str(cluster.app_key),
-            f"http://127.0.0.1:{cluster.origin.port}/",
+            f"http://{cluster.origin.host}:{cluster.origin.port}/",
         ],
         capture_output=True,
         text=True,
@@ -318,12 +333,12 @@ def curl(
 
 
 def wait_admitted_everywhere(cluster: Cluster, timeout: float = 30) -> None:
-    """Both nodes learn the device through their feeds; wait (bounded) until they do."""
+    """Both nodes learn the device through their feeds; wait (bounded) until they do.
+    (Back ends take only front ends as clients: they are reached through them.)"""
     deadline = time.monotonic() + timeout
+    reachable = [n for n in cluster.nodes if "back-end" not in n.extra_args]
     while time.monotonic() < deadline:
-        if all(
-            curl(cluster, port=node.proxy_port).stdout.encode() == PAGE for node in cluster.nodes
-        ):
+        if all(curl(cluster, port=node.proxy_port).stdout.encode() == PAGE for node in reachable):
             return
         time.sleep(0.2)
     raise AssertionError("nodes never admitted the enrolled device")
@@ -350,7 +365,7 @@ def open_tunnel(
     tls = ctx.wrap_socket(
         raw, server_hostname="localhost", suppress_ragged_eofs=suppress_ragged_eofs
     )
-    destination = destination or f"127.0.0.1:{cluster.origin.port}"
+    destination = destination or f"{cluster.origin.host}:{cluster.origin.port}"
     tls.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert tls.recv(4096).startswith(b"HTTP/1.1 200")
     return tls

@@ -253,8 +253,11 @@ class _Page(http.server.BaseHTTPRequestHandler):
 class Origin:
     """The intranet: a real HTTP server on loopback."""
 
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+
     def __enter__(self) -> Origin:
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+        self.server = http.server.ThreadingHTTPServer((self.host, 0), _Page)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -149,3 +149,25 @@ def test_run_refuses_an_unknown_tls_backend(tmp_path: Path) -> None:
     done = runner.invoke(app, ["run", "--state-dir", str(tmp_path), "--tls-backend", "gnutls"])
     assert done.exit_code != 0
     assert "TLS backend must be one of" in done.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--role", "middle"], "'middle' is not a valid Role"),
+        (["--role", "front-end"], "a front end needs at least one --back-end"),
+        (["--role", "front-end", "--back-end", "back.example:2020"], "must be an IP address"),
+        (["--role", "back-end", "--back-end", "127.0.0.1:2020"], "is for front ends"),
+        (
+            ["--role", "back-end", "--workers", "2"],
+            "a back-end node serves from one process",
+        ),
+    ],
+)
+def test_run_refuses_inconsistent_cascade_options(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    """Checked before anything is loaded or bound (a state directory is not even read)."""
+    result = runner.invoke(app, ["run", "--state-dir", str(tmp_path / "none"), *options])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()), result.output

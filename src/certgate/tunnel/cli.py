@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -260,6 +261,17 @@ def run(
             "(default: the usable CPUs); 1 serves from this process."
         ),
     ] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="standalone (default); front-end: admit, then relay to a back end; "
+            "back-end: accept only this group's front ends and reach the destinations."
+        ),
+    ] = "standalone",
+    back_end: Annotated[
+        list[str] | None,
+        typer.Option(help="HOST:PORT (IP address) of a back end; repeat for several."),
+    ] = None,
     tls_backend: Annotated[
         str,
         typer.Option(
@@ -269,6 +281,7 @@ def run(
     ] = "pyopenssl",
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
+    from certgate.tunnel.cascade import Role
     from certgate.tunnel.runner import RunOptions
     from certgate.tunnel.runner import run as run_tunnel
     from certgate.tunnel.service import Endpoint
@@ -284,9 +297,18 @@ def run(
             loop=loop,
             drain_s=drain_s,
             tls_curve=tls_curve,
-            workers=usable_cpus() if workers is None else workers,
+            workers=_workers(workers, role, usable_cpus),
+            role=Role(role),
+            back_ends=tuple(Endpoint.parse(text) for text in back_end or ()),
             tls_backend=tls_backend,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:
         raise fail(str(exc)) from exc
+
+
+def _workers(asked: int | None, role: str, usable_cpus: Callable[[], int]) -> int:
+    """Default: the usable CPUs, but one for a cascade node (it serves from one process)."""
+    if asked is not None:
+        return asked
+    return usable_cpus() if role == "standalone" else 1

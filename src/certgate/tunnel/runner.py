@@ -22,6 +22,7 @@ from pathlib import Path
 from certgate import logs
 from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
+from certgate.tunnel.cascade import Cascade, Role, check_settings, front_end_tls
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
@@ -32,6 +33,7 @@ from certgate.tunnel.service import (
     TunnelService,
     data_plane_tls,
 )
+from certgate.tunnel.sockets import ServerTLS
 from certgate.tunnel.sync import FeedFollower
 
 log = logging.getLogger("certgate.tunnel")
@@ -52,12 +54,17 @@ class RunOptions:
     tls_backend: str = DEFAULT_TLS_BACKEND
     limits: Limits = field(default_factory=Limits)
     workers: int = 1  # 1: this process serves; more: tunnel.workers (one follower, N servers)
+    role: Role = Role.STANDALONE  # cascade mode (tunnel.cascade)
+    back_ends: tuple[Endpoint, ...] = ()  # a front end's back ends
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
+        check_settings(self.role, self.back_ends)
+        if self.role is not Role.STANDALONE and self.workers != 1:
+            raise ConfigError(f"a {self.role.value} node serves from one process (--workers 1)")
         if self.tls_backend not in TLS_BACKENDS:
             raise ConfigError(
                 f"TLS backend must be one of {TLS_BACKENDS}, got {self.tls_backend!r}"
@@ -89,15 +96,9 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     """The service and its feed follower; the follower reports changes to the service."""
     follower = FeedFollower(state, state_dir=options.state_dir)
     policy = follower.policy
-    tls = data_plane_tls(
-        [state.tunnel_cert, *state.tunnel_chain],
-        state.tunnel_key,
-        state.device_roots,
-        options.tls_curve,
-        options.tls_backend,
-    )
+    tls = listener_tls(state, options)
     service = TunnelService(
-        Gate(state.group_id, follower),
+        Gate(state.group_id, follower, cascade=cascade_of(state, options)),
         tls,
         options.proxy or Endpoint(options.listen_host, policy.proxy_port),
         options.per_app or Endpoint(options.listen_host, policy.per_app_port),
@@ -113,19 +114,44 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
 
     def use_identity(rotated: TunnelState) -> None:
         """A rotated tunnel identity: its TLS context built aside, then swapped in (a
-        failure raises here and the follower keeps the identity in use)."""
-        service.swap_tls(
-            data_plane_tls(
-                [rotated.tunnel_cert, *rotated.tunnel_chain],
-                rotated.tunnel_key,
-                rotated.device_roots,
-                options.tls_curve,
-                options.tls_backend,
-            )
-        )
+        failure raises here and the follower keeps the identity in use). A front end's
+        hops to its back ends present it too."""
+        tls, cascade = listener_tls(rotated, options), cascade_of(rotated, options)
+        service.swap_tls(tls)
+        service.gate.cascade = cascade
 
     follower.subscribe(service.on_change, use_identity)
     return service, follower
+
+
+def listener_tls(state: TunnelState, options: RunOptions) -> ServerTLS:
+    """The tunnel identity, taking client certificates from the Device Roots; a back end's
+    clients are front ends, whose tunnel identity the Secure Channel Root issues."""
+    back_end = options.role is Role.BACK_END
+    return data_plane_tls(
+        [state.tunnel_cert, *state.tunnel_chain],
+        state.tunnel_key,
+        [state.secure_channel_root] if back_end else state.device_roots,
+        options.tls_curve,
+        options.tls_backend,
+    )
+
+
+def cascade_of(state: TunnelState, options: RunOptions) -> Cascade | None:
+    if options.role is Role.STANDALONE:
+        return None
+    client_tls = None
+    if options.role is Role.FRONT_END:
+        chain = [state.tunnel_cert, *state.tunnel_chain]
+        client_tls = front_end_tls(chain, state.tunnel_key, state.secure_channel_root)
+    return Cascade(
+        options.role,
+        state.group_id,
+        state.root,
+        state.device_roots,
+        options.back_ends,
+        client_tls,
+    )
 
 
 async def serve(state: TunnelState, options: RunOptions) -> None:

@@ -45,7 +45,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certgate import logs
-from certgate.errors import ChainError
+from certgate.errors import BadRequest, ChainError
 from certgate.feed import PolicyUpdate
 from certgate.protocol.datagram import TRANSPORT_HEADER
 from certgate.protocol.http_proxy import (
@@ -66,6 +66,7 @@ from certgate.tunnel.admission import (
     admit,
     peer_identity,
 )
+from certgate.tunnel.cascade import BackEndHop, Cascade, HopRefused, Role
 from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
 from certgate.tunnel.relay import BufferPool, Pump
 from certgate.tunnel.rules import RuleDecision, RuleSet, Transport, evaluate
@@ -140,6 +141,11 @@ class Gate:
     group_id: str
     source: TableSource
     clock: Callable[[], float] = time.time
+    cascade: Cascade | None = None  # None: a standalone node (tunnel.cascade)
+
+    @property
+    def role(self) -> Role:
+        return Role.STANDALONE if self.cascade is None else self.cascade.role
 
     @property
     def ruleset(self) -> RuleSet:
@@ -314,6 +320,7 @@ class ClientConnection:
         self.client = tls
         self.upstream: End | None = None
         self.peer: PeerIdentity | None = None
+        self.mode = listener.mode  # a back end takes it from its front end's request
         self.peer_addr = peer_addr
         self.destination = "-"
         self.app: str | None = None
@@ -328,6 +335,7 @@ class ClientConnection:
         self.opened = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._dialer: Dialer | None = None
+        self._hop: BackEndHop | None = None  # a front end's hop to its back end
         self._final = memoryview(b"")
         self._lingered = 0
 
@@ -405,11 +413,14 @@ class ClientConnection:
         try:
             if der is None:
                 raise ChainError("no client certificate")
-            self.peer = self.shared.peers.identity(der)
+            if self.shared.gate.cascade is not None and self.shared.gate.role is Role.BACK_END:
+                self.shared.gate.cascade.check_peer(der)  # the device comes with the request
+            else:
+                self.peer = self.shared.peers.identity(der)
+                self.shared.registry.bind(self, self.peer.thumbprint)
         except (ChainError, ValueError) as exc:
             self._deny(403, "identity", f"unusable client certificate identity: {exc}")
             return
-        self.shared.registry.bind(self, self.peer.thumbprint)
         self.phase = Phase.HEAD
         self._arm(self.shared.limits.header_timeout_s, self._head_timed_out)
         self._read_head()  # the head often arrives with the client's Finished
@@ -468,8 +479,10 @@ class ClientConnection:
             self._deny(400, "unsupported", f"{TRANSPORT_HEADER} must be tcp, or udp on a CONNECT")
             return
         self.transport = transport
+        if not self._take_device(request):
+            return
         assert self.peer is not None
-        decision = self.shared.gate.admit(self.peer, self.listener.mode, self.app)
+        decision = self.shared.gate.admit(self.peer, self.mode, self.app)
         if not decision.admitted:
             reason = decision.reason.value if decision.reason else "denied"
             self._deny(decision.http_status, reason, decision.detail)
@@ -477,11 +490,60 @@ class ClientConnection:
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
         self.admitted_at = time.time()
+        if self.shared.gate.role is Role.FRONT_END:
+            self._hop_to_back_end(request)
+            return
         literal = ip_literal(request.host)
         if literal is None:
             self.shared.spawn(self._resolve_then_route(request))
         else:
             self._route(request, [literal])
+
+    def _take_device(self, request: ProxyRequest) -> bool:
+        """A back end's client is a front end: the device, whose tunnel this is, comes in
+        the request (tunnel.cascade). Elsewhere the device is the TLS client itself."""
+        cascade = self.shared.gate.cascade
+        if cascade is None or cascade.role is not Role.BACK_END:
+            return True
+        try:
+            der, self.mode = cascade.device_of(request.headers)
+            self.peer = self.shared.peers.identity(der)
+        except BadRequest as exc:  # Client-Cert malformed, mode missing
+            self._deny(400, "bad_request", f"front end request: {exc}")
+            return False
+        except (ChainError, ValueError) as exc:
+            self._deny(403, "identity", f"device certificate from the front end: {exc}")
+            return False
+        self.shared.registry.bind(self, self.peer.thumbprint)
+        return True
+
+    def _hop_to_back_end(self, request: ProxyRequest) -> None:
+        """A front end reaches no destination itself: the back end resolves, applies the
+        server traffic rules and dials (tunnel.cascade)."""
+        cascade = self.shared.gate.cascade
+        der = self.client.peer_der()
+        assert cascade is not None and der is not None
+        head = cascade.connect_head(
+            request.host, request.port, self.requested_app, self.transport, self.mode, der
+        )
+        self._hop = BackEndHop(
+            self.loop,
+            cascade,
+            head,
+            self.shared.limits.connect_timeout_s,
+            lambda upstream, leftover: self._hopped(upstream, request, leftover),
+            self._hop_refused,
+        )
+        self._hop.start()
+
+    def _hopped(self, upstream: End, request: ProxyRequest, leftover: bytes) -> None:
+        self._hop = None
+        self.upstream = upstream
+        self._start_relay(upstream, request, leftover)
+
+    def _hop_refused(self, refused: HopRefused) -> None:
+        self._hop = None
+        self._deny(refused.status, refused.reason, refused.detail)
 
     # -- destination ------------------------------------------------------------------
 
@@ -539,16 +601,18 @@ class ClientConnection:
             f"cannot connect to {self.destination}: {error}",
         )
 
-    def _start_relay(self, upstream: End, request: ProxyRequest) -> None:
+    def _start_relay(self, upstream: End, request: ProxyRequest, downstream: bytes = b"") -> None:
+        """``downstream``: what the upstream already sent (a back end's first tunnel bytes)."""
         assert self.peer is not None
         pool = self.shared.pool
         self.up = Pump(self.client, upstream, pool, self._pump_ended)
         self.down = Pump(upstream, self.client, pool, self._pump_ended)
         trailing = self.parser.trailing_data
         if request.method == "CONNECT":
-            self.down.preload(response_head(200, "Connection established"))
+            self.down.preload(response_head(200, "Connection established") + downstream)
             self.up.preload(trailing)
         else:
+            self.down.preload(downstream)
             self.up.preload(origin_request_head(request) + trailing)
         self.phase = Phase.RELAYING
         self.stats.admissions += 1
@@ -707,7 +771,7 @@ class ClientConnection:
     def judge(self, gate: Gate) -> Denial | None:
         """The gate's verdict on this admitted connection now."""
         assert self.peer is not None  # admitted connections have a peer
-        return gate.judge(self.peer, self.listener.mode, self.requested_app, self.route)
+        return gate.judge(self.peer, self.mode, self.requested_app, self.route)
 
     def close_by_policy(self, denial: Denial, cause: str) -> None:
         """Close an admitted tunnel that policy now refuses: logged like a denial, with the
@@ -752,6 +816,8 @@ class ClientConnection:
         self._disarm()
         if self._dialer is not None:
             self._dialer.cancel()
+        if self._hop is not None:
+            self._hop.cancel()
         if self.udp is not None:
             self.udp.close()
         for end in (self.client, self.upstream):
