@@ -68,7 +68,8 @@ def create_group(
     for key, value in (settings or {}).items():
         if key not in SETTINGS_KEYS:
             raise BadRequest(f"unknown setting {key!r}")
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+        # .get: "kerberos" has no default (absent: no realm is served).
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     validate_settings(merged)
     group = Group(
         id=group_id,
