@@ -245,6 +245,12 @@ def test_kinit_obtains_a_ticket_through_the_agent_and_the_tunnel(world: World) -
     assert f"krbtgt/{REALM}@{REALM}" in done.stdout
     wait_for(lambda: f"dest=kdc:{REALM}" in node_logs(world), "the node's admission line")
     assert "AS_REQ" in world.kdc.log.read_text()  # the real KDC answered it
+    # The agent's local TLS key never reaches the disk: the anchor is a certificate only.
+    anchor = (world.device.path / ANCHOR_FILE).read_text()
+    assert "CERTIFICATE" in anchor and "PRIVATE" not in anchor
+    clear = (b"-----BEGIN PRIVATE KEY", b"-----BEGIN EC PRIVATE KEY")
+    for path in world.device.path.rglob("*"):
+        assert not path.is_file() or not any(m in path.read_bytes() for m in clear), path
 
 
 def test_a_noncompliant_device_is_refused(world: World) -> None:
