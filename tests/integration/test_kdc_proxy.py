@@ -1,13 +1,14 @@
 """Scenario: Kerberos through the tunnel's KDC proxy (MS-KKDCP), with real processes.
 
-A real MIT KDC (``krb5kdc``, a throwaway realm on loopback, TCP only), a console, two tunnel
+A real MIT KDC (``krb5kdc``, a throwaway realm on loopback, TCP and UDP), a console, two tunnel
 nodes behind HAProxy's Per-App Tunnel front, a device enrolled with the device CLI running
 ``certgate device run --kdc-proxy``, and real MIT ``kinit`` whose krb5.conf names the
 agent's HTTPS endpoint as the realm's only KDC. Shows: kinit obtains a TGT through agent
 and node (the node logs the admission as ``dest=kdc:REALM``); the device made
 non-compliant is refused (kinit fails, the node logs the denial), and admitted again once
 compliant; a realm the group's policy does not name, and a KDC address the server
-traffic rules deny, are refused.
+traffic rules deny, are refused; a ``udp/`` KDC is asked over UDP once a rule names
+``udp`` (refused before).
 """
 
 from __future__ import annotations
@@ -287,4 +288,31 @@ def test_server_rules_denying_the_kdc_address_refuse_it(world: World) -> None:
         assert "reason=destination_denied" in node_logs(world)
     finally:
         patch_settings(world, {"server_rules": DEFAULT_SETTINGS["server_rules"]})
+    assert kinit_until(world, ok=True).returncode == 0
+
+
+def test_a_udp_kdc_is_asked_over_udp_only_where_a_rule_names_udp(world: World) -> None:
+    loopback_tcp_and_udp = {
+        "default": "deny",
+        "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"], "protocols": ["tcp", "udp"]}],
+    }
+    patch_settings(world, {"kerberos": {REALM: [f"udp/127.0.0.1:{world.kdc.port}"]}})
+    try:
+        # The default rules allow loopback for TCP only: the UDP KDC is refused.
+        assert kinit_until(world, ok=False).returncode != 0
+        wait_for(
+            lambda: f"refuse udp to 127.0.0.1:{world.kdc.port}" in node_logs(world),
+            "the rules' refusal of the UDP KDC",
+        )
+        patch_settings(world, {"server_rules": loopback_tcp_and_udp})
+        done = kinit_until(world, ok=True)
+        assert done.returncode == 0, done.stderr
+    finally:
+        patch_settings(
+            world,
+            {
+                "kerberos": {REALM: [f"tcp/127.0.0.1:{world.kdc.port}"]},
+                "server_rules": DEFAULT_SETTINGS["server_rules"],
+            },
+        )
     assert kinit_until(world, ok=True).returncode == 0
