@@ -118,7 +118,9 @@ async def serve(
             kdcs = kerberos.get(request.realm)
             if not kdcs:
                 raise KDCProxyError(
-                    403, "realm_not_served", f"the group's policy names no KDC for {request.realm}"
+                    403,
+                    "realm_not_served",
+                    f"the group's policy names no KDC for {request.realm!r}",
                 )
             reply = await ask_kdcs(request.request, kdcs, check, limits)
     except TimeoutError:
