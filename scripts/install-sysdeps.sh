@@ -10,7 +10,8 @@ declare -A probe=(
   [softhsm2]="softhsm2-util" [scep]="scepclient"
   [rsyslog]="rsyslogd" [rsyslog-openssl]="/usr/lib/*/rsyslog/lmnsd_ossl.so"
   [systemd]="systemd-analyze"
-  [dnsmasq-base]="/usr/sbin/dnsmasq" [bind9-dnsutils]="dig"
+  [dnsmasq-base]="/usr/sbin/dnsmasq" [bind9-dnsutils]="dig" [krb5-kdc]="/usr/sbin/krb5kdc" [krb5-admin-server]="/usr/sbin/kadmin.local" [krb5-user]="kinit"
+  [krb5-k5tls]="/usr/lib/*/krb5/plugins/tls/k5tls.so"
 )
 missing=()
 for pkg in "$@"; do

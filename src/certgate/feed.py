@@ -155,8 +155,12 @@ class PolicyUpdate:
     max_staleness_s: float
     proxy_port: int
     per_app_port: int
+    # realm -> KDC addresses the tunnel's KDC proxy forwards to (tunnel/kdcproxy.py);
+    # optional on the wire: absent when no realm is served.
+    kerberos: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
+        kerberos = {"kerberos": _kerberos_json(self.kerberos)} if self.kerberos else {}
         return {
             "op": "policy",
             "version": self.version,
@@ -164,6 +168,7 @@ class PolicyUpdate:
             "device_rules": dict(self.device_rules),
             "feed": {"long_poll_s": self.long_poll_s, "max_staleness_s": self.max_staleness_s},
             "tunnel": {"proxy_port": self.proxy_port, "per_app_port": self.per_app_port},
+            **kerberos,
         }
 
     @classmethod
@@ -177,6 +182,9 @@ class PolicyUpdate:
             "feed": {key: settings["feed"][key] for key in _FEED_KEYS},
             "tunnel": {key: settings["tunnel"][key] for key in _TUNNEL_KEYS},
         }
+        kerberos = _kerberos_json(settings.get("kerberos", {}))
+        if kerberos:
+            op["kerberos"] = kerberos
         decoded = decode_op(op, "settings", FEED_VERSION)
         assert isinstance(decoded, PolicyUpdate)
         return decoded
@@ -252,6 +260,7 @@ _UPSERT_KEYS = frozenset(
 )
 _DELETE_KEYS = frozenset({"op", "thumbprint", "device_uid", "group_id"})
 _POLICY_KEYS = frozenset({"op", "version", "server_rules", "device_rules", "feed", "tunnel"})
+_KERBEROS_KEY = "kerberos"  # the one optional policy key (docs/CONVENTIONS.md)
 _TRUST_KEYS = frozenset({"op", "kind", "phase", "rotation", "certificate", "sealed_key", "trust"})
 _SEALED_KEYS = frozenset({"alg", "epk", "nonce", "ciphertext"})
 _PHASES = {member.value: member for member in RotationPhase}
@@ -370,7 +379,32 @@ def decode_entry(raw: Mapping[Any, Any], where: str) -> Entry:
     )
 
 
+def _kerberos_json(kerberos: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The realms that have KDCs, as JSON (a realm with none is not served)."""
+    return {realm: list(kdcs) for realm, kdcs in sorted(kerberos.items()) if kdcs}
+
+
+def _decode_kerberos(raw: object, where: str) -> dict[str, tuple[str, ...]]:
+    from certgate.tunnel.kdcproxy import KDC_LIMITS, KDCAddress  # no feed import there
+
+    if type(raw) is not dict or not 0 < len(raw) <= KDC_LIMITS.max_realms:
+        raise InvalidEntry(f"{where}: expected an object of at most {KDC_LIMITS.max_realms} realms")
+    realms: dict[str, tuple[str, ...]] = {}
+    for realm, kdcs in raw.items():
+        if not isinstance(kdcs, list) or not 0 < len(kdcs) <= KDC_LIMITS.max_kdcs:
+            raise InvalidEntry(f"{where}.{_show(realm)}: expected 1-{KDC_LIMITS.max_kdcs} KDCs")
+        try:
+            realms[KDCAddress.check_realm(realm)] = tuple(KDCAddress.parse(k).text for k in kdcs)
+        except ValueError as exc:
+            raise InvalidEntry(f"{where}.{_show(realm)}: {exc}") from exc
+    return realms
+
+
 def _decode_policy(raw: Mapping[Any, Any], where: str) -> PolicyUpdate:
+    kerberos = {}
+    if _KERBEROS_KEY in raw:
+        kerberos = _decode_kerberos(raw[_KERBEROS_KEY], f"{where}.{_KERBEROS_KEY}")
+        raw = {key: value for key, value in raw.items() if key != _KERBEROS_KEY}
     _require_keys(raw, _POLICY_KEYS, where)
     version = raw["version"]
     if type(version) is not int or not 0 <= version <= MAX_NOT_AFTER:
@@ -389,7 +423,14 @@ def _decode_policy(raw: Mapping[Any, Any], where: str) -> PolicyUpdate:
         raise InvalidEntry(f"{where}.server_rules: {exc}") from exc
     ports = [_port(tunnel, key, f"{where}.tunnel") for key in _TUNNEL_KEYS]
     return PolicyUpdate(
-        version, server_rules, dict(device_rules), long_poll, staleness, ports[0], ports[1]
+        version,
+        server_rules,
+        dict(device_rules),
+        long_poll,
+        staleness,
+        ports[0],
+        ports[1],
+        kerberos,
     )
 
 

@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 
 from certgate.device import posture
 from certgate.device.enroll import ConsoleAPI, DeviceUnenrolled, reenroll_guidance
+from certgate.device.kdcproxy import ANCHOR_FILE, KDCProxyEndpoint
 from certgate.device.listeners import ListenAddress, ProxyServer, Router, Timeouts
 from certgate.device.profile import (
     DEFAULT_RENEW_FRACTION,
@@ -96,6 +97,7 @@ class AgentConfig:
     http: ListenAddress | None = DEFAULT_HTTP
     app_ports: tuple[tuple[str, ListenAddress], ...] = ()
     udp_forwards: tuple[UDPForwardSpec, ...] = ()
+    kdc_proxy: ListenAddress | None = None  # HTTPS KKDCP for kinit (device/kdcproxy.py)
     default_app: str = DEFAULT_APP
     unsafe_listen_any: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -117,6 +119,10 @@ class AgentConfig:
                     f"refusing to listen on {address}: not loopback, so any host on the "
                     "network could use this device's tunnel (--unsafe-listen-any allows it)"
                 )
+        if self.kdc_proxy is not None and not self.kdc_proxy.is_loopback:
+            # Never widened by unsafe_listen_any: anyone reaching it gets tickets relayed
+            # under this device's certificate.
+            raise ConfigError(f"the KDC proxy listens on loopback only, not {self.kdc_proxy}")
         for forward in self.udp_forwards:
             if not BUNDLE_ID_RE.fullmatch(forward.app):
                 raise ConfigError(f"invalid application bundle id {forward.app!r}")
@@ -154,6 +160,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
         self._policy: asyncio.Task[None] | None = None
+        self.kdc_proxy: KDCProxyEndpoint | None = None
 
     async def start(self) -> None:
         self.state.enrollment()
@@ -191,6 +198,14 @@ class Agent:
             await server.listen_http(address, app)
         for forward in self.config.udp_forwards:
             await server.listen_udp(forward)
+        if self.config.kdc_proxy is not None:
+            router = self.router
+            assert router is not None
+            anchor = self.state.path / ANCHOR_FILE
+            self.kdc_proxy = KDCProxyEndpoint(
+                lambda: router.tunnel, self.config.default_app, anchor
+            )
+            server.bound["kdc-proxy"] = await self.kdc_proxy.listen(self.config.kdc_proxy)
 
     @property
     def bound(self) -> dict[str, ListenAddress]:
@@ -205,6 +220,8 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.close()
+        if self.kdc_proxy is not None:
+            self.kdc_proxy.close()
         if self.config.publish_runtime:
             self.state.clear_runtime(os.getpid())
         self._stopped.set()

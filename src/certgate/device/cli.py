@@ -281,6 +281,15 @@ def run_command(
             "carried through the tunnel to one destination.",
         ),
     ] = None,
+    kdc_proxy: Annotated[
+        str,
+        typer.Option(
+            "--kdc-proxy",
+            help="LOOPBACK_IP:PORT: an HTTPS MS-KKDCP endpoint for kinit (krb5.conf: "
+            "kdc = https://IP:PORT/KdcProxy, http_anchors = FILE:STATE/kdc-proxy-anchor.pem), "
+            "relayed to the tunnel's KDC proxy.",
+        ),
+    ] = "",
     default_app: Annotated[str, typer.Option(help="App for unattributed traffic.")] = DEFAULT_APP,
     renew_fraction: Annotated[
         float, typer.Option(help="Renewal threshold.")
@@ -303,6 +312,7 @@ def run_command(
             http=ListenAddress.parse(http) if http else None,
             app_ports=_app_ports(app_port or []),
             udp_forwards=tuple(UDPForwardSpec.parse(v) for v in udp_forward or []),
+            kdc_proxy=ListenAddress.parse(kdc_proxy) if kdc_proxy else None,
             default_app=default_app,
             unsafe_listen_any=unsafe_listen_any,
             renew_fraction=renew_fraction,

@@ -218,13 +218,17 @@ class TunnelClient:
         ctx = client_context(trust, chain=[device.cert], key=device.key, alpn=["http/1.1"])
         return cls(endpoints, ctx, group_id, device.thumbprint, timeouts)
 
-    async def open(self, app: str, host: str, port: int, udp: bool = False) -> Upstream:
+    async def open(
+        self, app: str, host: str, port: int, udp: bool = False, early: bytes = b""
+    ) -> Upstream:
         """A byte stream to ``host:port`` through the tunnel, attributed to ``app``; with
-        ``udp`` a stream of datagram frames (``protocol.datagram``) to that UDP port."""
+        ``udp`` a stream of datagram frames (``protocol.datagram``) to that UDP port.
+        ``early`` is sent right after the request, before the answer (the KDC proxy
+        answers only once it has the whole question)."""
         reader, writer, via = await self._connect_any()
         try:
             initial = await self._connect_exchange(
-                reader, writer, ConnectHandshake(app, host, port, udp)
+                reader, writer, ConnectHandshake(app, host, port, udp), early
             )
         except BaseException:
             writer.transport.abort()
@@ -285,8 +289,9 @@ class TunnelClient:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         handshake: ConnectHandshake,
+        early: bytes = b"",
     ) -> bytes:
-        writer.write(handshake.request())
+        writer.write(handshake.request() + early)
         deadline = time.monotonic() + self.timeouts.response_s
         while True:
             outcome = handshake.next_outcome()

@@ -58,6 +58,7 @@ from certgate.protocol.http_proxy import (
     origin_request_head,
     response_head,
 )
+from certgate.tunnel import kdcproxy
 from certgate.tunnel.admission import (
     AdmissionRequest,
     Decision,
@@ -490,8 +491,11 @@ class ClientConnection:
         self.app = decision.app_bundle_id
         self.phase = Phase.CONNECTING
         self.admitted_at = time.time()
-        if self.shared.gate.role is Role.FRONT_END:
+        if self.shared.gate.role is Role.FRONT_END:  # the back end serves or dials, KDCs too
             self._hop_to_back_end(request)
+            return
+        if request.host == kdcproxy.KDC_PROXY_HOST:  # served here, never dialed
+            self.shared.spawn(self._serve_kdc())
             return
         literal = ip_literal(request.host)
         if literal is None:
@@ -628,6 +632,29 @@ class ClientConnection:
         self.stats.admissions += 1
         self._log_admission()
         self.udp.start(response_head(200, "Connection established"), self.parser.trailing_data)
+
+    async def _serve_kdc(self) -> None:
+        """One MS-KKDCP exchange for this admitted device (tunnel/kdcproxy.py)."""
+        policy = self.shared.gate.source.policy
+        try:
+            realm, answer = await kdcproxy.serve(
+                self.client, self.parser.trailing_data, policy.kerberos, self._kdc_refusal
+            )
+        except kdcproxy.KDCProxyError as exc:
+            if self.phase is Phase.CONNECTING:  # not closed meanwhile (policy, shutdown)
+                self._deny(exc.status, exc.reason, exc.detail)
+            return
+        if self.phase is Phase.CONNECTING:
+            self.destination = f"kdc:{realm}"
+            self.stats.admissions += 1
+            self._log_admission()
+            self._send_and_close(response_head(200, "Connection established") + answer)
+
+    def _kdc_refusal(
+        self, kdc: kdcproxy.KDCAddress, addresses: tuple[IPAddress, ...]
+    ) -> str | None:
+        denial = self.shared.gate.route(Route(kdc.host, kdc.port, addresses, kdc.transport))
+        return None if denial is None else denial.detail
 
     def _udp_ended(self, error: str | None) -> None:
         if self.phase is not Phase.RELAYING:

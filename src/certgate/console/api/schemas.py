@@ -110,6 +110,7 @@ class SettingsIn(Strict):
     server_rules: dict[str, Any] | None = None
     initial_compliance: Literal["compliant", "noncompliant", "unknown"] | None = None
     enrollment: dict[str, bool] | None = None  # {"est": true, "scep": false}
+    kerberos: dict[str, Any] | None = None  # {realm: [KDC]}: the tunnel's KDC proxy
 
 
 class SetupIn(Strict):

@@ -68,7 +68,8 @@ def create_group(
     for key, value in (settings or {}).items():
         if key not in SETTINGS_KEYS:
             raise BadRequest(f"unknown setting {key!r}")
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+        # .get: "kerberos" has no default (absent: no realm is served).
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
     validate_settings(merged)
     group = Group(
         id=group_id,
@@ -201,9 +202,10 @@ SETTINGS_KEYS = (
     "server_rules",
     "initial_compliance",
     "enrollment",
+    "kerberos",
 )
 # Settings that nodes or devices apply: a change publishes a new policy version.
-POLICY_KEYS = ("tunnel", "feed", "device_rules", "server_rules")
+POLICY_KEYS = ("tunnel", "feed", "device_rules", "server_rules", "kerberos")
 
 
 def update_settings(
@@ -233,7 +235,8 @@ def update_settings(
         from certgate.console.services import rotation  # it builds on this module
 
         rotation.names_changed(session, pki, group, "group.settings")
-    if any(merged[key] != old_settings[key] for key in POLICY_KEYS):
+    # .get: "kerberos" is optional (absent: no realm is served).
+    if any(merged.get(key) != old_settings.get(key) for key in POLICY_KEYS):
         group.policy_version += 1
         feed.emit_policy(session, group)
     return group
@@ -257,8 +260,26 @@ def validate_settings(settings: dict[str, Any]) -> None:
     if 2 * int(feed["long_poll_s"]) > int(feed["max_staleness_s"]):
         # An idle long-poll only answers after long_poll_s; it must fit the budget twice.
         raise BadRequest("feed.long_poll_s must be at most half of feed.max_staleness_s")
+    validate_kerberos(settings.get("kerberos", {}))
     try:
         DeviceRules.from_dict(settings["device_rules"])
         RuleSet.from_dict(settings["server_rules"])
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"invalid rules: {exc}") from exc
+
+
+def validate_kerberos(kerberos: object) -> None:
+    """``{realm: [KDC, ...]}`` for the tunnel's KDC proxy; an empty list unsets a realm."""
+    from certgate.tunnel.kdcproxy import KDC_LIMITS, KDCAddress
+
+    if not isinstance(kerberos, dict) or len(kerberos) > KDC_LIMITS.max_realms:
+        raise BadRequest(f"kerberos: an object of at most {KDC_LIMITS.max_realms} realms")
+    for realm, kdcs in kerberos.items():
+        if not isinstance(kdcs, list) or len(kdcs) > KDC_LIMITS.max_kdcs:
+            raise BadRequest(f"kerberos.{realm}: a list of at most {KDC_LIMITS.max_kdcs} KDCs")
+        try:
+            KDCAddress.check_realm(realm)
+            for kdc in kdcs:
+                KDCAddress.parse(kdc)
+        except ValueError as exc:
+            raise BadRequest(f"kerberos: {exc}") from exc
