@@ -27,6 +27,7 @@ from certgate.tlsconf import client_context
 from certgate.tunnel import rotation
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.service import data_plane_tls
+from certgate.tunnel.sockets import StdlibServerTLS
 from certgate.tunnel.sync import FeedChange, FeedFollower
 from tests.support import RunningConsole, make_csr
 from tests.tunnel.conftest import (
@@ -73,9 +74,16 @@ def admitted(state: TunnelState, client: tuple[Any, ...]) -> bool:
     """A real TLS 1.3 handshake on a socket pair: does the data plane built from ``state``
     accept this device certificate (the server side decides)?"""
     leaf, chain, key = client
-    server_ctx = data_plane_tls(
-        [state.tunnel_cert, *state.tunnel_chain], state.tunnel_key, state.device_roots
+    # The stdlib backend, whose context a plain thread can drive; both backends take the same
+    # client-CA list from ``data_plane_tls`` (tests/tunnel/test_server.py runs both).
+    server_tls = data_plane_tls(
+        [state.tunnel_cert, *state.tunnel_chain],
+        state.tunnel_key,
+        state.device_roots,
+        backend="ssl",
     )
+    assert isinstance(server_tls, StdlibServerTLS)
+    server_ctx = server_tls.ctx
     client_ctx = client_context([state.root], chain=[leaf, chain[0]], key=key)
     client_ctx.check_hostname = False
     near, far = socket.socketpair()

@@ -679,7 +679,7 @@ def test_a_swapped_identity_serves_new_connections_and_keeps_open_ones(
         before.sendall(request)
         assert before.recv(4096).startswith(b"HTTP/1.1 200")
         assert before.getpeercert(binary_form=True) == pki.tunnel.public_bytes(Encoding.DER)
-        swapped = data_plane_tls([new_cert, pki.scr], new_key, pki.device_root, backend=backend)
+        swapped = data_plane_tls([new_cert, pki.scr], new_key, [pki.device_root], backend=backend)
         tunnel.run(tunnel.service.swap_tls, swapped)
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10) as raw_after,
