@@ -42,7 +42,7 @@ from certgate.console.store.models import (
 from certgate.errors import BadRequest, NotFound
 from certgate.pki.keys import private_key_pem
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
 DryRunFlag = Query(False, description="Change nothing; answer whom the change would refuse.")
 
 
@@ -255,7 +255,11 @@ def create_enrollment_token(
 
 PageLimit = Query(paging.DEFAULT_PAGE, ge=1, le=paging.MAX_PAGE, description="Page size.")
 PageCursor = Query(
-    "", max_length=1024, description='From the previous page\'s `Link: <...>; rel="next"`.'
+    "",
+    max_length=1024,
+    pattern="^[A-Za-z0-9_-]*$",
+    description='Opaque; from the previous page\'s `Link: <...>; rel="next"` (400 if altered).',
+    json_schema_extra={"format": "page-cursor"},
 )
 PAGED: dict[int | str, dict[str, Any]] = {
     200: {
@@ -451,7 +455,11 @@ def tunnel_setup(request: Request, group_id: str, body: s.SetupIn) -> dict[str, 
         return bundle
 
 
-@router.get("/groups/{group_id}/tunnel/installer", response_class=Response)
+@router.get(
+    "/groups/{group_id}/tunnel/installer",
+    response_class=Response,
+    responses=s.binary_answer("The installer bundle (tar.gz).", "application/gzip"),
+)
 def tunnel_installer(request: Request, group_id: str) -> Response:
     state = state_of(request)
     with admin_tx(request, group_id) as (session, who):

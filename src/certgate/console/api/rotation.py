@@ -18,7 +18,7 @@ from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
 
-router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations")
+router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations", responses=s.CALL_ERRORS)
 
 
 @router.get("")

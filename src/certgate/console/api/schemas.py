@@ -3,14 +3,80 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from certgate.console.services.ca import REVOCATION_REASONS
+from certgate.console.services.devices import PLATFORMS
+from certgate.console.services.rbac import ROLES
 from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
+# What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
+# here, because the name also travels in the ``certgate-node`` header.
+NODE_NAME = Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
+
+
+def one_of(values: Iterable[str], **field: Any) -> Any:
+    """A string field that accepts exactly ``values``: an ``enum`` in the OpenAPI document
+    and the same set enforced on input (422), so a client can tell valid values apart."""
+    allowed = sorted(values)
+    assert all(re.fullmatch(r"[\w-]+", v) for v in allowed), "plain words need no escaping"
+    enum: list[JsonValue] = [*allowed]
+    return Field(pattern=f"^({'|'.join(allowed)})$", json_schema_extra={"enum": enum}, **field)
+
+
+# The project's error body and the statuses each route declares (one home for both).
+
+
+class ErrorOut(BaseModel):
+    """Every error answer of the console: ``{"error": code, "detail": reason}``."""
+
+    error: str = Field(description="A stable code: unauthenticated, forbidden, not_found, ...")
+    detail: str = Field(description="Why, in words; never a secret.")
+
+
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The request is well-formed but cannot be acted on (`bad_request`, ...).",
+    401: "Missing or rejected credentials (API key, client certificate, device credential).",
+    403: "Authenticated but not allowed (`forbidden`, `csrf_failed`).",
+    404: "No such object, or not visible to the caller.",
+    409: "Conflicts with existing data or with the object's state.",
+    413: "The request body is over the console's limit.",
+    422: "The request does not match this operation's schema (`invalid_request`).",
+    503: "The console cannot serve the request now (`unavailable`); retry later.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route or router: each status with the shared error body."""
+    return {
+        status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses
+    }
+
+
+# Every request can meet the body limit and a console that cannot serve it.
+ANY_REQUEST = (413, 503)
+# A call with a credential (admin, device, tunnel node) and validated input, acting on
+# objects that may be gone, refused or in another state.
+CALL_ERRORS = error_responses(*ANY_REQUEST, 400, 401, 403, 404, 409, 422)
+
+
+def binary_body(media_type: str, description: str) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads a raw (non-JSON) request body."""
+    body = {"type": "string", "format": "binary"}
+    content = {media_type: {"schema": body}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
+
+
+def binary_answer(description: str, *media_types: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entry for a 200 that is not JSON (PEM, DER, PKCS#7, base64 text)."""
+    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
+    return {200: {"description": description, "content": content}}
 
 
 class Strict(BaseModel):
@@ -34,7 +100,7 @@ class GroupOut(BaseModel):
 
 class AdminIn(Strict):
     username: str = Field(min_length=1, max_length=128)
-    role: str = Field(max_length=32)
+    role: str = one_of(ROLES)
     group_id: str = Field(max_length=63)
 
 
@@ -100,7 +166,7 @@ class CertOut(BaseModel):
 
 
 class RevokeIn(Strict):
-    reason: str = Field(default="privilegeWithdrawn", max_length=32)
+    reason: str = one_of(REVOCATION_REASONS, default="privilegeWithdrawn")
 
 
 class SettingsIn(Strict):
@@ -113,7 +179,7 @@ class SettingsIn(Strict):
 
 
 class SetupIn(Strict):
-    node_name: str = Field(min_length=1, max_length=128)
+    node_name: str = NODE_NAME
     address: str = Field(default="", max_length=255)
 
 
@@ -125,7 +191,7 @@ class EnrollIn(Strict):
     token: str | None = Field(default=None, max_length=200)
     username: str | None = Field(default=None, max_length=128)
     password: str | None = Field(default=None, max_length=1024)
-    platform: str = Field(max_length=32)
+    platform: str = one_of(PLATFORMS)
     name: str = Field(default="", max_length=128)
 
 
@@ -186,7 +252,7 @@ class ApiKeyOut(BaseModel):
 
 
 class GrantIn(Strict):
-    role: str = Field(max_length=32)
+    role: str = one_of(ROLES)
     group_id: str = Field(max_length=63)
 
 
@@ -226,7 +292,7 @@ class NodeStatusIn(StrictReport):
 
 
 class TunnelReportIn(StrictReport):
-    node: str = Field(min_length=1, max_length=128)
+    node: str = NODE_NAME
     at: float
     live_total: int = Field(ge=0)
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
