@@ -8,7 +8,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 from certgate.console.services.ca import REVOCATION_REASONS
 from certgate.console.services.devices import PLATFORMS
@@ -265,14 +273,30 @@ class StrictReport(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type, and JSON Schema counts 3.0 as the integer 3; strict mode
+    alone would refuse it. Only that: "3", 3.5 and true stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Bounds before the validator: they then apply to the integer and appear in the document.
+Count = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole_number)]
+IP_ADDRESS = {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
+
+
 class LiveTunnelIn(StrictReport):
     thumbprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     device_uid: str = Field(pattern=r"^[0-9a-f]{32}$")
     mode: Literal["proxy", "per_app"]
     app: str | None = Field(max_length=255)
     host: str | None = Field(max_length=255)
-    port: int | None = Field(ge=1, le=65535)
-    addresses: list[Annotated[str, Field(max_length=45)]] = Field(max_length=64)
+    port: Port | None
+    addresses: list[Annotated[str, Field(max_length=45, json_schema_extra=IP_ADDRESS)]] = Field(
+        max_length=64
+    )
     since: float | None = Field(ge=0)
 
     @field_validator("addresses")
@@ -284,8 +308,8 @@ class LiveTunnelIn(StrictReport):
 
 
 class NodeStatusIn(StrictReport):
-    policy_version: int = Field(ge=0)
-    table_seq: int = Field(ge=0)
+    policy_version: Count
+    table_seq: Count
     fresh: bool
     age_s: float | None
     restart_required: list[Annotated[str, Field(max_length=200)]] = Field(max_length=8)
@@ -294,7 +318,7 @@ class NodeStatusIn(StrictReport):
 class TunnelReportIn(StrictReport):
     node: str = NODE_NAME
     at: float
-    live_total: int = Field(ge=0)
+    live_total: Count
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
     status: NodeStatusIn
 
