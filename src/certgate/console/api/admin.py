@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,6 +43,7 @@ from certgate.errors import BadRequest, NotFound
 from certgate.pki.keys import private_key_pem
 
 router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
+DeviceAction = Path(json_schema_extra={"enum": ["unenroll", "wipe", "block", "unblock"]})
 DryRunFlag = Query(False, description="Change nothing; answer whom the change would refuse.")
 
 
@@ -78,8 +79,9 @@ def create_group(request: Request, body: s.GroupIn) -> s.GroupOut:
             rbac.require_global(session, who.admin)
         else:
             rbac.require(session, who.admin, P.GROUPS_WRITE, parent)
+        settings = body.settings.model_dump(exclude_none=True) if body.settings else None
         group = groups.create_group(
-            session, state_of(request).pki, body.id, body.name, parent, body.settings
+            session, state_of(request).pki, body.id, body.name, parent, settings
         )
         audit.append(session, request.state.actor, "group.create", group_id=group.id, parent=parent)
         return group_out(group)
@@ -358,7 +360,7 @@ def _act(session: Session, device: Device, action: str) -> None:
 
 @router.post("/devices/{uid}/{action}")
 def device_action(
-    request: Request, uid: str, action: str, dry_run: bool = DryRunFlag
+    request: Request, uid: str, action: str = DeviceAction, dry_run: bool = DryRunFlag
 ) -> s.DeviceOut | s.DryRunOut:
     """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
     if action not in ("unenroll", "wipe", "block", "unblock"):

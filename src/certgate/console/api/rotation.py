@@ -11,13 +11,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
 
+# Unknown kinds stay the service's 400 (``rotation.prepare``); the document lists the known.
+Kind = Path(json_schema_extra={"enum": list(rotation.KINDS)})
 router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations", responses=s.CALL_ERRORS)
 
 
@@ -30,7 +32,7 @@ def rotation_status(request: Request, group_id: str) -> list[dict[str, Any]]:
 
 @router.post("/{kind}", status_code=201)
 def rotation_prepare(
-    request: Request, group_id: str, kind: str, body: s.RotateIn | None = None
+    request: Request, group_id: str, kind: str = Kind, body: s.RotateIn | None = None
 ) -> dict[str, Any]:
     overlap = timedelta(seconds=body.overlap_s) if body else rotation.DEFAULT_OVERLAP
     with admin_tx(request, group_id) as (session, who):
@@ -51,7 +53,7 @@ def rotation_prepare(
 
 
 @router.post("/{kind}/switch")
-def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any]:
+def rotation_switch(request: Request, group_id: str, kind: str = Kind) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
         switched = rotation.switch(session, state_of(request).pki, group_id, kind)
@@ -68,7 +70,7 @@ def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any
 
 @router.post("/{kind}/finish")
 def rotation_finish(
-    request: Request, group_id: str, kind: str, force: bool = Query(False)
+    request: Request, group_id: str, kind: str = Kind, force: bool = Query(False)
 ) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)

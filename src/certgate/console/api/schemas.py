@@ -14,18 +14,23 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
     field_validator,
     model_validator,
 )
 
+from certgate.console.services.admins import USERNAME_RE
 from certgate.console.services.ca import REVOCATION_REASONS
 from certgate.console.services.devices import PLATFORMS
+from certgate.console.services.groups import ENROLLMENT_PROTOCOLS
 from certgate.console.services.rbac import ROLES
 from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
 # What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
 # here, because the name also travels in the ``certgate-node`` header.
+# Admin and enrollment user names, as ``admins.USERNAME_RE`` checks them.
+USERNAME = Field(min_length=1, max_length=128, pattern=f"^{USERNAME_RE.pattern}$")
 NODE_NAME = Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
 
 
@@ -95,7 +100,7 @@ class GroupIn(Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     name: str = Field(default="", max_length=200)
     parent_id: str | None = Field(default=None, max_length=63)
-    settings: dict[str, Any] | None = None
+    settings: SettingsIn | None = None
 
 
 class GroupOut(BaseModel):
@@ -107,7 +112,7 @@ class GroupOut(BaseModel):
 
 
 class AdminIn(Strict):
-    username: str = Field(min_length=1, max_length=128)
+    username: str = USERNAME
     role: str = one_of(ROLES)
     group_id: str = Field(max_length=63)
 
@@ -126,12 +131,12 @@ class ApiKeyCreated(BaseModel):
 
 
 class EnrollmentUserIn(Strict):
-    username: str = Field(min_length=1, max_length=128)
+    username: str = USERNAME
     password: str = Field(min_length=8, max_length=1024)
 
 
 class EnrollmentTokenIn(Strict):
-    owner: str = Field(min_length=1, max_length=128)
+    owner: str = USERNAME
     ttl_s: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
 
 
@@ -177,13 +182,23 @@ class RevokeIn(Strict):
     reason: str = one_of(REVOCATION_REASONS, default="privilegeWithdrawn")
 
 
+class EnrollmentSwitchesIn(Strict):
+    """Which enrollment protocols the group answers (``groups.ENROLLMENT_PROTOCOLS``)."""
+
+    est: StrictBool | None = None
+    scep: StrictBool | None = None
+
+
+assert set(EnrollmentSwitchesIn.model_fields) == set(ENROLLMENT_PROTOCOLS)
+
+
 class SettingsIn(Strict):
     tunnel: dict[str, Any] | None = None
     feed: dict[str, Any] | None = None
     device_rules: dict[str, Any] | None = None
     server_rules: dict[str, Any] | None = None
     initial_compliance: Literal["compliant", "noncompliant", "unknown"] | None = None
-    enrollment: dict[str, bool] | None = None  # {"est": true, "scep": false}
+    enrollment: EnrollmentSwitchesIn | None = None
 
 
 class SetupIn(Strict):
