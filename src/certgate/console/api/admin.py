@@ -259,8 +259,7 @@ PageLimit = Query(paging.DEFAULT_PAGE, ge=1, le=paging.MAX_PAGE, description="Pa
 PageCursor = Query(
     "",
     max_length=1024,
-    pattern="^[A-Za-z0-9_-]*$",
-    description='Opaque; from the previous page\'s `Link: <...>; rel="next"` (400 if altered).',
+    description='Opaque; from the previous page\'s `Link: <...>; rel="next"` (400 if malformed).',
     json_schema_extra={"format": "page-cursor"},
 )
 PAGED: dict[int | str, dict[str, Any]] = {

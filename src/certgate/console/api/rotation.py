@@ -18,8 +18,8 @@ from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
 
-# Unknown kinds stay the service's 400 (``rotation.prepare``); the document lists the known.
-Kind = Path(json_schema_extra={"enum": list(rotation.KINDS)})
+# The kinds that rotate today; any other stays the service's 400 (``rotation.prepare``).
+Kind = Path(json_schema_extra={"enum": list(rotation.IMPLEMENTED)})
 router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations", responses=s.CALL_ERRORS)
 
 
