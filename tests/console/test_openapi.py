@@ -187,3 +187,13 @@ def test_a_422_is_the_declared_error_body(
     body = answer.json()
     assert body["error"] == "invalid_request"
     assert isinstance(body["detail"], str) and "body.role" in body["detail"]
+
+
+def test_a_created_top_level_group_is_found_by_its_creator(
+    console: RunningConsole, session: requests.Session
+) -> None:
+    """The link schemathesis follows: POST /groups, then GET /groups/{id} (was 201, 404)."""
+    created = session.post(f"{console.url}/api/v1/groups", json={"id": "top-made"}, timeout=30)
+    assert created.status_code == 201
+    found = session.get(f"{console.url}/api/v1/groups/top-made", timeout=30)
+    assert (found.status_code, found.json()["id"]) == (200, "top-made")

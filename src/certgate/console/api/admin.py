@@ -83,7 +83,13 @@ def create_group(request: Request, body: s.GroupIn) -> s.GroupOut:
         group = groups.create_group(
             session, state_of(request).pki, body.id, body.name, parent, settings
         )
-        audit.append(session, request.state.actor, "group.create", group_id=group.id, parent=parent)
+        detail: dict[str, Any] = {"parent": parent}
+        if parent is None:
+            # No binding reaches a new top-level group: without one, its creator could not
+            # read what it just created (201, then 404), nor anyone manage it over the API.
+            admins.bind_role(session, who.admin, "superadmin", group.id)
+            detail["creator_role"] = "superadmin"
+        audit.append(session, request.state.actor, "group.create", group_id=group.id, **detail)
         return group_out(group)
 
 

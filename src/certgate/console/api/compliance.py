@@ -36,7 +36,7 @@ class PolicyIn(BaseModel):
 class OverrideIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["compliant", "noncompliant", "unknown"]
-    expires_in_s: int = Field(ge=1, le=90 * 86400)
+    expires_in_s: s.Whole = Field(ge=1, le=90 * 86400)
 
 
 def _verdict_out(verdict: compliance.Verdict) -> dict[str, Any]:

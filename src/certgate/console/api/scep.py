@@ -39,7 +39,7 @@ CA_RA_CERT = "application/x-x509-ca-ra-cert"
 
 class ChallengeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    expires_in_s: int = Field(default=3600, ge=60, le=30 * 86400)
+    expires_in_s: s.Whole = Field(default=3600, ge=60, le=30 * 86400)
 
 
 @router.post("/api/v1/devices/{uid}/scep/challenge", status_code=201, responses=s.CALL_ERRORS)

@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic import Strict as NoCoercion
 
 from certgate.console.services.admins import USERNAME_RE
 from certgate.console.services.ca import REVOCATION_REASONS
@@ -27,8 +28,26 @@ from certgate.console.services.rbac import ROLES
 from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
+
+
 # What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
 # here, because the name also travels in the ``certgate-node`` header.
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type, and JSON Schema counts 3.0 as the integer 3; strict mode
+    alone would refuse it. Only that: "3", 3.5 and true stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers in request bodies: a JSON integer (3 or 3.0), never true, "3" or 3.5. Bounds
+# go before the validator: they then apply to the integer and appear in the document.
+Whole = Annotated[int, NoCoercion(), BeforeValidator(_whole_number)]
+Count = Annotated[int, Field(ge=0), NoCoercion(), BeforeValidator(_whole_number)]
+Port = Annotated[int, Field(ge=1, le=65535), NoCoercion(), BeforeValidator(_whole_number)]
+TokenTTL = Annotated[
+    int, Field(ge=60, le=30 * 24 * 3600), NoCoercion(), BeforeValidator(_whole_number)
+]
 # Admin and enrollment user names, as ``admins.USERNAME_RE`` checks them.
 USERNAME = Field(min_length=1, max_length=128, pattern=f"^{USERNAME_RE.pattern}$")
 NODE_NAME = Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
@@ -137,7 +156,7 @@ class EnrollmentUserIn(Strict):
 
 class EnrollmentTokenIn(Strict):
     owner: str = USERNAME
-    ttl_s: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+    ttl_s: TokenTTL | None = None
 
 
 class TokenOut(BaseModel):
@@ -288,17 +307,6 @@ class StrictReport(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _whole_number(value: Any) -> Any:
-    """JSON has one number type, and JSON Schema counts 3.0 as the integer 3; strict mode
-    alone would refuse it. Only that: "3", 3.5 and true stay refused."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# Bounds before the validator: they then apply to the integer and appear in the document.
-Count = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
-Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole_number)]
 IP_ADDRESS = {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
 
 
@@ -385,4 +393,4 @@ class RotateIn(Strict):
     """Start a rotation (prepare); ``overlap_s``: the least time between switch and
     finish, during which old and new are both trusted."""
 
-    overlap_s: int = Field(3600, ge=0, le=400 * 24 * 3600)
+    overlap_s: Whole = Field(3600, ge=0, le=400 * 24 * 3600)
