@@ -2,7 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-SYSDEPS = openssl curl haproxy stunnel4 postgresql softhsm2 rsyslog chromium scep
+SYSDEPS = openssl curl haproxy stunnel4 postgresql softhsm2 rsyslog rsyslog-openssl systemd chromium scep dnsmasq-base bind9-dnsutils
 
 .PHONY: demo test lint unit bench bench-smoke sysdeps venv clean
 

@@ -124,6 +124,23 @@ def cpu_seconds(pid: int) -> float:
     return _stat_cpu_seconds(pid)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of ``pid`` and of every live descendant (``tunnel run --workers``
+    serves from child processes; a relay with none reads as ``cpu_seconds``)."""
+    total = cpu_seconds(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as children:
+                total += sum(tree_cpu_seconds(int(child)) for child in children.read().split())
+        except OSError:
+            continue
+    return total
+
+
 def _stat_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         # The command name may hold spaces: the fields start after its closing parenthesis.

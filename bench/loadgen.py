@@ -40,7 +40,7 @@ class Target:
     pid: int
 
     def relay_cpu(self) -> float:
-        return env.cpu_seconds(self.pid)
+        return env.tree_cpu_seconds(self.pid)
 
 
 def client_context(trust: Path, cert: Path, key: Path) -> ssl.SSLContext:

@@ -1,8 +1,9 @@
 """Scenarios 1 and 2: relay throughput and new connections per second, beside the anchors.
 
 Relays run one at a time on the relay core, the load generator and the origin on the other
-core. certgate runs twice, on the stdlib asyncio loop (the default) and on uvloop, which
-is also the event-loop comparison. A relay that dies is recorded as a crash, with its exit
+core. certgate runs three times: with each TLS backend (pyOpenSSL, the default, and Python's
+``ssl``) on the stdlib asyncio loop, and with pyOpenSSL on uvloop, which is also the
+event-loop comparison. A relay that dies is recorded as a crash, with its exit
 status and log tail, and the run goes on.
 """
 
@@ -33,10 +34,20 @@ class RelaySpec:
     note: str
 
 
-def _certgate(loop: str) -> Callable[[World, int], Relay]:
+def _certgate(
+    loop: str, tls_backend: str = "pyopenssl", workers: int = 1
+) -> Callable[[World, int], Relay]:
     def start(world: World, _origin: int) -> Relay:
+        # One worker keeps to the relay's core; more use every core, the load generator's too.
+        cores = world.relay_cores if workers == 1 else world.relay_cores | world.loadgen_cores
         relay = relays.start_certgate(
-            world.sup, world.relay_state, f"certgate-{loop}", loop=loop, cores=world.relay_cores
+            world.sup,
+            world.relay_state,
+            f"certgate-{loop}-{tls_backend}-{workers}",
+            loop=loop,
+            tls_backend=tls_backend,
+            cores=cores,
+            workers=workers,
         )
         relays.wait_fresh(relay, 1, 60)
         return relay
@@ -57,8 +68,22 @@ def _plain(world: World, origin: int) -> Relay:
 
 
 SPECS = (
-    RelaySpec("certgate", _certgate("asyncio"), "certgate tunnel run, stdlib asyncio (default)"),
+    RelaySpec(
+        "certgate",
+        _certgate("asyncio"),
+        "certgate tunnel run, stdlib asyncio, --tls-backend pyopenssl (the defaults)",
+    ),
+    RelaySpec(
+        "certgate-ssl",
+        _certgate("asyncio", "ssl"),
+        "certgate tunnel run --tls-backend ssl (Python's ssl, the system OpenSSL)",
+    ),
     RelaySpec("certgate-uvloop", _certgate("uvloop"), "certgate tunnel run --loop uvloop"),
+    RelaySpec(
+        "certgate-workers-2",
+        _certgate("asyncio", workers=2),
+        "certgate tunnel run --workers 2, on both cores (the load generator's too)",
+    ),
     RelaySpec("haproxy", _haproxy, "HAProxy, mode tcp, ssl verify required, nbthread 1"),
     RelaySpec("stunnel", _stunnel, "stunnel4, verify = 2"),
     RelaySpec("plain", _plain, "HAProxy, mode tcp, no TLS: the ceiling"),
@@ -76,6 +101,7 @@ def run(world: World) -> dict[str, dict[str, Any]]:
         "relay_throughput": _throughput_result(world, measured),
         "connection_rate": _rate_result(world, measured),
         "event_loop": _loop_result(measured),
+        "workers": _workers_result(measured),
     }
 
 
@@ -237,6 +263,14 @@ def _rate_result(world: World, measured: dict[str, Any]) -> dict[str, Any]:
             (per_cpu.get("certgate") or {}).get("full"),
             (per_cpu.get("haproxy") or {}).get("full"),
         ),
+        "headline_resumed_ratio": env.ratio(
+            (per_cpu.get("certgate") or {}).get("resumed"),
+            (per_cpu.get("haproxy") or {}).get("resumed"),
+        ),
+        "tls_backends": {
+            backend: {kind: (per_cpu.get(name) or {}).get(kind) for kind in ("full", "resumed")}
+            for backend, name in (("pyopenssl", "certgate"), ("ssl", "certgate-ssl"))
+        },
     }
 
 
@@ -258,3 +292,28 @@ def _loop_result(measured: dict[str, Any]) -> dict[str, Any]:
             "probe_storm": m.get("probe_storm"),
         }
     return {"what": "certgate tunnel run on each event loop, same scenarios", "loops": loops}
+
+
+def _workers_result(measured: dict[str, Any]) -> dict[str, Any]:
+    """``--workers 1`` (the "certgate" relay) against ``--workers 2``, per CPU-second of the
+    node's processes together."""
+    rows = {}
+    for workers, name in (("1", "certgate"), ("2", "certgate-workers-2")):
+        m = measured.get(name, {})
+        rate = m.get("rate") or {}
+        rows[workers] = {
+            "failed": m.get("failed"),
+            "mb_per_relay_cpu_s": _get(measured, name, "throughput", "both", "mb_per_relay_cpu_s"),
+            "full_conns_per_relay_cpu_s": (rate.get("full") or {}).get("conns_per_relay_cpu_s"),
+            "full_conns_per_s": (rate.get("full") or {}).get("conns_per_s"),
+            "resumed_conns_per_relay_cpu_s": (rate.get("resumed") or {}).get(
+                "conns_per_relay_cpu_s"
+            ),
+            "rss_mb": m.get("rss_mb"),
+        }
+    what = (
+        "certgate tunnel run --workers 1 and 2; CPU of the supervisor and its workers"
+        " together. On this 2-core machine two workers share the cores with the load"
+        " generator, so compare per CPU-second, not per second."
+    )
+    return {"what": what, "workers": rows}

@@ -56,7 +56,9 @@ def start_certgate(
     name: str,
     *,
     loop: str = "asyncio",
+    tls_backend: str = "pyopenssl",
     cores: set[int] | None = None,
+    workers: int = 1,
 ) -> Relay:
     port, per_app, admin = procs.free_port(), procs.free_port(), procs.free_port()
     argv = [
@@ -73,8 +75,12 @@ def start_certgate(
         f"127.0.0.1:{admin}",
         "--loop",
         loop,
+        "--tls-backend",
+        tls_backend,
         "--drain-s",
         "1",
+        "--workers",
+        str(workers),
     ]
     pinned = {"OPENSSL_CONF": str(env.PIN_FILE)}
     proc = sup.start(name, argv, cores=cores, env_extra=pinned)

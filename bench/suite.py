@@ -53,7 +53,7 @@ def _issuance(w: world.World) -> dict[str, Any]:
 
 # name, what it produces (for recording a failure), runner
 SCENARIOS: tuple[tuple[str, tuple[str, ...], Callable[[world.World], dict[str, Any]]], ...] = (
-    ("relay", ("relay_throughput", "connection_rate", "event_loop"), _relays),
+    ("relay", ("relay_throughput", "connection_rate", "event_loop", "workers"), _relays),
     ("concurrency", ("concurrency",), _concurrency),
     ("fleet", ("table_1m", *enforce.KEYS), _fleet_and_enforce),
     ("issuance", ("issuance",), _issuance),

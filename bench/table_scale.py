@@ -9,6 +9,12 @@ memory), then reports build time, the RSS the table adds (VmRSS from /proc/self/
 Linux only), lookup latency percentiles over random known thumbprints, and feed batch
 throughput. Results go to bench/results/table_scale.json (``--out`` to change).
 
+Then the shared table of ``tunnel run --workers N`` (``tunnel.shared_table``): the time to
+write a generation from the table, and the memory of 1 and then 2 reader processes (what a
+worker does: map the file, touch every page, time lookups), read from each one's
+``/proc/PID/smaps_rollup`` while all are alive. Shared pages count in every reader's RSS;
+PSS splits them, so the readers' PSS summed is what the table costs the machine.
+
 Latencies are single calls timed with ``time.perf_counter_ns``, so they include the
 timer's own overhead (tens of nanoseconds).
 """
@@ -19,13 +25,17 @@ import argparse
 import gc
 import hashlib
 import json
+import mmap
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from certgate.tunnel.shared_table import SharedTable, SharedTableWriter
 from certgate.tunnel.table import DeviceTable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "table_scale.json"
@@ -156,11 +166,106 @@ def _measure_batches(table: DeviceTable, n: int, count: int, size: int) -> dict[
     }
 
 
+def _smaps_rollup_kb(pid: int) -> dict[str, int]:
+    counters: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            name, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                counters[name] = int(value.split()[0])
+    return counters
+
+
+def _mapping_kb(pid: int, path: Path) -> dict[str, int]:
+    """The smaps counters of ``path``'s mapping in process ``pid``."""
+    counters: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps", encoding="ascii") as smaps:
+        inside = False
+        for line in smaps:
+            name, _, value = line.partition(":")
+            if not value.strip().endswith("kB"):
+                inside = line.rstrip().endswith(str(path))
+            elif inside:
+                counters[name] = int(value.split()[0])
+    return counters
+
+
+def _read_shared(path: str, n: int, count: int) -> None:
+    """A reader process: map, touch every page, time lookups, say so, wait for stdin EOF."""
+    table = SharedTable(Path(path))
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        sum(view[i] for i in range(0, len(view), mmap.PAGESIZE))
+    timings = []
+    for i in random.Random(3).sample(range(n), min(n, count)):
+        thumbprint = _thumbprint(i)
+        started = time.perf_counter_ns()
+        found = table.lookup(thumbprint)
+        timings.append(time.perf_counter_ns() - started)
+        assert found is not None
+    timings.sort()
+    print(json.dumps({"p50_us": _percentile(timings, 0.5), "p99_us": _percentile(timings, 0.99)}))
+    sys.stdout.flush()
+    sys.stdin.read()
+
+
+def _measure_readers(path: Path, n: int, readers: int, count: int) -> dict[str, object]:
+    argv = [sys.executable, __file__, "--read-shared", str(path), "--n", str(n)]
+    argv += ["--lookups", str(count)]
+    procs = [
+        subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(readers)
+    ]
+    try:
+        latencies = [json.loads(proc.stdout.readline()) for proc in procs if proc.stdout]
+        rollups = [_smaps_rollup_kb(proc.pid) for proc in procs]
+        tables = [_mapping_kb(proc.pid, path) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.communicate("")
+    return {
+        "readers": readers,
+        "rss_mb_each": [round(r["Rss"] / 1024, 1) for r in rollups],
+        "private_mb_each": [
+            round((r["Private_Clean"] + r["Private_Dirty"]) / 1024, 1) for r in rollups
+        ],
+        "shared_mb_each": [
+            round((r["Shared_Clean"] + r["Shared_Dirty"]) / 1024, 1) for r in rollups
+        ],
+        "pss_mb_total": round(sum(r["Pss"] for r in rollups) / 1024, 1),
+        "table_rss_mb_each": [round(t["Rss"] / 1024, 1) for t in tables],
+        "table_private_mb_each": [
+            round((t["Private_Clean"] + t["Private_Dirty"]) / 1024, 1) for t in tables
+        ],
+        "table_pss_mb_total": round(sum(t["Pss"] for t in tables) / 1024, 1),
+        "lookup_us": latencies,
+    }
+
+
+def _measure_shared(table: DeviceTable, n: int, lookups: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        started = time.perf_counter()
+        writer = SharedTableWriter.build(Path(directory) / "table-1.map", table, time.time())
+        seconds = time.perf_counter() - started
+        size = writer.path.stat().st_size
+        try:
+            by_readers = {
+                str(k): _measure_readers(writer.path, n, k, min(lookups, 20_000)) for k in (1, 2)
+            }
+        finally:
+            writer.close()
+    return {
+        "shared_build_seconds": round(seconds, 3),
+        "shared_file_mb": round(size / 2**20, 1),
+        "shared_readers": by_readers,
+    }
+
+
 def run(n: int, lookups: int, batches: int, batch_size: int) -> dict[str, object]:
     """Run every measurement; return the results as a JSON-ready dict."""
     table, build = _measure_build(n)
     results: dict[str, object] = {"n": n, "entries": len(table), **build}
     results.update(_measure_lookups(table, n, lookups, random.Random(1)))
+    results.update(_measure_shared(table, n, lookups))
     results.update(_measure_batches(table, n, batches, batch_size))
     results["peak_rss_bytes"] = _rss_bytes("VmHWM")  # includes the benchmark's own inputs
     results["python"] = sys.version.split()[0]
@@ -175,7 +280,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1_000)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--read-shared", help=argparse.SUPPRESS)  # a reader process
     args = parser.parse_args(argv)
+    if args.read_shared:
+        _read_shared(args.read_shared, args.n, args.lookups)
+        return {}
     if min(args.n, args.lookups, args.batches, args.batch_size) < 1:
         parser.error("--n, --lookups, --batches and --batch-size must be positive")
     results = run(args.n, args.lookups, args.batches, args.batch_size)

@@ -7,9 +7,10 @@ declare -A probe=(
   [openssl]="openssl" [curl]="curl" [haproxy]="haproxy" [stunnel4]="stunnel4"
   [postgresql]="/usr/lib/postgresql/*/bin/initdb"
   [python3-venv]="python3 -c 'import ensurepip'"
-  [softhsm2]="softhsm2-util"
-  [rsyslog]="/usr/sbin/rsyslogd"
-  [scep]="scepclient"
+  [softhsm2]="softhsm2-util" [scep]="scepclient"
+  [rsyslog]="rsyslogd" [rsyslog-openssl]="/usr/lib/*/rsyslog/lmnsd_ossl.so"
+  [systemd]="systemd-analyze"
+  [dnsmasq-base]="/usr/sbin/dnsmasq" [bind9-dnsutils]="dig"
 )
 missing=()
 for pkg in "$@"; do
@@ -35,5 +36,5 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts a cluster and a haproxy service on install; tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
-  $SUDO systemctl disable --now haproxy postgresql >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now haproxy postgresql rsyslog >/dev/null 2>&1 || true
 fi

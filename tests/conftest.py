@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from tests.postgres import PostgresServer
 from tests.support import RunningConsole, init_console, start_console
 
 _db_names = itertools.count()
+
+# The CLIs' rich consoles read the terminal width once, when their module is imported; under
+# pytest (and pytest-xdist workers) there is no terminal, and identifiers the tests look
+# for in tables would be cut at 80 columns, depending on which test imported a CLI first.
+os.environ["COLUMNS"] = "250"
 
 
 @pytest.fixture(scope="session")

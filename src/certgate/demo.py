@@ -3,7 +3,7 @@
 1. a console on a fresh data directory (embedded SQLite) creates the instance PKI;
 2. admins get an API key and a client certificate each (the key files under a per-run
    passphrase: an encrypted PEM for curl, a PKCS#12 for browsers); Access is installed
-   with a read-only admin's credentials, every key and its API key sealed;
+   with an `access` admin's credentials, every key and its API key sealed;
 3. a tunnel node is set up with ``certgate tunnel setup`` (API key AND admin certificate)
    and started with ``certgate tunnel run``;
 4. the device agent enrolls (``certgate device enroll``), receives its Per-App Tunnel
@@ -225,11 +225,12 @@ def public_certificate() -> tuple[bytes, bytes]:
 
 
 def install_access(demo: Demo) -> None:
-    """Access, installed with a read-only admin's credentials held in memory only."""
+    """Access, installed with the credentials of an admin with the `access` role (device
+    reads and shared sign-in transactions), held in memory only."""
     db, pki = local.open_db(local.load_config(demo.path("console")))
     try:
         with db.transaction() as session:
-            admin = admins.create_admin(session, "access", "read-only", "global")
+            admin = admins.create_admin(session, "access", "access", "global")
             api_key = admins.issue_api_key(session, admin)
             cert, private = admins.issue_admin_cert(session, pki, admin)
     finally:

@@ -27,7 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certgate.access.app import AccessState, access_tls_context, create_app
-from certgate.access.config import AccessConfig, ClientRegistration, TLSMode, parse_networks
+from certgate.access.config import (
+    AccessConfig,
+    ClientRegistration,
+    SignInStoreKind,
+    TLSMode,
+    parse_networks,
+)
 from certgate.access.install import InstallRequest, Material, install, load_material
 from certgate.access.proxied import make_access_server
 from certgate.certproxy.cli import build_proxy
@@ -204,6 +210,7 @@ def install_request(
         port=port,
         dns_names=("localhost", "node1.example.dmz"),
         ip_addresses=("127.0.0.1",),
+        signins=SignInStoreKind.MEMORY,  # the stand-in console keeps no sign-ins
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from certgate.access.config import (
     AccessConfig,
     ClientRegistration,
+    SignInStoreKind,
     TLSMode,
     check_redirect_uri,
     load_config,
@@ -121,6 +123,23 @@ def test_client_needs_a_redirect_uri_and_a_sane_id() -> None:
         ClientRegistration("app", ())
     with pytest.raises(ConfigError, match="client id"):
         ClientRegistration("bad id", ("https://a.example/cb",))
+
+
+def test_sign_ins_are_kept_in_the_console_unless_told(tmp_path: Path) -> None:
+    """Shared by default (any node behind a round-robin balancer finishes any sign-in); an
+    access.json written before the setting existed means the same; a bad value is refused."""
+    assert config(tmp_path).signins is SignInStoreKind.CONSOLE
+    save_config(config(tmp_path, signins=SignInStoreKind.MEMORY))
+    assert load_config(tmp_path).signins is SignInStoreKind.MEMORY
+    assert load_config(tmp_path, signins=SignInStoreKind.CONSOLE).signins is SignInStoreKind.CONSOLE
+    settings = tmp_path / "access.json"
+    stored = json.loads(settings.read_text())
+    del stored["signins"]
+    settings.write_text(json.dumps(stored))
+    assert load_config(tmp_path).signins is SignInStoreKind.CONSOLE
+    settings.write_text(json.dumps({**stored, "signins": "disk"}))
+    with pytest.raises(ConfigError, match="'disk' is not a valid SignInStoreKind"):
+        load_config(tmp_path)
 
 
 def test_load_refuses_a_missing_or_broken_directory(tmp_path: Path) -> None:

@@ -281,6 +281,42 @@ def test_role_endpoint_matrix(
         assert status == 403, (role, endpoint, status)
 
 
+def test_a_device_of_another_group_answers_like_an_unknown_device(
+    env: RunningConsole, device: dict[str, Any]
+) -> None:
+    """Same status and body as for a device that does not exist: the answer neither
+    confirms the device nor names its group."""
+    uid, unknown = device["device_uid"], "0" * 32
+    with env.client(env.admins["other-tunnel-setup"]) as client:
+        for path in ("/api/v1/devices/{}", "/api/v1/devices/{}/compliance"):
+            method = "GET" if path.endswith("}") else "PUT"
+            body = {"status": "compliant"} if method == "PUT" else None
+            theirs = client.request(method, path.format(uid), json=body)
+            absent = client.request(method, path.format(unknown), json=body)
+            assert theirs.status_code == absent.status_code == 404, theirs.text
+            assert theirs.json() == {**absent.json(), "detail": f"device {uid!r} not found"}
+            assert "acme" not in theirs.text
+
+
+def test_a_certificate_of_another_group_answers_like_an_unknown_one(
+    env: RunningConsole, device: dict[str, Any]
+) -> None:
+    """Revoking a certificate of a group the admin cannot read: the answer for a serial that
+    does not exist, neither confirming the certificate nor naming its group."""
+    with device_client(env, device) as dev:
+        issued = dev.post("/api/v1/device/profile", json={"csr": make_csr()[0].decode()})
+    serial = format(
+        x509.load_pem_x509_certificate(issued.json()["certificate"].encode()).serial_number, "x"
+    )
+    path, body = "/api/v1/certificates/{}/revoke", {"reason": "keyCompromise"}
+    with env.client(env.admins["other-tunnel-setup"]) as client:
+        theirs = client.post(path.format(serial), json=body)
+        absent = client.post(path.format("1" + serial), json=body)
+    assert theirs.status_code == absent.status_code == 404, theirs.text
+    assert theirs.json() == {**absent.json(), "detail": f"device certificate {serial} not found"}
+    assert "acme" not in theirs.text
+
+
 @pytest.fixture(scope="module")
 def enrollment_user(env: RunningConsole) -> tuple[str, str]:
     with env.client(env.admins["acme-device-admin"]) as client:

@@ -349,6 +349,38 @@ def test_server_rules_dry_run_names_the_tunnels_the_rules_close(env: Env) -> Non
     assert "rule 0" in answer["live_tunnels"][0]["detail"]
 
 
+def test_a_udp_tunnel_is_judged_by_the_rules_for_udp(env: Env) -> None:
+    """A node reports UDP tunnels with ``"transport": "udp"``; a dry-run judges them with
+    the rules for UDP, which a rule set without ``protocols`` does not open."""
+    udp = {
+        **tunnel(env.holders["alice"], "per_app", "10.5.5.5", 53, "10.5.5.5"),
+        "transport": "udp",
+    }
+    env.live.append(udp)
+    path = f"/api/v1/groups/{env.group}/settings"
+    tcp_only = {"default": "allow", "rules": []}
+    udp_too = {
+        "default": "allow",
+        "rules": [{"action": "allow", "cidrs": ["10.0.0.0/8"], "protocols": ["udp"]}],
+    }
+    try:
+        post_report(env)
+        with env.admin() as admin:
+            answers = [
+                admin.patch(path, params={"dry_run": "true"}, json={"server_rules": rules})
+                for rules in (tcp_only, udp_too)
+            ]
+    finally:
+        env.live.remove(udp)
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    closed = answers[0].json()["live_tunnels"]
+    assert [(t["destination"], t["reason"]) for t in closed] == [
+        ("10.5.5.5:53", "destination_denied")
+    ]
+    assert "refuse udp to 10.5.5.5:53" in closed[0]["detail"]
+    assert answers[1].json()["live_tunnels"] == []
+
+
 def test_block_dry_run_names_every_certificate_of_the_device(env: Env) -> None:
     bob = env.holders["bob"]
     try:

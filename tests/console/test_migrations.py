@@ -3,6 +3,7 @@ build is the models' schema, and 0003 (snapshot covering indexes) goes down and 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import Engine, inspect
 
 from certgate.console.store.db import MIGRATIONS, Database, migrate
 from certgate.console.store.models import Base
+from tests.postgres import PostgresServer
 
 
 @pytest.fixture
@@ -56,3 +58,38 @@ def test_0003_adds_the_snapshot_indexes_and_takes_them_back(engine: Engine) -> N
     assert "ix_devices_snapshot" not in _indexes(engine, "devices")
     _alembic(engine, "upgrade", "head")
     assert "ix_devices_snapshot" in _indexes(engine, "devices")
+
+
+def test_consoles_migrating_at_the_same_moment_all_succeed(postgres: PostgresServer) -> None:
+    """Consoles started together on PostgreSQL each migrate a new database: one builds the
+    schema, the others wait on the advisory lock and find it at head, instead of failing
+    on tables that already exist. (Several consoles share PostgreSQL only: a SQLite file
+    belongs to one console.)"""
+    db_url = postgres.create_database("migrate_together")
+    databases = [Database(db_url) for _ in range(3)]
+    barrier = threading.Barrier(len(databases))
+    failures: list[BaseException] = []
+
+    def start(db: Database) -> None:
+        barrier.wait()
+        try:
+            migrate(db.engine)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in databases]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for db in databases:
+            db.dispose()
+    assert failures == []
+    engine = Database(db_url).engine
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        engine.dispose()

@@ -55,6 +55,9 @@ class Node:
     per_app_port: int
     admin_port: int
     proc: subprocess.Popen[bytes] | None = None
+    # Scenarios pin one process unless they are about workers (test_workers.py): their
+    # timings and metrics were measured on one.
+    workers: int = 1
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10).text
@@ -150,6 +153,8 @@ def popen_node(node: Node, log: IO[bytes]) -> subprocess.Popen[bytes]:
             f"127.0.0.1:{node.per_app_port}",
             "--admin-listen",
             f"127.0.0.1:{node.admin_port}",
+            "--workers",
+            str(node.workers),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

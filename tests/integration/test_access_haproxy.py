@@ -130,7 +130,14 @@ def _enroll(console: RunningConsole, compliance: str) -> Device:
 
 @pytest.fixture(scope="module")
 def org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Org]:
-    work = tmp_path_factory.mktemp("access-haproxy")
+    with running_org(tmp_path_factory.mktemp("access-haproxy")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_org(work: Path) -> Iterator[Org]:
+    """A console with group android, Access's admin (role ``access``: device reads and
+    shared sign-ins), a compliant and a noncompliant enrolled device."""
     data_dir, port = init_console(work)
     console = start_console(work, data_dir, port)
     try:
@@ -140,7 +147,7 @@ def org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Org]:
             access_admin = _ok(
                 admin.post(
                     "/api/v1/admins",
-                    json={"username": "access-svc", "role": "read-only", "group_id": "global"},
+                    json={"username": "access-svc", "role": "access", "group_id": "global"},
                 ),
                 201,
             )
@@ -366,9 +373,14 @@ class SignIn:
         return parse_qs(urlsplit(self.callback).query)
 
 
-def sign_in(topo: Topology, leaf: Leaf | None, via_port: str = "lb5262") -> SignIn:
-    """Discovery, /authorize, then the certificate step at the cert proxy behind HAProxy."""
+def sign_in(
+    topo: Topology, leaf: Leaf | None, via_port: str = "lb5262", *, fresh: bool = False
+) -> SignIn:
+    """Discovery, /authorize, then the certificate step at the cert proxy behind HAProxy;
+    ``fresh``: every request of the session on a new connection (one balancing decision)."""
     session = android(topo, leaf)
+    if fresh:
+        session.headers["Connection"] = "close"
     discovery = f"{topo.issuer}/.well-known/openid-configuration"
     metadata = session.get(discovery, withhold_token=True, timeout=30).json()
     verifier, nonce = generate_token(64), generate_token(24)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import contextlib
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certgate.errors import ChainError
@@ -84,11 +89,28 @@ def test_expired_leaf_is_refused(hierarchy: Hierarchy) -> None:
         verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=after)
 
 
-def test_not_yet_valid_leaf_is_refused(hierarchy: Hierarchy) -> None:
+def test_not_yet_valid_leaf_is_refused_naming_the_clock(hierarchy: Hierarchy) -> None:
     device = hierarchy.leaves["device"]
-    before = device.cert.not_valid_before_utc - timedelta(seconds=1)
-    with pytest.raises(ChainError, match="cert is not valid at validation time"):
+    before = device.cert.not_valid_before_utc - timedelta(days=1)
+    with pytest.raises(ChainError, match="cert is not valid at validation time") as refused:
         verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=before)
+    assert str(refused.value).startswith("certificate not yet valid, check the clock: ")
+    assert f"this machine's clock says {before:%Y-%m-%d %H:%M:%S} UTC" in str(refused.value)
+
+
+def test_a_server_chain_checked_by_a_clock_behind_names_the_clock() -> None:
+    case = json.loads((VECTORS / "underscore-dns.json").read_text())
+    case["expected_peer_name"]["value"] = "example.com"  # the root's name: a valid one
+    case["validation_time"] = "1969-12-31T00:00:00+00:00"  # before the root's notBefore
+    with pytest.raises(ChainError, match=r"^certificate not yet valid, check the clock"):
+        _limbo_server_check(case)
+
+
+def test_an_expired_leaf_is_not_blamed_on_the_clock(hierarchy: Hierarchy) -> None:
+    device = hierarchy.leaves["device"]
+    after = device.cert.not_valid_after_utc + timedelta(days=1)
+    with pytest.raises(ChainError, match=r"^client certificate rejected: "):
+        verify_client_chain(device.cert, [device.issuer.cert], [hierarchy.root.cert], at=after)
 
 
 def test_ca_certificate_is_not_a_client(hierarchy: Hierarchy) -> None:
@@ -136,3 +158,43 @@ def test_has_eku(hierarchy: Hierarchy) -> None:
     assert has_eku(hierarchy.leaves["device"].cert, client)
     assert not has_eku(hierarchy.leaves["device"].cert, server)
     assert not has_eku(hierarchy.root.cert, client)  # no EKU extension at all
+
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "x509-limbo"
+LIMBO = Path("/work/shared/testdata/x509-limbo/limbo.json")
+
+
+def _limbo_server_check(case: dict[str, Any]) -> None:
+    def pem(text: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(text.encode())
+
+    at = case["validation_time"]
+    verify_server_chain(
+        pem(case["peer_certificate"]),
+        [pem(c) for c in case["untrusted_intermediates"]],
+        [pem(c) for c in case["trusted_certs"]],
+        case["expected_peer_name"]["value"],
+        datetime.fromisoformat(at) if at else None,
+    )
+
+
+def test_a_name_that_is_not_a_dns_name_is_a_chain_error() -> None:
+    case = json.loads((VECTORS / "underscore-dns.json").read_text())
+    with pytest.raises(ChainError, match=r"foo_bar\.example\.com"):
+        _limbo_server_check(case)
+
+
+@pytest.mark.skipif(not LIMBO.exists(), reason=f"shared x509-limbo data absent ({LIMBO})")
+@pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
+def test_the_server_verifier_answers_every_limbo_case_with_a_chain_or_chain_error() -> None:
+    """ChainError is the verifier's only failure, whatever the certificate or name (which
+    outcome each case gets is a conformance question, not checked here)."""
+    cases = json.loads(LIMBO.read_text())["testcases"]
+    checked = 0
+    for case in cases:
+        if case["validation_kind"] != "SERVER" or not case["expected_peer_name"]:
+            continue
+        with contextlib.suppress(ChainError):
+            _limbo_server_check(case)
+        checked += 1
+    assert checked > 150

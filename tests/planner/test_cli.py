@@ -139,7 +139,7 @@ def test_emit_ports_health_path_and_balance_are_flags(tmp_path: Path, wildcard_p
         "--node-certproxy-port": "25262",
         "--node-secondary-port": "25263",
         "--health-check-path": "/ready",
-        "--balance": "roundrobin",
+        "--balance": "source",
         "--lb-source": "10.0.0.2",
     }
     given = [arg for pair in flags.items() for arg in pair]
@@ -149,19 +149,19 @@ def test_emit_ports_health_path_and_balance_are_flags(tmp_path: Path, wildcard_p
         assert f"bind {bind}" in config
     for port in (9443, 25262, 25263):
         assert f"server node1.example.dmz 10.0.0.11:{port} " in config
-    assert "uri /ready " in config and "balance source" not in config
+    assert "uri /ready " in config and "balance roundrobin" not in config
     assert "\n    source 10.0.0.2\n" in config
     defaults = invoke_json(*args, *emit_args, "--node", "node1.example.dmz=10.0.0.11")
     assert defaults["haproxy_config"] == str(out)
     config = out.read_text(encoding="utf-8")
     assert "bind 127.0.0.1:443 ssl crt" in config and "10.0.0.11:5263 send-proxy-v2" in config
-    assert "uri /healthz " in config and "balance roundrobin" not in config
+    assert "uri /healthz " in config and "balance source" not in config
     assert "\n    source " not in config
 
 
 @pytest.mark.parametrize("flag", ["--lb-https-port", "--node-secondary-port", "--balance"])
 def test_emit_flags_need_emit(wildcard_pem: Path, flag: str) -> None:
-    value = "source" if flag == "--balance" else "8443"
+    value = "roundrobin" if flag == "--balance" else "8443"
     result = invoke(*cert_args(wildcard_pem, "reencrypt", "node1.example.dmz"), flag, value)
     assert result.exit_code == 2 and f"{flag} only make sense with --emit" in result.output
 

@@ -136,7 +136,7 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
         certproxy_secondary_port=15263,
         health_check_path="/SAAS/API/1.0/REST/system/health",
         timeout_client_s=30,
-        balance=Balance.ROUNDROBIN,
+        balance=Balance.SOURCE,
         send_proxy_v2=False,
         source_address="::1",
     )
@@ -148,7 +148,8 @@ def test_ipv6_addresses_custom_ports_and_options(tmp_path: Path, tls_files: TLSF
     assert "server node1.example.dmz [2001:db8::11]:15263 check" in config
     assert "send-proxy" not in config and "PROXY v2" not in config
     assert "\n    source [::1]\n" in config
-    assert config.count("balance roundrobin") == 3 and "balance source" not in config
+    assert config.count("balance source") == 3 and "balance roundrobin" not in config
+    assert "Round-robin" not in config
     assert "uri /SAAS/API/1.0/REST/system/health" in config
     assert "timeout client 30s" in config
 
@@ -160,7 +161,9 @@ def test_defaults_check_access_health_and_send_proxy_v2_everywhere(plan: Plan) -
     assert servers and all(" send-proxy-v2 check" in line for line in servers)
     assert "--load-balancer" in config.split("\nglobal\n")[0]  # the header says what nodes need
     backends = config.count("\nbackend ")
-    assert config.count("    balance source\n") == backends
+    # Any node may serve any step of a sign-in: Access shares them through the console.
+    assert config.count("    balance roundrobin\n") == backends
+    assert "--signins console" in config.split("\nglobal\n")[0]
     if plan.lb is LBMode.REENCRYPT:
         assert "http-check send meth GET uri /healthz ver HTTP/1.1" in config
     else:

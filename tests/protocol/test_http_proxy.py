@@ -511,6 +511,7 @@ def test_forwarded_head_drops_hop_by_hop_and_proxy_fields() -> None:
         b"TE: trailers\r\n"
         b"Upgrade: websocket\r\n"
         b"Certgate-App: com.example\r\n"
+        b"Certgate-Transport: tcp\r\n"
         b"Accept: */*\r\n"
         b"Via: 1.1 upstream\r\n\r\n"
     )

@@ -31,11 +31,16 @@ from certgate.protocol.socks5 import (
     Socks5Error,
     Socks5Server,
     State,
+    UDPAssociateRequest,
+    UDPDatagram,
     UnsupportedAddressType,
     choose_method,
     client_connect,
     client_greeting,
+    client_udp_associate,
+    encode_udp_datagram,
     error_reply,
+    parse_udp_datagram,
 )
 
 FUZZ = settings(max_examples=300, deadline=None)
@@ -181,7 +186,6 @@ ERROR_CASES: list[tuple[bytes, type[Socks5Error], ReplyCode | None]] = [
     # request header (RFC 1928 §4)
     (NO_AUTH_GREETING + b"\x04\x01\x00\x01", BadVersion, GENERAL),
     (NO_AUTH_GREETING + b"\x05\x02", CommandNotSupported, ReplyCode.COMMAND_NOT_SUPPORTED),
-    (NO_AUTH_GREETING + b"\x05\x03", CommandNotSupported, ReplyCode.COMMAND_NOT_SUPPORTED),
     (NO_AUTH_GREETING + b"\x05\x00", CommandNotSupported, ReplyCode.COMMAND_NOT_SUPPORTED),
     (NO_AUTH_GREETING + b"\x05\xff", CommandNotSupported, ReplyCode.COMMAND_NOT_SUPPORTED),
     (NO_AUTH_GREETING + b"\x05\x01\x01", MalformedMessage, GENERAL),
@@ -526,3 +530,69 @@ def test_public_surface() -> None:
         and value.__module__ == socks5.__name__
     }
     assert defined <= set(socks5.__all__)
+
+
+# -- UDP ASSOCIATE (RFC 1928 §4, §7) -------------------------------------------------------
+
+
+def test_udp_associate_transcript() -> None:
+    server = Socks5Server()
+    server.receive_data(NO_AUTH_GREETING + client_udp_associate())
+    assert server.next_event() == Greeting((0,))
+    assert server.send(MethodSelection(0)) == b"\x05\x00"
+    assert server.next_event() == UDPAssociateRequest("0.0.0.0", 0, AddressType.IPV4)
+    reply = server.send(CommandReply(ReplyCode.SUCCEEDED, "127.0.0.1", 4242))
+    assert reply == b"\x05\x00\x00\x01\x7f\x00\x00\x01\x10\x92"
+    assert server.state is State.DONE
+    assert client_udp_associate() == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+def test_udp_associate_takes_a_placeholder_address() -> None:
+    """PySocks names the domain "0" and its local port: advisory (§7), so accepted."""
+    server = Socks5Server()
+    server.receive_data(NO_AUTH_GREETING + b"\x05\x03\x00\x03\x010\x9c\x40")
+    assert server.next_event() == Greeting((0,))
+    server.send(MethodSelection(0))
+    assert server.next_event() == UDPAssociateRequest("0", 40000, AddressType.DOMAIN_NAME)
+
+
+UDP_VECTORS = [
+    (b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x35dns?", UDPDatagram("127.0.0.1", 53, b"dns?")),
+    (b"\x00\x00\x00\x03\x05a.com\x01\xbb", UDPDatagram("a.com", 443, b"")),
+    (b"\x00\x00\x00\x04" + bytes(15) + b"\x01\x00\x35x", UDPDatagram("::1", 53, b"x")),
+]
+
+
+@pytest.mark.parametrize(("wire", "datagram"), UDP_VECTORS)
+def test_udp_datagram_vectors(wire: bytes, datagram: UDPDatagram) -> None:
+    assert parse_udp_datagram(wire) == datagram
+    assert encode_udp_datagram(datagram) == wire
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"",
+        b"\x00\x00",
+        b"\x00\x01\x00\x01\x7f\x00\x00\x01\x00\x35",  # reserved bytes set
+        b"\x00\x00\x01\x01\x7f\x00\x00\x01\x00\x35",  # a fragment
+        b"\x00\x00\x00\x02\x7f\x00\x00\x01\x00\x35",  # no such ATYP
+        b"\x00\x00\x00\x01\x7f\x00\x00",  # address cut short
+        b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x00",  # port 0
+        b"\x00\x00\x00\x03\x03a b\x00\x35",  # not a host name
+    ],
+)
+def test_bad_udp_headers_are_refused(wire: bytes) -> None:
+    with pytest.raises(Socks5Error) as caught:
+        parse_udp_datagram(wire)
+    assert caught.value.reply is None  # a datagram is dropped, never answered
+
+
+@given(st.binary(max_size=300))
+def test_udp_header_fuzz_fails_cleanly(data: bytes) -> None:
+    try:
+        datagram = parse_udp_datagram(data)
+    except Socks5Error:
+        return
+    assert 1 <= datagram.port <= 65535
+    assert encode_udp_datagram(datagram).endswith(datagram.data)

@@ -20,6 +20,7 @@ from certgate.tunnel.rules import (
     RuleDecision,
     RuleReason,
     RuleSet,
+    Transport,
     canonical_host_pattern,
     canonical_name,
     evaluate,
@@ -200,6 +201,10 @@ INVALID = [
     ("port-range-backwards", rule(ports=["90-80"])),
     ("port-range-too-big", rule(ports=["1-70000"])),
     ("port-range-spaces", rule(ports=["80 - 90"])),
+    ("protocols-empty", rule(protocols=[])),
+    ("protocols-word", rule(protocols="udp")),
+    ("protocols-unknown", rule(protocols=["icmp"])),
+    ("protocols-repeated", rule(protocols=["udp", "udp"])),
 ]
 
 
@@ -296,6 +301,14 @@ rule_strategy = st.builds(
         ).map(tuple),
     ),
     cidrs=st.lists(st.ip_addresses(v=4).map(lambda a: ipaddress.ip_network(f"{a}/32"))).map(tuple),
+    protocols=st.sampled_from(
+        [
+            (Transport.TCP,),
+            (Transport.UDP,),
+            (Transport.TCP, Transport.UDP),
+            (Transport.UDP, Transport.TCP),
+        ]
+    ),
 )
 
 
@@ -303,4 +316,48 @@ rule_strategy = st.builds(
 @given(rules=st.lists(rule_strategy, max_size=4), default=st.sampled_from(Action))
 def test_dict_form_round_trips(rules: list[Rule], default: Action) -> None:
     ruleset = RuleSet(tuple(rules), default)
+    assert RuleSet.from_dict(ruleset.to_dict()) == ruleset
+
+
+UDP = Transport.UDP
+DNS = ip("10.0.0.53")
+
+
+def test_rules_without_protocols_keep_meaning_tcp_only() -> None:
+    old = RuleSet.from_dict(
+        {"default": "allow", "rules": [{"action": "allow", "cidrs": ["10.0.0.0/8"]}]}
+    )
+    assert evaluate(old, "10.0.0.53", 53).allowed
+    assert evaluate(old, "10.0.0.53", 53, transport=UDP) == RuleDecision(
+        False, None, RuleReason.DEFAULT
+    )
+    assert evaluate(old, "192.0.2.1", 53, transport=UDP) == RuleDecision(
+        False, None, RuleReason.DEFAULT
+    )
+    assert old.to_dict()["rules"] == [
+        {"action": "allow", "hosts": [], "ports": "any", "cidrs": ["10.0.0.0/8"]}
+    ]
+
+
+def test_rules_naming_udp_apply_to_udp_only_where_named() -> None:
+    ruleset = RuleSet.from_dict(
+        {
+            "default": "deny",
+            "rules": [
+                {"action": "deny", "cidrs": ["10.0.0.99/32"], "protocols": ["tcp", "udp"]},
+                {
+                    "action": "allow",
+                    "hosts": ["dns.corp.test"],
+                    "ports": [53],
+                    "protocols": ["udp"],
+                },
+                {"action": "allow", "hosts": ["*.corp.test"]},
+            ],
+        }
+    )
+    assert evaluate(ruleset, "dns.corp.test", 53, [DNS], UDP) == allowed(1)
+    assert evaluate(ruleset, "dns.corp.test", 53, [DNS]) == allowed(2)  # TCP: rule 1 skipped
+    assert evaluate(ruleset, "dns.corp.test", 54, [DNS], UDP).allowed is False
+    assert evaluate(ruleset, "web.corp.test", 443, [DNS], UDP).allowed is False
+    assert evaluate(ruleset, "dns.corp.test", 53, [ip("10.0.0.99")], UDP) == denied(0)
     assert RuleSet.from_dict(ruleset.to_dict()) == ruleset

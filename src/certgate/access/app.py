@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from certgate import errors
 from certgate.access import oidc
-from certgate.access.config import AccessConfig, ClientRegistration
+from certgate.access.config import AccessConfig, ClientRegistration, SignInStoreKind
 from certgate.access.devicestatus import (
     ConsoleStatus,
     ConsoleUnavailable,
@@ -38,6 +38,7 @@ from certgate.access.devicestatus import (
     device_identity,
 )
 from certgate.access.install import Material
+from certgate.access.signins import ConsoleSignIns
 from certgate.httpserver import peer_cert_der
 from certgate.pki.thumbprint import thumbprint_der
 from certgate.pki.verify import verify_client_chain
@@ -63,7 +64,7 @@ class AccessState:
     config: AccessConfig
     material: Material
     status: ConsoleStatus
-    store: oidc.TransactionStore
+    store: oidc.SignInStore
     signer: oidc.IdTokenSigner
     clients: dict[str, ClientRegistration] = field(default_factory=dict)
 
@@ -77,11 +78,18 @@ class AccessState:
             config.status_ttl_s,
             config.console_budget_s,
         )
-        store = oidc.TransactionStore(config.request_ttl_s, config.code_ttl_s, config.max_pending)
         clients = {c.client_id: c for c in config.clients}
-        return cls(
-            config, material, status, store, oidc.IdTokenSigner(material.id_token_key), clients
-        )
+        signer = oidc.IdTokenSigner(material.id_token_key)
+        return cls(config, material, status, signin_store(config, console), signer, clients)
+
+
+def signin_store(config: AccessConfig, console: httpx.AsyncClient) -> oidc.SignInStore:
+    """The store ``config.signins`` names: the console's (shared) or this node's memory."""
+    if config.signins is SignInStoreKind.CONSOLE:
+        return ConsoleSignIns(console, config.request_ttl_s, config.code_ttl_s)
+    return oidc.MemorySignIns(
+        oidc.TransactionStore(config.request_ttl_s, config.code_ttl_s, config.max_pending)
+    )
 
 
 def access_tls_context(config: AccessConfig, material: Material) -> ssl.SSLContext:
@@ -256,32 +264,30 @@ async def cert_step(request: Request) -> Response:
             403,
         )
     handle = _handle_of(request)
-    tx = state.store.pending(handle)
+    auth = await state.store.pending(handle)
     try:
         grant = await authenticate_device(request, state)
     except DeviceDenied as exc:
-        state.store.deny(handle)
+        await state.store.deny(handle)
         log.warning(
             "denied device %s for client %s via cert proxy for %s: %s",
             exc.device_uid or "(unidentified)",
-            tx.request.client_id,
+            auth.client_id,
             _forwarded_for(request),
             exc,
         )
-        denied = oidc.AuthorizeError(
-            "access_denied", str(exc), tx.request.redirect_uri, tx.request.state
-        )
+        denied = oidc.AuthorizeError("access_denied", str(exc), auth.redirect_uri, auth.state)
         return _redirect(oidc.error_redirect(denied, state.config.issuer))
-    tx, code = state.store.issue_code(handle, grant)
+    code = await state.store.issue_code(handle, grant)
     log.info(
         "admitted device %s (group %s, cert %s) for client %s via cert proxy for %s",
         grant.device_uid,
         grant.group_id,
         grant.cert_thumbprint[:16],
-        tx.request.client_id,
+        auth.client_id,
         _forwarded_for(request),
     )
-    return _redirect(oidc.code_redirect(tx.request, code, state.config.issuer))
+    return _redirect(oidc.code_redirect(auth, code, state.config.issuer))
 
 
 async def authorize(request: Request) -> Response:
@@ -291,14 +297,15 @@ async def authorize(request: Request) -> Response:
     if request.method == "POST":
         params = await _form(request)
     auth = oidc.parse_authorization_request(params, state.clients)
-    handle = state.store.begin(auth)
+    handle = await state.store.begin(auth)
+    log.info("started sign-in for client %s from %s", auth.client_id, _peer(request.scope))
     target = state.config.certproxy_url.rstrip("/") + oidc.CERT_STEP_PATH
     return _redirect(f"{target}?{urlencode({'req': handle})}")
 
 
 async def token(request: Request) -> Response:
     state = state_of(request)
-    tx = state.store.redeem(oidc.parse_token_request(await _form(request)))
+    tx = await state.store.redeem(oidc.parse_token_request(await _form(request)))
     claims = oidc.id_token_claims(
         state.config.issuer, tx, int(time.time()), state.config.id_token_ttl_s
     )

@@ -15,11 +15,13 @@ from certgate.access.config import (
     DEFAULT_PORT,
     AccessConfig,
     ClientRegistration,
+    SignInStoreKind,
     TLSMode,
     load_config,
     parse_networks,
 )
 from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.thumbprint import thumbprint
 
@@ -40,6 +42,14 @@ LoadBalancers = Annotated[
         "--load-balancer",
         help="Address or CIDR of a load balancer sending PROXY v2 headers (repeatable); "
         "a connection from it must carry one, from anywhere else must not.",
+    ),
+]
+SignInStoreOption = Annotated[
+    SignInStoreKind | None,
+    typer.Option(
+        help="Where sign-in transactions live: the console's database (any node finishes any "
+        "sign-in; the console admin's role must be 'access') or this node's memory (one node "
+        "only). serve: default access.json's 'signins'; init: default console.",
     ),
 ]
 MAX_HEADER_BYTES = 32 * 1024
@@ -100,6 +110,7 @@ def init(
         list[str] | None, typer.Option(help="IP address for the self-signed certificate.")
     ] = None,
     load_balancer: LoadBalancers = None,
+    signins: SignInStoreOption = None,
 ) -> None:
     """Install: generate the self-signed certificate, the cert proxy credential and the ID
     token key; store the public certificate and the console credentials."""
@@ -121,6 +132,7 @@ def init(
             dns_names=tuple(dns_name or ("localhost",)),
             ip_addresses=tuple(ip_address or ("127.0.0.1",)),
             load_balancers=tuple(load_balancer or ()),
+            signins=signins or SignInStoreKind.CONSOLE,
         )
         config = install(data_dir, request)
         material = load_material(config)
@@ -154,6 +166,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
     load_balancer: LoadBalancers = None,
+    config_file: ConfigFile = None,
+    signins: SignInStoreOption = None,
 ) -> None:
     """Run Access over HTTPS (self-signed certificate when offloaded, public otherwise)."""
     from certgate.access.app import AccessState, access_tls_context, console_client, create_app
@@ -161,7 +175,9 @@ def serve(
 
     try:
         balancers = tuple(load_balancer) if load_balancer else None
-        config = load_config(data_dir, host=host, port=port, load_balancers=balancers)
+        config = load_config(
+            data_dir, host=host, port=port, load_balancers=balancers, signins=signins
+        )
         material = load_material(config)
         console = console_client(config, material)
         app_ = create_app(AccessState.build(config, material, console), console)

@@ -26,6 +26,7 @@ __all__ = [
     "AccessConfig",
     "AccessFiles",
     "ClientRegistration",
+    "SignInStoreKind",
     "TLSMode",
     "load_config",
     "parse_networks",
@@ -49,6 +50,13 @@ class TLSMode(Enum):
 
     OFFLOAD = "offload"  # Layer 7 on the LB: Access serves its self-signed install certificate
     PASSTHROUGH = "passthrough"  # Layer 4: Access serves the publicly trusted certificate
+
+
+class SignInStoreKind(Enum):
+    """Where sign-in transactions live (``oidc.SignInStore``)."""
+
+    CONSOLE = "console"  # the console's database: any node finishes any sign-in
+    MEMORY = "memory"  # this node only: a single node, or a balancer pinning clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ class AccessConfig:
     # Addresses (or networks) of the load balancers that send a PROXY v2 header; a
     # connection from one must start with it, one from anywhere else must not carry it.
     load_balancers: tuple[str, ...] = ()
+    signins: SignInStoreKind = SignInStoreKind.CONSOLE
 
     def __post_init__(self) -> None:
         _check_https_url(self.issuer, "issuer", path_allowed=True)
@@ -232,6 +241,7 @@ def save_config(config: AccessConfig) -> None:
     data["data_dir"] = str(config.data_dir)
     data["tls_mode"] = config.tls_mode.value
     data["load_balancers"] = list(config.load_balancers)
+    data["signins"] = config.signins.value
     data["clients"] = [
         {"client_id": c.client_id, "redirect_uris": list(c.redirect_uris)} for c in config.clients
     ]
@@ -257,6 +267,7 @@ def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:
         if not isinstance(balancers, list | tuple):
             raise TypeError("load_balancers must be a list of addresses")
         data["load_balancers"] = tuple(balancers)
+        data["signins"] = SignInStoreKind(data.get("signins", SignInStoreKind.CONSOLE.value))
         data["clients"] = tuple(
             ClientRegistration(c["client_id"], tuple(c["redirect_uris"]))
             for c in data.get("clients", [])

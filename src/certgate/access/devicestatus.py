@@ -1,7 +1,8 @@
 """Is this device enrolled and compliant? Asked of the console, cached briefly, fail closed.
 
-Access authenticates to the console as an admin with the ``read-only`` role (API key AND
-admin client certificate over mTLS, like every admin call) and reads:
+Access authenticates to the console as an admin with the ``access`` role (API key AND
+admin client certificate over mTLS, like every admin call; ``read-only`` serves too when
+sign-ins are kept in memory) and reads:
 
 * ``GET /api/v1/devices/{uid}``: enrollment, compliance, blocked, owner, platform, group;
 * ``GET /pki/device-root.crl``: the Device Root's signed CRL, for superseded, revoked and
@@ -9,10 +10,10 @@ admin client certificate over mTLS, like every admin call) and reads:
   certificates is current).
 
 Why the admin API rather than following a group's signed feed like a tunnel: Access serves
-the whole organisation, and one read-only binding on the top group covers every group
+the whole organisation, and one binding on the top group covers every group
 below it, while a feed is per group and needs a tunnel identity per group. Access also
 only needs the few devices that sign in, on demand, not a mirror of the fleet, and the
-read-only role grants no write permission anywhere.
+role grants no write permission beyond sign-in transactions (``certgate.access.signins``).
 
 Answers are fresh for ``ttl_s``. When the console cannot be reached, an answer is used for
 at most ``budget_s`` more; past that, or without any answer, Access fails closed.

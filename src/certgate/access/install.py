@@ -24,7 +24,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certgate.access.config import AccessConfig, AccessFiles, ClientRegistration, TLSMode
+from certgate.access.config import (
+    AccessConfig,
+    AccessFiles,
+    ClientRegistration,
+    SignInStoreKind,
+    TLSMode,
+)
 from certgate.access.config import save_config as _save_config
 from certgate.errors import ChainError, ConfigError, PKIError
 from certgate.pki.authority import Authority, Issuer, Names
@@ -126,6 +132,7 @@ class InstallRequest:
     dns_names: tuple[str, ...] = ("localhost",)
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
     load_balancers: tuple[str, ...] = ()
+    signins: SignInStoreKind = SignInStoreKind.CONSOLE
 
     def __repr__(self) -> str:
         return f"InstallRequest(issuer={self.issuer!r}, secrets=<redacted>)"
@@ -251,6 +258,7 @@ def install(data_dir: Path, request: InstallRequest) -> AccessConfig:
         host=request.host,
         port=request.port,
         load_balancers=request.load_balancers,
+        signins=request.signins,
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,11 +44,14 @@ __all__ = [
     "AuthorizeError",
     "DeviceGrant",
     "IdTokenSigner",
+    "MemorySignIns",
     "OAuthError",
+    "SignInStore",
     "TokenRequest",
     "Transaction",
     "TransactionStore",
     "TxState",
+    "check_bindings",
     "code_redirect",
     "discovery_document",
     "error_redirect",
@@ -56,6 +59,7 @@ __all__ = [
     "parse_authorization_request",
     "parse_token_request",
     "s256",
+    "secret_hash",
 ]
 
 AUTHORIZE_PATH = "/authorize"
@@ -265,7 +269,7 @@ class Transaction:
         self.state = new
 
 
-def _key(secret: str) -> str:
+def secret_hash(secret: str) -> str:
     """Stores are keyed by a hash, so a memory dump does not reveal usable handles."""
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -297,6 +301,60 @@ def parse_token_request(params: Sequence[tuple[str, str]]) -> TokenRequest:
     )
 
 
+def check_bindings(token: TokenRequest, request: AuthorizationRequest) -> None:
+    """A spent code yields a token only to the client, redirect URI and PKCE verifier of
+    its authorization request (RFC 6749 §4.1.3, RFC 7636 §4.6)."""
+    if not hmac.compare_digest(token.client_id, request.client_id):
+        raise OAuthError("invalid_grant", "code was issued to another client")
+    if not hmac.compare_digest(token.redirect_uri, request.redirect_uri):
+        raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
+    check_pkce(token.code_verifier, request.code_challenge)
+
+
+class SignInStore(Protocol):
+    """Where sign-in transactions live: this node's memory (:class:`MemorySignIns`) or the
+    console's database, shared by every Access node (``certgate.access.signins``). Every
+    refusal raises :class:`OAuthError`; a code is spent by its first redemption attempt."""
+
+    async def begin(self, request: AuthorizationRequest) -> str:
+        """Open a transaction; returns its handle."""
+
+    async def pending(self, handle: str) -> AuthorizationRequest:
+        """The request of the transaction waiting for its certificate step."""
+
+    async def issue_code(self, handle: str, grant: DeviceGrant) -> str:
+        """The device was admitted: returns the one-time code."""
+
+    async def deny(self, handle: str) -> None:
+        """The device was refused: the transaction ends without a code."""
+
+    async def redeem(self, token: TokenRequest) -> Transaction:
+        """Spend the code, then check its bindings; a REDEEMED transaction with its grant."""
+
+
+@dataclass
+class MemorySignIns:
+    """Transactions in this process only: for a single Access node (no load balancer, or
+    one that pins clients to a node)."""
+
+    store: TransactionStore
+
+    async def begin(self, request: AuthorizationRequest) -> str:
+        return self.store.begin(request)
+
+    async def pending(self, handle: str) -> AuthorizationRequest:
+        return self.store.pending(handle).request
+
+    async def issue_code(self, handle: str, grant: DeviceGrant) -> str:
+        return self.store.issue_code(handle, grant)[1]
+
+    async def deny(self, handle: str) -> None:
+        self.store.deny(handle)
+
+    async def redeem(self, token: TokenRequest) -> Transaction:
+        return self.store.redeem(token)
+
+
 @dataclass
 class TransactionStore:
     """Open transactions, keyed by the hash of their handle and (later) of their code."""
@@ -313,13 +371,13 @@ class TransactionStore:
         if len(self._by_handle) >= self.max_entries:
             raise OAuthError("temporarily_unavailable", "too many pending sign-ins", 503)
         handle = secrets.token_urlsafe(HANDLE_BYTES)
-        self._by_handle[_key(handle)] = Transaction(request, self.clock())
+        self._by_handle[secret_hash(handle)] = Transaction(request, self.clock())
         return handle
 
     def pending(self, handle: str) -> Transaction:
         """The transaction waiting for its certificate step; raises when there is none."""
         self._purge()
-        tx = self._by_handle.get(_key(handle))
+        tx = self._by_handle.get(secret_hash(handle))
         if tx is None:
             raise OAuthError("invalid_request", "unknown or expired sign-in; start again")
         if tx.state is not TxState.AWAITING_CERT:
@@ -331,7 +389,7 @@ class TransactionStore:
         tx.move(TxState.CODE_ISSUED)
         tx.grant, tx.code_issued_at = grant, self.clock()
         code = secrets.token_urlsafe(HANDLE_BYTES)
-        self._by_code[_key(code)] = tx
+        self._by_code[secret_hash(code)] = tx
         return tx, code
 
     def deny(self, handle: str) -> Transaction:
@@ -342,17 +400,13 @@ class TransactionStore:
     def redeem(self, token: TokenRequest) -> Transaction:
         """Spend the code, then check its bindings (RFC 6749 §4.1.3, RFC 7636 §4.6)."""
         self._purge()
-        tx = self._by_code.get(_key(token.code))
+        tx = self._by_code.get(secret_hash(token.code))
         if tx is None:
             raise OAuthError("invalid_grant", "unknown or expired authorization code")
         if tx.state is TxState.REDEEMED:  # RFC 6749 §4.1.2: a code MUST NOT be used twice
             raise OAuthError("invalid_grant", "authorization code already used")
         tx.move(TxState.REDEEMED)
-        if not hmac.compare_digest(token.client_id, tx.request.client_id):
-            raise OAuthError("invalid_grant", "code was issued to another client")
-        if not hmac.compare_digest(token.redirect_uri, tx.request.redirect_uri):
-            raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
-        check_pkce(token.code_verifier, tx.request.code_challenge)
+        check_bindings(token, tx.request)
         return tx
 
     def _purge(self) -> None:

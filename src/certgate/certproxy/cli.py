@@ -27,6 +27,7 @@ from certgate.certproxy.server import (
     listener_context,
     upstream_context,
 )
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError
 from certgate.pki.thumbprint import thumbprint
 
@@ -121,6 +122,7 @@ def serve(
             "default: Access's setting).",
         ),
     ] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Run the cert proxy: verify device certificates, forward the step to Access."""
     try:

@@ -23,7 +23,7 @@ from starlette.routing import Match
 
 from certgate import errors
 from certgate.console import ui
-from certgate.console.api import admin, compliance, est, public, scep
+from certgate.console.api import access_signin, admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -32,7 +32,17 @@ from certgate.console.state import ConsoleState
 
 log = logging.getLogger("certgate.console")
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
-ROUTERS = (device_api, tunnel_api, public, admin, rotation_api, compliance, est, scep)
+ROUTERS = (
+    device_api,
+    tunnel_api,
+    public,
+    admin,
+    rotation_api,
+    compliance,
+    est,
+    scep,
+    access_signin,
+)
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (
     (errors.AuthError, 401, "unauthenticated"),
@@ -203,6 +213,8 @@ def create_app(state: ConsoleState) -> FastAPI:
         state.writer.start()
         if state.checkpointer is not None:
             state.checkpointer.start()
+        if state.renewer is not None:
+            state.renewer.start()
         sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
@@ -210,6 +222,8 @@ def create_app(state: ConsoleState) -> FastAPI:
             sweeper.cancel()
             if state.change_watcher is not None:
                 state.change_watcher.stop()
+            if state.renewer is not None:
+                state.renewer.stop()
             state.writer.stop()
             if state.checkpointer is not None:  # after the writer: its last commits count
                 state.checkpointer.stop()

@@ -25,6 +25,7 @@ from rich.table import Table
 from sqlalchemy import make_url, select
 from sqlalchemy.orm import Session
 
+from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
 from certgate.console import local
 from certgate.console.api.schemas import ApiKeyOut, AuditOut, CertOut, DeviceOut, SettingsIn
@@ -216,6 +217,7 @@ def serve(
     data_dir: DataDir,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    config_file: ConfigFile = None,
 ) -> None:
     """Run the console API over HTTPS (mTLS optional at the handshake, required per route)."""
     from certgate.console.app import create_app
@@ -889,6 +891,13 @@ def print_rotation(shown: dict[str, Any]) -> None:
             f"  node {escape(node['name'])}: has new={node['has_new']}"
             f" presents={node['presents']} last seen {node['last_seen_at']}"
         )
+    devices = shown.get("devices") or {}
+    if devices:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(devices["old_root_certificates"].items()))
+        out.print(
+            f"  old-root certificates still active: {kinds or 'none'}"
+            f" ({devices['device_count']} devices, {devices['live_tunnels']} live tunnels)"
+        )
     for blocker in shown["blockers"]:
         out.print(f"  finish waits: {escape(blocker)}")
 
@@ -955,6 +964,29 @@ def rotate_switch(
         )
         shown = rotation.describe(session, switched)
     print_json(shown) if as_json else print_rotation(shown)
+
+
+@rotate_app.command("renew-devices")
+def rotate_renew_devices(
+    data_dir: DataDir,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """After a device-root switch: devices still on the old root renew at their next check."""
+    with opened(data_dir) as (session, pki):
+        uids = rotation.renew_devices(session, pki, group_id)
+        audit.append(
+            session,
+            actor(),
+            "rotation.renew_devices",
+            group_id=group_id,
+            kind=rotation.DEVICE,
+            devices=len(uids),
+        )
+    if as_json:
+        print_json({"devices": uids})
+    else:
+        out.print(f"{len(uids)} device(s) will renew from the new Device Root at their next check")
 
 
 @rotate_app.command("finish")

@@ -48,6 +48,7 @@ from certgate.device.profile import (
 )
 from certgate.device.state import CertifiedKey, StateDir
 from certgate.device.tunnel_client import TunnelClient, TunnelTimeouts
+from certgate.device.udp import UDPForwardSpec
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.identity import BUNDLE_ID_RE
 
@@ -94,6 +95,7 @@ class AgentConfig:
     socks: ListenAddress | None = DEFAULT_SOCKS
     http: ListenAddress | None = DEFAULT_HTTP
     app_ports: tuple[tuple[str, ListenAddress], ...] = ()
+    udp_forwards: tuple[UDPForwardSpec, ...] = ()
     default_app: str = DEFAULT_APP
     unsafe_listen_any: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -106,6 +108,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         addresses = [a for a in (self.socks, self.http) if a] + [a for _, a in self.app_ports]
+        addresses += [forward.listen for forward in self.udp_forwards]
         if not addresses:
             raise ConfigError("the agent needs at least one listener")
         for address in addresses:
@@ -114,6 +117,9 @@ class AgentConfig:
                     f"refusing to listen on {address}: not loopback, so any host on the "
                     "network could use this device's tunnel (--unsafe-listen-any allows it)"
                 )
+        for forward in self.udp_forwards:
+            if not BUNDLE_ID_RE.fullmatch(forward.app):
+                raise ConfigError(f"invalid application bundle id {forward.app!r}")
         apps = [app for app, _ in self.app_ports] + [self.default_app]
         for app in apps:
             if not BUNDLE_ID_RE.fullmatch(app):
@@ -183,6 +189,8 @@ class Agent:
             await server.listen_http(self.config.http)
         for app, address in self.config.app_ports:
             await server.listen_http(address, app)
+        for forward in self.config.udp_forwards:
+            await server.listen_udp(forward)
 
     @property
     def bound(self) -> dict[str, ListenAddress]:

@@ -42,6 +42,7 @@ from certgate.device.profile import (
     maintain,
 )
 from certgate.device.state import StateDir
+from certgate.device.udp import UDPForwardSpec
 from certgate.errors import CertgateError, ConfigError
 
 app = typer.Typer(
@@ -272,6 +273,14 @@ def run_command(
     app_port: Annotated[
         list[str] | None, typer.Option("--app-port", help="BUNDLE=PORT: a port for one app.")
     ] = None,
+    udp_forward: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--udp-forward",
+            help="BUNDLE=[HOST:]PORT:DEST_HOST:DEST_PORT: a local UDP port for one app, "
+            "carried through the tunnel to one destination.",
+        ),
+    ] = None,
     default_app: Annotated[str, typer.Option(help="App for unattributed traffic.")] = DEFAULT_APP,
     renew_fraction: Annotated[
         float, typer.Option(help="Renewal threshold.")
@@ -293,6 +302,7 @@ def run_command(
             socks=ListenAddress.parse(socks) if socks else None,
             http=ListenAddress.parse(http) if http else None,
             app_ports=_app_ports(app_port or []),
+            udp_forwards=tuple(UDPForwardSpec.parse(v) for v in udp_forward or []),
             default_app=default_app,
             unsafe_listen_any=unsafe_listen_any,
             renew_fraction=renew_fraction,

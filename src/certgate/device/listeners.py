@@ -41,6 +41,7 @@ from certgate.device.tunnel_client import (
     TunnelUnreachable,
     Upstream,
 )
+from certgate.device.udp import SocksAssociation, UDPForward, UDPForwardSpec
 from certgate.errors import CertgateError
 from certgate.pki.identity import BUNDLE_ID_RE
 from certgate.protocol import socks5
@@ -336,6 +337,19 @@ class ProxyServer:
         self.servers: list[asyncio.Server] = []
         self.bound: dict[str, ListenAddress] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.forwards: list[UDPForward] = []
+
+    async def listen_udp(self, spec: UDPForwardSpec) -> None:
+        """A local UDP port for ``spec.app``, forwarding to ``spec.host:spec.port``."""
+        idle_s = self.router.timeouts.idle_s
+        transport, forward = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: UDPForward(self.router, spec.app, spec.host, spec.port, idle_s),
+            local_addr=(spec.listen.host, spec.listen.port),
+        )
+        self.forwards.append(forward)
+        name = f"udp:{spec.app}"
+        self.bound[name] = ListenAddress(spec.listen.host, transport.get_extra_info("sockname")[1])
+        log.info("%s listening on %s for %s", name, self.bound[name], spec.host)
 
     async def listen_socks(self, address: ListenAddress) -> None:
         await self._listen("socks", address, self._serve_socks)
@@ -372,6 +386,8 @@ class ProxyServer:
         log.info("%s listening on %s", name, self.bound[name])
 
     async def close(self) -> None:
+        for forward in self.forwards:
+            forward.close()
         for server in self.servers:
             server.close()
         for task in list(self.tasks):
@@ -395,6 +411,9 @@ class ProxyServer:
             return
         if request is None:
             return
+        if isinstance(request, socks5.UDPAssociateRequest):
+            await self._associate(server, reader, writer)
+            return
         try:
             _, upstream = await self.router.open(self.default_app, request.host, request.port)
         except (Blocked, TunnelError, DirectFailed) as exc:
@@ -411,7 +430,7 @@ class ProxyServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         deadline: float,
-    ) -> socks5.ConnectRequest | None:
+    ) -> socks5.ConnectRequest | socks5.UDPAssociateRequest | None:
         while True:
             event = server.next_event()
             if event is socks5.NEED_DATA:
@@ -421,10 +440,34 @@ class ProxyServer:
                 writer.write(server.send(selection))
                 if selection.method == socks5.Method.NO_ACCEPTABLE_METHODS:
                     return None  # RFC 1928 §3: the client must now close
-            elif isinstance(event, socks5.ConnectRequest):
+            elif isinstance(event, socks5.ConnectRequest | socks5.UDPAssociateRequest):
                 return event
             else:
                 return None  # closed between messages
+
+    async def _associate(
+        self,
+        server: socks5.Socks5Server,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """UDP ASSOCIATE (RFC 1928 §7): a relay socket on the listener's own address, kept
+        while the TCP connection stays open."""
+        local_host = writer.get_extra_info("sockname")[0]
+        client_host = writer.get_extra_info("peername")[0]
+        transport, association = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: SocksAssociation(self.router, self.default_app, client_host),
+            local_addr=(local_host, 0),
+        )
+        try:
+            bound = transport.get_extra_info("sockname")
+            reply = socks5.CommandReply(socks5.ReplyCode.SUCCEEDED, bound[0], bound[1])
+            writer.write(server.send(reply))
+            await writer.drain()
+            while await reader.read(READ_CHUNK):
+                pass  # nothing is expected on the control connection but its end
+        finally:
+            association.close()
 
     # -- HTTP proxy (RFC 9110 §9.3.6 CONNECT, RFC 9112 §3.2.2 absolute-form) ----------------
 

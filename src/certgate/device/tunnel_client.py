@@ -8,6 +8,7 @@ group's* tunnel (other groups' tunnels chain to the same Secure Channel Root), t
     CONNECT host:port HTTP/1.1          RFC 9110 §9.3.6 (authority-form, RFC 9112 §3.2.3)
     Host: host:port
     Certgate-App: <bundle id>
+    Certgate-Transport: udp             only for UDP (frames: protocol.datagram)
 
 ``200`` turns the connection into a raw byte tunnel; ``403/502/503/504`` carry a
 ``certgate: <reason>`` body that becomes :class:`TunnelRefused`. The exchange itself is
@@ -31,6 +32,7 @@ from certgate.device.state import CertifiedKey
 from certgate.errors import CertgateError, ChainError
 from certgate.pki import identity
 from certgate.pki.identity import identity_of
+from certgate.protocol.datagram import TRANSPORT_HEADER, UDP
 from certgate.protocol.http_proxy import APP_HEADER
 from certgate.tlsconf import client_context
 
@@ -106,10 +108,11 @@ class ConnectHandshake:
     """The client side of one CONNECT, h11-style: ``request()``, ``receive_data``,
     ``next_outcome()`` -> :class:`Established` | :class:`Refused` | ``NEED_DATA``."""
 
-    def __init__(self, app: str, host: str, port: int) -> None:
+    def __init__(self, app: str, host: str, port: int, udp: bool = False) -> None:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self._target = authority(host, port)
         self._app = app
+        self._udp = udp
         self._response: h11.Response | None = None
         self._body = bytearray()
         self._received = 0
@@ -120,7 +123,8 @@ class ConnectHandshake:
             h11.Request(
                 method="CONNECT",
                 target=self._target,
-                headers=[("Host", self._target), (APP_HEADER, self._app)],
+                headers=[("Host", self._target), (APP_HEADER, self._app)]
+                + ([(TRANSPORT_HEADER, UDP)] if self._udp else []),
             )
         )
         return (head or b"") + (self._conn.send(h11.EndOfMessage()) or b"")
@@ -214,11 +218,14 @@ class TunnelClient:
         ctx = client_context(trust, chain=[device.cert], key=device.key, alpn=["http/1.1"])
         return cls(endpoints, ctx, group_id, device.thumbprint, timeouts)
 
-    async def open(self, app: str, host: str, port: int) -> Upstream:
-        """A byte stream to ``host:port`` through the tunnel, attributed to ``app``."""
+    async def open(self, app: str, host: str, port: int, udp: bool = False) -> Upstream:
+        """A byte stream to ``host:port`` through the tunnel, attributed to ``app``; with
+        ``udp`` a stream of datagram frames (``protocol.datagram``) to that UDP port."""
         reader, writer, via = await self._connect_any()
         try:
-            initial = await self._connect_exchange(reader, writer, app, host, port)
+            initial = await self._connect_exchange(
+                reader, writer, ConnectHandshake(app, host, port, udp)
+            )
         except BaseException:
             writer.transport.abort()
             raise
@@ -277,11 +284,8 @@ class TunnelClient:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        app: str,
-        host: str,
-        port: int,
+        handshake: ConnectHandshake,
     ) -> bytes:
-        handshake = ConnectHandshake(app, host, port)
         writer.write(handshake.request())
         deadline = time.monotonic() + self.timeouts.response_s
         while True:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.x509.verification import (
@@ -33,11 +33,12 @@ def verify_client_chain(
     ``expected_issuer`` pins the direct issuer (e.g. the Device Root) so that a leaf from a
     sibling intermediate of the same root is refused.
     """
-    builder = PolicyBuilder().store(Store(list(roots))).time(at or utcnow()).max_chain_depth(3)
+    at = at or utcnow()
+    builder = PolicyBuilder().store(Store(list(roots))).time(at).max_chain_depth(3)
     try:
         verified = builder.build_client_verifier().verify(leaf, list(intermediates))
     except VerificationError as exc:
-        raise ChainError(f"client certificate rejected: {exc}") from exc
+        raise _rejected("client", exc, [leaf, *intermediates, *roots], at) from exc
     chain = list(verified.chain)
     if expected_issuer is not None and (len(chain) < 2 or chain[1] != expected_issuer):
         raise ChainError(
@@ -59,11 +60,33 @@ def verify_server_chain(
         subject = x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
         subject = x509.DNSName(hostname)
-    builder = PolicyBuilder().store(Store(list(roots))).time(at or utcnow()).max_chain_depth(3)
+    at = at or utcnow()
+    builder = PolicyBuilder().store(Store(list(roots))).time(at).max_chain_depth(3)
     try:
-        return list(builder.build_server_verifier(subject).verify(leaf, list(intermediates)))
+        verifier = builder.build_server_verifier(subject)
+    except ValueError as exc:  # not a valid DNS name, e.g. "foo_bar.example.com"
+        raise ChainError(f"server name {hostname!r} cannot be verified: {exc}") from exc
+    try:
+        return list(verifier.verify(leaf, list(intermediates)))
     except VerificationError as exc:
-        raise ChainError(f"server certificate rejected: {exc}") from exc
+        raise _rejected("server", exc, [leaf, *intermediates, *roots], at) from exc
+
+
+def _rejected(
+    kind: str, exc: VerificationError, certs: Sequence[x509.Certificate], at: datetime
+) -> ChainError:
+    """The validator's reason, led by the real cause when a certificate is not valid yet:
+    certificates are issued "now", so on a fresh one that is a clock behind, and saying
+    so saves an operator from hunting a trust problem that is not there."""
+    for cert in certs:
+        if at < cert.not_valid_before_utc:
+            return ChainError(
+                f"certificate not yet valid, check the clock: {cert.subject.rfc4514_string()} "
+                f"is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC and this "
+                f"machine's clock says {at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC "
+                f"({kind} certificate rejected: {exc})"
+            )
+    return ChainError(f"{kind} certificate rejected: {exc}")
 
 
 def has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:

@@ -180,7 +180,7 @@ def plan(
     ] = None,
     balance: Annotated[
         Balance | None,
-        typer.Option(help="source (default: per-node sign-ins) or roundrobin."),
+        typer.Option(help="roundrobin (default: sign-ins shared through the console) or source."),
     ] = None,
     lb_source: Annotated[
         str | None,

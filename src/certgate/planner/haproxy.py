@@ -10,11 +10,13 @@
 Every server line has ``send-proxy-v2``: the node learns the device's address from a PROXY
 v2 header (health checks send one too), so Access and the cert proxy must list the load
 balancer with ``--load-balancer``. 443 is checked with ``GET /healthz``, which Access
-answers 200. Backends balance ``source`` by default, so one client address reaches the
-same node on every port: a sign-in spans /authorize (443), the certificate step (5262 or
-5263) and /token (443), and Access keeps its transactions per node. ``roundrobin`` is
-offered for installations whose nodes share them. Listeners bind to loopback unless told
-otherwise. The emitter only builds text: ``haproxy -c -f`` is how the result is checked.
+answers 200. Backends balance ``roundrobin`` by default: a sign-in spans /authorize (443),
+the certificate step (5262 or 5263) and /token (443), each of which may reach another
+node, and Access nodes share their sign-in transactions through the console
+(``certgate.access.signins``, Access's default). ``source`` (one client address, one node
+on every port) is offered for nodes that keep sign-ins in memory. Listeners bind to
+loopback unless told otherwise. The emitter only builds text: ``haproxy -c -f`` is how the
+result is checked.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ class NodeAddress(NamedTuple):
 class Balance(Enum):
     """HAProxy ``balance`` algorithms the emitter offers."""
 
-    SOURCE = "source"  # one client address, one node: per-node sign-in transactions
-    ROUNDROBIN = "roundrobin"  # any node: only with sign-in transactions shared by the nodes
+    ROUNDROBIN = "roundrobin"  # any node: sign-in transactions shared through the console
+    SOURCE = "source"  # one client address, one node: for sign-ins kept in a node's memory
 
 
 ACCESS_HEALTH_PATH = "/healthz"  # served by certgate.access.app
@@ -69,7 +71,7 @@ class HAProxyOptions:
     certproxy_port: int = 5262
     certproxy_secondary_port: int = 5263
     health_check_path: str = ACCESS_HEALTH_PATH
-    balance: Balance = Balance.SOURCE
+    balance: Balance = Balance.ROUNDROBIN
     send_proxy_v2: bool = True
     # The address the nodes see the load balancer connect from (HAProxy ``source``): what
     # their --load-balancer lists. None lets the kernel choose.
@@ -144,6 +146,11 @@ def _header(plan: Plan, vip: str, options: HAProxyOptions) -> list[str]:
         lines.append(
             "# Nodes receive PROXY v2: run Access and the cert proxy with --load-balancer "
             "<this load balancer's address>."
+        )
+    if options.balance is Balance.ROUNDROBIN:
+        lines.append(
+            "# Round-robin: run Access with its sign-ins in the console (--signins console, "
+            "the default)."
         )
     return [*lines, *(f"# {line}" for line in textwrap.wrap(plan.reason, width=96))]
 

@@ -4,6 +4,7 @@
   absolute-form), response heads, and the origin-form head to forward.
 - :mod:`certgate.protocol.socks5`: SOCKS5 (RFC 1928) CONNECT without authentication.
 - :mod:`certgate.protocol.client_cert_header`: RFC 9440 Client-Cert header fields.
+- :mod:`certgate.protocol.datagram`: UDP datagrams framed by flow inside a tunnel stream.
 
 Each codec raises its own error family, rooted in :class:`certgate.errors.BadRequest` and
 carrying the HTTP status or SOCKS reply code the asyncio shell should answer with.
@@ -11,4 +12,4 @@ carrying the HTTP status or SOCKS reply code the asyncio shell should answer wit
 
 from __future__ import annotations
 
-__all__ = ["client_cert_header", "http_proxy", "socks5"]
+__all__ = ["client_cert_header", "datagram", "http_proxy", "socks5"]

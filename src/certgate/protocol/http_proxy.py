@@ -24,6 +24,7 @@ from http import HTTPStatus
 
 from certgate.errors import BadRequest
 from certgate.pki.identity import BUNDLE_ID_RE
+from certgate.protocol.datagram import TRANSPORT_HEADER
 from certgate.protocol.events import NEED_DATA, ConnectionClosed, NeedData, ReceiveBuffer
 
 __all__ = [
@@ -69,7 +70,8 @@ PROXY_METHODS = ("CONNECT", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 _KNOWN_METHODS = frozenset((*PROXY_METHODS, "TRACE"))
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus credentials and directives meant for this proxy
-# only (RFC 9110 §11.7.2 Proxy-Authorization) and the Per-App Tunnel's app header.
+# only (RFC 9110 §11.7.2 Proxy-Authorization) and the Per-App Tunnel's app and transport
+# headers.
 HOP_BY_HOP_HEADERS = frozenset(
     (
         "connection",
@@ -81,6 +83,7 @@ HOP_BY_HOP_HEADERS = frozenset(
         "proxy-authorization",
         "proxy-authenticate",
         APP_HEADER.lower(),
+        TRANSPORT_HEADER.lower(),
     )
 )
 # RFC 9110 §7.6.1: a connection option must not name a field meant for every recipient;

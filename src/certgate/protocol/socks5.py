@@ -1,9 +1,12 @@
 """SOCKS5 (RFC 1928), sans-IO: the server side, plus a tiny client for tests and the agent.
 
-Only what the tunnel needs: authentication method 0x00 (none) and the CONNECT command, to
-IPv4, IPv6 or domain-name destinations. The server is h11-shaped: ``receive_data(bytes)``,
-``next_event()`` returning :class:`Greeting` / :class:`ConnectRequest` / ``NEED_DATA``,
-and ``send(event) -> bytes`` for :class:`MethodSelection` and :class:`CommandReply`.
+Only what the tunnel needs: authentication method 0x00 (none), the CONNECT and UDP
+ASSOCIATE commands, to IPv4, IPv6 or domain-name destinations. The server is h11-shaped:
+``receive_data(bytes)``, ``next_event()`` returning :class:`Greeting` /
+:class:`ConnectRequest` / :class:`UDPAssociateRequest` / ``NEED_DATA``, and
+``send(event) -> bytes`` for :class:`MethodSelection` and :class:`CommandReply`. The UDP
+request header that wraps every relayed datagram (RFC 1928 §7) has its own pair,
+:func:`parse_udp_datagram` and :func:`encode_udp_datagram`.
 Input errors raise a :class:`Socks5Error` whose ``reply`` is the REP code to answer with
 (None during the greeting, where the only safe answer is to close the connection).
 
@@ -44,11 +47,16 @@ __all__ = [
     "Socks5Error",
     "Socks5Server",
     "State",
+    "UDPAssociateRequest",
+    "UDPDatagram",
     "UnsupportedAddressType",
     "choose_method",
     "client_connect",
     "client_greeting",
+    "client_udp_associate",
+    "encode_udp_datagram",
     "error_reply",
+    "parse_udp_datagram",
 ]
 
 SOCKS_VERSION = 0x05
@@ -123,7 +131,7 @@ class InvalidAddress(Socks5Error):
 
 
 class CommandNotSupported(Socks5Error):
-    """BIND, UDP ASSOCIATE or an unknown command (REP 0x07)."""
+    """BIND or an unknown command (REP 0x07)."""
 
     default_reply = ReplyCode.COMMAND_NOT_SUPPORTED
 
@@ -148,6 +156,25 @@ class ConnectRequest:
     host: str
     port: int
     atyp: AddressType
+
+
+@dataclass(frozen=True, slots=True)
+class UDPAssociateRequest:
+    """A UDP ASSOCIATE request (RFC 1928 §4, §7): where the client expects to send its
+    datagrams from (often 0.0.0.0:0, unknown); the reply names the relay's address."""
+
+    host: str
+    port: int
+    atyp: AddressType
+
+
+@dataclass(frozen=True, slots=True)
+class UDPDatagram:
+    """One datagram of an association with its destination or source (RFC 1928 §7)."""
+
+    host: str
+    port: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +208,8 @@ class Role(Enum):
     CLIENT = "client"
 
 
-_Event = Greeting | ConnectRequest | MethodSelection | CommandReply | ConnectionClosed
+_Request = ConnectRequest | UDPAssociateRequest
+_Event = Greeting | _Request | MethodSelection | CommandReply | ConnectionClosed
 
 # Where each role may meet a clean end of stream: between messages it is waiting for.
 _BOUNDARIES = {
@@ -201,7 +229,7 @@ def _next_state(role: Role, state: State, event: _Event) -> State:
             return State.REPLY  # the client sends its request right after
         case _, State.METHOD_SELECTION, MethodSelection(method=0xFF):
             return State.CLOSED  # RFC 1928 §3: no acceptable method, the client closes
-        case Role.SERVER, State.REQUEST, ConnectRequest():
+        case Role.SERVER, State.REQUEST, ConnectRequest() | UDPAssociateRequest():
             return State.REPLY
         case _, State.REPLY, CommandReply(code=ReplyCode.SUCCEEDED):
             return State.DONE
@@ -296,17 +324,17 @@ class Socks5Server(_Endpoint):
         super().__init__(Role.SERVER, State.GREETING)
         self._offered: tuple[int, ...] = ()
 
-    def next_event(self) -> Greeting | ConnectRequest | ConnectionClosed | NeedData:
+    def next_event(self) -> Greeting | _Request | ConnectionClosed | NeedData:
         self._check_not_failed()
         if self._state is State.CLOSED:
             return ConnectionClosed()
         if self._state is State.GREETING:
             event = self._run(_parse_greeting)
         elif self._state is State.REQUEST:
-            event = self._run(_parse_connect_request)
+            event = self._run(_parse_request)
         else:
             raise RuntimeError(f"state {self._state.name}: the server must send first")
-        assert isinstance(event, Greeting | ConnectRequest | ConnectionClosed | NeedData)
+        assert isinstance(event, Greeting | _Request | ConnectionClosed | NeedData)
         if isinstance(event, Greeting):
             self._offered = event.methods
         return event
@@ -358,6 +386,11 @@ def client_greeting(methods: tuple[int, ...] = (Method.NO_AUTHENTICATION,)) -> b
     return bytes((SOCKS_VERSION, len(methods), *methods))
 
 
+def client_udp_associate(host: str = "0.0.0.0", port: int = 0) -> bytes:
+    """A UDP ASSOCIATE request (RFC 1928 §4), as a client sends it."""
+    return bytes((SOCKS_VERSION, Command.UDP_ASSOCIATE, 0x00)) + _encode_address(host, port)
+
+
 def client_connect(host: str, port: int) -> bytes:
     """RFC 1928 §4 CONNECT request; Unicode names are sent as IDNA A-labels."""
     if not 1 <= port <= 65535:
@@ -387,22 +420,64 @@ def _parse_greeting(reader: _Reader) -> Greeting | None:
     return None if methods is None else Greeting(tuple(methods))
 
 
-def _parse_connect_request(reader: _Reader) -> ConnectRequest | None:
+def _parse_request(reader: _Reader) -> _Request | None:
     """RFC 1928 §4: VER, CMD, RSV, ATYP, DST.ADDR, DST.PORT."""
     if (version := reader.byte()) is None:
         return None
     _expect_version(version, reply=ReplyCode.GENERAL_FAILURE)
     if (command := reader.byte()) is None:
         return None
-    if command != Command.CONNECT:
+    if command not in (Command.CONNECT, Command.UDP_ASSOCIATE):
         raise CommandNotSupported(f"command {command:#04x} is not supported")
     atyp = _parse_reserved_and_atyp(reader)
-    address = None if atyp is None else _parse_address(reader, atyp)
+    # For UDP ASSOCIATE the address is only where the client expects to send from, which
+    # the relay MAY use (§7); clients send placeholders (PySocks: the domain "0"), so it is
+    # read but not validated as a destination. Port 0: the client does not know yet.
+    associate = command == Command.UDP_ASSOCIATE
+    address = None if atyp is None else _parse_address(reader, atyp, strict=not associate)
     if atyp is None or address is None:
         return None
+    if associate:
+        return UDPAssociateRequest(*address, atyp)
     if address[1] == 0:
         raise InvalidAddress("destination port 0")
     return ConnectRequest(*address, atyp)
+
+
+def parse_udp_datagram(data: bytes) -> UDPDatagram:
+    """RFC 1928 §7: RSV (2), FRAG, ATYP, DST.ADDR, DST.PORT, DATA. Fragments (FRAG != 0)
+    are refused: §7 lets an implementation that does not reassemble drop them. Errors carry
+    no reply: a bad datagram is dropped, never answered."""
+    try:
+        return _parse_udp_datagram(data)
+    except Socks5Error as exc:
+        exc.reply = None
+        raise
+
+
+def _parse_udp_datagram(data: bytes) -> UDPDatagram:
+    reader = _Reader(bytearray(data))
+    reserved, frag = reader.take(2), reader.byte()
+    if reserved is None or frag is None:
+        raise MalformedMessage("UDP request header cut short")
+    if reserved != b"\x00\x00":
+        raise MalformedMessage(f"UDP reserved bytes are {reserved.hex()}, not 0000")
+    if frag != 0:
+        raise MalformedMessage(f"fragmented datagram (FRAG {frag:#04x})")
+    atyp = reader.byte()
+    if atyp is None or atyp not in _ADDRESS_TYPES:
+        raise UnsupportedAddressType(f"address type {atyp!r} is not supported")
+    address = _parse_address(reader, AddressType(atyp))
+    if address is None:
+        raise MalformedMessage("UDP request header cut short")
+    if address[1] == 0:
+        raise InvalidAddress("destination port 0")
+    return UDPDatagram(*address, data[reader.offset :])
+
+
+def encode_udp_datagram(datagram: UDPDatagram) -> bytes:
+    """The UDP request header (RFC 1928 §7, FRAG 0) and the data."""
+    return b"\x00\x00\x00" + _encode_address(datagram.host, datagram.port) + datagram.data
 
 
 def _parse_method_selection(reader: _Reader) -> MethodSelection | None:
@@ -449,10 +524,12 @@ def _parse_reserved_and_atyp(reader: _Reader) -> AddressType | None:
     return AddressType(atyp)
 
 
-def _parse_address(reader: _Reader, atyp: AddressType) -> tuple[str, int] | None:
+def _parse_address(
+    reader: _Reader, atyp: AddressType, strict: bool = True
+) -> tuple[str, int] | None:
     """RFC 1928 §5 address, then the port in network byte order."""
     if atyp is AddressType.DOMAIN_NAME:
-        host = _parse_domain(reader)
+        host = _parse_domain(reader, strict)
     else:
         packed = reader.take(4 if atyp is AddressType.IPV4 else 16)
         host = None if packed is None else str(ipaddress.ip_address(packed))
@@ -462,14 +539,17 @@ def _parse_address(reader: _Reader, atyp: AddressType) -> tuple[str, int] | None
     return host, int.from_bytes(port, "big")
 
 
-def _parse_domain(reader: _Reader) -> str | None:
-    """One length octet (1-255) then the name, which must be an ASCII/IDNA hostname."""
+def _parse_domain(reader: _Reader, strict: bool = True) -> str | None:
+    """One length octet (1-255) then the name, which must be an ASCII/IDNA hostname
+    (``strict``; otherwise any bytes, kept as latin-1 text)."""
     if (length := reader.byte()) is None:
         return None
     if length == 0:
         raise InvalidAddress("empty domain name")
     if (raw := reader.take(length)) is None:
         return None
+    if not strict:
+        return raw.decode("latin-1")
     try:
         return canonical_hostname(raw.decode("ascii"))
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError
 from certgate.feed import PolicyUpdate
 from certgate.pki.thumbprint import thumbprint
@@ -248,14 +249,30 @@ def run(
         str | None,
         typer.Option(
             help="Pin one key-exchange curve (prime256v1, secp384r1, X25519); "
-            "default: OpenSSL's list."
+            "default: X25519, P-256 and P-384."
         ),
     ] = None,
+    config_file: ConfigFile = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-plane processes sharing the listeners and one device table "
+            "(default: the usable CPUs); 1 serves from this process."
+        ),
+    ] = None,
+    tls_backend: Annotated[
+        str,
+        typer.Option(
+            help="TLS library of the data plane: pyopenssl (default: OpenSSL of the "
+            "cryptography wheel, faster) or ssl (Python's, the system OpenSSL)."
+        ),
+    ] = "pyopenssl",
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions
     from certgate.tunnel.runner import run as run_tunnel
     from certgate.tunnel.service import Endpoint
+    from certgate.tunnel.workers import usable_cpus
 
     try:
         options = RunOptions(
@@ -266,6 +283,9 @@ def run(
             admin=Endpoint.parse(admin_listen),
             loop=loop,
             drain_s=drain_s,
+            tls_curve=tls_curve,
+            workers=usable_cpus() if workers is None else workers,
+            tls_backend=tls_backend,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:

@@ -4,14 +4,21 @@ The per-connection counters (connections, open connections, admissions, bytes) a
 ints on ``ListenerMetrics``, read by a collector at scrape time: the data plane touches
 them several times per connection, and a labelled prometheus-client child costs a few
 Python calls each time.
+
+With ``--workers N`` each worker counts its own connections, and the supervisor's registry
+replaces the per-connection families with their sums over the workers' latest reports
+(``aggregate_workers``; at most ``workers.REPORT_INTERVAL_S`` old), plus
+``certgate_tunnel_worker_connections`` by worker and the workers' restarts. A restarted
+worker's counters start again from zero (Prometheus' ``rate`` reads that as a reset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 
@@ -64,12 +71,75 @@ class _ListenerCollector(Collector):
         yield from (connections, active, admissions, relayed)
 
 
+# The families a worker's data plane counts, which the supervisor sums over its workers.
+WORKER_FAMILIES = frozenset(
+    {
+        "certgate_tunnel_connections",
+        "certgate_tunnel_active_connections",
+        "certgate_tunnel_admissions",
+        "certgate_tunnel_bytes",
+        "certgate_tunnel_denials",
+        "certgate_tunnel_closed_by_policy",
+        "certgate_tunnel_enforce_seconds",
+    }
+)
+
+
+class _WorkersCollector(Collector):
+    """The WORKER_FAMILIES summed over the workers' expositions (index -> text)."""
+
+    def __init__(
+        self, expositions: Callable[[], Mapping[int, str]], restarts: Callable[[], int]
+    ) -> None:
+        self.expositions, self.restarts = expositions, restarts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        by_worker = GaugeMetricFamily(
+            "certgate_tunnel_worker_connections",
+            "Accepted TLS connections by worker process (since it started)",
+            labels=["worker"],
+        )
+        alive = 0
+        for index, text in sorted(self.expositions().items()):
+            alive += 1 if text else 0
+            accepted = 0.0
+            for family in text_string_to_metric_families(text):
+                if family.name not in WORKER_FAMILIES:
+                    continue
+                families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):  # a time, not a count
+                        continue
+                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+                    if sample.name == "certgate_tunnel_connections_total":
+                        accepted += sample.value
+            by_worker.add_metric([str(index)], accepted)
+        for (name, sample_name, labels), value in sums.items():
+            families[name].add_sample(sample_name, dict(labels), value)
+        yield from families.values()
+        yield by_worker
+        yield GaugeMetricFamily(
+            "certgate_tunnel_workers", "Worker processes reporting", value=alive
+        )
+        yield CounterMetricFamily(
+            "certgate_tunnel_worker_restarts",
+            "Worker processes started again after they exited",
+            value=self.restarts(),
+        )
+
+
 class TunnelMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._listeners: dict[tuple[str, str], ListenerMetrics] = {}
-        r.register(_ListenerCollector(self._listeners))
+        self._listener_collector = _ListenerCollector(self._listeners)
+        r.register(self._listener_collector)
         self.denials = Counter(
             "certgate_tunnel_denials", "Denied requests by reason", ["mode", "reason"], registry=r
         )
@@ -128,3 +198,17 @@ class TunnelMetrics:
         if key not in self._listeners:
             self._listeners[key] = ListenerMetrics(self, mode)
         return self._listeners[key]
+
+    def aggregate_workers(
+        self, expositions: Callable[[], Mapping[int, str]], restarts: Callable[[], int]
+    ) -> None:
+        """Serve the workers' sums (``_WorkersCollector``) instead of this process's own
+        per-connection families (a supervisor serves no connection)."""
+        for own in (
+            self._listener_collector,
+            self.denials,
+            self.closed_by_policy,
+            self.enforce_seconds,
+        ):
+            self.registry.unregister(own)
+        self.registry.register(_WorkersCollector(expositions, restarts))

@@ -28,6 +28,10 @@ Semantics:
   addresses are inside. IPv4-mapped IPv6 addresses are compared as IPv4. Because the
   first match wins, put DENY CIDR rules before ALLOW rules by name: an earlier
   ``allow *.corp.test`` admits ``x.corp.test`` whatever it resolves to.
+* Transports: a rule applies to the transports in its ``protocols`` (``"tcp"``,
+  ``"udp"``); without that key it applies to TCP only, which is what every rule meant
+  before the tunnel carried UDP. ``default`` likewise applies to TCP only: UDP that no
+  rule naming ``udp`` matches is denied, so an old ``"default": "allow"`` never opens UDP.
 * A name with no resolved addresses is refused (``unresolved``): the shell must resolve
   first, evaluate, then connect only to the addresses it evaluated.
 * Names whose last label looks numeric (``127.1``, ``0x7f.0.0.1``) are refused: host
@@ -58,6 +62,7 @@ __all__ = [
     "RuleDecision",
     "RuleReason",
     "RuleSet",
+    "Transport",
     "canonical_host_pattern",
     "canonical_name",
     "evaluate",
@@ -72,7 +77,7 @@ _MAX_NAME_LENGTH = 253  # RFC 1035 section 2.3.4, without the trailing dot
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123 section 2.1
 _NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
-_RULE_KEYS = frozenset({"action", "hosts", "ports", "cidrs"})
+_RULE_KEYS = frozenset({"action", "hosts", "ports", "cidrs", "protocols"})
 _ACTIONS = ("allow", "deny")
 
 
@@ -88,6 +93,14 @@ class InvalidRules(ConfigError, ValueError):
 class Action(Enum):
     ALLOW = "allow"
     DENY = "deny"
+
+
+class Transport(Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+ONLY_TCP = (Transport.TCP,)  # a rule without ``protocols``: what rules meant before UDP
 
 
 class RuleReason(Enum):
@@ -124,8 +137,11 @@ class Rule:
     hosts: tuple[str, ...] = ()
     ports: tuple[PortRange, ...] = ANY_PORT
     cidrs: tuple[IPNetwork, ...] = ()
+    protocols: tuple[Transport, ...] = ONLY_TCP
 
     def __post_init__(self) -> None:
+        if not self.protocols or not all(isinstance(p, Transport) for p in self.protocols):
+            raise InvalidRules("a rule needs at least one transport (tcp, udp)")
         if not isinstance(self.action, Action):
             raise InvalidRules(f"invalid action {self.action!r}")
         if not all(isinstance(f, tuple) for f in (self.hosts, self.ports, self.cidrs)):
@@ -193,9 +209,13 @@ class _Destination:
 
 
 def evaluate(
-    ruleset: RuleSet, host: str, port: int, resolved_ips: Iterable[IPAddress] = ()
+    ruleset: RuleSet,
+    host: str,
+    port: int,
+    resolved_ips: Iterable[IPAddress] = (),
+    transport: Transport = Transport.TCP,
 ) -> RuleDecision:
-    """Decide whether the tunnel may connect to ``host``:``port``.
+    """Decide whether the tunnel may carry ``transport`` to ``host``:``port``.
 
     ``host`` is the request's host (a name, an IPv4 literal, or an IPv6 literal with or
     without brackets, RFC 3986 section 3.2.2); ``resolved_ips`` are the addresses the
@@ -209,9 +229,10 @@ def evaluate(
     if not destination.addresses:
         return RuleDecision(False, None, RuleReason.UNRESOLVED)
     for index, rule in enumerate(ruleset.rules):
-        if _rule_matches(rule, destination, port):
+        if transport in rule.protocols and _rule_matches(rule, destination, port):
             return RuleDecision(rule.action is Action.ALLOW, index, RuleReason.MATCHED)
-    return RuleDecision(ruleset.default_action is Action.ALLOW, None, RuleReason.DEFAULT)
+    default_allows = ruleset.default_action is Action.ALLOW and transport is Transport.TCP
+    return RuleDecision(default_allows, None, RuleReason.DEFAULT)
 
 
 def canonical_host_pattern(pattern: str) -> str | None:
@@ -318,8 +339,9 @@ def _parse_rule(raw: object, where: str) -> Rule:
         for i, value in enumerate(_list(raw.get("cidrs", []), f"{where}.cidrs"))
     )
     ports = _ports(raw.get("ports", "any"), f"{where}.ports")
+    protocols = _protocols(raw.get("protocols", ["tcp"]), f"{where}.protocols")
     try:
-        return Rule(_action(raw["action"], f"{where}.action"), hosts, ports, cidrs)
+        return Rule(_action(raw["action"], f"{where}.action"), hosts, ports, cidrs, protocols)
     except InvalidRules as exc:
         raise InvalidRules(f"{where}: {exc}") from exc
 
@@ -344,6 +366,13 @@ def _ports(value: object, where: str) -> tuple[PortRange, ...]:
     if value == "any":
         return ANY_PORT
     return tuple(_port_range(item, f"{where}[{i}]") for i, item in enumerate(_list(value, where)))
+
+
+def _protocols(value: object, where: str) -> tuple[Transport, ...]:
+    names = _list(value, where, len(Transport))
+    if not names or not all(n in ("tcp", "udp") for n in names) or len(set(names)) < len(names):
+        raise InvalidRules(f"{where}: expected a list of 'tcp' and/or 'udp', got {value!r}")
+    return tuple(Transport(n) for n in names)
 
 
 def _port_range(item: object, where: str) -> PortRange:
@@ -376,12 +405,15 @@ def _is_address(value: object) -> TypeGuard[IPAddress]:
 
 
 def _rule_dict(rule: Rule) -> dict[str, object]:
-    return {
+    data: dict[str, object] = {
         "action": rule.action.value,
         "hosts": list(rule.hosts),
         "ports": "any" if rule.ports == ANY_PORT else [_port_text(p) for p in rule.ports],
         "cidrs": [str(network) for network in rule.cidrs],
     }
+    if rule.protocols != ONLY_TCP:  # TCP-only rules keep the form they had before UDP
+        data["protocols"] = [p.value for p in rule.protocols]
+    return data
 
 
 def _port_text(ports: PortRange) -> int | str:

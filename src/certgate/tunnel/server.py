@@ -20,9 +20,10 @@ reset by peer"), never a close_notify it could take for a complete response (wha
 client observes, also behind HAProxy: docs/CONVENTIONS.md).
 
 The shell is callbacks on socket readiness (``sockets.Watched``), not asyncio transports: the
-accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
-so a failed handshake (expired, wrong CA, self-signed, no certificate) is caught and logged
-with its reason, and connection limits apply before any cryptography is spent. It runs
+accepted socket gets TLS from the listener's backend (``sockets.ServerTLS``: Python's
+``ssl`` or pyOpenSSL) and its handshake is driven here, so a failed handshake (expired,
+wrong CA, self-signed, no certificate) is caught and logged with its reason, the same on
+both backends, and connection limits apply before any cryptography is spent. It runs
 unchanged on the stdlib loop and on uvloop. Every denial is logged with device,
 thumbprint, app, destination and reason.
 """
@@ -34,19 +35,19 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import ssl
-import struct
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from certgate import logs
 from certgate.errors import ChainError
 from certgate.feed import PolicyUpdate
+from certgate.protocol.datagram import TRANSPORT_HEADER
 from certgate.protocol.http_proxy import (
     HTTPProxyError,
     HTTPProxyParser,
@@ -67,18 +68,22 @@ from certgate.tunnel.admission import (
 )
 from certgate.tunnel.metrics import ListenerMetrics, TunnelMetrics
 from certgate.tunnel.relay import BufferPool, Pump
-from certgate.tunnel.rules import RuleDecision, RuleSet, evaluate
+from certgate.tunnel.rules import RuleDecision, RuleSet, Transport, evaluate
 from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
     Dialer,
     End,
+    HandshakeClosed,
+    HandshakeRefused,
     IPAddress,
+    ServerTLS,
+    TLSBlocked,
     TLSEnd,
     Want,
-    Watched,
     ip_literal,
 )
-from certgate.tunnel.table import DeviceTable
+from certgate.tunnel.table import TableView
+from certgate.tunnel.udp import UDPLimits, UDPRelay
 
 log = logging.getLogger("certgate.tunnel")
 
@@ -94,13 +99,14 @@ class Limits:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_connections: int = 10_000
+    udp: UDPLimits = field(default_factory=UDPLimits)
 
 
 class TableSource(Protocol):
     """What the data plane needs from sync: the table, the policy and their freshness."""
 
     @property
-    def table(self) -> DeviceTable: ...
+    def table(self) -> TableView: ...
 
     @property
     def policy(self) -> PolicyUpdate: ...
@@ -116,6 +122,7 @@ class Route:
     host: str
     port: int
     addresses: tuple[IPAddress, ...]
+    transport: Transport = Transport.TCP
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +151,7 @@ class Gate:
         return admit(peer, entry, mode, request, self.clock(), self.group_id)
 
     def route(self, route: Route) -> Denial | None:
-        verdict = evaluate(self.ruleset, route.host, route.port, route.addresses)
+        verdict = evaluate(self.ruleset, route.host, route.port, route.addresses, route.transport)
         return None if verdict.allowed else destination_denial(verdict, route)
 
     def judge(
@@ -163,7 +170,8 @@ def destination_denial(verdict: RuleDecision, route: Route) -> Denial:
     return Denial(
         403,
         "destination_denied",
-        f"server traffic rules refuse {route.host}:{route.port} ({rule}, {verdict.reason.value})",
+        f"server traffic rules refuse {route.transport.value} to {route.host}:{route.port} "
+        f"({rule}, {verdict.reason.value})",
     )
 
 
@@ -177,7 +185,6 @@ class Phase(Enum):
 
 
 _ADMITTED_PHASES = frozenset({Phase.CONNECTING, Phase.RELAYING})
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 
 
 class Registry:
@@ -226,7 +233,7 @@ class Listener:
     """One listening mode of the shared data plane."""
 
     mode: Mode
-    tls: ssl.SSLContext
+    tls: ServerTLS
     name: str
 
 
@@ -274,16 +281,17 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
     peer_addr = f"{address[0]}:{address[1]}" if address else "?"
     if len(shared.registry.all) >= shared.limits.max_connections:
         log.warning(
-            "refuse %s: connection limit %d reached", peer_addr, shared.limits.max_connections
+            "refuse %s: connection limit %d reached",
+            peer_addr,
+            shared.limits.max_connections,
+            extra=logs.event("refuse", reason="connection_limit", peer=peer_addr),
         )
         sock.close()
         return
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = listener.tls.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
+        tls = listener.tls.accept(asyncio.get_running_loop(), sock)
     except OSError as exc:  # reset before we got to it
         log.info("%s closed before the TLS handshake (%s)", peer_addr, exc)
         sock.close()
@@ -298,14 +306,12 @@ LINGER_MAX_BYTES = 1024 * 1024
 class ClientConnection:
     """One client: TLS, one request head, then a relay to one destination."""
 
-    def __init__(
-        self, shared: Shared, listener: Listener, tls: ssl.SSLSocket, peer_addr: str
-    ) -> None:
-        self.shared, self.listener, self.tls = shared, listener, tls
+    def __init__(self, shared: Shared, listener: Listener, tls: TLSEnd, peer_addr: str) -> None:
+        self.shared, self.listener = shared, listener
         self.stats: ListenerMetrics = shared.metrics.listener(listener.name, listener.mode.value)
         self.loop = asyncio.get_running_loop()
         self.phase = Phase.HANDSHAKE
-        self.client = TLSEnd(tls, Watched(self.loop, tls.fileno()))
+        self.client = tls
         self.upstream: End | None = None
         self.peer: PeerIdentity | None = None
         self.peer_addr = peer_addr
@@ -313,6 +319,8 @@ class ClientConnection:
         self.app: str | None = None
         self.requested_app: str | None = None  # the app the request named (admission input)
         self.route: Route | None = None
+        self.transport = Transport.TCP
+        self.udp: UDPRelay | None = None
         self.admitted_at: float | None = None  # wall clock, for live tunnel reports
         self.parser = HTTPProxyParser(max_header_bytes=shared.limits.max_header_bytes)
         self.up: Pump | None = None
@@ -320,11 +328,13 @@ class ClientConnection:
         self.opened = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._dialer: Dialer | None = None
-        self._final = b""
+        self._final = memoryview(b"")
         self._lingered = 0
 
     @property
     def last_activity(self) -> float:
+        if self.udp is not None:
+            return self.udp.touched
         if self.up is None or self.down is None:
             return self.opened
         return max(self.up.touched, self.down.touched)
@@ -345,10 +355,9 @@ class ClientConnection:
             self._timer.cancel()
             self._timer = None
 
-    def _retry_when_ready(self, blocked: ssl.SSLError, step: Callable[[], None]) -> None:
+    def _retry_when_ready(self, blocked: TLSBlocked, step: Callable[[], None]) -> None:
         """Run ``step`` again once the client socket is ready for what OpenSSL wants."""
-        want = Want.READ if isinstance(blocked, ssl.SSLWantReadError) else Want.WRITE
-        self.client.watched.wait(want, step)
+        self.client.watched.wait(blocked.want, step)
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -356,16 +365,16 @@ class ClientConnection:
         if self.phase is not Phase.HANDSHAKE:
             return
         try:
-            self.tls.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            self.client.handshake()
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._handshake)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+        except HandshakeClosed as exc:
             # A TCP probe (load balancer health check, port scan) closing before or during
             # the handshake: not a certificate decision, so not a denial.
-            log.info("%s closed during the TLS handshake (%s)", self.peer_addr, type(exc).__name__)
+            log.info("%s closed during the TLS handshake (%s)", self.peer_addr, exc)
             self._drop()
-        except OSError as exc:
-            self._refuse_handshake(_tls_reason(exc))
+        except HandshakeRefused as exc:
+            self._refuse_handshake(exc.reason)
         else:
             self._tls_established()
 
@@ -379,13 +388,20 @@ class ClientConnection:
             self.peer_addr,
             self.listener.name,
             detail,
+            extra=logs.event(
+                "deny",
+                reason="tls_handshake",
+                peer=self.peer_addr,
+                listener=self.listener.name,
+                detail=detail,
+            ),
         )
         self.stats.handshake_denials.inc()
         self._drop()
 
     def _tls_established(self) -> None:
         self.stats.connections += 1
-        der = self.tls.getpeercert(binary_form=True)
+        der = self.client.peer_der()
         try:
             if der is None:
                 raise ChainError("no client certificate")
@@ -409,10 +425,8 @@ class ClientConnection:
             return
         buffer = self.shared.head_buffer  # one record at most: nothing stays inside OpenSSL
         try:
-            n = self.tls.recv_into(buffer, len(buffer))
-        except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
-            n = 0
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            n = self.client.recv_once(memoryview(buffer))
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._read_head)
             return
         except OSError as exc:
@@ -449,6 +463,11 @@ class ClientConnection:
         if request.scheme == "https":
             self._deny(400, "unsupported", "use CONNECT for https:// destinations")
             return
+        transport = transport_of(request)
+        if transport is None:
+            self._deny(400, "unsupported", f"{TRANSPORT_HEADER} must be tcp, or udp on a CONNECT")
+            return
+        self.transport = transport
         assert self.peer is not None
         decision = self.shared.gate.admit(self.peer, self.listener.mode, self.app)
         if not decision.admitted:
@@ -487,12 +506,15 @@ class ClientConnection:
             self._deny(502, "resolve_failed", f"cannot resolve {host}: {exc}")
 
     def _route(self, request: ProxyRequest, addresses: list[IPAddress]) -> None:
-        route = Route(request.host, request.port, tuple(addresses))
+        route = Route(request.host, request.port, tuple(addresses), self.transport)
         denial = self.shared.gate.route(route)
         if denial is not None:
             self._deny(denial.status, denial.reason, denial.detail)
             return
         self.route = route
+        if route.transport is Transport.UDP:
+            self._start_udp(route)
+            return
         self._dialer = Dialer(
             self.loop,
             addresses,
@@ -530,16 +552,41 @@ class ClientConnection:
             self.up.preload(origin_request_head(request) + trailing)
         self.phase = Phase.RELAYING
         self.stats.admissions += 1
+        self._log_admission()
+        self.down.begin()
+        self.up.begin()
+
+    def _start_udp(self, route: Route) -> None:
+        self.udp = UDPRelay(
+            self.client, route.addresses[0], route.port, self.shared.limits.udp, self._udp_ended
+        )
+        self.phase = Phase.RELAYING
+        self.stats.admissions += 1
+        self._log_admission()
+        self.udp.start(response_head(200, "Connection established"), self.parser.trailing_data)
+
+    def _udp_ended(self, error: str | None) -> None:
+        if self.phase is not Phase.RELAYING:
+            return
+        if error is not None:
+            self.abort(f"udp tunnel: {error}")
+            return
+        if not self.client.ragged:
+            self._close_notify()
+        self._drop()
+
+    def _log_admission(self) -> None:
+        assert self.peer is not None
         log.info(
-            "admit device=%s thumbprint=%s app=%s dest=%s listener=%s",
+            "admit device=%s thumbprint=%s app=%s dest=%s transport=%s listener=%s",
             self.peer.identity.device_uid,
             self.peer.thumbprint,
             self.app or "-",
             self.destination,
+            self.transport.value,
             self.listener.name,
+            extra=self._event("admit", None, transport=self.transport.value),
         )
-        self.down.begin()
-        self.up.begin()
 
     def _pump_ended(self, pump: Pump, error: OSError | None) -> None:
         if self.phase is not Phase.RELAYING:
@@ -583,6 +630,22 @@ class ClientConnection:
             status,
             reason,
             detail,
+            extra=self._event("deny", reason, status=status, detail=detail),
+        )
+
+    def _event(self, name: str, reason: str | None, **more: object) -> dict[str, object]:
+        """The structured fields of this connection's log lines (certgate.logs)."""
+        peer = self.peer
+        return logs.event(
+            name,
+            reason=reason,
+            device_uid=peer.identity.device_uid if peer else None,
+            thumbprint=peer.thumbprint if peer else None,
+            app=self.app,
+            destination=None if self.destination == "-" else self.destination,
+            listener=self.listener.name,
+            peer=self.peer_addr,
+            **more,
         )
 
     def _send_and_close(self, data: bytes) -> None:
@@ -595,7 +658,7 @@ class ClientConnection:
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
         self.phase = Phase.CLOSING
-        self._final = data
+        self._final = memoryview(data)
         self._arm(LINGER_S, self._drop)
         self._write_final()
 
@@ -603,8 +666,9 @@ class ClientConnection:
         if self.phase is not Phase.CLOSING:
             return
         try:
-            self.tls.send(self._final)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            while self._final:  # pyOpenSSL may take part of it
+                self._final = self._final[self.client.send_once(self._final) :]
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._write_final)
             return
         except OSError:
@@ -612,7 +676,7 @@ class ClientConnection:
             return
         self._close_notify()
         try:
-            self.tls.shutdown(socket.SHUT_WR)  # from here on the socket is plain TCP
+            self.client.shutdown_write()  # from here on the socket is plain TCP
         except OSError:
             self._drop()
             return
@@ -622,7 +686,7 @@ class ClientConnection:
         if self.phase is not Phase.CLOSING:
             return
         try:
-            while data := self.tls.recv(65536):
+            while data := self.client.drain(65536):
                 self._lingered += len(data)
                 if self._lingered > LINGER_MAX_BYTES:
                     break
@@ -638,10 +702,7 @@ class ClientConnection:
 
     def _close_notify(self) -> None:
         """Send TLS close_notify, best effort: never wait for the client's."""
-        try:
-            self.tls.unwrap()
-        except OSError:  # ssl.SSLWantReadError included: the client's is never awaited
-            pass
+        self.client.close_notify()
 
     def judge(self, gate: Gate) -> Denial | None:
         """The gate's verdict on this admitted connection now."""
@@ -663,9 +724,10 @@ class ClientConnection:
             denial.reason,
             cause,
             denial.detail,
+            extra=self._event("close", denial.reason, cause=cause, detail=denial.detail),
         )
         with contextlib.suppress(OSError):
-            self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            self.client.reset_on_close()
         self._drop()
 
     def abort(self, reason: str) -> None:
@@ -678,6 +740,7 @@ class ClientConnection:
                 self.app or "-",
                 self.destination,
                 reason,
+                extra=self._event("close", reason),
             )
         self._drop()
 
@@ -689,6 +752,8 @@ class ClientConnection:
         self._disarm()
         if self._dialer is not None:
             self._dialer.cancel()
+        if self.udp is not None:
+            self.udp.close()
         for end in (self.client, self.upstream):
             if end is not None:
                 end.watched.close()
@@ -699,11 +764,24 @@ class ClientConnection:
         self._fold_counters()
 
     def _fold_counters(self) -> None:
+        if self.udp is not None:
+            self.stats.bytes_up += self.udp.bytes_up
+            self.stats.bytes_down += self.udp.bytes_down
         if self.up is not None and self.down is not None:
             self.up.release()
             self.down.release()
             self.stats.bytes_up += self.up.bytes
             self.stats.bytes_down += self.down.bytes
+
+
+def transport_of(request: ProxyRequest) -> Transport | None:
+    """TCP unless the request names ``udp`` (CONNECT only); None for anything else."""
+    named = request.headers.get(TRANSPORT_HEADER.lower())
+    if named is None or named.strip().lower() == "tcp":
+        return Transport.TCP
+    if named.strip().lower() == "udp" and request.method == "CONNECT":
+        return Transport.UDP
+    return None
 
 
 def end_entity_client(cert: x509.Certificate) -> x509.Certificate:
@@ -717,13 +795,3 @@ def end_entity_client(cert: x509.Certificate) -> x509.Certificate:
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise ChainError("client certificate is not for clientAuth")
     return cert
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"client certificate rejected: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or exc.strerror or str(exc)
-    if isinstance(exc, TimeoutError):
-        return "handshake timed out"
-    return f"{type(exc).__name__}: {exc}"

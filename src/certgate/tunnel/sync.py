@@ -61,6 +61,7 @@ from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.feed import (
     CONSOLE_IDENTITY,
+    DEVICE_ROOT,
     FEED_VERSION,
     MIN_FEED_VERSION,
     TUNNEL_IDENTITY,
@@ -78,7 +79,7 @@ from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
 
-__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable"]
+__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable", "is_fresh_age"]
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,7 @@ class FeedFollower:
         return (self._clock() if now is None else now) - self._last_exchange
 
     def is_fresh(self, now: float | None = None) -> bool:
-        age = self.age_s(now)
-        # A last exchange far in the future means a broken clock: do not trust it.
-        return age is not None and -CLOCK_SKEW_S <= age < self.max_staleness_s
+        return is_fresh_age(self.age_s(now), self.max_staleness_s)
 
     def status(self) -> dict[str, Any]:
         now = self._clock()
@@ -232,6 +231,7 @@ class FeedFollower:
             "next_console_identity": self._next.get(CONSOLE_IDENTITY),
             "identity_error": self._identity_error,
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
+            "device_roots": rotation.device_root_thumbprints(self.state),
         }
 
     # Startup
@@ -533,6 +533,9 @@ class FeedFollower:
             if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
                 self._other_signers = ()  # the new console identity alone from now on
             return
+        if op.kind == DEVICE_ROOT:
+            await self._apply_device_roots(op)
+            return
         try:
             identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
             if op.kind == TUNNEL_IDENTITY and op.phase is not RotationPhase.PREPARE:
@@ -557,6 +560,33 @@ class FeedFollower:
             self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
             log.error("%s; a restart would use the old one", self._identity_error)
 
+    async def _apply_device_roots(self, op: TrustUpdate) -> None:
+        """A Device Root rotation step: every step's trust config lists the Device Roots to
+        trust from now on; the data plane's client-CA set is rebuilt aside and swapped
+        (connections already admitted stay up), then stored. Failures keep the set in use."""
+        try:
+            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
+            if identity.state.device_roots == self.state.device_roots:
+                return
+            if self._on_identity is not None:
+                self._on_identity(identity.state)
+        except (CertgateError, OSError) as exc:
+            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
+            log.error("%s; keeping the Device Roots in use", self._identity_error)
+            return
+        self._use(identity.state, op)
+        log.info(
+            "rotation %d (%s): now trusting Device Roots %s",
+            op.rotation,
+            op.phase.value,
+            identity.thumbprint(op.kind),
+        )
+        try:
+            await asyncio.to_thread(rotation.store_identity, identity)
+        except OSError as exc:
+            self._identity_error = f"rotation {op.rotation}: Device Roots not stored: {exc}"
+            log.error("%s; a restart would use the old ones", self._identity_error)
+
     def _use(self, state: TunnelState, op: TrustUpdate) -> None:
         """Use ``state`` from now on. A new tunnel identity is presented to the console
         from the next request (requests in flight on the old client finish; it is closed
@@ -567,7 +597,7 @@ class FeedFollower:
         if op.kind == CONSOLE_IDENTITY:
             finished = op.phase is RotationPhase.FINISH
             self._other_signers = () if finished else (previous.console_identity,)
-        elif self._client is not None:
+        elif op.kind == TUNNEL_IDENTITY and self._client is not None:
             self._retired_clients.append(self._client)
             self._client = None
 
@@ -608,6 +638,13 @@ class FeedFollower:
             self._on_change(change)
         except Exception:  # a broken callback must not stop the sync
             log.exception("on_change callback failed after a %s", change.cause)
+
+
+def is_fresh_age(age: float | None, max_staleness_s: float) -> bool:
+    """Is a list whose last console exchange is ``age`` seconds old fresh? (None: never.)
+    The one home of that rule, for the follower and the workers (``tunnel.workers``)."""
+    # A last exchange far in the future means a broken clock: do not trust it.
+    return age is not None and -CLOCK_SKEW_S <= age < max_staleness_s
 
 
 def _release_free_memory() -> None:

@@ -26,9 +26,9 @@ A frozen ``Entry`` is materialised only on lookup.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from certgate import feed
 from certgate.feed import (
@@ -51,6 +51,7 @@ __all__ = [
     "SequenceError",
     "SequenceGap",
     "SequenceReplay",
+    "TableView",
 ]
 
 
@@ -119,6 +120,7 @@ _BLOCKED_BIT = 1 << 4
 # with the 33-byte bytes header this is exactly one 64-byte allocation.
 _RECORD = struct.Struct("<16sqIHB")
 RECORD_FORMAT = _RECORD.format  # the packed record layout, for persistence
+RECORD_SIZE = _RECORD.size
 assert _RECORD.size == 31
 _MAX_GROUPS = 2**16 - 1
 _MAX_BUNDLES = 2**32 - 1
@@ -143,6 +145,18 @@ _Op = tuple[int, _Upsert | None]
     _set_not_after,
 ) = (getattr(Entry, f.name).__set__ for f in fields(Entry))
 _new_object = object.__new__
+
+
+class TableView(Protocol):
+    """What the data plane reads of a device table: this module's ``DeviceTable``, or a
+    worker's ``shared_table.SharedTable``."""
+
+    @property
+    def seq(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def lookup(self, thumbprint: str) -> Entry | None: ...
 
 
 class _Interner:
@@ -366,18 +380,40 @@ class DeviceTable:
         )
 
     def _unpack(self, thumbprint: str, record: bytes) -> Entry:
-        uid, not_after, bundle, group, status = _RECORD.unpack(record)
-        # Groups are never None (code 0 is never handed out for them).
-        entry: Entry = _new_object(Entry)
-        _set_thumbprint(entry, thumbprint)
-        _set_device_uid(entry, uid.hex())
-        _set_group_id(entry, self._groups._values[group])
-        _set_app_bundle_id(entry, self._bundles._values[bundle])
-        _set_enrollment_status(entry, _ENROLLMENT_CODES[status & 0b11])
-        _set_compliance_status(entry, _COMPLIANCE_CODES[(status >> 2) & 0b11])
-        _set_blocked(entry, status & _BLOCKED_BIT != 0)
-        _set_not_after(entry, not_after)
-        return entry
+        return unpack_entry(thumbprint, record, self._groups._values, self._bundles._values)
+
+    def packed_record(self, key: int) -> bytes | None:
+        """The packed record of the thumbprint ``key`` (an int), for the shared table."""
+        return self._records.get(key)
+
+
+def record_codes(record: bytes) -> tuple[int, int]:
+    """(group code, bundle code) of a packed record: the names it needs to be read."""
+    _, _, bundle, group, _ = _RECORD.unpack(record)
+    return group, bundle
+
+
+def unpack_entry(
+    thumbprint: str,
+    record: bytes,
+    groups: Sequence[str | None],
+    bundles: Sequence[str | None],
+) -> Entry:
+    """The ``Entry`` a packed record stands for; ``groups``/``bundles`` index names by
+    code (code 0: None). The one reader of the record layout, for this table and the
+    workers' shared one (``tunnel.shared_table``)."""
+    uid, not_after, bundle, group, status = _RECORD.unpack(record)
+    # Groups are never None (code 0 is never handed out for them).
+    entry: Entry = _new_object(Entry)
+    _set_thumbprint(entry, thumbprint)
+    _set_device_uid(entry, uid.hex())
+    _set_group_id(entry, groups[group])
+    _set_app_bundle_id(entry, bundles[bundle])
+    _set_enrollment_status(entry, _ENROLLMENT_CODES[status & 0b11])
+    _set_compliance_status(entry, _COMPLIANCE_CODES[(status >> 2) & 0b11])
+    _set_blocked(entry, status & _BLOCKED_BIT != 0)
+    _set_not_after(entry, not_after)
+    return entry
 
 
 def _packable(op: Entry | Delete) -> _Op:

@@ -318,7 +318,10 @@ def list_devices(
 
 def _device_for(session: Session, who: admins.AdminPrincipal, uid: str, perm: P) -> Device:
     device = devices.get_device(session, uid)
-    rbac.require(session, who.admin, perm, device.group_id)
+    try:
+        rbac.require(session, who.admin, perm, device.group_id)
+    except NotFound as exc:
+        raise devices.unknown_device(uid) from exc
     return device
 
 
@@ -426,9 +429,13 @@ def list_certificates(
 def revoke_certificate(request: Request, serial: str, body: s.RevokeIn) -> s.CertOut:
     with admin_tx(request) as (session, who):
         row = session.get(Certificate, serial.lower())
+        unknown = NotFound(f"device certificate {serial} not found")
         if row is None or row.group_id is None or row.device_uid is None:
-            raise NotFound(f"device certificate {serial} not found")
-        rbac.require(session, who.admin, P.CERTS_REVOKE, row.group_id)
+            raise unknown
+        try:
+            rbac.require(session, who.admin, P.CERTS_REVOKE, row.group_id)
+        except NotFound as exc:  # a group the admin cannot read: answer as for no certificate
+            raise unknown from exc
         devices.revoke_client_cert(session, row, body.reason)
         audit.append(
             session,

@@ -321,6 +321,7 @@ class LiveTunnelIn(StrictReport):
         max_length=64
     )
     since: float | None = Field(ge=0)
+    transport: Literal["tcp", "udp"] = "tcp"  # sent by nodes for UDP tunnels only
 
     @field_validator("addresses")
     @classmethod
@@ -336,6 +337,8 @@ class NodeStatusIn(StrictReport):
     fresh: bool
     age_s: float | None
     restart_required: list[Annotated[str, Field(max_length=200)]] = Field(max_length=8)
+    # The Device Roots the node trusts (thumbprints; a Device Root rotation's status).
+    device_roots: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=2)
 
 
 class TunnelReportIn(StrictReport):

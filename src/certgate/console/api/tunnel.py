@@ -143,5 +143,7 @@ def report(request: Request, body: s.TunnelReportIn) -> Response:
     """A node's live tunnels and sync state, kept as its latest report (204)."""
     name = request.headers.get(NODE_HEADER)
     with tunnel_tx(request) as (session, group_id):
-        tunnels.record_report(session, group_id, name, body.model_dump(mode="json"))
+        tunnels.record_report(
+            session, group_id, name, body.model_dump(mode="json", exclude_unset=True)
+        )
     return Response(status_code=204)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +36,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from certgate import logs
 from certgate.console.store.models import AuditEntry, Instance
 from certgate.errors import ConfigError
 from certgate.pki.keystore import MasterKey
+
+log = logging.getLogger("certgate.audit")
+_PENDING = "certgate.audit.pending"
 
 GENESIS = "0" * 64
 KEY_INFO = "certgate_audit_key"  # the session.info entry holding the AuditKey
@@ -173,7 +178,40 @@ def append(
     }
     conn.execute(_INSERT, row)
     conn.execute(_ADVANCE, {"new_head": digest})
+    fields = logs.event(
+        "audit",
+        action=action,
+        actor=actor,
+        outcome=outcome,
+        group=group_id,
+        reason=detail.get("reason"),
+        device_uid=detail.get("device"),
+        thumbprint=detail.get("thumbprint"),
+        app=detail.get("app"),
+        node=detail.get("node"),
+    )
+    session.info.setdefault(_PENDING, []).append((actor, action, outcome, group_id, fields))
     return digest
+
+
+@event.listens_for(Session, "after_commit")
+def _log_committed(session: Session) -> None:
+    """Audit events reach the logs (and a SIEM) once committed, never before: a rolled
+    back action was not done."""
+    for actor, action, outcome, group_id, fields in session.info.pop(_PENDING, ()):
+        log.info(
+            "audit actor=%s action=%s outcome=%s group=%s",
+            actor,
+            action,
+            outcome,
+            group_id,
+            extra=fields,
+        )
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,8 +190,14 @@ def require_active(device: Device) -> None:
 def get_device(session: Session, uid: str) -> Device:
     device = session.get(Device, uid) if identity.DEVICE_UID_RE.fullmatch(uid) else None
     if device is None:
-        raise NotFound(f"device {uid!r} not found")
+        raise unknown_device(uid)
     return device
+
+
+def unknown_device(uid: str) -> NotFound:
+    """The one answer for a device the caller may not know of: absent, or in a group it
+    cannot read (a different answer would confirm the device and name its group)."""
+    return NotFound(f"device {uid!r} not found")
 
 
 # Issuance runs these per request, so they are built once and executed as Core statements

@@ -46,6 +46,7 @@ from certgate.console.store.models import Certificate, Device, FeedEvent, Tunnel
 from certgate.feed import FEED_VERSION, Delete, Entry, Op, PolicyUpdate, decode_op
 from certgate.tunnel.admission import Mode, PeerIdentity, peer_identity
 from certgate.tunnel.report import STALE_REPORT_S
+from certgate.tunnel.rules import Transport
 from certgate.tunnel.server import Gate, Route
 from certgate.tunnel.table import DeviceTable
 
@@ -348,4 +349,5 @@ def _route(tunnel: dict[str, Any]) -> Route | None:
     if tunnel["host"] is None or tunnel["port"] is None:
         return None
     addresses = tuple(ipaddress.ip_address(a) for a in tunnel["addresses"])
-    return Route(tunnel["host"], tunnel["port"], addresses)
+    transport = Transport(tunnel.get("transport", Transport.TCP.value))
+    return Route(tunnel["host"], tunnel["port"], addresses, transport)

@@ -32,6 +32,7 @@ class Permission(Enum):
     TUNNEL_SETUP = "tunnel:setup"
     TUNNEL_READ = "tunnel:read"
     AUDIT_READ = "audit:read"
+    ACCESS_SIGNIN = "access:signin"
 
 
 P = Permission
@@ -53,6 +54,8 @@ ROLES: dict[str, frozenset[Permission]] = {
         }
     ),
     "read-only": _READ,
+    # Access (certgate.access): reads devices, keeps sign-in transactions for its devices.
+    "access": frozenset({P.DEVICES_READ, P.GROUPS_READ, P.ACCESS_SIGNIN}),
 }
 
 
@@ -105,6 +108,16 @@ def require(session: Session, admin: Admin, permission: Permission, group_id: st
     raise PermissionDenied(f"role lacks {permission.value} on group {group_id!r}")
 
 
+def require_somewhere(session: Session, admin: Admin, permission: Permission) -> None:
+    """Raise unless ``admin`` holds ``permission`` on some group (for objects that belong to
+    no group yet, such as a sign-in before the device is known)."""
+    bindings = session.execute(
+        select(RoleBinding).where(RoleBinding.admin_id == admin.id)
+    ).scalars()
+    if not any(permission in ROLES.get(b.role, frozenset()) for b in bindings):
+        raise PermissionDenied(f"role lacks {permission.value} on every group")
+
+
 def visible_groups(session: Session, admin: Admin) -> list[Group]:
     """Groups on which ``admin`` holds any permission (their bindings' subtrees)."""
     roots = {
@@ -117,8 +130,11 @@ def visible_groups(session: Session, admin: Admin) -> list[Group]:
     return [g for g in groups if roots & set(ancestors(session, g.id))]
 
 
-def require_global(session: Session, admin: Admin) -> None:
-    """Top-level groups may be created only by a superadmin bound at a top-level group."""
+def require_global(
+    session: Session, admin: Admin, what: str = "creating a top-level group"
+) -> None:
+    """Top-level groups may be created (and instance-wide changes made, ``what``) only by
+    a superadmin bound at a top-level group."""
     for binding in session.execute(
         select(RoleBinding).where(
             RoleBinding.admin_id == admin.id, RoleBinding.role == "superadmin"
@@ -127,7 +143,7 @@ def require_global(session: Session, admin: Admin) -> None:
         group = session.get(Group, binding.group_id)
         if group is not None and group.parent_id is None:
             return
-    raise PermissionDenied("creating a top-level group needs a top-level superadmin")
+    raise PermissionDenied(f"{what} needs a top-level superadmin")
 
 
 def require_can_grant(session: Session, admin: Admin, role: str, group_id: str) -> None:

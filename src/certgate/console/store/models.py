@@ -77,12 +77,15 @@ class SealedKey(Base):
 
 
 class CACert(Base):
-    """The instance CAs: root, secure-channel-root, device-root, admin-ca."""
+    """The instance CAs: root, secure-channel-root, device-root, admin-ca; a rotated Device
+    Root is labelled ``device-root@<rotation id>`` (``services.ca.role_of``)."""
 
     __tablename__ = "ca_certs"
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
     cert_pem: Mapped[str] = mapped_column(Text)
     key_label: Mapped[str] = mapped_column(ForeignKey("sealed_keys.label"))
+    # current (issues for its role), next, retiring (trusted until finish) or retired
+    status: Mapped[str] = mapped_column(String(16), default="current", server_default="current")
 
 
 class Group(Base):
@@ -373,3 +376,22 @@ class ScepTransaction(Base):
     signer_thumbprint: Mapped[str] = mapped_column(String(64))
     cert_serial: Mapped[str | None] = mapped_column(ForeignKey("certificates.serial"))
     created_at: Mapped[datetime]
+
+
+class AccessSignIn(Base):
+    """An Access sign-in transaction (``services.access_signins``), shared by every Access
+    node. Keyed by the SHA-256 of its handle and of its code: Access sends only the hashes,
+    so neither secret is ever in the console. ``request`` and ``grant`` are the
+    authorization request and the admitted device, as Access describes them."""
+
+    __tablename__ = "access_signins"
+    handle_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    grant: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    group_id: Mapped[str | None] = mapped_column(String(63))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    code_expires_at: Mapped[datetime | None]
+    purge_after: Mapped[datetime] = mapped_column(index=True)
