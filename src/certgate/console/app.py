@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from time import monotonic
 from typing import Any
 
@@ -20,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from certgate import errors
 from certgate.console import ui
@@ -35,6 +38,7 @@ from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, r
 from certgate.ratelimit import SignInLimiter, TokenBuckets
 
 log = logging.getLogger("certgate.console")
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 ROUTERS = (
     device_api,
     tunnel_api,
@@ -186,6 +190,31 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _answer(request, 422, "invalid_request", detail)
 
 
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route: 404, no such method on the path: 405) in the
+    project's error body. A 405's ``Allow`` names every method of every route on the path
+    (RFC 9110 §15.5.6), not only those of the first route Starlette tried."""
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+    await _audit_failure(request, code, status, exc.detail)
+    answer = _answer(request, status, code, exc.detail)
+    if status == 405:
+        answer.headers["allow"] = ", ".join(_methods_on_path(request))
+    return answer
+
+
+def _methods_on_path(request: Request) -> list[str]:
+    """The methods some route fully matches on this path (the routes of included routers
+    are not flat, so each method is asked rather than read from the routes)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    ]
+
+
 async def _integrity_error(request: Request, exc: Exception) -> Response:
     await _audit_failure(request, "conflict", 409, "conflicts with existing data")
     return _answer(request, 409, "conflict", "the request conflicts with existing data")
@@ -267,6 +296,7 @@ def create_app(state: ConsoleState) -> FastAPI:
     app.add_exception_handler(errors.CertgateError, _certgate_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(HTTPException, _routing_error)
     # Matched in this order, so the busiest routes come first: devices and tunnel nodes call
     # far more often than admins (no path of one router matches another's; tested).
     app.state.api_limiter = api_limiter()

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from pydantic import Field
 
+from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx
 from certgate.console.api.schemas import Strict
 from certgate.console.services import access_signins as signins
@@ -22,7 +23,7 @@ from certgate.console.services import audit, ca, rbac
 from certgate.console.services.rbac import Permission as P
 from certgate.console.store.models import AccessSignIn
 
-router = APIRouter(prefix="/api/v1/access")
+router = APIRouter(prefix="/api/v1/access", responses=s.CALL_ERRORS)
 
 HASH_PATTERN = r"^[0-9a-f]{64}$"
 Hash = Annotated[str, Field(pattern=HASH_PATTERN)]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -42,7 +42,8 @@ from certgate.console.store.models import (
 from certgate.errors import BadRequest, NotFound
 from certgate.pki.keys import private_key_pem
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
+DeviceAction = Path(json_schema_extra={"enum": ["unenroll", "wipe", "block", "unblock"]})
 DryRunFlag = Query(False, description="Change nothing; answer whom the change would refuse.")
 
 
@@ -78,10 +79,17 @@ def create_group(request: Request, body: s.GroupIn) -> s.GroupOut:
             rbac.require_global(session, who.admin)
         else:
             rbac.require(session, who.admin, P.GROUPS_WRITE, parent)
+        settings = body.settings.model_dump(exclude_none=True) if body.settings else None
         group = groups.create_group(
-            session, state_of(request).pki, body.id, body.name, parent, body.settings
+            session, state_of(request).pki, body.id, body.name, parent, settings
         )
-        audit.append(session, request.state.actor, "group.create", group_id=group.id, parent=parent)
+        detail: dict[str, Any] = {"parent": parent}
+        if parent is None:
+            # No binding reaches a new top-level group: without one, its creator could not
+            # read what it just created (201, then 404), nor anyone manage it over the API.
+            admins.bind_role(session, who.admin, "superadmin", group.id)
+            detail["creator_role"] = "superadmin"
+        audit.append(session, request.state.actor, "group.create", group_id=group.id, **detail)
         return group_out(group)
 
 
@@ -255,7 +263,10 @@ def create_enrollment_token(
 
 PageLimit = Query(paging.DEFAULT_PAGE, ge=1, le=paging.MAX_PAGE, description="Page size.")
 PageCursor = Query(
-    "", max_length=1024, description='From the previous page\'s `Link: <...>; rel="next"`.'
+    "",
+    max_length=1024,
+    description='Opaque; from the previous page\'s `Link: <...>; rel="next"` (400 if malformed).',
+    json_schema_extra={"format": "page-cursor"},
 )
 PAGED: dict[int | str, dict[str, Any]] = {
     200: {
@@ -357,7 +368,7 @@ def _act(session: Session, device: Device, action: str) -> None:
 
 @router.post("/devices/{uid}/{action}")
 def device_action(
-    request: Request, uid: str, action: str, dry_run: bool = DryRunFlag
+    request: Request, uid: str, action: str = DeviceAction, dry_run: bool = DryRunFlag
 ) -> s.DeviceOut | s.DryRunOut:
     """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
     if action not in ("unenroll", "wipe", "block", "unblock"):
@@ -458,7 +469,11 @@ def tunnel_setup(request: Request, group_id: str, body: s.SetupIn) -> dict[str, 
         return bundle
 
 
-@router.get("/groups/{group_id}/tunnel/installer", response_class=Response)
+@router.get(
+    "/groups/{group_id}/tunnel/installer",
+    response_class=Response,
+    responses=s.binary_answer("The installer bundle (tar.gz).", "application/gzip"),
+)
 def tunnel_installer(request: Request, group_id: str) -> Response:
     state = state_of(request)
     with admin_tx(request, group_id) as (session, who):

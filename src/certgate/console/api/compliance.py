@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, device_actor, state_of
 from certgate.console.services import audit, compliance, devices
 from certgate.console.services.rbac import Permission as P
@@ -23,7 +24,7 @@ from certgate.console.state import ConsoleState
 from certgate.console.store.models import Admin, Device
 from certgate.httpserver import peer_cert_der
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
 log = logging.getLogger("certgate.console.compliance")
 
 
@@ -35,7 +36,7 @@ class PolicyIn(BaseModel):
 class OverrideIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["compliant", "noncompliant", "unknown"]
-    expires_in_s: int = Field(ge=1, le=90 * 86400)
+    expires_in_s: s.Whole = Field(ge=1, le=90 * 86400)
 
 
 def _verdict_out(verdict: compliance.Verdict) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from certgate.console.services import audit, devices
 from certgate.console.store.models import Device
 from certgate.pki.thumbprint import thumbprint
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
 POLICY_WAIT_MAX_S = 60.0
 CROSS_NODE_RECHECK_S = 1.0  # as the tunnel feed: commits on other console nodes
 
@@ -115,8 +115,8 @@ def _policy_once(request: Request, after: int) -> tuple[str, int, dict[str, Any]
     responses={
         200: {"description": "The group policy, newer than `after`."},
         204: {"description": "No newer policy came within `wait` seconds."},
-        401: {"description": "Missing or unknown device credential."},
-        403: {"description": "The device is unenrolled, wiped or blocked."},
+        401: {"model": s.ErrorOut, "description": "Missing or unknown device credential."},
+        403: {"model": s.ErrorOut, "description": "The device is unenrolled, wiped or blocked."},
     },
 )
 async def policy(

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from certgate.console.api import schemas as s
 from certgate.console.api.deps import bearer, device_actor, state_of
 from certgate.console.services import audit, ca, compliance, devices
 from certgate.console.services.groups import get_group, protocol_enabled
@@ -31,8 +32,12 @@ from certgate.errors import AuthError, BadRequest, PermissionDenied
 from certgate.httpserver import peer_cert_der
 from certgate.protocol import est
 
-router = APIRouter(prefix="/.well-known/est")
+router = APIRouter(
+    prefix="/.well-known/est", responses=s.error_responses(*s.ANY_REQUEST, 400, 401, 403, 404, 409)
+)
 PKCS10 = "application/pkcs10"
+CSR_BODY = s.binary_body(PKCS10, "A base64 DER PKCS#10 request (RFC 7030 §4.2.1).")
+ISSUED = s.binary_answer("The issued certificate, base64 PKCS#7 (§4.2.3).", est.CERTS_ONLY)
 EST_PLATFORM = "linux"  # EST clients do not say; the enrollment is recorded as Linux
 
 
@@ -47,7 +52,9 @@ def _audit_public(request: Request, action: str) -> None:
         audit.append(session, f"anonymous@{client}", action)
 
 
-@router.get("/cacerts")
+@router.get(
+    "/cacerts", response_class=Response, responses=s.binary_answer("base64 PKCS#7", est.CERTS_ONLY)
+)
 def cacerts(request: Request) -> Response:
     """The Device Root and the instance Root: what issued EST certificates chain to
     (§4.1.3). Public, as the CA certificates are."""
@@ -58,7 +65,11 @@ def cacerts(request: Request) -> Response:
     )
 
 
-@router.get("/csrattrs")
+@router.get(
+    "/csrattrs",
+    response_class=Response,
+    responses=s.binary_answer("base64 DER CsrAttrs", est.CSRATTRS_TYPE),
+)
 def csrattrs(request: Request) -> Response:
     """What the CSR should carry (§4.5): a P-256 key, signed with SHA-256 ECDSA."""
     _audit_public(request, "est.csrattrs")
@@ -106,7 +117,7 @@ def _issue(request: Request, session: Session, device: Device, csr: bytes, actio
     return _b64_response(est.certs_only([cert]), est.CERTS_ONLY)
 
 
-@router.post("/simpleenroll")
+@router.post("/simpleenroll", response_class=Response, responses=ISSUED, openapi_extra=CSR_BODY)
 async def simpleenroll(request: Request) -> Response:
     """A new device: its certificate for the CSR's key (§4.2.1)."""
     basic, token = _basic(request), bearer(request)
@@ -131,7 +142,7 @@ async def simpleenroll(request: Request) -> Response:
     return await _in_transaction(request, enroll)
 
 
-@router.post("/simplereenroll")
+@router.post("/simplereenroll", response_class=Response, responses=ISSUED, openapi_extra=CSR_BODY)
 async def simplereenroll(request: Request) -> Response:
     """The device proven by its current certificate gets a new one; the old one is
     superseded (§4.2.2)."""

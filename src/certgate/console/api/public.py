@@ -10,13 +10,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from certgate.console import health
+from certgate.console.api import schemas as s
 from certgate.console.api.deps import state_of
 from certgate.console.services import ca
 from certgate.errors import NotFound
 from certgate.httperrors import RETRY_AFTER_S
 from certgate.pki import expiry
 
-router = APIRouter()
+PEM, CRL = "application/x-pem-file", "application/pkix-crl"
+router = APIRouter(responses=s.error_responses(*s.ANY_REQUEST))
 
 
 @router.get("/healthz")
@@ -53,29 +55,31 @@ def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/pki/root.pem", response_class=Response)
+@router.get("/pki/root.pem", response_class=Response, responses=s.binary_answer("PEM", PEM))
 def root_pem(request: Request) -> Response:
-    return Response(
-        ca.pem(state_of(request).pki.certs[ca.ROOT]), media_type="application/x-pem-file"
-    )
+    return Response(ca.pem(state_of(request).pki.certs[ca.ROOT]), media_type=PEM)
 
 
-@router.get("/pki/chain.pem", response_class=Response)
+@router.get("/pki/chain.pem", response_class=Response, responses=s.binary_answer("PEM", PEM))
 def chain_pem(request: Request) -> Response:
     """Root, Secure Channel Root, Device Root and Admin CA, in that order."""
     certs = state_of(request).pki.certs
     body = "".join(ca.pem(certs[label]) for label in (ca.ROOT, *ca.INTERMEDIATES))
-    return Response(body, media_type="application/x-pem-file")
+    return Response(body, media_type=PEM)
 
 
-@router.get("/pki/device-root.crl", response_class=Response)
+@router.get("/pki/device-root.crl", response_class=Response, responses=s.binary_answer("DER", CRL))
 def device_root_crl(request: Request) -> Response:
     """The current Device Root's CRL."""
     state = state_of(request)
     return _crl(request, state.pki.label(ca.DEVICE_ROOT))
 
 
-@router.get("/pki/crl/{label}.crl", response_class=Response)
+@router.get(
+    "/pki/crl/{label}.crl",
+    response_class=Response,
+    responses={**s.error_responses(404, 422), **s.binary_answer("DER", CRL)},
+)
 def device_root_crl_of(request: Request, label: str) -> Response:
     """The CRL of any Device Root of the instance by its label (``device-root``,
     ``device-root@7``): a superseded or retired one publishes its revocations here."""
@@ -98,4 +102,4 @@ def _crl(request: Request, label: str) -> Response:
             if cached is None or cached.marker != marker or cached.age() > validity / 4:
                 der = ca.device_root_crl(session, state.pki, validity, label)
                 cached = state.crl_cache[label] = ca.CachedCRL(der, marker)
-    return Response(cached.der, media_type="application/pkix-crl")
+    return Response(cached.der, media_type=CRL)

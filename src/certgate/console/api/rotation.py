@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from certgate.console.api import schemas as s
@@ -24,7 +24,9 @@ from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
 from certgate.console.store.models import Admin
 
-router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations")
+# The kinds that rotate today; any other stays the service's 400 (``rotation.prepare``).
+Kind = Path(json_schema_extra={"enum": list(rotation.IMPLEMENTED)})
+router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations", responses=s.CALL_ERRORS)
 
 
 def _require_writer(session: Session, admin: Admin, group_id: str, kind: str) -> None:
@@ -42,7 +44,7 @@ def rotation_status(request: Request, group_id: str) -> list[dict[str, Any]]:
 
 @router.post("/{kind}", status_code=201)
 def rotation_prepare(
-    request: Request, group_id: str, kind: str, body: s.RotateIn | None = None
+    request: Request, group_id: str, kind: str = Kind, body: s.RotateIn | None = None
 ) -> dict[str, Any]:
     overlap = timedelta(seconds=body.overlap_s) if body else rotation.DEFAULT_OVERLAP
     with admin_tx(request, group_id) as (session, who):
@@ -63,7 +65,7 @@ def rotation_prepare(
 
 
 @router.post("/{kind}/switch")
-def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any]:
+def rotation_switch(request: Request, group_id: str, kind: str = Kind) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         _require_writer(session, who.admin, group_id, kind)
         switched = rotation.switch(session, state_of(request).pki, group_id, kind)
@@ -80,7 +82,7 @@ def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any
 
 @router.post("/{kind}/finish")
 def rotation_finish(
-    request: Request, group_id: str, kind: str, force: bool = Query(False)
+    request: Request, group_id: str, kind: str = Kind, force: bool = Query(False)
 ) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         _require_writer(session, who.admin, group_id, kind)

@@ -16,12 +16,13 @@ import binascii
 from datetime import timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, devices
 from certgate.console.services import scep as service
@@ -38,10 +39,10 @@ CA_RA_CERT = "application/x-x509-ca-ra-cert"
 
 class ChallengeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    expires_in_s: int = Field(default=3600, ge=60, le=30 * 86400)
+    expires_in_s: s.Whole = Field(default=3600, ge=60, le=30 * 86400)
 
 
-@router.post("/api/v1/devices/{uid}/scep/challenge", status_code=201)
+@router.post("/api/v1/devices/{uid}/scep/challenge", status_code=201, responses=s.CALL_ERRORS)
 def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str, object]:
     """A single-use challenge password that enrolls this device over SCEP (shown once)."""
     with admin_tx(request) as (session, who):
@@ -61,8 +62,21 @@ def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str,
         return {"id": issued.id, "challenge": issued.token, "expires_in_s": body.expires_in_s}
 
 
-@router.get("/scep")
-async def scep_get(request: Request, operation: str = "", message: str = "") -> Response:
+# A message that cannot be read is a 400, an operation that does not exist a 404, a
+# replayed transaction a 409 (the answers of ``_operation``); the rest answer in CertReps.
+SCEP_ERRORS = s.error_responses(*s.ANY_REQUEST, 400, 404, 409, 422)
+SCEP_ANSWER = s.binary_answer(
+    "CACaps text, CA/RA certificates or a CertRep.", "text/plain", CA_RA_CERT, PKI_MESSAGE
+)
+Operation = Query("", json_schema_extra={"enum": ["GetCACaps", "GetCACert", "PKIOperation"]})
+
+
+@router.get("/scep", response_class=Response, responses={**SCEP_ERRORS, **SCEP_ANSWER})
+async def scep_get(
+    request: Request,
+    operation: str = Operation,
+    message: str = Query("", description="PKIOperation: the base64 DER message (§4.3)."),
+) -> Response:
     if operation == "GetCACaps":
         await run_in_threadpool(_audit_public, request, "scep.getcacaps")
         return Response(scep.CACAPS, media_type="text/plain")
@@ -77,8 +91,13 @@ async def scep_get(request: Request, operation: str = "", message: str = "") -> 
     raise NotFound(f"no SCEP operation {operation!r}")
 
 
-@router.post("/scep")
-async def scep_post(request: Request, operation: str = "") -> Response:
+@router.post(
+    "/scep",
+    response_class=Response,
+    responses={**SCEP_ERRORS, **SCEP_ANSWER},
+    openapi_extra=s.binary_body(PKI_MESSAGE, "A DER SCEP message (RFC 8894 §4.3)."),
+)
+async def scep_post(request: Request, operation: str = Operation) -> Response:
     if operation != "PKIOperation":
         raise NotFound(f"no SCEP operation {operation!r} by POST")
     body = await request.body()

@@ -3,14 +3,112 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+from pydantic import Strict as NoCoercion
 
+from certgate.console.services.admins import USERNAME_RE
+from certgate.console.services.ca import REVOCATION_REASONS
+from certgate.console.services.devices import PLATFORMS
+from certgate.console.services.groups import ENROLLMENT_PROTOCOLS
+from certgate.console.services.rbac import ROLES
 from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
+
+
+# What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
+# here, because the name also travels in the ``certgate-node`` header.
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type, and JSON Schema counts 3.0 as the integer 3; strict mode
+    alone would refuse it. Only that: "3", 3.5 and true stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers in request bodies: a JSON integer (3 or 3.0), never true, "3" or 3.5. Bounds
+# go before the validator: they then apply to the integer and appear in the document.
+Whole = Annotated[int, NoCoercion(), BeforeValidator(_whole_number)]
+Count = Annotated[int, Field(ge=0), NoCoercion(), BeforeValidator(_whole_number)]
+Port = Annotated[int, Field(ge=1, le=65535), NoCoercion(), BeforeValidator(_whole_number)]
+TokenTTL = Annotated[
+    int, Field(ge=60, le=30 * 24 * 3600), NoCoercion(), BeforeValidator(_whole_number)
+]
+# Admin and enrollment user names, as ``admins.USERNAME_RE`` checks them.
+USERNAME = Field(min_length=1, max_length=128, pattern=f"^{USERNAME_RE.pattern}$")
+NODE_NAME = Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
+
+
+def one_of(values: Iterable[str], **field: Any) -> Any:
+    """A string field that accepts exactly ``values``: an ``enum`` in the OpenAPI document
+    and the same set enforced on input (422), so a client can tell valid values apart."""
+    allowed = sorted(values)
+    assert all(re.fullmatch(r"[\w-]+", v) for v in allowed), "plain words need no escaping"
+    enum: list[JsonValue] = [*allowed]
+    return Field(pattern=f"^({'|'.join(allowed)})$", json_schema_extra={"enum": enum}, **field)
+
+
+# The project's error body and the statuses each route declares (one home for both).
+
+
+class ErrorOut(BaseModel):
+    """Every error answer of the console: ``{"error": code, "detail": reason}``."""
+
+    error: str = Field(description="A stable code: unauthenticated, forbidden, not_found, ...")
+    detail: str = Field(description="Why, in words; never a secret.")
+
+
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The request is well-formed but cannot be acted on (`bad_request`, ...).",
+    401: "Missing or rejected credentials (API key, client certificate, device credential).",
+    403: "Authenticated but not allowed (`forbidden`, `csrf_failed`).",
+    404: "No such object, or not visible to the caller.",
+    409: "Conflicts with existing data or with the object's state.",
+    413: "The request body is over the console's limit.",
+    422: "The request does not match this operation's schema (`invalid_request`).",
+    503: "The console cannot serve the request now (`unavailable`); retry later.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route or router: each status with the shared error body."""
+    return {
+        status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses
+    }
+
+
+# Every request can meet the body limit and a console that cannot serve it.
+ANY_REQUEST = (413, 503)
+# A call with a credential (admin, device, tunnel node) and validated input, acting on
+# objects that may be gone, refused or in another state.
+CALL_ERRORS = error_responses(*ANY_REQUEST, 400, 401, 403, 404, 409, 422)
+
+
+def binary_body(media_type: str, description: str) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads a raw (non-JSON) request body."""
+    body = {"type": "string", "format": "binary"}
+    content = {media_type: {"schema": body}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
+
+
+def binary_answer(description: str, *media_types: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entry for a 200 that is not JSON (PEM, DER, PKCS#7, base64 text)."""
+    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
+    return {200: {"description": description, "content": content}}
 
 
 class Strict(BaseModel):
@@ -21,7 +119,7 @@ class GroupIn(Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     name: str = Field(default="", max_length=200)
     parent_id: str | None = Field(default=None, max_length=63)
-    settings: dict[str, Any] | None = None
+    settings: SettingsIn | None = None
 
 
 class GroupOut(BaseModel):
@@ -33,8 +131,8 @@ class GroupOut(BaseModel):
 
 
 class AdminIn(Strict):
-    username: str = Field(min_length=1, max_length=128)
-    role: str = Field(max_length=32)
+    username: str = USERNAME
+    role: str = one_of(ROLES)
     group_id: str = Field(max_length=63)
 
 
@@ -52,13 +150,13 @@ class ApiKeyCreated(BaseModel):
 
 
 class EnrollmentUserIn(Strict):
-    username: str = Field(min_length=1, max_length=128)
+    username: str = USERNAME
     password: str = Field(min_length=8, max_length=1024)
 
 
 class EnrollmentTokenIn(Strict):
-    owner: str = Field(min_length=1, max_length=128)
-    ttl_s: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+    owner: str = USERNAME
+    ttl_s: TokenTTL | None = None
 
 
 class TokenOut(BaseModel):
@@ -100,7 +198,17 @@ class CertOut(BaseModel):
 
 
 class RevokeIn(Strict):
-    reason: str = Field(default="privilegeWithdrawn", max_length=32)
+    reason: str = one_of(REVOCATION_REASONS, default="privilegeWithdrawn")
+
+
+class EnrollmentSwitchesIn(Strict):
+    """Which enrollment protocols the group answers (``groups.ENROLLMENT_PROTOCOLS``)."""
+
+    est: StrictBool | None = None
+    scep: StrictBool | None = None
+
+
+assert set(EnrollmentSwitchesIn.model_fields) == set(ENROLLMENT_PROTOCOLS)
 
 
 class SettingsIn(Strict):
@@ -109,12 +217,12 @@ class SettingsIn(Strict):
     device_rules: dict[str, Any] | None = None
     server_rules: dict[str, Any] | None = None
     initial_compliance: Literal["compliant", "noncompliant", "unknown"] | None = None
-    enrollment: dict[str, bool] | None = None  # {"est": true, "scep": false}
+    enrollment: EnrollmentSwitchesIn | None = None
     kerberos: dict[str, Any] | None = None  # {realm: [KDC]}: the tunnel's KDC proxy
 
 
 class SetupIn(Strict):
-    node_name: str = Field(min_length=1, max_length=128)
+    node_name: str = NODE_NAME
     address: str = Field(default="", max_length=255)
 
 
@@ -126,7 +234,7 @@ class EnrollIn(Strict):
     token: str | None = Field(default=None, max_length=200)
     username: str | None = Field(default=None, max_length=128)
     password: str | None = Field(default=None, max_length=1024)
-    platform: str = Field(max_length=32)
+    platform: str = one_of(PLATFORMS)
     name: str = Field(default="", max_length=128)
 
 
@@ -187,7 +295,7 @@ class ApiKeyOut(BaseModel):
 
 
 class GrantIn(Strict):
-    role: str = Field(max_length=32)
+    role: str = one_of(ROLES)
     group_id: str = Field(max_length=63)
 
 
@@ -200,14 +308,19 @@ class StrictReport(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+IP_ADDRESS = {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
+
+
 class LiveTunnelIn(StrictReport):
     thumbprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     device_uid: str = Field(pattern=r"^[0-9a-f]{32}$")
     mode: Literal["proxy", "per_app"]
     app: str | None = Field(max_length=255)
     host: str | None = Field(max_length=255)
-    port: int | None = Field(ge=1, le=65535)
-    addresses: list[Annotated[str, Field(max_length=45)]] = Field(max_length=64)
+    port: Port | None
+    addresses: list[Annotated[str, Field(max_length=45, json_schema_extra=IP_ADDRESS)]] = Field(
+        max_length=64
+    )
     since: float | None = Field(ge=0)
     transport: Literal["tcp", "udp"] = "tcp"  # sent by nodes for UDP tunnels only
 
@@ -220,8 +333,8 @@ class LiveTunnelIn(StrictReport):
 
 
 class NodeStatusIn(StrictReport):
-    policy_version: int = Field(ge=0)
-    table_seq: int = Field(ge=0)
+    policy_version: Count
+    table_seq: Count
     fresh: bool
     age_s: float | None
     restart_required: list[Annotated[str, Field(max_length=200)]] = Field(max_length=8)
@@ -230,9 +343,9 @@ class NodeStatusIn(StrictReport):
 
 
 class TunnelReportIn(StrictReport):
-    node: str = Field(min_length=1, max_length=128)
+    node: str = NODE_NAME
     at: float
-    live_total: int = Field(ge=0)
+    live_total: Count
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
     status: NodeStatusIn
 
@@ -284,4 +397,4 @@ class RotateIn(Strict):
     """Start a rotation (prepare); ``overlap_s``: the least time between switch and
     finish, during which old and new are both trusted."""
 
-    overlap_s: int = Field(3600, ge=0, le=400 * 24 * 3600)
+    overlap_s: Whole = Field(3600, ge=0, le=400 * 24 * 3600)

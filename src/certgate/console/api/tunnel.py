@@ -33,10 +33,11 @@ from certgate.errors import BadRequest
 from certgate.feed import FEED_VERSION, MIN_FEED_VERSION
 
 log = logging.getLogger("certgate.console.feed")
-router = APIRouter(prefix="/api/v1/tunnel")
+router = APIRouter(prefix="/api/v1/tunnel", responses=s.CALL_ERRORS)
 JWS_TYPE = "application/jose"
 CROSS_NODE_RECHECK_S = 1.0
 CURSOR_HEX = {1: 64, 2: 96}
+SIGNED = s.binary_answer("A JWS signed by the console (docs/CONVENTIONS.md).", JWS_TYPE)
 
 
 @router.post("/install")
@@ -60,7 +61,7 @@ def install(request: Request, body: s.InstallIn) -> dict[str, Any]:
         return bundle
 
 
-@router.get("/feed/snapshot", response_class=Response)
+@router.get("/feed/snapshot", response_class=Response, responses=SIGNED)
 def snapshot(
     request: Request,
     after: str = Query("", pattern="^([0-9a-f]{64}|[0-9a-f]{96})?$"),
@@ -99,7 +100,11 @@ def _poll_once(
         return group_id, mark, tunnels.signed_batch(session, state.pki, group_id, after, version)
 
 
-@router.get("/feed", response_class=Response)
+@router.get(
+    "/feed",
+    response_class=Response,
+    responses={**SIGNED, 204: {"description": "No change came within `wait` seconds."}},
+)
 async def feed(
     request: Request,
     after: int = Query(ge=0),

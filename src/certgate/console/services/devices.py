@@ -76,7 +76,8 @@ def create_enrollment_token(
     """A one-time enrollment token for ``owner`` (an enrollment user of the group)."""
     user = session.get(EnrollmentUser, owner)
     if user is None or user.group_id != group_id:
-        raise BadRequest(f"{owner!r} is not an enrollment user of group {group_id!r}")
+        # The named user does not exist (in this group): a missing object, as for any id.
+        raise NotFound(f"{owner!r} is not an enrollment user of group {group_id!r}")
     issued = new_secret(ENROLL_TOKEN_PREFIX)
     session.add(
         OneTimeToken(
