@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from fastapi.routing import APIRoute
 
-from certgate.console.api import admin, compliance, device, est, public, rotation, scep, tunnel
+from certgate.console.api import (
+    access_signin,
+    admin,
+    compliance,
+    device,
+    est,
+    public,
+    rotation,
+    scep,
+    tunnel,
+)
 from certgate.console.app import ROUTERS
 
 
@@ -27,7 +37,17 @@ def _could_match_the_same_path(a: APIRoute, b: APIRoute) -> bool:
 
 
 def test_every_router_is_included() -> None:
-    assert set(ROUTERS) == {admin, compliance, device, est, public, rotation, scep, tunnel}
+    assert set(ROUTERS) == {
+        access_signin,
+        admin,
+        compliance,
+        device,
+        est,
+        public,
+        rotation,
+        scep,
+        tunnel,
+    }
     assert ROUTERS[0] is device
 
 

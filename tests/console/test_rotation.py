@@ -161,7 +161,7 @@ def test_the_cli_runs_the_same_service(console: RunningConsole, group: str) -> N
     switched = runner.invoke(
         app, ["console", "rotate", "switch", "tunnel-identity", group, "-d", data_dir, "--json"]
     )
-    assert switched.exit_code == 0 and json.loads(switched.output)["phase"] == "switched"
+    assert switched.exit_code == 0 and json.loads(switched.stdout)["phase"] == "switched"
     status = runner.invoke(app, ["console", "rotate", "status", group, "-d", data_dir])
     assert status.exit_code == 0 and "switched" in status.output
     bad = runner.invoke(
