@@ -1,0 +1,246 @@
+"""``certgate console remote``: the admin commands over a real console's API.
+
+The remote command runs in this process (typer's runner) against a real console process
+over real mTLS; its output is compared with the local command's on the same data
+directory, and its refusals (API key, certificate, CA, role) with their exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    load_pem_private_key,
+    pkcs12,
+)
+from cryptography.x509 import load_pem_x509_certificate
+from typer.testing import CliRunner, Result
+
+from certgate.cli import app
+from certgate.console import local, remote
+from certgate.console.services import ca, devices
+from certgate.pki.keys import KeyAlgorithm
+from tests.console.conftest import add_device
+from tests.console.test_cli import BASE_ENV
+from tests.support import AdminCreds, RunningConsole
+
+runner = CliRunner()
+P12_PASSWORD = "p12 secret"
+
+
+def p12_of(console: RunningConsole, creds: AdminCreds) -> Path:
+    """The admin's certificate and key as ``admin create`` writes them (PKCS#12)."""
+    key = load_pem_private_key(creds.key_path.read_bytes(), None)
+    cert = load_pem_x509_certificate(creds.cert_path.read_bytes())
+    path = console.work / f"{creds.username}.p12"
+    path.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"admin",
+            key,
+            cert,
+            None,
+            BestAvailableEncryption(P12_PASSWORD.encode()),  # type: ignore[arg-type]
+        )
+    )
+    return path
+
+
+def run(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
+    return runner.invoke(app, ["console", *args], env={**BASE_ENV, **(env or {})})
+
+
+def remote_run(
+    console: RunningConsole,
+    creds: AdminCreds,
+    *args: str,
+    ca_file: Path | None = None,
+    env: Mapping[str, str | None] | None = None,
+) -> Result:
+    target = [
+        "remote",
+        "--url",
+        console.url,
+        "--ca-file",
+        str(ca_file or console.chain_path),
+        "--admin-cert",
+        str(p12_of(console, creds)),
+    ]
+    secrets = {"CERTGATE_API_KEY": creds.api_key, "CERTGATE_ADMIN_CERT_PASSWORD": P12_PASSWORD}
+    return run(*target, *args, env={**secrets, **(env or {})})
+
+
+def error_lines(result: Result) -> list[str]:
+    """The command's own messages (library log lines left out: their timestamps differ)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def local_run(console: RunningConsole, *args: str) -> Result:
+    group, command, *rest = args
+    return run(group, command, "-d", str(console.data_dir), *rest)
+
+
+@pytest.fixture(scope="module")
+def seeded(console: RunningConsole) -> list[str]:
+    """Five devices of `global` with a certificate each, and a read-only admin."""
+    with console.local() as (session, _):
+        uids = [add_device(session, "global") for _ in range(5)]
+    console.make_admin("viewer", "read-only", "global")
+    return sorted(uids)
+
+
+SAME_OUTPUT = [
+    ("group", "list"),
+    ("group", "list", "--json"),
+    ("group", "show", "global"),
+    ("group", "show", "global", "--json"),
+    ("device", "list", "global", "--json"),
+    ("device", "list", "global"),
+    ("cert", "list", "--group", "global", "--json"),
+    ("cert", "list", "--group", "global"),
+    ("audit", "list", "--group", "global", "--limit", "7", "--json"),
+    ("audit", "list", "--group", "global", "--limit", "7"),
+]
+
+
+@pytest.mark.parametrize("command", SAME_OUTPUT, ids=" ".join)
+def test_remote_output_equals_local(
+    console: RunningConsole, seeded: list[str], command: tuple[str, ...]
+) -> None:
+    every = ("--all",) if command[:2] in (("device", "list"), ("cert", "list")) else ()
+    remote_result = remote_run(console, console.admins["root"], *command, *every)
+    local_result = local_run(console, *command)
+    assert remote_result.exit_code == 0, remote_result.output
+    assert local_result.exit_code == 0, local_result.output
+    assert remote_result.stdout == local_result.stdout
+
+
+def test_remote_device_compliance_and_keys_equal_local(
+    console: RunningConsole, seeded: list[str]
+) -> None:
+    root = console.admins["root"]
+    for command in (
+        ("device", "compliance", seeded[0], "--json"),
+        ("device", "compliance", seeded[0]),
+    ):
+        remote_out = remote_run(console, root, *command)
+        assert remote_out.exit_code == 0, remote_out.output
+        assert remote_out.stdout == local_run(console, *command).stdout
+    remote_keys = remote_run(console, root, "admin", "keys", root.id, "--json")
+    local_keys = local_run(console, "admin", "keys", "root", "--json")
+    assert json.loads(remote_keys.stdout) == json.loads(local_keys.stdout)
+
+
+def test_listing_follows_cursors_only_with_all(console: RunningConsole, seeded: list[str]) -> None:
+    root = console.admins["root"]
+    page = remote_run(console, root, "device", "list", "global", "--limit", "2", "--json")
+    assert [d["uid"] for d in json.loads(page.stdout)] == seeded[:2]
+    assert "--all lists every page" in page.stderr
+    every = remote_run(console, root, "device", "list", "global", "--limit", "2", "--all", "--json")
+    assert [d["uid"] for d in json.loads(every.stdout)] == seeded
+    assert "--all" not in every.stderr
+
+
+def test_remote_device_set_changes_what_the_console_holds(
+    console: RunningConsole, seeded: list[str]
+) -> None:
+    uid = seeded[-1]
+    result = remote_run(
+        console, console.admins["root"], "device", "set", uid, "--compliance", "noncompliant"
+    )
+    assert result.exit_code == 0, result.output
+    assert f"device {uid}: compliance=noncompliant enrollment=enrolled blocked=False" in (
+        result.stdout
+    )
+    with console.local() as (session, _):
+        assert devices.get_device(session, uid).compliance_status == "noncompliant"
+    shown = local_run(console, "device", "compliance", uid, "--json")
+    assert json.loads(shown.stdout)["compliance_status"] == "noncompliant"
+
+
+def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list[str]) -> None:
+    remote_result = remote_run(console, console.admins["root"], "device", "compliance", "nope")
+    local_result = local_run(console, "device", "compliance", "nope")
+    assert remote_result.exit_code == local_result.exit_code == remote.EXIT_REFUSED
+    assert error_lines(remote_result) == error_lines(local_result)
+    assert "not found" in remote_result.stderr
+
+
+def test_role_denial_shown_with_its_exit_code(console: RunningConsole, seeded: list[str]) -> None:
+    viewer = console.admins["viewer"]
+    listing = remote_run(console, viewer, "device", "list", "global", "--json")
+    assert listing.exit_code == 0, listing.output
+    denied = remote_run(console, viewer, "device", "set", seeded[0], "--action", "block")
+    assert denied.exit_code == remote.EXIT_FORBIDDEN, denied.output
+    assert error_lines(denied), denied.stderr
+    assert "devices:write" in denied.stderr
+    assert denied.stdout == ""
+    with console.local() as (session, _):
+        assert devices.get_device(session, seeded[0]).blocked is False
+
+
+def test_wrong_api_key_is_unauthenticated(console: RunningConsole, seeded: list[str]) -> None:
+    result = remote_run(
+        console,
+        console.admins["root"],
+        "group",
+        "list",
+        env={"CERTGATE_API_KEY": "cgk_0000000000000000_" + "A" * 43},
+    )
+    assert result.exit_code == remote.EXIT_UNAUTHENTICATED, result.output
+    assert error_lines(result), result.stderr
+
+
+def test_another_admins_certificate_is_unauthenticated(
+    console: RunningConsole, seeded: list[str]
+) -> None:
+    """The root's API key with the viewer's certificate: both must belong to one admin."""
+    root, viewer = console.admins["root"], console.admins["viewer"]
+    result = remote_run(console, viewer, "group", "list", env={"CERTGATE_API_KEY": root.api_key})
+    assert result.exit_code == remote.EXIT_UNAUTHENTICATED, result.output
+
+
+def test_missing_api_key_variable_named(console: RunningConsole, seeded: list[str]) -> None:
+    result = remote_run(
+        console, console.admins["root"], "group", "list", env={"CERTGATE_API_KEY": None}
+    )
+    assert result.exit_code == remote.EXIT_CREDENTIALS
+    assert "no API key: set $CERTGATE_API_KEY" in result.stderr
+
+
+def test_wrong_pkcs12_password(console: RunningConsole, seeded: list[str]) -> None:
+    result = remote_run(
+        console,
+        console.admins["root"],
+        "group",
+        "list",
+        env={"CERTGATE_ADMIN_CERT_PASSWORD": "wrong"},
+    )
+    assert result.exit_code == remote.EXIT_CREDENTIALS
+    assert "$CERTGATE_ADMIN_CERT_PASSWORD" in result.stderr
+
+
+def test_console_not_signed_by_the_ca_file_is_not_trusted(
+    console: RunningConsole, seeded: list[str], tmp_path: Path
+) -> None:
+    """A CA file of another instance: the handshake fails before any secret is sent."""
+    other = tmp_path / "other"
+    _, pki = local.init(other, KeyAlgorithm.EC_P256, "https://127.0.0.1:1", "127.0.0.1", 1, None)
+    ca_file = tmp_path / "other-ca.pem"
+    ca_file.write_text(ca.pem(pki.certs[ca.ROOT]))
+    result = remote_run(console, console.admins["root"], "group", "list", ca_file=ca_file)
+    assert result.exit_code == remote.EXIT_UNREACHABLE, result.output
+    assert "not trusted" in result.stderr
+
+
+def test_every_route_exists_in_the_console(console: RunningConsole) -> None:
+    """The command->route table names only routes the console serves (method and path)."""
+    with console.client(console.admins["root"]) as client:
+        spec = client.get("/openapi.json")
+    assert spec.status_code == 200, spec.text
+    paths = spec.json()["paths"]
+    for command, (method, path) in remote.ROUTES.items():
+        assert method.lower() in paths.get(path, {}), command
