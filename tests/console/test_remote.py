@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
     load_pem_private_key,
@@ -35,6 +36,7 @@ P12_PASSWORD = "p12 secret"
 def p12_of(console: RunningConsole, creds: AdminCreds) -> Path:
     """The admin's certificate and key as ``admin create`` writes them (PKCS#12)."""
     key = load_pem_private_key(creds.key_path.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     cert = load_pem_x509_certificate(creds.cert_path.read_bytes())
     path = console.work / f"{creds.username}.p12"
     path.write_bytes(
@@ -43,7 +45,7 @@ def p12_of(console: RunningConsole, creds: AdminCreds) -> Path:
             key,
             cert,
             None,
-            BestAvailableEncryption(P12_PASSWORD.encode()),  # type: ignore[arg-type]
+            BestAvailableEncryption(P12_PASSWORD.encode()),
         )
     )
     return path
