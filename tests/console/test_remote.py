@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
+    Encoding,
+    PrivateFormat,
     load_pem_private_key,
     pkcs12,
 )
@@ -25,6 +27,7 @@ from certgate.cli import app
 from certgate.console import local, remote
 from certgate.console.services import ca, devices
 from certgate.pki.keys import KeyAlgorithm
+from certgate.pki.thumbprint import thumbprint
 from tests.console.conftest import add_device
 from tests.console.test_cli import BASE_ENV
 from tests.support import AdminCreds, RunningConsole
@@ -60,17 +63,11 @@ def remote_run(
     creds: AdminCreds,
     *args: str,
     ca_file: Path | None = None,
+    pin: str | None = None,
     env: Mapping[str, str | None] | None = None,
 ) -> Result:
-    target = [
-        "remote",
-        "--url",
-        console.url,
-        "--ca-file",
-        str(ca_file or console.chain_path),
-        "--admin-cert",
-        str(p12_of(console, creds)),
-    ]
+    trust = ["--pin", pin] if pin else ["--ca-file", str(ca_file or console.chain_path)]
+    target = ["remote", "--url", console.url, *trust, "--admin-cert", str(p12_of(console, creds))]
     secrets = {"CERTGATE_API_KEY": creds.api_key, "CERTGATE_ADMIN_CERT_PASSWORD": P12_PASSWORD}
     return run(*target, *args, env={**secrets, **(env or {})})
 
@@ -236,6 +233,48 @@ def test_console_not_signed_by_the_ca_file_is_not_trusted(
     result = remote_run(console, console.admins["root"], "group", "list", ca_file=ca_file)
     assert result.exit_code == remote.EXIT_UNREACHABLE, result.output
     assert "not trusted" in result.stderr
+
+
+def test_console_verified_by_a_pin_on_its_root(console: RunningConsole, seeded: list[str]) -> None:
+    with console.local() as (_, pki):
+        pin = thumbprint(pki.certs[ca.ROOT])
+    root = console.admins["root"]
+    pinned = remote_run(console, root, "group", "list", "--json", pin=pin)
+    assert pinned.exit_code == 0, pinned.output
+    assert pinned.stdout == local_run(console, "group", "list", "--json").stdout
+    wrong = remote_run(console, root, "group", "list", pin="sha256:" + "0" * 64)
+    assert wrong.exit_code == remote.EXIT_UNREACHABLE, wrong.output
+    assert "does not match --pin" in wrong.stderr
+
+
+def test_encrypted_pem_key_instead_of_pkcs12(console: RunningConsole, seeded: list[str]) -> None:
+    creds = console.admins["root"]
+    key = load_pem_private_key(creds.key_path.read_bytes(), None)
+    encrypted = console.work / "root-encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(P12_PASSWORD.encode())
+        )
+    )
+    assert b"ENCRYPTED" in encrypted.read_bytes()
+    result = run(
+        "remote",
+        "--url",
+        console.url,
+        "--ca-file",
+        str(console.chain_path),
+        "--admin-cert",
+        str(creds.cert_path),
+        "--admin-key",
+        str(encrypted),
+        "group",
+        "show",
+        "global",
+        "--json",
+        env={"CERTGATE_API_KEY": creds.api_key, "CERTGATE_ADMIN_CERT_PASSWORD": P12_PASSWORD},
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == local_run(console, "group", "show", "global", "--json").stdout
 
 
 def test_every_route_exists_in_the_console(console: RunningConsole) -> None:

@@ -1090,9 +1090,6 @@ AllPages = Annotated[bool, typer.Option("--all", help="Follow the pages to the l
 def remote_target(
     ctx: typer.Context,
     url: Annotated[str, typer.Option(envvar="CERTGATE_CONSOLE_URL", help="Console API URL.")],
-    ca_file: Annotated[
-        Path, typer.Option(envvar="CERTGATE_CONSOLE_CA", help="PEM CA(s) the console chains to.")
-    ],
     admin_cert: Annotated[
         Path,
         typer.Option(
@@ -1100,6 +1097,17 @@ def remote_target(
             help="Admin PKCS#12 file, or PEM certificate with --admin-key.",
         ),
     ],
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="CERTGATE_CONSOLE_CA", help="PEM CA(s) the console chains to."),
+    ] = None,
+    pin: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CERTGATE_CONSOLE_PIN",
+            help="Instead of --ca-file: the SHA-256 thumbprint of the console's Root.",
+        ),
+    ] = None,
     admin_key: Annotated[
         Path | None, typer.Option(envvar="CERTGATE_ADMIN_KEY", help="PEM key (encrypted).")
     ] = None,
@@ -1111,7 +1119,7 @@ def remote_target(
     ] = "CERTGATE_ADMIN_CERT_PASSWORD",
 ) -> None:
     """Where the console is and who the admin is; secrets only from environment variables."""
-    ctx.obj = remote.Target(url, ca_file, admin_cert, admin_key, api_key_env, password_env)
+    ctx.obj = remote.Target(url, ca_file, admin_cert, admin_key, api_key_env, password_env, pin)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ JSON error (``{"error": code, "detail": reason}``) into a message and an exit co
 
 from __future__ import annotations
 
+import hmac
 import os
 import ssl
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, p
 
 from certgate import tlsconf
 from certgate.pki.keys import PrivateKey
+from certgate.pki.thumbprint import is_thumbprint, thumbprint
 
 # Exit codes: 1 is what the local mode answers for any refused command, so a script sees
 # the same code for "device not found" either way; the rest only exist over the network.
@@ -78,11 +80,12 @@ class Target:
     variables named here, never from command-line values (those show in ``ps``)."""
 
     url: str
-    ca_file: Path
+    ca_file: Path | None
     admin_cert: Path
     admin_key: Path | None = None
     api_key_env: str = "CERTGATE_API_KEY"
     password_env: str = "CERTGATE_ADMIN_CERT_PASSWORD"
+    pin: str | None = None
 
     def api_key(self) -> str:
         value = os.environ.get(self.api_key_env, "").strip()
@@ -118,13 +121,46 @@ def identity(target: Target) -> tuple[list[x509.Certificate], PrivateKey]:
 
 
 def tls_context(target: Target) -> ssl.SSLContext:
-    """Trust only the CA file's certificates; present the admin's certificate."""
+    """Trust only the CA file's certificates, or the pinned Root; present the admin's
+    certificate."""
+    chain, key = identity(target)
+    return tlsconf.client_context(trust_of(target), chain=chain, key=key)
+
+
+def trust_of(target: Target) -> list[x509.Certificate]:
+    if (target.ca_file is None) == (target.pin is None):
+        raise RemoteFailure("give one of --ca-file and --pin", EXIT_CREDENTIALS)
+    if target.pin is not None:
+        return [pinned_root(target.url, target.pin)]
+    assert target.ca_file is not None
     try:
-        trust = x509.load_pem_x509_certificates(target.ca_file.read_bytes())
+        return x509.load_pem_x509_certificates(target.ca_file.read_bytes())
     except (OSError, ValueError) as exc:
         raise RemoteFailure(f"--ca-file {target.ca_file}: {exc}", EXIT_CREDENTIALS) from exc
-    chain, key = identity(target)
-    return tlsconf.client_context(trust, chain=chain, key=key)
+
+
+def pinned_root(url: str, pin: str) -> x509.Certificate:
+    """The console's Root, trusted because its SHA-256 thumbprint (as ``console init``
+    prints it) is ``pin``. It is read from the public ``/pki/root.pem`` over a connection
+    that is not verified yet and carries no credential; every later connection is verified
+    against it (chain and host name), so a stand-in console cannot pass."""
+    wanted = pin.lower().removeprefix("sha256:").replace(":", "")
+    if not is_thumbprint(wanted):
+        raise RemoteFailure(f"--pin {pin!r}: not a SHA-256 thumbprint (64 hex)", EXIT_CREDENTIALS)
+    try:
+        with httpx.Client(base_url=url, verify=False, timeout=30) as bootstrap:
+            response = bootstrap.get("/pki/root.pem")
+        root = x509.load_pem_x509_certificate(response.content)
+    except httpx.TransportError as exc:
+        raise RemoteFailure(f"cannot reach the console at {url}: {exc}", EXIT_UNREACHABLE) from exc
+    except ValueError as exc:
+        raise RemoteFailure(f"console {url} sent no Root certificate", EXIT_UNREACHABLE) from exc
+    if not hmac.compare_digest(thumbprint(root), wanted):
+        raise RemoteFailure(
+            f"console {url} not trusted: its Root {thumbprint(root)} does not match --pin",
+            EXIT_UNREACHABLE,
+        )
+    return root
 
 
 def route(command: str, **params: str) -> tuple[str, str]:
