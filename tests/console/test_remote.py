@@ -285,3 +285,111 @@ def test_every_route_exists_in_the_console(console: RunningConsole) -> None:
     paths = spec.json()["paths"]
     for command, (method, path) in remote.ROUTES.items():
         assert method.lower() in paths.get(path, {}), command
+
+
+def same_but_names(remote_out: str, local_out: str, names: dict[str, str]) -> bool:
+    """Outputs equal once the remote run's object names are replaced by the local run's."""
+    for remote_name, local_name in names.items():
+        remote_out = remote_out.replace(remote_name, local_name)
+    return remote_out == local_out
+
+
+def test_remote_changes_print_as_local_changes(console: RunningConsole, seeded: list[str]) -> None:
+    """The same change made remotely on one object and locally on its twin prints alike."""
+    root = console.admins["root"]
+    names = {"grp-r": "grp-l", "enr-r": "enr-l"}
+    steps = [
+        ("group", "create", "{g}", "--name", "twin"),
+        ("group", "set", "{g}", "--feed", "max_staleness_s=90"),
+        ("group", "set", "{g}", "--feed", "max_staleness_s=60", "--dry-run", "--json"),
+        ("group", "show", "{g}", "--json"),
+        ("device", "enroll-user", "{g}", "{u}"),
+        ("rotate", "status", "{g}", "--json"),
+    ]
+    env = {"CERTGATE_ENROLL_PASSWORD": "enroll password 1"}
+    for step in steps:
+        remote_args = [a.format(g="grp-r", u="enr-r") for a in step]
+        local_args = [a.format(g="grp-l", u="enr-l") for a in step]
+        remote_out = remote_run(console, root, *remote_args, env=env)
+        local_out = run(step[0], step[1], "-d", str(console.data_dir), *local_args[2:], env=env)
+        assert remote_out.exit_code == 0, (step, remote_out.output)
+        assert local_out.exit_code == 0, (step, local_out.output)
+        assert same_but_names(remote_out.stdout, local_out.stdout, names), step
+
+
+def test_remote_admin_create_writes_working_credentials(
+    console: RunningConsole, seeded: list[str], tmp_path: Path
+) -> None:
+    """An admin created remotely gets the files the local command writes, and they work."""
+    result = remote_run(
+        console,
+        console.admins["root"],
+        "admin",
+        "create",
+        "remote-ops",
+        "--role",
+        "read-only",
+        "--out-dir",
+        str(tmp_path),
+        env={"CERTGATE_P12_PASSWORD": P12_PASSWORD},
+    )
+    assert result.exit_code == 0, result.output
+    api_key = result.stdout.split("API key (shown once): ")[1].split()[0]
+    for suffix in ("pem", "key", "p12"):
+        assert (tmp_path / f"remote-ops.{suffix}").stat().st_mode & 0o777 == 0o600
+    # leaf + Admin CA + Root, as `admin create` writes locally
+    assert (tmp_path / "remote-ops.pem").read_text().count("BEGIN CERTIFICATE") == 3
+    listing = run(
+        "remote",
+        "--url",
+        console.url,
+        "--ca-file",
+        str(console.chain_path),
+        "--admin-cert",
+        str(tmp_path / "remote-ops.p12"),
+        "group",
+        "show",
+        "global",
+        "--json",
+        env={"CERTGATE_API_KEY": api_key, "CERTGATE_ADMIN_CERT_PASSWORD": P12_PASSWORD},
+    )
+    assert listing.exit_code == 0, listing.output
+    assert json.loads(listing.stdout)["id"] == "global"
+
+
+def test_remote_key_revocation_and_cert_revocation(
+    console: RunningConsole, seeded: list[str]
+) -> None:
+    root = console.admins["root"]
+    created = remote_run(console, root, "admin", "new-key", root.id)
+    assert created.exit_code == 0, created.output
+    key = created.stdout.split("API key (shown once): ")[1].split()[0]
+    key_id = key.split("_")[1]
+    revoked = remote_run(console, root, "admin", "revoke-key", key_id)
+    assert revoked.stdout == f"API key {key_id} revoked\n"
+    refused = remote_run(console, root, "group", "list", env={"CERTGATE_API_KEY": key})
+    assert refused.exit_code == remote.EXIT_UNAUTHENTICATED, refused.output
+
+    certs = json.loads(
+        remote_run(console, root, "cert", "list", "--group", "global", "--all", "--json").stdout
+    )
+    serial = next(c["serial"] for c in certs if c["device_uid"] == seeded[1])
+    done = remote_run(console, root, "cert", "revoke", serial, "--reason", "keyCompromise")
+    assert done.stdout == f"certificate {serial} revoked (keyCompromise)\n"
+    shown = json.loads(local_run(console, "cert", "list", "--group", "global", "--json").stdout)
+    assert next(c for c in shown if c["serial"] == serial)["revocation_reason"] == "keyCompromise"
+
+
+def test_remote_installer_is_written_owner_only(
+    console: RunningConsole, seeded: list[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "installer.tar.gz"
+    result = remote_run(
+        console, console.admins["root"], "installer", "global", "--out", str(target)
+    )
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert target.stat().st_mode & 0o777 == 0o600
+    nodes = remote_run(console, console.admins["root"], "tunnel", "nodes", "global", "--json")
+    assert nodes.exit_code == 0, nodes.output
+    assert isinstance(json.loads(nodes.stdout), list)

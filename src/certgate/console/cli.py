@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    load_pem_private_key,
+    pkcs12,
+)
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -268,7 +273,8 @@ def admin_create(
             api_key_id=key.id,
         )
         try:
-            paths = _write_admin_files(out_dir, username, cert, private, pki, password)
+            chain = pki.chain(ca.ADMIN_CA)
+            paths = _write_admin_files(out_dir, username, cert, private, chain, password)
         except OSError as exc:
             raise fail(f"cannot write admin files to {out_dir}: {exc}") from exc
     out.print(f"admin [bold]{username}[/] ({role} on {group}) id={admin.id}")
@@ -280,10 +286,9 @@ def admin_create(
 
 
 def _write_admin_files(
-    out_dir: Path, name: str, cert: Any, key: Any, pki: ca.InstancePKI, password: str
+    out_dir: Path, name: str, cert: Any, key: Any, chain: list[Any], password: str
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    chain = pki.chain(ca.ADMIN_CA)
     files = {
         out_dir / f"{name}.pem": (ca.pem(cert) + "".join(ca.pem(c) for c in chain)).encode(),
         out_dir / f"{name}.key": private_key_pem(key),
@@ -1248,6 +1253,21 @@ def remote_device_compliance(
     print_compliance(uid, shown, as_json)
 
 
+@remote_device.command("enroll-user")
+def remote_device_enroll_user(
+    ctx: typer.Context,
+    group_id: str,
+    username: str,
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, envvar="CERTGATE_ENROLL_PASSWORD")
+    ],
+) -> None:
+    body = {"username": username, "password": password}
+    with connected(ctx) as client:
+        client.call("device enroll-user", body=body, group_id=group_id)
+    out.print(f"enrollment user {username} created in {group_id}")
+
+
 @remote_device.command("enroll-token")
 def remote_device_enroll_token(
     ctx: typer.Context,
@@ -1281,6 +1301,40 @@ def remote_cert_revoke(
     with connected(ctx) as client:
         client.call("cert revoke", body={"reason": reason}, serial=serial)
     out.print(f"certificate {serial} revoked ({reason})")
+
+
+@remote_admin.command("create")
+def remote_admin_create(
+    ctx: typer.Context,
+    username: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
+    group: Annotated[str, typer.Option(help="Group the role is bound to.")] = local.TOP_GROUP,
+    out_dir: Annotated[Path, typer.Option(help="Where to write cert, key, PKCS#12.")] = (Path(".")),
+    p12_password: Annotated[
+        str | None, typer.Option(envvar="CERTGATE_P12_PASSWORD", help="PKCS#12 password.")
+    ] = None,
+) -> None:
+    """As the local command: the console answers the new API key, certificate and private
+    key once; they are written here as the local command writes them (PEM with the CA
+    chain from the console's public /pki/chain.pem, key, PKCS#12), all mode 0600."""
+    password = p12_password or secrets.token_urlsafe(18)
+    body = {"username": username, "role": role, "group_id": group}
+    with connected(ctx) as client:
+        created = client.call("admin create", body=body)
+        pool = x509.load_pem_x509_certificates(client.send("pki chain").content)
+    cert = x509.load_pem_x509_certificate(created["certificate"].encode())
+    key = load_pem_private_key(created["private_key"].encode(), None)
+    chain = remote.issuer_chain(cert, pool)
+    try:
+        paths = _write_admin_files(out_dir, username, cert, key, chain, password)
+    except OSError as exc:
+        raise fail(f"cannot write admin files to {out_dir}: {exc}") from exc
+    out.print(f"admin [bold]{username}[/] ({role} on {group}) id={created['id']}")
+    show_secret("API key", created["api_key"])
+    for path in paths:
+        out.print(f"wrote {path}")
+    if not p12_password:
+        show_secret("PKCS#12 password", password)
 
 
 @remote_admin.command("keys")

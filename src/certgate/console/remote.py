@@ -51,6 +51,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "device enroll-token": ("POST", "/api/v1/groups/{group_id}/enrollment-tokens"),
     "cert list": ("GET", "/api/v1/groups/{group_id}/certificates"),
     "cert revoke": ("POST", "/api/v1/certificates/{serial}/revoke"),
+    "admin create": ("POST", "/api/v1/admins"),
+    "pki chain": ("GET", "/pki/chain.pem"),
     "admin keys": ("GET", "/api/v1/admins/{admin_id}/api-keys"),
     "admin new-key": ("POST", "/api/v1/admins/{admin_id}/api-keys"),
     "admin grant": ("POST", "/api/v1/admins/{admin_id}/roles"),
@@ -161,6 +163,20 @@ def pinned_root(url: str, pin: str) -> x509.Certificate:
             EXIT_UNREACHABLE,
         )
     return root
+
+
+def issuer_chain(cert: x509.Certificate, pool: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The CAs above ``cert`` in ``pool``, issuer first, up to a self-signed root (what the
+    local ``admin create`` writes after the admin's certificate)."""
+    chain: list[x509.Certificate] = []
+    current = cert
+    while current.issuer != current.subject:
+        parent = next((c for c in pool if c.subject == current.issuer), None)
+        if parent is None or parent in chain:
+            break
+        chain.append(parent)
+        current = parent
+    return chain
 
 
 def route(command: str, **params: str) -> tuple[str, str]:
