@@ -168,6 +168,16 @@ def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list
     assert "not found" in remote_result.stderr
 
 
+def test_refusal_of_the_service_reads_as_locally(
+    console: RunningConsole, seeded: list[str]
+) -> None:
+    """A rule of the console (not of the client) refuses: same message, same exit code."""
+    remote_result = remote_run(console, console.admins["root"], "rotate", "root", "global")
+    local_result = local_run(console, "rotate", "root", "global")
+    assert remote_result.exit_code == local_result.exit_code == remote.EXIT_REFUSED
+    assert error_lines(remote_result) == error_lines(local_result) != []
+
+
 def test_role_denial_shown_with_its_exit_code(console: RunningConsole, seeded: list[str]) -> None:
     viewer = console.admins["viewer"]
     listing = remote_run(console, viewer, "device", "list", "global", "--json")
@@ -393,3 +403,17 @@ def test_remote_installer_is_written_owner_only(
     nodes = remote_run(console, console.admins["root"], "tunnel", "nodes", "global", "--json")
     assert nodes.exit_code == 0, nodes.output
     assert isinstance(json.loads(nodes.stdout), list)
+
+
+def test_remote_rotation_reads_back_as_local(console: RunningConsole, seeded: list[str]) -> None:
+    root = console.admins["root"]
+    started = remote_run(console, root, "rotate", "tunnel-identity", "global", "--overlap", "2h")
+    assert started.exit_code == 0, started.output
+    assert started.stdout.startswith("rotation ")
+    for command in (("rotate", "status", "global"), ("rotate", "status", "global", "--json")):
+        remote_out = remote_run(console, root, *command)
+        assert remote_out.exit_code == 0, remote_out.output
+        assert (
+            remote_out.stdout
+            == run(command[0], command[1], "-d", str(console.data_dir), *command[2:]).stdout
+        )

@@ -1423,18 +1423,26 @@ def remote_rotate_status(
         print_rotation(one)
 
 
-@remote_rotate.command("start")
-def remote_rotate_start(
-    ctx: typer.Context,
-    kind: RotateKind,
-    group_id: str,
-    overlap: Annotated[str, typer.Option(help="e.g. 1h, 7d.")] = "1h",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    body = {"overlap_s": int(parse_duration(overlap).total_seconds())}
-    with connected(ctx) as client:
-        shown = client.call("rotate start", body=body, group_id=group_id, kind=kind)
-    print_json(shown) if as_json else print_rotation(shown)
+def _register_remote_start(kind: str) -> None:
+    """``certgate console remote rotate KIND GROUP``: as the local ``rotate KIND GROUP``."""
+
+    def start(
+        ctx: typer.Context,
+        group_id: str,
+        overlap: Annotated[str, typer.Option(help="e.g. 1h, 7d.")] = "1h",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        body = {"overlap_s": int(parse_duration(overlap).total_seconds())}
+        with connected(ctx) as client:
+            shown = client.call("rotate start", body=body, group_id=group_id, kind=kind)
+        print_json(shown) if as_json else print_rotation(shown)
+
+    start.__doc__ = f"Prepare a {kind} rotation: the new one is issued and distributed."
+    remote_rotate.command(kind)(start)
+
+
+for _kind in rotation.KINDS:
+    _register_remote_start(_kind)
 
 
 @remote_rotate.command("switch")
