@@ -141,6 +141,16 @@ def test_listing_follows_cursors_only_with_all(console: RunningConsole, seeded: 
     every = remote_run(console, root, "device", "list", "global", "--limit", "2", "--all", "--json")
     assert [d["uid"] for d in json.loads(every.stdout)] == seeded
     assert "--all" not in every.stderr
+    exact = remote_run(console, root, "device", "list", "global", "--limit", "5", "--json")
+    assert len(json.loads(exact.stdout)) == 5
+    assert "--all" not in exact.stderr  # a full last page: nothing left unread
+
+
+def test_no_flag_takes_a_secret_value(console: RunningConsole) -> None:
+    """An API key on the command line would show in `ps`: there is no such option."""
+    result = run("remote", "--url", console.url, "--api-key", "cgk_x", "group", "list")
+    assert result.exit_code == 2
+    assert "No such option" in result.output
 
 
 def test_remote_device_set_changes_what_the_console_holds(

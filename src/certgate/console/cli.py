@@ -1148,13 +1148,10 @@ def remote_rows(
 ) -> list[dict[str, Any]]:
     """A listing's rows, read back through the API's own schema (so they print as the
     local mode's do); a note on stderr when pages were left unread."""
-    rows: list[dict[str, Any]] = []
-    pages = client.pages(command, limit, every, query or {}, **params)
-    for page in pages:
-        rows += [model.model_validate(item).model_dump() for item in page]
-    if not every and len(rows) == limit:
+    items, more = client.listing(command, limit, every, query or {}, **params)
+    if more:
         err.print(f"(first {limit} rows; --all lists every page)")
-    return rows
+    return [model.model_validate(item).model_dump() for item in items]
 
 
 @remote_group.command("list")
@@ -1232,12 +1229,13 @@ def remote_device_set(
 ) -> None:
     """As the local command, in two calls when both are given (compliance first)."""
     with connected(ctx) as client:
-        shown = client.call("device show", uid=uid)
         if compliance:
             body = {"status": compliance}
             shown = client.call("device set compliance", body=body, uid=uid)
         if action:
             shown = client.call("device set action", uid=uid, action=action)
+        if not (compliance or action):
+            shown = client.call("device show", uid=uid)
     print_device_state(shown)
 
 

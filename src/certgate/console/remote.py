@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import os
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,17 +241,18 @@ class RemoteConsole:
         response = self.send(command, body=body, query=query, **params)
         return response.json() if response.content else None
 
-    def pages(
+    def listing(
         self, command: str, limit: int, follow: bool, query: dict[str, Any], **params: str
-    ) -> Iterator[list[Any]]:
-        """A listing page by page (RFC 8288 ``Link: rel="next"``), only the first unless
-        ``follow``."""
+    ) -> tuple[list[Any], bool]:
+        """A listing's items, page by page (RFC 8288 ``Link: rel="next"``): only the first
+        page unless ``follow``; and whether pages were left unread."""
         response = self.send(command, query={**query, "limit": limit}, **params)
-        yield response.json()
+        items: list[Any] = response.json()
         while follow and "next" in response.links:
             next_url = response.links["next"]["url"]
             response = self._checked(self._request("GET", next_url, None, None))
-            yield response.json()
+            items += response.json()
+        return items, "next" in response.links
 
     def _checked(self, response: httpx.Response) -> httpx.Response:
         if response.is_success:
