@@ -1,8 +1,9 @@
 """Scenarios 1 and 2: relay throughput and new connections per second, beside the anchors.
 
 Relays run one at a time on the relay core, the load generator and the origin on the other
-core. certgate runs twice, on the stdlib asyncio loop (the default) and on uvloop, which
-is also the event-loop comparison. A relay that dies is recorded as a crash, with its exit
+core. certgate runs three times: with each TLS backend (pyOpenSSL, the default, and Python's
+``ssl``) on the stdlib asyncio loop, and with pyOpenSSL on uvloop, which is also the
+event-loop comparison. A relay that dies is recorded as a crash, with its exit
 status and log tail, and the run goes on.
 """
 
@@ -33,15 +34,18 @@ class RelaySpec:
     note: str
 
 
-def _certgate(loop: str, workers: int = 1) -> Callable[[World, int], Relay]:
+def _certgate(
+    loop: str, tls_backend: str = "pyopenssl", workers: int = 1
+) -> Callable[[World, int], Relay]:
     def start(world: World, _origin: int) -> Relay:
         # One worker keeps to the relay's core; more use every core, the load generator's too.
         cores = world.relay_cores if workers == 1 else world.relay_cores | world.loadgen_cores
         relay = relays.start_certgate(
             world.sup,
             world.relay_state,
-            f"certgate-{loop}-{workers}",
+            f"certgate-{loop}-{tls_backend}-{workers}",
             loop=loop,
+            tls_backend=tls_backend,
             cores=cores,
             workers=workers,
         )
@@ -64,7 +68,16 @@ def _plain(world: World, origin: int) -> Relay:
 
 
 SPECS = (
-    RelaySpec("certgate", _certgate("asyncio"), "certgate tunnel run, stdlib asyncio (default)"),
+    RelaySpec(
+        "certgate",
+        _certgate("asyncio"),
+        "certgate tunnel run, stdlib asyncio, --tls-backend pyopenssl (the defaults)",
+    ),
+    RelaySpec(
+        "certgate-ssl",
+        _certgate("asyncio", "ssl"),
+        "certgate tunnel run --tls-backend ssl (Python's ssl, the system OpenSSL)",
+    ),
     RelaySpec("certgate-uvloop", _certgate("uvloop"), "certgate tunnel run --loop uvloop"),
     RelaySpec(
         "certgate-workers-2",
@@ -250,6 +263,14 @@ def _rate_result(world: World, measured: dict[str, Any]) -> dict[str, Any]:
             (per_cpu.get("certgate") or {}).get("full"),
             (per_cpu.get("haproxy") or {}).get("full"),
         ),
+        "headline_resumed_ratio": env.ratio(
+            (per_cpu.get("certgate") or {}).get("resumed"),
+            (per_cpu.get("haproxy") or {}).get("resumed"),
+        ),
+        "tls_backends": {
+            backend: {kind: (per_cpu.get(name) or {}).get(kind) for kind in ("full", "resumed")}
+            for backend, name in (("pyopenssl", "certgate"), ("ssl", "certgate-ssl"))
+        },
     }
 
 

@@ -56,6 +56,7 @@ def start_certgate(
     name: str,
     *,
     loop: str = "asyncio",
+    tls_backend: str = "pyopenssl",
     cores: set[int] | None = None,
     workers: int = 1,
 ) -> Relay:
@@ -74,6 +75,8 @@ def start_certgate(
         f"127.0.0.1:{admin}",
         "--loop",
         loop,
+        "--tls-backend",
+        tls_backend,
         "--drain-s",
         "1",
         "--workers",

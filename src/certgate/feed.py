@@ -193,7 +193,8 @@ class RotationPhase(Enum):
 
 TUNNEL_IDENTITY = "tunnel-identity"
 CONSOLE_IDENTITY = "console-identity"
-TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY})
+DEVICE_ROOT = "device-root"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,10 @@ class TrustUpdate:
     ``console-identity``: ``certificate`` is the group's next console identity, announced
     in a batch signed by the current one; ``trust`` is signed by the new one and names it;
     ``sealed_key`` is null (a node never holds a console key).
+    ``device-root``: ``certificate`` is the instance's next Device Root; ``trust`` is
+    signed by the current console identity and lists every Device Root the node must
+    trust from this step on (both during the overlap, the new one alone at finish);
+    ``sealed_key`` is null.
     Every step carries all of it, so a node that missed one catches up at the next. The
     node checks it exactly as at setup before it uses or stores it.
     """

@@ -1,4 +1,6 @@
-"""SSLContext factories: the one place for protocol versions, ciphers and verification.
+"""TLS context factories: the one place for protocol versions, ciphers, groups and
+verification, for Python's ``ssl`` and for pyOpenSSL (the OpenSSL of the cryptography
+wheel, which the data plane can use: ``pyopenssl_server_context``).
 
 TLS 1.2 is the floor; TLS 1.2 suites are restricted to ECDHE with AEAD ciphers (TLS 1.3
 suites are AEAD by definition). Compression and renegotiation are off.
@@ -6,6 +8,8 @@ suites are AEAD by definition). Compression and renegotiation are off.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import secrets
 import ssl
 import tempfile
@@ -15,6 +19,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ossl
 
 from certgate.pki.keys import PrivateKey, private_key_pem
 
@@ -37,10 +43,7 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 
-# Key exchange groups: OpenSSL 3's default list (X25519, P-256, X448, P-521, P-384, all of
-# 128-bit security or more) unless a single named curve is required, e.g. prime256v1 for
-# FIPS-style deployments. Python 3.11's ssl can pin one curve (for TLS 1.2 and 1.3 alike),
-# not set a list.
+# One curve can be pinned instead of GROUPS, e.g. prime256v1 for FIPS-style deployments.
 CURVES = ("prime256v1", "secp384r1", "X25519")
 
 
@@ -48,6 +51,103 @@ def set_curve(ctx: ssl.SSLContext, curve: str) -> None:
     if curve not in CURVES:
         raise ValueError(f"unsupported curve {curve!r}; one of {', '.join(CURVES)}")
     ctx.set_ecdh_curve(curve)
+
+
+# Key-exchange groups offered and accepted: X25519, P-256 and P-384 (Mozilla's
+# "intermediate"); never FFDHE, X448 or P-521.
+GROUPS = "X25519:P-256:P-384"
+
+
+# How long a resumable session lives (TLS 1.3 ticket lifetime, OpenSSL's session timeout):
+# a resumed session skips the chain check (never admission), so keep it short.
+SESSION_LIFETIME_S = 2 * 3600
+
+
+def pyopenssl_server_context(
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    *,
+    client_cas: Sequence[x509.Certificate],
+    session_id: bytes,
+    alpn: bytes | None = None,
+    curve: str | None = None,
+) -> SSL.Context:
+    """The pyOpenSSL twin of ``server_context(client_auth=REQUIRED, anchor_is_issuer=True)``:
+    the same versions, suites and options; client certificates required and verified
+    against ``client_cas`` alone (partial chains: only a certificate they issued verifies).
+    The key is loaded from memory, never written anywhere. ``session_id`` is the
+    session-id context, without which OpenSSL resumes nothing when it verifies clients.
+
+    Resumption is by stateless tickets (OpenSSL's default two per full handshake; pyOpenSSL
+    cannot set the number), not a stateful session cache: a cache was no cheaper and loses
+    every session whose connection ends without our close_notify (bench/FINDINGS.md).
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_AEAD_CIPHERS.encode())
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    set_groups(ctx, curve or GROUPS)
+    ctx.use_certificate(chain[0])
+    for cert in chain[1:]:
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
+    for ca in client_cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    ctx.set_session_id(session_id)
+    ctx.set_timeout(SESSION_LIFETIME_S)
+    if alpn is not None:
+        ctx.set_alpn_select_callback(lambda _conn, offered: _select(alpn, offered))
+    return ctx
+
+
+def _select(ours: bytes, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
+    return ours if ours in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> None:
+    """Restrict key exchange to ``groups`` (colon-separated OpenSSL group names)."""
+    if _ossl.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+        raise ValueError(f"unsupported key-exchange groups {groups!r}")
+
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # OpenSSL ssl.h; SSL_CTX_set1_groups_list is a macro over it
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The OpenSSL that Python's ``ssl`` is linked to (found through ``_ssl``'s own
+    dependencies, so never a different copy)."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def set_stdlib_groups(ctx: ssl.SSLContext, groups: str = GROUPS) -> None:
+    """Restrict an ``ssl.SSLContext``'s key exchange to ``groups``.
+
+    Python 3.11's ``ssl`` can pin one curve, not set a list, and an OpenSSL config file
+    (OPENSSL_CONF) is read when ``ssl`` is first imported, before any of our code runs.
+    So the list is set on the context's SSL_CTX (the pointer that follows the object
+    header of CPython's PySSLContext) through the same libssl. The pointer is checked
+    first, by reading the options back: a different layout refuses to start rather than
+    serve with OpenSSL's default groups.
+    """
+    lib = _libssl()
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != ctx.options:
+        raise RuntimeError("cannot reach this Python's SSL_CTX to restrict key exchange")
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode()) != 1:
+        raise ValueError(f"unsupported key-exchange groups {groups!r}")
 
 
 def load_identity(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:
@@ -85,6 +185,7 @@ def server_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_stdlib_groups(ctx)
     load_identity(ctx, chain, key)
     ctx.verify_mode = client_auth.value
     if client_cas:

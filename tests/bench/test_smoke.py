@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADLINE_KEYS = (
     "relay_mb_per_cpu_s_ratio_vs_haproxy",
     "conns_per_cpu_s_ratio_vs_haproxy",
+    "conns_resumed_per_cpu_s_ratio_vs_haproxy",
     "table_1m_rss_mb",
     "table_1m_bootstrap_s",
     "lookup_p99_us",
@@ -41,7 +42,7 @@ SCENARIO_FILES = (
     "enforce_policy",
     "issuance",
 )
-RELAYS = ("certgate", "haproxy", "stunnel", "plain")
+RELAYS = ("certgate", "certgate-ssl", "certgate-uvloop", "haproxy", "stunnel", "plain")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_each_relay_was_measured_beside_haproxy_with_the_same_cipher(results: Pa
         expected = None if relay == "plain" else "TLS_AES_128_GCM_SHA256"
         assert row["tls"]["cipher"] == expected, (relay, row["tls"])
     rates = _load(results, "connection_rate")["result"]["relays"]
-    for relay in ("certgate", "haproxy", "stunnel"):
+    for relay in ("certgate", "certgate-ssl", "haproxy", "stunnel"):
         assert rates[relay]["full"]["connections"] > 0
         assert rates[relay]["resumed"]["resumed"] > 0, "no TLS 1.3 session was resumed"
 

@@ -48,6 +48,7 @@ from tests.access.harness import (
     wait_for_log,
 )
 from tests.support import free_port
+from tests.tlsgroups import REFUSED, SERVED, negotiated_group
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -332,3 +333,17 @@ def test_forwarded_device_certificate_is_logged_by_thumbprint(
     wait_for_log(lambda: caplog.records, f"device cert {thumbprint(device.cert)[:16]}")
     assert not any("req=abc" in r.getMessage() for r in caplog.records)  # no sign-in handles
     assert json.dumps([r.getMessage() for r in caplog.records]).count("BEGIN CERT") == 0
+
+
+@pytest.mark.parametrize("group", [*SERVED, *REFUSED])
+def test_key_exchange_groups_of_access_and_the_cert_proxy(
+    upstream: tuple[Installed, ConsolePKI, PublicPKI, int], env: Env, group: str
+) -> None:
+    # Access's listener (access_tls_context, here on uvicorn) and both cert proxy ports:
+    # X25519, P-256 and P-384 only (Mozilla "intermediate").
+    for port in (upstream[3], *env.ports):
+        used = negotiated_group(port, group)
+        if group in SERVED:
+            assert used is not None and SERVED[group] in used, (port, used)
+        else:
+            assert used is None, (port, used)

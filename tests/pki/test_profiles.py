@@ -20,10 +20,14 @@ from certgate.pki.authority import Authority, Issuer, Names, utcnow
 from certgate.pki.keys import generate_key
 from certgate.pki.profiles import (
     CA_USAGE,
+    CONSOLE_TLS,
     DAY,
     DEVICE_CLIENT,
     INTERMEDIATE_CA,
     LEAF_USAGE,
+    MAX_SERVER_TLS_LIFETIME,
+    SERVICE_TLS,
+    TUNNEL_IDENTITY,
     KeyUsageFlags,
     Profile,
 )
@@ -320,4 +324,26 @@ def test_key_usage_flags_spell_out_nine_bits_all_off_by_default() -> None:
         crl_sign=False,
         encipher_only=False,
         decipher_only=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "profile", [TUNNEL_IDENTITY, CONSOLE_TLS, SERVICE_TLS], ids=lambda p: p.name
+)
+def test_tls_server_certificates_live_at_most_398_days(
+    hierarchy: Hierarchy, profile: Profile
+) -> None:
+    # Mozilla's limit, notBefore to notAfter, the backdate included. (ACCESS_TLS, pinned by
+    # the cert proxy and issued once by a root whose key is discarded, is not yet renewable.)
+    cert = Authority().issue(
+        hierarchy.secure_channel_root,
+        profile,
+        Names("server", dns_names=TUNNEL_DNS),
+        generate_key().public_key(),
+    )
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime <= MAX_SERVER_TLS_LIFETIME
+    assert (
+        ExtendedKeyUsageOID.SERVER_AUTH
+        in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     )

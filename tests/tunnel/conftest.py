@@ -21,6 +21,7 @@ from certgate.pki.keys import generate_key, load_private_key_pem
 from certgate.tlsconf import client_context
 from certgate.tunnel import setup
 from certgate.tunnel.config import TunnelState
+from certgate.tunnel.service import TLS_BACKENDS
 from tests.support import (
     AdminCreds,
     RunningConsole,
@@ -166,6 +167,12 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(params=TLS_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The data plane's TLS backend: a test asking for it runs on each."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,13 @@ from certgate.pki.profiles import (
 from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
 from certgate.tunnel.server import Gate, Limits
-from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.service import (
+    DEFAULT_TLS_BACKEND,
+    TLS_BACKENDS,
+    Endpoint,
+    TunnelService,
+    data_plane_tls,
+)
 from certgate.tunnel.table import DeviceTable
 
 GROUP = "g1"
@@ -173,6 +179,7 @@ class StaticSource:
 
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+BACKENDS = TLS_BACKENDS  # every data-plane test runs on each TLS backend (conftest ``backend``)
 
 
 def run_on(loop_name: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -215,11 +222,12 @@ def make_service(
     source: StaticSource,
     rules: dict[str, Any] | None = None,
     limits: Limits | None = None,
+    backend: str = DEFAULT_TLS_BACKEND,
 ) -> TunnelService:
     if rules is not None:
         source.policy = policy(rules)
     gate = Gate(GROUP, source)
-    tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.device_root)
+    tls = data_plane_tls([pki.tunnel, pki.scr], pki.tunnel_key, [pki.device_root], backend=backend)
     return TunnelService(
         gate,
         tls,

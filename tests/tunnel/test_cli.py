@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from certgate.tunnel.cli import app
 from certgate.tunnel.service import LISTENERS_FILE
 from tests.support import CERTGATE, RunningConsole, free_port, wait_for_tls_port
+from tests.tlsgroups import negotiated_group
 from tests.tunnel.conftest import create_group, setup_node
 
 runner = CliRunner()
@@ -59,6 +61,15 @@ def test_a_node_that_never_ran_shows_the_trust_config_policy(
 @pytest.fixture
 def running_node(sqlite_console: RunningConsole, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A ``certgate tunnel run`` whose data ports come from its group's policy."""
+    with node_running(sqlite_console, tmp_path) as node:
+        yield node
+
+
+@contextmanager
+def node_running(
+    sqlite_console: RunningConsole, tmp_path: Path, *options: str
+) -> Iterator[dict[str, Any]]:
+    """``certgate tunnel run [options]`` on a new group's node, until the block ends."""
     proxy, per_app, admin = free_port(), free_port(), free_port()
     tunnel = {
         "hostnames": ["localhost"],
@@ -71,7 +82,7 @@ def running_node(sqlite_console: RunningConsole, tmp_path: Path) -> Iterator[dic
     command = ["tunnel", "run", "--state-dir", str(state.state_dir)]
     with (tmp_path / "node.log").open("ab") as log:
         proc = subprocess.Popen(
-            [*CERTGATE, *command, "--admin-listen", f"127.0.0.1:{admin}"],
+            [*CERTGATE, *command, "--admin-listen", f"127.0.0.1:{admin}", *options],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -119,3 +130,22 @@ def test_status_says_what_healthz_says_after_the_policy_moved_a_port(
     text = runner.invoke(app, ["status", "--state-dir", str(state_dir)])
     assert text.exit_code == 0, text.output
     assert f"policy says {moved}" in text.output and "40s" in text.output
+
+
+@pytest.mark.parametrize("backend", ["ssl", "pyopenssl"])
+def test_run_serves_with_the_tls_backend_and_curve_it_is_given(
+    sqlite_console: RunningConsole, tmp_path: Path, backend: str
+) -> None:
+    options = ("--tls-backend", backend, "--tls-curve", "secp384r1")
+    with node_running(sqlite_console, tmp_path, *options) as node:
+        assert negotiated_group(node["proxy"], "P-256") is None  # only the pinned curve
+        used = negotiated_group(node["proxy"], "P-384")
+        assert used is not None and "secp384r1" in used, used
+    log = (tmp_path / "node.log").read_text()
+    assert f"tls={backend}" in log
+
+
+def test_run_refuses_an_unknown_tls_backend(tmp_path: Path) -> None:
+    done = runner.invoke(app, ["run", "--state-dir", str(tmp_path), "--tls-backend", "gnutls"])
+    assert done.exit_code != 0
+    assert "TLS backend must be one of" in done.output

@@ -108,13 +108,13 @@ def origin() -> Iterator[Origin]:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_denial_refuses_new_and_closes_live_tunnels(
-    pki: PKI, client: Client, origin: Origin, name: str, loop: str
+    pki: PKI, client: Client, origin: Origin, name: str, loop: str, backend: str
 ) -> None:
     case = CASES[name]
     source = StaticSource(DeviceTable.from_snapshot(1, [client.entry()]))
     ctx = tls_client(pki, client, ssl.TLSVersion.TLSv1_3)
     request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-    with ServiceThread(make_service(pki, source), loop=loop) as tunnel:
+    with ServiceThread(make_service(pki, source, backend=backend), loop=loop) as tunnel:
         port = tunnel.service.bound["proxy"]
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10) as raw,

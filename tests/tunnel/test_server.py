@@ -1,6 +1,7 @@
 """The data plane over real TLS on loopback: curl through Proxy mode, CONNECT in Per-App
 mode, every kind of bad certificate refused for TLS 1.2 and 1.3 with the reason logged,
-live tunnels closed on a policy change, bounded head size and timeouts."""
+live tunnels closed on a policy change, bounded head size and timeouts; each on both event
+loops and both TLS backends (Python's ssl, pyOpenSSL)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certgate import logs
 from certgate.pki import identity
 from certgate.pki.authority import Issuer, Names
 from certgate.pki.keys import generate_key
-from certgate.pki.profiles import LEAF_USAGE, Profile
+from certgate.pki.profiles import LEAF_USAGE, TUNNEL_IDENTITY, Profile
 from certgate.tunnel.server import Limits
+from certgate.tunnel.service import data_plane_tls
 from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
+from tests.tlsgroups import REFUSED, SERVED, negotiated_group
 from tests.tunnel.dataplane import (
     APP,
     GROUP,
@@ -71,10 +75,11 @@ def source(clients: dict[str, Client]) -> StaticSource:
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def tunnel(
-    pki: PKI, source: StaticSource, request: pytest.FixtureRequest
+    pki: PKI, source: StaticSource, backend: str, request: pytest.FixtureRequest
 ) -> Iterator[ServiceThread]:
-    """The data plane on each event loop: every test using it runs on both."""
-    with ServiceThread(make_service(pki, source), loop=request.param) as running:
+    """The data plane on each event loop and TLS backend: every test using it runs on all."""
+    service = make_service(pki, source, backend=backend)
+    with ServiceThread(service, loop=request.param) as running:
         yield running
 
 
@@ -204,7 +209,7 @@ BAD_KINDS = {
     "ca-true-leaf": "CA:TRUE",
     "unknown-thumbprint": "reason=unknown_thumbprint",
     "revoked": "reason=unknown_thumbprint",
-    "no-cert": "reason=tls_handshake",
+    "no-cert": "reason=tls_handshake detail=PEER_DID_NOT_RETURN_A_CERTIFICATE",
 }
 
 
@@ -354,10 +359,10 @@ def test_stale_table_fails_closed(
 
 
 def test_server_rules_deny_destination(
-    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client], backend: str
 ) -> None:
     rules = {"default": "allow", "rules": [{"action": "deny", "cidrs": ["127.0.0.0/8"]}]}
-    with ServiceThread(make_service(pki, source, rules)) as tunnel:
+    with ServiceThread(make_service(pki, source, rules, backend=backend)) as tunnel:
         request = f"CONNECT localhost:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         answer = connect_request(
             tunnel.service.bound["proxy"],
@@ -424,8 +429,12 @@ def test_oversized_head_is_431(pki: PKI, tunnel: ServiceThread, clients: dict[st
     assert answer.startswith(b"HTTP/1.1 431")
 
 
-def test_slow_head_times_out(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
-    with ServiceThread(make_service(pki, source, limits=Limits(header_timeout_s=0.5))) as tunnel:
+def test_slow_head_times_out(
+    pki: PKI, source: StaticSource, clients: dict[str, Client], backend: str
+) -> None:
+    with ServiceThread(
+        make_service(pki, source, limits=Limits(header_timeout_s=0.5), backend=backend)
+    ) as tunnel:
         answer = connect_request(
             tunnel.service.bound["proxy"],
             tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3),
@@ -434,8 +443,12 @@ def test_slow_head_times_out(pki: PKI, source: StaticSource, clients: dict[str, 
     assert answer.startswith(b"HTTP/1.1 408")
 
 
-def test_connection_limit(pki: PKI, source: StaticSource, clients: dict[str, Client]) -> None:
-    with ServiceThread(make_service(pki, source, limits=Limits(max_connections=1))) as tunnel:
+def test_connection_limit(
+    pki: PKI, source: StaticSource, clients: dict[str, Client], backend: str
+) -> None:
+    with ServiceThread(
+        make_service(pki, source, limits=Limits(max_connections=1), backend=backend)
+    ) as tunnel:
         ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
         port = tunnel.service.bound["proxy"]
         with (
@@ -476,9 +489,9 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
 
 
 def test_graceful_shutdown_drains_open_tunnels(
-    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client]
+    pki: PKI, source: StaticSource, origin: Origin, clients: dict[str, Client], backend: str
 ) -> None:
-    running = ServiceThread(make_service(pki, source))
+    running = ServiceThread(make_service(pki, source, backend=backend))
     running.__enter__()
     port = running.service.bound["proxy"]
     ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
@@ -632,3 +645,54 @@ def test_a_resumed_session_is_admitted_afresh(
     answer, _, reused = connect(session)
     assert reused, "the tunnel did not resume the session"
     assert answer.startswith(b"HTTP/1.1 403") and b"noncompliant" in answer
+
+
+def test_a_swapped_identity_serves_new_connections_and_keeps_open_ones(
+    pki: PKI, tunnel: ServiceThread, backend: str, origin: Origin, clients: dict[str, Client]
+) -> None:
+    # A rotated tunnel identity (runner.use_identity): new connections are served with the
+    # new certificate; a tunnel opened before the swap keeps relaying.
+    new_key = generate_key()
+    new_cert = pki.authority.issue(
+        Issuer(pki.scr, pki.scr_key),
+        TUNNEL_IDENTITY,
+        Names("tunnel rotated", identity.tunnel(GROUP), dns_names=("localhost",)),
+        new_key.public_key(),
+    )
+    ctx = tls_client(pki, clients["app"], ssl.TLSVersion.TLSv1_3)
+    port = tunnel.service.bound["proxy"]
+    request = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as before,
+    ):
+        before.sendall(request)
+        assert before.recv(4096).startswith(b"HTTP/1.1 200")
+        assert before.getpeercert(binary_form=True) == pki.tunnel.public_bytes(Encoding.DER)
+        swapped = data_plane_tls([new_cert, pki.scr], new_key, pki.device_root, backend=backend)
+        tunnel.run(tunnel.service.swap_tls, swapped)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw_after,
+            ctx.wrap_socket(raw_after, server_hostname="localhost") as after,
+        ):
+            after.sendall(request)
+            assert after.recv(4096).startswith(b"HTTP/1.1 200")
+            assert after.getpeercert(binary_form=True) == new_cert.public_bytes(Encoding.DER)
+        before.sendall(get)  # the tunnel opened before the swap still relays
+        answer = b""
+        while PAGE not in answer and (chunk := before.recv(65536)):
+            answer += chunk
+        assert PAGE in answer
+
+
+@pytest.mark.parametrize("group", [*SERVED, *REFUSED])
+def test_key_exchange_groups(tunnel: ServiceThread, clients: dict[str, Client], group: str) -> None:
+    # X25519, P-256 and P-384 only (Mozilla "intermediate"), on both backends.
+    client = clients["app"]
+    port = tunnel.service.bound["proxy"]
+    used = negotiated_group(port, group, cert=client.cert_path, key=client.key_path)
+    if group in SERVED:
+        assert used is not None and SERVED[group] in used, used
+    else:
+        assert used is None, used

@@ -184,6 +184,8 @@ def create_app(state: ConsoleState) -> FastAPI:
         state.writer.start()
         if state.checkpointer is not None:
             state.checkpointer.start()
+        if state.renewer is not None:
+            state.renewer.start()
         sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
@@ -191,6 +193,8 @@ def create_app(state: ConsoleState) -> FastAPI:
             sweeper.cancel()
             if state.change_watcher is not None:
                 state.change_watcher.stop()
+            if state.renewer is not None:
+                state.renewer.stop()
             state.writer.stop()
             if state.checkpointer is not None:  # after the writer: its last commits count
                 state.checkpointer.stop()

@@ -923,6 +923,13 @@ def print_rotation(shown: dict[str, Any]) -> None:
             f"  node {escape(node['name'])}: has new={node['has_new']}"
             f" presents={node['presents']} last seen {node['last_seen_at']}"
         )
+    devices = shown.get("devices") or {}
+    if devices:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(devices["old_root_certificates"].items()))
+        out.print(
+            f"  old-root certificates still active: {kinds or 'none'}"
+            f" ({devices['device_count']} devices, {devices['live_tunnels']} live tunnels)"
+        )
     for blocker in shown["blockers"]:
         out.print(f"  finish waits: {escape(blocker)}")
 
@@ -989,6 +996,29 @@ def rotate_switch(
         )
         shown = rotation.describe(session, switched)
     print_json(shown) if as_json else print_rotation(shown)
+
+
+@rotate_app.command("renew-devices")
+def rotate_renew_devices(
+    data_dir: DataDir,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """After a device-root switch: devices still on the old root renew at their next check."""
+    with opened(data_dir) as (session, pki):
+        uids = rotation.renew_devices(session, pki, group_id)
+        audit.append(
+            session,
+            actor(),
+            "rotation.renew_devices",
+            group_id=group_id,
+            kind=rotation.DEVICE,
+            devices=len(uids),
+        )
+    if as_json:
+        print_json({"devices": uids})
+    else:
+        out.print(f"{len(uids)} device(s) will renew from the new Device Root at their next check")
 
 
 @rotate_app.command("finish")

@@ -43,6 +43,8 @@ class ConsoleConfig:
     # How often devices governed by a compliance policy are judged again without a
     # check-in (a silent device's check-in age grows; overrides expire).
     compliance_sweep_s: float = 60.0
+    # Renewal before expiry inside the console (console/renewer.py): how often; 0: never.
+    renew_interval_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -58,6 +60,8 @@ class ConsoleConfig:
             raise ConfigError("long-poll maximum must be 1-300 s")
         if not 1 <= self.audit_checkpoint_s <= 24 * 3600:
             raise ConfigError("audit checkpoint interval must be 1 s to 24 h")
+        if self.renew_interval_s != 0 and not 10 <= self.renew_interval_s <= 7 * 24 * 3600:
+            raise ConfigError("renewal interval must be 0 (off) or 10 s to 7 days")
         self.syslog_address()  # validated now, used by the checkpointer
         if not 1 <= self.ui_idle_timeout_s <= self.ui_absolute_timeout_s <= 7 * 24 * 3600:
             raise ConfigError("web session timeouts: 1 s <= idle <= absolute <= 7 days")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ssl
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from cryptography import x509
 from sqlalchemy import select
@@ -16,17 +17,19 @@ from certgate.console import local
 from certgate.console.checkpointer import Checkpointer
 from certgate.console.config import ConsoleConfig
 from certgate.console.notify import ChangeWatcher, change_watcher
+from certgate.console.renewer import Renewer
 from certgate.console.services import audit, ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
 from certgate.console.services.snapshots import SnapshotPages
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate, Instance
 from certgate.console.writer import Writer
+from certgate.pki import expiry
 from certgate.pki.authority import Names
 from certgate.pki.keys import PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey, load_master_key
-from certgate.pki.profiles import CONSOLE_TLS
-from certgate.tlsconf import ClientAuth, server_context
+from certgate.pki.profiles import CONSOLE_TLS, RENEWAL_WINDOW
+from certgate.tlsconf import ClientAuth, load_identity, server_context
 
 CONSOLE_TLS_KEY = "console-tls"
 # OpenSSL X509_V_FLAG_NO_CHECK_TIME: the handshake still proves key possession and the
@@ -43,10 +46,13 @@ class ConsoleState:
     notifier: FeedNotifier
     writer: Writer
     snapshot_pages: SnapshotPages
-    crl_cache: ca.CachedCRL | None = None
+    crl_cache: dict[str, ca.CachedCRL] = field(default_factory=dict)  # by Device Root label
     crl_lock: threading.Lock = field(default_factory=threading.Lock)
     change_watcher: ChangeWatcher | None = None  # started and stopped by the app's lifespan
     checkpointer: Checkpointer | None = None  # likewise
+    renewer: Renewer | None = None  # likewise (renewal before expiry)
+    live_tls: ssl.SSLContext | None = None  # the listener's, once built (renewed in place)
+    tls_cert: x509.Certificate | None = None  # the console TLS certificate it presents
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
@@ -56,7 +62,7 @@ class ConsoleState:
             pki = ca.InstancePKI.load(session, master, config.pkcs11)
         notifier = FeedNotifier()
         db.on_commit(lambda info: notifier.notify(info.get(FEED_GROUPS_KEY, ())))
-        return cls(
+        state = cls(
             config,
             db,
             pki,
@@ -66,10 +72,14 @@ class ConsoleState:
             change_watcher=change_watcher(config.db_url, notifier),
             checkpointer=local.checkpointer(config, db, pki),
         )
+        if config.renew_interval_s > 0:
+            state.renewer = Renewer(state, config.renew_interval_s)
+        return state
 
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:
             cert, key = self._console_tls(session)
+        self.tls_cert = cert
         ctx = server_context(
             [cert, self.pki.certs[ca.SECURE_CHANNEL_ROOT]],
             key,
@@ -78,16 +88,39 @@ class ConsoleState:
             alpn=["http/1.1"],
         )
         ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+        self.live_tls = ctx
         return ctx
 
-    def _console_tls(self, session: Session) -> tuple[x509.Certificate, PrivateKey]:
-        """Reuse the console TLS cert while it covers our names and has 30+ days left.
+    def renew_tls(self, session: Session, now: datetime | None = None) -> bool:
+        """Renewal before expiry: when the console TLS certificate in use is within
+        ``RENEWAL_WINDOW`` of its end at ``now``, issue the next one and load it into the
+        live context (new connections get it; open ones keep theirs). True if renewed."""
+        if self.live_tls is None or self.tls_cert is None:
+            return False
+        cert, key = self._console_tls(session, now)
+        if cert == self.tls_cert:
+            return False
+        load_identity(self.live_tls, [cert, self.pki.certs[ca.SECURE_CHANNEL_ROOT]], key)
+        self.tls_cert = cert
+        return True
+
+    def certificates_in_use(self, now: float) -> list[expiry.CertificateInUse]:
+        """What the console presents (its TLS certificate) and the CAs it issues with."""
+        certs = {"console-tls": self.tls_cert} if self.tls_cert is not None else {}
+        return expiry.in_use({**certs, **self.pki.certs}, now)
+
+    def _console_tls(
+        self, session: Session, now: datetime | None = None
+    ) -> tuple[x509.Certificate, PrivateKey]:
+        """Reuse the console TLS cert while it covers our names and is not within its
+        renewal window (``RENEWAL_WINDOW`` at ``now``).
 
         Consoles sharing a database start at the same moment: the instance row is locked
         first, so one of them issues the certificate and the others, once it commits,
         find and reuse it (without the lock both sealed ``console-tls``, and one died on
         the duplicate key). SQLite serialises writers at BEGIN IMMEDIATE anyway."""
         session.execute(select(Instance.id).with_for_update())
+        now = now or ca.now()
         dns, ips = self.config.tls_names()
         row = (
             session.execute(
@@ -98,7 +131,7 @@ class ConsoleState:
             .scalars()
             .first()
         )
-        if row is not None and (row.not_after - ca.now()).days > 30:
+        if row is not None and row.not_after - now > RENEWAL_WINDOW:
             cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             if set(dns) <= set(san.get_values_for_type(x509.DNSName)):

@@ -17,6 +17,9 @@ DAY = timedelta(days=1)
 # expires, and nodes warn about one in use that is this close: time for a rotation's
 # prepare, switch and an overlap before finish.
 RENEWAL_WINDOW = 30 * DAY
+# The longest a TLS server certificate may live, notBefore to notAfter (the CA/Browser
+# Forum's and Mozilla's 398 days): what sslyze's Mozilla check expects of every listener.
+MAX_SERVER_TLS_LIFETIME = 398 * DAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,8 @@ ROOT_CA = Profile("root-ca", 20 * 365 * DAY, True, CA_USAGE, path_length=1)
 INTERMEDIATE_CA = Profile("intermediate-ca", 10 * 365 * DAY, True, CA_USAGE, path_length=0)
 
 CONSOLE_IDENTITY = Profile("console-identity", 3 * 365 * DAY, False, LEAF_USAGE, (CLIENT,))
-TUNNEL_IDENTITY = Profile("tunnel-identity", 2 * 365 * DAY, False, LEAF_USAGE, (SERVER, CLIENT))
+# Server certificates: renewed by rotation (RENEWAL_WINDOW) well within their lifetime.
+TUNNEL_IDENTITY = Profile("tunnel-identity", 397 * DAY, False, LEAF_USAGE, (SERVER, CLIENT))
 CONSOLE_TLS = Profile("console-tls", 365 * DAY, False, LEAF_USAGE, (SERVER,))
 SERVICE_TLS = Profile("service-tls", 365 * DAY, False, LEAF_USAGE, (SERVER, CLIENT))
 ADMIN_CLIENT = Profile("admin-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))

@@ -249,7 +249,7 @@ def run(
         str | None,
         typer.Option(
             help="Pin one key-exchange curve (prime256v1, secp384r1, X25519); "
-            "default: OpenSSL's list."
+            "default: X25519, P-256 and P-384."
         ),
     ] = None,
     config_file: ConfigFile = None,
@@ -260,6 +260,13 @@ def run(
             "(default: the usable CPUs); 1 serves from this process."
         ),
     ] = None,
+    tls_backend: Annotated[
+        str,
+        typer.Option(
+            help="TLS library of the data plane: pyopenssl (default: OpenSSL of the "
+            "cryptography wheel, faster) or ssl (Python's, the system OpenSSL)."
+        ),
+    ] = "pyopenssl",
 ) -> None:
     """Serve the data plane: follow the console's signed feed, admit known devices."""
     from certgate.tunnel.runner import RunOptions
@@ -278,6 +285,7 @@ def run(
             drain_s=drain_s,
             tls_curve=tls_curve,
             workers=usable_cpus() if workers is None else workers,
+            tls_backend=tls_backend,
         )
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:

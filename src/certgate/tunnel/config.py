@@ -98,6 +98,8 @@ DEFAULT_MAX_STALENESS_S = 300.0
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_FILE_BYTES = 1024 * 1024
 
+MAX_DEVICE_ROOTS = 2  # the current one and a rotation's other one
+
 
 @dataclass(frozen=True, slots=True)
 class TunnelSettings:
@@ -140,7 +142,7 @@ class TunnelState:
     node_name: str
     root: x509.Certificate
     secure_channel_root: x509.Certificate
-    device_root: x509.Certificate
+    device_roots: tuple[x509.Certificate, ...]  # the current one first (rotation overlap)
     console_identity: x509.Certificate
     tunnel_cert: x509.Certificate
     tunnel_chain: tuple[x509.Certificate, ...]  # after the leaf: Secure Channel Root, Root
@@ -150,6 +152,11 @@ class TunnelState:
     @property
     def tunnel_thumbprint(self) -> str:
         return thumbprint(self.tunnel_cert)
+
+    @property
+    def device_root(self) -> x509.Certificate:
+        """The Device Root the console issues with now."""
+        return self.device_roots[0]
 
 
 def check_node_name(name: str) -> str:
@@ -298,9 +305,10 @@ def _same_cert(pem: object, cert: x509.Certificate, what: str) -> None:
 
 def _verified_trust(
     token: bytes, console: x509.Certificate, group_id: str, pinned: dict[str, x509.Certificate]
-) -> tuple[TrustConfig, x509.Certificate]:
+) -> tuple[TrustConfig, tuple[x509.Certificate, ...]]:
     """Verify ``trust.jws`` with the pinned console identity; cross-check every anchor it
-    names against the files; return the settings and the Device Root it carries."""
+    names against the files; return the settings and the Device Roots it carries (two
+    during a Device Root rotation)."""
     try:
         payload = jws.verify(token, console, jws.TYP_TRUST, group_id)
     except CertgateError as exc:
@@ -314,10 +322,11 @@ def _verified_trust(
         if payload.get(key) != thumbprint(pinned[name]):
             raise ConfigError(f"trust config names a different {name} identity")
     device_roots = load_certs(str(payload.get("device_root", "")).encode(), "device root")
-    if len(device_roots) != 1:
-        raise ConfigError("trust config: expected one Device Root")
-    verify_signed_by_root(device_roots[0], pinned["root"], "Device Root")
-    return parse_trust(payload), device_roots[0]
+    if not 1 <= len(device_roots) <= MAX_DEVICE_ROOTS:
+        raise ConfigError(f"trust config: expected 1 to {MAX_DEVICE_ROOTS} Device Roots")
+    for device_root in device_roots:
+        verify_signed_by_root(device_root, pinned["root"], "Device Root")
+    return parse_trust(payload), tuple(device_roots)
 
 
 def _state_json(data: bytes) -> tuple[str, str, str]:
@@ -359,7 +368,7 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
     verify_identity(tunnel, scr, root, identity.tunnel(group_id))
     _check_key_matches(key, tunnel)
     pinned = {"root": root, "scr": scr, "console": console, "tunnel": tunnel}
-    trust, device_root = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
+    trust, device_roots = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
     return TunnelState(
         state_dir=state_dir,
         group_id=group_id,
@@ -367,7 +376,7 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
         node_name=node_name,
         root=root,
         secure_channel_root=scr,
-        device_root=device_root,
+        device_roots=device_roots,
         console_identity=console,
         tunnel_cert=tunnel,
         tunnel_chain=(scr, root),

@@ -18,10 +18,10 @@ from pathlib import Path
 from cryptography import x509
 
 from certgate.errors import CertgateError, ConfigError
-from certgate.feed import CONSOLE_IDENTITY, TrustUpdate, tunnel_key_context
+from certgate.feed import CONSOLE_IDENTITY, DEVICE_ROOT, TrustUpdate, tunnel_key_context
 from certgate.pki import keywrap
+from certgate.pki.expiry import RENEWAL_WINDOW_S, CertificateInUse, in_use
 from certgate.pki.keys import PrivateKey
-from certgate.pki.profiles import RENEWAL_WINDOW
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState
@@ -37,42 +37,19 @@ __all__ = [
     "store_identity",
 ]
 
-RENEWAL_WINDOW_S = RENEWAL_WINDOW.total_seconds()
-
-
-@dataclass(frozen=True, slots=True)
-class CertificateInUse:
-    name: str  # what rotates it: tunnel-identity, console-identity, device-root, ...
-    not_after: float  # POSIX seconds
-    expires_in_s: float
-
-    @property
-    def renewal_due(self) -> bool:
-        return self.expires_in_s <= RENEWAL_WINDOW_S
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "not_after": int(self.not_after),
-            "expires_in_s": int(self.expires_in_s),
-            "renewal_due": self.renewal_due,
-        }
-
 
 def certificates_in_use(state: TunnelState, now: float) -> list[CertificateInUse]:
     """Every certificate the node presents or trusts, with its time to expiry."""
-    certs = {
-        "tunnel-identity": state.tunnel_cert,
-        "console-identity": state.console_identity,
-        "device-root": state.device_root,
-        "secure-channel-root": state.secure_channel_root,
-        "root": state.root,
-    }
-    return [
-        CertificateInUse(name, end, end - now)
-        for name, cert in certs.items()
-        for end in [cert.not_valid_after_utc.timestamp()]
-    ]
+    return in_use(
+        {
+            "tunnel-identity": state.tunnel_cert,
+            "console-identity": state.console_identity,
+            "device-root": state.device_root,
+            "secure-channel-root": state.secure_channel_root,
+            "root": state.root,
+        },
+        now,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +67,14 @@ class NextIdentity:
         """The new identity's: the console identity's or the tunnel identity's."""
         if kind == CONSOLE_IDENTITY:
             return thumbprint(self.state.console_identity)
+        if kind == DEVICE_ROOT:
+            return ",".join(device_root_thumbprints(self.state))
         return self.state.tunnel_thumbprint
+
+
+def device_root_thumbprints(state: TunnelState) -> list[str]:
+    """The Device Roots the node trusts (the console's rotation status reads them)."""
+    return [thumbprint(root) for root in state.device_roots]
 
 
 def _certificate(op: TrustUpdate) -> x509.Certificate:
@@ -105,6 +89,8 @@ def is_current(state: TunnelState, op: TrustUpdate) -> bool:
         return False
     if op.kind == CONSOLE_IDENTITY:
         return cert == state.console_identity
+    if op.kind == DEVICE_ROOT:  # the trust config decides; applying it again is harmless
+        return False
     return thumbprint(cert) == state.tunnel_thumbprint
 
 
@@ -117,6 +103,8 @@ def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
         key = state.tunnel_key
         if op.kind == CONSOLE_IDENTITY:
             files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
+        elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
+            pass
         else:
             files[config.TUNNEL_PEM] = op.certificate.encode()
             key = _opened_key(state, op, cert)

@@ -25,7 +25,13 @@ from certgate.heap import freeze_startup_heap
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
-from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.service import (
+    DEFAULT_TLS_BACKEND,
+    TLS_BACKENDS,
+    Endpoint,
+    TunnelService,
+    data_plane_tls,
+)
 from certgate.tunnel.sync import FeedFollower
 
 log = logging.getLogger("certgate.tunnel")
@@ -42,7 +48,8 @@ class RunOptions:
     admin: Endpoint | None = field(default_factory=lambda: Endpoint("127.0.0.1", 9102))
     loop: str = "asyncio"
     drain_s: float = 30.0
-    tls_curve: str | None = None  # None: OpenSSL's default group list
+    tls_curve: str | None = None  # None: tlsconf.GROUPS
+    tls_backend: str = DEFAULT_TLS_BACKEND
     limits: Limits = field(default_factory=Limits)
     workers: int = 1  # 1: this process serves; more: tunnel.workers (one follower, N servers)
 
@@ -51,6 +58,10 @@ class RunOptions:
             raise ConfigError(f"event loop must be one of {LOOPS}, got {self.loop!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
+        if self.tls_backend not in TLS_BACKENDS:
+            raise ConfigError(
+                f"TLS backend must be one of {TLS_BACKENDS}, got {self.tls_backend!r}"
+            )
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -81,8 +92,9 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
     tls = data_plane_tls(
         [state.tunnel_cert, *state.tunnel_chain],
         state.tunnel_key,
-        state.device_root,
+        state.device_roots,
         options.tls_curve,
+        options.tls_backend,
     )
     service = TunnelService(
         Gate(state.group_id, follower),
@@ -106,8 +118,9 @@ def build(state: TunnelState, options: RunOptions) -> tuple[TunnelService, FeedF
             data_plane_tls(
                 [rotated.tunnel_cert, *rotated.tunnel_chain],
                 rotated.tunnel_key,
-                rotated.device_root,
+                rotated.device_roots,
                 options.tls_curve,
+                options.tls_backend,
             )
         )
 
@@ -128,11 +141,12 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
     report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
     frozen = freeze_startup_heap()  # full collections stop traversing start-up (certgate.heap)
     log.info(
-        "tunnel node %s of group %s serving (loop=%s; %d start-up objects left out of"
-        " garbage collection)",
+        "tunnel node %s of group %s serving (loop=%s, tls=%s; %d start-up objects left out"
+        " of garbage collection)",
         state.node_name,
         state.group_id,
         options.loop,
+        options.tls_backend,
         frozen,
     )
     await stop.wait()

@@ -20,9 +20,10 @@ reset by peer"), never a close_notify it could take for a complete response (wha
 client observes, also behind HAProxy: docs/CONVENTIONS.md).
 
 The shell is callbacks on socket readiness (``sockets.Watched``), not asyncio transports: the
-accepted socket becomes a non-blocking ``ssl.SSLSocket`` whose handshake is driven here,
-so a failed handshake (expired, wrong CA, self-signed, no certificate) is caught and logged
-with its reason, and connection limits apply before any cryptography is spent. It runs
+accepted socket gets TLS from the listener's backend (``sockets.ServerTLS``: Python's
+``ssl`` or pyOpenSSL) and its handshake is driven here, so a failed handshake (expired,
+wrong CA, self-signed, no certificate) is caught and logged with its reason, the same on
+both backends, and connection limits apply before any cryptography is spent. It runs
 unchanged on the stdlib loop and on uvloop. Every denial is logged with device,
 thumbprint, app, destination and reason.
 """
@@ -34,8 +35,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import ssl
-import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -74,10 +73,13 @@ from certgate.tunnel.sockets import (
     TLS_MAX_PLAINTEXT,
     Dialer,
     End,
+    HandshakeClosed,
+    HandshakeRefused,
     IPAddress,
+    ServerTLS,
+    TLSBlocked,
     TLSEnd,
     Want,
-    Watched,
     ip_literal,
 )
 from certgate.tunnel.table import TableView
@@ -183,7 +185,6 @@ class Phase(Enum):
 
 
 _ADMITTED_PHASES = frozenset({Phase.CONNECTING, Phase.RELAYING})
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 
 
 class Registry:
@@ -232,7 +233,7 @@ class Listener:
     """One listening mode of the shared data plane."""
 
     mode: Mode
-    tls: ssl.SSLContext
+    tls: ServerTLS
     name: str
 
 
@@ -290,9 +291,7 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = listener.tls.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
+        tls = listener.tls.accept(asyncio.get_running_loop(), sock)
     except OSError as exc:  # reset before we got to it
         log.info("%s closed before the TLS handshake (%s)", peer_addr, exc)
         sock.close()
@@ -307,14 +306,12 @@ LINGER_MAX_BYTES = 1024 * 1024
 class ClientConnection:
     """One client: TLS, one request head, then a relay to one destination."""
 
-    def __init__(
-        self, shared: Shared, listener: Listener, tls: ssl.SSLSocket, peer_addr: str
-    ) -> None:
-        self.shared, self.listener, self.tls = shared, listener, tls
+    def __init__(self, shared: Shared, listener: Listener, tls: TLSEnd, peer_addr: str) -> None:
+        self.shared, self.listener = shared, listener
         self.stats: ListenerMetrics = shared.metrics.listener(listener.name, listener.mode.value)
         self.loop = asyncio.get_running_loop()
         self.phase = Phase.HANDSHAKE
-        self.client = TLSEnd(tls, Watched(self.loop, tls.fileno()))
+        self.client = tls
         self.upstream: End | None = None
         self.peer: PeerIdentity | None = None
         self.peer_addr = peer_addr
@@ -331,7 +328,7 @@ class ClientConnection:
         self.opened = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._dialer: Dialer | None = None
-        self._final = b""
+        self._final = memoryview(b"")
         self._lingered = 0
 
     @property
@@ -358,10 +355,9 @@ class ClientConnection:
             self._timer.cancel()
             self._timer = None
 
-    def _retry_when_ready(self, blocked: ssl.SSLError, step: Callable[[], None]) -> None:
+    def _retry_when_ready(self, blocked: TLSBlocked, step: Callable[[], None]) -> None:
         """Run ``step`` again once the client socket is ready for what OpenSSL wants."""
-        want = Want.READ if isinstance(blocked, ssl.SSLWantReadError) else Want.WRITE
-        self.client.watched.wait(want, step)
+        self.client.watched.wait(blocked.want, step)
 
     # -- TLS --------------------------------------------------------------------------
 
@@ -369,16 +365,16 @@ class ClientConnection:
         if self.phase is not Phase.HANDSHAKE:
             return
         try:
-            self.tls.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            self.client.handshake()
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._handshake)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+        except HandshakeClosed as exc:
             # A TCP probe (load balancer health check, port scan) closing before or during
             # the handshake: not a certificate decision, so not a denial.
-            log.info("%s closed during the TLS handshake (%s)", self.peer_addr, type(exc).__name__)
+            log.info("%s closed during the TLS handshake (%s)", self.peer_addr, exc)
             self._drop()
-        except OSError as exc:
-            self._refuse_handshake(_tls_reason(exc))
+        except HandshakeRefused as exc:
+            self._refuse_handshake(exc.reason)
         else:
             self._tls_established()
 
@@ -405,7 +401,7 @@ class ClientConnection:
 
     def _tls_established(self) -> None:
         self.stats.connections += 1
-        der = self.tls.getpeercert(binary_form=True)
+        der = self.client.peer_der()
         try:
             if der is None:
                 raise ChainError("no client certificate")
@@ -429,10 +425,8 @@ class ClientConnection:
             return
         buffer = self.shared.head_buffer  # one record at most: nothing stays inside OpenSSL
         try:
-            n = self.tls.recv_into(buffer, len(buffer))
-        except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
-            n = 0
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            n = self.client.recv_once(memoryview(buffer))
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._read_head)
             return
         except OSError as exc:
@@ -664,7 +658,7 @@ class ClientConnection:
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
         self.phase = Phase.CLOSING
-        self._final = data
+        self._final = memoryview(data)
         self._arm(LINGER_S, self._drop)
         self._write_final()
 
@@ -672,8 +666,9 @@ class ClientConnection:
         if self.phase is not Phase.CLOSING:
             return
         try:
-            self.tls.send(self._final)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
+            while self._final:  # pyOpenSSL may take part of it
+                self._final = self._final[self.client.send_once(self._final) :]
+        except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._write_final)
             return
         except OSError:
@@ -681,7 +676,7 @@ class ClientConnection:
             return
         self._close_notify()
         try:
-            self.tls.shutdown(socket.SHUT_WR)  # from here on the socket is plain TCP
+            self.client.shutdown_write()  # from here on the socket is plain TCP
         except OSError:
             self._drop()
             return
@@ -691,7 +686,7 @@ class ClientConnection:
         if self.phase is not Phase.CLOSING:
             return
         try:
-            while data := self.tls.recv(65536):
+            while data := self.client.drain(65536):
                 self._lingered += len(data)
                 if self._lingered > LINGER_MAX_BYTES:
                     break
@@ -707,10 +702,7 @@ class ClientConnection:
 
     def _close_notify(self) -> None:
         """Send TLS close_notify, best effort: never wait for the client's."""
-        try:
-            self.tls.unwrap()
-        except OSError:  # ssl.SSLWantReadError included: the client's is never awaited
-            pass
+        self.client.close_notify()
 
     def judge(self, gate: Gate) -> Denial | None:
         """The gate's verdict on this admitted connection now."""
@@ -735,7 +727,7 @@ class ClientConnection:
             extra=self._event("close", denial.reason, cause=cause, detail=denial.detail),
         )
         with contextlib.suppress(OSError):
-            self.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            self.client.reset_on_close()
         self._drop()
 
     def abort(self, reason: str) -> None:
@@ -803,13 +795,3 @@ def end_entity_client(cert: x509.Certificate) -> x509.Certificate:
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise ChainError("client certificate is not for clientAuth")
     return cert
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"client certificate rejected: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or exc.strerror or str(exc)
-    if isinstance(exc, TimeoutError):
-        return "handshake timed out"
-    return f"{type(exc).__name__}: {exc}"

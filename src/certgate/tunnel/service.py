@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certgate.addresses import ListenAddress
 from certgate.feed import PolicyUpdate
+from certgate.pki import expiry
 from certgate.pki.keys import PrivateKey
-from certgate.tlsconf import ClientAuth, server_context
+from certgate.tlsconf import ClientAuth, pyopenssl_server_context, server_context
 from certgate.tunnel.admission import Mode
 from certgate.tunnel.metrics import TunnelMetrics
 from certgate.tunnel.persist import atomic_write
 from certgate.tunnel.rules import Transport
 from certgate.tunnel.server import Gate, Limits, Listener, Phase, Shared, accept_client
-from certgate.tunnel.sockets import Acceptor
+from certgate.tunnel.sockets import Acceptor, PyOpenSSLServerTLS, ServerTLS, StdlibServerTLS
 from certgate.tunnel.sync import FeedChange
 
 log = logging.getLogger("certgate.tunnel")
@@ -44,8 +44,12 @@ ADMIN_MAX_REQUEST = 8 * 1024
 # after the first makes OpenSSL 3.0 copy the session through i2d/d2i, which re-decodes the
 # client certificate (about 0.1 ms a connection here, bench/FINDINGS.md). One is what a
 # client resuming one connection at a time needs (every resumption brings a new ticket),
-# and RFC 8446 appendix C.4 asks clients to use each ticket once.
+# and RFC 8446 appendix C.4 asks clients to use each ticket once. The ``ssl`` backend only:
+# pyOpenSSL cannot set the number (bench/FINDINGS.md).
 TLS13_TICKETS = 1
+TLS_BACKENDS = ("pyopenssl", "ssl")
+DEFAULT_TLS_BACKEND = "pyopenssl"  # faster handshakes (OpenSSL 4 against 3.0): bench/FINDINGS.md
+SESSION_ID_CONTEXT = b"certgate-tunnel-data-plane"
 
 
 Endpoint = ListenAddress  # the data plane's name for a listen address
@@ -92,7 +96,7 @@ def moved_ports(
 @dataclass
 class TunnelService:
     gate: Gate
-    tls: ssl.SSLContext
+    tls: ServerTLS
     proxy: Endpoint | None
     per_app: Endpoint | None
     admin: Endpoint | None = None
@@ -143,7 +147,7 @@ class TunnelService:
         self.bound[name] = server.sockets[0].getsockname()[1]
         log.info("%s listening on %s", name, server.sockets[0].getsockname()[:2])
 
-    def swap_tls(self, tls: ssl.SSLContext) -> None:
+    def swap_tls(self, tls: ServerTLS) -> None:
         """Serve new connections with ``tls`` (built aside by the caller); connections
         open now keep the context they were accepted with, so none is closed."""
         self.tls = tls
@@ -300,12 +304,9 @@ class TunnelService:
 
 def renewal_warnings(sync: dict[str, Any]) -> list[str]:
     """A line for each certificate in use that is within its renewal window."""
-    return [
-        f"{cert['name']} expires in {cert['expires_in_s'] // 86400} days: rotate it"
-        f" (certgate console rotate {cert['name']} ...)"
-        for cert in sync.get("certificates", [])
-        if cert["renewal_due"]
-    ]
+    return expiry.warnings(
+        sync.get("certificates", []), "rotate it (certgate console rotate {name} ...)"
+    )
 
 
 async def _read_target(reader: asyncio.StreamReader) -> str:
@@ -335,18 +336,35 @@ def _h11_response(status: int, headers: list[tuple[str, str]], body: bytes) -> b
 def data_plane_tls(
     chain: list[x509.Certificate],
     key: PrivateKey,
-    device_root: x509.Certificate,
+    device_roots: Sequence[x509.Certificate],
     curve: str | None = None,
-) -> ssl.SSLContext:
-    """The listeners' TLS: the tunnel identity; client certs REQUIRED from the Device Root."""
+    backend: str = DEFAULT_TLS_BACKEND,
+) -> ServerTLS:
+    """The listeners' TLS: the tunnel identity; client certs REQUIRED from a Device Root
+    (two during a Device Root rotation).
+    ``backend``: Python's ``ssl`` or pyOpenSSL, with the same versions, suites, groups and
+    verification."""
+    if backend == "pyopenssl":
+        return PyOpenSSLServerTLS(
+            pyopenssl_server_context(
+                chain,
+                key,
+                client_cas=list(device_roots),
+                session_id=SESSION_ID_CONTEXT,
+                alpn=b"http/1.1",
+                curve=curve,
+            )
+        )
+    if backend != "ssl":
+        raise ValueError(f"TLS backend must be one of {TLS_BACKENDS}, got {backend!r}")
     ctx = server_context(
         chain,
         key,
-        client_cas=[device_root],
+        client_cas=list(device_roots),
         client_auth=ClientAuth.REQUIRED,
         alpn=["http/1.1"],
         anchor_is_issuer=True,
         curve=curve,
     )
     ctx.num_tickets = TLS13_TICKETS
-    return ctx
+    return StdlibServerTLS(ctx)

@@ -4,12 +4,14 @@ Why not asyncio transports: asyncio's SSL transport (``asyncio.sslproto``) runs 
 memory BIOs in pure Python and allocates and zero-fills a 256 KiB read buffer for every
 connection; that shell cost more CPU per new connection than OpenSSL's handshake itself
 (bench/FINDINGS.md). Here OpenSSL reads and writes the socket itself (a non-blocking
-``ssl.SSLSocket``), and Python only reacts to readiness (``loop.add_reader``/``add_writer``),
-which the stdlib loop and uvloop both provide, so the data plane runs on either.
+``ssl.SSLSocket``, or a pyOpenSSL ``Connection`` on the socket), and Python only reacts to
+readiness (``loop.add_reader``/``add_writer``), which the stdlib loop and uvloop both
+provide, so the data plane runs on either, with either TLS backend.
 
 * ``Watched``: one socket's readiness callbacks, registered only while someone waits.
 * ``End``/``TLSEnd``: non-blocking reads and writes that raise ``WouldBlock`` naming the
-  readiness to wait for.
+  readiness to wait for; ``TLSEnd`` has one implementation per TLS backend.
+* ``ServerTLS``: a backend's server context, starting TLS on an accepted socket.
 * ``Acceptor``: a listening socket accepting in batches.
 * ``Dialer``: a non-blocking connect to each of a destination's addresses in turn.
 """
@@ -24,9 +26,14 @@ import logging
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
+
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 log = logging.getLogger("certgate.tunnel")
 TLS_MAX_PLAINTEXT = 16 * 1024  # RFC 8446 section 5.1: a record carries at most 2^14 bytes
@@ -136,21 +143,85 @@ class End:
             raise WouldBlock(self, Want.WRITE) from None
 
 
-class TLSEnd(End):
-    """The client side: OpenSSL reads and writes the socket itself.
+class TLSBlocked(Exception):
+    """A TLS operation must wait for ``want`` on the client socket."""
 
-    The socket must be wrapped with ``suppress_ragged_eofs=False``: a TCP close without
-    close_notify then sets ``ragged``, and the shell does not answer a client that is
-    already gone with a close_notify of its own.
+    def __init__(self, want: Want) -> None:
+        self.want = want
+
+
+class HandshakeClosed(OSError):
+    """The client reset or closed the connection during the handshake (no decision)."""
+
+
+class HandshakeRefused(OSError):
+    """The handshake failed; ``reason`` is what the refusal is logged with."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TLSEnd(End):
+    """The client side of a tunnel: TLS on a non-blocking socket, one backend's way.
+
+    Both backends let OpenSSL read and write the socket itself; only the library differs
+    (``StdlibTLSEnd``: Python's ``ssl``; ``PyOpenSSLTLSEnd``: the OpenSSL inside the
+    cryptography wheel). The relay uses ``read_into``/``write``; the connection's other
+    steps use the methods below, which raise the same exceptions on both backends:
+    ``TLSBlocked`` to wait, ``HandshakeClosed``/``HandshakeRefused`` from ``handshake``,
+    ``OSError`` for a failed connection. ``ragged``: the TCP connection closed without
+    close_notify, so the shell does not answer a client already gone with one of its own.
     """
 
     __slots__ = ("ragged",)
 
-    sock: ssl.SSLSocket
-
-    def __init__(self, sock: ssl.SSLSocket, watched: Watched) -> None:
+    def __init__(self, sock: socket.socket, watched: Watched) -> None:
         super().__init__(sock, watched)
         self.ragged = False
+
+    def handshake(self) -> None:
+        raise NotImplementedError
+
+    def peer_der(self) -> bytes | None:
+        """The verified client certificate (DER), or None."""
+        raise NotImplementedError
+
+    def recv_once(self, view: memoryview) -> int:
+        """One read of at most one record; 0 at the client's end (ragged or not)."""
+        raise NotImplementedError
+
+    def send_once(self, view: memoryview) -> int:
+        raise NotImplementedError
+
+    def close_notify(self) -> None:
+        """Send close_notify, best effort: never wait for the client's."""
+        raise NotImplementedError
+
+    def shutdown_write(self) -> None:
+        """Shut the TCP write side (after close_notify)."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def drain(self, size: int) -> bytes:
+        """Read what the client still sends after the final answer (``BlockingIOError``
+        when nothing is there yet)."""
+        return self.sock.recv(size)
+
+    def reset_on_close(self) -> None:
+        """Make the close a TCP reset (SO_LINGER 0)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+
+
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
+
+
+class StdlibTLSEnd(TLSEnd):
+    """Python's ``ssl``. The socket must be wrapped with ``suppress_ragged_eofs=False``, so
+    a TCP close without close_notify is told apart (``ssl.SSLEOFError``)."""
+
+    __slots__ = ()
+
+    sock: ssl.SSLSocket
 
     def read_into(self, view: memoryview) -> tuple[int, Want | None]:
         got, room = 0, len(view) - TLS_MAX_PLAINTEXT
@@ -190,6 +261,211 @@ class TLSEnd(End):
             raise WouldBlock(self, Want.WRITE) from None
         except ssl.SSLWantReadError:
             raise WouldBlock(self, Want.READ) from None
+
+    def handshake(self) -> None:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except ssl.SSLWantWriteError:
+            raise TLSBlocked(Want.WRITE) from None
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+            raise HandshakeClosed(type(exc).__name__) from exc
+        except OSError as exc:
+            raise HandshakeRefused(_stdlib_reason(exc)) from exc
+
+    def peer_der(self) -> bytes | None:
+        return self.sock.getpeercert(binary_form=True)
+
+    def recv_once(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view, len(view))
+        except ssl.SSLEOFError:  # closed without close_notify: the same end for the parser
+            return 0
+        except ssl.SSLWantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except ssl.SSLWantWriteError:
+            raise TLSBlocked(Want.WRITE) from None
+
+    def send_once(self, view: memoryview) -> int:
+        try:
+            return self.sock.send(view)
+        except ssl.SSLWantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except ssl.SSLWantWriteError:
+            raise TLSBlocked(Want.WRITE) from None
+
+    def close_notify(self) -> None:
+        try:
+            self.sock.unwrap()
+        except OSError:  # ssl.SSLWantReadError included: the client's is never awaited
+            pass
+
+
+def _stdlib_reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"client certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.strerror or str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PyOpenSSLTLSEnd(TLSEnd):
+    """pyOpenSSL: the OpenSSL of the cryptography wheel, on the raw socket (``sock``).
+
+    pyOpenSSL's contexts set SSL_MODE_ENABLE_PARTIAL_WRITE and
+    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, so a write may take part of ``view`` and a retry
+    may pass a different buffer. Its errors are not ``OSError``s; they are turned into
+    ones here, which is what the relay and the connection expect.
+    """
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: SSL.Connection, sock: socket.socket, watched: Watched) -> None:
+        super().__init__(sock, watched)
+        self.conn = conn
+
+    def read_into(self, view: memoryview) -> tuple[int, Want | None]:
+        got, room = 0, len(view) - TLS_MAX_PLAINTEXT
+        while got <= room:  # as StdlibTLSEnd.read_into, for the same reasons
+            try:
+                n = self._read(view[got:])
+            except TLSBlocked as blocked:
+                if not got:
+                    raise WouldBlock(self, blocked.want) from None
+                return got, blocked.want
+            if n == TLS_MAX_PLAINTEXT:
+                got += n
+                continue
+            if n:
+                return got + n, Want.READ
+            return got, None  # at_eof (and ragged) set by _read
+        return got, None
+
+    def _read(self, view: memoryview) -> int:
+        # SSL_read straight into ``view``: Connection.recv_into reads into a temporary
+        # buffer and copies it (one allocation and one copy per record).
+        conn = self.conn
+        with _ffi.from_buffer(view, require_writable=True) as data:
+            n: int = _lib.SSL_read(conn._ssl, data, len(view))
+        if n > 0:
+            return n
+        try:
+            conn._raise_ssl_error(conn._ssl, n)
+        except SSL.WantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except SSL.WantWriteError:  # a TLS 1.3 KeyUpdate answer must go out first
+            raise TLSBlocked(Want.WRITE) from None
+        except SSL.ZeroReturnError:  # close_notify
+            self.at_eof = True
+            return 0
+        except SSL.SysCallError as exc:
+            if exc.args[0] == -1:  # TCP closed without close_notify
+                self.at_eof = self.ragged = True
+                return 0
+            raise OSError(exc.args[0], str(exc.args[1])) from None
+        except SSL.Error as exc:
+            raise OSError(f"TLS error: {_pyopenssl_reason(exc)}") from None
+        self.at_eof = True
+        return 0
+
+    def write(self, view: memoryview) -> int:
+        try:
+            return self.send_once(view)
+        except TLSBlocked as blocked:
+            raise WouldBlock(self, blocked.want) from None
+
+    def handshake(self) -> None:
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except SSL.WantWriteError:
+            raise TLSBlocked(Want.WRITE) from None
+        except SSL.SysCallError as exc:  # reset, or closed without an alert
+            raise HandshakeClosed(str(exc.args[1])) from None
+        except SSL.Error as exc:
+            raise HandshakeRefused(self._refusal(exc)) from None
+
+    def _refusal(self, exc: SSL.Error) -> str:
+        """The same words as ``_stdlib_reason``: the verify message, else OpenSSL's reason
+        in its macro form (what Python's ``ssl`` reports)."""
+        reason = _pyopenssl_reason(exc)
+        if reason == "CERTIFICATE_VERIFY_FAILED":
+            code = _lib.SSL_get_verify_result(self.conn._ssl)
+            message = _ffi.string(_lib.X509_verify_cert_error_string(code)).decode()
+            return f"client certificate rejected: {message}"
+        return reason
+
+    def peer_der(self) -> bytes | None:
+        # i2d straight from OpenSSL's X509: a cryptography Certificate would be built only
+        # to be encoded again (about 20 us a connection).
+        cert = self.conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+    def recv_once(self, view: memoryview) -> int:
+        return self._read(view)
+
+    def send_once(self, view: memoryview) -> int:
+        try:
+            return self.conn.send(view)
+        except SSL.WantReadError:
+            raise TLSBlocked(Want.READ) from None
+        except SSL.WantWriteError:
+            raise TLSBlocked(Want.WRITE) from None
+        except SSL.SysCallError as exc:
+            raise OSError(exc.args[0], str(exc.args[1])) from None
+        except SSL.Error as exc:
+            raise OSError(f"TLS error: {_pyopenssl_reason(exc)}") from None
+
+    def close_notify(self) -> None:
+        try:
+            self.conn.shutdown()
+        except SSL.Error:  # want-read included: the client's is never awaited
+            pass
+
+
+def _pyopenssl_reason(exc: SSL.Error) -> str:
+    """OpenSSL's first reason as Python's ``ssl`` names it (``SSLError.reason``): the
+    reason string in macro form, e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE."""
+    errors = exc.args[0] if exc.args else None
+    if isinstance(errors, list) and errors and isinstance(errors[0], tuple):
+        return str(errors[0][-1]).upper().replace(" ", "_")
+    return str(exc)
+
+
+class ServerTLS:
+    """A data-plane TLS context of one backend; ``accept`` starts TLS on a new socket."""
+
+    backend = ""
+
+    def accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> TLSEnd:
+        raise NotImplementedError
+
+
+class StdlibServerTLS(ServerTLS):
+    backend = "ssl"
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+
+    def accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> TLSEnd:
+        tls = self.ctx.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
+        return StdlibTLSEnd(tls, Watched(loop, tls.fileno()))
+
+
+class PyOpenSSLServerTLS(ServerTLS):
+    backend = "pyopenssl"
+
+    def __init__(self, ctx: SSL.Context) -> None:
+        self.ctx = ctx
+
+    def accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> TLSEnd:
+        conn = SSL.Connection(self.ctx, sock)
+        conn.set_accept_state()
+        return PyOpenSSLTLSEnd(conn, sock, Watched(loop, sock.fileno()))
 
 
 ACCEPT_BATCH = 64

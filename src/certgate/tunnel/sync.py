@@ -61,6 +61,7 @@ from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.feed import (
     CONSOLE_IDENTITY,
+    DEVICE_ROOT,
     FEED_VERSION,
     MIN_FEED_VERSION,
     TUNNEL_IDENTITY,
@@ -230,6 +231,7 @@ class FeedFollower:
             "next_console_identity": self._next.get(CONSOLE_IDENTITY),
             "identity_error": self._identity_error,
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
+            "device_roots": rotation.device_root_thumbprints(self.state),
         }
 
     # Startup
@@ -531,6 +533,9 @@ class FeedFollower:
             if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
                 self._other_signers = ()  # the new console identity alone from now on
             return
+        if op.kind == DEVICE_ROOT:
+            await self._apply_device_roots(op)
+            return
         try:
             identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
             if op.kind == TUNNEL_IDENTITY and op.phase is not RotationPhase.PREPARE:
@@ -555,6 +560,33 @@ class FeedFollower:
             self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
             log.error("%s; a restart would use the old one", self._identity_error)
 
+    async def _apply_device_roots(self, op: TrustUpdate) -> None:
+        """A Device Root rotation step: every step's trust config lists the Device Roots to
+        trust from now on; the data plane's client-CA set is rebuilt aside and swapped
+        (connections already admitted stay up), then stored. Failures keep the set in use."""
+        try:
+            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
+            if identity.state.device_roots == self.state.device_roots:
+                return
+            if self._on_identity is not None:
+                self._on_identity(identity.state)
+        except (CertgateError, OSError) as exc:
+            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
+            log.error("%s; keeping the Device Roots in use", self._identity_error)
+            return
+        self._use(identity.state, op)
+        log.info(
+            "rotation %d (%s): now trusting Device Roots %s",
+            op.rotation,
+            op.phase.value,
+            identity.thumbprint(op.kind),
+        )
+        try:
+            await asyncio.to_thread(rotation.store_identity, identity)
+        except OSError as exc:
+            self._identity_error = f"rotation {op.rotation}: Device Roots not stored: {exc}"
+            log.error("%s; a restart would use the old ones", self._identity_error)
+
     def _use(self, state: TunnelState, op: TrustUpdate) -> None:
         """Use ``state`` from now on. A new tunnel identity is presented to the console
         from the next request (requests in flight on the old client finish; it is closed
@@ -565,7 +597,7 @@ class FeedFollower:
         if op.kind == CONSOLE_IDENTITY:
             finished = op.phase is RotationPhase.FINISH
             self._other_signers = () if finished else (previous.console_identity,)
-        elif self._client is not None:
+        elif op.kind == TUNNEL_IDENTITY and self._client is not None:
             self._retired_clients.append(self._client)
             self._client = None
 

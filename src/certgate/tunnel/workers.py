@@ -129,7 +129,7 @@ def _identity_message(state: TunnelState) -> dict[str, Any]:
             c.public_bytes(Encoding.PEM).decode() for c in (state.tunnel_cert, *state.tunnel_chain)
         ],
         "key": private_key_pem(state.tunnel_key).decode(),
-        "device_root": state.device_root.public_bytes(Encoding.PEM).decode(),
+        "device_roots": [root.public_bytes(Encoding.PEM).decode() for root in state.device_roots],
     }
 
 
@@ -163,14 +163,16 @@ class Worker:
         self.hello, self.reader, self.writer = hello, reader, writer
         state = load_state(Path(hello["state_dir"]))
         self.curve: str | None = hello["tls_curve"]
+        self.backend: str = hello["tls_backend"]
         self.source = MappedSource(SharedTable(Path(hello["table"])), _policy(hello["policy"]))
         self.service = TunnelService(
             Gate(state.group_id, self.source),
             data_plane_tls(
                 [state.tunnel_cert, *state.tunnel_chain],
                 state.tunnel_key,
-                state.device_root,
+                state.device_roots,
                 self.curve,
+                self.backend,
             ),
             _endpoint(hello["proxy"]),
             _endpoint(hello["per_app"]),
@@ -225,9 +227,9 @@ class Worker:
             )
         elif kind == "identity":
             chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in message["chain"]]
-            root = x509.load_pem_x509_certificate(message["device_root"].encode())
+            roots = [x509.load_pem_x509_certificate(p.encode()) for p in message["device_roots"]]
             key = load_private_key_pem(message["key"].encode())
-            self.service.swap_tls(data_plane_tls(chain, key, root, self.curve))
+            self.service.swap_tls(data_plane_tls(chain, key, roots, self.curve, self.backend))
 
     async def _report(self) -> None:
         from prometheus_client import generate_latest
@@ -382,8 +384,9 @@ class Supervisor:
         tls = data_plane_tls(
             [rotated.tunnel_cert, *rotated.tunnel_chain],
             rotated.tunnel_key,
-            rotated.device_root,
+            rotated.device_roots,
             self.options.tls_curve,
+            self.options.tls_backend,
         )
         self.service.swap_tls(tls)  # the node's identity_swaps metric
         self._identity = _identity_message(rotated)
@@ -436,6 +439,7 @@ class Supervisor:
             "loop": options.loop,
             "drain_s": options.drain_s,
             "tls_curve": options.tls_curve,
+            "tls_backend": options.tls_backend,
             "limits": asdict(options.limits),
         }
 
@@ -560,8 +564,9 @@ async def supervise(state: TunnelState, options: Any) -> None:
         data_plane_tls(
             [state.tunnel_cert, *state.tunnel_chain],
             state.tunnel_key,
-            state.device_root,
+            state.device_roots,
             options.tls_curve,
+            options.tls_backend,
         ),
         None,
         None,

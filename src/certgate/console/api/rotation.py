@@ -1,8 +1,12 @@
 """Rotation API (``services.rotation``): start (prepare), switch, finish, status.
 
 ``POST /api/v1/groups/{g}/rotations/{kind}`` prepares, ``.../{kind}/switch`` switches,
-``.../{kind}/finish`` finishes (``?force=true`` finishes although something still depends
-on the old one; audited as such), ``GET /api/v1/groups/{g}/rotations`` is the status.
+``.../device-root/renew-devices`` makes every device still on the old Device Root fetch a
+new certificate at its agent's next check, ``.../{kind}/finish`` finishes
+(``?force=true`` finishes although something still depends on the old one; audited as
+such), ``GET /api/v1/groups/{g}/rotations`` is the status.
+An instance-wide kind (``device-root``) is reached through any group's path and needs a
+top-level superadmin.
 Every step is audited as ``rotation.<step>`` in the transaction that made it.
 """
 
@@ -12,13 +16,21 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from sqlalchemy.orm import Session
 
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
+from certgate.console.store.models import Admin
 
 router = APIRouter(prefix="/api/v1/groups/{group_id}/rotations")
+
+
+def _require_writer(session: Session, admin: Admin, group_id: str, kind: str) -> None:
+    rbac.require(session, admin, P.GROUPS_WRITE, group_id)
+    if kind in rotation.INSTANCE_KINDS:
+        rbac.require_global(session, admin, f"rotating the {kind}")
 
 
 @router.get("")
@@ -34,7 +46,7 @@ def rotation_prepare(
 ) -> dict[str, Any]:
     overlap = timedelta(seconds=body.overlap_s) if body else rotation.DEFAULT_OVERLAP
     with admin_tx(request, group_id) as (session, who):
-        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        _require_writer(session, who.admin, group_id, kind)
         started = rotation.prepare(
             session, state_of(request).pki, group_id, kind, request.state.actor, overlap
         )
@@ -53,7 +65,7 @@ def rotation_prepare(
 @router.post("/{kind}/switch")
 def rotation_switch(request: Request, group_id: str, kind: str) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
-        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        _require_writer(session, who.admin, group_id, kind)
         switched = rotation.switch(session, state_of(request).pki, group_id, kind)
         audit.append(
             session,
@@ -71,7 +83,7 @@ def rotation_finish(
     request: Request, group_id: str, kind: str, force: bool = Query(False)
 ) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
-        rbac.require(session, who.admin, P.GROUPS_WRITE, group_id)
+        _require_writer(session, who.admin, group_id, kind)
         finished = rotation.finish(session, state_of(request).pki, group_id, kind, force=force)
         audit.append(
             session,
@@ -82,3 +94,19 @@ def rotation_finish(
             rotation=finished.id,
         )
         return rotation.describe(session, finished)
+
+
+@router.post("/device-root/renew-devices")
+def rotation_renew_devices(request: Request, group_id: str) -> dict[str, Any]:
+    with admin_tx(request, group_id) as (session, who):
+        _require_writer(session, who.admin, group_id, rotation.DEVICE)
+        uids = rotation.renew_devices(session, state_of(request).pki, group_id)
+        audit.append(
+            session,
+            request.state.actor,
+            "rotation.renew_devices",
+            group_id=group_id,
+            kind=rotation.DEVICE,
+            devices=len(uids),
+        )
+        return {"devices": uids}

@@ -44,6 +44,19 @@ REVOCATION_REASONS = {r.value: r for r in x509.ReasonFlags if r not in _NOT_FOR_
 # A sealed_keys row of a CA whose key is in a PKCS#11 token holds this reference instead of
 # a sealed key: the database says where each CA key lives, and holds no copy of it.
 TOKEN_REFERENCE = b"CGP11:"
+# ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
+# still trusted until finish, and one finish retired (kept to sign its CRL).
+CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
+
+
+def role_of(label: str) -> str:
+    """The role of a CA row: ``device-root@7`` (rotation 7's Device Root) is a Device Root."""
+    return label.split("@", 1)[0]
+
+
+def version_label(role: str, rotation_id: int) -> str:
+    return f"{role}@{rotation_id}"
 
 
 def now() -> datetime:
@@ -68,7 +81,11 @@ class Record:
 @dataclass
 class InstancePKI:
     """The loaded CAs of this instance. Their keys are unsealed at load and kept in memory,
-    or, with a PKCS#11 token, stay in the token, which signs (``pki/token.py``)."""
+    or, with a PKCS#11 token, stay in the token, which signs (``pki/token.py``).
+
+    ``certs`` and ``_keys`` hold the current CA of each role (what issues); ``labels`` the
+    row label of each (``device-root@7`` after a Device Root rotation); ``others`` the
+    rows of other statuses (next, retiring, retired) by label, with their status."""
 
     master: MasterKey
     certs: dict[str, x509.Certificate]
@@ -76,28 +93,83 @@ class InstancePKI:
     _keys: dict[str, Signer] = field(default_factory=dict)
     _chain_pems: dict[str, tuple[str, ...]] = field(default_factory=dict)
     token: Token | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
+    _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
+    _checked: float = 0.0  # monotonic time of the last ``refresh`` query
 
     @classmethod
     def load(
         cls, session: Session, master: MasterKey, token: TokenConfig | None = None
     ) -> InstancePKI:
-        rows = session.execute(select(CACert)).scalars().all()
-        if {r.label for r in rows} != {ROOT, *INTERMEDIATES}:
-            raise PKIError("instance PKI is not initialised; run `certgate console init`")
-        certs = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
-        pki = cls(master, certs, token=open_token(token) if token else None)
-        for row in rows:  # unseal now: a wrong master key must fail at startup, not later
-            pki._keys[row.label] = pki._ca_key(session, row)
+        pki = cls(master, {}, token=open_token(token) if token else None)
+        pki.reload(session)
         return pki
 
-    def _ca_key(self, session: Session, row: CACert) -> Signer:
+    def reload(self, session: Session) -> None:
+        """Read the CA rows again (a Device Root rotation step, maybe by another process).
+        Every key is unsealed now: a wrong master key must fail at startup, not later."""
+        rows = session.execute(select(CACert).order_by(CACert.label)).scalars().all()
+        current = [r for r in rows if r.status == CURRENT]
+        if sorted(role_of(r.label) for r in current) != sorted({ROOT, *INTERMEDIATES}):
+            raise PKIError("instance PKI is not initialised; run `certgate console init`")
+        loaded = {r.label: x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows}
+        keys = {r.label: self._ca_key(session, r, loaded[r.label]) for r in rows}
+        # Each attribute is replaced whole: a thread issuing meanwhile sees old or new.
+        self.others = {
+            r.label: (r.status, loaded[r.label], keys[r.label]) for r in rows if r.status != CURRENT
+        }
+        self._keys = {role_of(r.label): keys[r.label] for r in current}
+        self.certs = {role_of(r.label): loaded[r.label] for r in current}
+        self.labels = {role_of(r.label): r.label for r in current}
+        self._chain_pems = {}
+        self._statuses = tuple((r.label, r.status) for r in rows)
+        self._checked = time.monotonic()
+
+    def refresh(self, session: Session, max_age_s: float = REFRESH_S) -> None:
+        """Reload if a rotation step (maybe by another process, the CLI) changed the CA
+        rows. Checked at most every ``max_age_s``: one small query, the keys are unsealed
+        again only on a change. Until then the old current CA issues, which every node
+        still trusts: a step never retires what it makes current."""
+        if time.monotonic() - self._checked < max_age_s:
+            return
+        query = select(CACert.label, CACert.status).order_by(CACert.label)
+        statuses = tuple((label, status) for label, status in session.execute(query))
+        self._checked = time.monotonic()
+        if statuses != self._statuses:
+            self.reload(session)
+
+    def label(self, role: str) -> str:
+        """The row label of the current CA of ``role``."""
+        return self.labels.get(role, role)
+
+    def device_roots(self) -> list[x509.Certificate]:
+        """The Device Roots devices may present certificates of: the current one first, then
+        a rotation's next or retiring one (nodes trust all of them during the overlap)."""
+        extra = [
+            cert
+            for label, (status, cert, _) in sorted(self.others.items())
+            if role_of(label) == DEVICE_ROOT and status in (NEXT, RETIRING)
+        ]
+        return [self.certs[DEVICE_ROOT], *extra]
+
+    def issuer_of(self, label: str) -> Issuer:
+        """The CA of row ``label``, current or not (a retired one signs only its CRL). A
+        label read before a concurrent reload still finds its own CA (then in ``others``);
+        ``Authority`` refuses a certificate and key that do not match."""
+        if label in self.others:
+            _, cert, key = self.others[label]
+            return Issuer(cert, key)
+        return self.issuer(role_of(label))
+
+    def _ca_key(self, session: Session, row: CACert, cert: x509.Certificate) -> Signer:
         stored = session.get(SealedKey, row.key_label)
         in_token = stored is not None and stored.sealed.startswith(TOKEN_REFERENCE)
         if self.token is not None:
             # The token is the only place looked in: there is no other copy to fall back to.
             if not in_token:
                 raise ConfigError(f"CA key {row.key_label!r} was not created in a PKCS#11 token")
-            return self.token.key(row.key_label, self.certs[row.label].public_key())
+            return self.token.key(row.key_label, cert.public_key())
         if in_token:
             raise ConfigError(
                 f"CA key {row.key_label!r} is in a PKCS#11 token: console.json needs the "
@@ -134,8 +206,10 @@ class InstancePKI:
         record: Record,
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign with CA ``ca`` and add the certificate row to ``session``."""
-        cert = self.authority.issue(self.issuer(ca), profile, names, public_key)
-        row = record_certificate(session, cert, ca, record)
+        self.refresh(session)
+        label = self.label(ca)  # the row recorded is the one that signs, whatever reloads
+        cert = self.authority.issue(self.issuer_of(label), profile, names, public_key)
+        row = record_certificate(session, cert, label, record)
         return cert, row
 
     def issue_from_csr(
@@ -148,8 +222,10 @@ class InstancePKI:
         record: Record,
     ) -> tuple[x509.Certificate, Certificate]:
         """Sign the CSR's key and write its row at once (``insert_certificate``)."""
-        cert = self.authority.issue_from_csr(self.issuer(ca), profile, names, csr_pem)
-        return cert, insert_certificate(session, cert, ca, record)
+        self.refresh(session)
+        label = self.label(ca)  # as in ``issue``
+        cert = self.authority.issue_from_csr(self.issuer_of(label), profile, names, csr_pem)
+        return cert, insert_certificate(session, cert, label, record)
 
 
 def certificate_values(cert: x509.Certificate, ca: str, record: Record) -> dict[str, Any]:
@@ -286,13 +362,17 @@ def revoke(session: Session, serial: str, reason: str) -> Certificate:
     return row
 
 
-def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> bytes:
-    """A fresh DER CRL of the Device Root, numbered monotonically (RFC 5280 §5.2.3)."""
+def device_root_crl(
+    session: Session, pki: InstancePKI, validity: timedelta, label: str | None = None
+) -> bytes:
+    """A fresh DER CRL of the Device Root of row ``label`` (the current one by default),
+    numbered monotonically across the instance (RFC 5280 §5.2.3)."""
+    label = label or pki.label(DEVICE_ROOT)
     instance = session.execute(select(Instance).with_for_update()).scalar_one()
     instance.crl_number += 1
     rows = session.execute(
         select(Certificate).where(
-            Certificate.issuer_label == DEVICE_ROOT, Certificate.revoked_at.is_not(None)
+            Certificate.issuer_label == label, Certificate.revoked_at.is_not(None)
         )
     ).scalars()
     revoked = [
@@ -300,16 +380,17 @@ def device_root_crl(session: Session, pki: InstancePKI, validity: timedelta) -> 
         for r in rows
     ]
     crl = pki.authority.sign_crl(
-        pki.issuer(DEVICE_ROOT), revoked, instance.crl_number, now() + validity
+        pki.issuer_of(label), revoked, instance.crl_number, now() + validity
     )
     return crl.public_bytes(Encoding.DER)
 
 
-def revocation_marker(session: Session) -> tuple[int, datetime | None]:
-    """(count, latest time) of Device Root revocations: it changes whenever the CRL must."""
+def revocation_marker(session: Session, label: str) -> tuple[int, datetime | None]:
+    """(count, latest time) of the revocations of the Device Root of row ``label``: it
+    changes whenever its CRL must."""
     count, latest = session.execute(
         select(func.count(), func.max(Certificate.revoked_at)).where(
-            Certificate.issuer_label == DEVICE_ROOT, Certificate.revoked_at.is_not(None)
+            Certificate.issuer_label == label, Certificate.revoked_at.is_not(None)
         )
     ).one()
     return int(count), latest
@@ -327,3 +408,39 @@ class CachedCRL:
 
 def describe(pki: InstancePKI) -> str:
     return json.dumps({label: thumbprint(c) for label, c in sorted(pki.certs.items())}, indent=2)
+
+
+def new_ca_version(session: Session, pki: InstancePKI, role: str, rotation_id: int) -> CACert:
+    """A new CA of ``role`` under the Root (a rotation's next one, status ``next``): its key
+    generated in the PKCS#11 token when the instance uses one, else sealed. ``pki`` is
+    reloaded from the rows, so the next one is trusted at once."""
+    label = version_label(role, rotation_id)
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    algorithm = KeyAlgorithm(instance.key_algorithm)
+    key: Signer
+    if pki.token is not None:
+        key = pki.token.generate(f"ca:{label}", algorithm)
+        _reference_key(session, f"ca:{label}")
+    else:
+        key = generate_key(algorithm)
+        seal_key(session, pki.master, f"ca:{label}", key)
+    cert = pki.authority.issue(
+        pki.issuer(ROOT), INTERMEDIATE_CA, Names(CA_NAMES[role]), key.public_key()
+    )
+    record_certificate(session, cert, pki.label(ROOT), Record(kind=f"ca:{role}"))
+    row = CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}", status=NEXT)
+    session.add(row)
+    session.flush()
+    pki.reload(session)
+    return row
+
+
+def set_ca_status(session: Session, pki: InstancePKI, changes: dict[str, str]) -> None:
+    """Give CA rows (by label) new statuses, then reload ``pki`` from the rows."""
+    for label, status in changes.items():
+        row = session.get(CACert, label)
+        assert row is not None  # labels come from the loaded PKI
+        row.status = status
+    session.flush()
+    pki.reload(session)

@@ -130,8 +130,11 @@ def visible_groups(session: Session, admin: Admin) -> list[Group]:
     return [g for g in groups if roots & set(ancestors(session, g.id))]
 
 
-def require_global(session: Session, admin: Admin) -> None:
-    """Top-level groups may be created only by a superadmin bound at a top-level group."""
+def require_global(
+    session: Session, admin: Admin, what: str = "creating a top-level group"
+) -> None:
+    """Top-level groups may be created (and instance-wide changes made, ``what``) only by
+    a superadmin bound at a top-level group."""
     for binding in session.execute(
         select(RoleBinding).where(
             RoleBinding.admin_id == admin.id, RoleBinding.role == "superadmin"
@@ -140,7 +143,7 @@ def require_global(session: Session, admin: Admin) -> None:
         group = session.get(Group, binding.group_id)
         if group is not None and group.parent_id is None:
             return
-    raise PermissionDenied("creating a top-level group needs a top-level superadmin")
+    raise PermissionDenied(f"{what} needs a top-level superadmin")
 
 
 def require_can_grant(session: Session, admin: Admin, role: str, group_id: str) -> None:

@@ -24,8 +24,21 @@ to the switch step stays signed by the old one (``tunnels.signed_batch``), so a 
 always learns the new identity from a message it can verify; nodes pin the new one when
 they apply the switch, and stop accepting the old one at finish.
 
-The other kinds of issue #11 (Device Root, Secure Channel Root, Root) are refused with
-that reason until they are implemented.
+Device Root (``device-root``), one per instance (the rotation row has no group; any
+group's API path reaches it, for a top-level superadmin): prepare creates the next Device
+Root under the Root (``ca.new_ca_version``, its key in the PKCS#11 token when the
+instance uses one) and publishes to every group a trust operation whose trust config
+lists both Device Roots: nodes rebuild the data plane's client-CA set and swap it live.
+Switch makes the new one issue (the console reloads its PKI; the old one is "retiring",
+still trusted); devices get new-root certificates at their next renewal, or at once after
+``renew_devices`` (their agents see a newer profile version and fetch one). ``status``
+counts the active certificates of the old root per kind (the device population still
+presenting it); finish waits for none to be left (or ``force``), revokes those left,
+retires the old root (nodes stop trusting it) and its CRL stays published at
+``/pki/crl/<label>.crl``.
+
+The Secure Channel Root and the Root are refused with that reason until they are
+implemented.
 """
 
 from __future__ import annotations
@@ -37,14 +50,17 @@ from enum import Enum
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from certgate import jws
 from certgate.console.services import ca, feed, tunnels
+from certgate.console.services.feed import CLIENT_KINDS
 from certgate.console.services.groups import console_key_label, get_group, tunnel_key_label
 from certgate.console.store.models import (
+    CACert,
     Certificate,
+    Device,
     Group,
     GroupIdentity,
     Instance,
@@ -68,6 +84,7 @@ __all__ = [
     "names_changed",
     "next_phase",
     "prepare",
+    "renew_devices",
     "renew_due",
     "status",
     "switch",
@@ -75,8 +92,10 @@ __all__ = [
 
 TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
 CONSOLE = tunnels.CONSOLE_IDENTITY_ROTATION
-KINDS = (TUNNEL, CONSOLE, "device-root", "secure-channel-root", "root")
-IMPLEMENTED = (TUNNEL, CONSOLE)
+DEVICE = "device-root"
+KINDS = (TUNNEL, CONSOLE, DEVICE, "secure-channel-root", "root")
+IMPLEMENTED = (TUNNEL, CONSOLE, DEVICE)
+INSTANCE_KINDS = (DEVICE,)  # one per instance: the rotation row has no group
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
 RENEWAL = "renewal"  # started_by of the rotations renew_due starts
@@ -114,10 +133,9 @@ def _check_kind(kind: str) -> None:
 
 
 def _running(session: Session, group_id: str, kind: str) -> Rotation | None:
+    scope = Rotation.group_id.is_(None) if kind in INSTANCE_KINDS else Rotation.group_id == group_id
     return session.execute(
-        select(Rotation).where(
-            Rotation.group_id == group_id, Rotation.kind == kind, Rotation.finished_at.is_(None)
-        )
+        select(Rotation).where(scope, Rotation.kind == kind, Rotation.finished_at.is_(None))
     ).scalar_one_or_none()
 
 
@@ -126,7 +144,8 @@ def _require_running(session: Session, group_id: str, kind: str) -> Rotation:
     get_group(session, group_id)
     rotation = _running(session, group_id, kind)
     if rotation is None:
-        raise NotFound(f"no {kind} rotation is running in group {group_id!r}")
+        where = "" if kind in INSTANCE_KINDS else f" in group {group_id!r}"
+        raise NotFound(f"no {kind} rotation is running{where}")
     return rotation
 
 
@@ -171,12 +190,16 @@ def prepare(
 ) -> Rotation:
     """Start a rotation: issue the new one and publish it to the group's nodes."""
     _check_kind(kind)
+    pki.refresh(session, 0)  # a step another process made (the CLI) is seen here
     if not timedelta(0) <= overlap <= MAX_OVERLAP:
         raise BadRequest(f"overlap must be 0 to {MAX_OVERLAP.days} days")
     group = get_group(session, group_id)
     if _running(session, group_id, kind) is not None:
-        raise Conflict(f"a {kind} rotation is already running in group {group_id!r}; finish it")
+        where = "" if kind in INSTANCE_KINDS else f" in group {group_id!r}"
+        raise Conflict(f"a {kind} rotation is already running{where}; finish it")
     next_phase(None, RotationPhase.PREPARE)
+    if kind == DEVICE:
+        return _prepare_device_root(session, pki, started_by, overlap)
     pair = session.get(GroupIdentity, group_id)
     if pair is None:
         raise NotFound(f"group {group_id!r} has no identity pair")
@@ -213,8 +236,15 @@ def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> R
     identity's old key is kept until finish: the feed up to this step stays signed by it
     (``tunnels.signed_batch``)."""
     rotation = _require_running(session, group_id, kind)
+    pki.refresh(session, 0)
     rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
     rotation.switched_at = ca.now()
+    if kind == DEVICE:
+        old = pki.label(ca.DEVICE_ROOT)
+        new = ca.version_label(ca.DEVICE_ROOT, rotation.id)
+        ca.set_ca_status(session, pki, {old: ca.RETIRING, new: ca.CURRENT})
+        rotation.switch_seq = _publish_device_root(session, pki, rotation, RotationPhase.SWITCH)
+        return rotation
     pair = session.get(GroupIdentity, group_id)
     assert pair is not None  # prepare checked it
     what = _KINDS[kind]
@@ -240,15 +270,20 @@ def finish(
     """Stop trusting the old one and revoke it. Refused while a node still depends on it
     or the overlap has not passed since the switch, unless ``force``."""
     rotation = _require_running(session, group_id, kind)
+    pki.refresh(session, 0)
     phase = next_phase(Phase(rotation.phase), RotationPhase.FINISH)
     if not force:
         blockers = _blockers(session, rotation)
         if blockers:
+            what = "Device Root" if kind == DEVICE else "identity"
             raise Conflict(
-                "the old identity is still needed: " + "; ".join(blockers) + " (or --force)"
+                f"the old {what} is still needed: " + "; ".join(blockers) + " (or --force)"
             )
     rotation.phase, rotation.finished_at, rotation.forced = phase.value, ca.now(), force
     ca.revoke(session, rotation.old_serial, "superseded")
+    if rotation.kind == DEVICE:
+        _retire_device_root(session, pki, rotation)
+        return rotation
     _publish(session, pki, rotation, RotationPhase.FINISH)
     for label in (_next_key_label(rotation), _previous_key_label(rotation)):
         sealed = session.get(SealedKey, label)
@@ -396,24 +431,34 @@ def _node_status(node: TunnelNode, rotation: Rotation, old: str, new: str) -> No
     )
 
 
-def _nodes(session: Session, rotation: Rotation) -> list[NodeStatus]:
-    rows = session.execute(
-        select(TunnelNode).where(TunnelNode.group_id == rotation.group_id).order_by(TunnelNode.name)
-    ).scalars()
+def _nodes(session: Session, rotation: Rotation, scope: str | None = None) -> list[NodeStatus]:
     old = session.get(Certificate, rotation.old_serial)
     new = session.get(Certificate, rotation.new_serial)
     assert old is not None and new is not None  # FK-enforced
+    if rotation.kind == DEVICE:  # every node of the instance, or of the group ``scope``
+        query = select(TunnelNode).order_by(TunnelNode.group_id, TunnelNode.name)
+        if scope is not None:
+            query = query.where(TunnelNode.group_id == scope)
+        rows = session.execute(query).scalars()
+        return [_device_root_node(n, old.thumbprint, new.thumbprint) for n in rows]
+    rows = session.execute(
+        select(TunnelNode).where(TunnelNode.group_id == rotation.group_id).order_by(TunnelNode.name)
+    ).scalars()
     return [_node_status(n, rotation, old.thumbprint, new.thumbprint) for n in rows]
 
 
-def _blockers(session: Session, rotation: Rotation) -> list[str]:
-    """Who or what still depends on the old one (empty: finish may proceed)."""
-    depends = "presents" if rotation.kind == TUNNEL else "pins"
-    blockers = [
-        f"node {n.name} still {depends} the old identity (last seen {n.last_seen_at})"
-        for n in _nodes(session, rotation)
-        if n.presents != "new"
-    ]
+def _blockers(session: Session, rotation: Rotation, scope: str | None = None) -> list[str]:
+    """Who or what still depends on the old one (empty: finish may proceed); ``scope``: of
+    one group only (an instance-wide rotation shown to that group's admins)."""
+    if rotation.kind == DEVICE:
+        blockers = _device_root_blockers(session, rotation, scope)
+    else:
+        depends = "presents" if rotation.kind == TUNNEL else "pins"
+        blockers = [
+            f"node {n.name} still {depends} the old identity (last seen {n.last_seen_at})"
+            for n in _nodes(session, rotation)
+            if n.presents != "new"
+        ]
     if rotation.switched_at is not None:
         ends = rotation.switched_at + timedelta(seconds=rotation.overlap_s)
         if ca.now() < ends:
@@ -421,8 +466,10 @@ def _blockers(session: Session, rotation: Rotation) -> list[str]:
     return blockers
 
 
-def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
-    """A rotation as the API and CLI show it, with its nodes and what blocks finish."""
+def describe(session: Session, rotation: Rotation, scope: str | None = None) -> dict[str, Any]:
+    """A rotation as the API and CLI show it, with its nodes and what blocks finish
+    (``scope``: an instance-wide rotation as one group sees it, its own nodes and
+    devices only)."""
     old = session.get(Certificate, rotation.old_serial)
     new = session.get(Certificate, rotation.new_serial)
     assert old is not None and new is not None  # FK-enforced
@@ -440,8 +487,11 @@ def describe(session: Session, rotation: Rotation) -> dict[str, Any]:
         "switched_at": _iso(rotation.switched_at),
         "finished_at": _iso(rotation.finished_at),
         "forced": rotation.forced,
-        "nodes": [n.to_dict() for n in _nodes(session, rotation)] if running else [],
-        "blockers": _blockers(session, rotation) if running else [],
+        "nodes": [n.to_dict() for n in _nodes(session, rotation, scope)] if running else [],
+        "devices": (
+            _old_root_population(session, rotation, scope) if rotation.kind == DEVICE else {}
+        ),
+        "blockers": _blockers(session, rotation, scope) if running else [],
     }
 
 
@@ -454,8 +504,188 @@ def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, A
     get_group(session, group_id)
     rows = session.execute(
         select(Rotation)
-        .where(Rotation.group_id == group_id)
+        .where((Rotation.group_id == group_id) | Rotation.group_id.is_(None))
         .order_by(Rotation.id.desc())
         .limit(limit)
     ).scalars()
-    return [describe(session, r) for r in rows]
+    return [describe(session, r, group_id) for r in rows]
+
+
+# Device Root (one per instance)
+
+
+def _prepare_device_root(
+    session: Session, pki: ca.InstancePKI, started_by: str, overlap: timedelta
+) -> Rotation:
+    old = session.execute(
+        select(Certificate).where(
+            Certificate.kind == f"ca:{ca.DEVICE_ROOT}",
+            Certificate.thumbprint == thumbprint(pki.certs[ca.DEVICE_ROOT]),
+        )
+    ).scalar_one()
+    rotation = Rotation(
+        group_id=None,
+        kind=DEVICE,
+        phase=Phase.PREPARED.value,
+        old_serial=old.serial,
+        new_serial=old.serial,  # the new root's, once issued (it is labelled by this id)
+        overlap_s=int(overlap.total_seconds()),
+        started_by=started_by[:200],
+        prepared_at=ca.now(),
+        forced=False,
+    )
+    session.add(rotation)
+    session.flush()
+    ca.new_ca_version(session, pki, ca.DEVICE_ROOT, rotation.id)
+    new_cert = pki.others[ca.version_label(ca.DEVICE_ROOT, rotation.id)][1]
+    rotation.new_serial = format(new_cert.serial_number, "x")
+    rotation.prepare_seq = _publish_device_root(session, pki, rotation, RotationPhase.PREPARE)
+    return rotation
+
+
+def _retiring_label(pki: ca.InstancePKI) -> str:
+    return next(
+        label
+        for label, (state, _, _) in pki.others.items()
+        if ca.role_of(label) == ca.DEVICE_ROOT and state == ca.RETIRING
+    )
+
+
+def _retire_device_root(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> None:
+    """Revoke what the old root issued that is still active (tunnels drop it through the
+    feed), stop trusting it, and tell every group's nodes."""
+    old_label = _retiring_label(pki)
+    deletes: dict[str, list[dict[str, Any]]] = {}
+    for cert in _old_root_certificates(session, old_label):
+        ca.revoke(session, cert.serial, "superseded")
+        assert cert.group_id is not None  # client certificates belong to a group
+        deletes.setdefault(cert.group_id, []).append(feed.delete_entry(cert))
+    for group_id, entries in sorted(deletes.items()):
+        feed.emit(session, group_id, entries)
+    ca.set_ca_status(session, pki, {old_label: ca.RETIRED})
+    _publish_device_root(session, pki, rotation, RotationPhase.FINISH)
+
+
+def _publish_device_root(
+    session: Session, pki: ca.InstancePKI, rotation: Rotation, step: RotationPhase
+) -> int:
+    """The step to every group's nodes: a trust config listing the Device Roots to trust
+    now (``pki.device_roots``), signed by the group's console identity; returns the
+    last seq emitted."""
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    new_root = ca.pem(_cert(session, rotation.new_serial))
+    seq = 0
+    for group_id in session.execute(
+        select(GroupIdentity.group_id).order_by(GroupIdentity.group_id)
+    ).scalars():
+        payload = tunnels.trust_payload(session, pki, group_id, instance.public_url)
+        trust = tunnels.sign_for_group(
+            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
+        )
+        op = TrustUpdate(DEVICE, step, rotation.id, new_root, None, trust)
+        seq = feed.emit(session, group_id, [op.encode()])
+    return seq
+
+
+def _old_root_certificates(
+    session: Session, label: str, scope: str | None = None
+) -> list[Certificate]:
+    query = select(Certificate).where(
+        Certificate.issuer_label == label,
+        Certificate.kind.in_(CLIENT_KINDS),
+        Certificate.revoked_at.is_(None),
+        Certificate.not_after > ca.now(),
+    )
+    if scope is not None:
+        query = query.where(Certificate.group_id == scope)
+    return list(session.execute(query).scalars())
+
+
+def _old_label(session: Session, rotation: Rotation) -> str:
+    """The label of the rotation's old root: the CA row holding its certificate."""
+    old = _cert(session, rotation.old_serial)
+    for row in session.execute(select(CACert)).scalars():
+        if x509.load_pem_x509_certificate(row.cert_pem.encode()) == old:
+            return row.label
+    raise NotFound(f"no CA row holds the old Device Root {rotation.old_serial}")
+
+
+def _old_root_population(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> dict[str, Any]:
+    """The device population still holding active certificates of the old root, by kind."""
+    certs = _old_root_certificates(session, _old_label(session, rotation), scope)
+    by_kind: dict[str, int] = {}
+    for cert in certs:
+        by_kind[cert.kind] = by_kind.get(cert.kind, 0) + 1
+    devices = sorted({c.device_uid for c in certs if c.device_uid})
+    return {
+        "old_root_certificates": by_kind,
+        "devices": devices[:50],
+        "device_count": len(devices),
+        "live_tunnels": _live_tunnels_of(session, {c.thumbprint for c in certs}, scope),
+    }
+
+
+def _live_tunnels_of(session: Session, thumbprints: set[str], scope: str | None) -> int:
+    """How many live tunnels the nodes last reported with one of these certificates."""
+    query = select(TunnelNode)
+    if scope is not None:
+        query = query.where(TunnelNode.group_id == scope)
+    live = 0
+    for node in session.execute(query).scalars():
+        tunnels = (node.report or {}).get("live") or []
+        live += sum(1 for t in tunnels if t.get("thumbprint") in thumbprints)
+    return live
+
+
+def _device_root_blockers(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> list[str]:
+    if rotation.finished_at is not None:
+        return []
+    population = _old_root_population(session, rotation, scope)
+    blockers = [
+        f"{count} active {kind} certificate(s) of the old Device Root"
+        f" (devices: {', '.join(population['devices'][:5])})"
+        for kind, count in sorted(population["old_root_certificates"].items())
+    ]
+    blockers += [
+        f"node {n.name} does not trust the new Device Root yet (last seen {n.last_seen_at})"
+        for n in _nodes(session, rotation, scope)
+        if not n.has_new
+    ]
+    return blockers
+
+
+def _device_root_node(node: TunnelNode, old: str, new: str) -> NodeStatus:
+    """A node has the new root when its report lists it among the Device Roots it trusts."""
+    trusted = ((node.report or {}).get("status") or {}).get("device_roots") or []
+    presents = "new" if new in trusted and old not in trusted else "old"
+    return NodeStatus(
+        node.name,
+        node.last_seen_at.isoformat(timespec="seconds"),
+        ca.now() - node.last_seen_at <= SEEN_WITHIN,
+        new in trusted,
+        presents if trusted else "unknown",
+    )
+
+
+def renew_devices(session: Session, pki: ca.InstancePKI, group_id: str) -> list[str]:
+    """The admin forces renewal: every device whose device certificate is still from the
+    old root is told a newer profile exists (its profile version goes up), so its agent
+    fetches one, from the new root, at its next check and uses it live. App certificates
+    need their app to authenticate again (the agent says so). Only once switched."""
+    rotation = _require_running(session, group_id, DEVICE)
+    if rotation.switched_at is None:
+        raise Conflict("renew devices after the switch: until then the old root issues")
+    certs = _old_root_certificates(session, _old_label(session, rotation))
+    uids = sorted({c.device_uid for c in certs if c.kind == "device" and c.device_uid})
+    if uids:
+        session.execute(
+            update(Device)
+            .where(Device.uid.in_(uids))
+            .values(profile_version=Device.profile_version + 1)
+        )
+    return uids

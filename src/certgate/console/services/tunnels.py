@@ -62,6 +62,7 @@ def trust_payload(
     """The trust config of the group's nodes; ``tunnel_cert``, ``console_cert``: name this
     identity instead of the current one (a rotation's next identity)."""
     group = get_group(session, group_id)
+    pki.refresh(session, 0)  # never list a Device Root another process retired
     current_console, current_tunnel = group_certificates(session, group_id)
     tunnel_cert, console_cert = tunnel_cert or current_tunnel, console_cert or current_console
     return {
@@ -69,7 +70,7 @@ def trust_payload(
         "console_url": console_url,
         "root": ca.pem(pki.certs[ca.ROOT]),
         "secure_channel_root": ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]),
-        "device_root": ca.pem(pki.certs[ca.DEVICE_ROOT]),
+        "device_root": "".join(ca.pem(c) for c in pki.device_roots()),  # rotation overlap
         "console_identity_thumbprint": thumbprint(console_cert),
         "tunnel_identity_thumbprint": thumbprint(tunnel_cert),
         "feed": {

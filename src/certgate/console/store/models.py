@@ -77,12 +77,15 @@ class SealedKey(Base):
 
 
 class CACert(Base):
-    """The instance CAs: root, secure-channel-root, device-root, admin-ca."""
+    """The instance CAs: root, secure-channel-root, device-root, admin-ca; a rotated Device
+    Root is labelled ``device-root@<rotation id>`` (``services.ca.role_of``)."""
 
     __tablename__ = "ca_certs"
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
     cert_pem: Mapped[str] = mapped_column(Text)
     key_label: Mapped[str] = mapped_column(ForeignKey("sealed_keys.label"))
+    # current (issues for its role), next, retiring (trusted until finish) or retired
+    status: Mapped[str] = mapped_column(String(16), default="current", server_default="current")
 
 
 class Group(Base):
