@@ -178,12 +178,15 @@ def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list
     assert "not found" in remote_result.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [("rotate", "root", "global"), ("rotate", "renew-devices", "global")], ids=" ".join
+)
 def test_refusal_of_the_service_reads_as_locally(
-    console: RunningConsole, seeded: list[str]
+    console: RunningConsole, seeded: list[str], command: tuple[str, ...]
 ) -> None:
     """A rule of the console (not of the client) refuses: same message, same exit code."""
-    remote_result = remote_run(console, console.admins["root"], "rotate", "root", "global")
-    local_result = local_run(console, "rotate", "root", "global")
+    remote_result = remote_run(console, console.admins["root"], *command)
+    local_result = local_run(console, *command)
     assert remote_result.exit_code == local_result.exit_code == remote.EXIT_REFUSED
     assert error_lines(remote_result) == error_lines(local_result) != []
 

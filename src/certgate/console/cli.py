@@ -1015,10 +1015,15 @@ def rotate_renew_devices(
             kind=rotation.DEVICE,
             devices=len(uids),
         )
+    print_renewing({"devices": uids}, as_json)
+
+
+def print_renewing(shown: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print_json({"devices": uids})
+        print_json(shown)
     else:
-        out.print(f"{len(uids)} device(s) will renew from the new Device Root at their next check")
+        count = len(shown["devices"])
+        out.print(f"{count} device(s) will renew from the new Device Root at their next check")
 
 
 @rotate_app.command("finish")
@@ -1483,6 +1488,18 @@ def remote_rotate_switch(
     with connected(ctx) as client:
         shown = client.call("rotate switch", group_id=group_id, kind=kind)
     print_json(shown) if as_json else print_rotation(shown)
+
+
+@remote_rotate.command("renew-devices")
+def remote_rotate_renew_devices(
+    ctx: typer.Context,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """After a device-root switch: devices still on the old root renew at their next check."""
+    with connected(ctx) as client:
+        shown = client.call("rotate renew-devices", group_id=group_id)
+    print_renewing(shown, as_json)
 
 
 @remote_rotate.command("finish")

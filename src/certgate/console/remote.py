@@ -63,6 +63,10 @@ ROUTES: dict[str, tuple[str, str]] = {
     "rotate start": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}"),
     "rotate switch": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}/switch"),
     "rotate finish": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}/finish"),
+    "rotate renew-devices": (
+        "POST",
+        "/api/v1/groups/{group_id}/rotations/device-root/renew-devices",
+    ),
 }
 
 
