@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
 
 from certgate import tlsconf
@@ -110,12 +111,15 @@ def identity(target: Target) -> tuple[list[x509.Certificate], PrivateKey]:
         data = target.admin_cert.read_bytes()
         if target.admin_key is None:
             key, cert, extra = pkcs12.load_key_and_certificates(data, target.password())
-            if key is None or cert is None:
-                raise ValueError("the PKCS#12 file holds no certificate and key")
-            return [cert, *extra], key  # type: ignore[return-value]
-        certs = x509.load_pem_x509_certificates(data)
-        key_pem = target.admin_key.read_bytes()
-        return certs, load_pem_private_key(key_pem, target.password())  # type: ignore[return-value]
+            if cert is None:
+                raise ValueError("the PKCS#12 file holds no certificate")
+            chain = [cert, *extra]
+        else:
+            chain = x509.load_pem_x509_certificates(data)
+            key = load_pem_private_key(target.admin_key.read_bytes(), target.password())
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError("no EC or RSA private key in it")
+        return chain, key
     except OSError as exc:
         raise RemoteFailure(f"cannot read the admin certificate: {exc}", EXIT_CREDENTIALS) from exc
     except (ValueError, TypeError) as exc:
