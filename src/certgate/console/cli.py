@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    load_pem_private_key,
+    pkcs12,
+)
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -27,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
-from certgate.console import local
+from certgate.console import local, remote
 from certgate.console.api.schemas import ApiKeyOut, AuditOut, CertOut, DeviceOut, SettingsIn
 from certgate.console.services import (
     admins,
@@ -268,7 +273,8 @@ def admin_create(
             api_key_id=key.id,
         )
         try:
-            paths = _write_admin_files(out_dir, username, cert, private, pki, password)
+            chain = pki.chain(ca.ADMIN_CA)
+            paths = _write_admin_files(out_dir, username, cert, private, chain, password)
         except OSError as exc:
             raise fail(f"cannot write admin files to {out_dir}: {exc}") from exc
     out.print(f"admin [bold]{username}[/] ({role} on {group}) id={admin.id}")
@@ -280,10 +286,9 @@ def admin_create(
 
 
 def _write_admin_files(
-    out_dir: Path, name: str, cert: Any, key: Any, pki: ca.InstancePKI, password: str
+    out_dir: Path, name: str, cert: Any, key: Any, chain: list[Any], password: str
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    chain = pki.chain(ca.ADMIN_CA)
     files = {
         out_dir / f"{name}.pem": (ca.pem(cert) + "".join(ca.pem(c) for c in chain)).encode(),
         out_dir / f"{name}.key": private_key_pem(key),
@@ -414,18 +419,20 @@ def group_create(
 def group_list(data_dir: DataDir, as_json: JsonFlag = False) -> None:
     with opened(data_dir) as (session, _):
         groups_ = session.execute(select(Group).order_by(Group.id)).scalars()
-        rows = [
-            {
-                "id": g.id,
-                "name": g.name,
-                "parent_id": g.parent_id,
-                "feed_seq": g.feed_seq,
-                "tunnel_hosts": g.settings["tunnel"]["hostnames"]
-                + g.settings["tunnel"]["ip_addresses"],
-            }
-            for g in groups_
-        ]
+        rows = [group_row(group_dict(g)) for g in groups_]
     show_listing(rows, "Groups", as_json)
+
+
+def group_row(shown: dict[str, Any]) -> dict[str, Any]:
+    """A ``group list`` row of a group as ``group_dict`` (or the API's GroupOut) shows it."""
+    tunnel = shown["settings"]["tunnel"]
+    return {
+        "id": shown["id"],
+        "name": shown["name"],
+        "parent_id": shown["parent_id"],
+        "feed_seq": shown["feed_seq"],
+        "tunnel_hosts": tunnel["hostnames"] + tunnel["ip_addresses"],
+    }
 
 
 def group_dict(group: Group) -> dict[str, Any]:
@@ -458,9 +465,14 @@ def group_show(
     """A group's settings and policy version (what its tunnel nodes and devices apply)."""
     with opened(data_dir) as (session, _):
         shown = group_dict(groups.get_group(session, group_id))
+    print_group(shown, as_json)
+
+
+def print_group(shown: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(shown)
         return
+    group_id = shown["id"]
     out.print(
         f"group {escape(group_id)} ({escape(shown['name'])}) parent={shown['parent_id'] or '-'}"
         f" feed seq={shown['feed_seq']} policy version={shown['policy_version']}"
@@ -501,13 +513,19 @@ def group_set(
             audit.append(
                 session, actor(), "group.settings", group_id=group_id, keys=sorted(changes)
             )
+    print_settings_result(group_id, sorted(changes), shown, dry_run, as_json)
+
+
+def print_settings_result(
+    group_id: str, keys: list[str], shown: dict[str, Any], dry_run: bool, as_json: bool
+) -> None:
     if as_json:
         print_json(shown)
     elif dry_run:
         print_dry_run(group_id, shown)
     else:
         out.print(
-            f"group {escape(group_id)}: {', '.join(sorted(changes))} set"
+            f"group {escape(group_id)}: {', '.join(keys)} set"
             f" (policy version {shown['policy_version']}, feed seq {shown['feed_seq']})"
         )
 
@@ -697,9 +715,13 @@ def device_set(
             compliance=compliance,
             change=action,
         )
+    print_device_state(DeviceOut.model_validate(device, from_attributes=True).model_dump())
+
+
+def print_device_state(device: dict[str, Any]) -> None:
     out.print(
-        f"device {uid}: compliance={device.compliance_status} "
-        f"enrollment={device.enrollment_status} blocked={device.blocked}"
+        f"device {device['uid']}: compliance={device['compliance_status']} "
+        f"enrollment={device['enrollment_status']} blocked={device['blocked']}"
     )
 
 
@@ -713,6 +735,10 @@ def device_compliance(
     """A device's compliance: status, failing rules, override, and its history."""
     with opened(data_dir) as (session, _):
         shown = compliance.state_of(session, devices.get_device(session, uid), limit)
+    print_compliance(uid, shown, as_json)
+
+
+def print_compliance(uid: str, shown: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(shown)
         return
@@ -731,7 +757,8 @@ def cert_list(
     as_json: JsonFlag = False,
 ) -> None:
     with opened(data_dir) as (session, _):
-        query = select(Certificate).order_by(Certificate.issued_at)
+        # The API's order (its keyset), so both modes list a group alike.
+        query = select(Certificate).order_by(Certificate.thumbprint)
         if group_id:
             query = query.where(Certificate.group_id == group_id)
         rows = [
@@ -761,10 +788,15 @@ def cert_revoke(
 
 @audit_app.command("list")
 def audit_list(
-    data_dir: DataDir, limit: Annotated[int, typer.Option(min=1)] = 50, as_json: JsonFlag = False
+    data_dir: DataDir,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    group_id: Annotated[str | None, typer.Option("--group", help="Only this group's.")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     with opened(data_dir) as (session, _):
         query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        if group_id:
+            query = query.where(AuditEntry.group_id == group_id)
         rows = [
             AuditOut.model_validate(e, from_attributes=True).model_dump()
             for e in session.execute(query).scalars()
@@ -983,10 +1015,15 @@ def rotate_renew_devices(
             kind=rotation.DEVICE,
             devices=len(uids),
         )
+    print_renewing({"devices": uids}, as_json)
+
+
+def print_renewing(shown: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print_json({"devices": uids})
+        print_json(shown)
     else:
-        out.print(f"{len(uids)} device(s) will renew from the new Device Root at their next check")
+        count = len(shown["devices"])
+        out.print(f"{count} device(s) will renew from the new Device Root at their next check")
 
 
 @rotate_app.command("finish")
@@ -1058,3 +1095,422 @@ def rotate_renew(
         out.print("nothing is due for renewal")
     for one in shown:
         print_rotation(one)
+
+
+# Remote mode (console.remote): the admin commands against a console's API, printed as the
+# local commands print. `certgate console remote --url U --ca-file F --admin-cert P12 CMD`.
+
+remote_app = typer.Typer(
+    help="The admin commands over the console's API (no shell on the console host needed).",
+    no_args_is_help=True,
+)
+app.add_typer(remote_app, name="remote")
+remote_group = typer.Typer(help="Organization groups.", no_args_is_help=True)
+remote_device = typer.Typer(help="Devices, enrollment, compliance.", no_args_is_help=True)
+remote_cert = typer.Typer(help="Issued certificates.", no_args_is_help=True)
+remote_admin = typer.Typer(help="API keys and roles (admins by id).", no_args_is_help=True)
+remote_audit = typer.Typer(help="The audit log.", no_args_is_help=True)
+remote_rotate = typer.Typer(help="Rotations: prepare, switch, finish.", no_args_is_help=True)
+remote_tunnel = typer.Typer(help="Tunnel nodes.", no_args_is_help=True)
+for _sub, _name in (
+    (remote_group, "group"),
+    (remote_device, "device"),
+    (remote_cert, "cert"),
+    (remote_admin, "admin"),
+    (remote_audit, "audit"),
+    (remote_rotate, "rotate"),
+    (remote_tunnel, "tunnel"),
+):
+    remote_app.add_typer(_sub, name=_name)
+PageLimitOpt = Annotated[int, typer.Option("--limit", min=1, max=1000, help="Rows per page.")]
+AllPages = Annotated[bool, typer.Option("--all", help="Follow the pages to the last one.")]
+
+
+@remote_app.callback()
+def remote_target(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option(envvar="CERTGATE_CONSOLE_URL", help="Console API URL.")],
+    admin_cert: Annotated[
+        Path,
+        typer.Option(
+            envvar="CERTGATE_ADMIN_CERT",
+            help="Admin PKCS#12 file, or PEM certificate with --admin-key.",
+        ),
+    ],
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="CERTGATE_CONSOLE_CA", help="PEM CA(s) the console chains to."),
+    ] = None,
+    pin: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CERTGATE_CONSOLE_PIN",
+            help="Instead of --ca-file: the SHA-256 thumbprint of the console's Root.",
+        ),
+    ] = None,
+    admin_key: Annotated[
+        Path | None, typer.Option(envvar="CERTGATE_ADMIN_KEY", help="PEM key (encrypted).")
+    ] = None,
+    api_key_env: Annotated[
+        str, typer.Option(help="Variable holding the API key (never the key itself).")
+    ] = "CERTGATE_API_KEY",
+    password_env: Annotated[
+        str, typer.Option(help="Variable holding the PKCS#12 / key password.")
+    ] = "CERTGATE_ADMIN_CERT_PASSWORD",
+) -> None:
+    """Where the console is and who the admin is; secrets only from environment variables."""
+    ctx.obj = remote.Target(url, ca_file, admin_cert, admin_key, api_key_env, password_env, pin)
+
+
+@contextmanager
+def connected(ctx: typer.Context) -> Iterator[remote.RemoteConsole]:
+    """A client of the console named on the command line; failures as stderr + exit code."""
+    try:
+        with remote.RemoteConsole(ctx.obj) as client:
+            yield client
+    except remote.RemoteFailure as exc:
+        raise fail(exc.message, exc.exit_code) from exc
+
+
+def remote_rows(
+    client: remote.RemoteConsole,
+    command: str,
+    model: Any,
+    limit: int,
+    every: bool,
+    query: dict[str, Any] | None = None,
+    **params: str,
+) -> list[dict[str, Any]]:
+    """A listing's rows, read back through the API's own schema (so they print as the
+    local mode's do); a note on stderr when pages were left unread."""
+    items, more = client.listing(command, limit, every, query or {}, **params)
+    if more:
+        err.print(f"(first {limit} rows; --all lists every page)")
+    return [model.model_validate(item).model_dump() for item in items]
+
+
+@remote_group.command("list")
+def remote_group_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    with connected(ctx) as client:
+        rows = [group_row(g) for g in client.call("group list")]
+    show_listing(rows, "Groups", as_json)
+
+
+@remote_group.command("show")
+def remote_group_show(
+    ctx: typer.Context,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    with connected(ctx) as client:
+        shown = client.call("group show", group_id=group_id)
+    print_group(shown, as_json)
+
+
+@remote_group.command("create")
+def remote_group_create(
+    ctx: typer.Context,
+    group_id: str,
+    name: Annotated[str, typer.Option()] = "",
+    parent: Annotated[str, typer.Option()] = local.TOP_GROUP,
+    settings: Annotated[str | None, typer.Option(help="JSON settings override.")] = None,
+) -> None:
+    try:
+        overrides = json.loads(settings) if settings else None
+    except ValueError as exc:
+        raise fail(f"--settings is not JSON: {exc}") from exc
+    body = {"id": group_id, "name": name, "parent_id": parent, "settings": overrides}
+    with connected(ctx) as client:
+        client.call("group create", body=body)
+    out.print(f"group {group_id} created under {parent}")
+
+
+@remote_group.command("set")
+def remote_group_set(
+    ctx: typer.Context,
+    group_id: str,
+    server_rules: Annotated[Path | None, typer.Option(help="JSON file: server rules.")] = None,
+    device_rules: Annotated[Path | None, typer.Option(help="JSON file: device rules.")] = None,
+    feed: Annotated[list[str] | None, typer.Option(help="JSON or key=value.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    changes = settings_changes(server_rules, device_rules, feed or [])
+    with connected(ctx) as client:
+        query = {"dry_run": "true"} if dry_run else None
+        shown = client.call("group set", body=changes, query=query, group_id=group_id)
+    print_settings_result(group_id, sorted(changes), shown, dry_run, as_json)
+
+
+@remote_device.command("list")
+def remote_device_list(
+    ctx: typer.Context,
+    group_id: str,
+    limit: PageLimitOpt = 100,
+    every: AllPages = False,
+    as_json: JsonFlag = False,
+) -> None:
+    with connected(ctx) as client:
+        rows = remote_rows(client, "device list", DeviceOut, limit, every, group_id=group_id)
+    show_listing(rows, f"Devices of {group_id}", as_json)
+
+
+@remote_device.command("set")
+def remote_device_set(
+    ctx: typer.Context,
+    uid: str,
+    compliance: Annotated[str | None, typer.Option(help="compliant|noncompliant|unknown")] = None,
+    action: Annotated[str | None, typer.Option(help="unenroll|wipe|block|unblock")] = None,
+) -> None:
+    """As the local command, in two calls when both are given (compliance first)."""
+    with connected(ctx) as client:
+        if compliance:
+            body = {"status": compliance}
+            shown = client.call("device set compliance", body=body, uid=uid)
+        if action:
+            shown = client.call("device set action", uid=uid, action=action)
+        if not (compliance or action):
+            shown = client.call("device show", uid=uid)
+    print_device_state(shown)
+
+
+@remote_device.command("compliance")
+def remote_device_compliance(
+    ctx: typer.Context,
+    uid: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    with connected(ctx) as client:
+        shown = client.call("device compliance", query={"limit": limit}, uid=uid)
+    print_compliance(uid, shown, as_json)
+
+
+@remote_device.command("enroll-user")
+def remote_device_enroll_user(
+    ctx: typer.Context,
+    group_id: str,
+    username: str,
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, envvar="CERTGATE_ENROLL_PASSWORD")
+    ],
+) -> None:
+    body = {"username": username, "password": password}
+    with connected(ctx) as client:
+        client.call("device enroll-user", body=body, group_id=group_id)
+    out.print(f"enrollment user {username} created in {group_id}")
+
+
+@remote_device.command("enroll-token")
+def remote_device_enroll_token(
+    ctx: typer.Context,
+    group_id: str,
+    owner: str,
+    ttl_hours: Annotated[int, typer.Option(min=1, max=720)] = 168,
+) -> None:
+    body = {"owner": owner, "ttl_s": ttl_hours * 3600}
+    with connected(ctx) as client:
+        token = client.call("device enroll-token", body=body, group_id=group_id)
+    show_secret(f"enrollment token (one use, {ttl_hours} h)", token["token"])
+
+
+@remote_cert.command("list")
+def remote_cert_list(
+    ctx: typer.Context,
+    group_id: Annotated[str, typer.Option("--group")],
+    limit: PageLimitOpt = 100,
+    every: AllPages = False,
+    as_json: JsonFlag = False,
+) -> None:
+    with connected(ctx) as client:
+        rows = remote_rows(client, "cert list", CertOut, limit, every, group_id=group_id)
+    show_listing(rows, "Certificates", as_json, CERT_COLUMNS)
+
+
+@remote_cert.command("revoke")
+def remote_cert_revoke(
+    ctx: typer.Context, serial: str, reason: Annotated[str, typer.Option()] = "privilegeWithdrawn"
+) -> None:
+    with connected(ctx) as client:
+        client.call("cert revoke", body={"reason": reason}, serial=serial)
+    out.print(f"certificate {serial} revoked ({reason})")
+
+
+@remote_admin.command("create")
+def remote_admin_create(
+    ctx: typer.Context,
+    username: Annotated[str, typer.Argument()],
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
+    group: Annotated[str, typer.Option(help="Group the role is bound to.")] = local.TOP_GROUP,
+    out_dir: Annotated[Path, typer.Option(help="Where to write cert, key, PKCS#12.")] = (Path(".")),
+    p12_password: Annotated[
+        str | None, typer.Option(envvar="CERTGATE_P12_PASSWORD", help="PKCS#12 password.")
+    ] = None,
+) -> None:
+    """As the local command: the console answers the new API key, certificate and private
+    key once; they are written here as the local command writes them (PEM with the CA
+    chain from the console's public /pki/chain.pem, key, PKCS#12), all mode 0600."""
+    password = p12_password or secrets.token_urlsafe(18)
+    body = {"username": username, "role": role, "group_id": group}
+    with connected(ctx) as client:
+        created = client.call("admin create", body=body)
+        pool = x509.load_pem_x509_certificates(client.send("pki chain").content)
+    cert = x509.load_pem_x509_certificate(created["certificate"].encode())
+    key = load_pem_private_key(created["private_key"].encode(), None)
+    chain = remote.issuer_chain(cert, pool)
+    try:
+        paths = _write_admin_files(out_dir, username, cert, key, chain, password)
+    except OSError as exc:
+        raise fail(f"cannot write admin files to {out_dir}: {exc}") from exc
+    out.print(f"admin [bold]{username}[/] ({role} on {group}) id={created['id']}")
+    show_secret("API key", created["api_key"])
+    for path in paths:
+        out.print(f"wrote {path}")
+    if not p12_password:
+        show_secret("PKCS#12 password", password)
+
+
+@remote_admin.command("keys")
+def remote_admin_keys(ctx: typer.Context, admin_id: str, as_json: JsonFlag = False) -> None:
+    """An admin's API keys (ADMIN_ID: the API names admins by id)."""
+    with connected(ctx) as client:
+        rows = [
+            ApiKeyOut.model_validate(k).model_dump()
+            for k in client.call("admin keys", admin_id=admin_id)
+        ]
+    show_listing(rows, f"API keys of {admin_id}", as_json)
+
+
+@remote_admin.command("new-key")
+def remote_admin_new_key(ctx: typer.Context, admin_id: str) -> None:
+    with connected(ctx) as client:
+        key = client.call("admin new-key", admin_id=admin_id)
+    show_secret("API key", key["api_key"])
+
+
+@remote_admin.command("grant")
+def remote_admin_grant(
+    ctx: typer.Context,
+    admin_id: str,
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
+    group: Annotated[str, typer.Option()],
+) -> None:
+    with connected(ctx) as client:
+        client.call("admin grant", body={"role": role, "group_id": group}, admin_id=admin_id)
+    out.print(f"{admin_id} now holds {role} on {group}")
+
+
+@remote_admin.command("revoke-key")
+def remote_admin_revoke_key(ctx: typer.Context, key_id: str) -> None:
+    with connected(ctx) as client:
+        client.call("admin revoke-key", key_id=key_id)
+    out.print(f"API key {key_id} revoked")
+
+
+@remote_audit.command("list")
+def remote_audit_list(
+    ctx: typer.Context,
+    group_id: Annotated[str, typer.Option("--group")],
+    limit: PageLimitOpt = 50,
+    every: AllPages = False,
+    as_json: JsonFlag = False,
+) -> None:
+    with connected(ctx) as client:
+        query = {"group_id": group_id}
+        rows = remote_rows(client, "audit list", AuditOut, limit, every, query)
+    show_listing(rows, "Audit log (newest first)", as_json, AUDIT_COLUMNS)
+
+
+@remote_app.command("installer")
+def remote_installer(
+    ctx: typer.Context, group_id: str, out_file: Annotated[Path, typer.Option("--out")]
+) -> None:
+    """Download a tunnel installer bundle (the console's installer TTL applies)."""
+    with connected(ctx) as client:
+        data = client.send("installer", group_id=group_id).content
+    write_owner_only(out_file, data)
+    out.print(f"wrote {out_file}")
+
+
+@remote_tunnel.command("nodes")
+def remote_tunnel_nodes(ctx: typer.Context, group_id: str, as_json: JsonFlag = False) -> None:
+    with connected(ctx) as client:
+        rows = client.call("tunnel nodes", group_id=group_id)
+    show_listing(rows, f"Tunnel nodes of {group_id}", as_json)
+
+
+@remote_rotate.command("status")
+def remote_rotate_status(
+    ctx: typer.Context,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    with connected(ctx) as client:
+        shown = client.call("rotate status", group_id=group_id)
+    if as_json:
+        print_json(shown)
+        return
+    if not shown:
+        out.print(f"no rotations in group {escape(group_id)}")
+    for one in shown:
+        print_rotation(one)
+
+
+def _register_remote_start(kind: str) -> None:
+    """``certgate console remote rotate KIND GROUP``: as the local ``rotate KIND GROUP``."""
+
+    def start(
+        ctx: typer.Context,
+        group_id: str,
+        overlap: Annotated[str, typer.Option(help="e.g. 1h, 7d.")] = "1h",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        body = {"overlap_s": int(parse_duration(overlap).total_seconds())}
+        with connected(ctx) as client:
+            shown = client.call("rotate start", body=body, group_id=group_id, kind=kind)
+        print_json(shown) if as_json else print_rotation(shown)
+
+    start.__doc__ = f"Prepare a {kind} rotation: the new one is issued and distributed."
+    remote_rotate.command(kind)(start)
+
+
+for _kind in rotation.KINDS:
+    _register_remote_start(_kind)
+
+
+@remote_rotate.command("switch")
+def remote_rotate_switch(
+    ctx: typer.Context,
+    kind: RotateKind,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    with connected(ctx) as client:
+        shown = client.call("rotate switch", group_id=group_id, kind=kind)
+    print_json(shown) if as_json else print_rotation(shown)
+
+
+@remote_rotate.command("renew-devices")
+def remote_rotate_renew_devices(
+    ctx: typer.Context,
+    group_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """After a device-root switch: devices still on the old root renew at their next check."""
+    with connected(ctx) as client:
+        shown = client.call("rotate renew-devices", group_id=group_id)
+    print_renewing(shown, as_json)
+
+
+@remote_rotate.command("finish")
+def remote_rotate_finish(
+    ctx: typer.Context,
+    kind: RotateKind,
+    group_id: str,
+    force: Annotated[bool, typer.Option("--force")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    query = {"force": "true"} if force else None
+    with connected(ctx) as client:
+        shown = client.call("rotate finish", query=query, group_id=group_id, kind=kind)
+    print_json(shown) if as_json else print_rotation(shown)

@@ -53,6 +53,7 @@ def group_out(group: Any) -> s.GroupOut:
         name=group.name,
         parent_id=group.parent_id,
         feed_seq=group.feed_seq,
+        policy_version=group.policy_version,
         settings=group.settings,
     )
 

@@ -127,6 +127,7 @@ class GroupOut(BaseModel):
     name: str
     parent_id: str | None
     feed_seq: int
+    policy_version: int
     settings: dict[str, Any]
 
 
