@@ -152,14 +152,13 @@ class _PackedTable:
     def build(
         seq: int,
         names: tuple[list[str], list[str]],
-        records: Iterable[tuple[bytes, bytes]],
-        count: int,
+        records: bytes,
         policy: PolicyUpdate | None,
         home: SlotHome | None,
     ) -> DeviceTable:
         groups, bundles = names
         try:
-            return DeviceTable.from_packed(seq, groups, bundles, records, count, policy, home=home)
+            return DeviceTable.from_packed(seq, groups, bundles, records, policy, home=home)
         except InvalidEntry as exc:
             raise PersistError(str(exc)) from exc
 
@@ -218,13 +217,8 @@ def decode_snapshot(data: bytes, home: SlotHome | None = None) -> DeviceTable:
     groups = _names(body[at : at + group_len], GROUP_ID_RE)
     bundles = _names(body[at + group_len : at + group_len + bundle_len], BUNDLE_ID_RE)
     policy = _policy(body[at + group_len + bundle_len : start]) if policy_len else None
-    end, width, key = start + count * _RECORD_BYTES, _RECORD_BYTES, _KEY_BYTES
-    view = memoryview(body)  # records straight from the file's bytes, no dict beside them
-    records = (
-        (bytes(view[at : at + key]), bytes(view[at + key : at + width]))
-        for at in range(start, end, width)
-    )
-    return _PackedTable.build(seq, (groups, bundles), records, count, policy, home)
+    records = body[start : start + count * _RECORD_BYTES]
+    return _PackedTable.build(seq, (groups, bundles), records, policy, home)
 
 
 def _policy(blob: bytes) -> PolicyUpdate | None:
