@@ -309,7 +309,7 @@ class DeviceTable:
                 raise InvalidEntry(f"{where}: a snapshot holds only upserts")
             key, upsert = _packable(op)
             assert upsert is not None  # an Entry packs to an upsert
-            self._reserve(1)
+            self._reserve(1, double=True)
             record = self._pack(upsert)
             self._publish()
             if not self._slots.put(key, record):
@@ -508,11 +508,14 @@ class DeviceTable:
         if from_seq != self._seq + 1:
             raise SequenceGap(f"batch starts at {from_seq}, table is at {self._seq}", **seqs)
 
-    def _reserve(self, added: int) -> None:
-        """Room for ``added`` more entries: else a mapping twice the size (at least), the
-        entries copied over, the old one released (readers swap when told: ``workers``)."""
+    def _reserve(self, added: int, *, double: bool = False) -> None:
+        """Room for ``added`` more entries: else a new mapping built at ``BUILD_LOAD`` (25 %
+        growth before the next move; ``double``: twice the entries, for a build that ends
+        with ``fit``), the entries copied over, the old one released (readers swap when
+        told: ``workers``)."""
         if not self._slots.has_room(added):
-            self._move_to(slots_for(max(len(self) + added, 2 * len(self))))
+            wanted = len(self) + added
+            self._move_to(slots_for(max(wanted, 2 * len(self)) if double else wanted))
 
     def _move_to(self, slots: int) -> None:
         old, new = self._slots, self._home.allocate(slots)
