@@ -475,7 +475,7 @@ class FeedFollower:
     def _fill(table: DeviceTable, page: snapshot.Page) -> None:
         table.extend_columns(page.columns)
         if page.next is None:
-            table.fit()  # the last page: the slots shrink to the table's size
+            table.fit()  # the last page: every entry placed, in slots sized for them
 
     def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
         """Verify with the pinned console identity, or during a console-identity rotation
