@@ -4,16 +4,20 @@ Run from the repository root:
 
     .venv/bin/python bench/table_scale.py --n 1000000
 
-Builds a table of N synthetic feed entries (streamed, so the input list never sits in
-memory), then reports build time, the RSS the table adds (VmRSS from /proc/self/status,
-Linux only), lookup latency percentiles over random known thumbprints, and feed batch
+Builds a table of N synthetic entries the way a node bootstraps: snapshot pages of
+``PAGE_LIMIT`` entries in format-2 columns (``DeviceTable.extend_columns``, then ``fit``),
+its slots in a file under /dev/shm as the follower of ``tunnel run --workers N`` keeps them
+(``shared_table.MappedFiles``; a single-process node keeps the same slots in anonymous
+memory). The page columns are generated outside the timed region, one page at a time.
+Reports build time, the RSS the table adds (VmRSS from /proc/self/status, Linux only: the
+file's pages count, as shared memory), lookup latency percentiles over random known
+thumbprints, the persisted snapshot's write and reload times (a restart), and feed batch
 throughput. Results go to bench/results/table_scale.json (``--out`` to change).
 
-Then the shared table of ``tunnel run --workers N`` (``tunnel.shared_table``): the time to
-write a generation from the table, and the memory of 1 and then 2 reader processes (what a
-worker does: map the file, touch every page, time lookups), read from each one's
-``/proc/PID/smaps_rollup`` while all are alive. Shared pages count in every reader's RSS;
-PSS splits them, so the readers' PSS summed is what the table costs the machine.
+Then the workers' view: 1 and then 2 reader processes map the follower's file (what a
+worker does: map the file, touch every page, time lookups), their memory read from each
+one's ``/proc/PID/smaps_rollup`` while all are alive. Shared pages count in every reader's
+RSS; PSS splits them, so the readers' PSS summed is what the table costs the machine.
 
 Latencies are single calls timed with ``time.perf_counter_ns``, so they include the
 timer's own overhead (tens of nanoseconds).
@@ -26,6 +30,7 @@ import gc
 import hashlib
 import json
 import mmap
+import os
 import platform
 import random
 import subprocess
@@ -35,8 +40,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from certgate.tunnel.shared_table import SharedTable, SharedTableWriter
-from certgate.tunnel.table import DeviceTable
+from certgate.feed import ATTRIBUTE_FIELDS
+from certgate.tunnel.persist import TableStore
+from certgate.tunnel.shared_table import MappedFiles, SharedTable
+from certgate.tunnel.snapshot import PAGE_LIMIT
+from certgate.tunnel.table import Columns, DeviceTable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "table_scale.json"
 _GROUPS = ("g", "g-eu", "g-us")
@@ -87,24 +95,53 @@ def _percentile(sorted_values: list[int], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))] / 1000
 
 
-def _measure_build(n: int) -> tuple[DeviceTable, dict[str, float]]:
-    started = time.perf_counter()
-    for _ in _stream(n):  # the synthetic input's own cost, to subtract from the build
-        pass
-    input_seconds = time.perf_counter() - started
+def _attributes() -> list[object]:
+    """The distinct ATTRIBUTE_FIELDS combinations of ``_entry``, in code order."""
+    combos = {tuple(_entry(i)[f] for f in ATTRIBUTE_FIELDS) for i in range(2 * len(_APPS) * 3)}
+    return [list(combo) for combo in sorted(combos, key=repr)]
+
+
+def _page(start: int, stop: int, codes: dict[tuple[object, ...], int]) -> Columns:
+    """Entries ``start..stop`` as a decoded format-2 page (``tunnel.snapshot``'s output)."""
+    entries = [_entry(i) for i in range(start, stop)]
+    return Columns(
+        [bytes.fromhex(str(e["thumbprint"])) for e in entries],
+        [bytes.fromhex(str(e["device_uid"])) for e in entries],
+        [int(str(e["not_after"])) for e in entries],
+        _attributes(),
+        [codes[tuple(e[f] for f in ATTRIBUTE_FIELDS)] for e in entries],
+    )
+
+
+def _measure_build(n: int, home: MappedFiles) -> tuple[DeviceTable, dict[str, float]]:
+    attributes = _attributes()
+    codes = {tuple(values): code for code, values in enumerate(attributes)}  # type: ignore[arg-type]
     gc.collect()
     rss_before = _rss_bytes()
-    started = time.perf_counter()
-    table = DeviceTable.from_snapshot(0, _stream(n))
-    seconds = time.perf_counter() - started
-    net_seconds = max(seconds - input_seconds, 1e-9)
+    table = DeviceTable(0, home=home)
+    seconds = input_seconds = cpu_seconds = 0.0
+    for start in range(0, n, PAGE_LIMIT):
+        started = time.perf_counter()
+        page = _page(start, min(n, start + PAGE_LIMIT), codes)
+        input_seconds += time.perf_counter() - started
+        started, cpu = time.perf_counter(), time.process_time()
+        table.extend_columns(page)
+        seconds += time.perf_counter() - started
+        cpu_seconds += time.process_time() - cpu
+        del page
+    started, cpu = time.perf_counter(), time.process_time()
+    table.fit()
+    seconds += time.perf_counter() - started
+    cpu_seconds += time.process_time() - cpu
     gc.collect()
     delta = _rss_bytes() - rss_before
     return table, {
         "input_generation_seconds": round(input_seconds, 3),
         "build_seconds": round(seconds, 3),
-        "build_seconds_excluding_input": round(net_seconds, 3),
-        "build_entries_per_second": round(n / net_seconds),
+        # CPU beside wall time: on a machine shared with other work the two part ways.
+        "build_cpu_seconds": round(cpu_seconds, 3),
+        "build_entries_per_second": round(n / max(seconds, 1e-9)),
+        "slots": table._slots.slots,
         "rss_before_bytes": rss_before,
         "rss_after_build_bytes": rss_before + delta,
         "rss_delta_bytes": delta,
@@ -242,31 +279,52 @@ def _measure_readers(path: Path, n: int, readers: int, count: int) -> dict[str, 
 
 
 def _measure_shared(table: DeviceTable, n: int, lookups: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
-        started = time.perf_counter()
-        writer = SharedTableWriter.build(Path(directory) / "table-1.map", table, time.time())
-        seconds = time.perf_counter() - started
-        size = writer.path.stat().st_size
-        try:
-            by_readers = {
-                str(k): _measure_readers(writer.path, n, k, min(lookups, 20_000)) for k in (1, 2)
-            }
-        finally:
-            writer.close()
+    """Readers of the follower's own file (no copy: the workers map what it writes)."""
+    path = table.path
+    assert path is not None
+    table.set_last_exchange(time.time())
+    by_readers = {str(k): _measure_readers(path, n, k, min(lookups, 20_000)) for k in (1, 2)}
     return {
-        "shared_build_seconds": round(seconds, 3),
-        "shared_file_mb": round(size / 2**20, 1),
+        "shared_file_mb": round(path.stat().st_size / 2**20, 1),
+        "follower_table_mapping": _mapping_kb_mb(_mapping_kb(os.getpid(), path)),
         "shared_readers": by_readers,
+    }
+
+
+def _mapping_kb_mb(counters: dict[str, int]) -> dict[str, float]:
+    return {name: round(counters.get(name, 0) / 1024, 1) for name in ("Rss", "Pss")}
+
+
+def _measure_reload(table: DeviceTable, home: MappedFiles) -> dict[str, float]:
+    """A restart: the table written as the node persists it, then loaded into slots."""
+    with tempfile.TemporaryDirectory() as directory:
+        store = TableStore(Path(directory))
+        started = time.perf_counter()
+        store.write_snapshot(table)
+        written = time.perf_counter() - started
+        started, cpu = time.perf_counter(), time.process_time()
+        loaded = store.load(home)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert loaded is not None and len(loaded.table) == len(table)
+    loaded.table.close()
+    return {
+        "persist_write_seconds": round(written, 3),
+        "persist_load_seconds": round(seconds, 3),
+        "persist_load_cpu_seconds": round(cpu, 3),
     }
 
 
 def run(n: int, lookups: int, batches: int, batch_size: int) -> dict[str, object]:
     """Run every measurement; return the results as a JSON-ready dict."""
-    table, build = _measure_build(n)
-    results: dict[str, object] = {"n": n, "entries": len(table), **build}
-    results.update(_measure_lookups(table, n, lookups, random.Random(1)))
-    results.update(_measure_shared(table, n, lookups))
-    results.update(_measure_batches(table, n, batches, batch_size))
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        home = MappedFiles(Path(directory))
+        table, build = _measure_build(n, home)
+        results: dict[str, object] = {"n": n, "entries": len(table), **build}
+        results.update(_measure_lookups(table, n, lookups, random.Random(1)))
+        results.update(_measure_shared(table, n, lookups))
+        results.update(_measure_reload(table, home))
+        results.update(_measure_batches(table, n, batches, batch_size))
+        table.close()
     results["peak_rss_bytes"] = _rss_bytes("VmHWM")  # includes the benchmark's own inputs
     results["python"] = sys.version.split()[0]
     results["machine"] = platform.machine()

@@ -103,6 +103,7 @@ def table_of(walked: list[SignedPage], signer: x509.Certificate, group_id: str) 
         table.extend_columns(decoded.columns)
         after = decoded.next or ""
     assert table is not None
+    table.fit()  # the last page read: its entries placed
     return table
 
 

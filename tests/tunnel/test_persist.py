@@ -89,6 +89,43 @@ def test_empty_table_round_trip(tmp_path: Path) -> None:
     assert contents(loaded(tmp_path).table) == (3, [])
 
 
+def test_a_restart_loads_straight_into_the_workers_file(tmp_path: Path) -> None:
+    """A node with workers reloads its table into a mapped file (no copy beside it), the
+    journal replayed there too, and a reader of that file answers as the table."""
+    from certgate.tunnel.shared_table import MappedFiles, SharedTable
+
+    state, shm = tmp_path / "state", tmp_path / "shm"
+    state.mkdir()
+    shm.mkdir()
+    table, store = table_of(300), TableStore(state)
+    store.write_snapshot(table)
+    apply_and_journal(table, store, [upsert(1, version=1), delete(2), upsert(999)])
+    result = TableStore(state).load(MappedFiles(shm))
+    assert result is not None and result.batches_replayed == 1
+    assert contents(result.table) == contents(table)
+    assert result.table.path is not None and result.table.path.parent == shm
+    reader = SharedTable(result.table.path)
+    assert reader.seq == table.seq and len(reader) == len(table) == 300
+    for n in (1, 2, 3, 999):
+        assert reader.lookup(tp(n)) == table.lookup(tp(n))
+
+
+def test_a_snapshot_file_repeating_a_thumbprint_is_refused(tmp_path: Path) -> None:
+    """A packed record twice (a file written with a valid checksum, as a bug would): the
+    load fails with PersistError, never a table holding one of them twice."""
+    table = table_of(3)
+    parts = list(persist.snapshot_parts(table))
+    body = b"".join(parts[:-1])
+    record = body[-persist._RECORD_BYTES :]
+    head = persist._HEADER.unpack_from(body)
+    names = body[persist._HEADER.size : len(body) - 3 * persist._RECORD_BYTES]
+    doubled = persist._HEADER.pack(head[0], head[1], 4, *head[3:]) + names
+    doubled += body[len(body) - 3 * persist._RECORD_BYTES :] + record
+    data = doubled + hashlib.sha256(doubled).digest()
+    with pytest.raises(PersistError, match="duplicate thumbprint"):
+        persist.decode_snapshot(data)
+
+
 def test_nothing_persisted_loads_as_none(tmp_path: Path) -> None:
     (tmp_path / persist.JOURNAL_FILE).write_bytes(b"orphan journal\n")
     assert TableStore(tmp_path).load() is None

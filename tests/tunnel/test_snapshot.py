@@ -89,6 +89,7 @@ def table_of(*payloads: tuple[dict[str, Any], str], limit: int = PAGE_LIMIT) -> 
         table = table or DeviceTable(decoded.seq)
         table.extend_columns(decoded.columns)
     assert table is not None
+    table.fit()  # the last page read: its entries placed
     return table
 
 
@@ -231,8 +232,9 @@ def test_a_thumbprint_in_two_pages_is_rejected() -> None:
     after = cursor(ENTRIES[1])
     moved = [{**ENTRIES[0], "device_uid": "f" * 32}]  # a certificate filed under another device
     decoded = decode_page(page(moved, after), after, PAGE_LIMIT)
+    table.extend_columns(decoded.columns)
     with pytest.raises(InvalidEntry, match="repeats a thumbprint of an earlier page"):
-        table.extend_columns(decoded.columns)
+        table.fit()
 
 
 def test_the_token_bound_holds_the_largest_possible_page() -> None:
@@ -280,6 +282,7 @@ def test_any_value_anywhere_fails_cleanly(path: str, value: object) -> None:
     table = DeviceTable(7)
     try:
         table.extend_columns(decode_page(payload, "", PAGE_LIMIT).columns)
+        table.fit()
     except FeedError:
         return
     # The check is that nothing but FeedError escapes; a page that decodes still holds

@@ -57,7 +57,7 @@ from certgate.errors import CertgateError
 from certgate.feed import FeedError, InvalidEntry, PolicyUpdate
 from certgate.pki.identity import BUNDLE_ID_RE, GROUP_ID_RE
 from certgate.tunnel import table as table_module
-from certgate.tunnel.table import DeviceTable, SequenceReplay
+from certgate.tunnel.table import DeviceTable, SequenceReplay, SlotHome
 
 __all__ = [
     "DEFAULT_COMPACT_AFTER_BYTES",
@@ -145,19 +145,20 @@ class _PackedTable:
         return table.packed_names()
 
     @staticmethod
-    def records(table: DeviceTable) -> Iterator[tuple[int, bytes]]:
+    def records(table: DeviceTable) -> Iterator[tuple[bytes, bytes]]:
         return table.packed_records()
 
     @staticmethod
     def build(
         seq: int,
-        groups: list[str],
-        bundles: list[str],
-        records: dict[int, bytes],
+        names: tuple[list[str], list[str]],
+        records: bytes,
         policy: PolicyUpdate | None,
+        home: SlotHome | None,
     ) -> DeviceTable:
+        groups, bundles = names
         try:
-            return DeviceTable.from_packed(seq, groups, bundles, records, policy)
+            return DeviceTable.from_packed(seq, groups, bundles, records, policy, home=home)
         except InvalidEntry as exc:
             raise PersistError(str(exc)) from exc
 
@@ -190,12 +191,13 @@ def _record_parts(table: DeviceTable) -> Iterator[bytes | bytearray]:
     while chunk := list(itertools.islice(records, _RECORDS_PER_PART)):
         part = bytearray(len(chunk) * _RECORD_BYTES)
         for at, (key, record) in zip(range(0, len(part), _RECORD_BYTES), chunk, strict=True):
-            pack(part, at, key.to_bytes(_KEY_BYTES, "big"), record)
+            pack(part, at, key, record)
         yield part
 
 
-def decode_snapshot(data: bytes) -> DeviceTable:
-    """Parse a snapshot file; raise ``PersistError`` if it is damaged or foreign."""
+def decode_snapshot(data: bytes, home: SlotHome | None = None) -> DeviceTable:
+    """Parse a snapshot file into a table whose slots live in ``home``; raise
+    ``PersistError`` if it is damaged or foreign."""
     _PackedTable.check_layout()
     body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
     if len(data) < _HEADER.size + _DIGEST_BYTES or hashlib.sha256(body).digest() != digest:
@@ -215,14 +217,8 @@ def decode_snapshot(data: bytes) -> DeviceTable:
     groups = _names(body[at : at + group_len], GROUP_ID_RE)
     bundles = _names(body[at + group_len : at + group_len + bundle_len], BUNDLE_ID_RE)
     policy = _policy(body[at + group_len + bundle_len : start]) if policy_len else None
-    end, width, key = start + count * _RECORD_BYTES, _RECORD_BYTES, _KEY_BYTES
-    records = {
-        int.from_bytes(body[at : at + key], "big"): body[at + key : at + width]
-        for at in range(start, end, width)
-    }
-    if len(records) != count:
-        raise PersistError("snapshot file holds duplicate thumbprints")
-    return _PackedTable.build(seq, groups, bundles, records, policy)
+    records = body[start : start + count * _RECORD_BYTES]
+    return _PackedTable.build(seq, (groups, bundles), records, policy, home)
 
 
 def _policy(blob: bytes) -> PolicyUpdate | None:
@@ -343,14 +339,16 @@ class TableStore:
     def needs_compaction(self) -> bool:
         return self._journal_bytes > self.compact_after_bytes
 
-    def load(self) -> LoadedTable | None:
-        """The persisted table, or None when there is none. Raises ``PersistError`` when
-        the snapshot is damaged (the caller starts over from a console snapshot)."""
+    def load(self, home: SlotHome | None = None) -> LoadedTable | None:
+        """The persisted table (its slots in ``home``), or None when there is none. Raises
+        ``PersistError`` when the snapshot is damaged (the caller starts over from a
+        console snapshot)."""
         try:
             data = self.snapshot_path.read_bytes()
         except FileNotFoundError:
             return None
-        table = decode_snapshot(data)
+        table = decode_snapshot(data, home)
+        del data  # the file's bytes go before the journal is read
         snapshot_seq = table.seq
         replayed, good_bytes, torn = self._replay_journal(table)
         self._journal_bytes = good_bytes

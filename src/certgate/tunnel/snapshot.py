@@ -80,10 +80,9 @@ def decode_page(
     thumbprints = _split(entries["thumbprint"], count, _THUMBPRINT_BYTES, "entries.thumbprint")
     uids = _split(entries["device_uid"], count, _UID_BYTES, "entries.device_uid")
     following = _check_order(uids, thumbprints, after, payload["next"])
-    keys = [int.from_bytes(thumbprint, "big") for thumbprint in thumbprints]
     not_after = _integers(entries["not_after"], count, _MAX_NOT_AFTER, "entries.not_after")
     attributes, index = _attributes(entries["attributes"], count)
-    return Page(seq, following, Columns(keys, uids, not_after, attributes, index), policy)
+    return Page(seq, following, Columns(thumbprints, uids, not_after, attributes, index), policy)
 
 
 def _check_order(

@@ -77,7 +77,7 @@ from certgate.tlsconf import client_context
 from certgate.tunnel import rotation, snapshot
 from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
-from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay
+from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay, SlotHome
 
 __all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable", "is_fresh_age"]
 
@@ -143,6 +143,7 @@ class FeedFollower:
         transport: httpx.AsyncBaseTransport | None = None,
         feed_version: int = FEED_VERSION,
         read_only: bool = False,
+        table_home: SlotHome | None = None,
     ) -> None:
         if not MIN_FEED_VERSION <= feed_version <= FEED_VERSION:
             raise ValueError(f"feed version {feed_version} is not one this node speaks")
@@ -156,7 +157,10 @@ class FeedFollower:
         self._store = TableStore(
             state_dir, compact_after_bytes=compact_after_bytes, read_only=read_only
         )
-        self._table = DeviceTable()
+        # Where every table of this follower keeps its slots (None: anonymous memory; a
+        # node with workers: files they map, ``shared_table.MappedFiles``).
+        self._home = table_home
+        self._table = DeviceTable(home=table_home)
         self._needs_snapshot = True
         self._store_behind = False
         self._last_exchange: float | None = None
@@ -238,12 +242,13 @@ class FeedFollower:
 
     def _load_persisted(self) -> None:
         try:
-            loaded = self._store.load()
+            loaded = self._store.load(self._home)
         except (PersistError, OSError) as exc:
             log.warning("persisted device table unusable (%s); will fetch a snapshot", exc)
             return
         if loaded is None:
             return
+        self._table.close()  # the empty one: nobody has seen it yet
         self._table, self._needs_snapshot = loaded.table, False
         # The budget runs from the last exchange before the restart, not from now.
         self._last_exchange = self._persisted_exchange = self._store.load_exchange_time()
@@ -388,21 +393,26 @@ class FeedFollower:
         table: DeviceTable | None = None
         signed_at: float | None = None
         after = ""
-        while True:
-            params: dict[str, Any] = {"format": 2, "limit": limit, **self._version_param()}
-            if after:
-                params["after"] = after
-            body = await self._get(
-                path, REQUEST_TIMEOUT_S * 2, snapshot.max_token_bytes(limit), **params
-            )
-            if body is None:
-                raise FeedUnavailable(f"console answered 204 on {path}")
-            page, table = await self._checked(body, table, after, limit)
-            if signed_at is None:
-                signed_at = page.signed_at
-            if page.next is None:
-                break
-            after = page.next
+        try:
+            while True:
+                params: dict[str, Any] = {"format": 2, "limit": limit, **self._version_param()}
+                if after:
+                    params["after"] = after
+                body = await self._get(
+                    path, REQUEST_TIMEOUT_S * 2, snapshot.max_token_bytes(limit), **params
+                )
+                if body is None:
+                    raise FeedUnavailable(f"console answered 204 on {path}")
+                page, table = await self._checked(body, table, after, limit)
+                if signed_at is None:
+                    signed_at = page.signed_at
+                if page.next is None:
+                    break
+                after = page.next
+        except BaseException:
+            if table is not None:  # a partial table nobody served: its slots go now
+                table.close()
+            raise
         await self._swap(signed_at, table)
 
     async def accept_snapshot(self, token: bytes | str) -> None:
@@ -433,7 +443,7 @@ class FeedFollower:
         # fresher one.
         self._record_success(self._clock())
         self._notify(FeedChange(None, signed_at, "snapshot"))
-        del old  # the replaced table goes before the heap is trimmed
+        old.close()  # after the data plane (and any worker) was told of the new one
         self._store_behind = not await self._write(self._store.write_snapshot, table)
         await self._exchanged()
         await asyncio.to_thread(_release_free_memory)
@@ -453,9 +463,21 @@ class FeedFollower:
         if table is not None and page.seq < table.seq:
             raise FeedError(f"snapshot page of seq {page.seq} follows one of seq {table.seq}")
         if table is None:
-            table = DeviceTable(page.seq, page.policy)
-        table.extend_columns(page.columns)
+            table = DeviceTable(page.seq, page.policy, home=self._home)
+            try:
+                self._fill(table, page)
+            except BaseException:
+                table.close()  # the caller never saw it
+                raise
+        else:
+            self._fill(table, page)
         return _VerifiedPage(float(payload["iat"]), page.next), table
+
+    @staticmethod
+    def _fill(table: DeviceTable, page: snapshot.Page) -> None:
+        table.extend_columns(page.columns)
+        if page.next is None:
+            table.fit()  # the last page: every entry placed, in slots sized for them
 
     def _verify(self, token: bytes | str, typ: str) -> dict[str, Any]:
         """Verify with the pinned console identity, or during a console-identity rotation

@@ -11,15 +11,17 @@ as it was. The table keeps the group policy at its seq beside the entries (a bat
 snapshot carries it), and answers lookups; it never judges an entry: ``admission.admit``
 is the one place that decides whether a certificate may pass.
 
-Memory layout (measured with ``bench/table_scale.py``; the target is 1,000,000 entries well
-under 250 MB RSS). One plain ``dict`` maps each thumbprint to a packed record:
+Memory layout (measured with ``bench/table_scale.py``; the target is 1,000,000 entries in
+at most 150 MB RSS). The entries live in one mapping of 64-byte slots (``tunnel.slots``), no
+Python object per entry: the thumbprint (32 raw bytes) and one 31-byte ``struct`` record,
+device uid (16 raw bytes), not_after (int64), bundle id index, group id index, status bits.
+Where the mapping lives is the ``SlotHome``'s choice: anonymous memory (a single-process
+node), or a file the workers of ``tunnel run --workers N`` map read-only (``shared_table``),
+so a node keeps one table whatever its process count. (A ``dict`` of int keys and packed
+records, the layout before, took 162 MB at 1,000,000 entries; these slots take 107 MB.)
 
-* key: the thumbprint as a 256-bit ``int`` (a 64-byte object; a 32-byte ``bytes`` key costs
-  80 bytes because CPython rounds its 65-byte object up to the next 16-byte size class);
-* value: one 31-byte ``struct`` record (a 64-byte object; 32 bytes would again cost 80):
-  device uid (16 raw bytes), not_after (int64), bundle id index, group id index, status bits.
-
-Group ids and bundle ids repeat across devices, so they are interned in small side tables.
+Group ids and bundle ids repeat across devices, so they are interned in small side tables
+(published beside a file mapping before any record that uses a new one).
 A frozen ``Entry`` is materialised only on lookup.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol
 
 from certgate import feed
@@ -43,6 +46,8 @@ from certgate.feed import (
 )
 from certgate.pki.identity import BUNDLE_ID_RE, GROUP_ID_RE
 from certgate.pki.thumbprint import THUMBPRINT_RE
+from certgate.tunnel.slots import KEY_SIZE, SLOT_IMAGE, SLOT_SIZE, Slots, slots_for
+from certgate.tunnel.slots import RECORD_SIZE as SLOT_RECORD_SIZE
 
 __all__ = [
     "Changes",
@@ -51,6 +56,7 @@ __all__ = [
     "SequenceError",
     "SequenceGap",
     "SequenceReplay",
+    "SlotHome",
     "TableView",
 ]
 
@@ -94,12 +100,12 @@ class Changes:
 class Columns:
     """A page of a format-2 snapshot, decoded (``tunnel.snapshot``) but for its attributes.
 
-    Entry ``i`` is ``keys[i]`` (the thumbprint as an int), ``device_uids[i]`` (16 bytes),
+    Entry ``i`` is ``keys[i]`` (the thumbprint, 32 raw bytes), ``device_uids[i]`` (16 bytes),
     ``not_after[i]`` and the ATTRIBUTE_FIELDS values ``attributes[index[i]]``, which
     ``DeviceTable.extend_columns`` checks like the fields of a feed entry.
     """
 
-    keys: list[int]
+    keys: list[bytes]
     device_uids: list[bytes]
     not_after: list[int]
     attributes: list[object]
@@ -121,15 +127,16 @@ _BLOCKED_BIT = 1 << 4
 _RECORD = struct.Struct("<16sqIHB")
 RECORD_FORMAT = _RECORD.format  # the packed record layout, for persistence
 RECORD_SIZE = _RECORD.size
-assert _RECORD.size == 31
+assert _RECORD.size == SLOT_RECORD_SIZE == 31
+assert SLOT_IMAGE.format == "<B32s" + _RECORD.format[1:]
 _MAX_GROUPS = 2**16 - 1
 _MAX_BUNDLES = 2**32 - 1
 
 # A validated upsert, ready to pack but for interning its names:
 # (device uid, not_after, group id, bundle id, status bits).
 _Upsert = tuple[bytes, int, str, str | None, int]
-# A parsed operation: the thumbprint key, and the new upsert (None deletes).
-_Op = tuple[int, _Upsert | None]
+# A parsed operation: the thumbprint key (32 raw bytes), and the new upsert (None deletes).
+_Op = tuple[bytes, _Upsert | None]
 
 # Lookups build an Entry per call. A frozen dataclass's __init__ sets each field through
 # object.__setattr__ (1.5 us for these eight: a third of a lookup at 1,000,000 entries,
@@ -157,6 +164,39 @@ class TableView(Protocol):
     def __len__(self) -> int: ...
 
     def lookup(self, thumbprint: str) -> Entry | None: ...
+
+
+class SlotHome(Protocol):
+    """Where a table's slots live: ``allocate`` a mapping of ``slots`` slots, and
+    ``publish_names`` for readers of that mapping (called before any record that uses a new
+    group or bundle code is written to it), ``release`` one the table is done with."""
+
+    def allocate(self, slots: int) -> Slots: ...
+
+    def release(self, slots: Slots) -> None: ...
+
+    def publish_names(
+        self, slots: Slots, groups: list[str | None], bundles: list[str | None]
+    ) -> None: ...
+
+
+class MemoryHome:
+    """Anonymous memory, read by this process alone (a single-process node)."""
+
+    def allocate(self, slots: int) -> Slots:
+        return Slots(slots)
+
+    def release(self, slots: Slots) -> None:
+        slots.close()
+
+    def publish_names(
+        self, slots: Slots, groups: list[str | None], bundles: list[str | None]
+    ) -> None:
+        pass
+
+
+_MEMORY = MemoryHome()
+_UNPUBLISHED = (-1, -1)  # a new mapping gets its names file even while there are none
 
 
 class _Interner:
@@ -195,65 +235,126 @@ class DeviceTable:
 
     Single-threaded by design (the asyncio shell owns it). ``apply_batch`` mutates in
     place, but only after the whole batch has validated; snapshot reloads build a new
-    table aside (``from_snapshot``, or page by page with ``extend_columns``) and swap the
-    reference (STYLE.md habit 8). ``policy`` is None until the feed carried one (the node
-    then applies the policy of its trust config).
+    table aside (``from_snapshot``, or page by page with ``extend_columns``, then ``fit``)
+    and swap the reference (STYLE.md habit 8); the replaced one is ``close``d. ``policy``
+    is None until the feed carried one (the node then applies the policy of its trust
+    config). ``home`` says where the slots live (default: anonymous memory).
     """
 
-    __slots__ = ("_bundles", "_groups", "_records", "_seq", "policy")
+    __slots__ = (
+        "_bundles",
+        "_groups",
+        "_home",
+        "_pending",
+        "_published",
+        "_seq",
+        "_slots",
+        "policy",
+    )
 
-    def __init__(self, seq: int = 0, policy: PolicyUpdate | None = None) -> None:
+    def __init__(
+        self,
+        seq: int = 0,
+        policy: PolicyUpdate | None = None,
+        *,
+        home: SlotHome | None = None,
+        capacity: int = 0,
+    ) -> None:
         if type(seq) is not int or seq < 0:
             raise SequenceError(f"invalid table seq {seq!r}", table_seq=seq, from_seq=0, to_seq=0)
         self._seq = seq
         self.policy = policy
-        self._records: dict[int, bytes] = {}
         self._groups = _Interner(_MAX_GROUPS, "group ids")
         self._bundles = _Interner(_MAX_BUNDLES, "bundle ids")
+        self._home: SlotHome = _MEMORY if home is None else home
+        self._slots = self._home.allocate(slots_for(capacity))
+        self._published = _UNPUBLISHED  # name counts the current mapping's readers know
+        self._publish()
+        self._pending = bytearray()  # slot images of snapshot pages, placed by ``fit``
 
     @classmethod
     def from_snapshot(
-        cls, seq: int, entries: Iterable[object], policy: PolicyUpdate | None = None
+        cls,
+        seq: int,
+        entries: Iterable[object],
+        policy: PolicyUpdate | None = None,
+        *,
+        home: SlotHome | None = None,
     ) -> DeviceTable:
         """A table holding exactly ``entries`` (all ``upsert``; no duplicates) at ``seq``."""
-        table = cls(seq, policy)
+        table = cls(seq, policy, home=home)
         table.extend(entries)
+        table.fit()
         return table
+
+    @property
+    def path(self) -> Path | None:
+        """The file the slots are mapped from (None: anonymous memory)."""
+        return self._slots.path
+
+    def close(self) -> None:
+        """Release the slots (a file mapping's file goes too): the table is done with."""
+        self._home.release(self._slots)
 
     def extend(self, entries: Iterable[object]) -> None:
         """Add a further page of a paged snapshot (upserts, no duplicates), seq unchanged.
 
         Only for a table nobody serves yet: failing halfway through leaves it partial.
         """
-        start = len(self._records)
+        start = len(self)
         for index, raw in enumerate(_iterate(entries), start):
             where = f"entries[{index}]"
             op = feed.decode_op(raw, where, feed.MIN_FEED_VERSION)
             if not isinstance(op, Entry):
                 raise InvalidEntry(f"{where}: a snapshot holds only upserts")
             key, upsert = _packable(op)
-            if key in self._records:
-                raise InvalidEntry(f"{where}: duplicate thumbprint {_hex(key)}")
             assert upsert is not None  # an Entry packs to an upsert
-            self._records[key] = self._pack(upsert)
+            self._reserve(1, double=True)
+            record = self._pack(upsert)
+            self._publish()
+            if not self._slots.put(key, record):
+                raise InvalidEntry(f"{where}: duplicate thumbprint {key.hex()}")
+        self._slots.set_meta(self._seq)
 
     def extend_columns(self, columns: Columns) -> None:
         """Add a page of a format-2 snapshot, seq unchanged; like ``extend``, only for a
-        table nobody serves yet. Attributes are checked once per distinct combination,
-        so an entry costs one record packed (format 1: every field of every entry)."""
+        table nobody serves yet, and its entries are there once ``fit`` (after the last
+        page) placed them. Attributes are checked once per distinct combination, so an
+        entry costs one record packed (format 1: every field of every entry)."""
         packed = [
             self._pack_attributes(values, f"entries.attributes.values[{code}]")
             for code, values in enumerate(columns.attributes)
         ]
-        records, pack = self._records, _RECORD.pack
-        start = len(records)
+        # Pages come before their number is known: their entries wait as slot images and
+        # ``fit`` places them all into slots sized once (no rehash per doubling).
+        images = bytearray(SLOT_SIZE * len(columns.keys))
+        pack, offsets = SLOT_IMAGE.pack_into, range(0, len(images), SLOT_SIZE)
         entries = zip(
-            columns.keys, columns.device_uids, columns.not_after, columns.index, strict=True
+            offsets,
+            columns.keys,
+            columns.device_uids,
+            columns.not_after,
+            columns.index,
+            strict=True,
         )
-        for key, uid, not_after, code in entries:
+        for at, key, uid, not_after, code in entries:
             bundle, group, status = packed[code]
-            records[key] = pack(uid, not_after, bundle, group, status)
-        if len(records) != start + len(columns.keys):
+            pack(images, at, 1, key, uid, not_after, bundle, group, status)
+        self._pending += images
+
+    def fit(self) -> None:
+        """After a paged build: place the pages' entries (``extend_columns``) into slots
+        sized for ``BUILD_LOAD``. Raises when a page repeated a thumbprint."""
+        pending, self._pending = self._pending, bytearray()
+        wanted = slots_for(len(self) + len(pending) // SLOT_SIZE)  # len(self): placed ones
+        if not self._slots.has_room(len(pending) // SLOT_SIZE) or (
+            self._slots.slots > wanted * 11 // 10
+        ):
+            self._move_to(wanted)
+        self._publish()
+        placed = self._slots.place(pending)
+        self._slots.set_meta(self._seq)
+        if not placed:
             raise InvalidEntry("snapshot page repeats a thumbprint of an earlier page")
 
     def _pack_attributes(self, values: object, where: str) -> tuple[int, int, int]:
@@ -265,14 +366,15 @@ class DeviceTable:
         return self._bundles.code(bundle_id), self._groups.code(group_id), status
 
     # Packed form, for persistence: records are RECORD_FORMAT structs keyed by the
-    # thumbprint as an int; group and bundle codes index the name lists (1-based).
+    # thumbprint (32 raw bytes); group and bundle codes index the name lists (1-based).
 
     def packed_names(self) -> tuple[list[str | None], list[str | None]]:
         """(group names, bundle names), in code order starting at code 1."""
         return self._groups._values[1:], self._bundles._values[1:]
 
-    def packed_records(self) -> Iterator[tuple[int, bytes]]:
-        return iter(self._records.items())
+    def packed_records(self) -> Iterator[tuple[bytes, bytes]]:
+        """(thumbprint, record) of every entry (lazy: finish before the next change)."""
+        return self._slots.items()
 
     @classmethod
     def from_packed(
@@ -280,16 +382,33 @@ class DeviceTable:
         seq: int,
         groups: list[str],
         bundles: list[str],
-        records: dict[int, bytes],
+        entries: bytes,
         policy: PolicyUpdate | None = None,
+        *,
+        home: SlotHome | None = None,
     ) -> DeviceTable:
-        """Rebuild a table from its packed form (trusted input: the node's own files)."""
-        table = cls(seq, policy)
+        """Rebuild a table from its packed form (trusted input: the node's own files):
+        ``entries`` is thumbprint (32 bytes) + record, one after another; duplicates are
+        refused."""
+        width = KEY_SIZE + _RECORD.size
+        count = len(entries) // width
+        table = cls(seq, policy, home=home, capacity=count)
         for interner, names in ((table._groups, groups), (table._bundles, bundles)):
             for index, name in enumerate(names, start=1):
                 if interner.code(name) != index:
+                    table.close()
                     raise InvalidEntry(f"duplicate name {name!r} in packed table")
-        table._records = records
+        table._publish()
+        # Slot images (a used flag before each entry) by 64 strided copies, in C: a Python
+        # step per entry took most of a 1,000,000-entry restart.
+        images = bytearray(SLOT_SIZE * count)
+        images[0::SLOT_SIZE] = b"\x01" * count
+        for offset in range(width):
+            images[1 + offset :: SLOT_SIZE] = entries[offset::width]
+        if len(entries) % width or not table._slots.place(images):
+            table.close()
+            raise InvalidEntry("packed table holds a duplicate thumbprint or a partial entry")
+        table._slots.set_meta(seq)
         return table
 
     @property
@@ -298,18 +417,19 @@ class DeviceTable:
         return self._seq
 
     def __len__(self) -> int:
-        return len(self._records)
+        """Entries held, counting those of pages ``fit`` has yet to place."""
+        return self._slots.count + len(self._pending) // SLOT_SIZE
 
     def __contains__(self, thumbprint: object) -> bool:
         key = _key_or_none(thumbprint)
-        return key is not None and key in self._records
+        return key is not None and self._slots.get(key) is not None
 
     def lookup(self, thumbprint: str) -> Entry | None:
         """The entry for ``thumbprint``, or None when the table does not know it."""
         key = _key_or_none(thumbprint)
         if key is None:
             raise ValueError(f"not a canonical thumbprint: {thumbprint!r}")
-        record = self._records.get(key)
+        record = self._slots.get(key)
         return None if record is None else self._unpack(thumbprint, record)
 
     def apply_batch(
@@ -322,6 +442,8 @@ class DeviceTable:
         """Apply a gapless feed batch of contract ``version`` atomically: all of it, or
         (on any error) nothing."""
         self._check_sequence(from_seq, to_seq)
+        if self._pending:
+            raise RuntimeError("apply_batch on a table whose snapshot pages were not fitted")
         decoded = [
             feed.decode_op(raw, f"entries[{i}]", version) for i, raw in enumerate(_iterate(entries))
         ]
@@ -333,16 +455,24 @@ class DeviceTable:
         upserts = [upsert for _, upsert in ops if upsert is not None]
         self._groups.check_room(upsert[2] for upsert in upserts)
         self._bundles.check_room(upsert[3] for upsert in upserts)
+        # Room and names before any record: a failure here (a full disk) changes no entry.
+        self._reserve(len(upserts))
+        records = [(key, None if upsert is None else self._pack(upsert)) for key, upsert in ops]
+        self._publish()
         # Validation is complete: nothing below can raise, so the batch applies whole.
-        for key, upsert in ops:
-            if upsert is None:
-                self._records.pop(key, None)
+        slots = self._slots
+        slots.begin()
+        for key, record in records:
+            if record is None:
+                slots.delete(key)
             else:
-                self._records[key] = self._pack(upsert)
+                slots.put(key, record)
+        slots.end()
         if policies:
             self.policy = policies[-1]
         self._seq = to_seq
-        touched = tuple(sorted({_hex(key) for key, _ in ops}))
+        slots.set_meta(to_seq)
+        touched = tuple(sorted({key.hex() for key, _ in ops}))
         return Changes(
             from_seq,
             to_seq,
@@ -352,17 +482,22 @@ class DeviceTable:
             policies[-1] if policies else None,
         )
 
+    def set_last_exchange(self, at: float | None) -> None:
+        """Record when the follower last exchanged with the console, for readers of a file
+        mapping (the workers' freshness)."""
+        self._slots.set_meta(self._seq, at)
+
     def to_snapshot(self) -> Iterator[dict[str, object]]:
         """Every entry as a feed ``upsert`` object, for persistence and ``from_snapshot``.
 
         Lazy: finish iterating (or take a ``list``) before the next ``apply_batch``.
         """
-        for key, record in self._records.items():
-            yield self._unpack(_hex(key), record).encode()
+        for key, record in self._slots.items():
+            yield self._unpack(key.hex(), record).encode()
 
     def thumbprints(self) -> Iterator[str]:
         """Every thumbprint the table holds (lazy, like ``to_snapshot``)."""
-        return (_hex(key) for key in self._records)
+        return (key.hex() for key, _ in self._slots.items())
 
     def _check_sequence(self, from_seq: int, to_seq: int) -> None:
         seqs = {"table_seq": self._seq, "from_seq": from_seq, "to_seq": to_seq}
@@ -373,6 +508,29 @@ class DeviceTable:
         if from_seq != self._seq + 1:
             raise SequenceGap(f"batch starts at {from_seq}, table is at {self._seq}", **seqs)
 
+    def _reserve(self, added: int, *, double: bool = False) -> None:
+        """Room for ``added`` more entries: else a new mapping built at ``BUILD_LOAD`` (25 %
+        growth before the next move; ``double``: twice the entries, for a build that ends
+        with ``fit``), the entries copied over, the old one released (readers swap when
+        told: ``workers``)."""
+        if not self._slots.has_room(added):
+            wanted = len(self) + added
+            self._move_to(slots_for(max(wanted, 2 * len(self)) if double else wanted))
+
+    def _move_to(self, slots: int) -> None:
+        old, new = self._slots, self._home.allocate(slots)
+        old.copy_into(new)
+        new.set_meta(self._seq, old.last_exchange)
+        self._slots, self._published = new, _UNPUBLISHED
+        self._publish()
+        self._home.release(old)
+
+    def _publish(self) -> None:
+        groups, bundles = self.packed_names()
+        if (len(groups), len(bundles)) != self._published:
+            self._home.publish_names(self._slots, groups, bundles)
+            self._published = (len(groups), len(bundles))
+
     def _pack(self, upsert: _Upsert) -> bytes:
         uid, not_after, group_id, bundle_id, status = upsert
         return _RECORD.pack(
@@ -381,10 +539,6 @@ class DeviceTable:
 
     def _unpack(self, thumbprint: str, record: bytes) -> Entry:
         return unpack_entry(thumbprint, record, self._groups._values, self._bundles._values)
-
-    def packed_record(self, key: int) -> bytes | None:
-        """The packed record of the thumbprint ``key`` (an int), for the shared table."""
-        return self._records.get(key)
 
 
 def record_codes(record: bytes) -> tuple[int, int]:
@@ -418,7 +572,7 @@ def unpack_entry(
 
 def _packable(op: Entry | Delete) -> _Op:
     """The thumbprint key and, for an upsert, its fields ready to pack."""
-    key = int(op.thumbprint, 16)
+    key = bytes.fromhex(op.thumbprint)
     if isinstance(op, Delete):
         return key, None
     status = _ENROLLMENT_CODE[op.enrollment_status.value]
@@ -428,14 +582,10 @@ def _packable(op: Entry | Delete) -> _Op:
     return key, (bytes.fromhex(op.device_uid), op.not_after, op.group_id, op.app_bundle_id, status)
 
 
-def _hex(key: int) -> str:
-    return f"{key:064x}"
-
-
-def _key_or_none(thumbprint: object) -> int | None:
-    # Validate before int(): int() would also accept "0x", "_" separators and whitespace.
+def _key_or_none(thumbprint: object) -> bytes | None:
+    # Validate before fromhex(): it would also accept whitespace and upper case.
     if isinstance(thumbprint, str) and _canonical(thumbprint) is not None:
-        return int(thumbprint, 16)
+        return bytes.fromhex(thumbprint)
     return None
 
 

@@ -1,8 +1,9 @@
 """``certgate tunnel run --workers N``: one feed follower, N data-plane processes.
 
 The supervisor (the process started by ``tunnel run``) follows the feed, serves ``/healthz``
-and ``/metrics`` and owns the shared device table (``tunnel.shared_table``): one file under
-``/dev/shm`` that every worker maps read-only, so the table is in memory once. Each worker is
+and ``/metrics`` and owns the shared device table (``tunnel.shared_table``): the follower's
+table keeps its slots in a file under ``/dev/shm`` that every worker maps read-only, so the
+table is in memory once (the supervisor's included). Each worker is
 a ``python -m certgate.tunnel.workers`` process serving both data listeners; every worker
 binds them with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers
 (the supervisor holds a bound, not listening, socket per port so nothing else takes it
@@ -10,9 +11,9 @@ while a worker restarts).
 
 The channel: a Unix socketpair per worker carrying length-prefixed JSON messages, in order.
 Supervisor to worker: ``hello`` (options, the table's file, the policy in force), ``table``
-(a new generation to map: after a snapshot, a policy change, or a batch that overfilled the
-current one), ``change`` (a ``FeedChange``, with the policy when it changed; the supervisor
-writes the table before it sends one) and ``identity`` (a rotated tunnel identity). Worker
+(a new generation to map: after a snapshot, or a batch that overfilled the current one),
+``change`` (a ``FeedChange``, with the policy when it changed; the follower has written the
+table before it is sent) and ``identity`` (a rotated tunnel identity). Worker
 to supervisor: ``ready`` and, every ``REPORT_INTERVAL_S``, a ``report`` (its metrics and its
 live tunnels) that ``/metrics`` sums and the node's report to the console lists. Every
 worker judges every change against its own live tunnels (``TunnelService.on_change``, then
@@ -51,7 +52,7 @@ from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
-from certgate.tunnel.shared_table import SharedTable, SharedTableWriter
+from certgate.tunnel.shared_table import MappedFiles, SharedTable
 from certgate.tunnel.sync import FeedChange, FeedFollower, is_fresh_age
 
 log = logging.getLogger("certgate.tunnel")
@@ -315,7 +316,7 @@ class SupervisorService(TunnelService):
 
 
 class Supervisor:
-    """Starts, feeds and restarts the workers; owns the shared table's file."""
+    """Starts, feeds and restarts the workers; tells them which table file to map."""
 
     def __init__(
         self,
@@ -323,18 +324,14 @@ class Supervisor:
         options: Any,
         service: SupervisorService,
         listeners: dict[str, Endpoint],
-        directory: Path,
     ) -> None:
         self.follower, self.options, self.service = follower, options, service
         self.listeners = listeners
-        self.directory = directory
         self.workers = [WorkerHandle(i) for i in range(options.workers)]
         service.workers = self.workers
         self.restarts = 0
         self.stopping = False
-        self._generation = 0
-        self._table = follower.table
-        self._writer = self._build()
+        self._mapped = self._table_path()  # the generation the workers were told of
         self._identity: dict[str, Any] | None = None
         self._reserved: list[socket.socket] = []
         self._listen: dict[str, list[Any] | None] = {}
@@ -346,25 +343,23 @@ class Supervisor:
         age = self.follower.age_s()
         return None if age is None else time.time() - age
 
-    def _build(self) -> SharedTableWriter:
-        self._generation += 1
-        path = self.directory / f"table-{self._generation}.map"
-        self._table = self.follower.table
-        return SharedTableWriter.build(path, self._table, self._last_exchange())
+    def _table_path(self) -> Path:
+        path = self.follower.table.path
+        assert path is not None  # the follower's home is MappedFiles (supervise)
+        return path
 
-    def _new_generation(self) -> None:
-        old, self._writer = self._writer, self._build()
-        self._broadcast({"type": "table", "path": str(self._writer.path)})
-        old.close()  # workers keep the old mapping until they swap; the names file is read at open
+    def _follow_table(self) -> None:
+        """The exchange time into the table's header, and the workers told of a new
+        generation (the table may also have moved while a batch was then refused)."""
+        self.follower.table.set_last_exchange(self._last_exchange())
+        if self.follower.table.path != self._mapped:
+            self._mapped = self._table_path()
+            self._broadcast({"type": "table", "path": str(self._mapped)})
 
     def on_change(self, change: FeedChange) -> None:
-        """Follower callback: bring the shared table up to date, then tell every worker."""
-        table = self.follower.table
-        if change.thumbprints is None or table is not self._table:
-            self._new_generation()
-        elif not self._writer.update(table, change.thumbprints):
-            self._new_generation()
-        self._writer.set_meta(table.seq, self._last_exchange())
+        """Follower callback (the table already written): a new generation to map, if the
+        table moved to one, then the change, to every worker."""
+        self._follow_table()
         # A snapshot carries the policy at its seq too: send it with every full change.
         policy = self.follower.policy.encode() if change.thumbprints is None else None
         self._broadcast(
@@ -400,7 +395,7 @@ class Supervisor:
     async def keep_meta(self) -> None:
         """The exchange time (freshness) reaches the workers within META_INTERVAL_S."""
         while True:
-            self._writer.set_meta(self._table.seq, self._last_exchange())
+            self._follow_table()
             await asyncio.sleep(META_INTERVAL_S)
 
     # The workers
@@ -432,7 +427,7 @@ class Supervisor:
             "type": "hello",
             "index": index,
             "state_dir": str(options.state_dir),
-            "table": str(self._writer.path),
+            "table": str(self._mapped),
             "policy": self.follower.policy.encode(),
             "proxy": self._listen.get("proxy"),
             "per_app": self._listen.get("per_app"),
@@ -544,7 +539,6 @@ class Supervisor:
             task.cancel()
         for sock in self._reserved:
             sock.close()
-        self._writer.close()
 
 
 def _table_directory() -> Path:
@@ -555,7 +549,8 @@ def _table_directory() -> Path:
 
 async def supervise(state: TunnelState, options: Any) -> None:
     """``serve`` for ``options.workers`` > 1 (the runner's options)."""
-    follower = FeedFollower(state, state_dir=options.state_dir)
+    directory = _table_directory()
+    follower = FeedFollower(state, state_dir=options.state_dir, table_home=MappedFiles(directory))
     policy = follower.policy
     proxy = options.proxy or Endpoint(options.listen_host, policy.proxy_port)
     per_app = options.per_app or Endpoint(options.listen_host, policy.per_app_port)
@@ -579,10 +574,7 @@ async def supervise(state: TunnelState, options: Any) -> None:
             if pinned is None
         },
     )
-    directory = _table_directory()
-    supervisor = Supervisor(
-        follower, options, service, {"proxy": proxy, "per_app": per_app}, directory
-    )
+    supervisor = Supervisor(follower, options, service, {"proxy": proxy, "per_app": per_app})
     service.metrics.aggregate_workers(
         lambda: {w.index: w.report.get("metrics", "") for w in supervisor.workers},
         lambda: supervisor.restarts,
