@@ -27,8 +27,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q -m "not integration"
 
+# Three workers on two cores: most scenario tests wait on real processes, not the CPU;
+# --dist loadfile keeps each module (and its module-scoped cluster) on one worker.
 test: sysdeps venv lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 demo: venv
 	bash scripts/install-sysdeps.sh openssl curl

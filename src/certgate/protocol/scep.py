@@ -108,6 +108,8 @@ def parse_request(
         raise SCEPError(f"malformed PKCS#7: {exc}"[:300]) from exc
     except UnsupportedAlgorithm as exc:  # a signer key or cipher nothing here can use
         raise SCEPError(f"unsupported algorithm: {exc}"[:300]) from exc
+    except x509.InvalidVersion as exc:  # a signer certificate of an unknown X.509 version
+        raise SCEPError(f"malformed certificate: {exc}"[:300]) from exc
 
 
 def _parse(message: bytes, ra_cert: x509.Certificate, ra_key: rsa.RSAPrivateKey) -> PKIRequest:
