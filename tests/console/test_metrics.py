@@ -135,7 +135,9 @@ def test_healthz_names_each_check_and_livez_is_alive(console: RunningConsole) ->
     with console.client() as client:
         health, live = client.get("/healthz"), client.get("/livez")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "checks": {"database": "ok", "signer": "ok"}}
+    body = health.json()
+    assert (body["status"], body["checks"]) == ("ok", {"database": "ok", "signer": "ok"})
+    assert body["warnings"] == [] and {c["name"] for c in body["certificates"]} >= {"console-tls"}
     assert live.json() == {"status": "alive"}
 
 

@@ -136,7 +136,7 @@ def test_status_says_what_healthz_says_after_the_policy_moved_a_port(
 def test_run_serves_with_the_tls_backend_and_curve_it_is_given(
     sqlite_console: RunningConsole, tmp_path: Path, backend: str
 ) -> None:
-    options = ("--tls-backend", backend, "--tls-curve", "secp384r1")
+    options = ("--tls-backend", backend, "--tls-curve", "secp384r1", "--workers", "1")
     with node_running(sqlite_console, tmp_path, *options) as node:
         assert negotiated_group(node["proxy"], "P-256") is None  # only the pinned curve
         used = negotiated_group(node["proxy"], "P-384")

@@ -164,11 +164,11 @@ async def failure_gate(request: Request) -> None:
         )
 
 
-def api_limiter() -> SignInLimiter:
+def api_limiter(burst: int = API_ADDRESS_BURST) -> SignInLimiter:
     """The web form's per-account buckets; a wider per-address one, since many devices may
     share an address (a NAT) and one agent with a dead credential must not lock them out.
     Guessing a key or token gains nothing at this rate; a password is held by its account."""
-    return SignInLimiter(addresses=TokenBuckets(API_ADDRESS_BURST, API_ADDRESS_REFILL_S))
+    return SignInLimiter(addresses=TokenBuckets(burst, API_ADDRESS_REFILL_S))
 
 
 def _api_limiter(request: Request) -> SignInLimiter:
@@ -299,7 +299,7 @@ def create_app(state: ConsoleState) -> FastAPI:
     app.add_exception_handler(HTTPException, _routing_error)
     # Matched in this order, so the busiest routes come first: devices and tunnel nodes call
     # far more often than admins (no path of one router matches another's; tested).
-    app.state.api_limiter = api_limiter()
+    app.state.api_limiter = api_limiter(state.config.api_failures_per_address)
     for module in ROUTERS:
         gate = [] if module is public else [Depends(failure_gate)]  # health, trust anchors
         app.include_router(module.router, dependencies=gate)

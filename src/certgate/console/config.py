@@ -43,6 +43,8 @@ class ConsoleConfig:
     # How often devices governed by a compliance policy are judged again without a
     # check-in (a silent device's check-in age grows; overrides expire).
     compliance_sweep_s: float = 60.0
+    # Failed API authentications one client address may make before 429 (then one a second).
+    api_failures_per_address: int = 100
     # Renewal before expiry inside the console (console/renewer.py): how often; 0: never.
     renew_interval_s: float = 3600.0
 
@@ -65,6 +67,8 @@ class ConsoleConfig:
         self.syslog_address()  # validated now, used by the checkpointer
         if not 1 <= self.ui_idle_timeout_s <= self.ui_absolute_timeout_s <= 7 * 24 * 3600:
             raise ConfigError("web session timeouts: 1 s <= idle <= absolute <= 7 days")
+        if not 1 <= self.api_failures_per_address <= 1_000_000:
+            raise ConfigError("API failures per address must be 1-1000000")
         if not 0.5 <= self.compliance_sweep_s <= 3600:
             raise ConfigError("compliance sweep interval must be 0.5-3600 s")
         self.pkcs11  # noqa: B018 - validates the token settings now, at startup

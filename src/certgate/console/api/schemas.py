@@ -80,6 +80,8 @@ ERROR_MEANINGS: dict[int, str] = {
     409: "Conflicts with existing data or with the object's state.",
     413: "The request body is over the console's limit.",
     422: "The request does not match this operation's schema (`invalid_request`).",
+    429: "Too many failed authentications from this address or for this account "
+    "(`rate_limited`); retry after `Retry-After` seconds.",
     503: "The console cannot serve the request now (`unavailable`); retry later.",
 }
 
@@ -92,7 +94,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Every request can meet the body limit and a console that cannot serve it.
-ANY_REQUEST = (413, 503)
+ANY_REQUEST = (413, 429, 503)  # 429: too many failed authentications (app.failure_gate)
 # A call with a credential (admin, device, tunnel node) and validated input, acting on
 # objects that may be gone, refused or in another state.
 CALL_ERRORS = error_responses(*ANY_REQUEST, 400, 401, 403, 404, 409, 422)
