@@ -478,21 +478,14 @@ def tunnel_setup(request: Request, group_id: str, body: s.SetupIn) -> dict[str, 
 def tunnel_installer(request: Request, group_id: str) -> Response:
     state = state_of(request)
     with admin_tx(request, group_id) as (session, who):
-        rbac.require(session, who.admin, P.TUNNEL_SETUP, group_id)
-        data, token_id = tunnels.installer(
+        data = tunnels.download_installer(
             session,
             state.pki,
+            who.admin,
             group_id,
             state.config.public_url,
             request.state.actor,
             timedelta(seconds=state.config.installer_ttl_s),
-        )
-        audit.append(
-            session,
-            request.state.actor,
-            "tunnel.installer",
-            group_id=group_id,
-            install_token_id=token_id,
         )
     return Response(
         data,

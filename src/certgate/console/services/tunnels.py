@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from certgate import jws
-from certgate.console.services import ca, feed
+from certgate.console.services import audit, ca, feed, rbac
 from certgate.console.services.devices import consume_token
 from certgate.console.services.groups import (
     console_key_label,
@@ -29,6 +29,7 @@ from certgate.console.services.groups import (
 )
 from certgate.console.services.secrets import IssuedSecret, new_secret
 from certgate.console.store.models import (
+    Admin,
     Certificate,
     GroupIdentity,
     OneTimeToken,
@@ -221,6 +222,31 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), mode, int(time.time())
     tar.addfile(info, io.BytesIO(data))
+
+
+def download_installer(
+    session: Session,
+    pki: ca.InstancePKI,
+    admin: Admin,
+    group_id: str,
+    console_url: str,
+    actor: str,
+    ttl: timedelta,
+    **audit_detail: Any,
+) -> bytes:
+    """An admin's download of the installer (API and web console alike): allowed with
+    ``tunnel:setup`` on the group, packaged, and audited with its install token."""
+    rbac.require(session, admin, rbac.Permission.TUNNEL_SETUP, group_id)
+    data, token_id = installer(session, pki, group_id, console_url, actor, ttl)
+    audit.append(
+        session,
+        actor,
+        "tunnel.installer",
+        group_id=group_id,
+        install_token_id=token_id,
+        **audit_detail,
+    )
+    return data
 
 
 def installer(

@@ -452,21 +452,14 @@ def tunnel_installer(request: Request, group_id: str, form: FormBody) -> Respons
     it (it holds a one-time install token, hence a POST with the CSRF token here)."""
     state = state_of(request)
     with ui_tx(request, form, group_id) as (session, who):
-        rbac.require(session, who.admin, P.TUNNEL_SETUP, group_id)
-        data, token_id = tunnels.installer(
+        data = tunnels.download_installer(
             session,
             state.pki,
+            who.admin,
             group_id,
             state.config.public_url,
             request.state.actor,
             timedelta(seconds=state.config.installer_ttl_s),
-        )
-        audit.append(
-            session,
-            request.state.actor,
-            "tunnel.installer",
-            group_id=group_id,
-            install_token_id=token_id,
             via="ui",
         )
     name = f"certgate-tunnel-{group_id}.tar.gz"
