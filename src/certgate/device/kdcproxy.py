@@ -14,7 +14,6 @@ kinit know it talks to this agent.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ipaddress
 import json
 import logging
@@ -24,13 +23,13 @@ from pathlib import Path
 
 import h11
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certgate.device.listeners import ListenAddress
 from certgate.device.tunnel_client import TunnelClient, TunnelError, TunnelRefused
 from certgate.errors import ConfigError
+from certgate.pki.authority import Authority, Names
 from certgate.pki.keys import PrivateKey, generate_key
+from certgate.pki.profiles import LOOPBACK_TLS
 from certgate.tlsconf import pem_of, server_context
 from certgate.tunnel.kdcproxy import (
     KDC_LIMITS,
@@ -47,7 +46,6 @@ ANCHOR_FILE = "kdc-proxy-anchor.pem"
 KDC_PROXY_PATH = "/KdcProxy"
 REQUEST_TIMEOUT_S = 30.0  # one kinit request: read, relay, answer
 MAX_HEAD_BYTES = 16 * 1024
-ANCHOR_VALIDITY = datetime.timedelta(days=30)  # a new one at every agent start
 
 
 class KDCProxyEndpoint:
@@ -164,21 +162,7 @@ def _loopback_ip(host: str) -> bool:
 
 
 def loopback_certificate(key: PrivateKey, host: str) -> x509.Certificate:
-    """A self-signed serverAuth certificate for ``host`` (a loopback IP) and localhost."""
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certgate device KDC proxy")])
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    names.append(x509.IPAddress(ipaddress.ip_address(host)))
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + ANCHOR_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    """A self-signed serverAuth certificate for ``host`` (a loopback IP) and localhost,
+    signed where every certificate is (``pki.authority``)."""
+    names = Names("certgate device KDC proxy", dns_names=("localhost",), ip_addresses=(host,))
+    return Authority().self_signed_leaf(key, names, LOOPBACK_TLS)

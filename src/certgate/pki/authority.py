@@ -235,6 +235,15 @@ class Authority:
         builder = _builder(profile, names, public_key, None, self._clock())
         return _sign_certificate(builder, key)
 
+    def self_signed_leaf(self, key: Signer, names: Names, profile: Profile) -> x509.Certificate:
+        """A self-signed end-entity certificate: a local endpoint that is its own trust
+        anchor (the device agent's loopback KDC proxy, named in krb5.conf's http_anchors)."""
+        if profile.is_ca:
+            raise PKIError("a self-signed leaf needs an end-entity profile")
+        public_key = check_public_key(key.public_key())
+        builder = _builder(profile, names, public_key, None, self._clock())
+        return _sign_certificate(builder, key)
+
     def issue(
         self, issuer: Issuer, profile: Profile, names: Names, public_key: object
     ) -> x509.Certificate:

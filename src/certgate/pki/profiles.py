@@ -87,6 +87,8 @@ CONSOLE_IDENTITY = Profile("console-identity", 3 * 365 * DAY, False, LEAF_USAGE,
 # Server certificates: renewed by rotation (RENEWAL_WINDOW) well within their lifetime.
 TUNNEL_IDENTITY = Profile("tunnel-identity", 397 * DAY, False, LEAF_USAGE, (SERVER, CLIENT))
 CONSOLE_TLS = Profile("console-tls", 365 * DAY, False, LEAF_USAGE, (SERVER,))
+# A loopback endpoint's own anchor, made anew at every start (device/kdcproxy.py).
+LOOPBACK_TLS = Profile("loopback-tls", 30 * DAY, False, LEAF_USAGE, (SERVER,))
 SERVICE_TLS = Profile("service-tls", 365 * DAY, False, LEAF_USAGE, (SERVER, CLIENT))
 ADMIN_CLIENT = Profile("admin-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
 DEVICE_CLIENT = Profile("device-client", 365 * DAY, False, LEAF_USAGE, (CLIENT,))
