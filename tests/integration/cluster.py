@@ -4,6 +4,7 @@ and real clients (curl, Python's ssl sockets)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -21,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 
 from certgate.console.services import ca
+from certgate.device.state import CertifiedKey
+from certgate.device.tunnel_client import TunnelClient, TunnelRefused
 from certgate.pki.keys import load_private_key_pem, private_key_pem
 from tests.support import (
     CERTGATE,
@@ -387,3 +390,23 @@ def device_exec(state_dir: Path, app: str, *command: str) -> list[str]:
     """The argv of ``certgate device exec``: ``command`` with its traffic attributed to
     ``app``, through the device's running agent or one of its own."""
     return [*CERTGATE, "device", "exec", "--app", app, "-s", str(state_dir), "--", *command]
+
+
+def fetch_per_app(cluster: Cluster, device: CertifiedKey, app: str) -> bytes | str:
+    """One request through the first node's Per-App listener as ``device`` (certgate's own
+    tunnel client): the origin's answer, or the node's refusal reason."""
+    chain = x509.load_pem_x509_certificates((cluster.work / "chain.pem").read_bytes())
+    endpoint = [("127.0.0.1", cluster.nodes[0].per_app_port)]
+    client = TunnelClient.for_identity(endpoint, chain, device, GROUP)
+
+    async def fetch() -> bytes:
+        upstream = await client.open(app, "127.0.0.1", cluster.origin.port)
+        upstream.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = upstream.initial + await upstream.reader.read()
+        upstream.writer.close()
+        return data
+
+    try:
+        return asyncio.run(fetch())
+    except TunnelRefused as refused:
+        return refused.reason

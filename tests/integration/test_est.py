@@ -10,7 +10,6 @@ Bad input gets a precise 4xx with the JSON error body and an audit entry with th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
@@ -24,9 +23,14 @@ from sqlalchemy import select
 
 from certgate.console.store.models import AuditEntry
 from certgate.device.state import CertifiedKey
-from certgate.device.tunnel_client import TunnelClient, TunnelRefused
 from certgate.pki import identity
-from tests.integration.cluster import DEFAULT_SETTINGS, GROUP, Cluster, start_cluster
+from tests.integration.cluster import (
+    DEFAULT_SETTINGS,
+    GROUP,
+    Cluster,
+    fetch_per_app,
+    start_cluster,
+)
 from tests.tunnel.dataplane import PAGE
 
 pytestmark = pytest.mark.integration
@@ -79,22 +83,8 @@ def certs_of(b64: bytes) -> list[x509.Certificate]:
 def fetch_through_node(cluster: Cluster, cert: x509.Certificate, key: Path) -> bytes | str:
     """A request through the node's Per-App listener with this device certificate: the
     page, or the node's refusal reason."""
-    chain = x509.load_pem_x509_certificates((cluster.work / "chain.pem").read_bytes())
     device = CertifiedKey.from_pem(cert.public_bytes(Encoding.PEM) + key.read_bytes())
-    endpoint = [("127.0.0.1", cluster.nodes[0].per_app_port)]
-    client = TunnelClient.for_identity(endpoint, chain, device, GROUP)
-
-    async def fetch() -> bytes:
-        upstream = await client.open("com.example.est", "127.0.0.1", cluster.origin.port)
-        upstream.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = upstream.initial + await upstream.reader.read()
-        upstream.writer.close()
-        return data
-
-    try:
-        return asyncio.run(fetch())
-    except TunnelRefused as refused:
-        return refused.reason
+    return fetch_per_app(cluster, device, "com.example.est")
 
 
 def _is_page(result: bytes | str) -> bool:

@@ -12,7 +12,6 @@ small, malformed PKCS#7) get the protocol's answer, and every request its audit 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import subprocess
@@ -31,7 +30,6 @@ from sqlalchemy import select
 
 from certgate.console.store.models import AuditEntry
 from certgate.device.state import CertifiedKey
-from certgate.device.tunnel_client import TunnelClient, TunnelRefused
 from certgate.pki import identity
 from certgate.protocol.scep import (
     MESSAGE_TYPE,
@@ -42,7 +40,13 @@ from certgate.protocol.scep import (
     open_envelope,
     signed_message,
 )
-from tests.integration.cluster import DEFAULT_SETTINGS, GROUP, Cluster, start_cluster
+from tests.integration.cluster import (
+    DEFAULT_SETTINGS,
+    GROUP,
+    Cluster,
+    fetch_per_app,
+    start_cluster,
+)
 from tests.tunnel.dataplane import PAGE
 
 pytestmark = pytest.mark.integration
@@ -110,22 +114,7 @@ def fetch_through_node(cluster: Cluster, name: str) -> bytes | str:
     device = CertifiedKey.from_pem(
         (work / f"{name}.pem").read_bytes() + (work / f"{name}.key").read_bytes()
     )
-    chain = x509.load_pem_x509_certificates((cluster.work / "chain.pem").read_bytes())
-    client = TunnelClient.for_identity(
-        [("127.0.0.1", cluster.nodes[0].per_app_port)], chain, device, GROUP
-    )
-
-    async def fetch() -> bytes:
-        upstream = await client.open("com.example.scep", "127.0.0.1", cluster.origin.port)
-        upstream.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = upstream.initial + await upstream.reader.read()
-        upstream.writer.close()
-        return data
-
-    try:
-        return asyncio.run(fetch())
-    except TunnelRefused as refused:
-        return refused.reason
+    return fetch_per_app(cluster, device, "com.example.scep")
 
 
 def eventually(probe: Any, done: Any, timeout: float = 30) -> Any:
