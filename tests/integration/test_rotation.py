@@ -231,6 +231,22 @@ def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def noncompliant_closes(cluster: Cluster, uid: str, tunnels: list[ssl.SSLSocket]) -> float:
+    """Mark ``uid`` noncompliant: every one of its live ``tunnels`` must close. Returns the
+    milliseconds from the API call to the last close."""
+    with admin(cluster) as client:
+        changed_at = time.monotonic()
+        client.put(
+            f"/api/v1/devices/{uid}/compliance", json={"status": "noncompliant"}
+        ).raise_for_status()
+    closed = [closed_within(t, 15) for t in tunnels]
+    enforce_ms = (time.monotonic() - changed_at) * 1000
+    for tls in tunnels:
+        tls.close()
+    assert all(c is not None for c in closed), "a live tunnel of the noncompliant device stayed"
+    return enforce_ms
+
+
 def admin(cluster: Cluster) -> httpx.Client:
     return cluster.console.client(cluster.console.admins["root"])
 
@@ -358,16 +374,7 @@ def test_a_tunnel_name_change_is_a_rotation_and_enforcement_goes_on(
     # A device made noncompliant while the rotation runs loses its live tunnels on both
     # nodes and is refused, within the usual time to enforce.
     theirs = [connect(cluster, n.proxy_port, echo_port, (cert, key)) for n in cluster.nodes]
-    with admin(cluster) as client:
-        changed_at = time.monotonic()
-        client.put(
-            f"/api/v1/devices/{uid}/compliance", json={"status": "noncompliant"}
-        ).raise_for_status()
-    closed = [closed_within(t, 15) for t in theirs]
-    enforce_ms = (time.monotonic() - changed_at) * 1000
-    for tls in theirs:
-        tls.close()
-    assert all(c is not None for c in closed), "a live tunnel of the noncompliant device stayed"
+    enforce_ms = noncompliant_closes(cluster, uid, theirs)
     print(f"time to enforce during the rotation: {enforce_ms:.0f} ms")
     assert not admits(cluster, cluster.haproxy_port, echo_port, (cert, key))
 

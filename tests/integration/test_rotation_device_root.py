@@ -34,7 +34,6 @@ from certgate.pki.thumbprint import thumbprint
 from tests.integration.cluster import (
     GROUP,
     Cluster,
-    closed_within,
     enroll_app,
     start_cluster,
 )
@@ -46,6 +45,7 @@ from tests.integration.test_rotation import (
     cli,
     connect,
     echo_port,  # noqa: F401 (a fixture)
+    noncompliant_closes,
     report,
     sync_status,
     wait_until,
@@ -161,16 +161,7 @@ def test_device_root_rotation_without_a_failed_connection(
         theirs = [
             connect(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
         ]
-        with admin(cluster) as client:
-            changed_at = time.monotonic()
-            client.put(
-                f"/api/v1/devices/{uid}/compliance", json={"status": "noncompliant"}
-            ).raise_for_status()
-        closed = [closed_within(t, 15) for t in theirs]
-        enforce_ms = (time.monotonic() - changed_at) * 1000
-        for tls in theirs:
-            tls.close()
-        assert all(c is not None for c in closed), "a live tunnel of the noncompliant device stayed"
+        enforce_ms = noncompliant_closes(cluster, uid, theirs)
         assert not admits(cluster, cluster.haproxy_port, echo_port, (eve_cert, eve_key))
         print(f"time to enforce during the Device Root rotation: {enforce_ms:.0f} ms")
 
