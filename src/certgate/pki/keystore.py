@@ -55,10 +55,13 @@ class MasterKey:
     def __repr__(self) -> str:
         return "MasterKey(<redacted>)"
 
+    def derive(self, purpose: bytes) -> bytes:
+        """A 32-byte key for one purpose (HKDF-SHA256, the purpose as ``info``): the raw
+        master key is never used directly, and keys of two purposes are unrelated."""
+        return HKDF(hashes.SHA256(), 32, salt=None, info=purpose).derive(self.secret)
+
     def _aead(self) -> AESGCM:
-        # Derive a purpose-bound key so the raw master key is never used directly.
-        hkdf = HKDF(hashes.SHA256(), 32, salt=None, info=b"certgate keystore v1")
-        return AESGCM(hkdf.derive(self.secret))
+        return AESGCM(self.derive(b"certgate keystore v1"))
 
     def seal(self, key: PrivateKey, label: str) -> bytes:
         return self.seal_bytes(private_key_pem(key), label)

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -80,7 +78,7 @@ class AuditKey:
     @classmethod
     def derive(cls, master: MasterKey) -> AuditKey:
         # A purpose-bound key: the master key itself never MACs anything.
-        return cls(HKDF(hashes.SHA256(), 32, salt=None, info=_KDF_LABEL).derive(master.secret))
+        return cls(master.derive(_KDF_LABEL))
 
 
 def session_info(master: MasterKey) -> dict[str, Any]:

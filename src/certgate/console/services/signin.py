@@ -20,9 +20,7 @@ from urllib.parse import quote
 
 import pyotp
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
@@ -68,8 +66,7 @@ class SignedIn:
 
 
 def _totp_aead(master: MasterKey) -> AESGCM:
-    hkdf = HKDF(hashes.SHA256(), 32, salt=None, info=b"certgate admin totp v1")
-    return AESGCM(hkdf.derive(master.secret))
+    return AESGCM(master.derive(b"certgate admin totp v1"))
 
 
 def seal_totp(master: MasterKey, admin_id: str, secret: str) -> bytes:
