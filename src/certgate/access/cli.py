@@ -180,12 +180,13 @@ def serve(
         )
         material = load_material(config)
         console = console_client(config, material)
-        app_ = create_app(AccessState.build(config, material, console), console)
+        state = AccessState.build(config, material, console)
+        state.tls = access_tls_context(config, material)  # renewal loads into it live
         server = make_access_server(
-            app_,
+            create_app(state, console),
             config.host,
             config.port,
-            access_tls_context(config, material),
+            state.tls,
             parse_networks(config.load_balancers),
             proxy_headers=False,  # who may speak for a client is decided by Access, not uvicorn
             access_log=False,  # Access logs its own decisions; URLs carry sign-in handles

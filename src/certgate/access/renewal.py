@@ -1,0 +1,132 @@
+"""Access renews its own certificates before they expire, without a restart.
+
+The install root issued two leaves (``access.install``): the Access TLS certificate (443
+when the load balancer offloads, and the cert proxy's 5263) and the cert proxy's client
+certificate that Access pins. Within ``RENEWAL_WINDOW`` of its end (``pki.expiry``, the
+rule of the console and the nodes) each is issued again by ``pki.authority``, with the
+same names, a new key and ``tls_lifetime_days``; the key is sealed, the files replaced,
+and the installation loaded back as a restart would load it (cross-checked), for the
+caller to put to use live: Access loads the new TLS identity into its listening context
+(new connections get it, open ones keep theirs), and the cert proxy, which reads the same
+data directory, follows within its reload interval. Until then it presents its previous
+client certificate, which Access keeps pinned beside the new one.
+
+The publicly trusted certificate and the console's CAs are not Access's to renew: they are
+reported (``/healthz`` warnings, metrics) like the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import timedelta
+
+from cryptography import x509
+
+from certgate.access.config import AccessConfig, pin_certproxy
+from certgate.access.install import (
+    ACCESS_TLS_KEY,
+    CERTPROXY_KEY,
+    Material,
+    leaf_profiles,
+    load_material,
+    seal_key,
+    write_public,
+)
+from certgate.errors import ConfigError
+from certgate.pki import expiry
+from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.keys import generate_key
+from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import pem_of
+
+__all__ = ["ACCESS_TLS", "CERTPROXY_CLIENT", "WARNING", "certificates", "due", "renew"]
+
+log = logging.getLogger("certgate.access.renewal")
+ACCESS_TLS, CERTPROXY_CLIENT = "access-tls", "certproxy-client"
+RENEWED_HERE = (ACCESS_TLS, CERTPROXY_CLIENT)
+WARNING = (
+    "renew {name} (Access renews access-tls and certproxy-client itself; public-tls: install"
+    " a new public certificate; a Device Root: certgate console rotate device-root)"
+)
+
+
+def certificates(material: Material) -> dict[str, x509.Certificate]:
+    """What Access and its cert proxy present or trust, by name (for ``pki.expiry``)."""
+    certs = {
+        ACCESS_TLS: material.access_cert,
+        CERTPROXY_CLIENT: material.certproxy_cert,
+        "public-tls": material.public_chain[0],
+        "access-install-root": material.install_root,
+    }
+    for root in material.device_roots.roots:
+        certs[root.label or "device-root"] = root.cert
+    return certs
+
+
+def due(material: Material, now: float) -> list[str]:
+    """The certificates Access renews that are within their renewal window at ``now``."""
+    return [
+        cert.name
+        for cert in expiry.in_use(certificates(material), now)
+        if cert.name in RENEWED_HERE and cert.renewal_due
+    ]
+
+
+def renew(
+    config: AccessConfig, material: Material, now: float, authority: Authority | None = None
+) -> tuple[Material, list[str]]:
+    """Issue again what is due at ``now``; returns the installation as now on disk and the
+    names renewed. ConfigError when the install root key is missing (an installation made
+    before renewal existed: ``certgate access init`` a new one)."""
+    names = due(material, now)
+    if not names:
+        return material, []
+    if material.install_root_key is None:
+        raise ConfigError(
+            f"{', '.join(names)} due for renewal, but this installation keeps no install root"
+            " key (it predates renewal): run `certgate access init` for a new installation"
+        )
+    issuer = Issuer(material.install_root, material.install_root_key)
+    access_profile, proxy_profile = leaf_profiles(timedelta(days=config.tls_lifetime_days))
+    authority = authority or Authority()
+    files = config.files
+    if ACCESS_TLS in names:
+        key = generate_key()
+        cert = authority.issue(
+            issuer, access_profile, names_of(material.access_cert), key.public_key()
+        )
+        seal_key(config, ACCESS_TLS_KEY, key)
+        write_public(files.access_tls, pem_of([cert]))
+    if CERTPROXY_CLIENT in names:
+        key = generate_key()
+        proxy = names_of(material.certproxy_cert)
+        cert = authority.issue(issuer, proxy_profile, proxy, key.public_key())
+        seal_key(config, CERTPROXY_KEY, key)
+        write_public(files.certproxy_client, pem_of([cert]))
+        pin_certproxy(files, thumbprint(cert))
+        config = dataclasses.replace(config, certproxy_thumbprint=thumbprint(cert))
+    renewed = load_material(config)
+    for name in names:
+        cert = certificates(renewed)[name]
+        log.info(
+            "renewed %s before expiry: %s, valid until %s",
+            name,
+            thumbprint(cert)[:16],
+            cert.not_valid_after_utc.isoformat(),
+        )
+    return renewed, names
+
+
+def names_of(cert: x509.Certificate) -> Names:
+    """The subject CN and the DNS and IP subjectAltNames of ``cert``, to issue it again."""
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return Names(str(cn))
+    return Names(
+        str(cn),
+        dns_names=tuple(san.get_values_for_type(x509.DNSName)),
+        ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+    )
