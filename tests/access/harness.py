@@ -292,7 +292,8 @@ def serve_asgi(
 def access_server(setup: Installed, console: ConsoleStandIn, port: int) -> Iterator[AccessState]:
     """Access in a thread, on ``port``, asking the stand-in console."""
     state = AccessState.build(setup.config, setup.material, console.client())
-    with serve_asgi(create_app(state), port, access_tls_context(setup.config, setup.material)):
+    state.tls = access_tls_context(setup.config, setup.material)
+    with serve_asgi(create_app(state), port, state.tls):
         yield state
 
 
