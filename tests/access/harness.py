@@ -8,6 +8,7 @@ signed by the real ``Authority``. Integration tests use a real console instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -26,6 +27,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from certgate.access import renewal
 from certgate.access.app import AccessState, access_tls_context, create_app
 from certgate.access.config import (
     AccessConfig,
@@ -34,7 +36,15 @@ from certgate.access.config import (
     TLSMode,
     parse_networks,
 )
-from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.access.install import (
+    ACCESS_TLS_KEY,
+    InstallRequest,
+    Material,
+    install,
+    load_material,
+    seal_key,
+    write_public,
+)
 from certgate.access.proxied import make_access_server
 from certgate.certproxy.cli import build_proxy
 from certgate.certproxy.server import CertProxy, Limits
@@ -43,6 +53,7 @@ from certgate.pki import identity
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import PrivateKey, generate_key, private_key_pem
 from certgate.pki.profiles import (
+    ACCESS_TLS,
     ADMIN_CLIENT,
     CONSOLE_TLS,
     DEVICE_CLIENT,
@@ -386,3 +397,20 @@ def wait_for_log(records: Callable[[], list[logging.LogRecord]], text: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"no log record containing {text!r}")
         time.sleep(0.02)
+
+
+def due_for_renewal(setup: Installed, left: timedelta) -> Installed:
+    """The installation with its Access TLS certificate replaced by one ``left`` from its
+    end (in real time), signed by the install root like the first: as after a year."""
+    material = setup.material
+    assert material.install_root_key is not None
+    key = generate_key()
+    short = AUTHORITY.issue(
+        Issuer(material.install_root, material.install_root_key),
+        dataclasses.replace(ACCESS_TLS, validity=left),
+        renewal.names_of(material.access_cert),
+        key.public_key(),
+    )
+    seal_key(setup.config, ACCESS_TLS_KEY, key)
+    write_public(setup.config.files.access_tls, pem_of([short]))
+    return Installed(setup.config, load_material(setup.config))

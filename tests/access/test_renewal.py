@@ -10,6 +10,7 @@ import dataclasses
 import json
 import socket
 import ssl
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tests.access.harness import (
     PublicPKI,
     access_server,
     device_context,
+    due_for_renewal,
     install_request,
     installed,
 )
@@ -152,3 +154,31 @@ def test_a_failed_renewal_keeps_the_certificates_and_is_reported(tmp_path: Path)
         assert state.material is setup.material
         health = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx).json()
     assert any("renewal failed" in w and "access init" in w for w in health["warnings"])
+
+
+def _metric(port: int, ctx: ssl.SSLContext, line_start: str) -> str:
+    text = httpx.get(f"https://127.0.0.1:{port}/metrics", verify=ctx).text
+    (line,) = [x for x in text.splitlines() if x.startswith(line_start)]
+    return line.rsplit(" ", 1)[1]
+
+
+def test_a_certificate_in_its_window_is_warned_about_until_renewed(tmp_path: Path) -> None:
+    port, pki = free_port(), ConsolePKI()
+    setup = installed(tmp_path / "access", install_request(pki, PublicPKI.create(), port=port))
+    setup = due_for_renewal(setup, timedelta(days=20))
+    ctx = device_context(setup.material.install_root)
+    due = 'certgate_certificate_renewal_due{certificate="access-tls"}'
+    with access_server(setup, ConsoleStandIn(pki), port) as state:
+        health = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx).json()
+        assert health["warnings"] == [
+            "access-tls expires in 19 days: renew access-tls (Access renews access-tls and"
+            " certproxy-client itself; public-tls: install a new public certificate; a Device"
+            " Root: certgate console rotate device-root)"
+        ]
+        assert _metric(port, ctx, due) == "1.0"
+        left = _metric(port, ctx, 'certgate_certificate_expires_seconds{certificate="access-tls"}')
+        assert 18 * 86400 < float(left) <= 20 * 86400
+        assert renew_now(state, time.time()) == ["access-tls"]
+        assert _metric(port, ctx, due) == "0.0"
+        health = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx).json()
+    assert health["warnings"] == []

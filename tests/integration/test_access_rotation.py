@@ -21,7 +21,6 @@ Shown, in order:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import socket
@@ -38,14 +37,11 @@ import requests
 from cryptography import x509
 
 from certgate.access.config import load_config
-from certgate.access.install import ACCESS_TLS_KEY, load_material, seal_key, write_public
-from certgate.access.renewal import names_of
-from certgate.pki.authority import Authority, Issuer
-from certgate.pki.keys import generate_key
-from certgate.pki.profiles import ACCESS_TLS, RENEWAL_WINDOW
+from certgate.access.install import load_material
+from certgate.pki.profiles import RENEWAL_WINDOW
 from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
-from tests.access.harness import Leaf, PublicPKI
+from tests.access.harness import Installed, Leaf, PublicPKI, due_for_renewal
 from tests.integration.test_access_haproxy import (
     FIGURE_2,
     LB_SOURCE,
@@ -92,28 +88,17 @@ def _install_due_for_renewal(topo: Topology, org: Org) -> x509.Certificate:
     data.update(trust_refresh_s=1, renew_check_s=RENEW_CHECK_S)
     settings.write_text(json.dumps(data))
     config = load_config(data_dir)
-    material = load_material(config)
-    assert material.install_root_key is not None
-    key = generate_key()
-    short = Authority().issue(
-        Issuer(material.install_root, material.install_root_key),
-        dataclasses.replace(ACCESS_TLS, validity=SHORT),
-        names_of(material.access_cert),
-        key.public_key(),
-    )
-    seal_key(config, ACCESS_TLS_KEY, key)
-    write_public(config.files.access_tls, pem_of([short]))
-    return short
+    return due_for_renewal(Installed(config, load_material(config)), SHORT).material.access_cert
 
 
 @dataclass
-class Installed:
+class Running:
     topo: Topology
     short: x509.Certificate  # the TLS certificate Access started with, due for renewal
 
 
 @pytest.fixture(scope="module")
-def running(org: Org, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+def running(org: Org, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     names = ["lb443", "lb5262", "lb5263", "access", "proxy5262", "proxy5263"]
     work = tmp_path_factory.mktemp("access-rotation")
     built = Topology("rotation", FIGURE_2, work, PublicPKI.create(("access.example.com",)),
@@ -131,7 +116,7 @@ def running(org: Org, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inst
         built.stop()
         raise
     try:
-        yield Installed(built, short)
+        yield Running(built, short)
     finally:
         built.stop()
 
@@ -196,7 +181,7 @@ class _Adapter(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-def test_access_renews_its_certificate_while_serving(running: Installed) -> None:
+def test_access_renews_its_certificate_while_serving(running: Running) -> None:
     topo, short = running.topo, running.short
     root, p = topo.install_root, topo.ports
     assert served(p["access"], root) == short, "renewed before the loop started"
@@ -267,7 +252,7 @@ def _refused_at_handshake(topo: Topology, leaf: Leaf) -> bool:
     return False
 
 
-def test_access_and_the_proxy_follow_a_device_root_rotation(running: Installed, org: Org) -> None:
+def test_access_and_the_proxy_follow_a_device_root_rotation(running: Running, org: Org) -> None:
     topo = running.topo
     old_device = org.compliant
     old_root = thumbprint(old_device.leaf.chain[0])
