@@ -52,14 +52,18 @@ def test_nothing_is_due_until_the_renewal_window(setup: Installed) -> None:
     cert = setup.material.access_cert
     outside = (cert.not_valid_after_utc - RENEWAL_WINDOW - timedelta(days=1)).timestamp()
     assert renewal.due(setup.material, outside) == []
-    assert renewal.renew(setup.config, setup.material, outside) == (setup.material, [])
+    assert renewal.renew(setup.config, setup.material, outside) == (
+        setup.config,
+        setup.material,
+        [],
+    )
     assert renewal.due(setup.material, _in_window(cert)) == ["access-tls", "certproxy-client"]
 
 
 def test_renewal_issues_both_leaves_again_sealed_and_pinned(setup: Installed) -> None:
     config = dataclasses.replace(setup.config, tls_lifetime_days=90)
     old = setup.material
-    material, names = renewal.renew(config, old, _in_window(old.access_cert))
+    config, material, names = renewal.renew(config, old, _in_window(old.access_cert))
     assert names == ["access-tls", "certproxy-client"]
     for new, before in (
         (material.access_cert, old.access_cert),
@@ -182,3 +186,17 @@ def test_a_certificate_in_its_window_is_warned_about_until_renewed(tmp_path: Pat
         assert _metric(port, ctx, due) == "0.0"
         health = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx).json()
     assert health["warnings"] == []
+
+
+def test_a_later_renewal_of_one_certificate_keeps_the_renewed_pin(setup: Installed) -> None:
+    """The configuration a renewal returns carries the proxy's new pin: a later renewal of
+    the TLS certificate alone loads the installation against it."""
+    config, first, _ = renewal.renew(
+        setup.config, setup.material, _in_window(setup.material.access_cert)
+    )
+    assert config.certproxy_thumbprint == thumbprint(first.certproxy_cert)
+    later = due_for_renewal(Installed(config, first), timedelta(days=20))
+    config, second, names = renewal.renew(config, later.material, time.time())
+    assert names == ["access-tls"]
+    assert second.certproxy_cert == first.certproxy_cert
+    assert second.access_cert not in (first.access_cert, later.material.access_cert)

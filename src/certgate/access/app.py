@@ -132,13 +132,14 @@ def renew_now(state: AccessState, now: float) -> list[str]:
     """One renewal check at ``now``; a failure is logged, kept for ``/healthz`` and retried
     at the next check, with the certificates in use left as they are."""
     try:
-        material, renewed = renewal.renew(state.config, state.material, now)
+        config, material, renewed = renewal.renew(state.config, state.material, now)
     except (errors.CertgateError, OSError) as exc:
         state.renewal_error = str(exc)
         log.error("renewal before expiry failed (retrying later): %s", exc)
         return []
     state.renewal_error = None
     if renewed:
+        state.config = config
         state.put_to_use(material, renewed)
     return renewed
 

@@ -75,13 +75,14 @@ def due(material: Material, now: float) -> list[str]:
 
 def renew(
     config: AccessConfig, material: Material, now: float, authority: Authority | None = None
-) -> tuple[Material, list[str]]:
-    """Issue again what is due at ``now``; returns the installation as now on disk and the
-    names renewed. ConfigError when the install root key is missing (an installation made
-    before renewal existed: ``certgate access init`` a new one)."""
+) -> tuple[AccessConfig, Material, list[str]]:
+    """Issue again what is due at ``now``; returns the configuration (its proxy pin) and
+    the installation as now on disk, and the names renewed. ConfigError when the install
+    root key is missing (an installation made before renewal existed: ``certgate access
+    init`` a new one)."""
     names = due(material, now)
     if not names:
-        return material, []
+        return config, material, []
     if material.install_root_key is None:
         raise ConfigError(
             f"{', '.join(names)} due for renewal, but this installation keeps no install root"
@@ -115,7 +116,7 @@ def renew(
             thumbprint(cert)[:16],
             cert.not_valid_after_utc.isoformat(),
         )
-    return renewed, names
+    return config, renewed, names
 
 
 def names_of(cert: x509.Certificate) -> Names:
