@@ -117,6 +117,14 @@ class PublicPKI:
         return cls(root, issue(root, CONSOLE_TLS, names))
 
 
+def issue_public(public: PublicPKI) -> Leaf:
+    """The VIP's certificate issued again by the same public CA (the operator's renewal)."""
+    names = Names(
+        "access.example.com", dns_names=("access.example.com",), ip_addresses=("127.0.0.1",)
+    )
+    return issue(public.root, CONSOLE_TLS, names)
+
+
 @dataclass
 class ConsolePKI:
     """A stand-in console hierarchy: Root, Device Root, Admin CA, and devices under it;

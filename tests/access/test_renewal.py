@@ -21,9 +21,11 @@ from cryptography import x509
 from certgate.access import renewal
 from certgate.access.app import renew_now
 from certgate.access.config import TLSMode, load_config
-from certgate.access.install import INSTALL_ROOT_KEY, load_material
+from certgate.access.install import INSTALL_ROOT_KEY, load_material, replace_public_certificate
+from certgate.pki.keys import private_key_pem
 from certgate.pki.profiles import RENEWAL_WINDOW
 from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import pem_of
 from tests.access.harness import (
     ConsolePKI,
     ConsoleStandIn,
@@ -34,6 +36,7 @@ from tests.access.harness import (
     due_for_renewal,
     install_request,
     installed,
+    issue_public,
 )
 from tests.support import free_port
 
@@ -176,7 +179,7 @@ def test_a_certificate_in_its_window_is_warned_about_until_renewed(tmp_path: Pat
         health = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx).json()
         assert health["warnings"] == [
             "access-tls expires in 19 days: renew access-tls (Access renews access-tls and"
-            " certproxy-client itself; public-tls: install a new public certificate; a Device"
+            " certproxy-client itself; public-tls: certgate access public-cert; a Device"
             " Root: certgate console rotate device-root)"
         ]
         assert _metric(port, ctx, due) == "1.0"
@@ -200,3 +203,21 @@ def test_a_later_renewal_of_one_certificate_keeps_the_renewed_pin(setup: Install
     assert names == ["access-tls"]
     assert second.certproxy_cert == first.certproxy_cert
     assert second.access_cert not in (first.access_cert, later.material.access_cert)
+
+
+def test_a_replaced_public_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """Passthrough: Access serves the public certificate on 443; one the operator replaces
+    (``access public-cert``) is loaded at Access's next check, alone (nothing is due)."""
+    port, pki, public = free_port(), ConsolePKI(), PublicPKI.create()
+    request = install_request(pki, public, port=port, mode=TLSMode.PASSTHROUGH)
+    setup = installed(tmp_path / "access", request)
+    renewed = PublicPKI(public.root, issue_public(public))
+    with access_server(setup, ConsoleStandIn(pki), port) as state:
+        assert _served(port, public.root.cert) == public.leaf.cert
+        assert renew_now(state, time.time()) == []  # nothing changed yet
+        replace_public_certificate(
+            setup.config, pem_of([renewed.leaf.cert]), private_key_pem(renewed.leaf.key)
+        )
+        assert renew_now(state, time.time()) == ["public-tls"]
+        assert _served(port, public.root.cert) == renewed.leaf.cert
+    assert state.pins == (setup.config.certproxy_thumbprint,)  # the proxy's is unchanged

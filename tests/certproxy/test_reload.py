@@ -20,19 +20,23 @@ from cryptography import x509
 
 from certgate.access.app import AccessState, renew_now
 from certgate.access.config import TLSMode
+from certgate.access.install import replace_public_certificate
 from certgate.access.trust import DeviceRoot, DeviceRootSet, save_device_roots
 from certgate.certproxy.cli import follow_data_dir
 from certgate.certproxy.reload import Reloader
 from certgate.certproxy.server import CertProxy
 from certgate.pki.identity import identity_of
+from certgate.pki.keys import private_key_pem
 from certgate.pki.profiles import RENEWAL_WINDOW
 from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import pem_of
 from tests.access.harness import (
     ConsolePKI,
     Leaf,
     access_server,
     device_context,
     device_record,
+    issue_public,
     proxy_server,
 )
 from tests.access.test_app import Env, authorize, cert_step, make_env
@@ -179,3 +183,17 @@ def test_renewed_certificates_are_used_without_a_gap(running: Running) -> None:
     assert names["certproxy-client"]["not_after"] == int(
         renewed.certproxy_cert.not_valid_after_utc.timestamp()
     )
+
+
+def test_a_replaced_public_certificate_is_presented_on_5262_after_a_reload(
+    running: Running,
+) -> None:
+    env, leaf = running.env, running.enrolled()
+    proxy_port = int(env.proxy_url.rsplit(":", 1)[1])
+    renewed = issue_public(env.public)
+    replace_public_certificate(
+        env.setup.config, pem_of([renewed.cert]), private_key_pem(renewed.key)
+    )
+    assert running.reloader.check() is True
+    assert _served(proxy_port, env.public.root.cert) == renewed.cert
+    assert signs_in(running, leaf)

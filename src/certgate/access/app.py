@@ -116,14 +116,14 @@ class AccessState:
     def certificates_in_use(self, now: float) -> list[expiry.CertificateInUse]:
         return expiry.in_use(renewal.certificates(self.material), now)
 
-    def put_to_use(self, material: Material, renewed: Sequence[str]) -> None:
-        """Renewed certificates, live: the TLS identity into the listening context (new
-        connections get it), the new cert proxy certificate pinned beside the previous
-        one (the proxy presents it once it has reloaded)."""
-        if renewal.ACCESS_TLS in renewed and self.tls is not None:
-            chain, key = material.serving(self.config.tls_mode)
+    def put_to_use(self, material: Material) -> None:
+        """Renewed or replaced certificates, live: a new serving identity into the listening
+        context (new connections get it), a new cert proxy certificate pinned beside the
+        previous one (the proxy presents it once it has reloaded)."""
+        chain, key = material.serving(self.config.tls_mode)
+        if self.tls is not None and chain != self.material.serving(self.config.tls_mode)[0]:
             load_identity(self.tls, chain, key)
-        if renewal.CERTPROXY_CLIENT in renewed:
+        if material.certproxy_cert != self.material.certproxy_cert:
             self.pins = (thumbprint(material.certproxy_cert), self.pins[0])
         self.material = material
 
@@ -140,7 +140,7 @@ def renew_now(state: AccessState, now: float) -> list[str]:
     state.renewal_error = None
     if renewed:
         state.config = config
-        state.put_to_use(material, renewed)
+        state.put_to_use(material)
     return renewed
 
 

@@ -20,7 +20,13 @@ from certgate.access.config import (
     load_config,
     parse_networks,
 )
-from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.access.install import (
+    InstallRequest,
+    Material,
+    install,
+    load_material,
+    replace_public_certificate,
+)
 from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.thumbprint import thumbprint
@@ -157,6 +163,29 @@ def _report(config: AccessConfig, material: Material) -> None:
     out.print(table)
     out.print(
         f"mode {config.tls_mode.value}; issuer {config.issuer}; cert step at {config.certproxy_url}"
+    )
+
+
+@app.command("public-cert")
+def public_cert(
+    data_dir: DataDir,
+    cert: Annotated[Path, typer.Option(help="The new publicly trusted certificate chain.")],
+    key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
+) -> None:
+    """Install a renewed public certificate, without a restart: the cert proxy presents it
+    on 5262 at its next reload, Access (on 443 under passthrough) at its next check."""
+    try:
+        config = load_config(data_dir)
+        leaf = replace_public_certificate(
+            config, _read(cert, "public certificate"), _read(key, "public key")
+        )
+        load_material(config)  # the installation still loads as a whole
+    except (CertgateError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    out.print(
+        f"public certificate {thumbprint(leaf)} installed, valid until"
+        f" {leaf.not_valid_after_utc:%Y-%m-%d}; in use within the cert proxy's reload interval"
+        f" and Access's renew_check_s ({config.renew_check_s:g} s)"
     )
 
 

@@ -341,6 +341,18 @@ class _Seal:
         return self.open(label) if self.files.sealed(label).exists() else None
 
 
+def replace_public_certificate(
+    config: AccessConfig, chain_pem: bytes, key_pem: bytes
+) -> x509.Certificate:
+    """Install the operator's new publicly trusted certificate (its renewal is theirs):
+    checked to match its key, the key sealed, then the chain replaced. The cert proxy and
+    Access put it to use without a restart (``certgate.access.renewal``)."""
+    chain, key = _key_pair(chain_pem, key_pem, "public certificate")
+    seal_key(config, PUBLIC_TLS_KEY, key)
+    write_public(config.files.public_chain, pem_of(chain))
+    return chain[0]
+
+
 def seal_key(config: AccessConfig, label: str, key: PrivateKey) -> None:
     """Seal ``key`` under the data directory's master key (a renewed leaf's key)."""
     files = config.files

@@ -12,7 +12,10 @@ data directory, follows within its reload interval. Until then it presents its p
 client certificate, which Access keeps pinned beside the new one.
 
 The publicly trusted certificate and the console's CAs are not Access's to renew: they are
-reported (``/healthz`` warnings, metrics) like the others.
+reported (``/healthz`` warnings, metrics) like the others. A public certificate the
+operator replaces (``certgate access public-cert``) is put to use the same way: by the
+cert proxy at its next reload, by Access (which serves it on 443 under passthrough) at its
+next check.
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ from certgate.tlsconf import pem_of
 __all__ = ["ACCESS_TLS", "CERTPROXY_CLIENT", "WARNING", "certificates", "due", "renew"]
 
 log = logging.getLogger("certgate.access.renewal")
-ACCESS_TLS, CERTPROXY_CLIENT = "access-tls", "certproxy-client"
+ACCESS_TLS, CERTPROXY_CLIENT, PUBLIC_TLS = "access-tls", "certproxy-client", "public-tls"
 RENEWED_HERE = (ACCESS_TLS, CERTPROXY_CLIENT)
 WARNING = (
-    "renew {name} (Access renews access-tls and certproxy-client itself; public-tls: install"
-    " a new public certificate; a Device Root: certgate console rotate device-root)"
+    "renew {name} (Access renews access-tls and certproxy-client itself; public-tls:"
+    " certgate access public-cert; a Device Root: certgate console rotate device-root)"
 )
 
 
@@ -56,7 +59,7 @@ def certificates(material: Material) -> dict[str, x509.Certificate]:
     certs = {
         ACCESS_TLS: material.access_cert,
         CERTPROXY_CLIENT: material.certproxy_cert,
-        "public-tls": material.public_chain[0],
+        PUBLIC_TLS: material.public_chain[0],
         "access-install-root": material.install_root,
     }
     for root in material.device_roots.roots:
@@ -76,13 +79,36 @@ def due(material: Material, now: float) -> list[str]:
 def renew(
     config: AccessConfig, material: Material, now: float, authority: Authority | None = None
 ) -> tuple[AccessConfig, Material, list[str]]:
-    """Issue again what is due at ``now``; returns the configuration (its proxy pin) and
-    the installation as now on disk, and the names renewed. ConfigError when the install
-    root key is missing (an installation made before renewal existed: ``certgate access
-    init`` a new one)."""
+    """Issue again what is due at ``now``, and notice a public certificate the operator
+    replaced (``certgate access public-cert``); returns the configuration (its proxy pin),
+    the installation as now on disk, and what changed. ConfigError when a certificate is
+    due and the install root key is missing (an installation made before renewal existed:
+    ``certgate access init`` a new one)."""
     names = due(material, now)
+    if names:
+        config = _issue_again(config, material, names, authority or Authority())
+    if config.files.public_chain.read_bytes() != pem_of(list(material.public_chain)):
+        names.append(PUBLIC_TLS)
     if not names:
         return config, material, []
+    renewed = load_material(config)
+    for name in names:
+        cert = certificates(renewed)[name]
+        log.info(
+            "%s %s: %s, valid until %s",
+            "installed the replaced" if name == PUBLIC_TLS else "renewed before expiry",
+            name,
+            thumbprint(cert)[:16],
+            cert.not_valid_after_utc.isoformat(),
+        )
+    return config, renewed, names
+
+
+def _issue_again(
+    config: AccessConfig, material: Material, names: list[str], authority: Authority
+) -> AccessConfig:
+    """Issue ``names`` again from the install root, seal their keys, replace their files;
+    the configuration with the proxy's new pin."""
     if material.install_root_key is None:
         raise ConfigError(
             f"{', '.join(names)} due for renewal, but this installation keeps no install root"
@@ -90,7 +116,6 @@ def renew(
         )
     issuer = Issuer(material.install_root, material.install_root_key)
     access_profile, proxy_profile = leaf_profiles(timedelta(days=config.tls_lifetime_days))
-    authority = authority or Authority()
     files = config.files
     if ACCESS_TLS in names:
         key = generate_key()
@@ -107,16 +132,7 @@ def renew(
         write_public(files.certproxy_client, pem_of([cert]))
         pin_certproxy(files, thumbprint(cert))
         config = dataclasses.replace(config, certproxy_thumbprint=thumbprint(cert))
-    renewed = load_material(config)
-    for name in names:
-        cert = certificates(renewed)[name]
-        log.info(
-            "renewed %s before expiry: %s, valid until %s",
-            name,
-            thumbprint(cert)[:16],
-            cert.not_valid_after_utc.isoformat(),
-        )
-    return config, renewed, names
+    return config
 
 
 def names_of(cert: x509.Certificate) -> Names:
