@@ -173,3 +173,13 @@ def test_a_restart_loads_the_set_last_saved(console: ConsoleStandIn, tmp_path: P
     run(follower(console, setup.config.files.device_roots).refresh())
     again = load_material(setup.config)
     assert [r.label for r in again.device_roots.roots] == ["device-root", NEXT]
+
+
+def test_a_set_that_cannot_be_saved_is_not_used(console: ConsoleStandIn, tmp_path: Path) -> None:
+    """The cert proxy follows the saved file: a set Access could not save (its directory
+    is gone here; a full disk alike) is not used by Access either, and says why."""
+    trust = follower(console, tmp_path / "gone" / "device-roots.json")
+    in_use = trust.current
+    assert run(trust.refresh()) is False
+    assert trust.current is in_use
+    assert "cannot save device-roots.json" in (trust.health()["error"] or "")

@@ -147,7 +147,11 @@ def renew_now(state: AccessState, now: float) -> list[str]:
 async def keep_renewed(state: AccessState) -> None:
     while True:
         await asyncio.sleep(state.config.renew_check_s)
-        renew_now(state, time.time())
+        try:
+            renew_now(state, time.time())
+        except Exception:  # the loop must outlive a bug: the certificates in use stay
+            state.renewal_error = "unexpected error, logged"
+            log.exception("renewal before expiry failed (retrying later)")
 
 
 def signin_store(config: AccessConfig, console: httpx.AsyncClient) -> oidc.SignInStore:

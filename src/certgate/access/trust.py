@@ -220,14 +220,23 @@ class TrustFollower:
             return False
         before = self._labels()
         if self._save_to is not None:
-            save_device_roots(self._save_to, fetched)  # before the swap: the proxy follows
+            try:  # before the swap: the cert proxy follows this file
+                save_device_roots(self._save_to, fetched)
+            except OSError as exc:  # not used unsaved: Access and the proxy stay alike
+                self.error = f"cannot save {self._save_to.name}: {exc}"
+                log.error("Device Roots not changed (keeping %s): %s", before, self.error)
+                return False
         self.current = fetched
         log.info("Device Roots changed: %s -> %s", before, self._labels())
         return True
 
     async def run(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # the loop must outlive a bug: the set in use stays
+                self.error = "unexpected error, logged"
+                log.exception("Device Roots not refreshed (keeping %s)", self._labels())
             await asyncio.sleep(self._interval_s)
 
     def health(self) -> dict[str, Any]:

@@ -90,7 +90,11 @@ class Reloader:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # the loop must outlive a bug: what is in use stays
+                self.error = "unexpected error, logged"
+                log.exception("data directory not reloaded (keeping the last)")
 
     def certificates_in_use(self, now: float) -> list[expiry.CertificateInUse]:
         return expiry.in_use(renewal.certificates(self.material), now)
