@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -27,14 +27,18 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from certgate import __version__
 from certgate.httperrors import FAILURE_KINDS, Failure
+from certgate.pki.expiry import CertificateInUse
 
 __all__ = [
     "UNMATCHED",
+    "CertificateCollector",
     "HttpMetrics",
     "MetricsMiddleware",
     "loopback",
@@ -114,6 +118,31 @@ class HttpMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CertificateCollector(Collector):
+    """The certificates a service presents or trusts (``pki.expiry``), read at scrape time:
+    seconds to expiry, and 1 while one is within its renewal window."""
+
+    def __init__(self, certificates: Callable[[], Iterable[CertificateInUse]]) -> None:
+        self._certificates = certificates
+
+    def collect(self) -> Iterator[Metric]:
+        expires = GaugeMetricFamily(
+            "certgate_certificate_expires_seconds",
+            "Seconds until a certificate the service presents or trusts expires",
+            labels=["certificate"],
+        )
+        due = GaugeMetricFamily(
+            "certgate_certificate_renewal_due",
+            "1 while a certificate in use is within its renewal window",
+            labels=["certificate"],
+        )
+        for cert in self._certificates():
+            expires.add_metric([cert.name], cert.expires_in_s)
+            due.add_metric([cert.name], 1 if cert.renewal_due else 0)
+        yield expires
+        yield due
 
 
 class MetricsMiddleware:

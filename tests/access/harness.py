@@ -8,6 +8,7 @@ signed by the real ``Authority``. Integration tests use a real console instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -26,6 +27,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from certgate.access import renewal
 from certgate.access.app import AccessState, access_tls_context, create_app
 from certgate.access.config import (
     AccessConfig,
@@ -34,7 +36,15 @@ from certgate.access.config import (
     TLSMode,
     parse_networks,
 )
-from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.access.install import (
+    ACCESS_TLS_KEY,
+    InstallRequest,
+    Material,
+    install,
+    load_material,
+    seal_key,
+    write_public,
+)
 from certgate.access.proxied import make_access_server
 from certgate.certproxy.cli import build_proxy
 from certgate.certproxy.server import CertProxy, Limits
@@ -43,6 +53,7 @@ from certgate.pki import identity
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import PrivateKey, generate_key, private_key_pem
 from certgate.pki.profiles import (
+    ACCESS_TLS,
     ADMIN_CLIENT,
     CONSOLE_TLS,
     DEVICE_CLIENT,
@@ -106,13 +117,23 @@ class PublicPKI:
         return cls(root, issue(root, CONSOLE_TLS, names))
 
 
+def issue_public(public: PublicPKI) -> Leaf:
+    """The VIP's certificate issued again by the same public CA (the operator's renewal)."""
+    names = Names(
+        "access.example.com", dns_names=("access.example.com",), ip_addresses=("127.0.0.1",)
+    )
+    return issue(public.root, CONSOLE_TLS, names)
+
+
 @dataclass
 class ConsolePKI:
-    """A stand-in console hierarchy: Root, Device Root, Admin CA, and devices under it."""
+    """A stand-in console hierarchy: Root, Device Root, Admin CA, and devices under it;
+    ``rotated`` Device Roots by label, as a Device Root rotation adds them."""
 
     root: Issuer = field(default_factory=lambda: new_root("certgate Root CA"))
     device_root: Issuer = field(init=False)
     admin_ca: Issuer = field(init=False)
+    rotated: dict[str, Issuer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device_root = new_intermediate(self.root, "certgate Device Root")
@@ -121,10 +142,20 @@ class ConsolePKI:
     def chain_pem(self) -> bytes:
         return pem_of([self.root.cert, self.device_root.cert, self.admin_ca.cert])
 
-    def device(self, uid: str | None = None, group: str = GROUP) -> Leaf:
+    def rotate(self, label: str) -> Issuer:
+        """A next Device Root under the Root (the console's ``ca.new_ca_version``)."""
+        self.rotated[label] = new_intermediate(self.root, "certgate Device Root")
+        return self.rotated[label]
+
+    def issuer(self, label: str) -> Issuer:
+        return self.device_root if label == "device-root" else self.rotated[label]
+
+    def device(
+        self, uid: str | None = None, group: str = GROUP, label: str = "device-root"
+    ) -> Leaf:
         uid = uid or secrets.token_hex(16)
         names = Names(f"device {uid}", identity.device(uid, group))
-        return issue(self.device_root, DEVICE_CLIENT, names)
+        return issue(self.issuer(label), DEVICE_CLIENT, names)
 
     def admin(self) -> Leaf:
         names = Names("admin access", identity.admin(secrets.token_hex(16)))
@@ -150,13 +181,16 @@ def device_record(uid: str, **changes: Any) -> dict[str, Any]:
 
 @dataclass
 class ConsoleStandIn:
-    """Answers ``GET /api/v1/devices/{uid}`` and ``GET /pki/device-root.crl``."""
+    """Answers ``GET /api/v1/devices/{uid}``, ``GET /api/v1/access/device-roots`` (the
+    ``trusted`` labels and statuses), ``GET /pki/device-root.crl`` (the current one's)
+    and ``GET /pki/crl/<label>.crl``."""
 
     pki: ConsolePKI
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     revoked: set[int] = field(default_factory=set)
     down: bool = False
     requests: list[str] = field(default_factory=list)
+    trusted: list[tuple[str, str]] = field(default_factory=lambda: [("device-root", "current")])
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request.url.path)
@@ -164,17 +198,35 @@ class ConsoleStandIn:
             raise httpx.ConnectError("console down", request=request)
         if request.headers.get("authorization", "") != "Bearer cgk_test_key":
             return httpx.Response(401, json={"error": "unauthenticated"})
-        if request.url.path == "/pki/device-root.crl":
-            return httpx.Response(200, content=self.crl())
-        uid = request.url.path.rsplit("/", 1)[-1]
+        path = request.url.path
+        if path == "/api/v1/access/device-roots":
+            return httpx.Response(200, json=self.device_roots())
+        if path == "/pki/device-root.crl":
+            return httpx.Response(200, content=self.crl(self.trusted[0][0]))
+        if path.startswith("/pki/crl/") and path.endswith(".crl"):
+            return httpx.Response(200, content=self.crl(path[len("/pki/crl/") : -4]))
+        uid = path.rsplit("/", 1)[-1]
         if uid in self.devices:
             return httpx.Response(200, json=self.devices[uid])
         return httpx.Response(404, json={"error": "not_found"})
 
-    def crl(self) -> bytes:
+    def device_roots(self) -> dict[str, Any]:
+        return {
+            "device_roots": [
+                {
+                    "label": label,
+                    "status": status,
+                    "certificate": pem(self.pki.issuer(label).cert).decode(),
+                }
+                for label, status in self.trusted
+            ]
+        }
+
+    def crl(self, label: str = "device-root") -> bytes:
         now = datetime.now(UTC)
         entries = [(s, now, x509.ReasonFlags.superseded) for s in sorted(self.revoked)]
-        crl = AUTHORITY.sign_crl(self.pki.device_root, entries, 1, now + timedelta(hours=1))
+        issuer = self.pki.issuer(label)
+        crl = AUTHORITY.sign_crl(issuer, entries, 1, now + timedelta(hours=1))
         return crl.public_bytes(Encoding.DER)
 
     def client(self) -> httpx.AsyncClient:
@@ -259,7 +311,8 @@ def serve_asgi(
 def access_server(setup: Installed, console: ConsoleStandIn, port: int) -> Iterator[AccessState]:
     """Access in a thread, on ``port``, asking the stand-in console."""
     state = AccessState.build(setup.config, setup.material, console.client())
-    with serve_asgi(create_app(state), port, access_tls_context(setup.config, setup.material)):
+    state.tls = access_tls_context(setup.config, setup.material)
+    with serve_asgi(create_app(state), port, state.tls):
         yield state
 
 
@@ -352,3 +405,20 @@ def wait_for_log(records: Callable[[], list[logging.LogRecord]], text: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"no log record containing {text!r}")
         time.sleep(0.02)
+
+
+def due_for_renewal(setup: Installed, left: timedelta) -> Installed:
+    """The installation with its Access TLS certificate replaced by one ``left`` from its
+    end (in real time), signed by the install root like the first: as after a year."""
+    material = setup.material
+    assert material.install_root_key is not None
+    key = generate_key()
+    short = AUTHORITY.issue(
+        Issuer(material.install_root, material.install_root_key),
+        dataclasses.replace(ACCESS_TLS, validity=left),
+        renewal.names_of(material.access_cert),
+        key.public_key(),
+    )
+    seal_key(setup.config, ACCESS_TLS_KEY, key)
+    write_public(setup.config.files.access_tls, pem_of([short]))
+    return Installed(setup.config, load_material(setup.config))

@@ -156,7 +156,10 @@ def test_discovery_and_jwks(env: Env) -> None:
 
 def test_health_liveness_and_unknown_paths_answer_json(env: Env) -> None:
     with env.access() as client:
-        assert client.get("/healthz").json() == {"status": "ok"}
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["warnings"] == []
+        names = [c["name"] for c in health["certificates"]]
+        assert names[:4] == ["access-tls", "certproxy-client", "public-tls", "access-install-root"]
         assert client.get("/livez").json() == {"status": "alive"}
         missing = client.get("/no-such-path")
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"

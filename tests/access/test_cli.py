@@ -9,9 +9,11 @@ from typer.testing import CliRunner
 
 from certgate.access.cli import parse_clients
 from certgate.access.config import ClientRegistration, TLSMode, load_config
+from certgate.access.install import load_material
 from certgate.cli import app
 from certgate.errors import ConfigError
 from certgate.pki.keys import private_key_pem
+from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
 from tests.access.harness import ConsolePKI, PublicPKI
 
@@ -101,3 +103,26 @@ def test_serve_needs_an_installation(tmp_path: Path) -> None:
     result = runner.invoke(app, ["access", "serve", "-d", str(tmp_path)], env={"COLUMNS": "250"})
     assert result.exit_code == 1
     assert "not an Access data directory" in result.output
+
+
+def test_public_cert_installs_a_renewed_certificate_and_refuses_a_wrong_key(
+    tmp_path: Path,
+) -> None:
+    assert runner.invoke(app, init_args(tmp_path)).exit_code == 0
+    data_dir = tmp_path / "access"
+    before = load_material(load_config(data_dir))
+    renewed = PublicPKI.create()  # another public CA's certificate for the same VIP
+    (tmp_path / "new.pem").write_bytes(pem_of([renewed.leaf.cert, renewed.root.cert]))
+    (tmp_path / "new.key").write_bytes(private_key_pem(renewed.leaf.key))
+    args = ["access", "public-cert", "-d", str(data_dir), "--cert", str(tmp_path / "new.pem")]
+    wrong = runner.invoke(app, [*args, "--key", str(tmp_path / "public.key")])
+    assert wrong.exit_code == 1
+    assert "the private key does not match the certificate" in " ".join(wrong.output.split())
+    assert load_material(load_config(data_dir)).public_chain == before.public_chain  # untouched
+    result = runner.invoke(app, [*args, "--key", str(tmp_path / "new.key")], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert thumbprint(renewed.leaf.cert) in result.output
+    after = load_material(load_config(data_dir))
+    assert after.public_chain[0] == renewed.leaf.cert
+    everything = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
+    assert b"PRIVATE KEY" not in everything  # its key is sealed

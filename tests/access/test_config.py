@@ -10,11 +10,13 @@ import pytest
 
 from certgate.access.config import (
     AccessConfig,
+    AccessFiles,
     ClientRegistration,
     SignInStoreKind,
     TLSMode,
     check_redirect_uri,
     load_config,
+    pin_certproxy,
     save_config,
 )
 from certgate.errors import ConfigError
@@ -148,3 +150,34 @@ def test_load_refuses_a_missing_or_broken_directory(tmp_path: Path) -> None:
     (tmp_path / "access.json").write_text('{"issuer": 1}')
     with pytest.raises(ConfigError, match="not a valid Access configuration"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"tls_lifetime_days": 399},
+            "TLS certificate lifetime \\(days\\) must be between 31 and 398",
+        ),
+        ({"tls_lifetime_days": 30}, "between 31 and 398"),  # not longer than the renewal window
+        ({"trust_refresh_s": 0}, "Device Root refresh interval"),
+        ({"renew_check_s": 0}, "renewal check interval"),
+    ],
+)
+def test_renewal_and_trust_settings_are_bounded(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **changes)
+    assert config(tmp_path).tls_lifetime_days == 397  # Mozilla's 398 days, with a day spare
+    assert config(tmp_path, tls_lifetime_days=398).tls_lifetime_days == 398
+
+
+def test_pinning_a_renewed_proxy_certificate_rewrites_only_the_pin(tmp_path: Path) -> None:
+    save_config(config(tmp_path, port=8443))
+    before = json.loads((tmp_path / "access.json").read_text())
+    pin_certproxy(AccessFiles(tmp_path), "a" * 64)
+    after = json.loads((tmp_path / "access.json").read_text())
+    assert after == {**before, "certproxy_thumbprint": "a" * 64}
+    with pytest.raises(ConfigError, match="64 lower-case hex"):
+        pin_certproxy(AccessFiles(tmp_path), "not a thumbprint")

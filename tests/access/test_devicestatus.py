@@ -19,6 +19,7 @@ from certgate.access.devicestatus import (
     admit,
     device_identity,
 )
+from certgate.access.trust import DeviceRoot
 from certgate.pki import identity
 from certgate.pki.authority import Authority, Names
 from certgate.pki.identity import identity_of
@@ -51,6 +52,10 @@ def pki() -> ConsolePKI:
 @pytest.fixture(scope="module")
 def device(pki: ConsolePKI) -> Leaf:
     return pki.device()
+
+
+def current(pki: ConsolePKI) -> DeviceRoot:
+    return DeviceRoot("device-root", "current", pki.device_root.cert)
 
 
 def uid_of(leaf: Leaf) -> str:
@@ -118,7 +123,7 @@ class Clock:
 
 
 def status(console: ConsoleStandIn, clock: Clock) -> ConsoleStatus:
-    return ConsoleStatus(console.client(), console.pki.device_root.cert, 10, 30, clock)
+    return ConsoleStatus(console.client(), 10, 30, clock)
 
 
 def test_answers_are_cached_for_the_ttl(pki: ConsolePKI, device: Leaf) -> None:
@@ -172,7 +177,7 @@ def test_refused_credentials_fail_closed(pki: ConsolePKI, device: Leaf) -> None:
     console = ConsoleStandIn(pki)
     client = console.client()
     client.headers["authorization"] = "Bearer wrong"
-    lookups = ConsoleStatus(client, pki.device_root.cert, 10, 30, Clock())
+    lookups = ConsoleStatus(client, 10, 30, Clock())
     with pytest.raises(ConsoleUnavailable, match="HTTP 401"):
         run(lookups.device(uid_of(device)))
 
@@ -182,20 +187,20 @@ def test_revocation_comes_from_the_signed_crl(pki: ConsolePKI, device: Leaf) -> 
     other = pki.device()
     console.revoked.add(other.cert.serial_number)
     lookups = status(console, Clock())
-    assert run(lookups.is_revoked(other.cert)) is True
-    assert run(lookups.is_revoked(device.cert)) is False
+    assert run(lookups.is_revoked(other.cert, current(pki))) is True
+    assert run(lookups.is_revoked(device.cert, current(pki))) is False
 
 
 def test_a_crl_from_another_issuer_is_refused(pki: ConsolePKI, device: Leaf) -> None:
     console = ConsoleStandIn(ConsolePKI())  # signs with a different Device Root
-    lookups = ConsoleStatus(console.client(), pki.device_root.cert, 10, 30, Clock())
+    lookups = ConsoleStatus(console.client(), 10, 30, Clock())
     with pytest.raises(ConsoleUnavailable, match="not signed by the Device Root"):
-        run(lookups.is_revoked(device.cert))
+        run(lookups.is_revoked(device.cert, current(pki)))
 
 
 def test_a_stale_crl_is_refused(pki: ConsolePKI, device: Leaf) -> None:
     class StaleConsole(ConsoleStandIn):
-        def crl(self) -> bytes:
+        def crl(self, label: str = "device-root") -> bytes:
             past = datetime.now(UTC) - timedelta(days=2)
             authority = Authority(clock=lambda: past)
             crl = authority.sign_crl(self.pki.device_root, [], 1, past + timedelta(days=1))
@@ -203,4 +208,21 @@ def test_a_stale_crl_is_refused(pki: ConsolePKI, device: Leaf) -> None:
 
     lookups = status(StaleConsole(pki), Clock())
     with pytest.raises(ConsoleUnavailable, match="stale"):
-        run(lookups.is_revoked(device.cert))
+        run(lookups.is_revoked(device.cert, current(pki)))
+
+
+def test_revocation_is_read_from_the_crl_of_the_certificates_issuer(pki: ConsolePKI) -> None:
+    """During a Device Root rotation each root has its CRL (``/pki/crl/<label>.crl``): a
+    serial revoked under one root says nothing of the other's certificates."""
+    console = ConsoleStandIn(ConsolePKI())
+    nxt = console.pki.rotate("device-root@3")
+    console.trusted.append(("device-root@3", "next"))
+    old, new = console.pki.device(), console.pki.device(label="device-root@3")
+    console.revoked.add(new.cert.serial_number)
+    lookups = status(console, Clock())
+    new_root = DeviceRoot("device-root@3", "next", nxt.cert)
+    assert run(lookups.is_revoked(new.cert, new_root)) is True
+    assert "/pki/crl/device-root@3.crl" in console.requests
+    wrong = DeviceRoot("device-root@3", "next", console.pki.device_root.cert)
+    with pytest.raises(ConsoleUnavailable, match="not signed by the Device Root"):
+        run(status(console, Clock()).is_revoked(old.cert, wrong))  # signed by another key

@@ -51,6 +51,7 @@ def test_install_creates_a_private_data_directory(
         "console-admin.sealed",
         "console-api-key.sealed",
         "id-token.sealed",
+        "install-root.sealed",
         "public-tls.sealed",
     ]
     assert all(_mode(p) == 0o600 for p in (files.root / "keys").iterdir())

@@ -46,8 +46,12 @@ def test_the_destination_is_this_access(setup: Installed) -> None:
 
 @pytest.mark.parametrize("mode", list(TLSMode))
 def test_the_pinned_access_certificate_follows_the_mode(setup: Installed, mode: TLSMode) -> None:
+    """Passthrough: Access's public leaf; offloaded: the install root, which issues Access's
+    self-signed leaf and its renewals (and no other server certificate)."""
     config = dataclasses.replace(setup.config, tls_mode=mode)
     proxy = build_proxy(config, setup.material, host="127.0.0.1", port=1, offload_port=None)
-    expected = setup.material.serving(mode)[0][0]
+    expected = setup.material.public_chain[0]
+    if mode is TLSMode.OFFLOAD:
+        expected = setup.material.install_root
     assert proxy.upstream.pinned_thumbprint == thumbprint(expected)
     assert proxy.upstream.ssl_context.cert_store_stats()["x509"] == 1  # nothing else trusted

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorit
 from certgate.pki.authority import Authority, Issuer, Names, utcnow
 from certgate.pki.keys import generate_key
 from certgate.pki.profiles import (
+    ACCESS_TLS,
     CA_USAGE,
     CONSOLE_TLS,
     DAY,
@@ -328,13 +329,12 @@ def test_key_usage_flags_spell_out_nine_bits_all_off_by_default() -> None:
 
 
 @pytest.mark.parametrize(
-    "profile", [TUNNEL_IDENTITY, CONSOLE_TLS, SERVICE_TLS], ids=lambda p: p.name
+    "profile", [TUNNEL_IDENTITY, CONSOLE_TLS, SERVICE_TLS, ACCESS_TLS], ids=lambda p: p.name
 )
 def test_tls_server_certificates_live_at_most_398_days(
     hierarchy: Hierarchy, profile: Profile
 ) -> None:
-    # Mozilla's limit, notBefore to notAfter, the backdate included. (ACCESS_TLS, pinned by
-    # the cert proxy and issued once by a root whose key is discarded, is not yet renewable.)
+    # Mozilla's limit, notBefore to notAfter, the backdate included.
     cert = Authority().issue(
         hierarchy.secure_channel_root,
         profile,

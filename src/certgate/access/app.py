@@ -7,16 +7,23 @@ connection are refused (403) and logged, on every path, before routing
 (:class:`ClientCertGuard`). Status mapping lives here: OAuth errors become RFC 6749 error
 responses, other certgate errors a JSON error; every denial is logged with its reason and
 never with a code, verifier, token or key.
+
+Two tasks run beside the app (its lifespan): :class:`~certgate.access.trust.TrustFollower`
+keeps the console's Device Roots (a device certificate is verified against the set in use,
+its revocation against its issuer's CRL), and :func:`keep_renewed` renews Access's own
+certificates before they expire (``certgate.access.renewal``) and puts them to use live.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from certgate import errors
-from certgate.access import oidc
+from certgate.access import oidc, renewal
 from certgate.access.config import AccessConfig, ClientRegistration, SignInStoreKind
 from certgate.access.devicestatus import (
     ConsoleStatus,
@@ -39,11 +46,18 @@ from certgate.access.devicestatus import (
 )
 from certgate.access.install import Material
 from certgate.access.signins import ConsoleSignIns
+from certgate.access.trust import DeviceRoot, TrustFollower
 from certgate.httperrors import RETRY_AFTER_S, ErrorShield
 from certgate.httpserver import peer_cert_der
-from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
-from certgate.pki.thumbprint import thumbprint_der
-from certgate.pki.verify import verify_client_chain
+from certgate.metrics import (
+    CertificateCollector,
+    HttpMetrics,
+    MetricsMiddleware,
+    metrics_endpoint,
+    route_templates,
+)
+from certgate.pki import expiry
+from certgate.pki.thumbprint import thumbprint, thumbprint_der
 from certgate.protocol.client_cert_header import (
     CLIENT_CERT,
     CLIENT_CERT_CHAIN,
@@ -53,9 +67,16 @@ from certgate.protocol.client_cert_header import (
     strip_client_cert_headers,
 )
 from certgate.ratelimit import SignInLimiter
-from certgate.tlsconf import ClientAuth, client_context, server_context
+from certgate.tlsconf import ClientAuth, client_context, load_identity, server_context
 
-__all__ = ["AccessState", "access_tls_context", "console_client", "create_app"]
+__all__ = [
+    "AccessState",
+    "access_tls_context",
+    "console_client",
+    "create_app",
+    "keep_renewed",
+    "renew_now",
+]
 
 log = logging.getLogger("certgate.access")
 MAX_FORM_BODY = 8 * 1024
@@ -64,26 +85,73 @@ NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}  # RFC 6749 §5.1
 
 @dataclass
 class AccessState:
+    """``material`` and ``pins`` change live (renewal); ``tls`` is the listening context
+    (set by whoever serves the app), into which a renewed TLS identity is loaded."""
+
     config: AccessConfig
     material: Material
     status: ConsoleStatus
     store: oidc.SignInStore
     signer: oidc.IdTokenSigner
+    trust: TrustFollower
+    pins: tuple[str, ...]  # the cert proxy certificate(s) Access accepts: current, previous
     clients: dict[str, ClientRegistration] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None
+    renewal_error: str | None = None
 
     @classmethod
     def build(
         cls, config: AccessConfig, material: Material, console: httpx.AsyncClient
     ) -> AccessState:
-        status = ConsoleStatus(
-            console,
-            material.console.device_root,
-            config.status_ttl_s,
-            config.console_budget_s,
+        status = ConsoleStatus(console, config.status_ttl_s, config.console_budget_s)
+        trust = TrustFollower(
+            console, material.device_roots, config.files.device_roots, config.trust_refresh_s
         )
         clients = {c.client_id: c for c in config.clients}
         signer = oidc.IdTokenSigner(material.id_token_key)
-        return cls(config, material, status, signin_store(config, console), signer, clients)
+        store = signin_store(config, console)
+        pins = (config.certproxy_thumbprint,)
+        return cls(config, material, status, store, signer, trust, pins, clients)
+
+    def certificates_in_use(self, now: float) -> list[expiry.CertificateInUse]:
+        return expiry.in_use(renewal.certificates(self.material), now)
+
+    def put_to_use(self, material: Material) -> None:
+        """Renewed or replaced certificates, live: a new serving identity into the listening
+        context (new connections get it), a new cert proxy certificate pinned beside the
+        previous one (the proxy presents it once it has reloaded)."""
+        chain, key = material.serving(self.config.tls_mode)
+        if self.tls is not None and chain != self.material.serving(self.config.tls_mode)[0]:
+            load_identity(self.tls, chain, key)
+        if material.certproxy_cert != self.material.certproxy_cert:
+            self.pins = (thumbprint(material.certproxy_cert), self.pins[0])
+        self.material = material
+
+
+def renew_now(state: AccessState, now: float) -> list[str]:
+    """One renewal check at ``now``; a failure is logged, kept for ``/healthz`` and retried
+    at the next check, with the certificates in use left as they are."""
+    try:
+        config, material, renewed = renewal.renew(state.config, state.material, now)
+    except (errors.CertgateError, OSError) as exc:
+        state.renewal_error = str(exc)
+        log.error("renewal before expiry failed (retrying later): %s", exc)
+        return []
+    state.renewal_error = None
+    if renewed:
+        state.config = config
+        state.put_to_use(material)
+    return renewed
+
+
+async def keep_renewed(state: AccessState) -> None:
+    while True:
+        await asyncio.sleep(state.config.renew_check_s)
+        try:
+            renew_now(state, time.time())
+        except Exception:  # the loop must outlive a bug: the certificates in use stay
+            state.renewal_error = "unexpected error, logged"
+            log.exception("renewal before expiry failed (retrying later)")
 
 
 def signin_store(config: AccessConfig, console: httpx.AsyncClient) -> oidc.SignInStore:
@@ -130,23 +198,26 @@ def _peer(scope: Mapping[str, Any]) -> str:
     return f"{client[0]}:{client[1]}" if client else "unknown"
 
 
-def from_cert_proxy(scope: Mapping[str, Any], pinned: str) -> bool:
-    """True when this connection presented the pinned cert proxy client certificate."""
+def from_cert_proxy(scope: Mapping[str, Any], pins: Sequence[str]) -> bool:
+    """True when this connection presented a pinned cert proxy client certificate."""
     der = peer_cert_der(scope)
-    return der is not None and hmac.compare_digest(thumbprint_der(der), pinned)
+    if der is None:
+        return False
+    presented = thumbprint_der(der)
+    return any(hmac.compare_digest(presented, pinned) for pinned in pins)
 
 
 class ClientCertGuard:
     """Refuse ``Client-Cert*`` fields (any spelling) on connections not from the cert proxy."""
 
-    def __init__(self, app: Any, pinned: str) -> None:
-        self.app, self.pinned = app, pinned
+    def __init__(self, app: Any, state: AccessState) -> None:
+        self.app, self.state = app, state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             headers = scope.get("headers", [])
             carries = len(strip_client_cert_headers(headers)) != len(headers)
-            if carries and not from_cert_proxy(scope, self.pinned):
+            if carries and not from_cert_proxy(scope, self.state.pins):
                 log.warning(
                     "denied %s %s from %s: Client-Cert header on a connection that is not "
                     "the cert proxy's",
@@ -216,8 +287,9 @@ def _handle_of(request: Request) -> str:
     return values[0]
 
 
-def _device_cert(request: Request, material: Material) -> x509.Certificate:
-    """The device certificate the cert proxy verified, checked again against the Device Root."""
+def _device_cert(request: Request, state: AccessState) -> tuple[x509.Certificate, DeviceRoot]:
+    """The device certificate the cert proxy verified, checked again against the Device
+    Roots in use; with the one that issued it."""
     values = request.headers.getlist(CLIENT_CERT)
     if not values:
         raise DeviceDenied("no device certificate was presented to the cert proxy")
@@ -230,18 +302,14 @@ def _device_cert(request: Request, material: Material) -> x509.Certificate:
             decode_client_cert_chain(chain_value)  # well-formed, but trust comes from config
     except ClientCertHeaderError as exc:
         raise DeviceDenied(f"malformed {CLIENT_CERT} from the cert proxy: {exc}") from exc
-    trust = material.console
     try:
-        verify_client_chain(
-            leaf, [trust.device_root], [trust.root], expected_issuer=trust.device_root
-        )
+        return leaf, state.trust.current.issuer_of(leaf)
     except errors.ChainError as exc:
         raise DeviceDenied(str(exc)) from exc
-    return leaf
 
 
 async def authenticate_device(request: Request, state: AccessState) -> oidc.DeviceGrant:
-    leaf = _device_cert(request, state.material)
+    leaf, issuer = _device_cert(request, state)
     try:
         ident = device_identity(leaf)
     except errors.ChainError as exc:
@@ -249,7 +317,7 @@ async def authenticate_device(request: Request, state: AccessState) -> oidc.Devi
     assert ident.device_uid is not None
     try:
         record = await state.status.device(ident.device_uid)
-        revoked = await state.status.is_revoked(leaf)
+        revoked = await state.status.is_revoked(leaf, issuer)
         return admit(leaf, ident, record, revoked, int(time.time()))
     except ConsoleUnavailable as exc:
         raise DeviceDenied(f"device status is unavailable ({exc})", ident.device_uid) from exc
@@ -265,7 +333,7 @@ def _forwarded_for(request: Request) -> str:
 async def cert_step(request: Request) -> Response:
     """The certificate step, reached only through the cert proxy (with the device's cert)."""
     state = state_of(request)
-    if not from_cert_proxy(request.scope, state.config.certproxy_thumbprint):
+    if not from_cert_proxy(request.scope, state.pins):
         raise oidc.OAuthError(
             "invalid_request",
             f"the certificate step is served by the cert proxy at {state.config.certproxy_url}",
@@ -401,7 +469,12 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(state.trust.run()), asyncio.create_task(keep_renewed(state))]
         yield
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if console is not None:
             await console.aclose()
 
@@ -414,7 +487,7 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     issuer = state.config.issuer
     app.add_api_route(oidc.DISCOVERY_PATH, lambda: oidc.discovery_document(issuer), methods=["GET"])
     app.add_api_route(oidc.JWKS_PATH, lambda: state.signer.jwks(), methods=["GET"])
-    app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"])
+    app.add_api_route("/healthz", lambda: healthz(state), methods=["GET"])
     app.add_api_route("/livez", lambda: {"status": "alive"}, methods=["GET"])
     app.add_api_route(oidc.AUTHORIZE_PATH, authorize, methods=["GET", "POST"])
     app.add_api_route(oidc.CERT_STEP_PATH, cert_step, methods=["GET"])
@@ -422,7 +495,23 @@ def create_app(state: AccessState, console: httpx.AsyncClient | None = None) -> 
     metrics = HttpMetrics("access", (), signin_methods=("device", "oidc"))
     app.add_api_route("/metrics", metrics_endpoint(metrics), methods=["GET"])
     metrics.seed(route_templates(app))
+    metrics.registry.register(CertificateCollector(lambda: state.certificates_in_use(time.time())))
     app.state.metrics = metrics
     app.add_middleware(ErrorShield, on_failure=metrics.failed)  # a JSON 500/503, never text
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return ClientCertGuard(app, state.config.certproxy_thumbprint)
+    return ClientCertGuard(app, state)
+
+
+def healthz(state: AccessState) -> dict[str, Any]:
+    """Serving (200): the Device Roots in use and whether the console confirmed them
+    lately, the certificates in use with a warning for each within its renewal window
+    (``pki.expiry``), and any failed refresh or renewal. Access goes on with what it
+    has through either failure, so they are warnings, not a 503."""
+    certs = [c.to_dict() for c in state.certificates_in_use(time.time())]
+    warnings = expiry.warnings(certs, renewal.WARNING)
+    trust = state.trust.health()
+    if trust["error"]:
+        warnings.append(f"Device Roots not refreshed from the console: {trust['error']}")
+    if state.renewal_error:
+        warnings.append(f"renewal failed: {state.renewal_error}")
+    return {"status": "ok", "trust": trust, "certificates": certs, "warnings": warnings}

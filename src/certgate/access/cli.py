@@ -20,7 +20,13 @@ from certgate.access.config import (
     load_config,
     parse_networks,
 )
-from certgate.access.install import InstallRequest, Material, install, load_material
+from certgate.access.install import (
+    InstallRequest,
+    Material,
+    install,
+    load_material,
+    replace_public_certificate,
+)
 from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.thumbprint import thumbprint
@@ -160,6 +166,29 @@ def _report(config: AccessConfig, material: Material) -> None:
     )
 
 
+@app.command("public-cert")
+def public_cert(
+    data_dir: DataDir,
+    cert: Annotated[Path, typer.Option(help="The new publicly trusted certificate chain.")],
+    key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
+) -> None:
+    """Install a renewed public certificate, without a restart: the cert proxy presents it
+    on 5262 at its next reload, Access (on 443 under passthrough) at its next check."""
+    try:
+        config = load_config(data_dir)
+        leaf = replace_public_certificate(
+            config, _read(cert, "public certificate"), _read(key, "public key")
+        )
+        load_material(config)  # the installation still loads as a whole
+    except (CertgateError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    out.print(
+        f"public certificate {thumbprint(leaf)} installed, valid until"
+        f" {leaf.not_valid_after_utc:%Y-%m-%d}; in use within the cert proxy's reload interval"
+        f" and Access's renew_check_s ({config.renew_check_s:g} s)"
+    )
+
+
 @app.command()
 def serve(
     data_dir: DataDir,
@@ -180,12 +209,13 @@ def serve(
         )
         material = load_material(config)
         console = console_client(config, material)
-        app_ = create_app(AccessState.build(config, material, console), console)
+        state = AccessState.build(config, material, console)
+        state.tls = access_tls_context(config, material)  # renewal loads into it live
         server = make_access_server(
-            app_,
+            create_app(state, console),
             config.host,
             config.port,
-            access_tls_context(config, material),
+            state.tls,
             parse_networks(config.load_balancers),
             proxy_headers=False,  # who may speak for a client is decided by Access, not uvicorn
             access_log=False,  # Access logs its own decisions; URLs carry sign-in handles

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from certgate.errors import ConfigError
+from certgate.pki.profiles import ACCESS_TLS, MAX_SERVER_TLS_LIFETIME, RENEWAL_WINDOW
 from certgate.pki.thumbprint import is_thumbprint
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "TLSMode",
     "load_config",
     "parse_networks",
+    "pin_certproxy",
     "save_config",
 ]
 
@@ -143,6 +145,14 @@ class AccessConfig:
     # connection from one must start with it, one from anywhere else must not carry it.
     load_balancers: tuple[str, ...] = ()
     signins: SignInStoreKind = SignInStoreKind.CONSOLE
+    # How often Access asks the console for its Device Roots (a rotation's new one is
+    # trusted, a finished one dropped, within this; ``certgate.access.trust``).
+    trust_refresh_s: float = 30.0
+    # Access's own certificates (the self-signed TLS leaf, the cert proxy's client
+    # certificate): their lifetime when renewed, and how often their end is checked
+    # (renewed within ``pki.profiles.RENEWAL_WINDOW``; ``certgate.access.renewal``).
+    tls_lifetime_days: int = ACCESS_TLS.validity.days
+    renew_check_s: float = 3600.0
 
     def __post_init__(self) -> None:
         _check_https_url(self.issuer, "issuer", path_allowed=True)
@@ -165,6 +175,15 @@ class AccessConfig:
         _check_range(self.console_budget_s, 0, 3600, "console unreachable budget (s)")
         _check_range(self.console_timeout_s, 0.1, 60, "console request timeout (s)")
         _check_range(self.max_pending, 1, 1_000_000, "maximum pending authorizations")
+        _check_range(self.trust_refresh_s, 1, 3600, "Device Root refresh interval (s)")
+        # Longer than the renewal window; at most Mozilla's and the CA/B Forum's 398 days.
+        _check_range(
+            self.tls_lifetime_days,
+            RENEWAL_WINDOW.days + 1,
+            MAX_SERVER_TLS_LIFETIME.days,
+            "TLS certificate lifetime (days)",
+        )
+        _check_range(self.renew_check_s, 1, 86400, "renewal check interval (s)")
         parse_networks(self.load_balancers)
 
     @property
@@ -220,6 +239,11 @@ class AccessFiles:
         return self.root / "public-chain.pem"
 
     @property
+    def device_roots(self) -> Path:
+        """The console's Device Roots as Access last fetched them (``access.trust``)."""
+        return self.root / "device-roots.json"
+
+    @property
     def console_chain(self) -> Path:
         return self.root / "console-chain.pem"
 
@@ -249,6 +273,18 @@ def save_config(config: AccessConfig) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def pin_certproxy(files: AccessFiles, thumbprint: str) -> None:
+    """Pin a renewed cert proxy certificate in ``access.json``, changing nothing else (the
+    running config may carry command-line overrides that are not to be stored)."""
+    if not is_thumbprint(thumbprint):
+        raise ConfigError("cert proxy thumbprint must be 64 lower-case hex characters")
+    data = json.loads(files.settings.read_text())
+    data["certproxy_thumbprint"] = thumbprint
+    tmp = files.settings.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, files.settings)
 
 
 def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:

@@ -5,9 +5,10 @@ admin client certificate over mTLS, like every admin call; ``read-only`` serves 
 sign-ins are kept in memory) and reads:
 
 * ``GET /api/v1/devices/{uid}``: enrollment, compliance, blocked, owner, platform, group;
-* ``GET /pki/device-root.crl``: the Device Root's signed CRL, for superseded, revoked and
-  unenrolled certificates (the device record alone cannot tell which of a device's
-  certificates is current).
+* ``GET /pki/crl/<label>.crl``: the signed CRL of the Device Root that issued the
+  certificate (one per trusted Device Root, ``certgate.access.trust``), for superseded,
+  revoked and unenrolled certificates (the device record alone cannot tell which of a
+  device's certificates is current).
 
 Why the admin API rather than following a group's signed feed like a tunnel: Access serves
 the whole organisation, and one binding on the top group covers every group
@@ -32,6 +33,7 @@ import httpx
 from cryptography import x509
 
 from certgate.access.oidc import DeviceGrant
+from certgate.access.trust import DeviceRoot
 from certgate.errors import CertgateError, PermissionDenied
 from certgate.pki import identity
 from certgate.pki.identity import Identity, IdentityKind
@@ -168,17 +170,16 @@ class TTLCache(Generic[T]):
 
 
 class ConsoleStatus:
-    """Device records and the Device Root CRL from the console, through TTL caches."""
+    """Device records and the Device Roots' CRLs from the console, through TTL caches."""
 
     def __init__(
         self,
         client: httpx.AsyncClient,
-        device_root: x509.Certificate,
         ttl_s: float,
         budget_s: float,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._client, self._device_root = client, device_root
+        self._client = client
         self._devices: TTLCache[DeviceRecord | None] = TTLCache(ttl_s, budget_s, clock)
         self._crl: TTLCache[x509.CertificateRevocationList] = TTLCache(ttl_s, budget_s, clock)
 
@@ -188,8 +189,10 @@ class ConsoleStatus:
             raise DeviceDenied(f"device {uid} is not known to the console")
         return record
 
-    async def is_revoked(self, cert: x509.Certificate) -> bool:
-        crl = await self._crl.get("crl", self._fetch_crl)
+    async def is_revoked(self, cert: x509.Certificate, issuer: DeviceRoot) -> bool:
+        """Listed on the CRL of ``issuer``, the trusted Device Root that issued ``cert``."""
+        key = thumbprint(issuer.cert)  # not the label: the install-time root has none
+        crl = await self._crl.get(key, lambda: self._fetch_crl(issuer))
         return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
     async def _get(self, path: str) -> httpx.Response:
@@ -217,23 +220,24 @@ class ConsoleStatus:
             raise ConsoleUnavailable("console returned another device than asked for")
         return record
 
-    async def _fetch_crl(self) -> x509.CertificateRevocationList:
-        response = await self._get("/pki/device-root.crl")
+    async def _fetch_crl(self, issuer: DeviceRoot) -> x509.CertificateRevocationList:
+        response = await self._get(issuer.crl_path)
         if response.status_code != 200:
             raise ConsoleUnavailable(f"console answered HTTP {response.status_code} for the CRL")
-        return self._checked_crl(response.content)
+        return checked_crl(response.content, issuer.cert)
 
-    def _checked_crl(self, der: bytes) -> x509.CertificateRevocationList:
-        """RFC 5280 §6.3.3: signed by the Device Root, about it, and not past nextUpdate."""
-        try:
-            crl = x509.load_der_x509_crl(der)
-        except ValueError as exc:
-            raise ConsoleUnavailable("Device Root CRL does not parse") from exc
-        if crl.issuer != self._device_root.subject or not crl.is_signature_valid(
-            self._device_root.public_key()  # type: ignore[arg-type]
-        ):
-            raise ConsoleUnavailable("Device Root CRL is not signed by the Device Root")
-        next_update = crl.next_update_utc
-        if next_update is None or next_update < datetime.now(UTC):
-            raise ConsoleUnavailable("Device Root CRL is stale (past nextUpdate)")
-        return crl
+
+def checked_crl(der: bytes, device_root: x509.Certificate) -> x509.CertificateRevocationList:
+    """RFC 5280 §6.3.3: signed by the Device Root, about it, and not past nextUpdate."""
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError as exc:
+        raise ConsoleUnavailable("Device Root CRL does not parse") from exc
+    if crl.issuer != device_root.subject or not crl.is_signature_valid(
+        device_root.public_key()  # type: ignore[arg-type]
+    ):
+        raise ConsoleUnavailable("Device Root CRL is not signed by the Device Root")
+    next_update = crl.next_update_utc
+    if next_update is None or next_update < datetime.now(UTC):
+        raise ConsoleUnavailable("Device Root CRL is stale (past nextUpdate)")
+    return crl

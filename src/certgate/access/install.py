@@ -2,10 +2,12 @@
 
 At install Access creates its own self-signed install root (the spec's "self-signed
 certificate generated during the application installation"). The root signs exactly two
-leaves, the Access TLS certificate served on 443 when the load balancer offloads SSL and
-the cert proxy's client certificate that Access pins, and its key is then discarded, so
-nothing else can ever chain to it. The publicly trusted certificate is given by file and
-served on 443 under SSL passthrough, and by the cert proxy on 5262 in both modes.
+leaves, the Access TLS certificate served on 443 when the load balancer offloads SSL (and
+by the cert proxy on 5263) and the cert proxy's client certificate that Access pins, and
+signs them again before they expire (``certgate.access.renewal``), nothing else: its key
+is sealed like every other key, for that alone. The publicly trusted certificate is given
+by file and served on 443 under SSL passthrough, and by the cert proxy on 5262 in both
+modes.
 
 Private keys and the console API key are sealed under the data directory's master key
 (Access's node key: ``master.key``, 0600, or ``$CERTGATE_MASTER_KEY``), each in a 0600
@@ -14,10 +16,12 @@ file. Nothing secret goes into ``access.json`` and nothing secret is on disk in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -32,11 +36,12 @@ from certgate.access.config import (
     TLSMode,
 )
 from certgate.access.config import save_config as _save_config
+from certgate.access.trust import DEVICE_ROOT_CN, DeviceRootSet, load_device_roots
 from certgate.errors import ChainError, ConfigError, PKIError
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import PrivateKey, generate_key, load_private_key_pem
 from certgate.pki.keystore import MasterKey, load_master_key, open_or_create_key
-from certgate.pki.profiles import ACCESS_INSTALL_ROOT, ACCESS_TLS, CERTPROXY_CLIENT
+from certgate.pki.profiles import ACCESS_INSTALL_ROOT, ACCESS_TLS, CERTPROXY_CLIENT, Profile
 from certgate.pki.thumbprint import thumbprint
 from certgate.tlsconf import pem_of
 
@@ -50,11 +55,11 @@ __all__ = [
     "load_material",
 ]
 
-DEVICE_ROOT_CN = "certgate Device Root"  # the console names its CAs (console/services/ca.py)
 ACCESS_TLS_KEY = "access-tls"
 CERTPROXY_KEY = "certproxy-client"
 PUBLIC_TLS_KEY = "public-tls"
 CONSOLE_ADMIN_KEY = "console-admin"
+INSTALL_ROOT_KEY = "install-root"
 CONSOLE_API_KEY = "console-api-key"
 ID_TOKEN_KEY = "id-token"
 
@@ -101,6 +106,10 @@ class Material:
     console_admin_key: PrivateKey
     console_api_key: str
     id_token_key: ec.EllipticCurvePrivateKey
+    # The Device Roots Access last learned from the console (``access.trust``), else the
+    # console chain's; None for the install root key: an installation older than renewal.
+    device_roots: DeviceRootSet
+    install_root_key: PrivateKey | None = None
 
     def __repr__(self) -> str:
         return f"Material(access={thumbprint(self.access_cert)}, keys=<redacted>)"
@@ -168,10 +177,20 @@ def _key_pair(
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Written whole, then renamed over ``path``: a reader sees the old file or the new."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """A certificate file, replaced atomically like the private ones."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _read_private(path: Path) -> bytes:
@@ -190,16 +209,28 @@ class InstallCertificates:
     """What ``access init`` issues; the install root's key is not among them."""
 
     install_root: x509.Certificate
+    install_root_key: PrivateKey
     access_cert: x509.Certificate
     access_key: PrivateKey
     certproxy_cert: x509.Certificate
     certproxy_key: PrivateKey
 
 
+def leaf_profiles(lifetime: timedelta) -> tuple[Profile, Profile]:
+    """The Access TLS and cert proxy client profiles with the configured lifetime."""
+    return (
+        dataclasses.replace(ACCESS_TLS, validity=lifetime),
+        dataclasses.replace(CERTPROXY_CLIENT, validity=lifetime),
+    )
+
+
 def issue_install_certificates(
-    dns_names: Sequence[str], ip_addresses: Sequence[str], authority: Authority | None = None
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+    authority: Authority | None = None,
+    lifetime: timedelta = ACCESS_TLS.validity,
 ) -> InstallCertificates:
-    """The install root and its two leaves; the root's key goes out of scope here."""
+    """The install root and its two leaves."""
     authority = authority or Authority()
     root_key = generate_key()
     root = authority.create_root(
@@ -207,12 +238,13 @@ def issue_install_certificates(
     )
     issuer = Issuer(root, root_key)
     access_key, proxy_key = generate_key(), generate_key()
+    access_profile, proxy_profile = leaf_profiles(lifetime)
     names = Names("certgate Access", dns_names=tuple(dns_names), ip_addresses=tuple(ip_addresses))
-    access_cert = authority.issue(issuer, ACCESS_TLS, names, access_key.public_key())
+    access_cert = authority.issue(issuer, access_profile, names, access_key.public_key())
     # The proxy runs on this node: its certificate names the node (RFC 5280 §4.2.1.6 SAN).
     proxy_names = Names("certgate CertProxy", dns_names=tuple(dns_names))
-    proxy_cert = authority.issue(issuer, CERTPROXY_CLIENT, proxy_names, proxy_key.public_key())
-    return InstallCertificates(root, access_cert, access_key, proxy_cert, proxy_key)
+    proxy_cert = authority.issue(issuer, proxy_profile, proxy_names, proxy_key.public_key())
+    return InstallCertificates(root, root_key, access_cert, access_key, proxy_cert, proxy_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +278,9 @@ def install(data_dir: Path, request: InstallRequest) -> AccessConfig:
     if files.settings.exists() or files.master_key.exists():
         raise ConfigError(f"{data_dir} already holds an Access installation")
     given = _checked_inputs(request)
-    issued = issue_install_certificates(request.dns_names, request.ip_addresses)
+    issued = issue_install_certificates(
+        request.dns_names, request.ip_addresses, lifetime=ACCESS_TLS.validity
+    )
     config = AccessConfig(
         data_dir=data_dir,
         issuer=request.issuer,
@@ -278,6 +312,7 @@ def _write_installation(
     files.console_chain.write_bytes(request.console_chain_pem)
     files.console_admin.write_bytes(pem_of(given.admin_chain))
     seal.secret(CONSOLE_API_KEY, request.console_api_key.strip().encode())
+    seal(INSTALL_ROOT_KEY, issued.install_root_key)
     seal(ACCESS_TLS_KEY, issued.access_key)
     seal(CERTPROXY_KEY, issued.certproxy_key)
     seal(PUBLIC_TLS_KEY, given.public_key)
@@ -302,6 +337,27 @@ class _Seal:
     def open_secret(self, label: str) -> bytes:
         return self.master.unseal_bytes(_read_private(self.files.sealed(label)), label)
 
+    def open_optional(self, label: str) -> PrivateKey | None:
+        return self.open(label) if self.files.sealed(label).exists() else None
+
+
+def replace_public_certificate(
+    config: AccessConfig, chain_pem: bytes, key_pem: bytes
+) -> x509.Certificate:
+    """Install the operator's new publicly trusted certificate (its renewal is theirs):
+    checked to match its key, the key sealed, then the chain replaced. The cert proxy and
+    Access put it to use without a restart (``certgate.access.renewal``)."""
+    chain, key = _key_pair(chain_pem, key_pem, "public certificate")
+    seal_key(config, PUBLIC_TLS_KEY, key)
+    write_public(config.files.public_chain, pem_of(chain))
+    return chain[0]
+
+
+def seal_key(config: AccessConfig, label: str, key: PrivateKey) -> None:
+    """Seal ``key`` under the data directory's master key (a renewed leaf's key)."""
+    files = config.files
+    _Seal(files, load_master_key(files.master_key))(label, key)
+
 
 def load_material(config: AccessConfig) -> Material:
     """Load and cross-check the installation; a wrong master key fails here, at startup."""
@@ -310,6 +366,8 @@ def load_material(config: AccessConfig) -> Material:
     id_key = opened.open(ID_TOKEN_KEY)
     if not isinstance(id_key, ec.EllipticCurvePrivateKey) or id_key.curve.name != "secp256r1":
         raise ConfigError("the ID token signing key must be ECDSA P-256 (ES256)")
+    console = ConsoleTrust.from_pem(files.console_chain.read_bytes())
+    saved = load_device_roots(files.device_roots, console.root)
     material = Material(
         install_root=_load_certs(files.install_root.read_bytes(), "install root")[0],
         access_cert=_load_certs(files.access_tls.read_bytes(), "Access TLS")[0],
@@ -318,11 +376,13 @@ def load_material(config: AccessConfig) -> Material:
         certproxy_key=opened.open(CERTPROXY_KEY),
         public_chain=tuple(_load_certs(files.public_chain.read_bytes(), "public chain")),
         public_key=opened.open(PUBLIC_TLS_KEY),
-        console=ConsoleTrust.from_pem(files.console_chain.read_bytes()),
+        console=console,
         console_admin_cert=_load_certs(files.console_admin.read_bytes(), "console admin")[0],
         console_admin_key=opened.open(CONSOLE_ADMIN_KEY),
         console_api_key=opened.open_secret(CONSOLE_API_KEY).decode(),
         id_token_key=id_key,
+        device_roots=saved or DeviceRootSet.initial(console.root, console.device_root),
+        install_root_key=opened.open_optional(INSTALL_ROOT_KEY),
     )
     _cross_check(config, material)
     return material
@@ -336,12 +396,14 @@ def _cross_check(config: AccessConfig, material: Material) -> None:
             cert.verify_directly_issued_by(material.install_root)
         except (InvalidSignature, ValueError, TypeError) as exc:
             raise ChainError(f"{what} certificate is not issued by the install root") from exc
-    pairs = (
+    pairs = [
         (material.access_cert, material.access_key, "Access TLS"),
         (material.certproxy_cert, material.certproxy_key, "cert proxy"),
         (material.public_chain[0], material.public_key, "public"),
         (material.console_admin_cert, material.console_admin_key, "console admin"),
-    )
+    ]
+    if material.install_root_key is not None:
+        pairs.append((material.install_root, material.install_root_key, "install root"))
     for cert, key, what in pairs:
         if cert.public_key() != key.public_key():
             raise ConfigError(f"the {what} key does not match its certificate")

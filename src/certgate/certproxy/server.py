@@ -1,15 +1,20 @@
 """CertProxy: terminates the device's TLS on 5262 (and 5263) and forwards the certificate
 step to its Access service with the verified client certificate in RFC 9440 fields.
 
-* Listeners ask for a client certificate and verify it against the Device Root only
-  (OpenSSL partial chains, so a sibling intermediate of the console Root cannot pass), then
-  check it again with ``certgate.pki.verify`` for its issuer and ``clientAuth`` usage. A
+* Listeners ask for a client certificate and verify it against the Device Roots in use
+  only (OpenSSL partial chains, so a sibling intermediate of the console Root cannot pass;
+  two during a Device Root rotation, ``certgate.access.trust``), then check it again with
+  ``certgate.pki.verify`` for its issuer and ``clientAuth`` usage. A
   connection without a certificate is forwarded without one, so that Access sends the
   refusal back to the relying party; a certificate that does not verify ends the handshake
   with its TLS alert (``unknown_ca``, ``certificate_expired``...), logged with the reason.
 * The destination is forced: requests go to the one Access address given at startup, over
-  mTLS with the proxy's own client certificate (which Access pins), and Access's exact
-  serving certificate is pinned in turn. What passes, and with which fields, is decided by
+  mTLS with the proxy's own client certificate (which Access pins), and Access's serving
+  certificate is pinned in turn: the public leaf, or (offloaded) the install root, which
+  issues no other server certificate than Access's, renewals included.
+* Certificates and trust change live (:meth:`CertProxy.swap`, by
+  ``certgate.certproxy.reload``): contexts are built aside and swapped; a connection keeps
+  the context it was accepted with. What passes, and with which fields, is decided by
   :mod:`certgate.certproxy.forwarding`.
 * Header sizes, bodies, responses, handshakes, reads and connection counts are bounded.
 
@@ -27,7 +32,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -37,6 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from certgate.access.config import IPNetwork
 from certgate.access.proxied import client_of
+from certgate.access.trust import DeviceRootSet
 from certgate.certproxy.forwarding import (
     ALLOWED_PATHS,
     Headers,
@@ -50,7 +56,6 @@ from certgate.httperrors import classify
 from certgate.metrics import UNMATCHED, HttpMetrics, loopback
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
-from certgate.pki.verify import verify_client_chain
 from certgate.protocol.proxy_protocol import ProxyProtocolError
 from certgate.tlsconf import ClientAuth, client_context, server_context
 
@@ -65,7 +70,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("certgate.certproxy")
-LOCAL_PATHS = ("/livez", "/metrics")  # answered by the proxy itself, never forwarded
+LOCAL_PATHS = ("/livez", "/healthz", "/metrics")  # answered by the proxy, never forwarded
 READ_CHUNK = 64 * 1024
 
 
@@ -96,23 +101,23 @@ class Upstream:
         return f"{host}:{self.port}".encode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Listener:
     name: str
     host: str
     port: int
-    ssl_context: ssl.SSLContext
+    ssl_context: ssl.SSLContext  # replaced by ``CertProxy.swap``; read at each accept
 
 
 def listener_context(
-    chain: Sequence[x509.Certificate], key: PrivateKey, device_root: x509.Certificate
+    chain: Sequence[x509.Certificate], key: PrivateKey, device_roots: Sequence[x509.Certificate]
 ) -> ssl.SSLContext:
-    """Present ``chain``; ask for a client certificate and verify it against the Device Root
-    as a trust anchor of its own (partial chain), so only its leaves pass."""
+    """Present ``chain``; ask for a client certificate and verify it against the Device
+    Roots, each a trust anchor of its own (partial chain), so only their leaves pass."""
     return server_context(
         chain,
         key,
-        client_cas=[device_root],
+        client_cas=list(device_roots),
         client_auth=ClientAuth.OPTIONAL,
         alpn=["http/1.1"],
         anchor_is_issuer=True,
@@ -120,15 +125,16 @@ def listener_context(
 
 
 def upstream_context(
-    access_leaf: x509.Certificate, proxy_cert: x509.Certificate, proxy_key: PrivateKey
+    access_anchor: x509.Certificate, proxy_cert: x509.Certificate, proxy_key: PrivateKey
 ) -> ssl.SSLContext:
-    """mTLS to Access: present the proxy certificate; trust exactly Access's serving leaf.
+    """mTLS to Access: present the proxy certificate; trust only ``access_anchor``.
 
-    The pinned leaf is the only trust anchor (partial chain), so no other certificate,
-    however issued, can stand in for Access; with the exact certificate pinned, a host
-    name check adds nothing and is off (the proxy dials an address, not a name).
+    The anchor is the only trust anchor (partial chain): Access's public leaf itself, or
+    the install root, whose only server certificate is Access's (renewed ones too); no
+    other certificate, however issued, can stand in for Access, so a host name check adds
+    nothing and is off (the proxy dials an address, not a name).
     """
-    ctx = client_context([access_leaf], chain=[proxy_cert], key=proxy_key, alpn=["http/1.1"])
+    ctx = client_context([access_anchor], chain=[proxy_cert], key=proxy_key, alpn=["http/1.1"])
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.check_hostname = False
     return ctx
@@ -225,6 +231,7 @@ class _Conn:
     peer: tuple[str, int]  # the device: the PROXY header's source behind a load balancer
     h11: h11.Connection
     leaf: x509.Certificate | None = None
+    issuer: x509.Certificate | None = None  # the Device Root that issued ``leaf``
     leaf_error: str | None = None
     via: tuple[str, int] | None = None  # the load balancer that relayed the connection
     log_name: str = field(init=False)
@@ -254,14 +261,15 @@ class CertProxy:
         self,
         listeners: Sequence[Listener],
         upstream: Upstream,
-        device_root: x509.Certificate,
-        root: x509.Certificate,
+        trust: DeviceRootSet,
         limits: Limits | None = None,
         load_balancers: Sequence[IPNetwork] = (),
     ) -> None:
         self.listeners, self.upstream = list(listeners), upstream
         self.load_balancers = tuple(load_balancers)
-        self._device_root, self._root = device_root, root
+        self.trust = trust
+        # What ``/healthz`` answers: set by the shell that reloads (``certproxy.reload``).
+        self.health: Callable[[], dict[str, object]] = lambda: {"status": "ok"}
         self.limits = limits or Limits()
         self._slots = asyncio.Semaphore(self.limits.max_connections)
         self._servers: list[asyncio.Server] = []
@@ -272,6 +280,16 @@ class CertProxy:
             [(path, ["GET"]) for path in (*ALLOWED_PATHS, *LOCAL_PATHS)],
             signin_methods=("certificate",),
         )
+
+    def swap(
+        self, contexts: Mapping[str, ssl.SSLContext], upstream: Upstream, trust: DeviceRootSet
+    ) -> None:
+        """Put contexts built aside to use: listeners by name, the upstream, the Device
+        Roots. New connections get them; open ones keep theirs, none is closed."""
+        for listener in self.listeners:
+            if listener.name in contexts:
+                listener.ssl_context = contexts[listener.name]
+        self.upstream, self.trust = upstream, trust
 
     async def start(self) -> list[tuple[str, int]]:
         """Bind every listener; returns the bound (host, port) pairs in listener order."""
@@ -398,11 +416,11 @@ class CertProxy:
             return
         try:
             leaf = x509.load_der_x509_certificate(der)
-            verify_client_chain(leaf, [self._device_root], [self._root], self._device_root)
+            issuer = self.trust.issuer_of(leaf)
         except (ValueError, ChainError) as exc:
             conn.leaf_error = f"device certificate rejected: {exc}"
             return
-        conn.leaf = leaf
+        conn.leaf, conn.issuer = leaf, issuer.cert
 
     async def _serve_one(self, conn: _Conn) -> bool:
         """Serve one request; False when the connection must end."""
@@ -475,7 +493,7 @@ class CertProxy:
             authority=self.upstream.authority,
             client=conn.peer,
             leaf=conn.leaf,
-            chain=[self._device_root] if conn.leaf is not None else [],
+            chain=[conn.issuer] if conn.issuer is not None else [],
         )
         try:
             async with asyncio.timeout(self.limits.upstream_timeout_s):
@@ -556,10 +574,13 @@ class CertProxy:
         return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
 
     def _local(self, conn: _Conn, path: str) -> tuple[int, Headers, bytes]:
-        """``/livez`` for anyone; ``/metrics`` for a loopback peer only (certgate.metrics)."""
+        """``/livez`` and ``/healthz`` for anyone; ``/metrics`` for a loopback peer only
+        (certgate.metrics)."""
         json_type = [(b"content-type", b"application/json")]
         if path == "/livez":
             return 200, json_type, b'{"status": "alive"}'
+        if path == "/healthz":
+            return 200, json_type, json.dumps(self.health()).encode()
         if not loopback(conn.peer[0]):
             body = {"error": "forbidden", "detail": "/metrics answers on loopback only"}
             return 403, json_type, json.dumps(body).encode()

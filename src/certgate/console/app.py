@@ -26,7 +26,7 @@ from starlette.routing import Match
 
 from certgate import errors
 from certgate.console import ui
-from certgate.console.api import access_signin, admin, compliance, est, public, scep
+from certgate.console.api import access_signin, access_trust, admin, compliance, est, public, scep
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -49,6 +49,7 @@ ROUTERS = (
     est,
     scep,
     access_signin,
+    access_trust,
 )
 
 STATUS: tuple[tuple[type[errors.CertgateError], int, str], ...] = (

@@ -106,8 +106,9 @@ SCEP_RA = Profile(
 )
 
 # Access's install root (the spec's "self-signed certificate generated during installation"):
-# it signs only the Access TLS certificate and the cert proxy's client certificate at
-# `certgate access init`, after which its key is discarded.
+# it signs only the Access TLS certificate and the cert proxy's client certificate, at
+# `certgate access init` and again when Access renews them (access/renewal.py; their
+# lifetime is access.json's tls_lifetime_days, this validity by default).
 ACCESS_INSTALL_ROOT = Profile("access-install-root", 10 * 365 * DAY, True, CA_USAGE, path_length=0)
-ACCESS_TLS = Profile("access-tls", 5 * 365 * DAY, False, LEAF_USAGE, (SERVER,))
-CERTPROXY_CLIENT = Profile("certproxy-client", 5 * 365 * DAY, False, LEAF_USAGE, (CLIENT,))
+ACCESS_TLS = Profile("access-tls", 397 * DAY, False, LEAF_USAGE, (SERVER,))
+CERTPROXY_CLIENT = Profile("certproxy-client", 397 * DAY, False, LEAF_USAGE, (CLIENT,))

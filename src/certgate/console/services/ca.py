@@ -150,12 +150,17 @@ class InstancePKI:
     def device_roots(self) -> list[x509.Certificate]:
         """The Device Roots devices may present certificates of: the current one first, then
         a rotation's next or retiring one (nodes trust all of them during the overlap)."""
+        return [cert for _, _, cert in self.trusted_device_roots()]
+
+    def trusted_device_roots(self) -> list[tuple[str, str, x509.Certificate]]:
+        """``device_roots`` with each one's row label and status (Access fetches a CRL per
+        label, ``/pki/crl/<label>.crl``)."""
         extra = [
-            cert
+            (label, status, cert)
             for label, (status, cert, _) in sorted(self.others.items())
             if role_of(label) == DEVICE_ROOT and status in (NEXT, RETIRING)
         ]
-        return [self.certs[DEVICE_ROOT], *extra]
+        return [(self.label(DEVICE_ROOT), CURRENT, self.certs[DEVICE_ROOT]), *extra]
 
     def issuer_of(self, label: str) -> Issuer:
         """The CA of row ``label``, current or not (a retired one signs only its CRL). A
