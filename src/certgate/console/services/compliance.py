@@ -107,12 +107,25 @@ def _descends(group: str | None, top: str, parents: dict[str, str | None]) -> bo
 def device_by_cert(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> Device:
     """The device proven by its current device certificate over mTLS (Per-App Tunnel
     device cert: issued by the Device Root, registered, unrevoked)."""
+    device, _ = client_by_cert(session, pki, peer_der, (identity.IdentityKind.DEVICE,))
+    return device
+
+
+def client_by_cert(
+    session: Session,
+    pki: ca.InstancePKI,
+    peer_der: bytes | None,
+    kinds: tuple[identity.IdentityKind, ...],
+) -> tuple[Device, Certificate]:
+    """The active device and the registered, unrevoked client certificate of one of
+    ``kinds`` (device, or a Proxy-mode app cert) that the Device Root issued it."""
     if peer_der is None:
         raise AuthError("device certificate required (mTLS)")
     cert = x509.load_der_x509_certificate(peer_der)
     ident = identity.identity_of(cert)
-    if ident.kind is not identity.IdentityKind.DEVICE or ident.device_uid is None:
-        raise AuthError(f"certificate is not a device certificate (it is {ident.kind.value})")
+    if ident.kind not in kinds or ident.device_uid is None:
+        wanted = " or ".join(k.value for k in kinds)
+        raise AuthError(f"certificate is not a {wanted} certificate (it is {ident.kind.value})")
     try:
         verify_client_chain(
             cert,
@@ -126,13 +139,18 @@ def device_by_cert(session: Session, pki: ca.InstancePKI, peer_der: bytes | None
     row = session.execute(
         select(Certificate).where(Certificate.thumbprint == thumbprint(cert))
     ).scalar_one_or_none()
-    if row is None or row.kind != "device" or row.device_uid != ident.device_uid:
-        raise AuthError("not a registered device certificate")
+    if (
+        row is None
+        or row.kind != ident.kind.value
+        or row.device_uid != ident.device_uid
+        or row.bundle_id != ident.bundle_id
+    ):
+        raise AuthError(f"not a registered {ident.kind.value} certificate")
     if row.revoked_at is not None:
         raise AuthError(f"device certificate revoked ({row.revocation_reason})")
     device = devices.get_device(session, ident.device_uid)
     devices.require_active(device)
-    return device
+    return device, row
 
 
 def check_in(session: Session, device: Device, cert_not_before: datetime, report: Any) -> Verdict:
