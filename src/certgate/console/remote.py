@@ -47,6 +47,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "device set compliance": ("PUT", "/api/v1/devices/{uid}/compliance"),
     "device set action": ("POST", "/api/v1/devices/{uid}/{action}"),
     "device compliance": ("GET", "/api/v1/devices/{uid}/compliance"),
+    "device compliance override": ("PUT", "/api/v1/devices/{uid}/compliance-override"),
+    "device compliance clear": ("DELETE", "/api/v1/devices/{uid}/compliance-override"),
     "device enroll-user": ("POST", "/api/v1/groups/{group_id}/enrollment-users"),
     "device enroll-token": ("POST", "/api/v1/groups/{group_id}/enrollment-tokens"),
     "cert list": ("GET", "/api/v1/groups/{group_id}/certificates"),

@@ -43,14 +43,6 @@ class OverrideIn(BaseModel):
     reason: str | None = Reason
 
 
-def _verdict_out(verdict: compliance.Verdict) -> dict[str, Any]:
-    return {
-        "compliance_status": verdict.status,
-        "failures": [f.to_dict() for f in verdict.failures],
-        "overridden": verdict.overridden,
-    }
-
-
 def _device_for(session: Session, admin: Admin, uid: str, perm: P) -> Device:
     device = devices.get_device(session, uid)
     require(session, admin, perm, device.group_id)
@@ -79,7 +71,7 @@ def check_in(request: Request, report: dict[str, Any]) -> dict[str, Any]:
                 status=verdict.status,
                 failing=[f.rule for f in verdict.failures],
             )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 @router.get("/groups/{group_id}/compliance-policy")
@@ -144,7 +136,7 @@ def put_override(request: Request, uid: str, body: OverrideIn) -> dict[str, Any]
             expires_in_s=body.expires_in_s,
             reason=body.reason,
         )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 @router.delete("/devices/{uid}/compliance-override")
@@ -165,7 +157,7 @@ def delete_override(
             device=uid,
             reason=reason,
         )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 def sweep_once(state: ConsoleState) -> int:

@@ -50,6 +50,14 @@ class Verdict:
     overridden: bool
     changed: bool = False  # the device's status or failing rules changed
 
+    def to_dict(self) -> dict[str, Any]:
+        """What the API answers and the CLI prints."""
+        return {
+            "compliance_status": self.status,
+            "failures": [f.to_dict() for f in self.failures],
+            "overridden": self.overridden,
+        }
+
 
 # -- policies ----------------------------------------------------------------------------
 
