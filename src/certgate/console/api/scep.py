@@ -43,7 +43,7 @@ CA_RA_CERT = "application/x-x509-ca-ra-cert"
 
 BundleId = Field(
     default=None,
-    pattern=identity.BUNDLE_ID_RE.pattern,
+    pattern=f"^(?:{identity.BUNDLE_ID_RE.pattern})$",  # JSON Schema patterns search
     description="The app whose Proxy-mode certificate the challenge issues; without it, "
     "the Per-App Tunnel device certificate.",
 )
