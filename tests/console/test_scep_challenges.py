@@ -91,6 +91,8 @@ def test_a_device_challenge_names_its_device_and_app(console: RunningConsole) ->
          "group 'nope' not found"),
         ("/api/v1/groups/global/scep/challenge", {"owner": "erin", "bundle_id": "mail app"},
          422, "invalid_request", "bundle_id"),
+        ("/api/v1/groups/global/scep/challenge", {"owner": "erin x"}, 422, "invalid_request",
+         "owner"),
         ("/api/v1/groups/global/scep/challenge", {"owner": "erin", "mode": "proxy"},
          422, "invalid_request", "mode"),
         (f"/api/v1/devices/{'0' * 32}/scep/challenge", {"bundle_id": MAIL}, 404, "not_found",

@@ -27,7 +27,6 @@ from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, devices
 from certgate.console.services import scep as service
-from certgate.console.services.admins import USERNAME_RE
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.rbac import require
 from certgate.console.services.secrets import IssuedSecret
@@ -56,7 +55,7 @@ class ChallengeIn(BaseModel):
 
 
 class ProfileChallengeIn(ChallengeIn):
-    owner: str = Field(pattern=USERNAME_RE.pattern, description="An enrollment user of the group.")
+    owner: str = s.USERNAME  # an enrollment user of the group (else 404)
 
 
 def _answer(issued: IssuedSecret, body: ChallengeIn) -> dict[str, object]:
