@@ -6,15 +6,18 @@ tunnel node in tests/integration/test_scep.py."""
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from certgate.console.services import devices
+from certgate.console.services import ca, devices
 from certgate.console.services.secrets import sha256_hex, split_secret
 from certgate.console.store.models import AuditEntry, OneTimeToken
 from tests.console.conftest import add_device
+from tests.console.test_remote import remote_run, run
 from tests.support import RunningConsole
 
 pytestmark = pytest.mark.integration
@@ -111,3 +114,53 @@ def test_bad_challenge_requests_are_refused_precisely(
     answer = post(console, path, body)
     assert (answer.status_code, answer.json()["error"]) == (status, error)
     assert detail in answer.json()["detail"]
+
+
+CHALLENGE_LINE = re.compile(
+    r"^SCEP challenge \((?P<mode>Per-App Tunnel|Proxy mode for [a-z.]+), one use, 2 h\)"
+    r" \(shown once\): (?P<challenge>cg[ps]_[0-9a-f]{16}_[A-Za-z0-9_-]{43})$",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("scep-challenge", "{uid}", "--app", MAIL),
+        ("scep-challenge", "{uid}"),
+        ("scep-profile-challenge", "global", "erin", "--app", MAIL),
+    ],
+    ids=" ".join,
+)
+def test_the_cli_makes_challenges_locally_and_remotely(
+    console: RunningConsole, owner: str, command: tuple[str, ...]
+) -> None:
+    with console.local() as (session, _):
+        uid = add_device(session, "global")
+    name, *args = (a.format(uid=uid) for a in command)
+    args += ["--ttl-hours", "2"]
+    local_result = run("device", name, "-d", str(console.data_dir), *args)
+    remote_result = remote_run(console, console.admins["root"], "device", name, *args)
+    app = MAIL if "--app" in command else None
+    for result in (local_result, remote_result):
+        assert result.exit_code == 0, result.output
+        printed = CHALLENGE_LINE.search(result.stdout)
+        assert printed is not None, result.stdout
+        assert printed["mode"] == (f"Proxy mode for {MAIL}" if app else "Per-App Tunnel")
+        row, _ = stored(console, printed["challenge"])
+        assert (row.owner, row.bundle_id) == (owner if "profile" in name else uid, app)
+        left = row.expires_at - ca.now()
+        assert timedelta(hours=1, minutes=59) < left <= timedelta(hours=2)
+        assert audited_apps(console, row.id) == [app]
+
+
+def audited_apps(console: RunningConsole, token_id: str) -> list[str | None]:
+    """The app of each ``scep.challenge.create`` entry of this challenge (newest 20)."""
+    with console.local() as (session, _):
+        entries = session.execute(
+            select(AuditEntry)
+            .where(AuditEntry.action == "scep.challenge.create")
+            .order_by(AuditEntry.id.desc())
+            .limit(20)
+        ).scalars()
+        return [e.detail["app"] for e in entries if e.detail["token_id"] == token_id]

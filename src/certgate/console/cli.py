@@ -45,6 +45,7 @@ from certgate.console.services import (
     dryrun,
     groups,
     rotation,
+    scep,
     signin,
     tunnels,
 )
@@ -675,6 +676,49 @@ def device_enroll_token(
             owner=owner,
         )
     show_secret(f"enrollment token (one use, {ttl_hours} h)", token.token)
+
+
+ScepApp = Annotated[
+    str | None,
+    typer.Option("--app", help="Bundle id: issue that app's Proxy-mode certificate instead."),
+]
+ScepTTL = Annotated[int, typer.Option(min=1, max=720, help="Hours until it expires.")]
+
+
+@device_app.command("scep-challenge")
+def device_scep_challenge(
+    data_dir: DataDir, uid: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    """Print a one-time SCEP challenge that issues for this device (shown once): its
+    Per-App Tunnel device certificate, or with --app that app's Proxy-mode one."""
+    with opened(data_dir) as (session, _):
+        device = devices.get_device(session, uid)
+        issued = scep.create_device_challenge(
+            session, device, actor(), timedelta(hours=ttl_hours), app_id
+        )
+        audit.append(session, actor(), "scep.challenge.create", group_id=device.group_id,
+                     device=uid, token_id=issued.id, app=app_id)  # fmt: skip
+    show_challenge(issued.token, app_id, ttl_hours)
+
+
+@device_app.command("scep-profile-challenge")
+def device_scep_profile_challenge(
+    data_dir: DataDir, group_id: str, owner: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    """Print a one-time SCEP challenge that enrolls a new device of OWNER (an enrollment
+    user of the group) over SCEP only (shown once); with --app, for that app's Proxy mode."""
+    with opened(data_dir) as (session, _):
+        issued = scep.create_profile_challenge(
+            session, group_id, owner, actor(), timedelta(hours=ttl_hours), app_id
+        )
+        audit.append(session, actor(), "scep.challenge.create", group_id=group_id,
+                     owner=owner, token_id=issued.id, app=app_id)  # fmt: skip
+    show_challenge(issued.token, app_id, ttl_hours)
+
+
+def show_challenge(challenge: str, app_id: str | None, ttl_hours: int) -> None:
+    mode = f"Proxy mode for {app_id}" if app_id else "Per-App Tunnel"
+    show_secret(f"SCEP challenge ({mode}, one use, {ttl_hours} h)", challenge)
 
 
 @device_app.command("list")
@@ -1458,6 +1502,26 @@ def remote_device_enroll_token(
     with connected(ctx) as client:
         token = client.call("device enroll-token", body=body, group_id=group_id)
     show_secret(f"enrollment token (one use, {ttl_hours} h)", token["token"])
+
+
+@remote_device.command("scep-challenge")
+def remote_device_scep_challenge(
+    ctx: typer.Context, uid: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    body = {"expires_in_s": ttl_hours * 3600, "bundle_id": app_id}
+    with connected(ctx) as client:
+        issued = client.call("device scep-challenge", body=body, uid=uid)
+    show_challenge(issued["challenge"], app_id, ttl_hours)
+
+
+@remote_device.command("scep-profile-challenge")
+def remote_device_scep_profile_challenge(
+    ctx: typer.Context, group_id: str, owner: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    body = {"owner": owner, "expires_in_s": ttl_hours * 3600, "bundle_id": app_id}
+    with connected(ctx) as client:
+        issued = client.call("device scep-profile-challenge", body=body, group_id=group_id)
+    show_challenge(issued["challenge"], app_id, ttl_hours)
 
 
 @remote_cert.command("list")

@@ -51,6 +51,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "device compliance clear": ("DELETE", "/api/v1/devices/{uid}/compliance-override"),
     "device enroll-user": ("POST", "/api/v1/groups/{group_id}/enrollment-users"),
     "device enroll-token": ("POST", "/api/v1/groups/{group_id}/enrollment-tokens"),
+    "device scep-challenge": ("POST", "/api/v1/devices/{uid}/scep/challenge"),
+    "device scep-profile-challenge": ("POST", "/api/v1/groups/{group_id}/scep/challenge"),
     "cert list": ("GET", "/api/v1/groups/{group_id}/certificates"),
     "cert revoke": ("POST", "/api/v1/certificates/{serial}/revoke"),
     "admin create": ("POST", "/api/v1/admins"),
