@@ -27,7 +27,7 @@ from certgate.console.store.models import (
     DevicePosture,
     FeedEvent,
 )
-from certgate.errors import BadRequest
+from certgate.errors import BadRequest, NotFound
 from tests.console.conftest import add_device
 from tests.support import RunningConsole
 
@@ -188,6 +188,57 @@ def test_an_override_wins_until_it_expires(tree: tuple[Database, str, str]) -> N
     assert shown["history"][0]["cause"] == "override-end"
 
 
+def test_every_override_set_cleared_or_expired_is_a_history_row(
+    tree: tuple[Database, str, str],
+) -> None:
+    """Also when the status does not change (an override confirming the policy's verdict):
+    the history says who decided, until when and why."""
+    db, parent, _ = tree
+    with db.transaction() as session:
+        uid = add_device(session, parent)
+        compliance.set_policy(session, parent, [MIN_OS], "test")
+    assert check_in(db, uid, "12").status == "compliant"
+    with db.transaction() as session:
+        same = compliance.set_override(
+            session, device(session, uid), "compliant", timedelta(hours=1), "admin:a", "audit"
+        )
+        assert not same.changed  # no feed entry needed: the status is the same
+        compliance.set_override(session, device(session, uid), None, None, "admin:b", "done")
+        compliance.set_override(
+            session, device(session, uid), "noncompliant", timedelta(hours=2), "admin:a", "lost"
+        )
+        row = session.get(DevicePosture, uid)
+        assert row is not None
+        row.override_until = ca.now() - timedelta(seconds=1)
+    with db.transaction() as session:
+        compliance.sweep(session)
+        history = compliance.state_of(session, device(session, uid))["history"]
+    expired, lost, cleared, confirmed = history[:4]
+    assert (confirmed["cause"], confirmed["status"]) == ("override", "compliant")
+    assert confirmed["override"]["action"] == "set"
+    assert (confirmed["override"]["by"], confirmed["override"]["reason"]) == ("admin:a", "audit")
+    assert confirmed["override"]["until"] > ca.now().isoformat()
+    assert (cleared["cause"], cleared["override"]["action"]) == ("override-end", "clear")
+    assert (cleared["override"]["by"], cleared["override"]["reason"]) == ("admin:b", "done")
+    assert cleared["override"]["ended"]["reason"] == "audit"
+    assert (lost["status"], lost["override"]["reason"]) == ("noncompliant", "lost")
+    assert (expired["cause"], expired["status"]) == ("override-end", "compliant")
+    assert expired["override"]["action"] == "expire" and expired["override"]["by"] is None
+    assert expired["override"]["ended"]["status"] == "noncompliant"
+
+
+def test_clearing_no_override_is_a_missing_object(tree: tuple[Database, str, str]) -> None:
+    db, parent, _ = tree
+    with db.transaction() as session:
+        uid = add_device(session, parent)
+        with pytest.raises(NotFound, match="has no compliance override"):
+            compliance.set_override(session, device(session, uid), None, None, "admin:x")
+        with pytest.raises(BadRequest, match="reason is 1 to 500 characters"):
+            compliance.set_override(
+                session, device(session, uid), "compliant", timedelta(hours=1), "admin:x", ""
+            )
+
+
 @pytest.mark.parametrize(
     ("status", "ttl", "message"),
     [
@@ -241,13 +292,20 @@ def test_the_api_sets_and_ends_an_override_with_audit_entries(console: RunningCo
         shown = admin.get(f"/api/v1/devices/{uid}/compliance").json()
         assert shown["override"]["status"] == "noncompliant"
         assert shown["override"]["by"] == "admin:root"
-        ended = admin.delete(path)
+        ended = admin.delete(path, params={"reason": "fixed"})
         assert ended.status_code == 200 and ended.json()["overridden"] is False
+        again = admin.delete(path)
+        assert (again.status_code, again.json()["error"]) == (404, "not_found")
     with console.local() as (session, _):
         actions = (
-            session.execute(select(AuditEntry.action).order_by(AuditEntry.id.desc()).limit(3))
+            session.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(5))
             .scalars()
             .all()
         )
-    assert actions[0] == "device.compliance_override.end"
-    assert "device.compliance_override" in actions
+    # newest first: the refused DELETE (the app's denial), the end, the 422, the set
+    assert [(e.action, e.outcome) for e in actions[:2]] == [
+        ("DELETE /api/v1/devices/{uid}/compliance-override", "denied"),
+        ("device.compliance_override.end", "ok"),
+    ]
+    assert actions[1].detail["reason"] == "fixed"
+    assert "device.compliance_override" in [e.action for e in actions]

@@ -170,6 +170,42 @@ def test_remote_device_set_changes_what_the_console_holds(
     assert json.loads(shown.stdout)["compliance_status"] == "noncompliant"
 
 
+def test_remote_compliance_override_and_clear_print_as_local(console: RunningConsole) -> None:
+    """An override set and cleared remotely on one device and locally on its twin prints
+    alike; the history (with those override rows) reads back the same either way, and
+    clearing twice is the same refusal."""
+    root = console.admins["root"]
+    with console.local() as (session, _):
+        twins = {add_device(session, "global"): add_device(session, "global")}
+    ((remote_uid, local_uid),) = twins.items()
+    steps = [
+        ("override", "--status", "noncompliant", "--expires", "1h", "--reason", "lost"),
+        ("override", "--status", "compliant", "--expires", "2d", "--reason", "found", "--json"),
+        ("clear", "--reason", "checked"),
+    ]
+    for command, *options in steps:
+        remote_out = remote_run(root_console := console, root, "device", "compliance",
+                                command, remote_uid, *options)  # fmt: skip
+        local_out = run("device", "compliance", command, "-d", str(root_console.data_dir),
+                        local_uid, *options)  # fmt: skip
+        assert remote_out.exit_code == 0, (command, remote_out.output)
+        assert local_out.exit_code == 0, (command, local_out.output)
+        assert same_but_names(remote_out.stdout, local_out.stdout, twins), command
+    shown = local_run(console, "device", "compliance", remote_uid, "--json")
+    notes = [event["override"] for event in json.loads(shown.stdout)["history"]]
+    assert [n["action"] for n in notes] == ["clear", "set", "set"]
+    assert [n["reason"] for n in notes] == ["checked", "found", "lost"]
+    assert notes[0]["by"] == f"admin:{root.username}"
+    for listing in (("--json",), ()):
+        remote_out = remote_run(console, root, "device", "compliance", remote_uid, *listing)
+        local_out = local_run(console, "device", "compliance", remote_uid, *listing)
+        assert remote_out.stdout == local_out.stdout
+    again = remote_run(console, root, "device", "compliance", "clear", remote_uid)
+    local_again = run("device", "compliance", "clear", "-d", str(console.data_dir), remote_uid)
+    assert again.exit_code == local_again.exit_code == remote.EXIT_REFUSED
+    assert error_lines(again) == error_lines(local_again) != []
+
+
 def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list[str]) -> None:
     remote_result = remote_run(console, console.admins["root"], "device", "compliance", "nope")
     local_result = local_run(console, "device", "compliance", "nope")

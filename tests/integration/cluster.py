@@ -309,8 +309,14 @@ def stop_node(node: Node) -> None:
 
 
 def curl(
-    cluster: Cluster, *extra: str, port: int | None = None
+    cluster: Cluster,
+    *extra: str,
+    port: int | None = None,
+    client: tuple[Path, Path] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """curl through HAProxy (or a node's ``port``) in Proxy mode, as the cluster's app or
+    as ``client`` (certificate and key files)."""
+    cert, key = client or (cluster.app_cert, cluster.app_key)
     return subprocess.run(
         [
             "curl",
@@ -323,9 +329,9 @@ def curl(
             "--proxy-cacert",
             str(cluster.work / "chain.pem"),
             "--proxy-cert",
-            str(cluster.app_cert),
+            str(cert),
             "--proxy-key",
-            str(cluster.app_key),
+            str(key),
             f"http://{cluster.origin.host}:{cluster.origin.port}/",
         ],
         capture_output=True,

@@ -5,17 +5,21 @@ Off by default for the group (403); once the group's settings enable it: cacerts
 csrattrs parse with openssl; simpleenroll with enrollment-user credentials (HTTP Basic)
 issues a device certificate the node admits; simplereenroll over mTLS with that
 certificate issues a new one, and the node then admits the new and refuses the old.
-Bad input gets a precise 4xx with the JSON error body and an audit entry with the reason.
+Bad input gets a precise 4xx with the JSON error body and an audit entry with the reason
+(body, CA request, key too small, key of the wrong type or curve, credentials; a replayed
+one-time token, EST's only replayable credential, and a SCEP challenge are refused).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -24,6 +28,7 @@ from sqlalchemy import select
 from certgate.console.store.models import AuditEntry
 from certgate.device.state import CertifiedKey
 from certgate.pki import identity
+from certgate.protocol import est
 from tests.integration.cluster import (
     DEFAULT_SETTINGS,
     GROUP,
@@ -206,6 +211,8 @@ def test_est_enrolls_and_reenrolls_and_the_node_follows(cluster: Cluster) -> Non
         ("not-csr", 400, "bad_request", "body is not a DER PKCS#10 request"),
         ("ca", 422, "invalid_csr", "CSR requests CA:TRUE"),
         ("rsa-1024", 422, "invalid_csr", "RSA key of 1024 bits is too small"),
+        ("ed25519", 422, "invalid_csr", "unsupported key type"),
+        ("p-521", 422, "invalid_csr", "unsupported curve secp521r1; use P-256 or P-384"),
         ("wrong-password", 401, "unauthenticated", "wrong enrollment credentials"),
         ("no-auth", 401, "unauthenticated", "needs an enrollment token or HTTP Basic"),
         ("content-type", 400, "bad_request", "needs Content-Type application/pkcs10"),
@@ -231,6 +238,10 @@ def test_bad_est_requests_get_a_precise_answer_and_an_audit_entry(
         )
     elif case == "rsa-1024":
         csr, _ = openssl_csr(work, "bad-rsa", "rsa:1024")
+    elif case == "ed25519":
+        csr, _ = openssl_csr(work, "bad-ed25519", "ed25519")
+    elif case == "p-521":
+        csr, _ = openssl_csr(work, "bad-p521", "ec", "-pkeyopt", "ec_paramgen_curve:P-521")
     elif case == "wrong-password":
         auth = ["--user", "dora:not-her-password"]
     elif case == "no-auth":
@@ -258,3 +269,34 @@ def test_an_enrollment_token_enrolls_once(cluster: Cluster) -> None:
     assert identity.identity_of(certs_of(body)[0]).group_id == GROUP
     status, body = enroll_post(cluster, "/simpleenroll", csr, *bearer)  # replayed
     assert (status, json.loads(body)["detail"]) == (401, "enroll token already used")
+    denial = last_denial(cluster)  # EST has no transaction id: the replay is the token's
+    assert denial["action"] == f"POST {EST}/simpleenroll"
+    assert denial["reason"] == "enroll token already used"
+
+
+def test_a_scep_challenge_is_no_est_credential(cluster: Cluster) -> None:
+    """A SCEP challenge (here a Proxy-mode one) cannot enroll over EST: the challenge
+    decides what it issues, and EST issues only device certificates."""
+    enable_est(cluster, True)
+    with cluster.console.client(cluster.console.admins["root"]) as admin:
+        challenge = admin.post(
+            f"/api/v1/groups/{GROUP}/scep/challenge",
+            json={"owner": USER[0], "bundle_id": "com.example.mail"},
+        ).json()["challenge"]
+    csr, _ = p256_csr(cluster.work, "scep-challenge")
+    status, body = enroll_post(
+        cluster, "/simpleenroll", csr, "-H", f"Authorization: Bearer {challenge}"
+    )
+    assert (status, json.loads(body)["error"]) == (401, "unauthenticated")
+    assert last_denial(cluster)["reason"] == "malformed cge credential"
+
+
+def test_csrattrs_is_the_base64_der_with_its_media_type(cluster: Cluster) -> None:
+    """§4.5.2: 200, application/csrattrs, base64 of the DER CsrAttrs; public, audited."""
+    with httpx.Client(verify=cluster.console.ssl_context(), timeout=30) as client:
+        answer = client.get(f"{cluster.console.url}{EST}/csrattrs")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == est.CSRATTRS_TYPE
+    assert answer.headers["content-transfer-encoding"] == "base64"
+    assert base64.b64decode(answer.content, validate=False) == est.CSRATTRS
+    assert last_entries(cluster, 1)[0]["action"] == "est.csrattrs"

@@ -5,13 +5,17 @@ Off by default (the client gets a CertRep FAILURE); once the group enables it, a
 per-profile challenge (the group's enrollment token) enrolls a new device whose
 certificate the node admits; the same challenge again is refused (single use); a
 per-device challenge re-issues for that device, and the node then admits the new
-certificate and refuses the old. Bad requests from a Python requester built with
-``certgate.protocol.scep`` (replayed transaction id, CSR asking CA:TRUE, an RSA key too
-small, malformed PKCS#7) get the protocol's answer, and every request its audit entry.
+certificate and refuses the old. A challenge made for an app issues that app's
+Proxy-mode certificate, which the node admits in Proxy mode (curl) and refuses on the
+Per-App listener, as it refuses a device certificate in Proxy mode. Bad requests from a
+Python requester built with ``certgate.protocol.scep`` (replayed transaction id, CSR
+asking CA:TRUE, an RSA key too small, a key of the wrong type or curve, malformed PKCS#7)
+get the protocol's answer, and every request its audit entry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -23,7 +27,7 @@ import pytest
 from asn1crypto import cms, core
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy import select
@@ -44,6 +48,7 @@ from tests.integration.cluster import (
     DEFAULT_SETTINGS,
     GROUP,
     Cluster,
+    curl,
     fetch_per_app,
     start_cluster,
 )
@@ -51,6 +56,7 @@ from tests.tunnel.dataplane import PAGE
 
 pytestmark = pytest.mark.integration
 FAIL_INFO = "2.16.840.1.113733.1.9.4"
+MAIL, CHAT = "com.example.mail", "com.example.chat"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +121,38 @@ def fetch_through_node(cluster: Cluster, name: str) -> bytes | str:
         (work / f"{name}.pem").read_bytes() + (work / f"{name}.key").read_bytes()
     )
     return fetch_per_app(cluster, device, "com.example.scep")
+
+
+def fetch_through_proxy(cluster: Cluster, name: str) -> bytes | str:
+    """curl through the node's Proxy-mode listener with scepclient's key and cert: the
+    page, or the node's refusal (``certgate: REASON``)."""
+    work = cluster.work / name
+    client = (work / f"{name}.pem", work / f"{name}.key")
+    done = curl(cluster, port=cluster.nodes[0].proxy_port, client=client)
+    return PAGE if done.stdout.encode() == PAGE else done.stdout + done.stderr
+
+
+def fetch_as_issued(cluster: Cluster, name: str) -> bytes | str:
+    """Through the listener of the certificate's mode: Proxy for an app certificate,
+    Per-App Tunnel for a device certificate."""
+    cert = x509.load_pem_x509_certificate((cluster.work / name / f"{name}.pem").read_bytes())
+    if identity.identity_of(cert).kind is identity.IdentityKind.APP:
+        return fetch_through_proxy(cluster, name)
+    return fetch_through_node(cluster, name)
+
+
+def issued_to(cluster: Cluster, name: str) -> identity.Identity:
+    cert = x509.load_pem_x509_certificate((cluster.work / name / f"{name}.pem").read_bytes())
+    return identity.identity_of(cert)
+
+
+def challenge(cluster: Cluster, path: str, **body: object) -> str:
+    with admin(cluster) as client:
+        answer = client.post(path, json=body)
+    assert answer.status_code == 201, answer.text
+    mode = "proxy" if body.get("bundle_id") else "per_app"
+    assert (answer.json()["mode"], answer.json()["bundle_id"]) == (mode, body.get("bundle_id"))
+    return str(answer.json()["challenge"])
 
 
 def eventually(probe: Any, done: Any, timeout: float = 30) -> Any:
@@ -212,13 +250,75 @@ def renew_and_poll(cluster: Cluster, name: str) -> None:
     assert status_of(renewed.content) == ("0", None)
     issued = open_answer(renewed.content, current)
     assert issued.public_key() == new_key.public_key()
-    assert identity.identity_of(issued).device_uid == identity.identity_of(current.cert).device_uid
+    # The same device, kind and app: a device certificate renews as one, an app's as its.
+    assert identity.identity_of(issued) == identity.identity_of(current.cert)
     assert last_audit(cluster, "scep.")["action"] == "scep.renewal_req"
     polled = post(cluster, message("20", b"issuer-and-subject"))
     assert status_of(polled.content) == ("0", None)
     assert open_answer(polled.content, current) == issued
-    stale = eventually(lambda: fetch_through_node(cluster, name), lambda r: isinstance(r, str))
+    stale = eventually(lambda: fetch_as_issued(cluster, name), lambda r: isinstance(r, str))
     assert isinstance(stale, str) and "unknown_thumbprint" in stale  # renewed: superseded
+
+
+def test_proxy_mode_challenges_issue_app_certificates_the_proxy_listener_admits(
+    cluster: Cluster,
+) -> None:
+    """A challenge made for an app issues that app's Proxy-mode certificate (per profile:
+    a new device; per device: another app of it), which the node admits in Proxy mode and
+    refuses on the Per-App listener; a challenge without an app issues the device
+    certificate, admitted only there. Apps do not supersede each other."""
+    set_scep(cluster, True)
+    profile = challenge(
+        cluster, f"/api/v1/groups/{GROUP}/scep/challenge", owner="dora", bundle_id=MAIL
+    )
+    assert profile.startswith("cgp_")
+    done = scepclient(cluster, "mail", profile)
+    assert done.returncode == 0, done.stdout + done.stderr
+    mail = issued_to(cluster, "mail")
+    assert (mail.kind, mail.bundle_id, mail.group_id) == (identity.IdentityKind.APP, MAIL, GROUP)
+    issued = last_audit(cluster, "scep.")
+    assert (issued["outcome"], issued["app"], issued["device"]) == ("ok", MAIL, mail.device_uid)
+    assert is_page(eventually(lambda: fetch_through_proxy(cluster, "mail"), is_page))
+    assert "wrong_kind" in str(fetch_through_node(cluster, "mail"))
+
+    uid = mail.device_uid
+    per_device = challenge(cluster, f"/api/v1/devices/{uid}/scep/challenge", bundle_id=CHAT)
+    assert scepclient(cluster, "chat", per_device).returncode == 0
+    assert issued_to(cluster, "chat") == identity.app(str(uid), GROUP, CHAT)
+    per_app = challenge(cluster, f"/api/v1/devices/{uid}/scep/challenge")
+    assert scepclient(cluster, "tunnel", per_app).returncode == 0
+    assert issued_to(cluster, "tunnel") == identity.device(str(uid), GROUP)
+
+    assert is_page(eventually(lambda: fetch_through_proxy(cluster, "chat"), is_page))
+    assert is_page(eventually(lambda: fetch_through_node(cluster, "tunnel"), is_page))
+    assert is_page(fetch_through_proxy(cluster, "mail"))  # another app: not superseded
+    assert "certgate: wrong_kind" in str(fetch_through_proxy(cluster, "tunnel"))
+    renew_and_poll(cluster, "chat")  # an app certificate renews as that app's
+    assert is_page(fetch_through_proxy(cluster, "mail"))
+
+
+def test_the_challenge_not_the_csr_decides_the_certificate(cluster: Cluster) -> None:
+    """A CSR naming a device identity under a Proxy challenge still gets the app's
+    certificate, one naming an app under a Per-App challenge the device certificate; a
+    SCEP challenge is no enrollment token (the agent's enrollment refuses it)."""
+    set_scep(cluster, True)
+    path = f"/api/v1/groups/{GROUP}/scep/challenge"
+    proxy = challenge(cluster, path, owner="dora", bundle_id=MAIL)
+    per_app = challenge(cluster, path, owner="dora")
+    with httpx.Client(verify=cluster.console.ssl_context(), timeout=30) as client:
+        refused = client.post(
+            f"{cluster.console.url}/api/v1/enroll", json={"token": proxy, "platform": "linux"}
+        )
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthenticated"
+    for secret, asked, kind in (
+        (proxy, identity.device("0" * 32, GROUP), identity.IdentityKind.APP),
+        (per_app, identity.app("0" * 32, GROUP, CHAT), identity.IdentityKind.DEVICE),
+    ):
+        answer = post(cluster, pkcs_req(cluster, csr(secret, uri=asked.uri()), f"tx-{kind.value}"))
+        assert status_of(answer.content) == ("0", None)
+        got = identity.identity_of(open_answer(answer.content, signer_key()))
+        assert got.kind is kind and got.device_uid != asked.device_uid
+        assert got.bundle_id == (MAIL if kind is identity.IdentityKind.APP else None)
 
 
 def open_answer(answer: bytes, requester: CertifiedKey) -> x509.Certificate:
@@ -235,6 +335,7 @@ def open_answer(answer: bytes, requester: CertifiedKey) -> x509.Certificate:
 CLIENT_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+@functools.cache  # one signer: an answer is encrypted to the certificate that asked
 def client_cert() -> x509.Certificate:
     from datetime import UTC, datetime, timedelta
 
@@ -257,14 +358,22 @@ def pkcs_req(cluster: Cluster, csr: bytes, transaction_id: str) -> bytes:
     return signed_message(envelope_for(ra_of(cluster), csr), fields, client_cert(), CLIENT_KEY)
 
 
-def csr(challenge: str, key: Any = CLIENT_KEY, ca: bool = False) -> bytes:
+def signer_key() -> CertifiedKey:
+    return CertifiedKey(CLIENT_KEY, client_cert())
+
+
+def csr(challenge: str, key: Any = CLIENT_KEY, ca: bool = False, uri: str | None = None) -> bytes:
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d")])
     )
     builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge.encode())
     if ca:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-    return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+    if uri is not None:
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+        builder = builder.add_extension(san, critical=False)
+    signing = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, signing).public_bytes(Encoding.DER)
 
 
 def post(cluster: Cluster, message: bytes) -> httpx.Response:
@@ -290,6 +399,8 @@ def status_of(answer: bytes) -> tuple[str, str | None]:
         ("replayed", "transaction id 'replayed-tx' was already used"),
         ("ca", "CSR requests CA:TRUE"),
         ("rsa-1024", "RSA key of 1024 bits is too small"),
+        ("ed25519", "unsupported key type"),
+        ("p-521", "unsupported curve secp521r1; use P-256 or P-384"),
         ("wrong-challenge", "wrong challenge password"),
     ],
 )
@@ -307,6 +418,11 @@ def test_bad_requests_get_a_failure_cert_rep_and_an_audit_entry(
     elif case == "rsa-1024":
         small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
         message = pkcs_req(cluster, csr(token, key=small), f"tx-{case}")
+    elif case in ("ed25519", "p-521"):
+        key = ed25519.Ed25519PrivateKey.generate()
+        if case == "p-521":
+            key = ec.generate_private_key(ec.SECP521R1())
+        message = pkcs_req(cluster, csr(token, key=key), f"tx-{case}")
     else:
         message = pkcs_req(cluster, csr("cge_0000000000000000_wrong"), f"tx-{case}")
     answer = post(cluster, message)

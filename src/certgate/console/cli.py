@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     pkcs12,
 )
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import make_url, select
 from sqlalchemy.orm import Session
+from typer.core import TyperGroup
 
 from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
@@ -44,6 +45,7 @@ from certgate.console.services import (
     dryrun,
     groups,
     rotation,
+    scep,
     signin,
     tunnels,
 )
@@ -676,6 +678,49 @@ def device_enroll_token(
     show_secret(f"enrollment token (one use, {ttl_hours} h)", token.token)
 
 
+ScepApp = Annotated[
+    str | None,
+    typer.Option("--app", help="Bundle id: issue that app's Proxy-mode certificate instead."),
+]
+ScepTTL = Annotated[int, typer.Option(min=1, max=720, help="Hours until it expires.")]
+
+
+@device_app.command("scep-challenge")
+def device_scep_challenge(
+    data_dir: DataDir, uid: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    """Print a one-time SCEP challenge that issues for this device (shown once): its
+    Per-App Tunnel device certificate, or with --app that app's Proxy-mode one."""
+    with opened(data_dir) as (session, _):
+        device = devices.get_device(session, uid)
+        issued = scep.create_device_challenge(
+            session, device, actor(), timedelta(hours=ttl_hours), app_id
+        )
+        audit.append(session, actor(), "scep.challenge.create", group_id=device.group_id,
+                     device=uid, token_id=issued.id, app=app_id)  # fmt: skip
+    show_challenge(issued.token, app_id, ttl_hours)
+
+
+@device_app.command("scep-profile-challenge")
+def device_scep_profile_challenge(
+    data_dir: DataDir, group_id: str, owner: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    """Print a one-time SCEP challenge that enrolls a new device of OWNER (an enrollment
+    user of the group) over SCEP only (shown once); with --app, for that app's Proxy mode."""
+    with opened(data_dir) as (session, _):
+        issued = scep.create_profile_challenge(
+            session, group_id, owner, actor(), timedelta(hours=ttl_hours), app_id
+        )
+        audit.append(session, actor(), "scep.challenge.create", group_id=group_id,
+                     owner=owner, token_id=issued.id, app=app_id)  # fmt: skip
+    show_challenge(issued.token, app_id, ttl_hours)
+
+
+def show_challenge(challenge: str, app_id: str | None, ttl_hours: int) -> None:
+    mode = f"Proxy mode for {app_id}" if app_id else "Per-App Tunnel"
+    show_secret(f"SCEP challenge ({mode}, one use, {ttl_hours} h)", challenge)
+
+
 @device_app.command("list")
 def device_list(data_dir: DataDir, group_id: str, as_json: JsonFlag = False) -> None:
     """The group's devices in uid order (the API's device objects with --json)."""
@@ -725,29 +770,141 @@ def print_device_state(device: dict[str, Any]) -> None:
     )
 
 
-@device_app.command("compliance")
+class ShowByDefault(TyperGroup):
+    """A command group whose first command is the default: ``device compliance UID``
+    stays the listing, beside ``device compliance override|clear UID`` (a device uid is
+    never a command name)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+COMPLIANCE_HELP = "A device's compliance and history (`compliance UID`); admin overrides."
+compliance_app = typer.Typer(cls=ShowByDefault, help=COMPLIANCE_HELP, no_args_is_help=True)
+device_app.add_typer(compliance_app, name="compliance")
+OverrideStatus = Annotated[
+    str, typer.Option("--status", help="compliant|noncompliant|unknown (what tunnels see).")
+]
+OverrideExpiry = Annotated[
+    str, typer.Option("--expires", help="How long it holds: 90m, 12h, 7d (at most 90d).")
+]
+OverrideReason = Annotated[
+    str, typer.Option("--reason", help="Why (kept in the history and the audit log).")
+]
+ClearReason = Annotated[str | None, typer.Option("--reason", help="Why it ends now.")]
+HistoryLimit = Annotated[int, typer.Option(min=1, max=1000, help="History rows, newest first.")]
+
+
+@compliance_app.command("show")
 def device_compliance(
     data_dir: DataDir,
     uid: str,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    limit: HistoryLimit = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """A device's compliance: status, failing rules, override, and its history."""
+    """A device's compliance: status, failing rules, override, history (the default).
+
+    Overrides set, cleared and expired are rows of the history."""
     with opened(data_dir) as (session, _):
         shown = compliance.state_of(session, devices.get_device(session, uid), limit)
     print_compliance(uid, shown, as_json)
 
 
+@compliance_app.command("override")
+def device_compliance_override(
+    data_dir: DataDir,
+    uid: str,
+    status: OverrideStatus,
+    expires: OverrideExpiry,
+    reason: OverrideReason,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Set the device's compliance by hand until it expires.
+
+    Tunnels enforce it through the feed at once; once it expires the policy judges the
+    device again."""
+    ttl = parse_duration(expires)
+    with opened(data_dir) as (session, _):
+        device = devices.get_device(session, uid)
+        verdict = compliance.set_override(session, device, status, ttl, actor(), reason)
+        audit.append(session, actor(), "device.compliance_override", group_id=device.group_id,
+                     device=uid, status=status, expires_in_s=int(ttl.total_seconds()),
+                     reason=reason)  # fmt: skip
+    print_verdict(uid, verdict.to_dict(), as_json)
+
+
+@compliance_app.command("clear")
+def device_compliance_clear(
+    data_dir: DataDir,
+    uid: str,
+    reason: ClearReason = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """End the device's override now; the policy judges it again."""
+    with opened(data_dir) as (session, _):
+        device = devices.get_device(session, uid)
+        verdict = compliance.set_override(session, device, None, None, actor(), reason)
+        audit.append(session, actor(), "device.compliance_override.end",
+                     group_id=device.group_id, device=uid, reason=reason)  # fmt: skip
+    print_verdict(uid, verdict.to_dict(), as_json)
+
+
+def print_verdict(uid: str, verdict: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(verdict)
+        return
+    held = " (override)" if verdict["overridden"] else ""
+    failing = ", ".join(f["rule"] for f in verdict["failures"]) or "none"
+    out.print(f"device {uid}: {verdict['compliance_status']}{held}; failing rules: {failing}")
+
+
+# The API's JSON of a compliance answer (times as pydantic writes them), so that both
+# modes print the same bytes.
+_AS_API_JSON = TypeAdapter(dict[str, Any])
+
+
 def print_compliance(uid: str, shown: dict[str, Any], as_json: bool) -> None:
+    shown = _AS_API_JSON.dump_python(shown, mode="json")
     if as_json:
         print_json(shown)
         return
-    out.print(f"device {uid}: {shown['compliance_status']}, override: {shown['override']}")
-    table = listing("when", "status", "cause", "failing rules", title="Compliance history")
+    held = shown["override"]
+    override = _override_line(held) if held else "none"
+    out.print(f"device {uid}: {shown['compliance_status']}, override: {escape(override)}")
+    columns = ("when", "status", "cause", "failing rules", "override")
+    table = listing(*columns, title="Compliance history")
     for event in shown["history"]:
         reasons = "; ".join(f"{f['rule']}: {f['reason']}" for f in event["failures"])
-        table.add_row(_iso(event["at"]), event["status"], event["cause"], escape(reasons))
+        note = _override_note(event.get("override"))
+        row = (_when(event["at"]), event["status"], event["cause"], reasons, note)
+        table.add_row(*(escape(cell) for cell in row))
     out.print(table)
+
+
+def _override_line(held: dict[str, Any]) -> str:
+    """``noncompliant until 2026-12-07 10:00:00 by admin:root: lost laptop``."""
+    why = f": {held['reason']}" if held.get("reason") else ""
+    return f"{held['status']} until {_when(held['until'])} by {held['by']}{why}"
+
+
+def _override_note(note: dict[str, Any] | None) -> str:
+    """A history row's override: set, cleared (by whom, why) or expired, and which."""
+    if not note:
+        return ""
+    if note["action"] == "set":
+        return f"set {_override_line(note)}"
+    why = f": {note['reason']}" if note.get("reason") else ""
+    who = f" by {note['by']}" if note.get("by") else ""
+    verb = "cleared" if note["action"] == "clear" else "expired"
+    return f"{verb}{who}{why} (was {_override_line(note['ended'])})"
+
+
+def _when(value: datetime | str) -> str:
+    """A UTC time to the second, from a datetime (local) or ISO text (the API's JSON)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return f"{moment:%Y-%m-%d %H:%M:%S}"
 
 
 @cert_app.command("list")
@@ -1274,16 +1431,49 @@ def remote_device_set(
     print_device_state(shown)
 
 
-@remote_device.command("compliance")
+remote_compliance = typer.Typer(cls=ShowByDefault, help=COMPLIANCE_HELP, no_args_is_help=True)
+remote_device.add_typer(remote_compliance, name="compliance")
+
+
+@remote_compliance.command("show")
 def remote_device_compliance(
     ctx: typer.Context,
     uid: str,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    limit: HistoryLimit = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     with connected(ctx) as client:
         shown = client.call("device compliance", query={"limit": limit}, uid=uid)
     print_compliance(uid, shown, as_json)
+
+
+@remote_compliance.command("override")
+def remote_device_compliance_override(
+    ctx: typer.Context,
+    uid: str,
+    status: OverrideStatus,
+    expires: OverrideExpiry,
+    reason: OverrideReason,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    ttl_s = int(parse_duration(expires).total_seconds())
+    body = {"status": status, "expires_in_s": ttl_s, "reason": reason}
+    with connected(ctx) as client:
+        verdict = client.call("device compliance override", body=body, uid=uid)
+    print_verdict(uid, verdict, as_json)
+
+
+@remote_compliance.command("clear")
+def remote_device_compliance_clear(
+    ctx: typer.Context,
+    uid: str,
+    reason: ClearReason = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    query = {"reason": reason} if reason is not None else None
+    with connected(ctx) as client:
+        verdict = client.call("device compliance clear", query=query, uid=uid)
+    print_verdict(uid, verdict, as_json)
 
 
 @remote_device.command("enroll-user")
@@ -1312,6 +1502,26 @@ def remote_device_enroll_token(
     with connected(ctx) as client:
         token = client.call("device enroll-token", body=body, group_id=group_id)
     show_secret(f"enrollment token (one use, {ttl_hours} h)", token["token"])
+
+
+@remote_device.command("scep-challenge")
+def remote_device_scep_challenge(
+    ctx: typer.Context, uid: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    body = {"expires_in_s": ttl_hours * 3600, "bundle_id": app_id}
+    with connected(ctx) as client:
+        issued = client.call("device scep-challenge", body=body, uid=uid)
+    show_challenge(issued["challenge"], app_id, ttl_hours)
+
+
+@remote_device.command("scep-profile-challenge")
+def remote_device_scep_profile_challenge(
+    ctx: typer.Context, group_id: str, owner: str, app_id: ScepApp = None, ttl_hours: ScepTTL = 1
+) -> None:
+    body = {"owner": owner, "expires_in_s": ttl_hours * 3600, "bundle_id": app_id}
+    with connected(ctx) as client:
+        issued = client.call("device scep-profile-challenge", body=body, group_id=group_id)
+    show_challenge(issued["challenge"], app_id, ttl_hours)
 
 
 @remote_cert.command("list")

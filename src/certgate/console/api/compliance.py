@@ -33,18 +33,14 @@ class PolicyIn(BaseModel):
     rules: list[dict[str, Any]] = Field(max_length=100)
 
 
+Reason = Field(default=None, min_length=1, max_length=compliance.REASON_MAX)
+
+
 class OverrideIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["compliant", "noncompliant", "unknown"]
     expires_in_s: s.Whole = Field(ge=1, le=90 * 86400)
-
-
-def _verdict_out(verdict: compliance.Verdict) -> dict[str, Any]:
-    return {
-        "compliance_status": verdict.status,
-        "failures": [f.to_dict() for f in verdict.failures],
-        "overridden": verdict.overridden,
-    }
+    reason: str | None = Reason
 
 
 def _device_for(session: Session, admin: Admin, uid: str, perm: P) -> Device:
@@ -75,7 +71,7 @@ def check_in(request: Request, report: dict[str, Any]) -> dict[str, Any]:
                 status=verdict.status,
                 failing=[f.rule for f in verdict.failures],
             )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 @router.get("/groups/{group_id}/compliance-policy")
@@ -122,10 +118,14 @@ def device_compliance(
 
 @router.put("/devices/{uid}/compliance-override")
 def put_override(request: Request, uid: str, body: OverrideIn) -> dict[str, Any]:
+    """The admin's status for the device until it expires (then the policy judges it);
+    recorded in its compliance history with the reason."""
     with admin_tx(request) as (session, who):
         device = _device_for(session, who.admin, uid, P.DEVICES_WRITE)
         ttl = timedelta(seconds=body.expires_in_s)
-        verdict = compliance.set_override(session, device, body.status, ttl, request.state.actor)
+        verdict = compliance.set_override(
+            session, device, body.status, ttl, request.state.actor, body.reason
+        )
         audit.append(
             session,
             request.state.actor,
@@ -134,23 +134,30 @@ def put_override(request: Request, uid: str, body: OverrideIn) -> dict[str, Any]
             device=uid,
             status=body.status,
             expires_in_s=body.expires_in_s,
+            reason=body.reason,
         )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 @router.delete("/devices/{uid}/compliance-override")
-def delete_override(request: Request, uid: str) -> dict[str, Any]:
+def delete_override(
+    request: Request,
+    uid: str,
+    reason: str | None = Query(None, min_length=1, max_length=compliance.REASON_MAX),
+) -> dict[str, Any]:
+    """End the device's override now (404 when it has none); the policy judges it again."""
     with admin_tx(request) as (session, who):
         device = _device_for(session, who.admin, uid, P.DEVICES_WRITE)
-        verdict = compliance.set_override(session, device, None, None, request.state.actor)
+        verdict = compliance.set_override(session, device, None, None, request.state.actor, reason)
         audit.append(
             session,
             request.state.actor,
             "device.compliance_override.end",
             group_id=device.group_id,
             device=uid,
+            reason=reason,
         )
-        return _verdict_out(verdict)
+        return verdict.to_dict()
 
 
 def sweep_once(state: ConsoleState) -> int:

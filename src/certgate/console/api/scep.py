@@ -1,6 +1,7 @@
 """SCEP (RFC 8894) on the console at ``/scep``: GetCACaps, GetCACert, PKIOperation (GET
-with the base64 message, or POST with the DER body, §4.1), and the admin call that makes
-a per-device challenge password.
+with the base64 message, or POST with the DER body, §4.1), and the admin calls that make
+challenge passwords (per device, or per profile for a new device of a group; each for the
+Per-App Tunnel device certificate or, naming an app, for its Proxy-mode certificate).
 
 A PKIOperation that parses is always answered with a CertRep (§3.3.2): SUCCESS with the
 certificate, or FAILURE with a failInfo, and audited either way with the reason (a
@@ -28,7 +29,9 @@ from certgate.console.services import audit, devices
 from certgate.console.services import scep as service
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.rbac import require
+from certgate.console.services.secrets import IssuedSecret
 from certgate.errors import BadRequest, CertgateError, NotFound
+from certgate.pki import identity
 from certgate.pki.thumbprint import thumbprint
 from certgate.protocol import scep
 
@@ -37,19 +40,48 @@ PKI_MESSAGE = "application/x-pki-message"
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
 
 
+BundleId = Field(
+    default=None,
+    pattern=f"^(?:{identity.BUNDLE_ID_RE.pattern})$",  # JSON Schema patterns search
+    description="The app whose Proxy-mode certificate the challenge issues; without it, "
+    "the Per-App Tunnel device certificate.",
+)
+
+
 class ChallengeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     expires_in_s: s.Whole = Field(default=3600, ge=60, le=30 * 86400)
+    bundle_id: str | None = BundleId
+
+
+class ProfileChallengeIn(ChallengeIn):
+    owner: str = s.USERNAME  # an enrollment user of the group (else 404)
+
+
+def _answer(issued: IssuedSecret, body: ChallengeIn) -> dict[str, object]:
+    mode = "per_app" if body.bundle_id is None else "proxy"
+    return {
+        "id": issued.id,
+        "challenge": issued.token,
+        "expires_in_s": body.expires_in_s,
+        "mode": mode,
+        "bundle_id": body.bundle_id,
+    }
 
 
 @router.post("/api/v1/devices/{uid}/scep/challenge", status_code=201, responses=s.CALL_ERRORS)
 def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str, object]:
-    """A single-use challenge password that enrolls this device over SCEP (shown once)."""
+    """A single-use challenge password that issues for this device over SCEP (shown
+    once): its device certificate, or with ``bundle_id`` that app's Proxy-mode one."""
     with admin_tx(request) as (session, who):
         device = devices.get_device(session, uid)
         require(session, who.admin, P.ENROLLMENT_WRITE, device.group_id)
         issued = service.create_device_challenge(
-            session, device, request.state.actor, timedelta(seconds=body.expires_in_s)
+            session,
+            device,
+            request.state.actor,
+            timedelta(seconds=body.expires_in_s),
+            body.bundle_id,
         )
         audit.append(
             session,
@@ -58,8 +90,38 @@ def create_challenge(request: Request, uid: str, body: ChallengeIn) -> dict[str,
             group_id=device.group_id,
             device=uid,
             token_id=issued.id,
+            app=body.bundle_id,
         )
-        return {"id": issued.id, "challenge": issued.token, "expires_in_s": body.expires_in_s}
+        return _answer(issued, body)
+
+
+@router.post("/api/v1/groups/{group_id}/scep/challenge", status_code=201, responses=s.CALL_ERRORS)
+def create_profile_challenge(
+    request: Request, group_id: str, body: ProfileChallengeIn
+) -> dict[str, object]:
+    """A single-use challenge password that enrolls a new device of ``owner`` in the
+    group over SCEP (shown once); with ``bundle_id`` it issues that app's Proxy-mode
+    certificate, otherwise the Per-App Tunnel device certificate."""
+    with admin_tx(request, group_id) as (session, who):
+        require(session, who.admin, P.ENROLLMENT_WRITE, group_id)
+        issued = service.create_profile_challenge(
+            session,
+            group_id,
+            body.owner,
+            request.state.actor,
+            timedelta(seconds=body.expires_in_s),
+            body.bundle_id,
+        )
+        audit.append(
+            session,
+            request.state.actor,
+            "scep.challenge.create",
+            group_id=group_id,
+            owner=body.owner,
+            token_id=issued.id,
+            app=body.bundle_id,
+        )
+        return _answer(issued, body)
 
 
 # A message that cannot be read is a 400, an operation that does not exist a 404, a
@@ -130,10 +192,11 @@ def _operation(request: Request, message: bytes) -> Response:
     request.state.actor = f"scep:{thumbprint(parsed.signer)[:16]}"
     try:
         with state.db.transaction() as session:
-            device, cert = service.issue(session, state.pki, parsed)
-            _audit(session, request, parsed, "ok", device.group_id, device=device.uid,
-                   thumbprint=thumbprint(cert))  # fmt: skip
-        answer = scep.cert_rep(parsed, ra_cert, ra_key, [cert])
+            issued = service.issue(session, state.pki, parsed)
+            _audit(session, request, parsed, "ok", issued.device.group_id,
+                   device=issued.device.uid, app=issued.bundle_id,
+                   thumbprint=thumbprint(issued.cert))  # fmt: skip
+        answer = scep.cert_rep(parsed, ra_cert, ra_key, [issued.cert])
     except (CertgateError, IntegrityError) as exc:
         reason = str(exc) if isinstance(exc, CertgateError) else "transaction id already used"
         fail = scep.FailInfo.BAD_CERT_ID if isinstance(exc, NotFound) else scep.FailInfo.BAD_REQUEST

@@ -7,7 +7,9 @@ its live tunnels). Only devices of groups with an effective policy (their own or
 ancestor's) are governed; the others keep the status an admin or ``initial_compliance``
 gave them (a device the policy had failed becomes compliant when its rules are removed).
 An unexpired override wins over the policy; the sweep clears expired ones.
-A history row records each change of a device's status or failing rules, with its facts.
+A history row records each change of a device's status or failing rules, with its facts,
+and each override set, cleared or expired, with what the admin decided and why (even when
+the status stays the same: the history answers "who decided this device's status").
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from certgate.console.store.models import (
     DevicePosture,
     Group,
 )
-from certgate.errors import AuthError, BadRequest, ChainError
+from certgate.errors import AuthError, BadRequest, ChainError, NotFound
 from certgate.pki import identity
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
 
 OVERRIDE_MAX = timedelta(days=90)
+REASON_MAX = 500  # device_posture.override_reason
 HISTORY_LIMIT = 200
 
 
@@ -46,6 +49,14 @@ class Verdict:
     failures: tuple[posture.Failure, ...]
     overridden: bool
     changed: bool = False  # the device's status or failing rules changed
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the API answers and the CLI prints."""
+        return {
+            "compliance_status": self.status,
+            "failures": [f.to_dict() for f in self.failures],
+            "overridden": self.overridden,
+        }
 
 
 # -- policies ----------------------------------------------------------------------------
@@ -107,12 +118,25 @@ def _descends(group: str | None, top: str, parents: dict[str, str | None]) -> bo
 def device_by_cert(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> Device:
     """The device proven by its current device certificate over mTLS (Per-App Tunnel
     device cert: issued by the Device Root, registered, unrevoked)."""
+    device, _ = client_by_cert(session, pki, peer_der, (identity.IdentityKind.DEVICE,))
+    return device
+
+
+def client_by_cert(
+    session: Session,
+    pki: ca.InstancePKI,
+    peer_der: bytes | None,
+    kinds: tuple[identity.IdentityKind, ...],
+) -> tuple[Device, Certificate]:
+    """The active device and the registered, unrevoked client certificate of one of
+    ``kinds`` (device, or a Proxy-mode app cert) that the Device Root issued it."""
     if peer_der is None:
         raise AuthError("device certificate required (mTLS)")
     cert = x509.load_der_x509_certificate(peer_der)
     ident = identity.identity_of(cert)
-    if ident.kind is not identity.IdentityKind.DEVICE or ident.device_uid is None:
-        raise AuthError(f"certificate is not a device certificate (it is {ident.kind.value})")
+    if ident.kind not in kinds or ident.device_uid is None:
+        wanted = " or ".join(k.value for k in kinds)
+        raise AuthError(f"certificate is not a {wanted} certificate (it is {ident.kind.value})")
     try:
         verify_client_chain(
             cert,
@@ -126,13 +150,18 @@ def device_by_cert(session: Session, pki: ca.InstancePKI, peer_der: bytes | None
     row = session.execute(
         select(Certificate).where(Certificate.thumbprint == thumbprint(cert))
     ).scalar_one_or_none()
-    if row is None or row.kind != "device" or row.device_uid != ident.device_uid:
-        raise AuthError("not a registered device certificate")
+    if (
+        row is None
+        or row.kind != ident.kind.value
+        or row.device_uid != ident.device_uid
+        or row.bundle_id != ident.bundle_id
+    ):
+        raise AuthError(f"not a registered {ident.kind.value} certificate")
     if row.revoked_at is not None:
         raise AuthError(f"device certificate revoked ({row.revocation_reason})")
     device = devices.get_device(session, ident.device_uid)
     devices.require_active(device)
-    return device
+    return device, row
 
 
 def check_in(session: Session, device: Device, cert_not_before: datetime, report: Any) -> Verdict:
@@ -170,13 +199,16 @@ def facts_of(row: DevicePosture | None, now: datetime) -> dict[str, posture.Fact
     return facts
 
 
-def judge(session: Session, device: Device, cause: str) -> Verdict:
+def judge(
+    session: Session, device: Device, cause: str, note: dict[str, Any] | None = None
+) -> Verdict:
     """Evaluate the device against its group's effective rules and apply the result; a
-    device of an ungoverned group and without override is left as it is."""
+    device of an ungoverned group and without override is left as it is. ``note``: an
+    override set or ended, recorded in the history whatever the verdict."""
     rules, now = effective_rules(session, device.group_id), ca.now()
     row = _posture_row(session, device)
     if row.override_until is not None and row.override_until <= now:
-        row.override_status = row.override_until = row.override_by = None
+        note = _end_override(row, "expire", None)
         cause = "override-end" if cause == "timer" else cause
     facts = facts_of(row, now)
     failures = posture.evaluate(rules, facts)
@@ -187,8 +219,10 @@ def judge(session: Session, device: Device, cause: str) -> Verdict:
         # nothing fails it now (a status an admin set by hand, without failures, stays).
         verdict = Verdict("noncompliant" if failures else "compliant", failures, False)
     else:
-        return Verdict(device.compliance_status, (), False)
-    return _apply(session, device, row, verdict, cause, facts)
+        verdict = Verdict(device.compliance_status, (), False)
+        if note is None:
+            return verdict
+    return _apply(session, device, row, verdict, cause, facts, note)
 
 
 def _apply(
@@ -198,9 +232,11 @@ def _apply(
     verdict: Verdict,
     cause: str,
     facts: dict[str, posture.FactValue],
+    note: dict[str, Any] | None,
 ) -> Verdict:
     failures = [f.to_dict() for f in verdict.failures]
-    if verdict.status == device.compliance_status and failures == row.failures:
+    unchanged = verdict.status == device.compliance_status and failures == row.failures
+    if unchanged and note is None:
         return verdict  # nothing changed: no feed entry, no history row
     row.failures = failures
     if verdict.status != device.compliance_status:
@@ -213,9 +249,10 @@ def _apply(
             cause=cause,
             failures=failures,
             facts=facts,
+            override=note,
         )
     )
-    return Verdict(verdict.status, verdict.failures, verdict.overridden, changed=True)
+    return Verdict(verdict.status, verdict.failures, verdict.overridden, changed=not unchanged)
 
 
 def sweep(session: Session) -> int:
@@ -237,20 +274,39 @@ def sweep(session: Session) -> int:
 
 
 def set_override(
-    session: Session, device: Device, status: str | None, ttl: timedelta | None, by: str
+    session: Session,
+    device: Device,
+    status: str | None,
+    ttl: timedelta | None,
+    by: str,
+    reason: str | None = None,
 ) -> Verdict:
     """An admin's status for the device until ``ttl`` has passed (then the policy judges
-    it again); ``status`` None ends an override at once."""
+    it again); ``status`` None ends an override at once. Either is a history row."""
     row = _posture_row(session, device)
+    if reason is not None and not 0 < len(reason) <= REASON_MAX:
+        raise BadRequest(f"an override's reason is 1 to {REASON_MAX} characters")
     if status is None:
-        row.override_status = row.override_until = row.override_by = None
-        return judge(session, device, "override-end")
+        if row.override_status is None:
+            raise NotFound(f"device {device.uid!r} has no compliance override")
+        return judge(session, device, "override-end", _end_override(row, "clear", by, reason))
     if status not in devices.COMPLIANCE:
         raise BadRequest(f"compliance must be one of {list(devices.COMPLIANCE)}")
     if ttl is None or not timedelta(seconds=1) <= ttl <= OVERRIDE_MAX:
         raise BadRequest(f"an override needs an expiry of 1 s to {OVERRIDE_MAX.days} days")
     row.override_status, row.override_until, row.override_by = status, ca.now() + ttl, by
-    return judge(session, device, "override")
+    row.override_reason = reason
+    return judge(session, device, "override", {"action": "set", **_override_of(row)})
+
+
+def _end_override(
+    row: DevicePosture, action: str, by: str | None, reason: str | None = None
+) -> dict[str, Any]:
+    """Clear the row's override; the history note says how, by whom and why it ended,
+    and which override it was."""
+    ended = _override_of(row)
+    row.override_status = row.override_until = row.override_by = row.override_reason = None
+    return {"action": action, "by": by, "reason": reason, "ended": ended}
 
 
 def state_of(session: Session, device: Device, limit: int = HISTORY_LIMIT) -> dict[str, Any]:
@@ -269,7 +325,7 @@ def state_of(session: Session, device: Device, limit: int = HISTORY_LIMIT) -> di
         "facts": facts_of(row, ca.now()),
         "unavailable": (row.unavailable or {}) if row else {},
         "failures": row.failures if row else [],
-        "override": _override_of(row),
+        "override": _override_of(row) if row and row.override_status else None,
         "history": [
             {
                 "at": e.at,
@@ -277,13 +333,19 @@ def state_of(session: Session, device: Device, limit: int = HISTORY_LIMIT) -> di
                 "cause": e.cause,
                 "failures": e.failures,
                 "facts": e.facts,
+                "override": e.override,
             }
             for e in history
         ],
     }
 
 
-def _override_of(row: DevicePosture | None) -> dict[str, Any] | None:
-    if row is None or row.override_status is None:
-        return None
-    return {"status": row.override_status, "until": row.override_until, "by": row.override_by}
+def _override_of(row: DevicePosture) -> dict[str, Any]:
+    """The override as JSON (stored in history rows as shown by the API)."""
+    until = row.override_until.isoformat() if row.override_until else None
+    return {
+        "status": row.override_status,
+        "until": until,
+        "by": row.override_by,
+        "reason": row.override_reason,
+    }

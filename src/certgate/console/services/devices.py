@@ -74,10 +74,7 @@ def create_enrollment_token(
     session: Session, group_id: str, owner: str, created_by: str, ttl: timedelta
 ) -> IssuedSecret:
     """A one-time enrollment token for ``owner`` (an enrollment user of the group)."""
-    user = session.get(EnrollmentUser, owner)
-    if user is None or user.group_id != group_id:
-        # The named user does not exist (in this group): a missing object, as for any id.
-        raise NotFound(f"{owner!r} is not an enrollment user of group {group_id!r}")
+    require_enrollment_user(session, group_id, owner)
     issued = new_secret(ENROLL_TOKEN_PREFIX)
     session.add(
         OneTimeToken(
@@ -93,6 +90,14 @@ def create_enrollment_token(
         )
     )
     return issued
+
+
+def require_enrollment_user(session: Session, group_id: str, owner: str) -> None:
+    """``owner`` is an enrollment user of the group (who a new device will belong to)."""
+    user = session.get(EnrollmentUser, owner)
+    if user is None or user.group_id != group_id:
+        # The named user does not exist (in this group): a missing object, as for any id.
+        raise NotFound(f"{owner!r} is not an enrollment user of group {group_id!r}")
 
 
 def consume_token(session: Session, token: str, prefix: str, purpose: str) -> OneTimeToken:
@@ -145,6 +150,12 @@ def enroll(
         group_id, owner = user.group_id, user.username
     else:
         raise AuthError("enrollment needs a one-time token or enrollment user + password")
+    return new_device(session, group_id, owner, platform, name)
+
+
+def new_device(session: Session, group_id: str, owner: str, platform: str, name: str) -> Enrollment:
+    """A device enrolled in the group, once a provisioner (``enroll``, a SCEP challenge)
+    allowed it; its compliance starts as the group's ``initial_compliance``."""
     group = get_group(session, group_id)
     credential = new_secret(DEVICE_CREDENTIAL_PREFIX)
     device = Device(
@@ -247,15 +258,24 @@ def issue_app_cert(
 ) -> tuple[str, list[str]]:
     """Proxy mode: the app's first authentication with the enrollment credentials earns a
     client cert for this app on this device. Returns (cert PEM, chain PEMs)."""
-    require_active(device)
-    if not identity.BUNDLE_ID_RE.fullmatch(bundle_id):
-        raise BadRequest(f"invalid application bundle id {bundle_id!r}")
+    _check_app(device, bundle_id)  # before the credentials: a bad request is told as such
     user = check_enrollment_user(session, username, password)
     if user.username != device.owner:
         raise AuthError("enrollment credentials are not those of this device's owner")
+    row = deliver_app_cert(session, pki, device, bundle_id, csr_pem)
+    return row.cert_pem, pki.chain_pem(ca.DEVICE_ROOT)
+
+
+def deliver_app_cert(
+    session: Session, pki: ca.InstancePKI, device: Device, bundle_id: str, csr_pem: bytes
+) -> Certificate:
+    """Proxy mode: the app+device certificate for ``bundle_id`` on this device, once a
+    provisioner (the owner's credentials, a SCEP challenge for this app) allowed it. It
+    supersedes the device's previous certificate for the same app."""
+    _check_app(device, bundle_id)
     gone = _supersede(session, device, bundle_id)
     names = Names(bundle_id[:64], identity.app(device.uid, device.group_id, bundle_id))
-    cert, row = pki.issue_from_csr(
+    _, row = pki.issue_from_csr(
         session,
         ca.DEVICE_ROOT,
         APP_CLIENT,
@@ -264,7 +284,13 @@ def issue_app_cert(
         ca.Record("app", device.group_id, device.uid, bundle_id),
     )
     feed.emit(session, device.group_id, [*gone, feed.upsert_entry(row, device)])
-    return ca.pem(cert), pki.chain_pem(ca.DEVICE_ROOT)
+    return row
+
+
+def _check_app(device: Device, bundle_id: str) -> None:
+    require_active(device)
+    if not identity.BUNDLE_ID_RE.fullmatch(bundle_id):
+        raise BadRequest(f"invalid application bundle id {bundle_id!r}")
 
 
 def deliver_profile(

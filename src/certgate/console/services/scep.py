@@ -3,16 +3,24 @@ PKIOperation may be issued.
 
 Provisioners are the existing ones. A challenge password is a one-time token, single
 use, expiring and stored hashed: per profile, a group's enrollment token (``cge_...``,
-``devices.create_enrollment_token``) enrolls a new device of that group; per device, a
-SCEP challenge (``cgs_...``, ``create_device_challenge``) issues for that device. A
-RenewalReq is signed with the device's current certificate. Every issuance is the
-Per-App Tunnel profile delivery (``devices.deliver_profile``): the Device Root's device
-profile, the identity of the enrollment, feed entries, and the previous certificate
-superseded. A group answers SCEP once its settings say ``"enrollment": {"scep": true}``.
+``devices.create_enrollment_token``) or a SCEP profile challenge (``cgp_...``,
+``create_profile_challenge``) enrolls a new device of that group; per device, a SCEP
+challenge (``cgs_...``, ``create_device_challenge``) issues for that device. A RenewalReq
+is signed with the certificate it renews.
+
+The challenge, never the CSR, decides the profile (the same Device Root profiles the
+agent gets): without an application it is the Per-App Tunnel delivery
+(``devices.deliver_profile``, the device certificate); a challenge made for an
+application's bundle id issues that app's Proxy-mode app+device certificate
+(``devices.deliver_app_cert``). A renewal keeps the kind and app of the certificate that
+signs it. Either way the identity URI is the enrollment's, the certificate enters the feed
+and supersedes the previous one of its kind. A group answers SCEP once its settings say
+``"enrollment": {"scep": true}``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from cryptography import x509
@@ -27,6 +35,7 @@ from certgate.console.services.groups import get_group, protocol_enabled
 from certgate.console.services.secrets import IssuedSecret, new_secret
 from certgate.console.store.models import Certificate, Device, OneTimeToken, ScepTransaction
 from certgate.errors import AuthError, BadRequest, Conflict, NotFound, PermissionDenied
+from certgate.pki import identity
 from certgate.pki.authority import Names, parse_csr
 from certgate.pki.keys import KeyAlgorithm, generate_key
 from certgate.pki.profiles import SCEP_RA
@@ -35,7 +44,17 @@ from certgate.protocol.scep import MessageType, PKIRequest
 
 RA_KEY = "scep-ra"
 DEVICE_CHALLENGE_PREFIX = "cgs"
+PROFILE_CHALLENGE_PREFIX = "cgp"
 CHALLENGE_PURPOSE = "scep"
+PROFILE_CHALLENGE_PURPOSE = "scep-profile"
+SCEP_PLATFORM = "linux"  # SCEP clients do not say; as for EST
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    device: Device
+    cert: x509.Certificate
+    bundle_id: str | None  # the app of a Proxy-mode certificate; None for a device cert
 
 
 def ra_identity(
@@ -75,30 +94,70 @@ def ca_certificates(pki: ca.InstancePKI, ra: x509.Certificate) -> list[x509.Cert
 
 
 def create_device_challenge(
-    session: Session, device: Device, created_by: str, ttl: timedelta
+    session: Session,
+    device: Device,
+    created_by: str,
+    ttl: timedelta,
+    bundle_id: str | None = None,
 ) -> IssuedSecret:
-    """A single-use, expiring challenge password that enrolls this device over SCEP."""
+    """A single-use, expiring challenge password that issues for this device over SCEP:
+    its device certificate, or with ``bundle_id`` that app's Proxy-mode certificate."""
     devices.require_active(device)
-    issued = new_secret(DEVICE_CHALLENGE_PREFIX)
+    return _challenge(
+        session, DEVICE_CHALLENGE_PREFIX, CHALLENGE_PURPOSE, device.group_id, device.uid,
+        created_by, ttl, bundle_id,
+    )  # fmt: skip
+
+
+def create_profile_challenge(
+    session: Session,
+    group_id: str,
+    owner: str,
+    created_by: str,
+    ttl: timedelta,
+    bundle_id: str | None = None,
+) -> IssuedSecret:
+    """A single-use, expiring challenge password that enrolls a new device of ``owner`` (an
+    enrollment user of the group) over SCEP only: the agent's and EST's enrollment take
+    ``cge_`` tokens, not this one."""
+    devices.require_enrollment_user(session, group_id, owner)
+    return _challenge(
+        session, PROFILE_CHALLENGE_PREFIX, PROFILE_CHALLENGE_PURPOSE, group_id, owner,
+        created_by, ttl, bundle_id,
+    )  # fmt: skip
+
+
+def _challenge(
+    session: Session,
+    prefix: str,
+    purpose: str,
+    group_id: str,
+    owner: str,
+    created_by: str,
+    ttl: timedelta,
+    bundle_id: str | None,
+) -> IssuedSecret:
+    if bundle_id is not None and not identity.BUNDLE_ID_RE.fullmatch(bundle_id):
+        raise BadRequest(f"invalid application bundle id {bundle_id!r}")
+    issued = new_secret(prefix)
     session.add(
         OneTimeToken(
             id=issued.id,
-            purpose=CHALLENGE_PURPOSE,
-            group_id=device.group_id,
+            purpose=purpose,
+            group_id=group_id,
             secret_hash=issued.secret_hash,
-            owner=device.uid,
+            owner=owner,
             created_by=created_by,
             created_at=ca.now(),
             expires_at=ca.now() + ttl,
             used_at=None,
+            bundle_id=bundle_id,
         )
     )
     return issued
 
 
-def issue(
-    session: Session, pki: ca.InstancePKI, request: PKIRequest
-) -> tuple[Device, x509.Certificate]:
+def issue(session: Session, pki: ca.InstancePKI, request: PKIRequest) -> Issued:
     """The certificate a PKCSReq, RenewalReq or GetCertInitial earns; raises a certgate
     error with the reason otherwise (the caller answers with a CertRep FAILURE)."""
     signer_tp = thumbprint(request.signer)
@@ -108,14 +167,18 @@ def issue(
         raise Conflict(f"transaction id {request.transaction_id!r} was already used")
     csr_pem = _csr_pem(request.content)
     if request.message_type is MessageType.RENEWAL_REQ:
-        device = compliance.device_by_cert(session, pki, request.signer.public_bytes(Encoding.DER))
+        device, bundle_id = _renewing(session, pki, request.signer)
     else:
-        device = _device_for_challenge(session, csr_pem)
+        device, bundle_id = _device_for_challenge(session, csr_pem)
     if not protocol_enabled(get_group(session, device.group_id), "scep"):
         raise PermissionDenied(f"SCEP is not enabled for group {device.group_id!r}")
-    delivered = devices.deliver_profile(session, pki, device, csr_pem)
-    record(session, request.transaction_id, signer_tp, str(delivered["thumbprint"]))
-    return device, x509.load_pem_x509_certificate(delivered["certificate"].encode())
+    if bundle_id is None:
+        cert_pem = str(devices.deliver_profile(session, pki, device, csr_pem)["certificate"])
+    else:
+        cert_pem = devices.deliver_app_cert(session, pki, device, bundle_id, csr_pem).cert_pem
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    record(session, request.transaction_id, signer_tp, thumbprint(cert))
+    return Issued(device, cert, bundle_id)
 
 
 def record(session: Session, transaction_id: str, signer_tp: str, cert_tp: str | None) -> None:
@@ -148,7 +211,18 @@ def _csr_pem(content: bytes) -> bytes:
     return pem
 
 
-def _device_for_challenge(session: Session, csr_pem: bytes) -> Device:
+def _renewing(
+    session: Session, pki: ca.InstancePKI, signer: x509.Certificate
+) -> tuple[Device, str | None]:
+    """RenewalReq (§3.3.1.2): the current certificate that signs it decides the device and
+    the profile (a device certificate renews as one, an app certificate for its app)."""
+    kinds = (identity.IdentityKind.DEVICE, identity.IdentityKind.APP)
+    device, row = compliance.client_by_cert(session, pki, signer.public_bytes(Encoding.DER), kinds)
+    return device, row.bundle_id
+
+
+def _device_for_challenge(session: Session, csr_pem: bytes) -> tuple[Device, str | None]:
+    """The device a PKCSReq's challenge password issues for, and the app it names."""
     csr = x509.load_pem_x509_csr(csr_pem)
     try:
         value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
@@ -156,19 +230,29 @@ def _device_for_challenge(session: Session, csr_pem: bytes) -> Device:
         raise AuthError("the CSR carries no challenge password") from exc
     challenge = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
     try:
-        if challenge.startswith(f"{DEVICE_CHALLENGE_PREFIX}_"):
-            row = devices.consume_token(
-                session, challenge, DEVICE_CHALLENGE_PREFIX, CHALLENGE_PURPOSE
-            )
-            return devices.get_device(session, row.owner or "")
-        return devices.enroll(
-            session, token=challenge, username=None, password=None, platform="linux", name="scep"
-        ).device
+        return _redeem(session, challenge)
     except (AuthError, BadRequest) as exc:
         raise AuthError(f"wrong challenge password: {exc}") from exc
 
 
-def _poll(session: Session, transaction_id: str, signer_tp: str) -> tuple[Device, x509.Certificate]:
+def _redeem(session: Session, challenge: str) -> tuple[Device, str | None]:
+    if challenge.startswith(f"{DEVICE_CHALLENGE_PREFIX}_"):
+        row = devices.consume_token(session, challenge, DEVICE_CHALLENGE_PREFIX, CHALLENGE_PURPOSE)
+        return devices.get_device(session, row.owner or ""), row.bundle_id
+    if challenge.startswith(f"{PROFILE_CHALLENGE_PREFIX}_"):
+        row = devices.consume_token(
+            session, challenge, PROFILE_CHALLENGE_PREFIX, PROFILE_CHALLENGE_PURPOSE
+        )
+        enrolled = devices.new_device(session, row.group_id, row.owner or "", SCEP_PLATFORM, "scep")
+        return enrolled.device, row.bundle_id
+    enrolled = devices.enroll(
+        session, token=challenge, username=None, password=None, platform=SCEP_PLATFORM,
+        name="scep",
+    )  # fmt: skip
+    return enrolled.device, None
+
+
+def _poll(session: Session, transaction_id: str, signer_tp: str) -> Issued:
     """GetCertInitial (§3.3.3): requests are never left pending here, so this answers
     with the certificate a finished transaction of the same requester got."""
     row = session.get(ScepTransaction, transaction_id)
@@ -177,4 +261,4 @@ def _poll(session: Session, transaction_id: str, signer_tp: str) -> tuple[Device
     cert_row = session.get(Certificate, row.cert_serial)
     assert cert_row is not None and cert_row.device_uid is not None  # FK-enforced
     cert = x509.load_pem_x509_certificate(cert_row.cert_pem.encode())
-    return devices.get_device(session, cert_row.device_uid), cert
+    return Issued(devices.get_device(session, cert_row.device_uid), cert, cert_row.bundle_id)

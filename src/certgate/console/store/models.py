@@ -216,7 +216,8 @@ class EnrollmentUser(Base):
 
 
 class OneTimeToken(Base):
-    """Single-use, expiring secrets: enrollment tokens and tunnel installer tokens."""
+    """Single-use, expiring secrets: enrollment tokens, tunnel installer tokens, SCEP
+    challenges (whose ``bundle_id`` names the app of a Proxy-mode certificate)."""
 
     __tablename__ = "one_time_tokens"
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -228,6 +229,7 @@ class OneTimeToken(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
+    bundle_id: Mapped[str | None] = mapped_column(String(255))
 
 
 class ProfileDelivery(Base):
@@ -352,10 +354,12 @@ class DevicePosture(Base):
     override_status: Mapped[str | None] = mapped_column(String(16))
     override_until: Mapped[datetime | None]
     override_by: Mapped[str | None] = mapped_column(String(200))
+    override_reason: Mapped[str | None] = mapped_column(String(500))
 
 
 class ComplianceEvent(Base):
-    """Compliance history: each change of a device's status or failing rules, and why."""
+    """Compliance history: each change of a device's status or failing rules, and why;
+    and each override set, cleared or expired (``override``: what the admin decided)."""
 
     __tablename__ = "compliance_history"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -365,6 +369,7 @@ class ComplianceEvent(Base):
     cause: Mapped[str] = mapped_column(String(16))
     failures: Mapped[list[Any]] = mapped_column(JSON)
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    override: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ScepTransaction(Base):
