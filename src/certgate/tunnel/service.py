@@ -272,8 +272,12 @@ class TunnelService:
             "sync": sync,
             "warnings": renewal_warnings(sync or {}),
         }
+        action = (sync or {}).get("action_required")  # the node cannot recover by itself
+        if action:
+            body["warnings"].append(action)
         if not fresh:  # the project's error fields beside the report, naming the check
-            body |= {"error": "unhealthy", "detail": "feed: the table is stale"}
+            why = f": {action}" if action else ""
+            body |= {"error": "unhealthy", "detail": f"feed: the table is stale{why}"}
         return (200 if fresh else 503), body
 
     async def _admin_client(
