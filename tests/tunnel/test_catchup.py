@@ -30,7 +30,7 @@ from certgate.feed import (
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.persist import JOURNAL_FILE, SNAPSHOT_FILE
-from certgate.tunnel.sync import FeedChange, FeedFollower
+from certgate.tunnel.sync import FeedChange, FeedFollower, Resynchronise
 from tests.support import RunningConsole
 from tests.tunnel.conftest import (
     COMPLIANT,
@@ -143,7 +143,7 @@ def test_a_node_down_for_a_whole_console_identity_rotation_adopts_the_new_one(
         async with FeedFollower(load_state(node.state_dir), state_dir=node.state_dir) as f:
             f.subscribe(_ignore, Identities())
             seq = f.table.seq
-            with pytest.raises(FeedError, match="does not pin yet"):
+            with pytest.raises(Resynchronise, match="does not pin yet"):
                 await f.poll_once(wait=0)  # signed by the new identity: resynchronise
             assert f.table.seq == seq and f.status()["action_required"] is None
             await f.bootstrap()  # the snapshot, verified with it, names it

@@ -91,7 +91,14 @@ from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay, SlotHome
 
-__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable", "is_fresh_age"]
+__all__ = [
+    "NODE_HEADER",
+    "FeedChange",
+    "FeedFollower",
+    "FeedUnavailable",
+    "Resynchronise",
+    "is_fresh_age",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,11 @@ class FeedUnavailable(CertgateError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status  # the HTTP status, 0 when the console answered none
+
+
+class Resynchronise(FeedError):
+    """A batch the node cannot take but a snapshot may let it (signed by a console
+    identity that may succeed the pinned one): fetch one at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +321,7 @@ class FeedFollower:
             return
         try:
             await self.poll_once()
-        except SequenceGap:
+        except (SequenceGap, Resynchronise):
             self._needs_snapshot = True  # resynchronise at once, without backing off
 
     def _record_failure(self, exc: Exception) -> float:
@@ -602,6 +614,8 @@ class FeedFollower:
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)
             raise
+        except Resynchronise:
+            raise  # said why already
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
             raise
@@ -633,7 +647,7 @@ class FeedFollower:
             thumbprint(successor),
         )
         self._needs_snapshot = True
-        raise FeedError("signed by a console identity this node does not pin yet")
+        raise Resynchronise("signed by a console identity this node does not pin yet")
 
     def _successor(self, token: bytes | str) -> x509.Certificate | None:
         """The console identity that signed ``token`` when it may succeed the pinned one
