@@ -10,6 +10,7 @@ console identity it does not pin) or without one (the state directory's table re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,37 @@ def test_a_node_without_its_table_takes_both_identities_from_one_snapshot(
         shown = client.get(f"/api/v1/groups/{group}/rotations").json()
     running = next(r for r in shown if r["kind"] == TUNNEL_IDENTITY)
     assert [n["presents"] for n in running["nodes"]] == ["new"]
+
+
+def test_a_node_whose_tunnel_identity_was_retired_says_what_to_run(
+    sqlite_console: RunningConsole, group: str, node: TunnelState
+) -> None:
+    """The console never hands the new key to a retired identity: the node cannot recover
+    by itself, and says what to run (status, which /healthz shows) while failing closed."""
+    console = sqlite_console
+    rotate(console, group, TUNNEL_IDENTITY)
+    rotate(console, group, TUNNEL_IDENTITY, "/switch")
+    rotate(console, group, TUNNEL_IDENTITY, "/finish")
+
+    async def scenario() -> str | None:
+        async with FeedFollower(load_state(node.state_dir), state_dir=node.state_dir) as f:
+            task = asyncio.create_task(f.run())
+            try:
+                for _ in range(300):  # bounded: the first refusal comes at once
+                    if f.status()["action_required"]:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert f.state.tunnel_thumbprint == node.tunnel_thumbprint
+            said: str | None = f.status()["action_required"]
+            return said
+
+    said = asyncio.run(scenario())
+    assert said is not None and "retired by rotation" in said
+    assert f"run 'certgate tunnel setup' for group {group} again" in said
 
 
 def signed_by(console: RunningConsole, signer_group: str, payload: dict[str, Any]) -> str:

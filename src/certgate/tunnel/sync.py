@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import random
 import time
@@ -112,6 +113,7 @@ LONG_POLL_GRACE_S = 15.0
 CLOCK_SKEW_S = 60.0
 EXCHANGE_PERSIST_INTERVAL_S = 5.0
 MAX_ERROR_TEXT = 200
+MAX_ERROR_BODY = 2048  # read of an error answer: the JSON error body's detail, whole
 
 
 class FeedUnavailable(CertgateError):
@@ -419,7 +421,7 @@ class FeedFollower:
                 return None
             if response.status_code == 200:
                 return await _read_bounded(response.aiter_bytes(), max_bytes)
-            text = (await _read_prefix(response.aiter_bytes())).decode(errors="replace")
+            text = _error_text(await _read_prefix(response.aiter_bytes()))
         raise FeedUnavailable(
             f"console answered {response.status_code} on {path}: {text}", response.status_code
         )
@@ -822,9 +824,23 @@ def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:
 
 async def _read_prefix(chunks: AsyncIterator[bytes]) -> bytes:
     """The start of an error answer, for the log; the rest is not read."""
+    buffer = bytearray()
     async for chunk in chunks:
-        return chunk[:MAX_ERROR_TEXT]
-    return b""
+        buffer += chunk
+        if len(buffer) >= MAX_ERROR_BODY:
+            break
+    return bytes(buffer[:MAX_ERROR_BODY])
+
+
+def _error_text(body: bytes) -> str:
+    """What the console said: the ``detail`` of the project's JSON error body (it says
+    what to do, e.g. which command to run), else the start of the answer."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    text = detail if isinstance(detail, str) else body.decode(errors="replace")
+    return text[: MAX_ERROR_BODY // 4]
 
 
 async def _read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:
