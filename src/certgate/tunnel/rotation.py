@@ -7,7 +7,10 @@ a trust config it signed). ``next_identity`` opens the key and checks the whole 
 exactly as ``config.load_state`` checks it at every start (chain, names, key pair, the
 trust config's signature by the console identity of that state) before anything uses
 it; ``store_identity`` writes it through the same function setup writes with. Both
-raise, and the caller keeps the identity it has (STYLE.md habit 8). No asyncio here.
+raise, and the caller keeps the identity it has (STYLE.md habit 8). ``next_state`` checks
+several operations together (a snapshot's, in use at its seq), and
+``successor_console_identity`` says whether a console identity the node does not pin may
+succeed the pinned one (docs/CONVENTIONS.md, "Rotation"). No asyncio here.
 """
 
 from __future__ import annotations

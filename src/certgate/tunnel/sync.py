@@ -1,8 +1,9 @@
 """Device list sync: follow the console's signed feed into the tunnel's ``DeviceTable``.
 
 On start the persisted table (``persist.py``) is loaded and served at once. A signed
-snapshot is fetched only when nothing is persisted or a batch does not continue the
-table (``SequenceGap``); otherwise the follower long-polls
+snapshot is fetched only when nothing is persisted, a batch does not continue the table
+(``SequenceGap``) or is signed by a console identity the node may take but does not pin
+yet (``Resynchronise``, "Catching up" below); otherwise the follower long-polls
 ``GET /api/v1/tunnel/feed?after=<seq>&wait=<s>`` from its cursor, over mTLS with the
 group's tunnel identity, trusting only the instance Root.
 
