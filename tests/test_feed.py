@@ -11,11 +11,13 @@ import pytest
 from certgate.console.services.feed import for_version
 from certgate.feed import (
     FEED_VERSION,
+    MAX_SNAPSHOT_TRUST,
     Delete,
     InvalidEntry,
     RotationPhase,
     TrustUpdate,
     decode_op,
+    snapshot_trust,
     split_trust,
 )
 from certgate.tunnel.table import DeviceTable
@@ -32,8 +34,8 @@ TRUST = TrustUpdate(
 DELETE = Delete(THUMB, "0" * 32, "g1")
 
 
-def test_feed_version_is_3() -> None:
-    assert FEED_VERSION == 3
+def test_feed_version_is_4() -> None:
+    assert FEED_VERSION == 4
 
 
 def test_a_trust_operation_round_trips() -> None:
@@ -52,6 +54,7 @@ def test_older_versions_cannot_carry_a_trust_operation(version: int) -> None:
         (1, ["upsert", "delete"]),
         (2, ["upsert", "delete", "policy"]),
         (3, ["upsert", "delete", "policy", "trust"]),
+        (4, ["upsert", "delete", "policy", "trust"]),
     ],
 )
 def test_the_console_sends_a_node_only_what_its_version_reads(version: int, ops: list[str]) -> None:
@@ -119,3 +122,31 @@ def test_a_console_identity_carries_no_key_and_a_tunnel_identity_always_one() ->
         decode_op(_changed(kind="console-identity"), "op", 3)
     with pytest.raises(InvalidEntry, match="sealed_key: expected an object"):
         decode_op(_changed(sealed_key=None), "op", 3)
+
+
+def test_a_snapshot_trust_list_holds_one_operation_in_use_and_one_prepared_per_kind() -> None:
+    prepared = _changed(phase="prepare")
+    device_root = _changed(kind="device-root", phase="prepare", sealed_key=None)
+    ops = snapshot_trust([TRUST.encode(), prepared, device_root], "trust", 4)
+    assert [(op.kind, op.is_next) for op in ops] == [
+        ("tunnel-identity", False),
+        ("tunnel-identity", True),
+        ("device-root", False),  # a Device Root's prepare step is trusted at once
+    ]
+    assert snapshot_trust([], "trust", 4) == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"op": "trust"}, "expected a list"),
+        ([TRUST.encode()] * (MAX_SNAPSHOT_TRUST + 1), "at most 5"),
+        ([TRUST.encode(), _changed(phase="finish")], "two operations of the same kind and role"),
+        ([DELETE.encode()], "expected a trust operation"),
+        (["trust"], "expected a trust operation"),
+        ([_changed(phase="abort")], "phase"),
+    ],
+)
+def test_a_malformed_snapshot_trust_list_rejects_the_page(raw: object, reason: str) -> None:
+    with pytest.raises(InvalidEntry, match=reason):
+        snapshot_trust(raw, "trust", 4)

@@ -16,7 +16,9 @@ for the version it speaks (``?version=N``) and the console answers in that versi
 an older one, never a newer one: version 1 answers carry no ``policy`` operations (the
 node keeps the policy of its trust config) and no ``version`` key; version 2 answers
 carry no ``trust`` operations (a version 2 node cannot follow a rotation: the console's
-rotation status says so, and finishing the rotation waits for it or for ``--force``).
+rotation status says so, and finishing the rotation waits for it or for ``--force``);
+version 3 snapshot pages carry no ``trust`` list (``snapshot_trust``: a version 3 node that
+resynchronises from a snapshot during a rotation learns it only at the next step).
 Within a version the key sets are exact: a key a node does not know is an error, because
 a field that could deny access must never be silently ignored by a node that cannot read
 it (fail closed). New fields therefore come only with a new version, which the console
@@ -41,7 +43,11 @@ __all__ = [
     "ATTRIBUTE_FIELDS",
     "CONSOLE_IDENTITY",
     "FEED_VERSION",
+    "MAX_SNAPSHOT_TRUST",
     "MIN_FEED_VERSION",
+    "POLICY_VERSION",
+    "SNAPSHOT_TRUST_VERSION",
+    "TRUST_VERSION",
     "TUNNEL_IDENTITY",
     "ComplianceStatus",
     "Delete",
@@ -55,13 +61,21 @@ __all__ = [
     "TrustUpdate",
     "decode_op",
     "message_version",
+    "snapshot_trust",
     "split_trust",
     "tunnel_key_context",
 ]
 
-# 2: policy operations, "version" on batches and snapshot pages; 3: trust operations
-FEED_VERSION = 3
+# 2: policy operations, "version" on batches and snapshot pages; 3: trust operations;
+# 4: snapshot pages carry the trust operations in use at their seq (``snapshot_trust``)
+FEED_VERSION = 4
 MIN_FEED_VERSION = 1
+POLICY_VERSION = 2  # the first version with policy operations
+TRUST_VERSION = 3  # the first version with trust operations in batches
+SNAPSHOT_TRUST_VERSION = 4  # the first version whose snapshot pages carry trust operations
+# At most: the console identity, the tunnel identity and the Device Roots in use, and a
+# prepared next console and tunnel identity (``snapshot_trust``).
+MAX_SNAPSHOT_TRUST = 5
 MAX_NOT_AFTER = 2**63 - 1  # int64, as a node packs it
 
 
@@ -231,6 +245,12 @@ class TrustUpdate:
     sealed_key: Mapping[str, str] | None = field(compare=False)
     trust: str
 
+    @property
+    def is_next(self) -> bool:
+        """A prepare step of an identity: the node holds it as the next one and nothing in
+        use changes (a Device Root's prepare step changes what is trusted at once)."""
+        return self.phase is RotationPhase.PREPARE and self.kind != DEVICE_ROOT
+
     def encode(self) -> dict[str, Any]:
         return {
             "op": "trust",
@@ -300,9 +320,9 @@ def decode_op(raw: object, where: str, version: int) -> Op:
             text(raw, "device_uid", DEVICE_UID_RE, where),
             text(raw, "group_id", GROUP_ID_RE, where),
         )
-    if op == "policy" and version >= 2:
+    if op == "policy" and version >= POLICY_VERSION:
         return _decode_policy(raw, where)
-    if op == "trust" and version >= 3:
+    if op == "trust" and version >= TRUST_VERSION:
         return _decode_trust(raw, where)
     allowed = ", ".join(_OPS_OF_VERSION[min(version, FEED_VERSION)])
     raise InvalidEntry(f"{where}.op: expected {allowed} (version {version}), got {_show(op)}")
@@ -312,6 +332,7 @@ _OPS_OF_VERSION = {
     1: ("'upsert'", "'delete'"),
     2: ("'upsert'", "'delete'", "'policy'"),
     3: ("'upsert'", "'delete'", "'policy'", "'trust'"),
+    4: ("'upsert'", "'delete'", "'policy'", "'trust'"),
 }
 
 
@@ -362,6 +383,25 @@ def split_trust(entries: list[object], version: int) -> tuple[list[TrustUpdate],
         else:
             rest.append(raw)
     return trust, rest
+
+
+def snapshot_trust(raw: object, where: str, version: int) -> tuple[TrustUpdate, ...]:
+    """The ``trust`` list of a snapshot page of ``version`` 4 or later (docs/CONVENTIONS.md,
+    "Snapshot pages"): the trust operations in use at the page's seq, each validated as
+    in a batch, at most one in use and one prepared per kind."""
+    if type(raw) is not list or len(raw) > MAX_SNAPSHOT_TRUST:
+        raise InvalidEntry(f"{where}: expected a list of at most {MAX_SNAPSHOT_TRUST} operations")
+    ops: list[TrustUpdate] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or item.get("op") != "trust":
+            raise InvalidEntry(f"{where}[{i}]: expected a trust operation")
+        decoded = decode_op(item, f"{where}[{i}]", version)
+        assert isinstance(decoded, TrustUpdate)
+        ops.append(decoded)
+    roles = [(op.kind, op.is_next) for op in ops]
+    if len(set(roles)) != len(roles):
+        raise InvalidEntry(f"{where}: two operations of the same kind and role")
+    return tuple(ops)
 
 
 def decode_entry(raw: Mapping[Any, Any], where: str) -> Entry:

@@ -513,6 +513,9 @@ def test_restarts_during_a_rotation_and_a_node_down_for_all_of_it(cluster: Clust
             lambda: "run 'certgate tunnel setup'" in last_error(late),
         )
         print(f"node down for the whole rotation: {last_error(late)}")
+        said = sync_status(late)["action_required"]  # in /healthz, where operators look
+        assert f"run 'certgate tunnel setup' for group {GROUP} again" in said
+        assert said in late.health().json()["warnings"]
         stop_node(late)
         late = setup_node(cluster.work, cluster.console, "node-3")  # what it said to do
         started.append(late)

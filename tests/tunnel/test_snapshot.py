@@ -21,6 +21,7 @@ from certgate.feed import ATTRIBUTE_FIELDS, FeedError, InvalidEntry
 from certgate.tunnel.snapshot import PAGE_LIMIT, decode_page, max_token_bytes
 from certgate.tunnel.table import DeviceTable
 from tests.pki.conftest import shared_hierarchy
+from tests.tunnel import dataplane
 
 GROUP = "g"
 
@@ -288,3 +289,19 @@ def test_any_value_anywhere_fails_cleanly(path: str, value: object) -> None:
     # The check is that nothing but FeedError escapes; a page that decodes still holds
     # its three entries (a changed seq, say, is accepted and not reflected here).
     assert len(table) == 3
+
+
+def test_a_page_says_its_trust_operations_from_version_4_on_and_never_before() -> None:
+    policy = dataplane.policy(version=3).encode()
+    v3 = {**page(ENTRIES[:2]), "version": 3, "policy": policy}
+    assert decode_page(v3, "", PAGE_LIMIT, 4).trust == ()
+    with pytest.raises(InvalidEntry, match=r"unexpected keys \['trust'\]"):
+        decode_page({**v3, "trust": []}, "", PAGE_LIMIT, 4)  # version 3 keys are exact
+    v4 = {**v3, "version": 4}
+    with pytest.raises(InvalidEntry, match=r"missing keys \['trust'\]"):
+        decode_page(v4, "", PAGE_LIMIT, 4)
+    assert decode_page({**v4, "trust": []}, "", PAGE_LIMIT, 4).trust == ()
+    with pytest.raises(FeedError, match="newer than this node's 3"):
+        decode_page({**v4, "trust": []}, "", PAGE_LIMIT, 3)
+    with pytest.raises(InvalidEntry, match="expected a trust operation"):
+        decode_page({**v4, "trust": [{"op": "upsert"}]}, "", PAGE_LIMIT, 4)

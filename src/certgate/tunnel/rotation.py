@@ -7,19 +7,25 @@ a trust config it signed). ``next_identity`` opens the key and checks the whole 
 exactly as ``config.load_state`` checks it at every start (chain, names, key pair, the
 trust config's signature by the console identity of that state) before anything uses
 it; ``store_identity`` writes it through the same function setup writes with. Both
-raise, and the caller keeps the identity it has (STYLE.md habit 8). No asyncio here.
+raise, and the caller keeps the identity it has (STYLE.md habit 8). ``next_state`` checks
+several operations together (a snapshot's, in use at its seq), and
+``successor_console_identity`` says whether a console identity the node does not pin may
+succeed the pinned one (docs/CONVENTIONS.md, "Rotation"). No asyncio here.
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
+from certgate import jws
 from certgate.errors import CertgateError, ConfigError
 from certgate.feed import CONSOLE_IDENTITY, DEVICE_ROOT, TrustUpdate, tunnel_key_context
-from certgate.pki import keywrap
+from certgate.pki import identity, keywrap
 from certgate.pki.expiry import RENEWAL_WINDOW_S, CertificateInUse, in_use
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
@@ -32,9 +38,14 @@ __all__ = [
     "CertificateInUse",
     "NextIdentity",
     "certificates_in_use",
+    "changes_anything",
+    "changes_data_plane",
     "is_current",
     "next_identity",
+    "next_state",
+    "pins",
     "store_identity",
+    "successor_console_identity",
 ]
 
 
@@ -94,31 +105,91 @@ def is_current(state: TunnelState, op: TrustUpdate) -> bool:
     return thumbprint(cert) == state.tunnel_thumbprint
 
 
+def pins(op: TrustUpdate, console_identity: x509.Certificate) -> bool:
+    """``op`` puts ``console_identity`` in use (a console-identity step past prepare)."""
+    if op.kind != CONSOLE_IDENTITY or op.is_next:
+        return False
+    try:
+        return _certificate(op) == console_identity
+    except ConfigError:
+        return False
+
+
 def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
     """Open and check the identity ``op`` carries; raises ConfigError with the reason."""
+    return next_state(state, [op])
+
+
+def next_state(state: TunnelState, ops: Sequence[TrustUpdate]) -> NextIdentity:
+    """The state ``ops`` make together, checked as at setup; raises ConfigError with the
+    reason. One operation is a batch's step; several are a snapshot's operations in use,
+    whose trust configs name the identities they bring together (applied one at a time,
+    a new console identity would be checked against a tunnel identity not yet taken)."""
+    where = "rotation " + ", ".join(str(op.rotation) for op in ops)
+    files = _current_files(state.state_dir)
+    key = state.tunnel_key
     try:
-        cert = _certificate(op)
-        files = _current_files(state.state_dir)
-        files[config.TRUST_JWS] = op.trust.encode()
-        key = state.tunnel_key
-        if op.kind == CONSOLE_IDENTITY:
-            files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
-        elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
-            pass
-        else:
-            files[config.TUNNEL_PEM] = op.certificate.encode()
-            key = _opened_key(state, op, cert)
+        for op in ops:
+            cert = _certificate(op)
+            files[config.TRUST_JWS] = op.trust.encode()
+            if op.kind == CONSOLE_IDENTITY:
+                files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
+            elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
+                pass
+            else:
+                files[config.TUNNEL_PEM] = op.certificate.encode()
+                key = _opened_key(state, op, cert)
     except CertgateError as exc:
-        raise ConfigError(f"rotation {op.rotation}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
     try:
         verified = config.state_from_files(files, state.state_dir, key)
     except ConfigError as exc:
-        raise ConfigError(
-            f"rotation {op.rotation}: the new identity does not verify: {exc}"
-        ) from exc
+        raise ConfigError(f"{where}: the new identity does not verify: {exc}") from exc
     if (verified.group_id, verified.node_name) != (state.group_id, state.node_name):
-        raise ConfigError(f"rotation {op.rotation}: the new state names another group or node")
+        raise ConfigError(f"{where}: the new state names another group or node")
     return NextIdentity(verified, files)
+
+
+def changes_data_plane(state: TunnelState, new: TunnelState) -> bool:
+    """The listeners must take ``new``: another tunnel identity or Device Root set."""
+    return (new.tunnel_thumbprint, new.device_roots) != (
+        state.tunnel_thumbprint,
+        state.device_roots,
+    )
+
+
+def changes_anything(state: TunnelState, new: TunnelState) -> bool:
+    return changes_data_plane(state, new) or new.console_identity != state.console_identity
+
+
+def successor_console_identity(
+    state: TunnelState, token: bytes | str, accepted: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The console identity that signed ``token`` (its ``x5c`` header) when it may succeed
+    the one the node pins: it chains to the node's instance Root through its Secure
+    Channel Root, names this group's console, is valid now, and was issued no earlier
+    than the pinned one (an older, retired identity never comes back). None when the
+    signer is one of ``accepted`` (the message itself is at fault). Nothing is trusted
+    here: the caller verifies the token with it, and pins it only through a trust
+    operation that names it. Raises ConfigError with the reason it cannot be one."""
+    head = token if isinstance(token, str) else token.partition(b".")[0].decode("ascii", "replace")
+    try:
+        chain = jws.unverified_header(head)["x5c"]
+        signer = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+    except (CertgateError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ConfigError("the message names no signer certificate") from exc
+    if signer in accepted:
+        return None
+    named = thumbprint(signer)
+    try:
+        config.verify_identity(
+            signer, state.secure_channel_root, state.root, identity.console(state.group_id)
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"console identity {named} cannot be trusted here: {exc}") from exc
+    if signer.not_valid_before_utc < state.console_identity.not_valid_before_utc:
+        raise ConfigError(f"console identity {named} is older than the pinned one")
+    return signer
 
 
 def _opened_key(state: TunnelState, op: TrustUpdate, cert: x509.Certificate) -> PrivateKey:

@@ -261,6 +261,8 @@ class TunnelService:
     def health(self) -> tuple[int, dict[str, Any]]:
         fresh = self.gate.source.is_fresh()
         sync: dict[str, Any] | None = self.status() if self.status else None
+        action = (sync or {}).get("action_required")  # the node cannot recover by itself
+        warnings = renewal_warnings(sync or {}) + ([action] if action else [])
         body = {
             "status": "ok" if fresh else "stale",
             "group_id": self.gate.group_id,
@@ -270,10 +272,11 @@ class TunnelService:
             "policy_version": self.gate.source.policy.version,
             "restart_required": self.restart_required(),
             "sync": sync,
-            "warnings": renewal_warnings(sync or {}),
+            "warnings": warnings,
         }
         if not fresh:  # the project's error fields beside the report, naming the check
-            body |= {"error": "unhealthy", "detail": "feed: the table is stale"}
+            why = f": {action}" if action else ""
+            body |= {"error": "unhealthy", "detail": f"feed: the table is stale{why}"}
         return (200 if fresh else 503), body
 
     async def _admin_client(

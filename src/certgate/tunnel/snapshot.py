@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from certgate import feed
-from certgate.feed import ATTRIBUTE_FIELDS, FeedError, InvalidEntry, PolicyUpdate
+from certgate.feed import ATTRIBUTE_FIELDS, FeedError, InvalidEntry, PolicyUpdate, TrustUpdate
 from certgate.tunnel.table import Columns
 
 __all__ = ["PAGE_LIMIT", "Page", "decode_page", "max_token_bytes"]
@@ -36,8 +36,10 @@ TOKEN_BYTES_PER_ENTRY = 700
 TOKEN_BYTES_FIXED = 64 * 1024  # header with the x5c chain, envelope, signature
 
 _PAGE_KEYS = frozenset({"group_id", "iat", "exp", "seq", "after", "next", "entries"})
-# Version 2 pages say their version and carry the group policy at their seq.
+# Version 2 pages say their version and carry the group policy at their seq; version 4
+# pages also the trust operations in use at their seq.
 _PAGE_KEYS_V2 = _PAGE_KEYS | {"version", "policy"}
+_PAGE_KEYS_V4 = _PAGE_KEYS_V2 | {"trust"}
 _ENTRIES_KEYS = frozenset({"count", "thumbprint", "device_uid", "not_after", "attributes"})
 _ATTRIBUTES_KEYS = frozenset({"fields", "values", "index"})
 _THUMBPRINT_BYTES, _UID_BYTES = 32, 16
@@ -50,6 +52,7 @@ class Page:
     next: str | None  # the cursor of the following page; None: the snapshot is complete
     columns: Columns
     policy: PolicyUpdate | None  # None: a version 1 page (the console predates policy)
+    trust: tuple[TrustUpdate, ...] = ()  # in use at ``seq`` (version 4; else none)
 
 
 def max_token_bytes(limit: int) -> int:
@@ -63,7 +66,10 @@ def decode_page(
     """Check the verified ``payload`` of the page asked for with ``after`` and ``limit`` by
     a node of contract version ``own``."""
     version = feed.message_version(payload, own)
-    _require_keys(payload, _PAGE_KEYS if version == 1 else _PAGE_KEYS_V2, "snapshot page")
+    _require_keys(payload, _page_keys(version), "snapshot page")
+    trust: tuple[TrustUpdate, ...] = ()
+    if version >= feed.SNAPSHOT_TRUST_VERSION:
+        trust = feed.snapshot_trust(payload["trust"], "trust", version)
     policy = None if version == 1 else feed.decode_op(payload["policy"], "policy", version)
     if policy is not None and not isinstance(policy, PolicyUpdate):
         raise InvalidEntry("snapshot page policy: expected a policy operation")
@@ -82,7 +88,14 @@ def decode_page(
     following = _check_order(uids, thumbprints, after, payload["next"])
     not_after = _integers(entries["not_after"], count, _MAX_NOT_AFTER, "entries.not_after")
     attributes, index = _attributes(entries["attributes"], count)
-    return Page(seq, following, Columns(thumbprints, uids, not_after, attributes, index), policy)
+    columns = Columns(thumbprints, uids, not_after, attributes, index)
+    return Page(seq, following, columns, policy, trust)
+
+
+def _page_keys(version: int) -> frozenset[str]:
+    if version >= feed.SNAPSHOT_TRUST_VERSION:
+        return _PAGE_KEYS_V4
+    return _PAGE_KEYS if version == feed.MIN_FEED_VERSION else _PAGE_KEYS_V2
 
 
 def _check_order(

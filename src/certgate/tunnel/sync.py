@@ -1,8 +1,9 @@
 """Device list sync: follow the console's signed feed into the tunnel's ``DeviceTable``.
 
 On start the persisted table (``persist.py``) is loaded and served at once. A signed
-snapshot is fetched only when nothing is persisted or a batch does not continue the
-table (``SequenceGap``); otherwise the follower long-polls
+snapshot is fetched only when nothing is persisted, a batch does not continue the table
+(``SequenceGap``) or is signed by a console identity the node may take but does not pin
+yet (``Resynchronise``, "Catching up" below); otherwise the follower long-polls
 ``GET /api/v1/tunnel/feed?after=<seq>&wait=<s>`` from its cursor, over mTLS with the
 group's tunnel identity, trusting only the instance Root.
 
@@ -30,6 +31,19 @@ Any failure keeps the identity in use and is logged and shown in ``status()``; t
 console's rotation status then shows the node still presenting the old one. The trust
 operations are applied before the batch is persisted, so a restart never skips one.
 
+Catching up: snapshot pages (feed version 4) carry the trust operations in use at their
+seq; the follower applies them through the same ``_apply_trust`` before the table is
+served, those in use together (``rotation.next_state``), then the prepared ones. A node
+that missed a console-identity rotation (down for its overlap, or resynchronising)
+receives messages signed by an identity it does not pin: when that identity chains to the
+node's instance Root through its Secure Channel Root, names this group's console and is
+no older than the pinned one (``rotation.successor_console_identity``), the node
+resynchronises from a snapshot, verifies it with that identity, and serves it only once
+a trust operation of the snapshot naming that identity is checked as at setup and
+pinned. Otherwise, as when the console refuses its tunnel identity (retired by a
+rotation it missed), the node says what to run (``status()["action_required"]``, an
+ERROR log line, ``/healthz``) and keeps failing closed.
+
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
 policy change. The follower never decides who may pass; ``admission.admit`` does.
@@ -46,10 +60,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +73,9 @@ import httpx
 from cryptography import x509
 
 from certgate import jws
-from certgate.errors import CertgateError, SignatureError
+from certgate.errors import CertgateError, ConfigError, SignatureError
 from certgate.feed import (
     CONSOLE_IDENTITY,
-    DEVICE_ROOT,
     FEED_VERSION,
     MIN_FEED_VERSION,
     TUNNEL_IDENTITY,
@@ -79,7 +93,14 @@ from certgate.tunnel.config import TunnelState
 from certgate.tunnel.persist import DEFAULT_COMPACT_AFTER_BYTES, PersistError, TableStore
 from certgate.tunnel.table import Changes, DeviceTable, SequenceGap, SequenceReplay, SlotHome
 
-__all__ = ["NODE_HEADER", "FeedChange", "FeedFollower", "FeedUnavailable", "is_fresh_age"]
+__all__ = [
+    "NODE_HEADER",
+    "FeedChange",
+    "FeedFollower",
+    "FeedUnavailable",
+    "Resynchronise",
+    "is_fresh_age",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +114,20 @@ LONG_POLL_GRACE_S = 15.0
 CLOCK_SKEW_S = 60.0
 EXCHANGE_PERSIST_INTERVAL_S = 5.0
 MAX_ERROR_TEXT = 200
+MAX_ERROR_BODY = 2048  # read of an error answer: the JSON error body's detail, whole
 
 
 class FeedUnavailable(CertgateError):
     """The console answered a feed request with something other than 200/204."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, 0 when the console answered none
+
+
+class Resynchronise(FeedError):
+    """A batch the node cannot take but a snapshot may let it (signed by a console
+    identity that may succeed the pinned one): fetch one at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +153,10 @@ IdentityCallback = Callable[[TunnelState], None]
 class _VerifiedPage:
     signed_at: float  # the page's iat
     next: str | None
+    trust: tuple[TrustUpdate, ...]  # in use at the page's seq (feed version 4)
+    # The console identity that signed the page when the node does not pin it yet
+    # (``rotation.successor_console_identity``); the page names it in a trust operation.
+    successor: x509.Certificate | None
 
 
 class FeedFollower:
@@ -174,6 +209,7 @@ class FeedFollower:
         self._next: dict[str, str] = {}  # rotation kind -> thumbprint of a prepared one
         self._other_signers: tuple[x509.Certificate, ...] = ()
         self._identity_error: str | None = None
+        self._action_required: str | None = None  # what the operator must do, when stuck
         self._load_persisted()
         self._was_fresh = self.is_fresh()
 
@@ -234,6 +270,7 @@ class FeedFollower:
             "console_identity": thumbprint(self.state.console_identity),
             "next_console_identity": self._next.get(CONSOLE_IDENTITY),
             "identity_error": self._identity_error,
+            "action_required": self._action_required,
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
             "device_roots": rotation.device_root_thumbprints(self.state),
         }
@@ -287,12 +324,14 @@ class FeedFollower:
             return
         try:
             await self.poll_once()
-        except SequenceGap:
+        except (SequenceGap, Resynchronise):
             self._needs_snapshot = True  # resynchronise at once, without backing off
 
     def _record_failure(self, exc: Exception) -> float:
         self._failures += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FeedUnavailable) and exc.status == 401:  # says what to do
+            self._require_action(f"the console refuses this node's tunnel identity: {exc}")
         # Rejections were logged with their reason already; an outage is logged at its start
         # and then about once a minute (at the backoff cap), not on every retry.
         if not isinstance(exc, SignatureError | FeedError):
@@ -304,7 +343,15 @@ class FeedFollower:
 
     def _record_success(self, at: float) -> None:
         self._failures, self._last_error, self._last_exchange = 0, None, at
+        self._action_required = None
         self._note_freshness(at)
+
+    def _require_action(self, what: str) -> None:
+        """The node cannot go on by itself: say what to do (once in the log, and in
+        ``status()``, which ``/healthz`` shows) until an exchange succeeds again."""
+        if what != self._action_required:
+            log.error("%s", what)
+        self._action_required = what
 
     def _note_freshness(self, now: float) -> None:
         fresh = self.is_fresh(now)
@@ -375,23 +422,27 @@ class FeedFollower:
                 return None
             if response.status_code == 200:
                 return await _read_bounded(response.aiter_bytes(), max_bytes)
-            text = (await _read_prefix(response.aiter_bytes())).decode(errors="replace")
-        raise FeedUnavailable(f"console answered {response.status_code} on {path}: {text}")
+            text = _error_text(await _read_prefix(response.aiter_bytes()))
+        raise FeedUnavailable(
+            f"console answered {response.status_code} on {path}: {text}", response.status_code
+        )
 
     # Snapshots
 
     async def fetch_snapshot(self) -> None:
-        """Fetch every page of a signed snapshot (format 2), verify each, swap the table in.
+        """Fetch every page of a signed snapshot (format 2), verify each, take the trust
+        operations in use at its seq, swap the table in.
 
         Pages are chained (each starts after the cursor of the last entry of the one before)
         and the table takes the first page's seq. A later page may have been read at a later seq,
         never an earlier one: the feed is then replayed from the first page's seq, which
-        converges because batch operations are idempotent per thumbprint.
+        converges because batch operations are idempotent per thumbprint. The trust
+        operations are the first page's too (later steps come with the replay).
         """
         path = self.state.trust.feed.snapshot_path
         limit = self._snapshot_page or snapshot.PAGE_LIMIT
         table: DeviceTable | None = None
-        signed_at: float | None = None
+        first: _VerifiedPage | None = None
         after = ""
         try:
             while True:
@@ -402,33 +453,44 @@ class FeedFollower:
                     path, REQUEST_TIMEOUT_S * 2, snapshot.max_token_bytes(limit), **params
                 )
                 if body is None:
-                    raise FeedUnavailable(f"console answered 204 on {path}")
-                page, table = await self._checked(body, table, after, limit)
-                if signed_at is None:
-                    signed_at = page.signed_at
+                    raise FeedUnavailable(f"console answered 204 on {path}", 204)
+                page, table = await self._checked(body, table, after, limit, first)
+                first = first or page
                 if page.next is None:
                     break
                 after = page.next
+            assert first is not None  # the loop ends on a page
+            await self._take_trust(first)
         except BaseException:
             if table is not None:  # a partial table nobody served: its slots go now
                 table.close()
             raise
-        await self._swap(signed_at, table)
+        await self._swap(first.signed_at, table)
 
     async def accept_snapshot(self, token: bytes | str) -> None:
-        """Verify a one-page signed snapshot (format 2) and swap it in; on failure keep
-        the table."""
-        page, table = await self._checked(token, None, "", snapshot.PAGE_LIMIT)
-        if page.next is not None:
-            raise FeedError("snapshot has further pages; use fetch_snapshot")
+        """Verify a one-page signed snapshot (format 2), take its trust operations and
+        swap it in; on failure keep the table."""
+        page, table = await self._checked(token, None, "", snapshot.PAGE_LIMIT, None)
+        try:
+            if page.next is not None:
+                raise FeedError("snapshot has further pages; use fetch_snapshot")
+            await self._take_trust(page)
+        except BaseException:
+            table.close()
+            raise
         await self._swap(page.signed_at, table)
 
     async def _checked(
-        self, token: bytes | str, table: DeviceTable | None, after: str, limit: int
+        self,
+        token: bytes | str,
+        table: DeviceTable | None,
+        after: str,
+        limit: int,
+        first: _VerifiedPage | None,
     ) -> tuple[_VerifiedPage, DeviceTable]:
         """``_verified_page`` off the event loop; a rejection is logged with its reason."""
         try:
-            return await asyncio.to_thread(self._verified_page, token, table, after, limit)
+            return await asyncio.to_thread(self._verified_page, token, table, after, limit, first)
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed snapshot: %s; keeping seq %d", exc, self._table.seq)
             raise
@@ -449,9 +511,14 @@ class FeedFollower:
         await asyncio.to_thread(_release_free_memory)
 
     def _verified_page(
-        self, token: bytes | str, table: DeviceTable | None, after: str, limit: int
+        self,
+        token: bytes | str,
+        table: DeviceTable | None,
+        after: str,
+        limit: int,
+        first: _VerifiedPage | None,
     ) -> tuple[_VerifiedPage, DeviceTable]:
-        payload = self._verify(token, jws.TYP_SNAPSHOT_V2)
+        payload, successor = self._page_payload(token, first)
         page = snapshot.decode_page(payload, after, limit, self.feed_version)
         if page.seq < self._table.seq:  # the current table is never rolled back
             raise SequenceReplay(
@@ -462,6 +529,12 @@ class FeedFollower:
             )
         if table is not None and page.seq < table.seq:
             raise FeedError(f"snapshot page of seq {page.seq} follows one of seq {table.seq}")
+        if first is None and successor is not None:
+            if not any(rotation.pins(op, successor) for op in page.trust):
+                named = thumbprint(successor)
+                raise FeedError(
+                    f"snapshot signed by console identity {named}, which it never names"
+                )
         if table is None:
             table = DeviceTable(page.seq, page.policy, home=self._home)
             try:
@@ -471,7 +544,21 @@ class FeedFollower:
                 raise
         else:
             self._fill(table, page)
-        return _VerifiedPage(float(payload["iat"]), page.next), table
+        return _VerifiedPage(float(payload["iat"]), page.next, page.trust, successor), table
+
+    def _page_payload(
+        self, token: bytes | str, first: _VerifiedPage | None
+    ) -> tuple[dict[str, Any], x509.Certificate | None]:
+        """A page verified with an identity the node accepts, or else with the console
+        identity that may succeed the pinned one (the first page's, for the later pages):
+        the payload and that successor (None: verified with one the node accepts)."""
+        try:
+            return self._verify(token, jws.TYP_SNAPSHOT_V2), None
+        except SignatureError:
+            successor = first.successor if first is not None else self._successor(token)
+            if successor is None:
+                raise
+        return self._verify_with(successor, token, jws.TYP_SNAPSHOT_V2), successor
 
     @staticmethod
     def _fill(table: DeviceTable, page: snapshot.Page) -> None:
@@ -522,7 +609,7 @@ class FeedFollower:
         """Verify a signed batch and apply it whole, or reject it and keep the table."""
         seq = self._table.seq
         try:
-            payload = self._verify(token, jws.TYP_BATCH)
+            payload = self._verify_batch(token)
             from_seq, to_seq, entries = _batch_fields(payload)
             version = message_version(payload, self.feed_version)
             trust, entries = split_trust(entries, version)
@@ -530,12 +617,14 @@ class FeedFollower:
         except SequenceGap as exc:
             log.info("feed gap (%s); resynchronising from a snapshot", exc)
             raise
+        except Resynchronise:
+            raise  # said why already
         except (SignatureError, FeedError) as exc:
             log.warning("rejected feed batch: %s; keeping seq %d", exc, seq)
             raise
         self._last_signed_at = signed_at = float(payload["iat"])
         for op in trust:  # before the batch is persisted: a restart sees it again
-            await self._apply_trust(op)
+            await self._apply_trust([op])
         await self._store_batch(from_seq, to_seq, entries, version)
         await self._exchanged()
         if changes.policy is not None:
@@ -545,83 +634,117 @@ class FeedFollower:
             self._notify(FeedChange(changes.touched, signed_at, "batch"))
         return changes
 
+    def _verify_batch(self, token: bytes | str) -> dict[str, Any]:
+        """A batch verified as every message is; one signed by the console identity that
+        may succeed the pinned one sends the node to a snapshot, whose trust operations
+        name it (a node that missed a console-identity rotation learns it there)."""
+        try:
+            return self._verify(token, jws.TYP_BATCH)
+        except SignatureError:
+            successor = self._successor(token)
+            if successor is None:
+                raise
+        log.info(
+            "feed batch signed by console identity %s, which this node does not pin yet:"
+            " resynchronising from a snapshot that names it",
+            thumbprint(successor),
+        )
+        self._needs_snapshot = True
+        raise Resynchronise("signed by a console identity this node does not pin yet")
+
+    def _successor(self, token: bytes | str) -> x509.Certificate | None:
+        """The console identity that signed ``token`` when it may succeed the pinned one
+        (``rotation.successor_console_identity``); when it cannot, the node says what to
+        do: it can verify nothing its console signs."""
+        accepted = (self.state.console_identity, *self._other_signers)
+        try:
+            return rotation.successor_console_identity(self.state, token, accepted)
+        except ConfigError as exc:
+            self._require_action(
+                f"the console signs with an identity this node cannot verify ({exc}):"
+                f" run 'certgate tunnel setup' for group {self.state.group_id} again"
+            )
+            return None
+
     # Rotation
 
-    async def _apply_trust(self, op: TrustUpdate) -> None:
-        """Check the identity a trust operation carries; use it from switch on. Failures
-        keep the identity in use (logged, and in ``status()``)."""
-        if rotation.is_current(self.state, op):
-            self._next.pop(op.kind, None)
-            if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
-                self._other_signers = ()  # the new console identity alone from now on
+    async def _take_trust(self, page: _VerifiedPage) -> None:
+        """A snapshot's trust operations, before its table is served: those in use at its
+        seq together (their trust configs name each other's identities), then the
+        prepared ones. A snapshot signed by a console identity the node did not pin is
+        taken only once that identity is pinned (never fail open)."""
+        in_use = [op for op in page.trust if not op.is_next]
+        if in_use:
+            await self._apply_trust(in_use)
+        if page.successor is not None:
+            if self.state.console_identity != page.successor:
+                raise FeedError(
+                    f"snapshot signed by console identity {thumbprint(page.successor)}, which"
+                    f" this node could not pin: {self._identity_error}"
+                )
+            self._other_signers = ()  # the identity it pinned before is retired or retiring
+        for op in page.trust:
+            if op.is_next:
+                await self._apply_trust([op])
+
+    async def _apply_trust(self, ops: Sequence[TrustUpdate]) -> None:
+        """Check what trust operations carry, all together, and use it: a batch's steps
+        one at a time, a snapshot's in use together (``_take_trust``). A prepare step is
+        held (``TrustUpdate.is_next``); others are used at once. Failures keep what is
+        in use (logged, and in ``status()``)."""
+        for op in ops:
+            if rotation.is_current(self.state, op):
+                self._next.pop(op.kind, None)
+                if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
+                    self._other_signers = ()  # the new console identity alone from now on
+        pending = [op for op in ops if not rotation.is_current(self.state, op)]
+        if not pending:
             return
-        if op.kind == DEVICE_ROOT:
-            await self._apply_device_roots(op)
-            return
+        held = pending[0].is_next
+        assert not held or len(pending) == 1, "a prepare step is applied alone"
         try:
-            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
-            if op.kind == TUNNEL_IDENTITY and op.phase is not RotationPhase.PREPARE:
-                if self._on_identity is not None:
-                    self._on_identity(identity.state)  # the data plane first: it may refuse
+            identity = await asyncio.to_thread(rotation.next_state, self.state, pending)
+            new = identity.state
+            if not held and rotation.changes_data_plane(self.state, new) and self._on_identity:
+                self._on_identity(new)  # the data plane first: it may refuse
         except (CertgateError, OSError) as exc:
-            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
+            self._identity_error = f"{_steps(pending)}: {exc}"
             log.error("%s; keeping the identity in use", self._identity_error)
             return
+        if held:
+            self._hold(identity, pending[0])
+        elif rotation.changes_anything(self.state, new):
+            self._use(new, pending)
+            log.info("%s: now using %s", _steps(pending), _identities(identity, pending))
+            try:
+                await asyncio.to_thread(rotation.store_identity, identity)
+            except OSError as exc:
+                self._identity_error = f"{_steps(pending)}: not stored: {exc}"
+                log.error("%s; a restart would use the old one", self._identity_error)
+
+    def _hold(self, identity: rotation.NextIdentity, op: TrustUpdate) -> None:
+        """A prepare step: the next identity is checked and held, nothing in use changes;
+        a console identity announced by the current one is accepted as a signer now."""
         new = identity.thumbprint(op.kind)
-        if op.phase is RotationPhase.PREPARE:
-            self._next[op.kind], self._identity_error = new, None
-            if op.kind == CONSOLE_IDENTITY:  # announced by the current one: both sign now
-                self._other_signers = (identity.state.console_identity,)
-            log.info("rotation %d: holding the next %s %s", op.rotation, op.kind, new)
-            return
-        self._use(identity.state, op)
-        log.info("rotation %d: now using %s %s", op.rotation, op.kind, new)
-        try:
-            await asyncio.to_thread(rotation.store_identity, identity)
-        except OSError as exc:
-            self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
-            log.error("%s; a restart would use the old one", self._identity_error)
+        self._next[op.kind], self._identity_error = new, None
+        if op.kind == CONSOLE_IDENTITY:
+            self._other_signers = (identity.state.console_identity,)
+        log.info("rotation %d: holding the next %s %s", op.rotation, op.kind, new)
 
-    async def _apply_device_roots(self, op: TrustUpdate) -> None:
-        """A Device Root rotation step: every step's trust config lists the Device Roots to
-        trust from now on; the data plane's client-CA set is rebuilt aside and swapped
-        (connections already admitted stay up), then stored. Failures keep the set in use."""
-        try:
-            identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
-            if identity.state.device_roots == self.state.device_roots:
-                return
-            if self._on_identity is not None:
-                self._on_identity(identity.state)
-        except (CertgateError, OSError) as exc:
-            self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
-            log.error("%s; keeping the Device Roots in use", self._identity_error)
-            return
-        self._use(identity.state, op)
-        log.info(
-            "rotation %d (%s): now trusting Device Roots %s",
-            op.rotation,
-            op.phase.value,
-            identity.thumbprint(op.kind),
-        )
-        try:
-            await asyncio.to_thread(rotation.store_identity, identity)
-        except OSError as exc:
-            self._identity_error = f"rotation {op.rotation}: Device Roots not stored: {exc}"
-            log.error("%s; a restart would use the old ones", self._identity_error)
-
-    def _use(self, state: TunnelState, op: TrustUpdate) -> None:
+    def _use(self, state: TunnelState, ops: Sequence[TrustUpdate]) -> None:
         """Use ``state`` from now on. A new tunnel identity is presented to the console
         from the next request (requests in flight on the old client finish; it is closed
         with the follower); an old console identity is still accepted until finish."""
         previous, self.state = self.state, state
-        self._next.pop(op.kind, None)
         self._identity_error = None
-        if op.kind == CONSOLE_IDENTITY:
-            finished = op.phase is RotationPhase.FINISH
-            self._other_signers = () if finished else (previous.console_identity,)
-        elif op.kind == TUNNEL_IDENTITY and self._client is not None:
-            self._retired_clients.append(self._client)
-            self._client = None
+        for op in ops:
+            self._next.pop(op.kind, None)
+            if op.kind == CONSOLE_IDENTITY:
+                finished = op.phase is RotationPhase.FINISH
+                self._other_signers = () if finished else (previous.console_identity,)
+            elif op.kind == TUNNEL_IDENTITY and self._client is not None:
+                self._retired_clients.append(self._client)
+                self._client = None
 
     # Bookkeeping
 
@@ -683,6 +806,15 @@ def _release_free_memory() -> None:
     trim(0)
 
 
+def _steps(ops: Sequence[TrustUpdate]) -> str:
+    """The rotation steps of ``ops``, for logs: "rotation 7 (console-identity switch)"."""
+    return ", ".join(f"rotation {op.rotation} ({op.kind} {op.phase.value})" for op in ops)
+
+
+def _identities(identity: rotation.NextIdentity, ops: Sequence[TrustUpdate]) -> str:
+    return ", ".join(f"{op.kind} {identity.thumbprint(op.kind)}" for op in ops)
+
+
 def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:
     from_seq, to_seq = payload.get("from_seq"), payload.get("to_seq")
     entries = payload.get("entries")
@@ -693,9 +825,23 @@ def _batch_fields(payload: dict[str, Any]) -> tuple[int, int, list[object]]:
 
 async def _read_prefix(chunks: AsyncIterator[bytes]) -> bytes:
     """The start of an error answer, for the log; the rest is not read."""
+    buffer = bytearray()
     async for chunk in chunks:
-        return chunk[:MAX_ERROR_TEXT]
-    return b""
+        buffer += chunk
+        if len(buffer) >= MAX_ERROR_BODY:
+            break
+    return bytes(buffer[:MAX_ERROR_BODY])
+
+
+def _error_text(body: bytes) -> str:
+    """What the console said: the ``detail`` of the project's JSON error body (it says
+    what to do, e.g. which command to run), else the start of the answer."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    text = detail if isinstance(detail, str) else body.decode(errors="replace")
+    return text[: MAX_ERROR_BODY // 4]
 
 
 async def _read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:

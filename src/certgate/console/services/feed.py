@@ -42,8 +42,9 @@ from certgate.console.store.models import Certificate, Device, FeedEvent, Group
 from certgate.errors import NotFound
 from certgate.feed import (
     ATTRIBUTE_FIELDS,
-    FEED_VERSION,
     MIN_FEED_VERSION,
+    POLICY_VERSION,
+    TRUST_VERSION,
     ComplianceStatus,
     Delete,
     EnrollmentStatus,
@@ -93,9 +94,9 @@ def emit_policy(session: Session, group: Group) -> int:
 def for_version(entries: Iterable[dict[str, Any]], version: int) -> list[dict[str, Any]]:
     """The operations a node of contract ``version`` can read (docs/CONVENTIONS.md):
     policy operations from version 2, trust operations (rotations) from version 3."""
-    if version >= FEED_VERSION:
+    if version >= TRUST_VERSION:
         return list(entries)
-    unreadable = {"trust"} if version >= 2 else {"policy", "trust"}
+    unreadable = {"trust"} if version >= POLICY_VERSION else {"policy", "trust"}
     return [entry for entry in entries if entry.get("op") not in unreadable]
 
 

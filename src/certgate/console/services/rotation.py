@@ -88,6 +88,7 @@ __all__ = [
     "renew_due",
     "status",
     "switch",
+    "trust_in_use",
 ]
 
 TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
@@ -358,6 +359,16 @@ def _publish(
     step: RotationPhase,
 ) -> int:
     """Emit the step as a trust operation in the group's feed; returns its seq."""
+    assert rotation.group_id is not None  # group identities are per group
+    op = _identity_op(session, pki, rotation, step)
+    return feed.emit(session, rotation.group_id, [op.encode()])
+
+
+def _identity_op(
+    session: Session, pki: ca.InstancePKI, rotation: Rotation, step: RotationPhase
+) -> TrustUpdate:
+    """A group identity rotation's ``step`` as a trust operation (its key sealed to the old
+    tunnel identity, its trust config signed as the step is)."""
     group_id = rotation.group_id
     assert group_id is not None  # group identities are per group
     instance = session.get(Instance, 1)
@@ -383,8 +394,7 @@ def _publish(
             session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S, (new, key)
         )
         sealed = None
-    op = TrustUpdate(rotation.kind, step, rotation.id, ca.pem(new), sealed, trust)
-    return feed.emit(session, group_id, [op.encode()])
+    return TrustUpdate(rotation.kind, step, rotation.id, ca.pem(new), sealed, trust)
 
 
 # Status
@@ -572,20 +582,28 @@ def _publish_device_root(
     """The step to every group's nodes: a trust config listing the Device Roots to trust
     now (``pki.device_roots``), signed by the group's console identity; returns the
     last seq emitted."""
-    instance = session.get(Instance, 1)
-    assert instance is not None  # an initialised console
-    new_root = ca.pem(_cert(session, rotation.new_serial))
     seq = 0
     for group_id in session.execute(
         select(GroupIdentity.group_id).order_by(GroupIdentity.group_id)
     ).scalars():
-        payload = tunnels.trust_payload(session, pki, group_id, instance.public_url)
-        trust = tunnels.sign_for_group(
-            session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
-        )
-        op = TrustUpdate(DEVICE, step, rotation.id, new_root, None, trust)
+        op = _device_root_op(session, pki, rotation, step, group_id)
         seq = feed.emit(session, group_id, [op.encode()])
     return seq
+
+
+def _device_root_op(
+    session: Session, pki: ca.InstancePKI, rotation: Rotation, step: RotationPhase, group_id: str
+) -> TrustUpdate:
+    """A Device Root rotation's ``step`` for one group: the trust config lists the Device
+    Roots to trust now."""
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    payload = tunnels.trust_payload(session, pki, group_id, instance.public_url)
+    trust = tunnels.sign_for_group(
+        session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
+    )
+    new_root = ca.pem(_cert(session, rotation.new_serial))
+    return TrustUpdate(DEVICE, step, rotation.id, new_root, None, trust)
 
 
 def _old_root_certificates(
@@ -689,3 +707,52 @@ def renew_devices(session: Session, pki: ca.InstancePKI, group_id: str) -> list[
             .values(profile_version=Device.profile_version + 1)
         )
     return uids
+
+
+# What a node resynchronising from a snapshot needs (services/snapshots.py)
+
+_STEP_OF = {
+    Phase.PREPARED: RotationPhase.PREPARE,
+    Phase.SWITCHED: RotationPhase.SWITCH,
+    Phase.FINISHED: RotationPhase.FINISH,
+}
+
+
+def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[TrustUpdate]:
+    """The trust operations a node of the group needs to converge at the feed's seq, as
+    snapshot pages carry them (feed version 4, docs/CONVENTIONS.md "Snapshot pages").
+
+    In use, first: the step of the latest console-identity rotation that made the group's
+    console identity current, the switch step of a running tunnel-identity rotation (its
+    key sealed to the old identity, which the console still accepts), the latest step of
+    the latest Device Root rotation. They are built now, so their trust configs name the
+    identities in use together (a node applies them together). Then the prepared next
+    console and tunnel identities, as their prepare steps."""
+    ops = []
+    console = _latest(session, group_id, CONSOLE, switched=True)
+    if console is not None:
+        ops.append(_identity_op(session, pki, console, _STEP_OF[Phase(console.phase)]))
+    tunnel = _running(session, group_id, TUNNEL)
+    if tunnel is not None and tunnel.switched_at is not None:
+        ops.append(_identity_op(session, pki, tunnel, RotationPhase.SWITCH))
+    device = _latest(session, None, DEVICE)
+    if device is not None:
+        step = _STEP_OF[Phase(device.phase)]
+        ops.append(_device_root_op(session, pki, device, step, group_id))
+    for kind in (CONSOLE, TUNNEL):
+        prepared = _running(session, group_id, kind)
+        if prepared is not None and prepared.switched_at is None:
+            ops.append(_identity_op(session, pki, prepared, RotationPhase.PREPARE))
+    return ops
+
+
+def _latest(
+    session: Session, group_id: str | None, kind: str, *, switched: bool = False
+) -> Rotation | None:
+    """The group's (None: the instance's) newest rotation of ``kind``, finished or not;
+    ``switched``: the newest that reached its switch."""
+    scope = Rotation.group_id.is_(None) if group_id is None else Rotation.group_id == group_id
+    query = select(Rotation).where(scope, Rotation.kind == kind)
+    if switched:
+        query = query.where(Rotation.switched_at.is_not(None))
+    return session.execute(query.order_by(Rotation.id.desc()).limit(1)).scalar_one_or_none()

@@ -11,6 +11,11 @@ A kept page is served only while no change has moved the group's feed past its s
 change bumps it, services/feed.py), for at most ``MAX_AGE_S`` (its token stays valid for
 ``tunnels.FEED_TTL_S``), and the pages kept are bounded in bytes.
 
+From feed version 4 on, every page also carries the trust operations in use at its seq
+(``rotation.trust_in_use``), read in the same transaction as the seq: a node that
+resynchronises from a snapshot during or after a rotation converges from the page alone
+(every rotation step bumps the feed seq, so a kept page never holds an older trust state).
+
 Pages are read in read-only units of work (``Database.read_only``), which on SQLite take
 no write lock, and nothing here waits for another thread inside a transaction: the caller
 reads the seq in its own transaction, ends it, then asks for the page.
@@ -27,8 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from certgate import jws
-from certgate.console.services import ca, feed, tunnels
+from certgate.console.services import ca, feed, rotation, tunnels
 from certgate.console.store.db import Database
+from certgate.feed import SNAPSHOT_TRUST_VERSION
 
 __all__ = ["MAX_AGE_S", "MAX_BYTES", "PageKey", "SignedPage", "SnapshotPages"]
 
@@ -148,6 +154,9 @@ class SnapshotPages:
             payload = feed.snapshot_columns(
                 session, key.group_id, key.after, key.limit, key.version
             )
+            if key.version >= SNAPSHOT_TRUST_VERSION:  # read in the seq's transaction
+                ops = rotation.trust_in_use(session, self._pki, key.group_id)
+                payload["trust"] = [op.encode() for op in ops]
             token = tunnels.sign_for_group(
                 session, self._pki, key.group_id, payload, jws.TYP_SNAPSHOT_V2, tunnels.FEED_TTL_S
             )
