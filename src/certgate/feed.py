@@ -202,7 +202,10 @@ class RotationPhase(Enum):
 TUNNEL_IDENTITY = "tunnel-identity"
 CONSOLE_IDENTITY = "console-identity"
 DEVICE_ROOT = "device-root"
-TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT})
+SECURE_CHANNEL_ROOT = "secure-channel-root"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT, SECURE_CHANNEL_ROOT})
+# The kinds whose trust config alone says what to trust (no identity of the node changes).
+CA_TRUST_KINDS = frozenset({DEVICE_ROOT, SECURE_CHANNEL_ROOT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,9 @@ class TrustUpdate:
     signed by the current console identity and lists every Device Root the node must
     trust from this step on (both during the overlap, the new one alone at finish);
     ``sealed_key`` is null.
+    ``secure-channel-root``: as ``device-root``, for the instance's Secure Channel Roots
+    (the trust config's ``secure_channel_root`` lists both during the overlap, the current
+    one first); the group identities it issues are renewed by their own rotations.
     Every step carries all of it, so a node that missed one catches up at the next. The
     node checks it exactly as at setup before it uses or stores it.
     """

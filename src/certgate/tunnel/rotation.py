@@ -18,7 +18,14 @@ from pathlib import Path
 from cryptography import x509
 
 from certgate.errors import CertgateError, ConfigError
-from certgate.feed import CONSOLE_IDENTITY, DEVICE_ROOT, TrustUpdate, tunnel_key_context
+from certgate.feed import (
+    CA_TRUST_KINDS,
+    CONSOLE_IDENTITY,
+    DEVICE_ROOT,
+    SECURE_CHANNEL_ROOT,
+    TrustUpdate,
+    tunnel_key_context,
+)
 from certgate.pki import keywrap
 from certgate.pki.expiry import RENEWAL_WINDOW_S, CertificateInUse, in_use
 from certgate.pki.keys import PrivateKey
@@ -69,12 +76,19 @@ class NextIdentity:
             return thumbprint(self.state.console_identity)
         if kind == DEVICE_ROOT:
             return ",".join(device_root_thumbprints(self.state))
+        if kind == SECURE_CHANNEL_ROOT:
+            return ",".join(secure_channel_root_thumbprints(self.state))
         return self.state.tunnel_thumbprint
 
 
 def device_root_thumbprints(state: TunnelState) -> list[str]:
     """The Device Roots the node trusts (the console's rotation status reads them)."""
     return [thumbprint(root) for root in state.device_roots]
+
+
+def secure_channel_root_thumbprints(state: TunnelState) -> list[str]:
+    """The Secure Channel Roots the node trusts (read likewise)."""
+    return [thumbprint(root) for root in state.secure_channel_roots]
 
 
 def _certificate(op: TrustUpdate) -> x509.Certificate:
@@ -89,7 +103,7 @@ def is_current(state: TunnelState, op: TrustUpdate) -> bool:
         return False
     if op.kind == CONSOLE_IDENTITY:
         return cert == state.console_identity
-    if op.kind == DEVICE_ROOT:  # the trust config decides; applying it again is harmless
+    if op.kind in CA_TRUST_KINDS:  # the trust config decides; applying it again is harmless
         return False
     return thumbprint(cert) == state.tunnel_thumbprint
 
@@ -103,7 +117,7 @@ def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
         key = state.tunnel_key
         if op.kind == CONSOLE_IDENTITY:
             files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
-        elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
+        elif op.kind in CA_TRUST_KINDS:  # the trust config alone lists the CAs to trust
             pass
         else:
             files[config.TUNNEL_PEM] = op.certificate.encode()
@@ -118,6 +132,9 @@ def next_identity(state: TunnelState, op: TrustUpdate) -> NextIdentity:
         ) from exc
     if (verified.group_id, verified.node_name) != (state.group_id, state.node_name):
         raise ConfigError(f"rotation {op.rotation}: the new state names another group or node")
+    # Sent after the tunnel identity: the Secure Channel Root that issued it (a renewed
+    # identity may come from a new one, and a finished rotation drops the old one).
+    files[config.CHAIN_PEM] = config.chain_pem(verified)
     return NextIdentity(verified, files)
 
 

@@ -60,8 +60,8 @@ from cryptography import x509
 from certgate import jws
 from certgate.errors import CertgateError, SignatureError
 from certgate.feed import (
+    CA_TRUST_KINDS,
     CONSOLE_IDENTITY,
-    DEVICE_ROOT,
     FEED_VERSION,
     MIN_FEED_VERSION,
     TUNNEL_IDENTITY,
@@ -236,6 +236,7 @@ class FeedFollower:
             "identity_error": self._identity_error,
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
             "device_roots": rotation.device_root_thumbprints(self.state),
+            "secure_channel_roots": rotation.secure_channel_root_thumbprints(self.state),
         }
 
     # Startup
@@ -555,8 +556,8 @@ class FeedFollower:
             if op.kind == CONSOLE_IDENTITY and op.phase is RotationPhase.FINISH:
                 self._other_signers = ()  # the new console identity alone from now on
             return
-        if op.kind == DEVICE_ROOT:
-            await self._apply_device_roots(op)
+        if op.kind in CA_TRUST_KINDS:
+            await self._apply_ca_trust(op)
             return
         try:
             identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
@@ -582,31 +583,38 @@ class FeedFollower:
             self._identity_error = f"rotation {op.rotation}: new {op.kind} not stored: {exc}"
             log.error("%s; a restart would use the old one", self._identity_error)
 
-    async def _apply_device_roots(self, op: TrustUpdate) -> None:
-        """A Device Root rotation step: every step's trust config lists the Device Roots to
-        trust from now on; the data plane's client-CA set is rebuilt aside and swapped
-        (connections already admitted stay up), then stored. Failures keep the set in use."""
+    async def _apply_ca_trust(self, op: TrustUpdate) -> None:
+        """A Device Root or Secure Channel Root rotation step: every step's trust config
+        lists the Device Roots and Secure Channel Roots to trust from now on; the data
+        plane's TLS (client CAs, a cascade's) is rebuilt aside and swapped (connections
+        already admitted stay up), then stored. Failures keep the set in use."""
         try:
             identity = await asyncio.to_thread(rotation.next_identity, self.state, op)
-            if identity.state.device_roots == self.state.device_roots:
+            new, old = identity.state, self.state
+            if (new.device_roots, new.secure_channel_roots, new.tunnel_chain) == (
+                old.device_roots,
+                old.secure_channel_roots,
+                old.tunnel_chain,
+            ):
                 return
             if self._on_identity is not None:
                 self._on_identity(identity.state)
         except (CertgateError, OSError) as exc:
             self._identity_error = f"rotation {op.rotation} ({op.kind} {op.phase.value}): {exc}"
-            log.error("%s; keeping the Device Roots in use", self._identity_error)
+            log.error("%s; keeping the CAs in use", self._identity_error)
             return
         self._use(identity.state, op)
         log.info(
-            "rotation %d (%s): now trusting Device Roots %s",
+            "rotation %d (%s %s): now trusting %s",
             op.rotation,
+            op.kind,
             op.phase.value,
             identity.thumbprint(op.kind),
         )
         try:
             await asyncio.to_thread(rotation.store_identity, identity)
         except OSError as exc:
-            self._identity_error = f"rotation {op.rotation}: Device Roots not stored: {exc}"
+            self._identity_error = f"rotation {op.rotation}: trusted CAs not stored: {exc}"
             log.error("%s; a restart would use the old ones", self._identity_error)
 
     def _use(self, state: TunnelState, op: TrustUpdate) -> None:

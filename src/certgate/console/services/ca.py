@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
@@ -147,15 +148,44 @@ class InstancePKI:
         """The row label of the current CA of ``role``."""
         return self.labels.get(role, role)
 
-    def device_roots(self) -> list[x509.Certificate]:
-        """The Device Roots devices may present certificates of: the current one first, then
-        a rotation's next or retiring one (nodes trust all of them during the overlap)."""
+    def trusted(self, role: str) -> list[x509.Certificate]:
+        """The CAs of ``role`` to trust now: the current one first, then a rotation's next
+        or retiring one (both are trusted during the overlap)."""
         extra = [
             cert
             for label, (status, cert, _) in sorted(self.others.items())
-            if role_of(label) == DEVICE_ROOT and status in (NEXT, RETIRING)
+            if role_of(label) == role and status in (NEXT, RETIRING)
         ]
-        return [self.certs[DEVICE_ROOT], *extra]
+        return [self.certs[role], *extra]
+
+    def device_roots(self) -> list[x509.Certificate]:
+        """The Device Roots devices may present certificates of (``trusted``)."""
+        return self.trusted(DEVICE_ROOT)
+
+    def secure_channel_roots(self) -> list[x509.Certificate]:
+        """The Secure Channel Roots the console and nodes accept identities of (``trusted``)."""
+        return self.trusted(SECURE_CHANNEL_ROOT)
+
+    def every_ca(self) -> list[x509.Certificate]:
+        """Every CA row's certificate, whatever its status (retired ones too)."""
+        return [*self.certs.values(), *(cert for _, cert, _ in self.others.values())]
+
+    def issuing_ca(self, cert: x509.Certificate) -> x509.Certificate:
+        """The CA (of any status) that signed ``cert``: a leaf issued before a rotation's
+        switch is served with the CA that signed it, not the one that issues now."""
+        for candidate in self.every_ca():
+            if candidate.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return candidate
+        raise PKIError(f"no CA of this instance issued {cert.subject.rfc4514_string()}")
+
+    def chain_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """The CA chain served after leaf ``cert``: [the CA that signed it, Root]."""
+        return [self.issuing_ca(cert), self.certs[ROOT]]
 
     def issuer_of(self, label: str) -> Issuer:
         """The CA of row ``label``, current or not (a retired one signs only its CRL). A
