@@ -36,7 +36,7 @@ from certgate.console.store.models import (
     Rotation,
     TunnelNode,
 )
-from certgate.errors import AuthError, BadRequest, NotFound
+from certgate.errors import AuthError, BadRequest, ChainError, NotFound
 from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
 from certgate.pki.keys import PrivateKey, private_key_pem
@@ -338,11 +338,16 @@ def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | Non
     ident = identity.identity_of(cert)
     if ident.kind is not identity.IdentityKind.TUNNEL or ident.group_id is None:
         raise AuthError(f"certificate is not a tunnel identity (it is {ident.kind.value})")
-    verify_identity_chain(pki, cert)
     presented = thumbprint(cert)
     row = session.execute(
         select(Certificate).where(Certificate.thumbprint == presented)
     ).scalar_one_or_none()
+    try:
+        verify_identity_chain(pki, cert)
+    except ChainError as exc:  # one of a retired Secure Channel Root says what to do
+        if row is None or row.revoked_at is None:
+            raise
+        raise AuthError(_refusal(session, ident.group_id, row)) from exc
     accepted = accepted_tunnel_serials(session, ident.group_id)
     if row is None or row.serial not in accepted or row.revoked_at is not None:
         raise AuthError(_refusal(session, ident.group_id, row))
