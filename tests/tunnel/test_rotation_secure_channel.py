@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel.config import TunnelState, load_state
@@ -88,11 +89,8 @@ def test_a_node_follows_prepare_switch_and_finish(
             stored = load_state(node.state_dir)
             assert stored.tunnel_thumbprint == state.tunnel_thumbprint
             assert stored.tunnel_chain == state.tunnel_chain
-            assert (
-                (node.state_dir / "chain.pem")
-                .read_bytes()
-                .startswith(b"-----BEGIN CERTIFICATE-----")
-            )
+            sent = x509.load_pem_x509_certificates((node.state_dir / "chain.pem").read_bytes())
+            assert sent == list(state.tunnel_chain)  # the new root, then the Root
             enroll_device(sqlite_console, group)  # a batch the new console identity signs
             await drain(f)
             assert f.status()["last_error"] is None
