@@ -357,17 +357,22 @@ def init_instance(
 
 
 def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_url: str) -> None:
-    """Store ``pki``'s CAs (new or restored from backup) as this instance's PKI."""
+    """Store ``pki``'s CAs (new or restored from backup) as this instance's PKI: the
+    current one of each role under its row label (``pki.labels``), and a restored
+    instance's other rows (next, retiring, retired) with their labels and statuses."""
     if session.get(Instance, 1) is not None:
         raise Conflict("instance already initialised")
-    for label, cert in pki.certs.items():
-        key = pki._keys[label]
+    rows = [(pki.label(role), CURRENT, cert, pki._keys[role]) for role, cert in pki.certs.items()]
+    rows += [(label, status, cert, key) for label, (status, cert, key) in pki.others.items()]
+    for label, status, cert, key in rows:
         if isinstance(key, TokenKey):  # a token's key never leaves the token
             _reference_key(session, f"ca:{label}")
         else:
             seal_key(session, pki.master, f"ca:{label}", key)
-        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
-        record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
+        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}", status=status))
+        row = record_certificate(session, cert, ROOT, Record(kind=f"ca:{role_of(label)}"))
+        if status == RETIRED:  # a rotation's finish revoked it
+            row.revoked_at, row.revocation_reason = now(), "superseded"
     session.add(
         Instance(
             id=1,
@@ -388,6 +393,17 @@ def ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
         where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
         raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
     return keys
+
+
+def other_ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
+    """The keys of the CA rows that do not issue now (a rotation's next, retiring and
+    retired ones), by row label, for an encrypted backup only (as ``ca_keys``)."""
+    keys = {label: key for label, (_, _, key) in pki.others.items()}
+    exportable = {label: key for label, key in keys.items() if not isinstance(key, TokenKey)}
+    if pki.token is not None or len(exportable) != len(keys):
+        where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
+        raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
+    return exportable
 
 
 def revoke(session: Session, serial: str, reason: str) -> Certificate:
