@@ -50,6 +50,7 @@ TOKEN_REFERENCE = b"CGP11:"
 # ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
 # still trusted until finish, and one finish retired (kept to sign its CRL).
 CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+_ISSUER_CACHE = 1024  # leaves whose issuing CA ``InstancePKI.issuing_ca`` remembers
 REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
 
 
@@ -100,6 +101,7 @@ class InstancePKI:
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
     _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
     _checked: float = 0.0  # monotonic time of the last ``refresh`` query
+    _issuers: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
     _signed_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,7 +174,17 @@ class InstancePKI:
 
     def issuing_ca(self, cert: x509.Certificate) -> x509.Certificate:
         """The CA (of any status) that signed ``cert``: a leaf issued before a rotation's
-        switch is served with the CA that signed it, not the one that issues now."""
+        switch is served with the CA that signed it, not the one that issues now. Found
+        once per leaf (every signed feed batch asks for its signer's)."""
+        found = self._issuers.get(cert)
+        if found is None:
+            found = self._find_issuer(cert)
+            if len(self._issuers) >= _ISSUER_CACHE:
+                self._issuers = {}
+            self._issuers[cert] = found
+        return found
+
+    def _find_issuer(self, cert: x509.Certificate) -> x509.Certificate:
         for candidate in self.every_ca():
             if candidate.subject != cert.issuer:
                 continue
