@@ -37,8 +37,21 @@ presenting it); finish waits for none to be left (or ``force``), revokes those l
 retires the old root (nodes stop trusting it) and its CRL stays published at
 ``/pki/crl/<label>.crl``.
 
-The Secure Channel Root and the Root are refused with that reason until they are
-implemented.
+Secure Channel Root (``secure-channel-root``), one per instance like the Device Root, and
+in the same model: prepare creates the next one under the Root and every group's trust
+config lists both (nodes accept identities of either). No cross certificate is needed:
+everyone anchors on the Root, which issues the new one (the old one, pathLen 0, could not
+sign it). Switch makes it current and renews every group identity onto it through the
+identity rotations above (``_renew_identities``: prepared and switched at once, their
+steps in the feed after this one's), and the console TLS certificate is issued again
+(``ConsoleState._console_tls``). Every chain is served with the CA that signed its leaf
+(``ca.InstancePKI.chain_of``), so old and new leaves verify during the overlap. Finish
+finishes those identity rotations (each with its own checks), then waits for every node
+to report the new root and the console TLS certificate to be the new one's, revokes
+what the old root issued, and retires it (nodes stop trusting it).
+
+The Root is refused with that reason until it is implemented (docs/CONVENTIONS.md gives
+the intended order).
 """
 
 from __future__ import annotations
@@ -101,8 +114,6 @@ INSTANCE_KINDS = (DEVICE, SECURE_CHANNEL)  # one per instance: the rotation row 
 CA_ROLES = {DEVICE: ca.DEVICE_ROOT, SECURE_CHANNEL: ca.SECURE_CHANNEL_ROOT}
 # What a node's report lists as trusted, per CA kind (``tunnel.sync`` status).
 _REPORTED = {DEVICE: "device_roots", SECURE_CHANNEL: "secure_channel_roots"}
-# The certificates a Secure Channel Root issues (its dependents until they are renewed).
-SECURE_CHANNEL_KINDS = (TUNNEL, CONSOLE, "console-tls")
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
 RENEWAL = "renewal"  # started_by of the rotations renew_due starts
@@ -850,12 +861,11 @@ def _secure_channel_blockers(
         f"{count} active {kind} certificate(s) of the old Secure Channel Root"
         for kind, count in sorted(left.items())
     ]
-    blockers += [
-        f"{child.kind} rotation {child.id} of group {child.group_id}: "
-        + "; ".join(_blockers(session, child))
-        for child in _children(session, rotation)
-        if (scope is None or child.group_id == scope) and _blockers(session, child)
-    ]
+    for child in _children(session, rotation):
+        waits = _blockers(session, child) if scope in (None, child.group_id) else []
+        if waits:
+            where = f"{child.kind} rotation {child.id} of group {child.group_id}"
+            blockers.append(f"{where}: {'; '.join(waits)}")
     if dependents["console_tls_old"]:
         blockers.append(
             "the console still presents a TLS certificate of the old Secure Channel Root"
