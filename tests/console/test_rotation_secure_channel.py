@@ -23,9 +23,15 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from typer.testing import CliRunner
 
+from certgate.cli import app
 from certgate.console import local
+from certgate.console.renewer import Renewer
+from certgate.console.services import ca
+from certgate.console.state import ConsoleState
 from certgate.pki.thumbprint import thumbprint
+from tests.console.test_renewer import served
 from tests.console.test_rotation import _feed_call
 from tests.support import CERTGATE, RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
@@ -187,3 +193,34 @@ def test_secure_channel_root_rotation_prepare_switch_finish(
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "audit chain OK" in verified.stdout
     assert "REJECTED" not in verified.stderr
+
+
+def test_a_console_renews_its_tls_onto_a_root_another_process_switched(
+    console: RunningConsole,
+) -> None:
+    """A switch made by the CLI (another process): a console's renewer issues its TLS
+    certificate again under the new root at its next tick and loads it into the live
+    listener context; a handshake anchored on the Root alone verifies it."""
+    state = ConsoleState.open(local.load_config(console.data_dir))
+    try:
+        ctx = state.tls_context()
+        root = state.pki.certs[ca.ROOT]
+        first = served(ctx, root)
+        renewer = Renewer(state, 3600)
+        assert renewer.renew_once() == []
+        cli(console, "secure-channel-root", "global", "--overlap", "0s")
+        assert renewer.renew_once() == []  # prepared: the old root still issues
+        cli(console, "switch", "secure-channel-root", "global")
+        assert "console TLS certificate" in renewer.renew_once()
+        second = served(ctx, root)
+        assert second != first
+        assert issued_by(second, state.pki.certs[ca.SECURE_CHANNEL_ROOT])
+        assert not issued_by(second, state.pki.others[ca.SECURE_CHANNEL_ROOT][1])
+    finally:
+        state.db.dispose()
+    cli(console, "finish", "secure-channel-root", "global", "--force")
+
+
+def cli(console: RunningConsole, *args: str) -> None:
+    result = CliRunner().invoke(app, ["console", "rotate", *args, "-d", str(console.data_dir)])
+    assert result.exit_code == 0, result.output
