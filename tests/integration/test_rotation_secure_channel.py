@@ -17,11 +17,14 @@ alone (curl's CA file), so the new root needs no step of theirs. Shown, in order
   the new root alone; the old tunnel identity is refused by the console with what to do.
 
 0 failed curl requests and 0 closed live tunnels through prepare, switch and finish
-(counted, printed).
+(counted, printed). Then a second rotation with a node restarted between prepare and
+switch and the other down over the switch: both catch up from what they stored and the
+feed, and finish goes through unforced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -35,7 +38,16 @@ from cryptography.exceptions import InvalidSignature
 from certgate.pki.keys import private_key_pem
 from certgate.pki.thumbprint import thumbprint
 from certgate.tunnel.config import load_identity
-from tests.integration.cluster import GROUP, Cluster, enroll_app, start_cluster
+from tests.integration.cluster import (
+    GROUP,
+    Cluster,
+    Node,
+    curl,
+    enroll_app,
+    start_cluster,
+    start_node,
+    stop_node,
+)
 from tests.integration.test_rotation import (
     CurlLoop,
     LiveTunnel,
@@ -52,6 +64,7 @@ from tests.integration.test_rotation import (
     traffic,  # noqa: F401 (a fixture)
     wait_until,
 )
+from tests.tunnel.dataplane import PAGE
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +193,63 @@ def test_secure_channel_root_rotation_without_a_failed_connection(
         f"secure-channel-root rotation: {loop.ok} curl requests, 0 failed;"
         f" {len(tunnels)} live tunnels, 0 closed"
     )
+
+
+def test_restarts_and_a_node_down_over_the_switch(cluster: Cluster) -> None:
+    """A node restarted between prepare and switch, and a node down over the switch: each
+    comes back on what it stored and catches up from the feed (its old
+    identity is still accepted until finish); finish then goes through unforced."""
+    first, second = cluster.nodes
+    (old_root,) = sync_status(first)["secure_channel_roots"]
+    with admin(cluster) as client:
+        prepared = client.post(ROTATION, json={"overlap_s": 0})
+    assert prepared.status_code == 201, prepared.text
+    new_root = prepared.json()["new"]["thumbprint"]
+
+    stop_node(first)  # a node restart between prepare and switch
+    start_node(first, cluster.work)
+    wait_until(
+        "both nodes trust both roots",
+        lambda: all(
+            sync_status(n)["secure_channel_roots"] == [old_root, new_root] for n in cluster.nodes
+        ),
+    )
+    stop_node(second)  # down over the switch
+    with admin(cluster) as client:
+        client.post(ROTATION + "/switch").raise_for_status()
+    scr = new_root_of_state(first, new_root, cluster)
+    start_node(second, cluster.work)
+    wait_until(
+        "both nodes present a tunnel identity of the new root",
+        lambda: all(issued_by(served_cert(cluster, n), scr) for n in cluster.nodes),
+    )
+    wait_until("curl passes both nodes", lambda: curl(cluster).stdout.encode() == PAGE)
+
+    def finished() -> bool:
+        with admin(cluster) as client:
+            return client.post(ROTATION + "/finish").status_code == 200
+
+    wait_until("the finish is no longer refused", finished)
+    wait_until(
+        "both nodes trust the new root alone",
+        lambda: all(sync_status(n)["secure_channel_roots"] == [new_root] for n in cluster.nodes),
+    )
+    for node in cluster.nodes:
+        assert sync_status(node)["last_error"] is None
+
+
+def new_root_of_state(node: Node, new_thumbprint: str, cluster: Cluster) -> x509.Certificate:
+    """The new root, once ``node`` sends it after its renewed tunnel identity."""
+    wait_until(
+        f"{node.name} sends the new root",
+        lambda: (
+            new_thumbprint
+            in {
+                thumbprint(c)
+                for c in x509.load_pem_x509_certificates(
+                    (node.state_dir / "chain.pem").read_bytes()
+                )
+            }
+        ),
+    )
+    return new_root_of(dataclasses.replace(cluster, nodes=[node]), new_thumbprint)
