@@ -75,7 +75,7 @@ def _changed(**change: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        (_changed(kind="secure-channel-root"), "kind"),
+        (_changed(kind="root"), "kind"),
         (_changed(phase="abort"), "phase"),
         (_changed(rotation=0), "rotation"),
         (_changed(rotation=True), "rotation"),

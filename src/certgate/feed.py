@@ -63,6 +63,7 @@ __all__ = [
     "message_version",
     "snapshot_trust",
     "split_trust",
+    "trust_kinds_of",
     "tunnel_key_context",
 ]
 
@@ -216,7 +217,19 @@ class RotationPhase(Enum):
 TUNNEL_IDENTITY = "tunnel-identity"
 CONSOLE_IDENTITY = "console-identity"
 DEVICE_ROOT = "device-root"
-TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT})
+SECURE_CHANNEL_ROOT = "secure-channel-root"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT, SECURE_CHANNEL_ROOT})
+# The kinds whose trust config alone says what to trust (no identity of the node changes).
+CA_TRUST_KINDS = frozenset({DEVICE_ROOT, SECURE_CHANNEL_ROOT})
+
+
+def trust_kinds_of(version: int) -> frozenset[str]:
+    """The rotation kinds a node of contract ``version`` reads: Secure Channel Root steps
+    from version 4 (a version 3 node would refuse the batch; the console's rotation status
+    shows such a node without the new root, so finish waits for its upgrade)."""
+    if version < TRUST_VERSION:
+        return frozenset()
+    return TRUST_KINDS if version >= 4 else TRUST_KINDS - {SECURE_CHANNEL_ROOT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +247,9 @@ class TrustUpdate:
     signed by the current console identity and lists every Device Root the node must
     trust from this step on (both during the overlap, the new one alone at finish);
     ``sealed_key`` is null.
+    ``secure-channel-root``: as ``device-root``, for the instance's Secure Channel Roots
+    (the trust config's ``secure_channel_root`` lists both during the overlap, the current
+    one first); the group identities it issues are renewed by their own rotations.
     Every step carries all of it, so a node that missed one catches up at the next. The
     node checks it exactly as at setup before it uses or stores it.
     """
@@ -248,8 +264,8 @@ class TrustUpdate:
     @property
     def is_next(self) -> bool:
         """A prepare step of an identity: the node holds it as the next one and nothing in
-        use changes (a Device Root's prepare step changes what is trusted at once)."""
-        return self.phase is RotationPhase.PREPARE and self.kind != DEVICE_ROOT
+        use changes (a root's prepare step changes what is trusted at once)."""
+        return self.phase is RotationPhase.PREPARE and self.kind not in CA_TRUST_KINDS
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -323,7 +339,7 @@ def decode_op(raw: object, where: str, version: int) -> Op:
     if op == "policy" and version >= POLICY_VERSION:
         return _decode_policy(raw, where)
     if op == "trust" and version >= TRUST_VERSION:
-        return _decode_trust(raw, where)
+        return _decode_trust(raw, where, trust_kinds_of(version))
     allowed = ", ".join(_OPS_OF_VERSION[min(version, FEED_VERSION)])
     raise InvalidEntry(f"{where}.op: expected {allowed} (version {version}), got {_show(op)}")
 
@@ -336,13 +352,11 @@ _OPS_OF_VERSION = {
 }
 
 
-def _decode_trust(raw: Mapping[Any, Any], where: str) -> TrustUpdate:
+def _decode_trust(raw: Mapping[Any, Any], where: str, kinds: frozenset[str]) -> TrustUpdate:
     _require_keys(raw, _TRUST_KEYS, where)
     kind = raw["kind"]
-    if kind not in TRUST_KINDS:
-        raise InvalidEntry(
-            f"{where}.kind: expected one of {sorted(TRUST_KINDS)}, got {_show(kind)}"
-        )
+    if kind not in kinds:
+        raise InvalidEntry(f"{where}.kind: expected one of {sorted(kinds)}, got {_show(kind)}")
     rotation = raw["rotation"]
     if type(rotation) is not int or not 0 < rotation <= MAX_NOT_AFTER:
         raise InvalidEntry(f"{where}.rotation: expected a rotation id, got {_show(rotation)}")

@@ -8,6 +8,7 @@ the old trust anchors accept.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from certgate.console import backup, local
-from certgate.console.services import ca, devices
+from certgate.console.services import ca, devices, rotation
 from certgate.console.store.models import AuditEntry, Group
 from certgate.errors import ChainError, KeystoreError
 from certgate.pki.keys import KeyAlgorithm, generate_key, private_key_pem
@@ -24,7 +25,8 @@ from certgate.pki.keystore import ENV_VAR, decrypt_backup, encrypt_backup
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
 from tests.console.test_cli import PASSWORD, mode_of, refuse, succeed, transaction
-from tests.support import init_console, make_csr
+from tests.console.test_rotation_secure_channel import console_tls_leaf
+from tests.support import free_port, init_console, make_csr, start_console
 
 PASSPHRASE = "correct horse battery staple"
 PASSPHRASE_ENV = {"CERTGATE_BACKUP_PASSPHRASE": PASSPHRASE}
@@ -230,3 +232,62 @@ def test_rsa_instance_round_trips(tmp_path: Path) -> None:
     assert thumbprints(target) == thumbprints(source)
     with transaction(target) as (_, pki):
         assert isinstance(pki.certs[ca.ROOT].public_key(), rsa.RSAPublicKey)
+
+
+def test_a_backup_after_rotations_restores_their_roots_and_the_running_rotation(
+    original: Path, tmp_path: Path
+) -> None:
+    """Secure Channel Root rotated to the end and a Device Root rotation switched but
+    running, then backup and restore: the restored console serves and issues under the
+    new CAs, still trusts the old Device Root (a certificate it issued verifies), shows
+    the running rotation in its status and finishes it."""
+    alice = device_cert(original, "alice")  # of the Device Root about to be rotated
+    with transaction(original) as (session, pki):
+        for kind in (rotation.SECURE_CHANNEL, rotation.DEVICE):
+            rotation.prepare(session, pki, local.TOP_GROUP, kind, "test", timedelta(0))
+            rotation.switch(session, pki, local.TOP_GROUP, kind)
+        rotation.finish(session, pki, local.TOP_GROUP, rotation.SECURE_CHANNEL, force=True)
+        new_roots = {role: thumbprint(pki.certs[role]) for role in pki.certs}
+        old_device_root = pki.others[ca.DEVICE_ROOT][1]
+        old_scr = pki.others[ca.SECURE_CHANNEL_ROOT][1]
+    assert new_roots[ca.DEVICE_ROOT] != thumbprint(old_device_root)
+    blob = tmp_path / "ca-backup.bin"
+    succeed("backup", "-d", str(original), "--out", str(blob), env=PASSPHRASE_ENV)
+
+    target, port = tmp_path / "restored", free_port()
+    restore(target, blob, "--port", str(port), "--public-url", f"https://127.0.0.1:{port}")
+    with transaction(target) as (_, pki):
+        assert {role: thumbprint(pki.certs[role]) for role in pki.certs} == new_roots
+        assert pki.device_roots()[1] == old_device_root  # retiring: trusted until finish
+        assert pki.others[ca.SECURE_CHANNEL_ROOT][0] == ca.RETIRED
+        assert pki.others[ca.SECURE_CHANNEL_ROOT][1] == old_scr
+        verify_client_chain(alice, [old_device_root], [pki.certs[ca.ROOT]])
+    shown = succeed("rotate", "status", local.TOP_GROUP, "-d", str(target), "--json").stdout
+    by_kind = {r["kind"]: r for r in json.loads(shown)}
+    assert by_kind[rotation.DEVICE]["phase"] == "switched"
+    assert by_kind[rotation.DEVICE]["old"]["thumbprint"] == thumbprint(old_device_root)
+    assert by_kind[rotation.SECURE_CHANNEL]["phase"] == "finished"
+
+    running = start_console(tmp_path, target, port)
+    try:
+        served = console_tls_leaf(running)
+        served.verify_directly_issued_by(pki.certs[ca.SECURE_CHANNEL_ROOT])
+        with running.client() as client:
+            chain = x509.load_pem_x509_certificates(client.get("/pki/chain.pem").content)
+            old_crl = client.get(f"/pki/crl/{ca.DEVICE_ROOT}.crl")
+        assert thumbprint(old_device_root) not in {thumbprint(c) for c in chain}
+        assert {new_roots[ca.DEVICE_ROOT], new_roots[ca.SECURE_CHANNEL_ROOT]} <= {
+            thumbprint(c) for c in chain
+        }
+        assert old_crl.status_code == 200, old_crl.text
+        assert x509.load_der_x509_crl(old_crl.content).is_signature_valid(
+            old_device_root.public_key()  # type: ignore[arg-type]
+        )
+    finally:
+        running.stop()
+    bob = device_cert(target, "bob")  # issued by the restored console: the new Device Root
+    with transaction(target) as (_, pki):
+        bob.verify_directly_issued_by(pki.certs[ca.DEVICE_ROOT])
+    succeed("rotate", "finish", "device-root", local.TOP_GROUP, "-d", str(target), "--force")
+    with transaction(target) as (_, pki):
+        assert pki.device_roots() == [pki.certs[ca.DEVICE_ROOT]]

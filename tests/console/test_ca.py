@@ -18,7 +18,7 @@ from certgate.console.store.db import Database, migrate
 from certgate.console.store.models import CACert, Certificate, Group, Instance, SealedKey
 from certgate.errors import Conflict, InvalidCSR, KeystoreError, NotFound, PKIError
 from certgate.pki import identity
-from certgate.pki.authority import Names
+from certgate.pki.authority import Authority, Names
 from certgate.pki.keys import KeyAlgorithm, generate_key
 from certgate.pki.keystore import MasterKey
 from certgate.pki.profiles import ADMIN_CLIENT, DEVICE_CLIENT, TUNNEL_IDENTITY
@@ -380,3 +380,18 @@ def test_device_root_crl_verifies_with_openssl(
     refused = openssl_crl_verify(crl_path, write_pem(fresh.directory / "other.pem", [impostor]))
     # OpenSSL 3.0 `crl -verify` exits 0 even on a bad signature: its message is the verdict.
     assert refused.stderr.strip() == "verify failure"
+
+
+def test_a_leaf_is_served_with_the_ca_that_signed_it(shared: ConsoleInstance) -> None:
+    """``chain_of`` finds a leaf's own issuer among the CAs, not the current one of its
+    role; a certificate no CA of the instance signed is refused."""
+    pki = shared.pki
+    for role in (ca.DEVICE_ROOT, ca.SECURE_CHANNEL_ROOT):
+        key = generate_key()
+        leaf = pki.authority.issue(pki.issuer(role), DEVICE_CLIENT, Names("leaf"), key.public_key())
+        assert pki.chain_of(leaf) == [pki.certs[role], pki.certs[ca.ROOT]]
+        assert pki.issuing_ca(leaf) == pki.certs[role]  # again, from what it remembered
+    foreign_key = generate_key()
+    foreign = Authority().create_root(foreign_key, Names("certgate Device Root"))
+    with pytest.raises(PKIError, match="no CA of this instance issued"):
+        pki.issuing_ca(foreign)

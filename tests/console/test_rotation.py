@@ -74,7 +74,7 @@ def error_of(response: httpx.Response, status: int) -> str:
 def test_unknown_and_unimplemented_kinds_are_refused(console: RunningConsole, group: str) -> None:
     unknown = call(console, "POST", ROTATIONS.format(group) + "/leaf")
     assert "unknown rotation kind 'leaf'" in error_of(unknown, 400)
-    later = call(console, "POST", ROTATIONS.format(group) + "/secure-channel-root")
+    later = call(console, "POST", ROTATIONS.format(group) + "/root")
     assert "not implemented yet" in error_of(later, 400)
 
 

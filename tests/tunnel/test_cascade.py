@@ -77,7 +77,7 @@ def table_of(*clients: Client) -> DeviceTable:
 def cascade(pki: PKI, role: Role, *back_ends: ListenAddress) -> Cascade:
     client_tls = None
     if role is Role.FRONT_END:
-        client_tls = front_end_tls([pki.tunnel, pki.scr], pki.tunnel_key, pki.scr)
+        client_tls = front_end_tls([pki.tunnel, pki.scr], pki.tunnel_key, [pki.scr])
     return Cascade(role, GROUP, pki.root, (pki.device_root,), back_ends, client_tls)
 
 

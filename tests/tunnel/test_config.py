@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from certgate import jws
 from certgate.errors import ConfigError
+from certgate.pki import identity
 from certgate.pki.keys import generate_key, private_key_pem
 from certgate.pki.keystore import MasterKey
 from certgate.tlsconf import pem_of
@@ -253,3 +254,17 @@ def test_node_key_from_the_environment_writes_no_key_file(
     assert opened.public_key() == state.tunnel_cert.public_key()
     with pytest.raises(ValueError):
         load_pem_private_key(blob, None)
+
+
+def test_an_identity_is_accepted_only_from_a_listed_secure_channel_root(
+    nodes: tuple[TunnelState, TunnelState],
+) -> None:
+    ours = nodes[0]
+    console_id = identity.console(ours.group_id)
+    scr = ours.secure_channel_root
+    assert config.verify_identity(ours.console_identity, [scr], ours.root, console_id) == scr
+    # A sibling intermediate of the same Root (the Device Root) is not a Secure Channel Root.
+    with pytest.raises(ConfigError, match="client certificate rejected"):
+        config.verify_identity(ours.console_identity, [ours.device_root], ours.root, console_id)
+    with pytest.raises(ConfigError, match="expected urn:certgate:tunnel:group:"):
+        config.verify_identity(ours.console_identity, [scr], ours.root, identity.tunnel("x"))

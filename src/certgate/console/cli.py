@@ -1087,6 +1087,15 @@ def print_rotation(shown: dict[str, Any]) -> None:
             f"  old-root certificates still active: {kinds or 'none'}"
             f" ({devices['device_count']} devices, {devices['live_tunnels']} live tunnels)"
         )
+    dependents = shown.get("dependents") or {}
+    if dependents:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(dependents["old_ca_certificates"].items()))
+        renewals = ", ".join(
+            f"{r['kind']} rotation {r['id']} of group {escape(str(r['group_id']))} ({r['phase']})"
+            for r in dependents["identity_rotations"]
+        )
+        out.print(f"  old-root identities still active: {kinds or 'none'}")
+        out.print(f"  renewing onto the new root: {renewals or 'nothing'}")
     for blocker in shown["blockers"]:
         out.print(f"  finish waits: {escape(blocker)}")
 

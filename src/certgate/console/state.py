@@ -81,7 +81,7 @@ class ConsoleState:
             cert, key = self._console_tls(session)
         self.tls_cert = cert
         ctx = server_context(
-            [cert, self.pki.certs[ca.SECURE_CHANNEL_ROOT]],
+            [cert, self.pki.issuing_ca(cert)],
             key,
             client_cas=[self.pki.certs[ca.ROOT], *(self.pki.certs[c] for c in ca.INTERMEDIATES)],
             client_auth=ClientAuth.OPTIONAL,
@@ -100,7 +100,7 @@ class ConsoleState:
         cert, key = self._console_tls(session, now)
         if cert == self.tls_cert:
             return False
-        load_identity(self.live_tls, [cert, self.pki.certs[ca.SECURE_CHANNEL_ROOT]], key)
+        load_identity(self.live_tls, [cert, self.pki.issuing_ca(cert)], key)
         self.tls_cert = cert
         return True
 
@@ -112,14 +112,16 @@ class ConsoleState:
     def _console_tls(
         self, session: Session, now: datetime | None = None
     ) -> tuple[x509.Certificate, PrivateKey]:
-        """Reuse the console TLS cert while it covers our names and is not within its
-        renewal window (``RENEWAL_WINDOW`` at ``now``).
+        """Reuse the console TLS cert while it covers our names, is not within its
+        renewal window (``RENEWAL_WINDOW`` at ``now``) and was issued by the current Secure
+        Channel Root (after that root's rotation switch it is issued again under the new one).
 
         Consoles sharing a database start at the same moment: the instance row is locked
         first, so one of them issues the certificate and the others, once it commits,
         find and reuse it (without the lock both sealed ``console-tls``, and one died on
         the duplicate key). SQLite serialises writers at BEGIN IMMEDIATE anyway."""
         session.execute(select(Instance.id).with_for_update())
+        self.pki.refresh(session, 0)  # a rotation switch another process made
         now = now or ca.now()
         dns, ips = self.config.tls_names()
         row = (
@@ -131,7 +133,10 @@ class ConsoleState:
             .scalars()
             .first()
         )
-        if row is not None and row.not_after - now > RENEWAL_WINDOW:
+        current_issuer = row is not None and row.issuer_label == self.pki.label(
+            ca.SECURE_CHANNEL_ROOT
+        )
+        if row is not None and current_issuer and row.not_after - now > RENEWAL_WINDOW:
             cert = x509.load_pem_x509_certificate(row.cert_pem.encode())
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             if set(dns) <= set(san.get_values_for_type(x509.DNSName)):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -186,12 +186,13 @@ class Cascade:
 
 
 def front_end_tls(
-    chain: list[x509.Certificate], key: PrivateKey, scr: x509.Certificate
+    chain: list[x509.Certificate], key: PrivateKey, scrs: Sequence[x509.Certificate]
 ) -> ssl.SSLContext:
     """A front end's client side: the group's tunnel identity, trusting the Secure Channel
-    Root. Back ends are reached by address, not by the names in their certificate, so the
-    name check is the URI SAN's (``Cascade.check_front_end``: the same group identity)."""
-    ctx = client_context([scr], chain=chain, key=key)
+    Roots (two during their rotation). Back ends are reached by address, not by the names
+    in their certificate, so the name check is the URI SAN's (``Cascade.check_front_end``:
+    the same group identity)."""
+    ctx = client_context(list(scrs), chain=chain, key=key)
     ctx.check_hostname = False
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return ctx

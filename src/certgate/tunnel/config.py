@@ -7,7 +7,8 @@ directory stops the tunnel with a reason instead of weakening it:
 =======================  ===========================================================
 ``state.json``           format, group id, console URL, node name (written last)
 ``root.pem``             the instance Root: the only trust anchor
-``chain.pem``            Secure Channel Root + Root, sent after the tunnel cert
+``chain.pem``            Secure Channel Root + Root, sent after the tunnel cert (rewritten
+                         with the root that issued it when a rotation renews it)
 ``console-identity.pem`` the group's console identity, pinned: it alone signs messages
 ``tunnel.pem``           the group's tunnel identity (the same on every node)
 ``tunnel.key``           its private key, sealed under the node key (keystore format,
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ __all__ = [
     "TrustConfig",
     "TunnelSettings",
     "TunnelState",
+    "chain_pem",
     "check_node_name",
     "load_certs",
     "load_identity",
@@ -99,6 +101,7 @@ NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_FILE_BYTES = 1024 * 1024
 
 MAX_DEVICE_ROOTS = 2  # the current one and a rotation's other one
+MAX_SECURE_CHANNEL_ROOTS = 2  # likewise
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +144,9 @@ class TunnelState:
     console_url: str
     node_name: str
     root: x509.Certificate
-    secure_channel_root: x509.Certificate
+    # The Secure Channel Roots whose group identities are trusted: the current one first,
+    # two during its rotation (from the trust config).
+    secure_channel_roots: tuple[x509.Certificate, ...]
     device_roots: tuple[x509.Certificate, ...]  # the current one first (rotation overlap)
     console_identity: x509.Certificate
     tunnel_cert: x509.Certificate
@@ -152,6 +157,11 @@ class TunnelState:
     @property
     def tunnel_thumbprint(self) -> str:
         return thumbprint(self.tunnel_cert)
+
+    @property
+    def secure_channel_root(self) -> x509.Certificate:
+        """The Secure Channel Root that issued the tunnel identity (sent after it)."""
+        return self.tunnel_chain[0]
 
     @property
     def device_root(self) -> x509.Certificate:
@@ -203,13 +213,24 @@ def load_secure_channel_root(chain_pem: bytes, root: x509.Certificate) -> x509.C
 
 def verify_identity(
     cert: x509.Certificate,
-    scr: x509.Certificate,
+    scrs: Sequence[x509.Certificate],
     root: x509.Certificate,
     expected: identity.Identity,
-) -> None:
-    """``cert`` chains Root -> Secure Channel Root -> cert and names ``expected``."""
+) -> x509.Certificate:
+    """``cert`` chains Root -> one of the Secure Channel Roots ``scrs`` -> cert and names
+    ``expected``; returns that Secure Channel Root."""
     try:
-        verify_client_chain(cert, [scr], [root], expected_issuer=scr, at=utcnow())
+        chain = verify_client_chain(cert, list(scrs), [root], at=utcnow())
+    except CertgateError as exc:
+        raise ConfigError(f"{expected.uri()}: {exc}") from exc
+    if len(chain) < 2 or chain[1] not in scrs:
+        raise ConfigError(f"{expected.uri()}: not issued by a trusted Secure Channel Root")
+    _check_name(cert, expected)
+    return chain[1]
+
+
+def _check_name(cert: x509.Certificate, expected: identity.Identity) -> None:
+    try:
         found = identity.identity_of(cert)
     except CertgateError as exc:
         raise ConfigError(f"{expected.uri()}: {exc}") from exc
@@ -303,30 +324,53 @@ def _same_cert(pem: object, cert: x509.Certificate, what: str) -> None:
         raise ConfigError(f"trust config names a different {what}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Trusted:
+    """What a verified trust config says to trust."""
+
+    config: TrustConfig
+    device_roots: tuple[x509.Certificate, ...]
+    secure_channel_roots: tuple[x509.Certificate, ...]
+
+
+def _intermediates(
+    payload: Mapping[str, Any], key: str, what: str, most: int, root: x509.Certificate
+) -> tuple[x509.Certificate, ...]:
+    """The 1 to ``most`` CA certificates of ``payload[key]``, each issued by ``root``."""
+    certs = load_certs(str(payload.get(key, "")).encode(), what)
+    if not 1 <= len(certs) <= most:
+        raise ConfigError(f"trust config: expected 1 to {most} {what}s")
+    for cert in certs:
+        verify_signed_by_root(cert, root, what)
+    return tuple(certs)
+
+
 def _verified_trust(
     token: bytes, console: x509.Certificate, group_id: str, pinned: dict[str, x509.Certificate]
-) -> tuple[TrustConfig, tuple[x509.Certificate, ...]]:
-    """Verify ``trust.jws`` with the pinned console identity; cross-check every anchor it
-    names against the files; return the settings and the Device Roots it carries (two
-    during a Device Root rotation)."""
+) -> _Trusted:
+    """Verify ``trust.jws`` with the pinned console identity's key; cross-check the root
+    and the identities it names against the files; return the settings, the Device Roots
+    and the Secure Channel Roots it carries (two of a kind during its rotation). The
+    identities' chains are checked against those roots by the caller."""
     try:
         payload = jws.verify(token, console, jws.TYP_TRUST, group_id)
     except CertgateError as exc:
         raise ConfigError(f"{TRUST_JWS}: {exc}") from exc
     _same_cert(payload.get("root"), pinned["root"], "instance root")
-    _same_cert(payload.get("secure_channel_root"), pinned["scr"], "Secure Channel Root")
     for key, name in (
         ("console_identity_thumbprint", "console"),
         ("tunnel_identity_thumbprint", "tunnel"),
     ):
         if payload.get(key) != thumbprint(pinned[name]):
             raise ConfigError(f"trust config names a different {name} identity")
-    device_roots = load_certs(str(payload.get("device_root", "")).encode(), "device root")
-    if not 1 <= len(device_roots) <= MAX_DEVICE_ROOTS:
-        raise ConfigError(f"trust config: expected 1 to {MAX_DEVICE_ROOTS} Device Roots")
-    for device_root in device_roots:
-        verify_signed_by_root(device_root, pinned["root"], "Device Root")
-    return parse_trust(payload), tuple(device_roots)
+    root = pinned["root"]
+    return _Trusted(
+        parse_trust(payload),
+        _intermediates(payload, "device_root", "Device Root", MAX_DEVICE_ROOTS, root),
+        _intermediates(
+            payload, "secure_channel_root", "Secure Channel Root", MAX_SECURE_CHANNEL_ROOTS, root
+        ),
+    )
 
 
 def _state_json(data: bytes) -> tuple[str, str, str]:
@@ -361,28 +405,37 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
         raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
     group_id, console_url, node_name = _state_json(files[STATE_JSON])
     root = load_root(files[ROOT_PEM], ROOT_PEM)
-    scr = load_secure_channel_root(files[CHAIN_PEM], root)
+    load_secure_channel_root(files[CHAIN_PEM], root)  # well formed; the chain is derived
     console = load_single_cert(files[CONSOLE_IDENTITY_PEM], CONSOLE_IDENTITY_PEM)
-    verify_identity(console, scr, root, identity.console(group_id))
+    _check_name(console, identity.console(group_id))
     tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)
-    verify_identity(tunnel, scr, root, identity.tunnel(group_id))
+    _check_name(tunnel, identity.tunnel(group_id))
     _check_key_matches(key, tunnel)
-    pinned = {"root": root, "scr": scr, "console": console, "tunnel": tunnel}
-    trust, device_roots = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
+    pinned = {"root": root, "console": console, "tunnel": tunnel}
+    trusted = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
+    scrs = trusted.secure_channel_roots
+    verify_identity(console, scrs, root, identity.console(group_id))
+    issuer = verify_identity(tunnel, scrs, root, identity.tunnel(group_id))
     return TunnelState(
         state_dir=state_dir,
         group_id=group_id,
         console_url=console_url,
         node_name=node_name,
         root=root,
-        secure_channel_root=scr,
-        device_roots=device_roots,
+        secure_channel_roots=scrs,
+        device_roots=trusted.device_roots,
         console_identity=console,
         tunnel_cert=tunnel,
-        tunnel_chain=(scr, root),
+        tunnel_chain=(issuer, root),
         tunnel_key=key,
-        trust=trust,
+        trust=trusted.config,
     )
+
+
+def chain_pem(state: TunnelState) -> bytes:
+    """``chain.pem`` of ``state``: the Secure Channel Root that issued its tunnel identity,
+    then the Root (what the node sends after the tunnel certificate)."""
+    return b"".join(c.public_bytes(Encoding.PEM) for c in state.tunnel_chain)
 
 
 def load_single_cert(data: bytes, what: str) -> x509.Certificate:

@@ -12,7 +12,7 @@ named by the ``Certgate-Node`` header; the console answers 204. The body::
      "live": [{"thumbprint", "device_uid", "mode", "app", "host", "port", "addresses",
                "since", "transport" (only "udp", for UDP tunnels)}, ...],
      "status": {"policy_version", "table_seq", "fresh", "age_s", "restart_required",
-                "device_roots"}}
+                "device_roots", "secure_channel_roots"}}
 
 Bounded: at most ``MAX_REPORT_TUNNELS`` tunnels and about ``MAX_REPORT_BYTES`` of JSON
 (the console's default body limit is 1 MiB); ``live_total`` says how many there were, so
@@ -108,6 +108,7 @@ class Reporter:
                 "age_s": sync.get("age_s"),
                 "restart_required": health["restart_required"],
                 "device_roots": sync.get("device_roots"),
+                "secure_channel_roots": sync.get("secure_channel_roots"),
             },
         }
 

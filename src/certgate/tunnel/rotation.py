@@ -24,7 +24,14 @@ from cryptography import x509
 
 from certgate import jws
 from certgate.errors import CertgateError, ConfigError
-from certgate.feed import CONSOLE_IDENTITY, DEVICE_ROOT, TrustUpdate, tunnel_key_context
+from certgate.feed import (
+    CA_TRUST_KINDS,
+    CONSOLE_IDENTITY,
+    DEVICE_ROOT,
+    SECURE_CHANNEL_ROOT,
+    TrustUpdate,
+    tunnel_key_context,
+)
 from certgate.pki import identity, keywrap
 from certgate.pki.expiry import RENEWAL_WINDOW_S, CertificateInUse, in_use
 from certgate.pki.keys import PrivateKey
@@ -80,12 +87,19 @@ class NextIdentity:
             return thumbprint(self.state.console_identity)
         if kind == DEVICE_ROOT:
             return ",".join(device_root_thumbprints(self.state))
+        if kind == SECURE_CHANNEL_ROOT:
+            return ",".join(secure_channel_root_thumbprints(self.state))
         return self.state.tunnel_thumbprint
 
 
 def device_root_thumbprints(state: TunnelState) -> list[str]:
     """The Device Roots the node trusts (the console's rotation status reads them)."""
     return [thumbprint(root) for root in state.device_roots]
+
+
+def secure_channel_root_thumbprints(state: TunnelState) -> list[str]:
+    """The Secure Channel Roots the node trusts (read likewise)."""
+    return [thumbprint(root) for root in state.secure_channel_roots]
 
 
 def _certificate(op: TrustUpdate) -> x509.Certificate:
@@ -100,7 +114,7 @@ def is_current(state: TunnelState, op: TrustUpdate) -> bool:
         return False
     if op.kind == CONSOLE_IDENTITY:
         return cert == state.console_identity
-    if op.kind == DEVICE_ROOT:  # the trust config decides; applying it again is harmless
+    if op.kind in CA_TRUST_KINDS:  # the trust config decides; applying it again is harmless
         return False
     return thumbprint(cert) == state.tunnel_thumbprint
 
@@ -134,7 +148,7 @@ def next_state(state: TunnelState, ops: Sequence[TrustUpdate]) -> NextIdentity:
             files[config.TRUST_JWS] = op.trust.encode()
             if op.kind == CONSOLE_IDENTITY:
                 files[config.CONSOLE_IDENTITY_PEM] = op.certificate.encode()
-            elif op.kind == DEVICE_ROOT:  # the trust config alone lists the Device Roots
+            elif op.kind in CA_TRUST_KINDS:  # the trust config alone lists the CAs to trust
                 pass
             else:
                 files[config.TUNNEL_PEM] = op.certificate.encode()
@@ -147,15 +161,20 @@ def next_state(state: TunnelState, ops: Sequence[TrustUpdate]) -> NextIdentity:
         raise ConfigError(f"{where}: the new identity does not verify: {exc}") from exc
     if (verified.group_id, verified.node_name) != (state.group_id, state.node_name):
         raise ConfigError(f"{where}: the new state names another group or node")
+    # Sent after the tunnel identity: the Secure Channel Root that issued it (a renewed
+    # identity may come from a new one, and a finished rotation drops the old one).
+    files[config.CHAIN_PEM] = config.chain_pem(verified)
     return NextIdentity(verified, files)
 
 
 def changes_data_plane(state: TunnelState, new: TunnelState) -> bool:
-    """The listeners must take ``new``: another tunnel identity or Device Root set."""
-    return (new.tunnel_thumbprint, new.device_roots) != (
-        state.tunnel_thumbprint,
-        state.device_roots,
-    )
+    """The listeners must take ``new``: another tunnel identity, its chain, or another
+    set of Device Roots or Secure Channel Roots (a cascade's trust)."""
+
+    def seen(s: TunnelState) -> tuple[object, ...]:
+        return (s.tunnel_thumbprint, s.tunnel_chain, s.device_roots, s.secure_channel_roots)
+
+    return seen(new) != seen(state)
 
 
 def changes_anything(state: TunnelState, new: TunnelState) -> bool:
@@ -183,7 +202,7 @@ def successor_console_identity(
     named = thumbprint(signer)
     try:
         config.verify_identity(
-            signer, state.secure_channel_root, state.root, identity.console(state.group_id)
+            signer, state.secure_channel_roots, state.root, identity.console(state.group_id)
         )
     except ConfigError as exc:
         raise ConfigError(f"console identity {named} cannot be trusted here: {exc}") from exc

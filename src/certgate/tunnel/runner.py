@@ -131,7 +131,7 @@ def listener_tls(state: TunnelState, options: RunOptions) -> ServerTLS:
     return data_plane_tls(
         [state.tunnel_cert, *state.tunnel_chain],
         state.tunnel_key,
-        [state.secure_channel_root] if back_end else state.device_roots,
+        state.secure_channel_roots if back_end else state.device_roots,
         options.tls_curve,
         options.tls_backend,
     )
@@ -143,7 +143,7 @@ def cascade_of(state: TunnelState, options: RunOptions) -> Cascade | None:
     client_tls = None
     if options.role is Role.FRONT_END:
         chain = [state.tunnel_cert, *state.tunnel_chain]
-        client_tls = front_end_tls(chain, state.tunnel_key, state.secure_channel_root)
+        client_tls = front_end_tls(chain, state.tunnel_key, state.secure_channel_roots)
     return Cascade(
         options.role,
         state.group_id,

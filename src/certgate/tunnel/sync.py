@@ -273,6 +273,7 @@ class FeedFollower:
             "action_required": self._action_required,
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
             "device_roots": rotation.device_root_thumbprints(self.state),
+            "secure_channel_roots": rotation.secure_channel_root_thumbprints(self.state),
         }
 
     # Startup

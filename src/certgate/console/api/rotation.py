@@ -5,8 +5,8 @@
 new certificate at its agent's next check, ``.../{kind}/finish`` finishes
 (``?force=true`` finishes although something still depends on the old one; audited as
 such), ``GET /api/v1/groups/{g}/rotations`` is the status.
-An instance-wide kind (``device-root``) is reached through any group's path and needs a
-top-level superadmin.
+An instance-wide kind (``device-root``, ``secure-channel-root``) is reached through any
+group's path and needs a top-level superadmin.
 Every step is audited as ``rotation.<step>`` in the transaction that made it.
 """
 
@@ -68,7 +68,10 @@ def rotation_prepare(
 def rotation_switch(request: Request, group_id: str, kind: str = Kind) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         _require_writer(session, who.admin, group_id, kind)
-        switched = rotation.switch(session, state_of(request).pki, group_id, kind)
+        state = state_of(request)
+        switched = rotation.switch(session, state.pki, group_id, kind)
+        if kind == rotation.SECURE_CHANNEL:  # this console presents the new root's TLS now
+            state.renew_tls(session)
         audit.append(
             session,
             request.state.actor,

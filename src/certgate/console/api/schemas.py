@@ -343,6 +343,10 @@ class NodeStatusIn(StrictReport):
     restart_required: list[Annotated[str, Field(max_length=200)]] = Field(max_length=8)
     # The Device Roots the node trusts (thumbprints; a Device Root rotation's status).
     device_roots: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=2)
+    # Likewise the Secure Channel Roots (a Secure Channel Root rotation's status).
+    secure_channel_roots: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, max_length=2
+    )
 
 
 class TunnelReportIn(StrictReport):

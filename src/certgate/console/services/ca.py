@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
@@ -49,6 +50,7 @@ TOKEN_REFERENCE = b"CGP11:"
 # ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
 # still trusted until finish, and one finish retired (kept to sign its CRL).
 CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+_ISSUER_CACHE = 1024  # leaves whose issuing CA ``InstancePKI.issuing_ca`` remembers
 REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
 
 
@@ -99,6 +101,7 @@ class InstancePKI:
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
     _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
     _checked: float = 0.0  # monotonic time of the last ``refresh`` query
+    _issuers: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
     _signed_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -147,20 +150,63 @@ class InstancePKI:
         """The row label of the current CA of ``role``."""
         return self.labels.get(role, role)
 
-    def device_roots(self) -> list[x509.Certificate]:
-        """The Device Roots devices may present certificates of: the current one first, then
-        a rotation's next or retiring one (nodes trust all of them during the overlap)."""
-        return [cert for _, _, cert in self.trusted_device_roots()]
-
-    def trusted_device_roots(self) -> list[tuple[str, str, x509.Certificate]]:
-        """``device_roots`` with each one's row label and status (Access fetches a CRL per
-        label, ``/pki/crl/<label>.crl``)."""
+    def trusted_with_labels(self, role: str) -> list[tuple[str, str, x509.Certificate]]:
+        """The CAs of ``role`` to trust now, each with its row label and status: the current
+        one first, then a rotation's next or retiring one (both are trusted during the
+        overlap). Access fetches a CRL per label (``/pki/crl/<label>.crl``)."""
         extra = [
             (label, status, cert)
             for label, (status, cert, _) in sorted(self.others.items())
-            if role_of(label) == DEVICE_ROOT and status in (NEXT, RETIRING)
+            if role_of(label) == role and status in (NEXT, RETIRING)
         ]
-        return [(self.label(DEVICE_ROOT), CURRENT, self.certs[DEVICE_ROOT]), *extra]
+        return [(self.label(role), CURRENT, self.certs[role]), *extra]
+
+    def trusted(self, role: str) -> list[x509.Certificate]:
+        """``trusted_with_labels`` without the labels."""
+        return [cert for _, _, cert in self.trusted_with_labels(role)]
+
+    def trusted_device_roots(self) -> list[tuple[str, str, x509.Certificate]]:
+        """The Device Roots to trust now, with their labels and statuses."""
+        return self.trusted_with_labels(DEVICE_ROOT)
+
+    def device_roots(self) -> list[x509.Certificate]:
+        """The Device Roots devices may present certificates of (``trusted``)."""
+        return self.trusted(DEVICE_ROOT)
+
+    def secure_channel_roots(self) -> list[x509.Certificate]:
+        """The Secure Channel Roots the console and nodes accept identities of (``trusted``)."""
+        return self.trusted(SECURE_CHANNEL_ROOT)
+
+    def every_ca(self) -> list[x509.Certificate]:
+        """Every CA row's certificate, whatever its status (retired ones too)."""
+        return [*self.certs.values(), *(cert for _, cert, _ in self.others.values())]
+
+    def issuing_ca(self, cert: x509.Certificate) -> x509.Certificate:
+        """The CA (of any status) that signed ``cert``: a leaf issued before a rotation's
+        switch is served with the CA that signed it, not the one that issues now. Found
+        once per leaf (every signed feed batch asks for its signer's)."""
+        found = self._issuers.get(cert)
+        if found is None:
+            found = self._find_issuer(cert)
+            if len(self._issuers) >= _ISSUER_CACHE:
+                self._issuers = {}
+            self._issuers[cert] = found
+        return found
+
+    def _find_issuer(self, cert: x509.Certificate) -> x509.Certificate:
+        for candidate in self.every_ca():
+            if candidate.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return candidate
+        raise PKIError(f"no CA of this instance issued {cert.subject.rfc4514_string()}")
+
+    def chain_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """The CA chain served after leaf ``cert``: [the CA that signed it, Root]."""
+        return [self.issuing_ca(cert), self.certs[ROOT]]
 
     def issuer_of(self, label: str) -> Issuer:
         """The CA of row ``label``, current or not (a retired one signs only its CRL). A
@@ -332,17 +378,22 @@ def init_instance(
 
 
 def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_url: str) -> None:
-    """Store ``pki``'s CAs (new or restored from backup) as this instance's PKI."""
+    """Store ``pki``'s CAs (new or restored from backup) as this instance's PKI: the
+    current one of each role under its row label (``pki.labels``), and a restored
+    instance's other rows (next, retiring, retired) with their labels and statuses."""
     if session.get(Instance, 1) is not None:
         raise Conflict("instance already initialised")
-    for label, cert in pki.certs.items():
-        key = pki._keys[label]
+    rows = [(pki.label(role), CURRENT, cert, pki._keys[role]) for role, cert in pki.certs.items()]
+    rows += [(label, status, cert, key) for label, (status, cert, key) in pki.others.items()]
+    for label, status, cert, key in rows:
         if isinstance(key, TokenKey):  # a token's key never leaves the token
             _reference_key(session, f"ca:{label}")
         else:
             seal_key(session, pki.master, f"ca:{label}", key)
-        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}"))
-        record_certificate(session, cert, ROOT, Record(kind=f"ca:{label}"))
+        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}", status=status))
+        row = record_certificate(session, cert, ROOT, Record(kind=f"ca:{role_of(label)}"))
+        if status == RETIRED:  # a rotation's finish revoked it
+            row.revoked_at, row.revocation_reason = now(), "superseded"
     session.add(
         Instance(
             id=1,
@@ -363,6 +414,17 @@ def ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
         where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
         raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
     return keys
+
+
+def other_ca_keys(pki: InstancePKI) -> dict[str, PrivateKey]:
+    """The keys of the CA rows that do not issue now (a rotation's next, retiring and
+    retired ones), by row label, for an encrypted backup only (as ``ca_keys``)."""
+    keys = {label: key for label, (_, _, key) in pki.others.items()}
+    exportable = {label: key for label, key in keys.items() if not isinstance(key, TokenKey)}
+    if pki.token is not None or len(exportable) != len(keys):
+        where = pki.token.config.describe() if pki.token else "a PKCS#11 token"
+        raise PKIError(f"the CA keys live in {where} and cannot be exported; back up the token")
+    return exportable
 
 
 def revoke(session: Session, serial: str, reason: str) -> Certificate:

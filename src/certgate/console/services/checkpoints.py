@@ -10,7 +10,9 @@ from it make the line fail.
 Verification takes nothing from the database on trust, since a database writer is the
 adversary: the Root and Secure Channel Root certificates must match their keys sealed under
 the master key, and the signer (the JWS's own ``x5c`` leaf) must carry the top group's
-console identity and chain to them at signing time (``iat``).
+console identity and chain to them at signing time (``iat``). Every Secure Channel Root
+the instance ever had counts, retired ones too: a checkpoint signed before a rotation
+stays true after it, and its signer (a console identity since renewed) was valid then.
 """
 
 from __future__ import annotations
@@ -55,17 +57,21 @@ class Anchors:
     """What a checkpoint's signer must chain to, and the identity it must carry."""
 
     root: x509.Certificate
-    issuer: x509.Certificate
+    issuers: tuple[x509.Certificate, ...]  # every Secure Channel Root, whatever its status
     group_id: str
 
 
 def anchors(pki: ca.InstancePKI, group_id: str) -> Anchors:
-    """The instance's Root and Secure Channel Root, each checked against its sealed key."""
-    for label in (ca.ROOT, ca.SECURE_CHANNEL_ROOT):
-        issuer = pki.issuer(label)
+    """The instance's Root and its Secure Channel Roots (current, next, retiring, retired),
+    each checked against its sealed key."""
+    labels = [ca.ROOT, pki.label(ca.SECURE_CHANNEL_ROOT)]
+    labels += [label for label in sorted(pki.others) if ca.role_of(label) == ca.SECURE_CHANNEL_ROOT]
+    issuers = {label: pki.issuer_of(label) for label in labels}
+    for label, issuer in issuers.items():
         if _spki(issuer.key.public_key()) != _spki(issuer.cert.public_key()):
             raise SignatureError(f"CA certificate {label!r} does not match its sealed key")
-    return Anchors(pki.certs[ca.ROOT], pki.certs[ca.SECURE_CHANNEL_ROOT], group_id)
+    scrs = tuple(issuers[label].cert for label in labels[1:])
+    return Anchors(pki.certs[ca.ROOT], scrs, group_id)
 
 
 def _spki(public_key: Any) -> bytes:
@@ -83,9 +89,9 @@ def verify_line(line: str, trusted: Anchors) -> audit.Checkpoint:
         raise SignatureError(f"signer is not the console identity of {trusted.group_id!r}")
     payload = jws.verify(token, signer, jws.TYP_AUDIT_CHECKPOINT, trusted.group_id)
     signed_at = datetime.fromtimestamp(payload["iat"], UTC)
-    verify_client_chain(
-        signer, [trusted.issuer], [trusted.root], expected_issuer=trusted.issuer, at=signed_at
-    )
+    chain = verify_client_chain(signer, trusted.issuers, [trusted.root], at=signed_at)
+    if len(chain) < 2 or chain[1] not in trusted.issuers:
+        raise SignatureError("signer is not issued by a Secure Channel Root of the instance")
     if any(fields.get(name) != payload.get(name) for name in FIELDS):
         raise SignatureError("readable fields differ from the signed ones")
     return _checkpoint_of(payload)

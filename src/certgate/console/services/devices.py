@@ -321,7 +321,8 @@ def deliver_profile(
         "certificate": row.cert_pem,
         "thumbprint": row.thumbprint,
         "chain": pki.chain_pem(ca.DEVICE_ROOT),
-        "tunnel_trust": pki.chain_pem(ca.SECURE_CHANNEL_ROOT),
+        # Every Secure Channel Root trusted now (two during its rotation), then the Root.
+        "tunnel_trust": [ca.pem(c) for c in (*pki.secure_channel_roots(), pki.certs[ca.ROOT])],
         "tunnel_identity_thumbprint": tunnel_thumbprint,
         "tunnel": tunnel_endpoints(settings["tunnel"]),
         "rules": settings["device_rules"],

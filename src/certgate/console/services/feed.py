@@ -44,12 +44,12 @@ from certgate.feed import (
     ATTRIBUTE_FIELDS,
     MIN_FEED_VERSION,
     POLICY_VERSION,
-    TRUST_VERSION,
     ComplianceStatus,
     Delete,
     EnrollmentStatus,
     Entry,
     PolicyUpdate,
+    trust_kinds_of,
 )
 
 CLIENT_KINDS = ("device", "app")
@@ -93,11 +93,15 @@ def emit_policy(session: Session, group: Group) -> int:
 
 def for_version(entries: Iterable[dict[str, Any]], version: int) -> list[dict[str, Any]]:
     """The operations a node of contract ``version`` can read (docs/CONVENTIONS.md):
-    policy operations from version 2, trust operations (rotations) from version 3."""
-    if version >= TRUST_VERSION:
-        return list(entries)
-    unreadable = {"trust"} if version >= POLICY_VERSION else {"policy", "trust"}
-    return [entry for entry in entries if entry.get("op") not in unreadable]
+    policy operations from version 2, trust operations (rotations) from version 3, of
+    the kinds ``trust_kinds_of(version)``."""
+    kinds = trust_kinds_of(version)
+    return [
+        entry
+        for entry in entries
+        if (entry.get("op") != "policy" or version >= POLICY_VERSION)
+        and (entry.get("op") != "trust" or entry.get("kind") in kinds)
+    ]
 
 
 def active_certs(session: Session, device_uid: str) -> list[Certificate]:

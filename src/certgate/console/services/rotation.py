@@ -37,8 +37,21 @@ presenting it); finish waits for none to be left (or ``force``), revokes those l
 retires the old root (nodes stop trusting it) and its CRL stays published at
 ``/pki/crl/<label>.crl``.
 
-The Secure Channel Root and the Root are refused with that reason until they are
-implemented.
+Secure Channel Root (``secure-channel-root``), one per instance like the Device Root, and
+in the same model: prepare creates the next one under the Root and every group's trust
+config lists both (nodes accept identities of either). No cross certificate is needed:
+everyone anchors on the Root, which issues the new one (the old one, pathLen 0, could not
+sign it). Switch makes it current and renews every group identity onto it through the
+identity rotations above (``_renew_identities``: prepared and switched at once, their
+steps in the feed after this one's), and the console TLS certificate is issued again
+(``ConsoleState._console_tls``). Every chain is served with the CA that signed its leaf
+(``ca.InstancePKI.chain_of``), so old and new leaves verify during the overlap. Finish
+finishes those identity rotations (each with its own checks), then waits for every node
+to report the new root and the console TLS certificate to be the new one's, revokes
+what the old root issued, and retires it (nodes stop trusting it).
+
+The Root is refused with that reason until it is implemented (docs/CONVENTIONS.md gives
+the intended order).
 """
 
 from __future__ import annotations
@@ -94,9 +107,14 @@ __all__ = [
 TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
 CONSOLE = tunnels.CONSOLE_IDENTITY_ROTATION
 DEVICE = "device-root"
-KINDS = (TUNNEL, CONSOLE, DEVICE, "secure-channel-root", "root")
-IMPLEMENTED = (TUNNEL, CONSOLE, DEVICE)
-INSTANCE_KINDS = (DEVICE,)  # one per instance: the rotation row has no group
+SECURE_CHANNEL = "secure-channel-root"
+KINDS = (TUNNEL, CONSOLE, DEVICE, SECURE_CHANNEL, "root")
+IMPLEMENTED = (TUNNEL, CONSOLE, DEVICE, SECURE_CHANNEL)
+INSTANCE_KINDS = (DEVICE, SECURE_CHANNEL)  # one per instance: the rotation row has no group
+# The instance CA each instance-wide kind rotates (a new version of it under the Root).
+CA_ROLES = {DEVICE: ca.DEVICE_ROOT, SECURE_CHANNEL: ca.SECURE_CHANNEL_ROOT}
+# What a node's report lists as trusted, per CA kind (``tunnel.sync`` status).
+_REPORTED = {DEVICE: "device_roots", SECURE_CHANNEL: "secure_channel_roots"}
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
 RENEWAL = "renewal"  # started_by of the rotations renew_due starts
@@ -199,8 +217,8 @@ def prepare(
         where = "" if kind in INSTANCE_KINDS else f" in group {group_id!r}"
         raise Conflict(f"a {kind} rotation is already running{where}; finish it")
     next_phase(None, RotationPhase.PREPARE)
-    if kind == DEVICE:
-        return _prepare_device_root(session, pki, started_by, overlap)
+    if kind in CA_ROLES:
+        return _prepare_ca(session, pki, kind, started_by, overlap)
     pair = session.get(GroupIdentity, group_id)
     if pair is None:
         raise NotFound(f"group {group_id!r} has no identity pair")
@@ -240,12 +258,8 @@ def switch(session: Session, pki: ca.InstancePKI, group_id: str, kind: str) -> R
     pki.refresh(session, 0)
     rotation.phase = next_phase(Phase(rotation.phase), RotationPhase.SWITCH).value
     rotation.switched_at = ca.now()
-    if kind == DEVICE:
-        old = pki.label(ca.DEVICE_ROOT)
-        new = ca.version_label(ca.DEVICE_ROOT, rotation.id)
-        ca.set_ca_status(session, pki, {old: ca.RETIRING, new: ca.CURRENT})
-        rotation.switch_seq = _publish_device_root(session, pki, rotation, RotationPhase.SWITCH)
-        return rotation
+    if kind in CA_ROLES:
+        return _switch_ca(session, pki, rotation)
     pair = session.get(GroupIdentity, group_id)
     assert pair is not None  # prepare checked it
     what = _KINDS[kind]
@@ -273,10 +287,12 @@ def finish(
     rotation = _require_running(session, group_id, kind)
     pki.refresh(session, 0)
     phase = next_phase(Phase(rotation.phase), RotationPhase.FINISH)
+    if kind == SECURE_CHANNEL:  # the group identities it renewed first (their own checks)
+        _finish_children(session, pki, rotation, force)
     if not force:
         blockers = _blockers(session, rotation)
         if blockers:
-            what = "Device Root" if kind == DEVICE else "identity"
+            what = _WHAT.get(kind, "identity")
             raise Conflict(
                 f"the old {what} is still needed: " + "; ".join(blockers) + " (or --force)"
             )
@@ -284,6 +300,9 @@ def finish(
     ca.revoke(session, rotation.old_serial, "superseded")
     if rotation.kind == DEVICE:
         _retire_device_root(session, pki, rotation)
+        return rotation
+    if rotation.kind == SECURE_CHANNEL:
+        _retire_secure_channel_root(session, pki, rotation)
         return rotation
     _publish(session, pki, rotation, RotationPhase.FINISH)
     for label in (_next_key_label(rotation), _previous_key_label(rotation)):
@@ -445,12 +464,13 @@ def _nodes(session: Session, rotation: Rotation, scope: str | None = None) -> li
     old = session.get(Certificate, rotation.old_serial)
     new = session.get(Certificate, rotation.new_serial)
     assert old is not None and new is not None  # FK-enforced
-    if rotation.kind == DEVICE:  # every node of the instance, or of the group ``scope``
+    if rotation.kind in CA_ROLES:  # every node of the instance, or of the group ``scope``
         query = select(TunnelNode).order_by(TunnelNode.group_id, TunnelNode.name)
         if scope is not None:
             query = query.where(TunnelNode.group_id == scope)
         rows = session.execute(query).scalars()
-        return [_device_root_node(n, old.thumbprint, new.thumbprint) for n in rows]
+        key = _REPORTED[rotation.kind]
+        return [_ca_node(n, key, old.thumbprint, new.thumbprint) for n in rows]
     rows = session.execute(
         select(TunnelNode).where(TunnelNode.group_id == rotation.group_id).order_by(TunnelNode.name)
     ).scalars()
@@ -462,6 +482,8 @@ def _blockers(session: Session, rotation: Rotation, scope: str | None = None) ->
     one group only (an instance-wide rotation shown to that group's admins)."""
     if rotation.kind == DEVICE:
         blockers = _device_root_blockers(session, rotation, scope)
+    elif rotation.kind == SECURE_CHANNEL:
+        blockers = _secure_channel_blockers(session, rotation, scope)
     else:
         depends = "presents" if rotation.kind == TUNNEL else "pins"
         blockers = [
@@ -501,6 +523,11 @@ def describe(session: Session, rotation: Rotation, scope: str | None = None) -> 
         "devices": (
             _old_root_population(session, rotation, scope) if rotation.kind == DEVICE else {}
         ),
+        "dependents": (
+            _secure_channel_dependents(session, rotation, scope)
+            if rotation.kind == SECURE_CHANNEL
+            else {}
+        ),
         "blockers": _blockers(session, rotation, scope) if running else [],
     }
 
@@ -521,21 +548,26 @@ def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, A
     return [describe(session, r, group_id) for r in rows]
 
 
-# Device Root (one per instance)
+# Instance CAs: Device Root and Secure Channel Root (one per instance each)
+
+_WHAT = {DEVICE: "Device Root", SECURE_CHANNEL: "Secure Channel Root"}
 
 
-def _prepare_device_root(
-    session: Session, pki: ca.InstancePKI, started_by: str, overlap: timedelta
+def _prepare_ca(
+    session: Session, pki: ca.InstancePKI, kind: str, started_by: str, overlap: timedelta
 ) -> Rotation:
+    """A new version of the instance CA of ``kind`` under the Root, trusted by every node
+    from this step on beside the current one (``_publish_ca``)."""
+    role = CA_ROLES[kind]
     old = session.execute(
         select(Certificate).where(
-            Certificate.kind == f"ca:{ca.DEVICE_ROOT}",
-            Certificate.thumbprint == thumbprint(pki.certs[ca.DEVICE_ROOT]),
+            Certificate.kind == f"ca:{role}",
+            Certificate.thumbprint == thumbprint(pki.certs[role]),
         )
     ).scalar_one()
     rotation = Rotation(
         group_id=None,
-        kind=DEVICE,
+        kind=kind,
         phase=Phase.PREPARED.value,
         old_serial=old.serial,
         new_serial=old.serial,  # the new root's, once issued (it is labelled by this id)
@@ -546,18 +578,32 @@ def _prepare_device_root(
     )
     session.add(rotation)
     session.flush()
-    ca.new_ca_version(session, pki, ca.DEVICE_ROOT, rotation.id)
-    new_cert = pki.others[ca.version_label(ca.DEVICE_ROOT, rotation.id)][1]
+    ca.new_ca_version(session, pki, role, rotation.id)
+    new_cert = pki.others[ca.version_label(role, rotation.id)][1]
     rotation.new_serial = format(new_cert.serial_number, "x")
-    rotation.prepare_seq = _publish_device_root(session, pki, rotation, RotationPhase.PREPARE)
+    rotation.prepare_seq = _publish_ca(session, pki, rotation, RotationPhase.PREPARE)
     return rotation
 
 
-def _retiring_label(pki: ca.InstancePKI) -> str:
+def _switch_ca(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> Rotation:
+    """The new CA issues from now on; the old one is retiring (still trusted). A new
+    Secure Channel Root renews every group identity onto it (``_renew_identities``)."""
+    role = CA_ROLES[rotation.kind]
+    if rotation.kind == SECURE_CHANNEL:
+        _check_no_identity_rotation(session)
+    old, new = pki.label(role), ca.version_label(role, rotation.id)
+    ca.set_ca_status(session, pki, {old: ca.RETIRING, new: ca.CURRENT})
+    rotation.switch_seq = _publish_ca(session, pki, rotation, RotationPhase.SWITCH)
+    if rotation.kind == SECURE_CHANNEL:
+        _renew_identities(session, pki, rotation)
+    return rotation
+
+
+def _retiring_label(pki: ca.InstancePKI, role: str = ca.DEVICE_ROOT) -> str:
     return next(
         label
         for label, (state, _, _) in pki.others.items()
-        if ca.role_of(label) == ca.DEVICE_ROOT and state == ca.RETIRING
+        if ca.role_of(label) == role and state == ca.RETIRING
     )
 
 
@@ -573,29 +619,29 @@ def _retire_device_root(session: Session, pki: ca.InstancePKI, rotation: Rotatio
     for group_id, entries in sorted(deletes.items()):
         feed.emit(session, group_id, entries)
     ca.set_ca_status(session, pki, {old_label: ca.RETIRED})
-    _publish_device_root(session, pki, rotation, RotationPhase.FINISH)
+    _publish_ca(session, pki, rotation, RotationPhase.FINISH)
 
 
-def _publish_device_root(
+def _publish_ca(
     session: Session, pki: ca.InstancePKI, rotation: Rotation, step: RotationPhase
 ) -> int:
-    """The step to every group's nodes: a trust config listing the Device Roots to trust
-    now (``pki.device_roots``), signed by the group's console identity; returns the
-    last seq emitted."""
+    """The step to every group's nodes: a trust config listing the Device Roots and the
+    Secure Channel Roots to trust now (``pki.trusted``), signed by the group's console
+    identity; returns the last seq emitted."""
     seq = 0
     for group_id in session.execute(
         select(GroupIdentity.group_id).order_by(GroupIdentity.group_id)
     ).scalars():
-        op = _device_root_op(session, pki, rotation, step, group_id)
+        op = _ca_op(session, pki, rotation, step, group_id)
         seq = feed.emit(session, group_id, [op.encode()])
     return seq
 
 
-def _device_root_op(
+def _ca_op(
     session: Session, pki: ca.InstancePKI, rotation: Rotation, step: RotationPhase, group_id: str
 ) -> TrustUpdate:
-    """A Device Root rotation's ``step`` for one group: the trust config lists the Device
-    Roots to trust now."""
+    """A Device Root or Secure Channel Root rotation's ``step`` for one group: the trust
+    config lists the roots of both kinds to trust now."""
     instance = session.get(Instance, 1)
     assert instance is not None  # an initialised console
     payload = tunnels.trust_payload(session, pki, group_id, instance.public_url)
@@ -603,7 +649,7 @@ def _device_root_op(
         session, pki, group_id, payload, jws.TYP_TRUST, tunnels.TRUST_TTL_S
     )
     new_root = ca.pem(_cert(session, rotation.new_serial))
-    return TrustUpdate(DEVICE, step, rotation.id, new_root, None, trust)
+    return TrustUpdate(rotation.kind, step, rotation.id, new_root, None, trust)
 
 
 def _old_root_certificates(
@@ -626,7 +672,7 @@ def _old_label(session: Session, rotation: Rotation) -> str:
     for row in session.execute(select(CACert)).scalars():
         if x509.load_pem_x509_certificate(row.cert_pem.encode()) == old:
             return row.label
-    raise NotFound(f"no CA row holds the old Device Root {rotation.old_serial}")
+    raise NotFound(f"no CA row holds the old {_WHAT[rotation.kind]} {rotation.old_serial}")
 
 
 def _old_root_population(
@@ -677,9 +723,10 @@ def _device_root_blockers(
     return blockers
 
 
-def _device_root_node(node: TunnelNode, old: str, new: str) -> NodeStatus:
-    """A node has the new root when its report lists it among the Device Roots it trusts."""
-    trusted = ((node.report or {}).get("status") or {}).get("device_roots") or []
+def _ca_node(node: TunnelNode, key: str, old: str, new: str) -> NodeStatus:
+    """A node has the new CA when its report lists it among those it trusts (``key``:
+    its Device Roots or its Secure Channel Roots)."""
+    trusted = ((node.report or {}).get("status") or {}).get(key) or []
     presents = "new" if new in trusted and old not in trusted else "old"
     return NodeStatus(
         node.name,
@@ -725,9 +772,10 @@ def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[T
     In use, first: the step of the latest console-identity rotation that made the group's
     console identity current, the switch step of a running tunnel-identity rotation (its
     key sealed to the old identity, which the console still accepts), the latest step of
-    the latest Device Root rotation. They are built now, so their trust configs name the
-    identities in use together (a node applies them together). Then the prepared next
-    console and tunnel identities, as their prepare steps."""
+    the latest Device Root and Secure Channel Root rotations. They are built now, so
+    their trust configs name the identities in use together (a node applies them
+    together). Then the prepared next console and tunnel identities, as their prepare
+    steps."""
     ops = []
     console = _latest(session, group_id, CONSOLE, switched=True)
     if console is not None:
@@ -735,10 +783,10 @@ def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[T
     tunnel = _running(session, group_id, TUNNEL)
     if tunnel is not None and tunnel.switched_at is not None:
         ops.append(_identity_op(session, pki, tunnel, RotationPhase.SWITCH))
-    device = _latest(session, None, DEVICE)
-    if device is not None:
-        step = _STEP_OF[Phase(device.phase)]
-        ops.append(_device_root_op(session, pki, device, step, group_id))
+    for kind in (DEVICE, SECURE_CHANNEL):
+        root = _latest(session, None, kind)
+        if root is not None:
+            ops.append(_ca_op(session, pki, root, _STEP_OF[Phase(root.phase)], group_id))
     for kind in (CONSOLE, TUNNEL):
         prepared = _running(session, group_id, kind)
         if prepared is not None and prepared.switched_at is None:
@@ -756,3 +804,154 @@ def _latest(
     if switched:
         query = query.where(Rotation.switched_at.is_not(None))
     return session.execute(query.order_by(Rotation.id.desc()).limit(1)).scalar_one_or_none()
+
+
+# Secure Channel Root: what it issued is renewed onto the new one at switch
+
+
+def _child_tag(rotation: Rotation) -> str:
+    """``started_by`` of the group identity rotations a Secure Channel Root switch starts."""
+    return f"{SECURE_CHANNEL} rotation {rotation.id}"
+
+
+def _check_no_identity_rotation(session: Session) -> None:
+    """The switch renews every group identity: none may be rotating already."""
+    running = session.execute(
+        select(Rotation).where(Rotation.kind.in_((TUNNEL, CONSOLE)), Rotation.finished_at.is_(None))
+    ).scalars()
+    busy = [f"{r.kind} rotation {r.id} of group {r.group_id}" for r in running]
+    if busy:
+        raise Conflict(
+            "switch the Secure Channel Root once no group identity rotates: finish "
+            + ", ".join(busy)
+        )
+
+
+def _renew_identities(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> None:
+    """Every group's tunnel and console identity, issued again by the new Secure Channel
+    Root through their own rotations (prepared and switched at once, as at a change of
+    tunnel names); this rotation's finish finishes them. The feed carries each group's
+    steps after this one's switch step, so a node trusts the new root before it sees an
+    identity it issued."""
+    overlap = timedelta(seconds=rotation.overlap_s)
+    for group_id in session.execute(
+        select(GroupIdentity.group_id).order_by(GroupIdentity.group_id)
+    ).scalars():
+        for kind in (TUNNEL, CONSOLE):
+            prepare(session, pki, group_id, kind, _child_tag(rotation), overlap)
+            switch(session, pki, group_id, kind)
+
+
+def _children(session: Session, rotation: Rotation) -> list[Rotation]:
+    """The group identity rotations the switch started that still run."""
+    return list(
+        session.execute(
+            select(Rotation)
+            .where(Rotation.started_by == _child_tag(rotation), Rotation.finished_at.is_(None))
+            .order_by(Rotation.id)
+        ).scalars()
+    )
+
+
+def _finish_children(
+    session: Session, pki: ca.InstancePKI, rotation: Rotation, force: bool
+) -> None:
+    for child in _children(session, rotation):
+        assert child.group_id is not None  # identities are per group
+        try:
+            finish(session, pki, child.group_id, child.kind, force=force)
+        except Conflict as exc:
+            where = f"{child.kind} rotation {child.id} of group {child.group_id}"
+            raise Conflict(f"{where}: {exc}") from exc
+
+
+def _old_ca_certificates(
+    session: Session, label: str, scope: str | None = None
+) -> list[Certificate]:
+    """The active certificates the CA of row ``label`` issued (of group ``scope``)."""
+    query = select(Certificate).where(
+        Certificate.issuer_label == label,
+        Certificate.revoked_at.is_(None),
+        Certificate.not_after > ca.now(),
+    )
+    if scope is not None:
+        query = query.where(Certificate.group_id == scope)
+    return list(session.execute(query).scalars())
+
+
+def _console_tls_is_old(session: Session, label: str) -> bool:
+    """The console TLS certificate in use (the newest active one) is from CA row ``label``."""
+    newest = (
+        session.execute(
+            select(Certificate.issuer_label)
+            .where(Certificate.kind == "console-tls", Certificate.revoked_at.is_(None))
+            .order_by(Certificate.issued_at.desc())
+        )
+        .scalars()
+        .first()
+    )
+    return newest == label
+
+
+def _secure_channel_dependents(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> dict[str, Any]:
+    """What still depends on the old Secure Channel Root: its active group identities by
+    kind, and whether the console still presents a TLS certificate it issued."""
+    label = _old_label(session, rotation)
+    by_kind: dict[str, int] = {}
+    for cert in _old_ca_certificates(session, label, scope):
+        if cert.kind in (TUNNEL, CONSOLE):
+            by_kind[cert.kind] = by_kind.get(cert.kind, 0) + 1
+    return {
+        "old_ca_certificates": by_kind,
+        "console_tls_old": _console_tls_is_old(session, label),
+        "identity_rotations": [
+            {"id": c.id, "group_id": c.group_id, "kind": c.kind, "phase": c.phase}
+            for c in _children(session, rotation)
+            if scope is None or c.group_id == scope
+        ],
+    }
+
+
+def _secure_channel_blockers(
+    session: Session, rotation: Rotation, scope: str | None = None
+) -> list[str]:
+    if rotation.finished_at is not None:
+        return []
+    dependents = _secure_channel_dependents(session, rotation, scope)
+    renewing = {c.old_serial for c in _children(session, rotation)}  # finish finishes these
+    left: dict[str, int] = {}
+    for cert in _old_ca_certificates(session, _old_label(session, rotation), scope):
+        if cert.kind in (TUNNEL, CONSOLE) and cert.serial not in renewing:
+            left[cert.kind] = left.get(cert.kind, 0) + 1
+    blockers = [
+        f"{count} active {kind} certificate(s) of the old Secure Channel Root"
+        for kind, count in sorted(left.items())
+    ]
+    for child in _children(session, rotation):
+        waits = _blockers(session, child) if scope in (None, child.group_id) else []
+        if waits:
+            where = f"{child.kind} rotation {child.id} of group {child.group_id}"
+            blockers.append(f"{where}: {'; '.join(waits)}")
+    if dependents["console_tls_old"]:
+        blockers.append(
+            "the console still presents a TLS certificate of the old Secure Channel Root"
+            " (it renews it within renew_interval_s, or at its next start)"
+        )
+    blockers += [
+        f"node {n.name} does not trust the new Secure Channel Root yet (last seen {n.last_seen_at})"
+        for n in _nodes(session, rotation, scope)
+        if not n.has_new
+    ]
+    return blockers
+
+
+def _retire_secure_channel_root(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> None:
+    """Revoke what the old root issued that is still active (a superseded console TLS
+    certificate; group identities when forced), stop trusting it, tell every group."""
+    old_label = _retiring_label(pki, ca.SECURE_CHANNEL_ROOT)
+    for cert in _old_ca_certificates(session, old_label):
+        ca.revoke(session, cert.serial, "superseded")
+    ca.set_ca_status(session, pki, {old_label: ca.RETIRED})
+    _publish_ca(session, pki, rotation, RotationPhase.FINISH)

@@ -36,7 +36,7 @@ from certgate.console.store.models import (
     Rotation,
     TunnelNode,
 )
-from certgate.errors import AuthError, BadRequest, NotFound
+from certgate.errors import AuthError, BadRequest, ChainError, NotFound
 from certgate.feed import MIN_FEED_VERSION
 from certgate.pki import identity
 from certgate.pki.keys import PrivateKey, private_key_pem
@@ -70,7 +70,8 @@ def trust_payload(
         "group_id": group_id,
         "console_url": console_url,
         "root": ca.pem(pki.certs[ca.ROOT]),
-        "secure_channel_root": ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]),
+        # Two during a Secure Channel Root rotation, the current one first.
+        "secure_channel_root": "".join(ca.pem(c) for c in pki.secure_channel_roots()),
         "device_root": "".join(ca.pem(c) for c in pki.device_roots()),  # rotation overlap
         "console_identity_thumbprint": thumbprint(console_cert),
         "tunnel_identity_thumbprint": thumbprint(tunnel_cert),
@@ -101,7 +102,7 @@ def sign_for_group(
         console_cert, _ = group_certificates(session, group_id)
         signer = console_cert, pki.unseal(session, console_key_label(group_id))
     console_cert, console_key = signer
-    chain = [console_cert, pki.certs[ca.SECURE_CHANNEL_ROOT]]
+    chain = [console_cert, pki.issuing_ca(console_cert)]
     return jws.sign({**payload, "group_id": group_id}, console_key, chain, typ, ttl_s)
 
 
@@ -181,7 +182,7 @@ def setup_bundle(
         "console_identity": ca.pem(console_cert),
         "tunnel_identity": ca.pem(tunnel_cert),
         "tunnel_key": private_key_pem(tunnel_key).decode(),
-        "chain": [ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]), ca.pem(pki.certs[ca.ROOT])],
+        "chain": [ca.pem(c) for c in pki.chain_of(tunnel_cert)],
         "trust": trust,
     }
 
@@ -262,9 +263,7 @@ def installer(
     console_cert, _ = group_certificates(session, group_id)
     token = create_install_token(session, group_id, created_by, ttl)
     files = {
-        "chain.pem": (
-            ca.pem(pki.certs[ca.SECURE_CHANNEL_ROOT]) + ca.pem(pki.certs[ca.ROOT])
-        ).encode(),
+        "chain.pem": "".join(ca.pem(c) for c in pki.chain_of(console_cert)).encode(),
         "root.pem": ca.pem(pki.certs[ca.ROOT]).encode(),
         "console-identity.pem": ca.pem(console_cert).encode(),
         "trust.jws": sign_for_group(
@@ -320,6 +319,15 @@ def accepted_tunnel_serials(session: Session, group_id: str) -> set[str]:
     return accepted
 
 
+def verify_identity_chain(pki: ca.InstancePKI, cert: x509.Certificate) -> None:
+    """``cert`` chains to the Root through a Secure Channel Root trusted now (both during a
+    rotation of it), which signed it directly: a group identity, never a device's."""
+    scrs = pki.secure_channel_roots()
+    chain = verify_client_chain(cert, scrs, [pki.certs[ca.ROOT]], at=ca.now())
+    if len(chain) < 2 or chain[1] not in scrs:
+        raise AuthError("certificate is not issued by a Secure Channel Root")
+
+
 def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | None) -> TunnelPeer:
     """Authenticate a tunnel by its identity cert: valid chain, and one the console accepts
     now (``accepted_tunnel_serials``)."""
@@ -330,17 +338,16 @@ def tunnel_group_of(session: Session, pki: ca.InstancePKI, peer_der: bytes | Non
     ident = identity.identity_of(cert)
     if ident.kind is not identity.IdentityKind.TUNNEL or ident.group_id is None:
         raise AuthError(f"certificate is not a tunnel identity (it is {ident.kind.value})")
-    verify_client_chain(
-        cert,
-        [pki.certs[ca.SECURE_CHANNEL_ROOT]],
-        [pki.certs[ca.ROOT]],
-        expected_issuer=pki.certs[ca.SECURE_CHANNEL_ROOT],
-        at=ca.now(),
-    )
     presented = thumbprint(cert)
     row = session.execute(
         select(Certificate).where(Certificate.thumbprint == presented)
     ).scalar_one_or_none()
+    try:
+        verify_identity_chain(pki, cert)
+    except ChainError as exc:  # one of a retired Secure Channel Root says what to do
+        if row is None or row.revoked_at is None:
+            raise
+        raise AuthError(_refusal(session, ident.group_id, row)) from exc
     accepted = accepted_tunnel_serials(session, ident.group_id)
     if row is None or row.serial not in accepted or row.revoked_at is not None:
         raise AuthError(_refusal(session, ident.group_id, row))
