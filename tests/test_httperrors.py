@@ -20,7 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from certgate.httperrors import RETRY_AFTER_S, ErrorShield, classify, storage_reason
+from certgate.httperrors import (
+    RETRY_AFTER_S,
+    ErrorPages,
+    ErrorShield,
+    classify,
+    prefers_html,
+    storage_reason,
+)
 
 
 def _enospc() -> OSError:
@@ -110,3 +117,60 @@ def test_the_shield_answers_json_instead_of_text() -> None:
     assert boom.json()["error"] == "internal_error"
     assert full.status_code == 503 and full.headers["retry-after"] == str(RETRY_AFTER_S)
     assert full.json()["error"] == "storage_unavailable"
+
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.parametrize(
+    ("accept", "html"),
+    [
+        (BROWSER, True),
+        ("text/html", True),
+        ("*/*", False),  # curl, httpx
+        ("", False),
+        ("application/json", False),
+        ("application/json, text/html;q=0.5", False),
+        ("text/html;q=0.5, application/json;q=0.9", False),
+        ("text/html;q=bad", False),
+    ],
+)
+def test_a_browser_is_told_by_its_accept_header(accept: str, html: bool) -> None:
+    assert prefers_html(accept) is html
+
+
+PAGES = ErrorPages("/ui", lambda status, code, detail: f"<p>{status} {code}</p>".encode())
+
+
+@pytest.mark.parametrize(
+    ("path", "accept", "routed", "page"),
+    [
+        ("/ui/devices", "*/*", True, True),  # a UI route: always the page
+        ("/ui", "", False, True),
+        ("/nowhere", BROWSER, False, True),  # a browser at a wrong address
+        ("/nowhere", "*/*", False, False),
+        ("/api/v1/nowhere", BROWSER, False, False),  # the API is JSON, whoever asks
+        ("/scep", BROWSER, True, False),  # an API route answers JSON
+        ("/uix", BROWSER, True, False),
+    ],
+)
+def test_which_errors_are_pages(path: str, accept: str, routed: bool, page: bool) -> None:
+    assert PAGES.wanted(path, accept, routed) is page
+
+
+def test_the_shield_answers_a_page_to_a_browser_on_a_page() -> None:
+    # The same in-process unit as above (the ENOSPC is real, from /dev/full).
+    app = Starlette(routes=[Route("/ui/full", _full), Route("/api/full", _full)])
+    app.add_middleware(ErrorShield, pages=PAGES)
+
+    async def both() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"accept": BROWSER}
+            return await client.get("/ui/full"), await client.get("/api/full", headers=headers)
+
+    page, api = asyncio.run(both())
+    assert (page.status_code, page.headers["content-type"]) == (503, "text/html; charset=utf-8")
+    assert page.text == "<p>503 storage_unavailable</p>"
+    assert page.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert api.status_code == 503 and api.json()["error"] == "storage_unavailable"

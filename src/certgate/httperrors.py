@@ -9,6 +9,11 @@ id, and the traceback is logged under that id: a text/plain 500 never reaches a 
 :func:`classify` is the decision (pure); :class:`ErrorShield` is the ASGI shell that the
 console and Access install, and the cert proxy and the tunnel's admin listener call
 :func:`classify` from their own loops.
+
+An error is a JSON body, except for a browser on a web page: :class:`ErrorPages` (the
+console's web UI gives one) says which requests get the same error as an HTML page
+(:meth:`ErrorPages.wanted`, the one decision), and every error the app answers (its
+handlers, :class:`ErrorShield`, the body limit) asks it. ``/api`` is always JSON.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ import logging
 import secrets
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "FAILURE_KINDS",
     "RETRY_AFTER_S",
+    "ErrorPages",
     "ErrorShield",
     "Failure",
     "classify",
+    "prefers_html",
+    "send_error",
     "send_failure",
     "storage_reason",
 ]
@@ -110,6 +118,46 @@ def classify(exc: BaseException, where: str) -> Failure:
     return Failure(500, "unexpected", "internal_error", detail)
 
 
+def prefers_html(accept: str) -> bool:
+    """Whether an ``Accept`` header (RFC 9110 §12.5.1) ranks ``text/html`` above JSON, as a
+    browser asking for a page does; ``*/*`` alone (curl, httpx, API clients) does not."""
+    ranks: dict[str, float] = {}
+    for item in accept.lower().split(",")[:32]:  # bounded: the header comes from the client
+        media, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media.strip()] = max(quality, ranks.get(media.strip(), 0.0))
+    json = max(ranks.get(m, 0.0) for m in ("application/json", "application/*", "*/*"))
+    return ranks.get("text/html", 0.0) > json
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPages:
+    """A web UI's error page: where it is wanted and how it is drawn."""
+
+    prefix: str  # the UI's paths: "/ui" and below
+    render: Callable[[int, str, str], bytes]  # (status, code, detail) -> an HTML page
+    headers: tuple[tuple[str, str], ...] = ()  # the UI's security headers
+
+    def wanted(self, path: str, accept: str, routed: bool) -> bool:
+        """A page on the UI's paths; elsewhere only where no route answers (a browser that
+        opened a wrong address), never under /api, and only for a client asking for HTML."""
+        if path == self.prefix or path.startswith(f"{self.prefix}/"):
+            return True
+        return not routed and not path.startswith("/api/") and prefers_html(accept)
+
+    def wanted_by(self, scope: Mapping[str, Any]) -> bool:
+        accept = dict(scope.get("headers") or ()).get(b"accept", b"")
+        routed = scope.get("route") is not None
+        return self.wanted(scope.get("path", ""), accept.decode("latin-1"), routed)
+
+
 class ErrorShield:
     """ASGI middleware: an exception no handler mapped is answered by :func:`classify`.
 
@@ -118,8 +166,13 @@ class ErrorShield:
     they left. After the response has started nothing can be said: it is logged and re-raised.
     """
 
-    def __init__(self, app: Any, on_failure: Callable[[Failure], None] | None = None) -> None:
-        self.app, self.on_failure = app, on_failure
+    def __init__(
+        self,
+        app: Any,
+        on_failure: Callable[[Failure], None] | None = None,
+        pages: ErrorPages | None = None,
+    ) -> None:
+        self.app, self.on_failure, self.pages = app, on_failure, pages
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -140,15 +193,39 @@ class ErrorShield:
                 self.on_failure(failure)
             if started:
                 raise
-            await send_failure(send, failure)
+            await send_failure(send, failure, scope, self.pages)
 
 
-async def send_failure(send: Any, failure: Failure) -> None:
-    body = failure.body()
-    headers = [
-        (b"content-type", b"application/json"),
+async def send_failure(
+    send: Any,
+    failure: Failure,
+    scope: dict[str, Any] | None = None,
+    pages: ErrorPages | None = None,
+) -> None:
+    await send_error(
+        send, scope or {}, failure.status, failure.error, failure.detail, failure.headers, pages
+    )
+
+
+async def send_error(
+    send: Any,
+    scope: dict[str, Any],
+    status: int,
+    error: str,
+    detail: str,
+    headers: tuple[tuple[str, str], ...] = (),
+    pages: ErrorPages | None = None,
+) -> None:
+    """Answer an error from ASGI: the JSON error body, or the page if ``pages`` wants one."""
+    if pages is not None and pages.wanted_by(scope):
+        media, body = b"text/html; charset=utf-8", pages.render(status, error, detail)
+        headers = (*pages.headers, *headers)
+    else:
+        media, body = b"application/json", json.dumps({"error": error, "detail": detail}).encode()
+    fields = [
+        (b"content-type", media),
         (b"content-length", str(len(body)).encode()),
-        *((name.encode(), value.encode()) for name, value in failure.headers),
+        *((name.encode(), value.encode()) for name, value in headers),
     ]
-    await send({"type": "http.response.start", "status": failure.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": fields})
     await send({"type": "http.response.body", "body": body})

@@ -4,8 +4,10 @@ run several in a process. The tunnel keeps its own (``tunnel/metrics.py``).
 Names follow the Prometheus conventions: a ``certgate_`` prefix, the unit in the name
 (``_seconds``), ``_total`` on counters (prometheus-client appends it). Every labelled
 counter has its known label values at 0 from the start, so a rate() over the first event is
-right and an alert on absence is possible. Requests are labelled by route *template*
-(``/api/v1/devices/{uid}``), never by raw path: a scanner cannot grow the series count.
+right and an alert on absence is possible: requests by each status their route declares
+(its OpenAPI ``responses``), failures by kind, sign-in failures by method. Requests are
+labelled by route *template* (``/api/v1/devices/{uid}``), never by raw path: a scanner
+cannot grow the series count.
 
 ``/metrics`` answers only on loopback (scrape from the host, or through a local agent): the
 console's is on its API port, and route counts and sign-in failures are for operators.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +43,7 @@ __all__ = [
     "CertificateCollector",
     "HttpMetrics",
     "MetricsMiddleware",
+    "RouteSeries",
     "loopback",
     "metrics_endpoint",
     "route_templates",
@@ -49,6 +52,17 @@ __all__ = [
 
 UNMATCHED = "unmatched"  # the route label of a request no route matched (404s, scans)
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+UNMATCHED_STATUSES = (404, 405)  # no such path; a path without that method
+
+
+class RouteSeries(NamedTuple):
+    """The request series of one route: its template, methods and the statuses it declares."""
+
+    route: str
+    methods: Iterable[str]
+    statuses: Iterable[int] = (200,)
+
+
 SIGNIN_FAILURES = ("web", "api")  # the console's: its sign-in form; an API credential (401)
 
 
@@ -71,7 +85,7 @@ class HttpMetrics:
     def __init__(
         self,
         service: str,
-        routes: Iterable[tuple[str, Iterable[str]]],
+        routes: Iterable[RouteSeries],
         signin_methods: Iterable[str] = SIGNIN_FAILURES,
     ) -> None:
         self.registry = service_registry(service)
@@ -103,14 +117,15 @@ class HttpMetrics:
             self.failures.labels(kind)
         for method in signin_methods:
             self.signin_failures.labels(method)
-        self.seed([*routes, (UNMATCHED, METHODS)])
+        self.seed([*routes, RouteSeries(UNMATCHED, METHODS, UNMATCHED_STATUSES)])
 
-    def seed(self, routes: Iterable[tuple[str, Iterable[str]]]) -> None:
-        """Series at 0 for each route and method (status 200: the others are not known)."""
-        for route, methods in routes:
+    def seed(self, routes: Iterable[RouteSeries]) -> None:
+        """Series at 0 for each route, method and status the route declares."""
+        for route, methods, statuses in routes:
             for method in set(methods) & set(METHODS):  # HEAD follows GET; not counted apart
                 self.latency.labels(route, method)
-                self.requests.labels(route, method, "200")
+                for status in statuses:
+                    self.requests.labels(route, method, str(status))
 
     def failed(self, failure: Failure) -> None:
         """For :class:`~certgate.httperrors.ErrorShield`'s ``on_failure``."""
@@ -172,16 +187,26 @@ class MetricsMiddleware:
             self.metrics.requests.labels(route, method, str(status)).inc()
 
 
-def route_templates(*routers: Any) -> list[tuple[str, Iterable[str]]]:
-    """(path template, methods) of the plain routes of apps or routers. A router included
-    in an app is listed by passing it too (FastAPI wraps included routers); routes not
-    listed get their series at their first request."""
+def route_templates(*routers: Any) -> list[RouteSeries]:
+    """The series of the plain routes of apps or routers: path template, methods, and the
+    statuses a route declares (FastAPI's ``status_code`` and ``responses``, what its OpenAPI
+    operation lists; 200 for a route that declares none). A router included in an app is
+    listed by passing it too (FastAPI wraps included routers); routes not listed get their
+    series at their first request."""
     return [
-        (route.path, route.methods)
+        RouteSeries(route.path, route.methods, _declared_statuses(route))
         for router in routers
         for route in router.routes
         if isinstance(getattr(route, "path", None), str) and getattr(route, "methods", None)
     ]
+
+
+def _declared_statuses(route: Any) -> list[int]:
+    declared = {int(getattr(route, "status_code", None) or 200)}
+    for status in getattr(route, "responses", None) or {}:
+        if str(status).isdigit():  # not "default" nor a range such as "4XX"
+            declared.add(int(status))
+    return sorted(declared)
 
 
 def metrics_endpoint(metrics: HttpMetrics) -> Any:

@@ -31,6 +31,7 @@ __all__ = [
 
 MAX_RULES = 100
 MAX_TEXT = 200
+MAX_AGE_S = 10 * 365 * 86400  # the bound of an age rule's value (checkin_age_s, cert_age_s)
 RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 FactValue = str | bool | int | None
 
@@ -169,7 +170,7 @@ def _value(value: Any, kind: type, op: Op, where: str) -> str | bool | int | tup
         raise ValueError(f"{where}: value must be a {kind.__name__}")
     if isinstance(checked, str) and op is not Op.EQUALS and not _version(checked):
         raise ValueError(f"{where}: {checked!r} is not a version (digits and dots)")
-    if isinstance(checked, int) and not 0 <= checked <= 10 * 365 * 86400:
+    if isinstance(checked, int) and not 0 <= checked <= MAX_AGE_S:
         raise ValueError(f"{where}: value must be 0 to 10 years in seconds")
     return checked
 

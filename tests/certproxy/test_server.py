@@ -370,3 +370,7 @@ def test_livez_and_metrics_are_answered_by_the_proxy_itself(env: Env) -> None:
         text,
     )
     assert forwarded is not None and float(forwarded.group(1)) >= 1
+    # Statuses nothing has answered yet have their series at 0 (server.SERIES).
+    for route, status in (("/authorize/cert", "502"), ("/metrics", "403")):
+        series = f'certgate_http_requests_total{{method="GET",route="{route}",status="{status}"}}'
+        assert f"{series} 0.0" in text.splitlines()

@@ -467,7 +467,14 @@ def test_a_node_that_never_reported_is_listed_as_stale(env: Env) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "phrase"),
     [
-        ("PATCH", "/api/v1/groups/{g}/settings", {"server_rules": {"x": 1}}, 400, "invalid rules"),
+        ("PATCH", "/api/v1/groups/{g}/settings", {"server_rules": {"x": 1}}, 422, "server_rules.x"),
+        (
+            "PATCH",
+            "/api/v1/groups/{g}/settings",
+            {"feed": {"long_poll_s": 200}},  # merged: over half of the stored staleness
+            400,
+            "long_poll_s must be at most half",
+        ),
         ("PATCH", "/api/v1/groups/{g}/settings", {"colour": "red"}, 422, "colour"),
         ("PATCH", "/api/v1/groups/nope/settings", {"server_rules": RULES}, 404, "not found"),
         ("PUT", "/api/v1/devices/{uid}/compliance", {"status": "great"}, 422, "status"),

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import re
 import secrets
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from certgate import __version__
+from certgate.console.metrics import SIGNED_KINDS
 from certgate.console.services import ca
 from certgate.console.store.models import Group, TunnelNode
-from tests.support import RunningConsole, make_csr
+from tests.support import RunningConsole, init_console, make_csr, start_console
+
+UNMATCHED_GET = {"route": "unmatched", "method": "GET"}
 
 
 def _scrape(console: RunningConsole) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -156,3 +160,43 @@ def test_unmatched_paths_share_one_series(console: RunningConsole) -> None:
     labels = {"route": "unmatched", "method": "GET", "status": "404"}
     assert _value(samples, "certgate_http_requests_total", **labels) >= 3
     assert not any("/scan/" in dict(labels_).get("route", "") for _, labels_ in samples)
+
+
+def test_a_fresh_console_exports_every_declared_series_at_zero(tmp_path: Path) -> None:
+    """Before any request: each route's requests at 0 for every status its OpenAPI
+    operation declares, and the failure, sign-in and issuance counters at 0."""
+    data_dir, port = init_console(tmp_path)
+    fresh = start_console(tmp_path, data_dir, port)
+    try:
+        samples = _scrape(fresh)  # the first request this process answers
+        with fresh.client() as client:
+            document = client.get("/openapi.json").json()
+    finally:
+        fresh.stop()
+    requests = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "certgate_http_requests_total"
+    }
+    assert requests and set(requests.values()) == {0.0}
+    declared = [
+        frozenset({("route", path), ("method", method.upper()), ("status", status)})
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        for status in operation["responses"]
+    ]
+    assert len(declared) > 400  # ~55 operations with their 200/201 and error statuses
+    assert not [series for series in declared if series not in requests]
+    for status in ("404", "405"):
+        assert _value(samples, "certgate_http_requests_total", **UNMATCHED_GET, status=status) == 0
+    zero_counters = ("certgate_server_failures_total", "certgate_signin_failures_total")
+    for counter in zero_counters:
+        values = [value for (name, _), value in samples.items() if name == counter]
+        assert values and set(values) == {0.0}, counter
+    signed = {
+        dict(labels)["kind"]: value
+        for (name, labels), value in samples.items()
+        if name == "certgate_console_certificates_signed_total"
+    }
+    # ``console serve`` signs its own TLS certificate as it starts: the one event so far.
+    assert signed == {kind: 1.0 if kind == "console-tls" else 0.0 for kind in SIGNED_KINDS}

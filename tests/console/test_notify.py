@@ -336,3 +336,64 @@ def test_a_dropped_listener_reconnects_wakes_everyone_and_still_delivers(
 def terminate(db: Database, pid: int) -> None:
     with db.read_only() as session:
         assert session.execute(select(text("pg_terminate_backend(:pid)")), {"pid": pid}).scalar()
+
+
+# Run with psycopg unimportable, as in a wheel installed without the ``postgres`` extra.
+WITHOUT_PSYCOPG = """
+import asyncio, importlib, pkgutil, sys
+from pathlib import Path
+from importlib.abc import MetaPathFinder
+
+class NoPsycopg(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "psycopg" or name.startswith("psycopg."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoPsycopg())
+import certgate.console
+from certgate.console import local
+from certgate.console.app import create_app
+from certgate.console.notify import SQLiteWatcher, change_watcher
+from certgate.console.state import ConsoleState
+from certgate.pki.keys import KeyAlgorithm
+
+for module in pkgutil.walk_packages(certgate.console.__path__, "certgate.console."):
+    importlib.import_module(module.name)
+config, _ = local.init(
+    Path(sys.argv[1]), KeyAlgorithm.EC_P256, "https://127.0.0.1:1", "127.0.0.1", 1, None
+)
+state = ConsoleState.open(config)
+assert isinstance(state.change_watcher, SQLiteWatcher), state.change_watcher
+
+async def serve():
+    app = create_app(state)
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(0.1)
+
+asyncio.run(serve())
+state.db.dispose()
+try:
+    change_watcher("postgresql://u@127.0.0.1/db", state.notifier)
+except ModuleNotFoundError as exc:
+    print("postgres refused:", exc.name)
+assert "psycopg" not in sys.modules
+print("served without psycopg")
+"""
+
+
+def test_the_sqlite_console_runs_without_psycopg(tmp_path: Path) -> None:
+    """psycopg is the ``postgres`` extra: every console module imports, and a SQLite
+    console starts and stops its watcher, in a process where psycopg cannot be imported
+    (a meta-path finder refuses it); only a PostgreSQL listener needs it."""
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PSYCOPG, str(tmp_path / "console")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "postgres refused: psycopg",
+        "served without psycopg",
+    ]

@@ -1,9 +1,10 @@
 """The console's data directory on a real, small tmpfs, filled to the last byte, then freed.
 
 While the disk is full every answer is JSON (503 with Retry-After when storage fails, never a
-text/plain 500), ``/healthz`` is 503 and names the database, ``/livez`` stays 200. After the
-filler is deleted the console recovers by itself (no restart), the SQLite file passes
-``PRAGMA integrity_check``, and every group whose creation was acknowledged (201) is there.
+text/plain 500; on the web console the same 503 as its error page), ``/healthz`` is 503 and
+names the database, ``/livez`` stays 200. After the filler is deleted the console recovers
+by itself (no restart), the SQLite file passes ``PRAGMA integrity_check``, and every group
+whose creation was acknowledged (201) is there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from tests.console.ui.support import csrf_of, sign_in, web_admin
 from tests.support import RunningConsole, init_console, make_csr, start_console
 
 pytestmark = pytest.mark.integration
@@ -124,6 +126,7 @@ def test_disk_full_then_freed(console: RunningConsole, small_disk: Path) -> None
         console.client(console.admins["root"]) as admin,
         console.client() as anonymous,
         console.client(api_key=credential) as device,
+        sign_in(console, web_admin(console, "superadmin", "global")) as browser,
     ):
         for i in range(5):
             assert _create_group(admin, f"before-{i}", acked).status_code == 201
@@ -137,6 +140,12 @@ def test_disk_full_then_freed(console: RunningConsole, small_disk: Path) -> None
         _assert_storage_503(_create_group(admin, "one-more", acked))
         _assert_storage_503(admin.get("/api/v1/groups"))
         _assert_storage_503(_issue(device, csr, serials))
+        # A web console form that writes (sign out) gets the same 503 as the error page.
+        token = csrf_of(browser.get("/ui/"))  # reads still work
+        page = browser.post("/ui/logout", data={"csrf": token})
+        assert page.status_code == 503, page.text
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert page.headers["retry-after"].isdigit() and "Back to the dashboard" in page.text
         health = anonymous.get("/healthz")
         assert health.status_code == 503, health.text
         assert health.json()["error"] == "unhealthy"

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+from types import ModuleType
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certgate.tunnel.metrics import TunnelMetrics
+from certgate.tunnel import cascade, kdcproxy, server
+from certgate.tunnel.admission import DenyReason, Mode
+from certgate.tunnel.metrics import (
+    ADMISSION_REASONS,
+    CLOSE_REASONS,
+    DENIAL_REASONS,
+    SHELL_REASONS,
+    TunnelMetrics,
+)
 
 
 def worker_exposition(connections: int, denied: int) -> str:
@@ -50,3 +62,52 @@ def test_a_worker_not_reporting_yet_counts_as_down() -> None:
     found = samples(generate_latest(supervisor.registry).decode())
     assert found["certgate_tunnel_workers", ()] == 1
     assert found["certgate_tunnel_worker_connections", (("worker", "1"),)] == 0
+
+
+def _reasons_answered_in(module: ModuleType) -> set[str]:
+    """The reason literals a module refuses with: the second argument of a denial
+    (``_deny``, ``_log_denial``, ``Denial``, ``HopRefused``, ``KDCProxyError``) and what
+    is assigned to a ``reason``, both sides of a conditional included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Call) and len(node.args) > 1:
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else None
+            called = node.func.id if isinstance(node.func, ast.Name) else called
+            if called in DENIALS:
+                found |= _literals(node.args[1])
+        if isinstance(node, ast.Assign):
+            if any(isinstance(t, ast.Name) and t.id == "reason" for t in node.targets):
+                found |= _literals(node.value)
+    return found
+
+
+def _literals(node: ast.expr) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, ast.IfExp):
+        return _literals(node.body) | _literals(node.orelse)
+    return set()
+
+
+DENIALS = {"_deny", "_log_denial", "Denial", "HopRefused", "KDCProxyError"}
+
+
+def test_every_reason_a_node_refuses_with_is_seeded() -> None:
+    """The seeded shell reasons are exactly those the modules refuse with (none missing,
+    none stale); the handshake's is counted by ``ListenerMetrics`` itself."""
+    modules = (server, cascade, kdcproxy)
+    answered = set().union(*(_reasons_answered_in(m) for m in modules)) - {""}
+    assert answered - set(ADMISSION_REASONS) == set(SHELL_REASONS) - {"tls_handshake"}
+    assert set(DENIAL_REASONS) == set(ADMISSION_REASONS) | set(SHELL_REASONS)
+
+
+def test_a_fresh_node_exports_every_denial_and_close_at_zero() -> None:
+    found = samples(generate_latest(TunnelMetrics().registry).decode())
+    for mode in Mode:
+        for reason in DENIAL_REASONS:
+            labels = (("mode", mode.value), ("reason", reason))
+            assert found["certgate_tunnel_denials_total", labels] == 0
+        for reason in CLOSE_REASONS:
+            labels = (("mode", mode.value), ("reason", reason))
+            assert found["certgate_tunnel_closed_by_policy_total", labels] == 0
+    assert {r.value for r in DenyReason} <= set(CLOSE_REASONS)

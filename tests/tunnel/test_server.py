@@ -480,6 +480,9 @@ def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSourc
     assert "certgate_tunnel_table_entries" in metrics.stdout
     assert 'certgate_build_info{service="tunnel",version=' in metrics.stdout
     assert "process_open_fds " in metrics.stdout
+    for mode, reason in (("proxy", "unknown_thumbprint"), ("per_app", "destination_denied")):
+        zero = f'certgate_tunnel_denials_total{{mode="{mode}",reason="{reason}"}} 0.0'
+        assert zero in metrics.stdout.splitlines()  # seeded: no connection was made yet
     source.fresh = False
     stale = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/healthz"],

@@ -53,7 +53,7 @@ from certgate.certproxy.forwarding import (
 )
 from certgate.errors import ChainError
 from certgate.httperrors import classify
-from certgate.metrics import UNMATCHED, HttpMetrics, loopback
+from certgate.metrics import UNMATCHED, HttpMetrics, RouteSeries, loopback
 from certgate.pki.keys import PrivateKey
 from certgate.pki.thumbprint import thumbprint
 from certgate.protocol.proxy_protocol import ProxyProtocolError
@@ -71,6 +71,16 @@ __all__ = [
 
 log = logging.getLogger("certgate.certproxy")
 LOCAL_PATHS = ("/livez", "/healthz", "/metrics")  # answered by the proxy, never forwarded
+# What a forwarded request is answered, each status's series at 0 from the start: Access's
+# certificate step (302 to the client, 400 invalid_request, 403, 429, 503) and the proxy's
+# own refusals (403 certificate_rejected, 413, 502 Access unreachable, 500/503 classify).
+FORWARDED_STATUSES = (302, 400, 403, 413, 429, 500, 502, 503)
+SERIES = (
+    *(RouteSeries(path, ("GET",), FORWARDED_STATUSES) for path in ALLOWED_PATHS),
+    RouteSeries("/livez", ("GET",), (200,)),
+    RouteSeries("/healthz", ("GET",), (200, 503)),
+    RouteSeries("/metrics", ("GET",), (200, 403)),  # 403: not from loopback
+)
 READ_CHUNK = 64 * 1024
 
 
@@ -275,11 +285,7 @@ class CertProxy:
         self._servers: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         self._closing = False
-        self.metrics = HttpMetrics(
-            "certproxy",
-            [(path, ["GET"]) for path in (*ALLOWED_PATHS, *LOCAL_PATHS)],
-            signin_methods=("certificate",),
-        )
+        self.metrics = HttpMetrics("certproxy", SERIES, signin_methods=("certificate",))
 
     def swap(
         self, contexts: Mapping[str, ssl.SSLContext], upstream: Upstream, trust: DeviceRootSet

@@ -33,7 +33,7 @@ from certgate.console.api import tunnel as tunnel_api
 from certgate.console.metrics import ConsoleCollector
 from certgate.console.services import audit
 from certgate.console.state import ConsoleState
-from certgate.httperrors import RETRY_AFTER_S, ErrorShield
+from certgate.httperrors import RETRY_AFTER_S, ErrorPages, ErrorShield, send_error
 from certgate.metrics import HttpMetrics, MetricsMiddleware, metrics_endpoint, route_templates
 from certgate.ratelimit import SignInLimiter, TokenBuckets
 
@@ -117,8 +117,9 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
 
 
 def _answer(request: Request, status: int, code: str, detail: str) -> Response:
-    """The JSON error body, or for a web console page the same error as a page."""
-    if ui.is_ui(request.url.path):
+    """The JSON error body, or for a browser on a web console page the same error as a
+    page (``httperrors.ErrorPages.wanted``, shared with the error shield and body limit)."""
+    if ui.PAGES.wanted_by(request.scope):
         return ui.error_page(request, status, code, detail)
     return _error(status, code, detail)
 
@@ -224,8 +225,8 @@ async def _integrity_error(request: Request, exc: Exception) -> Response:
 class BodyLimit:
     """Reject bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, pages: ErrorPages | None = None) -> None:
+        self.app, self.limit, self.pages = app, limit, pages
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -233,7 +234,8 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await _send_413(send, self.limit)
+            detail = f"request body exceeds {self.limit} bytes"
+            await send_error(send, scope, 413, "too_large", detail, pages=self.pages)
             return
         seen = 0
 
@@ -246,21 +248,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
-
-
-async def _send_413(send: Any, limit: int) -> None:
-    body = f'{{"error":"too_large","detail":"request body exceeds {limit} bytes"}}'.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(state: ConsoleState) -> FastAPI:
@@ -313,7 +300,7 @@ def create_app(state: ConsoleState) -> FastAPI:
     metrics.registry.register(ConsoleCollector(state))
     app.state.metrics = metrics
     # storage failures: 503; the unexpected: a JSON 500; both counted
-    app.add_middleware(ErrorShield, on_failure=metrics.failed)
-    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
+    app.add_middleware(ErrorShield, on_failure=metrics.failed, pages=ui.PAGES)
+    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes, pages=ui.PAGES)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
     return app

@@ -30,11 +30,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.request import pathname2url
 
-import psycopg
-from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL, make_url
 
 from certgate.console.services.feed import (
@@ -43,6 +41,9 @@ from certgate.console.services.feed import (
     WAKE_NOTIFY,
     FeedNotifier,
 )
+
+if TYPE_CHECKING:  # psycopg is the ``postgres`` extra: imported where a listener runs
+    import psycopg
 
 log = logging.getLogger("certgate.console.notify")
 
@@ -172,10 +173,14 @@ class PostgresListener(_Worker):
     """LISTENs on ``FEED_CHANNEL`` and wakes the group each notification names."""
 
     def __init__(self, url: URL, notifier: FeedNotifier) -> None:
+        from psycopg.conninfo import make_conninfo  # only a PostgreSQL console has psycopg
+
         super().__init__(notifier)
         self._conninfo = make_conninfo(url.render_as_string(hide_password=False), **_PG_OPTIONS)
 
     def _run(self) -> None:
+        import psycopg
+
         delay = RECONNECT_MIN_S
         while not self._stopping.is_set():
             try:

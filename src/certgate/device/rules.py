@@ -13,9 +13,13 @@ from enum import Enum
 from typing import Any
 
 MAX_RULES = 1000
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
-_APP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,254}(\.\*)?")
+# Patterns in the subset of regex syntax JSON Schema shares (no lookaround): the console's
+# settings schema publishes them as they are (``console.services.settings``).
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+DOMAIN_PATTERN = rf"(\*\.)?{_LABEL}(\.{_LABEL})*"
+APP_PATTERN = r"[A-Za-z0-9][A-Za-z0-9.-]{0,254}(\.\*)?"
+_DOMAIN_RE = re.compile(DOMAIN_PATTERN)
+_APP_RE = re.compile(APP_PATTERN)
 
 
 class Action(Enum):

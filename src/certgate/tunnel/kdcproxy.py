@@ -31,8 +31,11 @@ from certgate.tunnel.sockets import IPAddress, TLSEnd, Want, ip_literal
 KDC_PROXY_HOST = "kdc-proxy.certgate.invalid"
 KDC_PROXY_PORT = 88
 _FRAME = struct.Struct("!I")
-_REALM_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
-_KDC_RE = re.compile(r"(?:(tcp|udp)/)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(?::(\d{1,5}))?")
+# In the syntax JSON Schema shares: the console's settings schema publishes them.
+REALM_PATTERN = r"[A-Za-z0-9._-]{1,255}"
+KDC_HOST_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})"
+_REALM_RE = re.compile(REALM_PATTERN)
+_KDC_RE = re.compile(rf"(?:(tcp|udp)/)?{KDC_HOST_PATTERN}(?::(\d{{1,5}}))?")
 
 
 @dataclass(frozen=True, slots=True)

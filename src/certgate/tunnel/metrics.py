@@ -22,6 +22,36 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from certgate.metrics import service_registry
+from certgate.tunnel.admission import DenyReason, Mode
+
+# Why a node refuses a request (its ``certgate: REASON`` answer and the denial counter's
+# label): the certificate's admission (``DenyReason``), then the shell's own refusals
+# (server.py, cascade.py, kdcproxy.py; a test reads them out of those modules). Each has
+# its series at 0 for every mode from the start, so an alert on a rate needs no first event.
+ADMISSION_REASONS = tuple(reason.value for reason in DenyReason)
+SHELL_REASONS = (
+    "tls_handshake",
+    "identity",
+    "header_timeout",
+    "bad_request",
+    "unsupported",
+    "denied",  # an admission refusal without a reason (Gate.judge's fallback)
+    "destination_denied",
+    "resolve_timeout",
+    "resolve_failed",
+    "upstream_timeout",
+    "upstream_unreachable",
+    "back_end_unreachable",
+    "back_end_refused",
+    "too_large",
+    "realm_not_served",
+    "kdc_timeout",
+    "kdc_unreachable",
+    "kdc_reply",
+)
+DENIAL_REASONS = (*ADMISSION_REASONS, *SHELL_REASONS)
+# A live tunnel is closed by ``Gate.judge``: admission, or the server rules now refusing.
+CLOSE_REASONS = (*ADMISSION_REASONS, "denied", "destination_denied")
 
 
 class ListenerMetrics:
@@ -159,6 +189,11 @@ class TunnelMetrics:
             "1 while the policy names listener ports this node can only take by a restart",
             registry=r,
         )
+        for mode in Mode:
+            for reason in DENIAL_REASONS:
+                self.denials.labels(mode.value, reason)
+            for reason in CLOSE_REASONS:
+                self.closed_by_policy.labels(mode.value, reason)
         self.enforce_seconds = Histogram(
             "certgate_tunnel_enforce_seconds",
             "From the console signing a change to live tunnels of that cert being closed",

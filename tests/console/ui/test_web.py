@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -277,3 +278,47 @@ def test_the_installer_downloads_for_tunnel_setup_admins_only(console: RunningCo
         refused = client.post("/ui/groups/global/installer", data={"csrf": csrf_of(page)})
         assert refused.status_code == 403
     assert any(e.detail.get("via") == "ui" for e in _audit(console, "tunnel.installer"))
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def _error_page(answer: httpx.Response, status: int, heading: str) -> None:
+    """The error in the console's layout: its status, the message, a link back."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+    assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+    assert '<a class="brand" href="/ui/">certgate</a>' in answer.text
+    assert '<a href="/ui/">Back to the dashboard</a>' in answer.text
+    assert f"<h1>{heading}</h1>" in answer.text
+
+
+def _json_error(answer: httpx.Response, status: int, code: str) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"] == code
+
+
+def test_a_browser_gets_errors_as_pages_and_the_api_keeps_json(console: RunningConsole) -> None:
+    who = web_admin(console, "superadmin", "global")
+    too_big = b"x" * (1024 * 1024 + 1)  # over the console's max_body_bytes
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    with sign_in(console, who) as client:
+        client.headers["accept"] = BROWSER_ACCEPT
+        missing = client.get("/ui/devices/" + "0" * 32)
+        _error_page(missing, 404, "Not found")
+        assert f"{'0' * 32}&#39; not found</p>" in missing.text  # the message, escaped
+        _error_page(client.get("/ui/no/such/page"), 404, "Not found")
+        stolen = {"csrf": "0" * 64}  # not this session's token
+        _error_page(client.post("/ui/logout", data=stolen), 403, "Csrf failed")
+        wrong_method = client.put("/ui/login")
+        _error_page(wrong_method, 405, "Method not allowed")
+        assert wrong_method.headers["allow"] == "GET, POST"
+        _error_page(client.post("/ui/login", content=too_big, headers=form), 413, "Too large")
+        _error_page(client.get("/no/such/page"), 404, "Not found")  # a wrong address
+        # The API answers JSON to a browser too; elsewhere only a browser gets pages.
+        _json_error(client.get("/api/v1/no/such/route"), 404, "not_found")
+        _json_error(client.post("/api/v1/enroll", content=too_big), 413, "too_large")
+        _json_error(client.get("/api/v1/groups"), 401, "unauthenticated")
+        client.headers["accept"] = "*/*"
+        _json_error(client.get("/no/such/page"), 404, "not_found")

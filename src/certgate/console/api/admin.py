@@ -80,7 +80,7 @@ def create_group(request: Request, body: s.GroupIn) -> s.GroupOut:
             rbac.require_global(session, who.admin)
         else:
             rbac.require(session, who.admin, P.GROUPS_WRITE, parent)
-        settings = body.settings.model_dump(exclude_none=True) if body.settings else None
+        settings = body.settings.changes() if body.settings else None
         group = groups.create_group(
             session, state_of(request).pki, body.id, body.name, parent, settings
         )
@@ -129,7 +129,7 @@ def update_settings(
 ) -> s.GroupOut | s.DryRunOut:
     pki = state_of(request).pki
     with admin_tx(request, group_id) as (session, who):
-        changes = body.model_dump(exclude_none=True)
+        changes = body.changes()
         rbac.require(session, who.admin, rbac.settings_permission(set(changes)), group_id)
 
         def change(tx: Session) -> Group:

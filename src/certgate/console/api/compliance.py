@@ -7,14 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from cryptography import x509
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictStr, Tag
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from certgate import posture
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, device_actor, state_of
 from certgate.console.services import audit, compliance, devices
@@ -28,9 +29,79 @@ router = APIRouter(prefix="/api/v1", responses=s.CALL_ERRORS)
 log = logging.getLogger("certgate.console.compliance")
 
 
-class PolicyIn(BaseModel):
+class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rules: list[dict[str, Any]] = Field(max_length=100)
+    id: str = Field(pattern=f"^{posture.RULE_ID_RE.pattern}$", max_length=63)
+
+
+def _facts(kind: type) -> Any:
+    return Literal[tuple(name for name, of in posture.FACTS.items() if of is kind)]
+
+
+Text = Annotated[StrictStr, Field(max_length=posture.MAX_TEXT)]
+
+
+class TextRule(_Rule):
+    fact: _facts(str)  # type: ignore[valid-type]
+    op: Literal["equals"]
+    value: Text
+
+
+class ListRule(_Rule):
+    fact: _facts(str)  # type: ignore[valid-type]
+    op: Literal["one_of"]
+    value: list[Text] = Field(min_length=1, max_length=posture.MAX_RULES)
+
+
+class VersionRule(_Rule):
+    fact: _facts(str)  # type: ignore[valid-type]
+    op: Literal["version_at_least", "version_at_most"]
+    value: Text = Field(pattern="^[0-9]")  # leading digits: posture's version
+
+
+class FlagRule(_Rule):
+    fact: _facts(bool)  # type: ignore[valid-type]
+    op: Literal["equals"]
+    value: StrictBool
+
+
+class AgeRule(_Rule):
+    fact: _facts(int)  # type: ignore[valid-type]
+    op: Literal["at_most", "at_least"]
+    value: s.Whole = Field(ge=0, le=posture.MAX_AGE_S)
+
+
+# Which model a rule is read with: its fact's type and its op (posture._OPS_FOR). An
+# unknown fact or op is read as a text rule, whose enums then name the valid ones.
+_KINDS = {str: "text", bool: "flag", int: "age"}
+_BY_OP = {"one_of": "list", "version_at_least": "version", "version_at_most": "version"}
+
+
+def _rule_kind(raw: Any) -> str:
+    fact, op = (raw.get("fact"), raw.get("op")) if isinstance(raw, dict) else (None, None)
+    kind = _KINDS.get(posture.FACTS.get(fact, str), "text") if isinstance(fact, str) else "text"
+    return _BY_OP.get(op, kind) if kind == "text" and isinstance(op, str) else kind
+
+
+RuleIn = Annotated[
+    Annotated[TextRule, Tag("text")]
+    | Annotated[ListRule, Tag("list")]
+    | Annotated[VersionRule, Tag("version")]
+    | Annotated[FlagRule, Tag("flag")]
+    | Annotated[AgeRule, Tag("age")],
+    Discriminator(_rule_kind),
+]
+
+
+class PolicyIn(BaseModel):
+    """A group's own compliance rules, each typed by its fact and op (``posture``). Rule
+    ids are unique within a policy: that, no schema can state (400, from the parser)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules: list[RuleIn] = Field(max_length=posture.MAX_RULES)
+
+    def as_stored(self) -> list[dict[str, Any]]:
+        return [rule.model_dump() for rule in self.rules]
 
 
 Reason = Field(default=None, min_length=1, max_length=compliance.REASON_MAX)
@@ -91,17 +162,18 @@ def put_policy(request: Request, group_id: str, body: PolicyIn) -> dict[str, Any
     judged again in the same transaction (their tunnels close if they now fail)."""
     with admin_tx(request, group_id) as (session, who):
         require(session, who.admin, P.RULES_WRITE, group_id)
-        effective = compliance.set_policy(session, group_id, body.rules, request.state.actor)
+        rules = body.as_stored()
+        effective = compliance.set_policy(session, group_id, rules, request.state.actor)
         audit.append(
             session,
             request.state.actor,
             "group.compliance_policy",
             group_id=group_id,
-            rules=[r["id"] for r in body.rules if isinstance(r, dict) and "id" in r],
+            rules=[rule["id"] for rule in rules],
         )
         return {
             "group_id": group_id,
-            "rules": body.rules,
+            "rules": rules,
             "effective": [r.to_dict() for r in effective],
         }
 

@@ -14,7 +14,6 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
-    StrictBool,
     field_validator,
     model_validator,
 )
@@ -23,33 +22,23 @@ from pydantic import Strict as NoCoercion
 from certgate.console.services.admins import USERNAME_RE
 from certgate.console.services.ca import REVOCATION_REASONS
 from certgate.console.services.devices import PLATFORMS
-from certgate.console.services.groups import ENROLLMENT_PROTOCOLS
 from certgate.console.services.rbac import ROLES
+from certgate.console.services.settings import IP_FORMATS, Port, whole
+from certgate.console.services.settings import SettingsIn as SettingsIn  # the API's body
 from certgate.tunnel.report import MAX_REPORT_TUNNELS
 
 Pem = Field(min_length=1, max_length=16384)
 
 
-# What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
-# here, because the name also travels in the ``certgate-node`` header.
-def _whole_number(value: Any) -> Any:
-    """JSON has one number type, and JSON Schema counts 3.0 as the integer 3; strict mode
-    alone would refuse it. Only that: "3", 3.5 and true stay refused."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 # Integers in request bodies: a JSON integer (3 or 3.0), never true, "3" or 3.5. Bounds
 # go before the validator: they then apply to the integer and appear in the document.
-Whole = Annotated[int, NoCoercion(), BeforeValidator(_whole_number)]
-Count = Annotated[int, Field(ge=0), NoCoercion(), BeforeValidator(_whole_number)]
-Port = Annotated[int, Field(ge=1, le=65535), NoCoercion(), BeforeValidator(_whole_number)]
-TokenTTL = Annotated[
-    int, Field(ge=60, le=30 * 24 * 3600), NoCoercion(), BeforeValidator(_whole_number)
-]
+Whole = Annotated[int, NoCoercion(), BeforeValidator(whole)]
+Count = Annotated[int, Field(ge=0), NoCoercion(), BeforeValidator(whole)]
+TokenTTL = Annotated[int, Field(ge=60, le=30 * 24 * 3600), NoCoercion(), BeforeValidator(whole)]
 # Admin and enrollment user names, as ``admins.USERNAME_RE`` checks them.
 USERNAME = Field(min_length=1, max_length=128, pattern=f"^{USERNAME_RE.pattern}$")
+# What the tunnel node's name must be (``tunnels._register_node``: 1-128 printable): ASCII
+# here, because the name also travels in the ``certgate-node`` header.
 NODE_NAME = Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")
 
 
@@ -204,26 +193,6 @@ class RevokeIn(Strict):
     reason: str = one_of(REVOCATION_REASONS, default="privilegeWithdrawn")
 
 
-class EnrollmentSwitchesIn(Strict):
-    """Which enrollment protocols the group answers (``groups.ENROLLMENT_PROTOCOLS``)."""
-
-    est: StrictBool | None = None
-    scep: StrictBool | None = None
-
-
-assert set(EnrollmentSwitchesIn.model_fields) == set(ENROLLMENT_PROTOCOLS)
-
-
-class SettingsIn(Strict):
-    tunnel: dict[str, Any] | None = None
-    feed: dict[str, Any] | None = None
-    device_rules: dict[str, Any] | None = None
-    server_rules: dict[str, Any] | None = None
-    initial_compliance: Literal["compliant", "noncompliant", "unknown"] | None = None
-    enrollment: EnrollmentSwitchesIn | None = None
-    kerberos: dict[str, Any] | None = None  # {realm: [KDC]}: the tunnel's KDC proxy
-
-
 class SetupIn(Strict):
     node_name: str = NODE_NAME
     address: str = Field(default="", max_length=255)
@@ -311,7 +280,7 @@ class StrictReport(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-IP_ADDRESS = {"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
+IP_ADDRESS = IP_FORMATS
 
 
 class LiveTunnelIn(StrictReport):

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from cryptography import x509
+from pydantic import ValidationError
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from certgate.console.services import ca, feed
 from certgate.console.services.rbac import ancestors
+from certgate.console.services.settings import SettingsIn
 from certgate.console.store.models import Certificate, Group, GroupIdentity
 from certgate.errors import BadRequest, Conflict, NotFound
 from certgate.pki import identity
@@ -32,7 +33,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # Standard enrollment protocols, off unless a group turns them on.
     "enrollment": {"est": False, "scep": False},
 }
-ENROLLMENT_PROTOCOLS = ("est", "scep")
 
 
 def console_key_label(group_id: str) -> str:
@@ -89,21 +89,6 @@ def create_group(
 def protocol_enabled(group: Group, protocol: str) -> bool:
     """Whether the group accepts enrollment by ``protocol`` (est, scep): off by default."""
     return bool(group.settings.get("enrollment", {}).get(protocol, False))
-
-
-def validate_tunnel_settings(tunnel: dict[str, Any]) -> None:
-    hostnames, ips = tunnel.get("hostnames", []), tunnel.get("ip_addresses", [])
-    if not hostnames and not ips:
-        raise BadRequest("tunnel needs at least one hostname or IP address")
-    for ip in ips:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError as exc:
-            raise BadRequest(f"invalid tunnel IP address {ip!r}") from exc
-    for port_key in ("proxy_port", "per_app_port"):
-        port = tunnel.get(port_key)
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise BadRequest(f"tunnel {port_key} must be 1-65535")
 
 
 def issue_identity_pair(session: Session, pki: ca.InstancePKI, group: Group) -> GroupIdentity:
@@ -243,24 +228,23 @@ def update_settings(
 
 
 def validate_settings(settings: dict[str, Any]) -> None:
+    """Settings as they will be stored (a change merged into the stored ones): each key's
+    shape by its schema (``settings.SettingsIn``, as the API checks a request), then what
+    only the merged whole can break, then the rule parsers the nodes and agents use."""
     from certgate.device.rules import DeviceRules
     from certgate.tunnel.rules import RuleSet
 
-    validate_tunnel_settings(settings["tunnel"])
-    enrollment = settings.get("enrollment", {})
-    if set(enrollment) - set(ENROLLMENT_PROTOCOLS) or not all(
-        isinstance(on, bool) for on in enrollment.values()
-    ):
-        raise BadRequest(f"enrollment: true or false for each of {list(ENROLLMENT_PROTOCOLS)}")
+    try:
+        SettingsIn.model_validate(settings)
+    except ValidationError as exc:
+        raise BadRequest(f"settings: {problems(exc)}") from exc
+    tunnel = settings["tunnel"]
+    if not tunnel.get("hostnames") and not tunnel.get("ip_addresses"):
+        raise BadRequest("tunnel needs at least one hostname or IP address")
     feed = settings["feed"]
-    if not 1 <= int(feed.get("long_poll_s", 0)) <= 300:
-        raise BadRequest("feed.long_poll_s must be 1-300")
-    if not 10 <= int(feed.get("max_staleness_s", 0)) <= 30 * 24 * 3600:
-        raise BadRequest("feed.max_staleness_s must be 10 s to 30 days")
-    if 2 * int(feed["long_poll_s"]) > int(feed["max_staleness_s"]):
+    if 2 * feed["long_poll_s"] > feed["max_staleness_s"]:
         # An idle long-poll only answers after long_poll_s; it must fit the budget twice.
         raise BadRequest("feed.long_poll_s must be at most half of feed.max_staleness_s")
-    validate_kerberos(settings.get("kerberos", {}))
     try:
         DeviceRules.from_dict(settings["device_rules"])
         RuleSet.from_dict(settings["server_rules"])
@@ -268,18 +252,6 @@ def validate_settings(settings: dict[str, Any]) -> None:
         raise BadRequest(f"invalid rules: {exc}") from exc
 
 
-def validate_kerberos(kerberos: object) -> None:
-    """``{realm: [KDC, ...]}`` for the tunnel's KDC proxy; an empty list unsets a realm."""
-    from certgate.tunnel.kdcproxy import KDC_LIMITS, KDCAddress
-
-    if not isinstance(kerberos, dict) or len(kerberos) > KDC_LIMITS.max_realms:
-        raise BadRequest(f"kerberos: an object of at most {KDC_LIMITS.max_realms} realms")
-    for realm, kdcs in kerberos.items():
-        if not isinstance(kdcs, list) or len(kdcs) > KDC_LIMITS.max_kdcs:
-            raise BadRequest(f"kerberos.{realm}: a list of at most {KDC_LIMITS.max_kdcs} KDCs")
-        try:
-            KDCAddress.check_realm(realm)
-            for kdc in kdcs:
-                KDCAddress.parse(kdc)
-        except ValueError as exc:
-            raise BadRequest(f"kerberos: {exc}") from exc
+def problems(exc: ValidationError) -> str:
+    """A validation error in one line: each field's path and what is wrong with it."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

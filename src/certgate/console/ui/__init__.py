@@ -9,10 +9,14 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from certgate.console.ui import access, fleet, manage
-from certgate.console.ui.web import HERE, CSRFFailed, error_page
+from certgate.console.ui.web import HERE, SECURITY_HEADERS, CSRFFailed, error_html, error_page
+from certgate.httperrors import ErrorPages
 from certgate.ratelimit import SignInLimiter
 
-__all__ = ["CSRFFailed", "error_page", "is_ui", "mount"]
+__all__ = ["PAGES", "CSRFFailed", "error_page", "is_ui", "mount"]
+
+# Errors a browser gets as a page (the app's handlers, its error shield, its body limit).
+PAGES = ErrorPages("/ui", error_html, tuple(SECURITY_HEADERS.items()))
 
 
 def is_ui(path: str) -> bool:

@@ -135,7 +135,15 @@ def error_page(request: Request, status: int, code: str, detail: str) -> Respons
     """The UI's face of the app's error mapping: a page to sign in again, or the error."""
     if status == 401 and request.method == "GET":
         return redirect("/ui/login")
-    return render("error.html", None, status=status, code=code, detail=detail)
+    return HTMLResponse(error_html(status, code, detail), status, SECURITY_HEADERS)
+
+
+def error_html(status: int, code: str, detail: str) -> bytes:
+    """The error page (the layout, the message, a link back), for ``httperrors.ErrorPages``."""
+    page = templates.get_template("error.html").render(
+        who=None, status=status, code=code, detail=detail
+    )
+    return page.encode()
 
 
 def set_session_cookie(response: Response, token: str, max_age_s: int) -> None:
