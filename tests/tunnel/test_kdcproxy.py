@@ -34,6 +34,7 @@ from certgate.tunnel.table import DeviceTable
 from tests.tunnel.dataplane import (
     APP,
     PKI,
+    Client,
     ServiceThread,
     StaticSource,
     make_service,
@@ -246,30 +247,38 @@ def kkdcp_request(realm: str) -> bytes:
     return bytes(der_encode(message))
 
 
+def ask_node(pki: PKI, device: Client, port: int, realm: str) -> bytes:
+    """A KDC proxy exchange with the node on ``port`` as ``device``: the CONNECT head,
+    then the frame in two TLS records of its own; everything the node answered."""
+    request = frame(kkdcp_request(realm))
+    raw = socket.create_connection(("127.0.0.1", port), 10)
+    with tls_client(pki, device, ssl.TLSVersion.TLSv1_3).wrap_socket(
+        raw, server_hostname="localhost"
+    ) as tls:
+        tls.sendall(
+            f"CONNECT {KDC_PROXY_HOST}:88 HTTP/1.1\r\nHost: x\r\n"
+            f"Certgate-App: {APP}\r\n\r\n".encode()
+        )
+        for piece in (request[:3], request[3:]):  # one TLS record each
+            tls.sendall(piece)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    return answer
+
+
 @pytest.mark.parametrize("backend", TLS_BACKENDS)
 def test_a_frame_sent_after_the_head_is_read_through_tls(backend: str, tmp_path: Path) -> None:
-    """A cascade front end sends its own CONNECT head, then relays the device's frame in
-    records of its own: the node reads them through its TLS end on either backend (on
-    pyOpenSSL the bare socket holds TLS records, not the frame)."""
+    """A cascade front end sends its own CONNECT head, then the device's frame in records
+    of their own: the node reads them through its TLS end on either backend (on pyOpenSSL
+    the bare socket holds TLS records, not the frame)."""
     pki = PKI(tmp_path)
     device = pki.client_cert("kdc-device")
     source = StaticSource(DeviceTable.from_snapshot(1, [device.entry()]))
-    request = frame(kkdcp_request("CORP.TEST"))
     with ServiceThread(make_service(pki, source, backend=backend)) as running:
         server, port, seen = running.call(serve_tcp(frame(REPLY)))
         source.policy = policy(kerberos={"CORP.TEST": [f"tcp/127.0.0.1:{port}"]})
-        raw = socket.create_connection(("127.0.0.1", running.service.bound["per_app"]), 10)
-        ctx = tls_client(pki, device, ssl.TLSVersion.TLSv1_3)
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(
-                f"CONNECT {KDC_PROXY_HOST}:88 HTTP/1.1\r\nHost: x\r\n"
-                f"Certgate-App: {APP}\r\n\r\n".encode()
-            )
-            for piece in (request[:3], request[3:]):  # one TLS record each
-                tls.sendall(piece)
-            answer = b""
-            while chunk := tls.recv(4096):
-                answer += chunk
+        answer = ask_node(pki, device, running.service.bound["per_app"], "CORP.TEST")
         server.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), answer

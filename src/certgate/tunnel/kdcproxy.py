@@ -127,6 +127,16 @@ async def serve(
     return request.realm, frame(codec.encode(reply))
 
 
+async def read_request(client: TLSEnd, first: bytes, limits: KDCLimits = KDC_LIMITS) -> bytes:
+    """The device's whole request frame (length prefix included), bounded in size and
+    time like the exchange: what a cascade front end passes on with its hop's head."""
+    try:
+        async with asyncio.timeout(limits.exchange_timeout_s):
+            return frame(await read_frame(client, first, limits.max_message))
+    except TimeoutError:
+        raise KDCProxyError(504, "kdc_timeout", "the KDC request did not arrive in time") from None
+
+
 def decode(message: bytes) -> codec.ProxyRequest:
     try:
         return codec.decode(message)
