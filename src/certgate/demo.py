@@ -26,8 +26,6 @@ Access seal theirs, and the files meant for a human are protected by the passphr
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import os
 import re
 import secrets
@@ -54,6 +52,7 @@ from certgate.access.config import ClientRegistration
 from certgate.access.install import InstallRequest, install, load_material
 from certgate.console import local
 from certgate.console.services import admins, ca, signin
+from certgate.demo_intranet import Intranet, UDPEcho
 from certgate.errors import CertgateError
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
@@ -387,92 +386,8 @@ def tunnel_run(
     )
 
 
-class Intranet(http.server.ThreadingHTTPServer):
-    """The intranet page. For each request it notes which process of the demo holds the
-    other end of the connection (``visitors``): the tunnel node that dialed it."""
-
-    def __init__(self, demo: Demo) -> None:
-        super().__init__(("127.0.0.1", 0), _IntranetPage)
-        self.demo = demo
-        self.visitors: list[str | None] = []
-
-
-class _IntranetPage(http.server.BaseHTTPRequestHandler):
-    server: Intranet
-
-    def do_GET(self) -> None:
-        here = self.connection.getsockname()
-        self.server.visitors.append(socket_owner(self.client_address, here, self.server.demo))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(INTRANET_PAGE)))
-        self.end_headers()
-        self.wfile.write(INTRANET_PAGE)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def socket_owner(local: tuple[str, int], remote: tuple[str, int], demo: Demo) -> str | None:
-    """The name of the demo's process holding the TCP socket ``local`` -> ``remote``
-    (IPv4), from the kernel's tables (/proc/net/tcp, /proc/PID/fd); None where there are
-    none (not Linux) or no process of the demo holds it."""
-    wanted = f"{_proc_net(local)} {_proc_net(remote)}"
-    try:
-        rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-    except OSError:
-        return None
-    sockets = {f"socket:[{row[9]}]" for row in rows if f"{row[1]} {row[2]}" == wanted}
-    for pid, name in demo.names.items():
-        if sockets & _open_files(pid):
-            return name
-    return None
-
-
-def _proc_net(address: tuple[str, int]) -> str:
-    """An IPv4 address as /proc/net/tcp spells it: the 32-bit value in host order, hex."""
-    value = int.from_bytes(socket.inet_aton(address[0]), sys.byteorder)
-    return f"{value:08X}:{address[1]:04X}"
-
-
-def _open_files(pid: int) -> set[str]:
-    found = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):  # closed meanwhile
-                found.add(os.readlink(fd))
-    return found
-
-
-class UDPEcho:
-    """A UDP service on loopback answering each datagram with ``echo: `` and its bytes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)  # so that the thread sees close() soon
-        self.port: int = self.sock.getsockname()[1]
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                data, sender = self.sock.recvfrom(65535)
-                self.sock.sendto(b"echo: " + data, sender)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-
 def start_intranet(demo: Demo) -> None:
-    demo.origin = Intranet(demo)
+    demo.origin = Intranet(INTRANET_PAGE, demo.names)
     demo.ports["intranet"] = demo.origin.server_address[1]
     threading.Thread(target=demo.origin.serve_forever, daemon=True).start()
     demo.echo = UDPEcho()
