@@ -4,6 +4,7 @@ leaves no private key in clear on any disk it wrote: console, tunnel nodes, devi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,6 @@ class DemoRun:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     """One demo run, kept on disk (``--work-dir``); every test here reads it."""
-    # The name keeps the processes findable by `pgrep -f certgate-demo-`.
     work = tmp_path_factory.mktemp("scan") / "certgate-demo-run"
     result = subprocess.run(
         [*CERTGATE, "demo", "--work-dir", str(work)],
@@ -73,9 +73,10 @@ def test_demo_runs_the_whole_lifecycle(demo_run: DemoRun) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in EXPECTED:
         assert expected in result.stdout, expected
-    # Every process the demo starts runs from its own certgate-demo-* directory.
+    # Every process the demo starts names its work directory on its command line; only
+    # this run's (other demos may be running on a shared machine).
     left = subprocess.run(
-        ["pgrep", "-f", "certgate-demo-"], capture_output=True, text=True, check=False
+        ["pgrep", "-f", re.escape(str(demo_run.work))], capture_output=True, text=True, check=False
     ).stdout.split()
     assert left == [], "the demo left processes running"
 
