@@ -4,17 +4,18 @@
 2. admins get an API key and a client certificate each (the key files under a per-run
    passphrase: an encrypted PEM for curl, a PKCS#12 for browsers); Access is installed
    with an `access` admin's credentials, every key and its API key sealed;
-3. a tunnel node is set up with ``certgate tunnel setup`` (API key AND admin certificate)
-   and started with ``certgate tunnel run``;
+3. three tunnel nodes are set up with ``certgate tunnel setup`` (API key AND admin
+   certificate; one group tunnel identity) and started with ``certgate tunnel run``:
+   tunnel-1 standalone, tunnel-2 as a cascade back end and tunnel-3 as its front end;
 4. the device agent enrolls (``certgate device enroll``), receives its Per-App Tunnel
    profile and, on its app's first authentication, a Proxy-mode app certificate;
 5. the intranet page is fetched through the tunnel in both modes: real ``curl`` with the
    app certificate, and ``certgate device exec`` through the agent's per-app rules;
 6. UDP: a datagram sent to the agent's local UDP forward (``--udp-forward``) crosses the
    device's tunnel to a UDP echo service, and its answer comes back the same way;
-7. cascade: tunnel-2 runs as a back end and a third node as a front end relaying to it;
-   the intranet page is fetched through the front end, and the intranet's side of the
-   connection is held by the back end (Linux: the kernel's socket table names it);
+7. cascade: the intranet page is fetched through tunnel-3, the front end, which relays to
+   tunnel-2; the connection the intranet answers is held by the back end (Linux: the
+   kernel's socket table names it);
 8. an admin marks the device non-compliant: the live tunnel is closed and the next request
    refused, and the time from the change to enforcement is measured;
 9. the audit chain is verified. Everything started is stopped; ``--keep`` leaves it running.
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ GROUP = "demo"
 APP = "com.example.browser"
 INTRANET_PAGE = b"<h1>Welcome to the intranet</h1>\n"
 CERTGATE = [sys.executable, "-m", "certgate"]
+NODES = ("tunnel-1", "tunnel-2", "tunnel-3")  # tunnel-1 standalone; 2 and 3 a cascade
 
 
 class DemoError(CertgateError):
@@ -130,6 +133,9 @@ class Demo:
         self.procs.append(proc)
         self.names[proc.pid] = name
         return proc
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        return next(proc for proc in self.procs if self.names[proc.pid] == name)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -317,18 +323,21 @@ def setup_tunnel(demo: Demo) -> None:
     with demo.client(demo.keys["tunnel-admin"]) as no_cert:
         denied = no_cert.post(f"/api/v1/groups/{GROUP}/tunnel/setup", json={"node_name": "x"})
     out.print(f"API key alone → HTTP {denied.status_code}: {denied.json()['detail']}")
-    for node in ("tunnel-1", "tunnel-2"):
-        tunnel_setup(demo, node)
-    certs = [demo.path(f"{n}/tunnel.pem").read_bytes() for n in ("tunnel-1", "tunnel-2")]
-    if certs[0] != certs[1]:
-        raise DemoError("HA nodes did not receive the same tunnel certificate")
-    out.print("tunnel-1 and tunnel-2 hold the same group tunnel certificate (HA) ✔")
+    with ThreadPoolExecutor() as pool:  # side by side: each is a process of its own
+        list(pool.map(lambda node: tunnel_setup(demo, node), NODES))
+    certs = {demo.path(f"{node}/tunnel.pem").read_bytes() for node in NODES}
+    if len(certs) != 1:
+        raise DemoError("HA nodes did not receive the same group tunnel certificate")
+    out.print(f"{', '.join(NODES)} hold the same group tunnel certificate (HA) ✔")
     ports = (demo.ports["proxy"], demo.ports["per_app"], demo.ports["admin"])
-    wait_for_port(demo.ports["proxy"], tunnel_run(demo, "tunnel-1", ports), "tunnel")
+    tunnel_1 = tunnel_run(demo, "tunnel-1", ports)
+    start_cascade(demo)  # used in step 7; starting meanwhile
+    wait_for_port(demo.ports["proxy"], tunnel_1, "tunnel")
     out.print(
         f"tunnel-1 running: Proxy mode on {demo.ports['proxy']}, Per-App Tunnel on "
         f"{demo.ports['per_app']}, /healthz and /metrics on {demo.ports['admin']}"
     )
+    out.print("tunnel-2 (cascade back end) and tunnel-3 (its front end) starting, for step 7")
 
 
 def tunnel_setup(demo: Demo, node: str) -> None:
@@ -631,7 +640,9 @@ def udp_ask(address: tuple[str, int], payload: bytes) -> bytes | None:
 
 def cascade_hop(demo: Demo) -> None:
     step("7. Cascade: a front end relays to a back end, which alone reaches the intranet")
-    back_end = start_cascade(demo)
+    back_end = demo.ports["back_end"]
+    wait_for_port(back_end, demo.process("tunnel-2"), "tunnel-2 (back end)")
+    wait_for_port(demo.ports["front_end"], demo.process("tunnel-3"), "tunnel-3 (front end)")
     out.print(f"tunnel-2 running as the back end (internal network), hop port {back_end}")
     out.print(
         f"tunnel-3 running as a front end (DMZ): Proxy mode on {demo.ports['front_end']}, "
@@ -648,17 +659,13 @@ def cascade_hop(demo: Demo) -> None:
         out.print("  intranet: the connection it answered is held by tunnel-2 (back end) ✔")
 
 
-def start_cascade(demo: Demo) -> int:
-    """tunnel-2 as a back end, a new node tunnel-3 as its front end; the back end's port."""
-    tunnel_setup(demo, "tunnel-3")
+def start_cascade(demo: Demo) -> None:
+    """tunnel-2 as a back end, tunnel-3 as its front end (``cascade_hop`` waits for them)."""
     back, front = node_ports(), node_ports()
-    demo.ports["front_end"] = front[0]
+    demo.ports["back_end"], demo.ports["front_end"] = back[0], front[0]
+    tunnel_run(demo, "tunnel-2", back, "--role", "back-end")
     relay = ("--role", "front-end", "--back-end", f"127.0.0.1:{back[0]}")
-    back_proc = tunnel_run(demo, "tunnel-2", back, "--role", "back-end")
-    front_proc = tunnel_run(demo, "tunnel-3", front, *relay)  # starting side by side
-    wait_for_port(back[0], back_proc, "tunnel-2 (back end)")
-    wait_for_port(front[0], front_proc, "tunnel-3 (front end)")
-    return back[0]
+    tunnel_run(demo, "tunnel-3", front, *relay)
 
 
 def node_ports() -> tuple[int, int, int]:
