@@ -4,15 +4,21 @@
 2. admins get an API key and a client certificate each (the key files under a per-run
    passphrase: an encrypted PEM for curl, a PKCS#12 for browsers); Access is installed
    with an `access` admin's credentials, every key and its API key sealed;
-3. a tunnel node is set up with ``certgate tunnel setup`` (API key AND admin certificate)
-   and started with ``certgate tunnel run``;
+3. three tunnel nodes are set up with ``certgate tunnel setup`` (API key AND admin
+   certificate; one group tunnel identity) and started with ``certgate tunnel run``:
+   tunnel-1 standalone, tunnel-2 as a cascade back end and tunnel-3 as its front end;
 4. the device agent enrolls (``certgate device enroll``), receives its Per-App Tunnel
    profile and, on its app's first authentication, a Proxy-mode app certificate;
 5. the intranet page is fetched through the tunnel in both modes: real ``curl`` with the
    app certificate, and ``certgate device exec`` through the agent's per-app rules;
-6. an admin marks the device non-compliant: the live tunnel is closed and the next request
+6. UDP: a datagram sent to the agent's local UDP forward (``--udp-forward``) crosses the
+   device's tunnel to a UDP echo service, and its answer comes back the same way;
+7. cascade: the intranet page is fetched through tunnel-3, the front end, which relays to
+   tunnel-2; the connection the intranet answers is held by the back end (Linux: the
+   kernel's socket table names it);
+8. an admin marks the device non-compliant: the live tunnel is closed and the next request
    refused, and the time from the change to enforcement is measured;
-7. the audit chain is verified. Everything started is stopped; ``--keep`` leaves it running.
+9. the audit chain is verified. Everything started is stopped; ``--keep`` leaves it running.
 
 No private key is on disk in clear afterwards, anywhere under the work directory
 (tests/integration/test_demo.py scans it): the console, tunnel nodes, device agent and
@@ -21,7 +27,6 @@ Access seal theirs, and the files meant for a human are protected by the passphr
 
 from __future__ import annotations
 
-import http.server
 import os
 import re
 import secrets
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,7 @@ from certgate.access.config import ClientRegistration
 from certgate.access.install import InstallRequest, install, load_material
 from certgate.console import local
 from certgate.console.services import admins, ca, signin
+from certgate.demo_intranet import Intranet, UDPEcho
 from certgate.errors import CertgateError
 from certgate.pki.authority import Authority, Issuer, Names
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
@@ -60,14 +67,15 @@ GROUP = "demo"
 APP = "com.example.browser"
 INTRANET_PAGE = b"<h1>Welcome to the intranet</h1>\n"
 CERTGATE = [sys.executable, "-m", "certgate"]
+NODES = ("tunnel-1", "tunnel-2", "tunnel-3")  # tunnel-1 standalone; 2 and 3 a cascade
 
 
 class DemoError(CertgateError):
     """A demo step did not show what it should."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
@@ -78,8 +86,10 @@ class Demo:
     work: Path
     ports: dict[str, int] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # pid -> the name it was spawned as
     keys: dict[str, str] = field(default_factory=dict)
-    origin: http.server.ThreadingHTTPServer | None = None
+    origin: Intranet | None = None
+    echo: UDPEcho | None = None
     # Protects every key file the demo writes for a human (admin keys, app key exports).
     passphrase: str = field(default_factory=lambda: secrets.token_urlsafe(18))
 
@@ -121,7 +131,11 @@ class Demo:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.procs.append(proc)
+        self.names[proc.pid] = name
         return proc
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        return next(proc for proc in self.procs if self.names[proc.pid] == name)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -131,6 +145,8 @@ class Demo:
         if self.origin is not None:
             self.origin.shutdown()
             self.origin.server_close()
+        if self.echo is not None:
+            self.echo.close()
 
 
 def listing(*columns: str) -> Table:
@@ -283,7 +299,7 @@ def create_group(demo: Demo) -> None:
         "feed": {"long_poll_s": 10, "max_staleness_s": 60},
         "server_rules": {
             "default": "deny",
-            "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"]}],
+            "rules": [{"action": "allow", "cidrs": ["127.0.0.0/8"], "protocols": ["tcp", "udp"]}],
         },
         "device_rules": {
             "default": "block",
@@ -307,75 +323,84 @@ def setup_tunnel(demo: Demo) -> None:
     with demo.client(demo.keys["tunnel-admin"]) as no_cert:
         denied = no_cert.post(f"/api/v1/groups/{GROUP}/tunnel/setup", json={"node_name": "x"})
     out.print(f"API key alone → HTTP {denied.status_code}: {denied.json()['detail']}")
-    for node in ("tunnel-1", "tunnel-2"):
-        result = subprocess.run(
-            [
-                *CERTGATE,
-                "tunnel",
-                "setup",
-                "--console",
-                demo.url,
-                "--group",
-                GROUP,
-                "--api-key",
-                demo.keys["tunnel-admin"],
-                "--admin-cert",
-                str(demo.path("tunnel-admin.p12")),
-                "--p12-password",
-                demo.passphrase,
-                "--ca-file",
-                str(demo.path("root.pem")),
-                "--state-dir",
-                str(demo.path(node)),
-                "--node-name",
-                node,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise DemoError(f"tunnel setup {node}: {result.stderr or result.stdout}")
-    certs = [demo.path(f"{n}/tunnel.pem").read_bytes() for n in ("tunnel-1", "tunnel-2")]
-    if certs[0] != certs[1]:
-        raise DemoError("HA nodes did not receive the same tunnel certificate")
-    out.print("tunnel-1 and tunnel-2 hold the same group tunnel certificate (HA) ✔")
-    proc = demo.spawn(
-        "tunnel-1",
-        "tunnel",
-        "run",
-        "--state-dir",
-        str(demo.path("tunnel-1")),
-        "--proxy-listen",
-        f"127.0.0.1:{demo.ports['proxy']}",
-        "--per-app-listen",
-        f"127.0.0.1:{demo.ports['per_app']}",
-        "--admin-listen",
-        f"127.0.0.1:{demo.ports['admin']}",
-    )
-    wait_for_port(demo.ports["proxy"], proc, "tunnel")
+    with ThreadPoolExecutor() as pool:  # side by side: each is a process of its own
+        list(pool.map(lambda node: tunnel_setup(demo, node), NODES))
+    certs = {demo.path(f"{node}/tunnel.pem").read_bytes() for node in NODES}
+    if len(certs) != 1:
+        raise DemoError("HA nodes did not receive the same group tunnel certificate")
+    out.print(f"{', '.join(NODES)} hold the same group tunnel certificate (HA) ✔")
+    ports = (demo.ports["proxy"], demo.ports["per_app"], demo.ports["admin"])
+    tunnel_1 = tunnel_run(demo, "tunnel-1", ports)
+    start_cascade(demo)  # used in step 7; starting meanwhile
+    wait_for_port(demo.ports["proxy"], tunnel_1, "tunnel")
     out.print(
         f"tunnel-1 running: Proxy mode on {demo.ports['proxy']}, Per-App Tunnel on "
         f"{demo.ports['per_app']}, /healthz and /metrics on {demo.ports['admin']}"
     )
+    out.print("tunnel-2 (cascade back end) and tunnel-3 (its front end) starting, for step 7")
 
 
-class _Intranet(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(INTRANET_PAGE)))
-        self.end_headers()
-        self.wfile.write(INTRANET_PAGE)
+def tunnel_setup(demo: Demo, node: str) -> None:
+    """``certgate tunnel setup`` of ``node`` in the demo's group, with both credentials."""
+    result = subprocess.run(
+        [
+            *CERTGATE,
+            "tunnel",
+            "setup",
+            "--console",
+            demo.url,
+            "--group",
+            GROUP,
+            "--api-key",
+            demo.keys["tunnel-admin"],
+            "--admin-cert",
+            str(demo.path("tunnel-admin.p12")),
+            "--p12-password",
+            demo.passphrase,
+            "--ca-file",
+            str(demo.path("root.pem")),
+            "--state-dir",
+            str(demo.path(node)),
+            "--node-name",
+            node,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DemoError(f"tunnel setup {node}: {result.stderr or result.stdout}")
 
-    def log_message(self, *args: Any) -> None:
-        pass
+
+def tunnel_run(
+    demo: Demo, node: str, ports: tuple[int, int, int], *role: str
+) -> subprocess.Popen[bytes]:
+    """Start ``node`` on loopback ``ports`` (proxy, Per-App, admin); ``role``: cascade
+    options. The caller waits for it to listen."""
+    proxy, per_app, admin = ports
+    return demo.spawn(
+        node,
+        "tunnel",
+        "run",
+        "--state-dir",
+        str(demo.path(node)),
+        "--proxy-listen",
+        f"127.0.0.1:{proxy}",
+        "--per-app-listen",
+        f"127.0.0.1:{per_app}",
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+        *role,
+    )
 
 
 def start_intranet(demo: Demo) -> None:
-    demo.origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Intranet)
+    demo.origin = Intranet(INTRANET_PAGE, demo.names)
     demo.ports["intranet"] = demo.origin.server_address[1]
     threading.Thread(target=demo.origin.serve_forever, daemon=True).start()
+    demo.echo = UDPEcho()
+    demo.ports["echo"] = demo.echo.port
 
 
 def device_cli(demo: Demo, *args: str) -> str:
@@ -479,7 +504,10 @@ def openssl_verify(demo: Demo, cert: str) -> None:
     out.print("openssl verify -purpose sslclient app cert: [green]OK[/] (X.509 v3, Device Root)")
 
 
-def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]:
+def curl_proxy_mode(
+    demo: Demo, *extra: str, port: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Real curl in Proxy mode with the app certificate (tunnel-1 unless ``port``)."""
     app = demo.path(f"device/apps/{APP}")
     return subprocess.run(
         [
@@ -489,7 +517,7 @@ def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]
             "20",
             *extra,
             "--proxy",
-            f"https://localhost:{demo.ports['proxy']}",
+            f"https://localhost:{port or demo.ports['proxy']}",
             "--proxy-cacert",
             str(demo.path("chain.pem")),
             "--proxy-cert",
@@ -507,18 +535,9 @@ def curl_proxy_mode(demo: Demo, *extra: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def wait_until_admitted(demo: Demo) -> None:
-    """The tunnel learns the new device from the console's feed; wait (bounded) for it."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if curl_proxy_mode(demo).stdout.encode() == INTRANET_PAGE:
-            return
-        time.sleep(0.2)
-    raise DemoError("the tunnel never admitted the enrolled device (see tunnel-1.log)")
-
-
 def start_agent(demo: Demo) -> None:
     demo.ports["agent"] = free_port()
+    demo.ports["udp_forward"] = free_port(socket.SOCK_DGRAM)
     proc = demo.spawn(
         "agent",
         "device",
@@ -529,11 +548,14 @@ def start_agent(demo: Demo) -> None:
         "",
         "--http",
         f"127.0.0.1:{demo.ports['agent']}",
+        "--udp-forward",
+        f"{APP}={demo.ports['udp_forward']}:127.0.0.1:{demo.ports['echo']}",
     )
     wait_for_port(demo.ports["agent"], proc, "device agent")
     out.print(
         f"device agent running: HTTP proxy on 127.0.0.1:{demo.ports['agent']} "
-        "(per-app rules: tunnel / bypass / block)"
+        "(per-app rules: tunnel / bypass / block); UDP forward for "
+        f"{APP} on 127.0.0.1:{demo.ports['udp_forward']} → 127.0.0.1:{demo.ports['echo']}"
     )
 
 
@@ -566,9 +588,8 @@ def exec_as(demo: Demo, app: str) -> str:
 
 def fetch_both_modes(demo: Demo) -> None:
     step("5. Traffic: the intranet page through the tunnel, in both modes")
-    wait_until_admitted(demo)
-    result = curl_proxy_mode(demo)
-    out.print(f"Proxy mode, real curl with the app certificate → {result.stdout.strip()}")
+    result = wait_until_served(demo, demo.ports["proxy"])
+    out.print(f"Proxy mode, real curl with the app certificate → {result}")
     start_agent(demo)
     page = exec_as(demo, APP)
     if INTRANET_PAGE.decode().strip() not in page:
@@ -580,6 +601,88 @@ def fetch_both_modes(demo: Demo) -> None:
         raise DemoError(f"an app without a tunnel rule was not blocked: {blocked}")
     out.print(f"certgate device exec --app com.example.mail -- curl → {blocked}")
     out.print("  rule: no rule for com.example.mail → group default: block")
+
+
+def udp_exchange(demo: Demo) -> None:
+    step("6. UDP: a datagram through the agent's UDP forward and the tunnel")
+    sent = b"ping from " + APP.encode()
+    answer = udp_ask(("127.0.0.1", demo.ports["udp_forward"]), sent)
+    if answer != b"echo: " + sent:
+        raise DemoError(f"the UDP echo answered {answer!r} through the tunnel")
+    out.print(
+        f"UDP {sent!r} → agent's UDP forward 127.0.0.1:{demo.ports['udp_forward']} → "
+        f"tunnel-1 (Per-App Tunnel, datagram frames) → UDP echo 127.0.0.1:{demo.ports['echo']}"
+    )
+    out.print(f"  UDP echo answered through the tunnel → {answer!r}")
+    routed = re.search(r"udp route (app=\S+ dest=\S+ via=tunnel \S+)", agent_log(demo))
+    if routed is None or not routed[1].endswith(f":{demo.ports['per_app']}"):
+        raise DemoError("the agent logged no UDP route through tunnel-1's Per-App Tunnel")
+    out.print(f"  agent log: udp route {routed[1]} (tunnel-1's Per-App Tunnel port)")
+
+
+def agent_log(demo: Demo) -> str:
+    return demo.path("agent.log").read_text(errors="replace")
+
+
+def udp_ask(address: tuple[str, int], payload: bytes) -> bytes | None:
+    """Send ``payload``, the first answer (None after 10 tries of 2 s: UDP may lose the
+    first datagrams while the agent opens its tunnel)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        for _ in range(10):
+            sock.sendto(payload, address)
+            try:
+                return sock.recv(65535)
+            except TimeoutError:
+                continue
+    return None
+
+
+def cascade_hop(demo: Demo) -> None:
+    step("7. Cascade: a front end relays to a back end, which alone reaches the intranet")
+    back_end = demo.ports["back_end"]
+    wait_for_port(back_end, demo.process("tunnel-2"), "tunnel-2 (back end)")
+    wait_for_port(demo.ports["front_end"], demo.process("tunnel-3"), "tunnel-3 (front end)")
+    out.print(f"tunnel-2 running as the back end (internal network), hop port {back_end}")
+    out.print(
+        f"tunnel-3 running as a front end (DMZ): Proxy mode on {demo.ports['front_end']}, "
+        f"relaying over mTLS (group tunnel identity) to 127.0.0.1:{back_end}"
+    )
+    result = wait_until_served(demo, demo.ports["front_end"])
+    out.print(f"Proxy mode through tunnel-3, real curl with the app certificate → {result}")
+    visitor = demo.origin.visitors[-1] if demo.origin and demo.origin.visitors else None
+    if visitor is None:
+        out.print("  intranet: which process dialed it is not known here (no /proc)")
+    elif visitor != "tunnel-2":
+        raise DemoError(f"the intranet was dialed by {visitor}, not by the back end")
+    else:
+        out.print("  intranet: the connection it answered is held by tunnel-2 (back end) ✔")
+
+
+def start_cascade(demo: Demo) -> None:
+    """tunnel-2 as a back end, tunnel-3 as its front end (``cascade_hop`` waits for them)."""
+    back, front = node_ports(), node_ports()
+    demo.ports["back_end"], demo.ports["front_end"] = back[0], front[0]
+    tunnel_run(demo, "tunnel-2", back, "--role", "back-end")
+    relay = ("--role", "front-end", "--back-end", f"127.0.0.1:{back[0]}")
+    tunnel_run(demo, "tunnel-3", front, *relay)
+
+
+def node_ports() -> tuple[int, int, int]:
+    """Proxy, Per-App and admin ports for a node."""
+    return free_port(), free_port(), free_port()
+
+
+def wait_until_served(demo: Demo, port: int) -> str:
+    """The intranet page through the node on ``port``; new nodes learn the device from
+    the console's feed first (bounded wait)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        result = curl_proxy_mode(demo, port=port)
+        if result.stdout.encode() == INTRANET_PAGE:
+            return result.stdout.strip()
+        time.sleep(0.2)
+    raise DemoError(f"no page through the node on port {port} (see tunnel-*.log)")
 
 
 def agent_tunnel(demo: Demo) -> socket.socket:
@@ -597,7 +700,7 @@ def agent_tunnel(demo: Demo) -> socket.socket:
 
 
 def enforce(demo: Demo, device_uid: str) -> float:
-    step("6. Compliance: an admin marks the device non-compliant")
+    step("8. Compliance: an admin marks the device non-compliant")
     sock = agent_tunnel(demo)
     out.print("a live Per-App Tunnel is open (device → agent → tunnel-1 → intranet)")
     with demo.admin() as ops:
@@ -627,7 +730,7 @@ def enforce(demo: Demo, device_uid: str) -> float:
 
 
 def audit_verify(demo: Demo) -> None:
-    step("7. Audit chain")
+    step("9. Audit chain")
     result = subprocess.run(
         [*CERTGATE, "console", "audit", "verify", "-d", str(demo.path("console"))],
         capture_output=True,
@@ -652,6 +755,8 @@ def run(keep: bool = False, work_dir: Path | None = None) -> int:
         start_intranet(demo)
         device_uid = enroll_device(demo)
         fetch_both_modes(demo)
+        udp_exchange(demo)
+        cascade_hop(demo)
         enforce(demo, device_uid)
         audit_verify(demo)
     except (CertgateError, httpx.HTTPError, OSError, subprocess.SubprocessError) as exc:
@@ -692,5 +797,13 @@ def print_kept(demo: Demo) -> None:
         f"  Per-App:      certgate device exec -s {w}/device --app {APP} -- curl "
         "http://127.0.0.1:<port>/"
     )
+    out.print(
+        f"  cascade:      the Proxy mode command with --proxy https://localhost:"
+        f"{demo.ports['front_end']} (tunnel-3, front end → tunnel-2, back end)"
+    )
+    out.print(
+        f"  UDP forward:  127.0.0.1:{demo.ports['udp_forward']} (app {APP}) → tunnel-1 → "
+        f"127.0.0.1:{demo.ports['echo']}"
+    )
     out.print(f"  tunnel:       curl http://127.0.0.1:{demo.ports['admin']}/healthz (and /metrics)")
-    out.print("  (the demo's intranet page server ends with this process)")
+    out.print("  (the demo's intranet page and UDP echo servers end with this process)")

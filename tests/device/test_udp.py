@@ -6,9 +6,7 @@ admission with ``transport=udp``."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +22,11 @@ from certgate.errors import ConfigError
 from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
 from tests.device.harness import BROWSER, TunnelLog, agent_config, provision, tunnel_log
+from tests.dnsmasq import ANSWER, NAME, dig, start_dnsmasq
 from tests.tunnel.dataplane import PKI, Client, ServiceThread, StaticSource, make_service, policy
 
 pytestmark = pytest.mark.integration
 
-ANSWER = "10.9.8.7"
-NAME = "intranet.corp.test"
 DEVICE_RULES: dict[str, Any] = {
     "default": "block",
     "rules": [
@@ -47,60 +44,10 @@ TCP_ONLY_RULES: dict[str, Any] = {
 }
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real DNS server: its own config, loopback only, a free port, no system files."""
-    binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-    work = tmp_path_factory.mktemp("dnsmasq")
-    port = free_udp_port()
-    conf = work / "dnsmasq.conf"
-    conf.write_text(
-        f"port={port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\n"
-        f"no-dhcp-interface=\naddress=/{NAME}/{ANSWER}\npid-file={work / 'pid'}\n"
-        "log-queries\n"
-    )
-    with (work / "log").open("wb") as log_file:
-        proc = subprocess.Popen(
-            [binary, f"--conf-file={conf}", "--keep-in-foreground", "--log-facility=-"],
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while dig(port, timeout_s=1).returncode != 0:
-            assert proc.poll() is None, (work / "log").read_text()
-            assert time.monotonic() < deadline, "dnsmasq did not answer"
+    with start_dnsmasq(tmp_path_factory.mktemp("dnsmasq")) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def dig(port: int, timeout_s: int = 5) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "dig",
-            "@127.0.0.1",
-            "-p",
-            str(port),
-            NAME,
-            "A",
-            "+short",
-            "+tries=1",
-            f"+time={timeout_s}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s + 20,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

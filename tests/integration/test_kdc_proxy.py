@@ -38,16 +38,14 @@ from tests.integration.cluster import (
 from tests.integration.test_live_policy import enroll_device
 from tests.support import CERTGATE, free_port, wait_for_tls_port
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("kinit") is None
-        or not all(Path("/usr/sbin", tool).exists() for tool in ("krb5kdc", "kadmin.local"))
-        or not list(Path("/usr/lib").glob("*/krb5/plugins/tls/k5tls.so")),
-        reason="needs MIT krb5-kdc, krb5-admin-server (kadmin.local), krb5-user and krb5-k5tls "
-        "(kinit's HTTPS for MS-KKDCP): make sysdeps",
-    ),
-]
+NEEDS_KRB5 = pytest.mark.skipif(
+    shutil.which("kinit") is None
+    or not all(Path("/usr/sbin", tool).exists() for tool in ("krb5kdc", "kadmin.local"))
+    or not list(Path("/usr/lib").glob("*/krb5/plugins/tls/k5tls.so")),
+    reason="needs MIT krb5-kdc, krb5-admin-server (kadmin.local), krb5-user and krb5-k5tls "
+    "(kinit's HTTPS for MS-KKDCP): make sysdeps",
+)
+pytestmark = [pytest.mark.integration, NEEDS_KRB5]
 
 REALM = "CERTGATE.TEST"
 OTHER_REALM = "ELSEWHERE.TEST"
@@ -143,13 +141,16 @@ def kerberos_settings(kdc_port: int, per_app_port: int) -> dict[str, Any]:
     }
 
 
-def start_agent(state: StateDir, work: Path, kdc_proxy_port: int) -> subprocess.Popen[bytes]:
+def start_agent(
+    state: StateDir, work: Path, kdc_proxy_port: int, *extra: str
+) -> subprocess.Popen[bytes]:
+    """``certgate device run --kdc-proxy``; ``extra``: more of its options."""
     log_path = work / "agent.log"
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
             [*CERTGATE, "device", "run", "-s", str(state.path),
              "--socks", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
-             "--kdc-proxy", f"127.0.0.1:{kdc_proxy_port}", "--check-interval", "60"],
+             "--kdc-proxy", f"127.0.0.1:{kdc_proxy_port}", "--check-interval", "60", *extra],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

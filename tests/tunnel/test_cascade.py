@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from kdcproxy import codec
 
 from certgate.addresses import ListenAddress
 from certgate.errors import BadRequest, ChainError, ConfigError
@@ -32,6 +33,7 @@ from certgate.tunnel.cascade import (
     front_end_tls,
     refusal_of,
 )
+from certgate.tunnel.kdcproxy import frame
 from certgate.tunnel.rules import Transport
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
@@ -49,6 +51,7 @@ from tests.tunnel.dataplane import (
     policy,
     tls_client,
 )
+from tests.tunnel.test_kdcproxy import REPLY, ask_node, serve_tcp
 from tests.tunnel.test_udp import UDP_RULES, Echo, open_udp, read_datagrams
 
 TLS13 = ssl.TLSVersion.TLSv1_3
@@ -408,3 +411,23 @@ def test_a_device_of_either_device_root_passes_during_a_rotation(
     only_next = Cascade(Role.BACK_END, GROUP, pki.root, (next_root,))
     with pytest.raises(ChainError, match="client certificate rejected"):
         only_next.device_of(headers)
+
+
+def test_a_kdc_request_crosses_the_cascade_and_only_the_back_end_asks_the_kdc(
+    pki: PKI,
+    clients: dict[str, Client],
+    front: ServiceThread,
+    back: ServiceThread,
+    back_source: StaticSource,
+) -> None:
+    """The KKDCP frame comes before any answer: the front end reads it and sends it with
+    its hop's head; the back end serves the exchange. The front end's policy names no KDC
+    (it would refuse realm_not_served if it served the request itself)."""
+    server, kdc_port, seen = back.call(serve_tcp(frame(REPLY)))
+    back_source.policy = policy(kerberos={"CORP.TEST": [f"tcp/127.0.0.1:{kdc_port}"]})
+    answer = ask_node(pki, clients["device"], front.service.bound["per_app"], "CORP.TEST")
+    back.run(server.close)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert body == frame(codec.encode(frame(REPLY)))
+    assert len(seen) == 1

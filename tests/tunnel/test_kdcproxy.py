@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from kdcproxy import codec
+from kdcproxy.parse_pyasn1 import ASREQ, ProxyMessage
+from pyasn1.codec.der.encoder import encode as der_encode
 
 from certgate.feed import InvalidEntry, PolicyUpdate
 from certgate.tunnel.kdcproxy import (
+    KDC_PROXY_HOST,
     KDCAddress,
     KDCLimits,
     KDCProxyError,
@@ -23,7 +29,18 @@ from certgate.tunnel.kdcproxy import (
     frame_need,
 )
 from certgate.tunnel.rules import Transport
-from tests.tunnel.dataplane import policy
+from certgate.tunnel.service import TLS_BACKENDS
+from certgate.tunnel.table import DeviceTable
+from tests.tunnel.dataplane import (
+    APP,
+    PKI,
+    Client,
+    ServiceThread,
+    StaticSource,
+    make_service,
+    policy,
+    tls_client,
+)
 
 LIMITS = KDCLimits(max_message=1024, kdc_timeout_s=2.0)
 REQUEST = frame(b"\x6a\x03kdc-request")  # length-prefixed, as KKDCP carries it
@@ -216,3 +233,54 @@ def test_a_silent_kdc_times_out_within_its_bound(tcp_kdc: int) -> None:
     with pytest.raises(KDCProxyError) as caught:
         asyncio.run(ask_kdcs(REQUEST, (f"127.0.0.1:{tcp_kdc}",), allow_all, quick))
     assert "timed out" in caught.value.detail
+
+
+# The node serving the exchange: real TLS, both data-plane backends
+
+
+def kkdcp_request(realm: str) -> bytes:
+    """A KDC-PROXY-MESSAGE (MS-KKDCP 2.2.2) for ``realm`` around a minimal AS-REQ, built
+    with the ASN.1 types of PyPI kdcproxy (what the node decodes it with)."""
+    message = ProxyMessage()
+    message["message"] = frame(der_encode(ASREQ()))
+    message["realm"] = realm
+    return bytes(der_encode(message))
+
+
+def ask_node(pki: PKI, device: Client, port: int, realm: str) -> bytes:
+    """A KDC proxy exchange with the node on ``port`` as ``device``: the CONNECT head,
+    then the frame in two TLS records of its own; everything the node answered."""
+    request = frame(kkdcp_request(realm))
+    raw = socket.create_connection(("127.0.0.1", port), 10)
+    with tls_client(pki, device, ssl.TLSVersion.TLSv1_3).wrap_socket(
+        raw, server_hostname="localhost"
+    ) as tls:
+        tls.sendall(
+            f"CONNECT {KDC_PROXY_HOST}:88 HTTP/1.1\r\nHost: x\r\n"
+            f"Certgate-App: {APP}\r\n\r\n".encode()
+        )
+        for piece in (request[:3], request[3:]):  # one TLS record each
+            tls.sendall(piece)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("backend", TLS_BACKENDS)
+def test_a_frame_sent_after_the_head_is_read_through_tls(backend: str, tmp_path: Path) -> None:
+    """A cascade front end sends its own CONNECT head, then the device's frame in records
+    of their own: the node reads them through its TLS end on either backend (on pyOpenSSL
+    the bare socket holds TLS records, not the frame)."""
+    pki = PKI(tmp_path)
+    device = pki.client_cert("kdc-device")
+    source = StaticSource(DeviceTable.from_snapshot(1, [device.entry()]))
+    with ServiceThread(make_service(pki, source, backend=backend)) as running:
+        server, port, seen = running.call(serve_tcp(frame(REPLY)))
+        source.policy = policy(kerberos={"CORP.TEST": [f"tcp/127.0.0.1:{port}"]})
+        answer = ask_node(pki, device, running.service.bound["per_app"], "CORP.TEST")
+        server.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert body == frame(codec.encode(frame(REPLY)))
+    assert seen == [der_encode(ASREQ())]  # the KDC got the bare AS-REQ, length-prefixed

@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import re
 import socket
-import ssl
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from kdcproxy import codec
 from kdcproxy.exceptions import ParsingError
 
 from certgate.tunnel.rules import Transport
-from certgate.tunnel.sockets import IPAddress, TLSEnd, Want, ip_literal
+from certgate.tunnel.sockets import IPAddress, TLSBlocked, TLSEnd, Want, ip_literal
 
 KDC_PROXY_HOST = "kdc-proxy.certgate.invalid"
 KDC_PROXY_PORT = 88
@@ -131,6 +130,16 @@ async def serve(
     return request.realm, frame(codec.encode(reply))
 
 
+async def read_request(client: TLSEnd, first: bytes, limits: KDCLimits = KDC_LIMITS) -> bytes:
+    """The device's whole request frame (length prefix included), bounded in size and
+    time like the exchange: what a cascade front end passes on with its hop's head."""
+    try:
+        async with asyncio.timeout(limits.exchange_timeout_s):
+            return frame(await read_frame(client, first, limits.max_message))
+    except TimeoutError:
+        raise KDCProxyError(504, "kdc_timeout", "the KDC request did not arrive in time") from None
+
+
 def decode(message: bytes) -> codec.ProxyRequest:
     try:
         return codec.decode(message)
@@ -139,22 +148,24 @@ def decode(message: bytes) -> codec.ProxyRequest:
 
 
 async def read_frame(client: TLSEnd, first: bytes, limit: int) -> bytes:
-    """The message of one frame, read from the tunnel's TLS socket (no OpenSSL-buffered
-    byte is left behind: each wake-up reads until OpenSSL wants more)."""
+    """The message of one frame, read through the tunnel's TLS end, whichever backend
+    (``recv_once``: on pyOpenSSL ``client.sock`` is the bare TCP socket). No byte
+    OpenSSL buffered is left behind: each wake-up reads until OpenSSL wants more. The
+    frame follows the head in a record of its own when a cascade front end relays it."""
     buffer = bytearray(first)
     loop = asyncio.get_running_loop()
     while need := frame_need(buffer, limit):
+        chunk = bytearray(need)
         try:
-            chunk = client.sock.recv(need)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as blocked:
-            want = Want.READ if isinstance(blocked, ssl.SSLWantReadError) else Want.WRITE
-            await _ready(client, want, loop)
+            n = client.recv_once(memoryview(chunk))
+        except TLSBlocked as blocked:
+            await _ready(client, blocked.want, loop)
             continue
         except OSError as exc:
             raise KDCProxyError(400, "bad_request", f"client failed mid-request: {exc}") from None
-        if not chunk:
+        if n == 0:
             raise KDCProxyError(400, "bad_request", "client closed before its whole KDC request")
-        buffer += chunk
+        buffer += chunk[:n]
     return bytes(buffer[_FRAME.size :])
 
 

@@ -492,7 +492,10 @@ class ClientConnection:
         self.phase = Phase.CONNECTING
         self.admitted_at = time.time()
         if self.shared.gate.role is Role.FRONT_END:  # the back end serves or dials, KDCs too
-            self._hop_to_back_end(request)
+            if request.host == kdcproxy.KDC_PROXY_HOST:
+                self.shared.spawn(self._hop_kdc_request(request))
+            else:
+                self._hop_to_back_end(request)
             return
         if request.host == kdcproxy.KDC_PROXY_HOST:  # served here, never dialed
             self.shared.spawn(self._serve_kdc())
@@ -521,29 +524,46 @@ class ClientConnection:
         self.shared.registry.bind(self, self.peer.thumbprint)
         return True
 
-    def _hop_to_back_end(self, request: ProxyRequest) -> None:
+    def _hop_to_back_end(self, request: ProxyRequest, early: bytes | None = None) -> None:
         """A front end reaches no destination itself: the back end resolves, applies the
-        server traffic rules and dials (tunnel.cascade)."""
+        server traffic rules and dials (tunnel.cascade). ``early``: the device's bytes
+        past its head, already read, sent with the hop's head rather than after the back
+        end's answer (a KDC request, which the back end answers only once it has it)."""
         cascade = self.shared.gate.cascade
         der = self.client.peer_der()
         assert cascade is not None and der is not None
         head = cascade.connect_head(
             request.host, request.port, self.requested_app, self.transport, self.mode, der
         )
+        upward = None if early is None else b""  # the early bytes are not sent twice
         self._hop = BackEndHop(
             self.loop,
             cascade,
-            head,
+            head + (early or b""),
             self.shared.limits.connect_timeout_s,
-            lambda upstream, leftover: self._hopped(upstream, request, leftover),
+            lambda upstream, leftover: self._hopped(upstream, request, leftover, upward),
             self._hop_refused,
         )
         self._hop.start()
 
-    def _hopped(self, upstream: End, request: ProxyRequest, leftover: bytes) -> None:
+    async def _hop_kdc_request(self, request: ProxyRequest) -> None:
+        """The device's KDC request frame, read whole here (bounded like the exchange),
+        then carried with the hop's head: the back end asks the KDCs, never this node."""
+        try:
+            early = await kdcproxy.read_request(self.client, self.parser.trailing_data)
+        except kdcproxy.KDCProxyError as exc:
+            if self.phase is Phase.CONNECTING:  # not closed meanwhile (policy, shutdown)
+                self._deny(exc.status, exc.reason, exc.detail)
+            return
+        if self.phase is Phase.CONNECTING:
+            self._hop_to_back_end(request, early)
+
+    def _hopped(
+        self, upstream: End, request: ProxyRequest, leftover: bytes, upward: bytes | None
+    ) -> None:
         self._hop = None
         self.upstream = upstream
-        self._start_relay(upstream, request, leftover)
+        self._start_relay(upstream, request, leftover, upward)
 
     def _hop_refused(self, refused: HopRefused) -> None:
         self._hop = None
@@ -605,13 +625,20 @@ class ClientConnection:
             f"cannot connect to {self.destination}: {error}",
         )
 
-    def _start_relay(self, upstream: End, request: ProxyRequest, downstream: bytes = b"") -> None:
-        """``downstream``: what the upstream already sent (a back end's first tunnel bytes)."""
+    def _start_relay(
+        self,
+        upstream: End,
+        request: ProxyRequest,
+        downstream: bytes = b"",
+        upward: bytes | None = None,
+    ) -> None:
+        """``downstream``: what the upstream already sent (a back end's first tunnel bytes);
+        ``upward``: what to send it first, if not the client's bytes past its head."""
         assert self.peer is not None
         pool = self.shared.pool
         self.up = Pump(self.client, upstream, pool, self._pump_ended)
         self.down = Pump(upstream, self.client, pool, self._pump_ended)
-        trailing = self.parser.trailing_data
+        trailing = self.parser.trailing_data if upward is None else upward
         if request.method == "CONNECT":
             self.down.preload(response_head(200, "Connection established") + downstream)
             self.up.preload(trailing)

@@ -54,6 +54,7 @@ from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
 from certgate.tunnel.shared_table import MappedFiles, SharedTable
 from certgate.tunnel.sync import FeedChange, FeedFollower, is_fresh_age
+from certgate.tunnel.udp import UDPLimits
 
 log = logging.getLogger("certgate.tunnel")
 
@@ -113,6 +114,11 @@ def _read_hello(sock: socket.socket) -> dict[str, Any]:
 
 def _endpoint(value: list[Any] | None) -> Endpoint | None:
     return None if value is None else Endpoint(str(value[0]), int(value[1]))
+
+
+def limits_of(raw: dict[str, Any]) -> Limits:
+    """The hello's limits: ``asdict`` made the nested UDP bounds a dict as well."""
+    return Limits(**{**raw, "udp": UDPLimits(**raw["udp"])})
 
 
 def _policy(raw: object) -> PolicyUpdate:
@@ -178,7 +184,7 @@ class Worker:
             _endpoint(hello["proxy"]),
             _endpoint(hello["per_app"]),
             None,
-            Limits(**hello["limits"]),
+            limits_of(hello["limits"]),
             reuse_port=True,
         )
 
