@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -287,6 +287,7 @@ class LogOptions:
 
 _listener: logging.handlers.QueueListener | None = None
 _lock = threading.Lock()
+_in_force = LogOptions()
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -307,7 +308,7 @@ def configure(options: LogOptions) -> None:
     """(Re)configure the root logger: stderr in the chosen format, plus syslog if asked.
 
     Raises ``ValueError`` for a bad syslog target before changing anything."""
-    global _listener
+    global _listener, _in_force
     target = SyslogTarget.parse(options.syslog) if options.syslog else None
     tls = ssl.create_default_context(cafile=options.syslog_ca) if options.syslog_ca else None
     stderr = _StderrHandler()
@@ -333,6 +334,24 @@ def configure(options: LogOptions) -> None:
         for handler in handlers:
             root.addHandler(handler)
         root.setLevel(options.level.value.upper())
+        _in_force = options
+
+
+def inherited() -> dict[str, Any]:
+    """What a child process (a tunnel worker) needs to log as this one does: the options
+    in force and the process-wide fields (``from_inherited``)."""
+    return {"options": asdict(_in_force), "context": dict(_context)}
+
+
+def from_inherited(given: Mapping[str, Any]) -> None:
+    """Configure a child process from its parent's ``inherited()``."""
+    raw = given["options"]
+    configure(
+        LogOptions(
+            LogFormat(raw["format"]), LogLevel(raw["level"]), raw["syslog"], raw["syslog_ca"]
+        )
+    )
+    set_context(**given["context"])
 
 
 def shutdown() -> None:

@@ -151,6 +151,10 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         assert len(counts) == 2 and all(v > before.get(k, 0) for k, v in counts.items()), counts
         held = wait_until(lambda: holding(node, TUNNELS))
         assert all(w["connections"] > 0 for w in held), held
+        # Workers log as the node does: their admissions are in its log (INFO), whatever
+        # a library imported in the worker configured.
+        admitted = (tmp_path / f"{node.name}.log").read_text(errors="replace")
+        assert admitted.count("admit device=") >= TUNNELS, admitted[-2000:]
 
         # One table: both workers map the same file, shared and read-only.
         mappings = [table_mapping(pid) for pid in pids]

@@ -44,7 +44,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from certgate import feed
+from certgate import feed, logs
 from certgate.feed import PolicyUpdate
 from certgate.heap import freeze_startup_heap
 from certgate.pki.keys import load_private_key_pem, private_key_pem
@@ -264,12 +264,12 @@ def worker_main(fd: int) -> None:
     """Entry point of a worker process (``python -m certgate.tunnel.workers FD``)."""
     from certgate.tunnel.runner import loop_factory
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     sock = socket.socket(fileno=fd)
     hello = _read_hello(sock)
+    # The node's own format, level, syslog target and fields: a worker's admissions and
+    # denials are the node's (an imported library's basicConfig must not decide).
+    logs.from_inherited(hello["logs"])
     with asyncio.Runner(loop_factory=loop_factory(hello["loop"])) as runner:
         runner.run(_worker(sock, hello))
 
@@ -442,6 +442,7 @@ class Supervisor:
             "tls_curve": options.tls_curve,
             "tls_backend": options.tls_backend,
             "limits": asdict(options.limits),
+            "logs": logs.inherited(),
         }
 
     async def spawn(self, worker: WorkerHandle) -> None:
