@@ -165,13 +165,17 @@ class Worker:
     """One data-plane process: serves the listeners, follows its channel."""
 
     def __init__(
-        self, hello: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        hello: dict[str, Any],
+        table: SharedTable,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         self.hello, self.reader, self.writer = hello, reader, writer
         state = load_state(Path(hello["state_dir"]))
         self.curve: str | None = hello["tls_curve"]
         self.backend: str = hello["tls_backend"]
-        self.source = MappedSource(SharedTable(Path(hello["table"])), _policy(hello["policy"]))
+        self.source = MappedSource(table, _policy(hello["policy"]))
         self.service = TunnelService(
             Gate(state.group_id, self.source),
             data_plane_tls(
@@ -256,8 +260,32 @@ class Worker:
 async def _worker(sock: socket.socket, hello: dict[str, Any]) -> None:
     sock.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    await Worker(hello, reader, writer).serve()
+    table, held = await _first_table(hello, reader)
+    worker = Worker(hello, table, reader, writer)
+    for message in held:
+        worker.apply(message)
+    await worker.serve()
     writer.close()
+
+
+async def _first_table(
+    hello: dict[str, Any], reader: asyncio.StreamReader
+) -> tuple[SharedTable, list[dict[str, Any]]]:
+    """The table to serve from, and the messages read before it. The generation the hello
+    names may be gone already (the follower swapped while this worker started): its
+    successor's path follows on the channel, so the worker waits for it rather than exit."""
+    path: str = hello["table"]
+    held: list[dict[str, Any]] = []
+    while True:
+        try:
+            return SharedTable(Path(path)), held
+        except (OSError, ValueError) as exc:
+            log.info("shared table %s already replaced (%s); taking its successor", path, exc)
+        while (message := await read_message(reader)) is not None and message["type"] != "table":
+            held.append(message)
+        if message is None:
+            raise ConnectionError("the supervisor closed the channel before a table was mapped")
+        path = message["path"]
 
 
 def worker_main(fd: int) -> None:
