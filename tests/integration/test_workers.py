@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from certgate.tunnel.workers import REPORT_INTERVAL_S
 from tests.integration.cluster import (
     DEFAULT_SETTINGS,
     GROUP,
@@ -76,9 +77,16 @@ def accepted_since(node: Node, before: dict[str, float], count: int) -> dict[str
 
 
 def holding(node: Node, count: int) -> list[dict[str, Any]] | None:
-    """The workers, once they report ``count`` open connections between them."""
+    """The workers, once they report ``count`` open connections between them in two
+    reports in a row (one report may still count a connection that just closed while
+    missing one that just opened)."""
+    first = workers(node)
+    if sum(w["connections"] for w in first) != count:
+        return None
+    time.sleep(2 * REPORT_INTERVAL_S)
     found = workers(node)
-    return found if sum(w["connections"] for w in found) == count else None
+    same = [w["connections"] for w in found] == [w["connections"] for w in first]
+    return found if same else None
 
 
 def replaced(node: Node, dead: int) -> list[int] | None:
