@@ -53,15 +53,15 @@ HEADLINES = (
     Headline(
         "table_1m_rss_mb",
         "MB",
-        "<= 250",
-        lambda v: v <= 250,
+        "<= 150",
+        lambda v: v <= 150,
         ("table_1m", "headline", "table_1m_rss_mb"),
     ),
     Headline(
         "table_1m_bootstrap_s",
         "s",
-        "<= 20",
-        lambda v: v <= 20,
+        "<= 10",
+        lambda v: v <= 10,
         ("table_1m", "headline", "table_1m_bootstrap_s"),
     ),
     Headline(
@@ -83,7 +83,7 @@ HEADLINES = (
         ("issuance", "pki", "per_s"),
     ),
     Headline(
-        "issuance_api_per_s", "certs/s", ">= 200", lambda v: v >= 200, ("issuance", "api", "per_s")
+        "issuance_api_per_s", "certs/s", ">= 500", lambda v: v >= 500, ("issuance", "api", "per_s")
     ),
 )
 

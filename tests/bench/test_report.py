@@ -49,3 +49,18 @@ def test_sizes_can_be_overridden_one_by_one_with_their_own_types() -> None:
 def test_a_size_that_does_not_exist_or_does_not_parse_is_refused(item: str) -> None:
     with pytest.raises(ValueError):
         resized(SMOKE, [item])
+
+
+def test_the_headline_targets_are_issue_12s() -> None:
+    targets = {h.key: h.target for h in HEADLINES}
+    assert targets["table_1m_rss_mb"] == "<= 150"
+    assert targets["table_1m_bootstrap_s"] == "<= 10"
+    assert targets["issuance_api_per_s"] == ">= 500"
+    assert targets["relay_mb_per_cpu_s_ratio_vs_haproxy"] == ">= 1.2"
+    assert targets["conns_per_cpu_s_ratio_vs_haproxy"] == ">= 1.2"
+    assert targets["conns_resumed_per_cpu_s_ratio_vs_haproxy"] == ">= 1.0"
+    values = {"table_1m": {"headline": {"table_1m_rss_mb": 151.0, "table_1m_bootstrap_s": 10.0}}}
+    headline = summary(values | {"issuance": {"api": {"per_s": 499.9}}}, FULL, smoke=False)
+    assert headline["table_1m_rss_mb"]["met"] is False
+    assert headline["table_1m_bootstrap_s"]["met"] is True
+    assert headline["issuance_api_per_s"]["met"] is False

@@ -187,3 +187,22 @@ def test_a_failure_reaches_the_asker_and_leaves_nothing_pending(pages: SnapshotP
         with pytest.raises(NotFound, match="group 'no-such-group' not found"):
             pages.page(PageKey("no-such-group", "", LIMIT), 0)
     assert pages.kept_bytes == 0
+
+
+def test_a_page_after_the_first_reads_devices_from_their_covering_index(
+    store: tuple[Database, ca.InstancePKI], group: str
+) -> None:
+    """With a cursor, SQLite's planner chose the devices primary key and read each device
+    row from the table too; the page asks for the covering index (``feed.DevicesCovered``)."""
+    db, _ = store
+    if db.engine.dialect.name != "sqlite":
+        pytest.skip("INDEXED BY is SQLite's; PostgreSQL plans the join itself")
+    query = feed._page_query(group, "0" * 32 + "f" * 64, LIMIT, True)
+    with db.read_only() as session:
+        conn = session.connection()
+        sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+    devices = [step for step in plan if "devices" in step.split()[:2]]
+    assert devices == [
+        "SEARCH devices USING COVERING INDEX ix_devices_snapshot (uid=? AND group_id=?)"
+    ], plan

@@ -28,6 +28,7 @@ from tests.integration.cluster import (
     GROUP,
     Cluster,
     Node,
+    admissions,
     closed_within,
     curl,
     open_tunnel,
@@ -235,3 +236,42 @@ def refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_cascade_front_and_back_end_each_serve_with_two_workers(tmp_path: Path) -> None:
+    """A front end's workers each relay to the back end, whose workers each admit again
+    from their shared table; a compliance change closes tunnels held by any of them."""
+    with (
+        start_cluster(tmp_path, node_names=("back", "front"), back_ends=("back",)) as cluster,
+        ExitStack() as opened,
+    ):
+        front, back = (
+            next(n for n in cluster.nodes if n.name == name) for name in ("front", "back")
+        )
+        for node in (front, back):
+            stop_node(node)
+        for node in (back, front):  # the back end first, as start_cluster starts them
+            node.workers = 2
+            start_node(node, tmp_path)
+            assert len(set(wait_until(lambda node=node: ready_pids(node)))) == 2
+        wait_until(lambda: curl(cluster, port=front.proxy_port).stdout.encode() == PAGE)
+
+        admitted = {node.name: admissions(node) for node in (front, back)}
+        before = {node.name: per_worker_connections(node) for node in (front, back)}
+        # Each open tunnel is a CONNECT the back end answered, having dialled the origin.
+        tunnels = [opened.enter_context(open_tunnel(cluster, front)) for _ in range(TUNNELS)]
+        for node in (front, back):  # each hop is a connection to the back end's listener
+            counts = wait_until(lambda node=node: accepted_since(node, before[node.name], TUNNELS))
+            assert len(counts) == 2, counts
+            assert all(v > before[node.name].get(k, 0) for k, v in counts.items()), counts
+            held = wait_until(lambda node=node: holding(node, TUNNELS))
+            assert all(w["connections"] > 0 for w in held), (node.name, held)
+        gained = {node.name: admissions(node) - admitted[node.name] for node in (front, back)}
+        assert gained["back"] == gained["front"] >= TUNNELS, gained
+
+        set_compliance(cluster, "noncompliant")
+        assert all(closed_within(t, WAIT_S) is not None for t in tunnels)
+        refused = curl(cluster, "-w", " %{http_code}", port=front.proxy_port)
+        assert refused.stdout == "certgate: noncompliant\n 403", refused
+        set_compliance(cluster, "compliant")
+        wait_until(lambda: curl(cluster, port=front.proxy_port).stdout.encode() == PAGE)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -297,7 +296,7 @@ def run(
             loop=loop,
             drain_s=drain_s,
             tls_curve=tls_curve,
-            workers=_workers(workers, role, usable_cpus),
+            workers=usable_cpus() if workers is None else workers,
             role=Role(role),
             back_ends=tuple(Endpoint.parse(text) for text in back_end or ()),
             tls_backend=tls_backend,
@@ -305,10 +304,3 @@ def run(
         run_tunnel(options)
     except (CertgateError, ValueError, OSError) as exc:
         raise fail(str(exc)) from exc
-
-
-def _workers(asked: int | None, role: str, usable_cpus: Callable[[], int]) -> int:
-    """Default: the usable CPUs, but one for a cascade node (it serves from one process)."""
-    if asked is not None:
-        return asked
-    return usable_cpus() if role == "standalone" else 1

@@ -63,8 +63,6 @@ class RunOptions:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1 to {MAX_WORKERS}, got {self.workers}")
         check_settings(self.role, self.back_ends)
-        if self.role is not Role.STANDALONE and self.workers != 1:
-            raise ConfigError(f"a {self.role.value} node serves from one process (--workers 1)")
         if self.tls_backend not in TLS_BACKENDS:
             raise ConfigError(
                 f"TLS backend must be one of {TLS_BACKENDS}, got {self.tls_backend!r}"

@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,12 @@ from certgate import feed, logs
 from certgate.feed import PolicyUpdate
 from certgate.heap import freeze_startup_heap
 from certgate.pki.keys import load_private_key_pem, private_key_pem
+from certgate.tunnel.cascade import Role
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.report import Reporter
+from certgate.tunnel.runner import RunOptions, cascade_of, listener_tls
 from certgate.tunnel.server import Gate, Limits
-from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
+from certgate.tunnel.service import Endpoint, TunnelService
 from certgate.tunnel.shared_table import MappedFiles, SharedTable
 from certgate.tunnel.sync import FeedChange, FeedFollower, is_fresh_age
 from certgate.tunnel.udp import UDPLimits
@@ -121,6 +123,18 @@ def limits_of(raw: dict[str, Any]) -> Limits:
     return Limits(**{**raw, "udp": UDPLimits(**raw["udp"])})
 
 
+def _worker_options(hello: dict[str, Any]) -> RunOptions:
+    """What a worker's TLS and cascade are built from (``runner.listener_tls`` and
+    ``runner.cascade_of``, as a single-process node builds them)."""
+    return RunOptions(
+        state_dir=Path(hello["state_dir"]),
+        tls_curve=hello["tls_curve"],
+        tls_backend=hello["tls_backend"],
+        role=Role(hello["role"]),
+        back_ends=tuple(Endpoint(str(host), int(port)) for host, port in hello["back_ends"]),
+    )
+
+
 def _policy(raw: object) -> PolicyUpdate:
     policy = feed.decode_op(raw, "policy", feed.FEED_VERSION)
     if not isinstance(policy, PolicyUpdate):
@@ -172,19 +186,12 @@ class Worker:
         writer: asyncio.StreamWriter,
     ) -> None:
         self.hello, self.reader, self.writer = hello, reader, writer
-        state = load_state(Path(hello["state_dir"]))
-        self.curve: str | None = hello["tls_curve"]
-        self.backend: str = hello["tls_backend"]
+        self.state = load_state(Path(hello["state_dir"]))
+        self.options = _worker_options(hello)
         self.source = MappedSource(table, _policy(hello["policy"]))
         self.service = TunnelService(
-            Gate(state.group_id, self.source),
-            data_plane_tls(
-                [state.tunnel_cert, *state.tunnel_chain],
-                state.tunnel_key,
-                state.device_roots,
-                self.curve,
-                self.backend,
-            ),
+            Gate(self.state.group_id, self.source, cascade=cascade_of(self.state, self.options)),
+            listener_tls(self.state, self.options),
             _endpoint(hello["proxy"]),
             _endpoint(hello["per_app"]),
             None,
@@ -237,10 +244,24 @@ class Worker:
                 )
             )
         elif kind == "identity":
-            chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in message["chain"]]
-            roots = [x509.load_pem_x509_certificate(p.encode()) for p in message["device_roots"]]
-            key = load_private_key_pem(message["key"].encode())
-            self.service.swap_tls(data_plane_tls(chain, key, roots, self.curve, self.backend))
+            self.use_identity(message)
+
+    def use_identity(self, message: dict[str, Any]) -> None:
+        """A rotated identity: the listener's TLS and, on a front end, the hops' client
+        side (the same swap as ``runner.build``'s ``use_identity``)."""
+        chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in message["chain"]]
+        roots = [x509.load_pem_x509_certificate(p.encode()) for p in message["device_roots"]]
+        rotated = replace(
+            self.state,
+            tunnel_cert=chain[0],
+            tunnel_chain=tuple(chain[1:]),
+            tunnel_key=load_private_key_pem(message["key"].encode()),
+            device_roots=tuple(roots),
+        )
+        tls, cascade = listener_tls(rotated, self.options), cascade_of(rotated, self.options)
+        self.service.swap_tls(tls)
+        self.service.gate.cascade = cascade
+        self.state = rotated
 
     async def _report(self) -> None:
         from prometheus_client import generate_latest
@@ -355,7 +376,7 @@ class Supervisor:
     def __init__(
         self,
         follower: FeedFollower,
-        options: Any,
+        options: RunOptions,
         service: SupervisorService,
         listeners: dict[str, Endpoint],
     ) -> None:
@@ -410,14 +431,8 @@ class Supervisor:
     def use_identity(self, rotated: TunnelState) -> None:
         """A rotated tunnel identity: checked here (a bad one raises and is refused), then
         sent to every worker, and to every worker started later."""
-        tls = data_plane_tls(
-            [rotated.tunnel_cert, *rotated.tunnel_chain],
-            rotated.tunnel_key,
-            rotated.device_roots,
-            self.options.tls_curve,
-            self.options.tls_backend,
-        )
-        self.service.swap_tls(tls)  # the node's identity_swaps metric
+        # checked by building it; swapped for the node's identity_swaps metric
+        self.service.swap_tls(listener_tls(rotated, self.options))
         self._identity = _identity_message(rotated)
         self._broadcast(self._identity)
 
@@ -469,6 +484,8 @@ class Supervisor:
             "drain_s": options.drain_s,
             "tls_curve": options.tls_curve,
             "tls_backend": options.tls_backend,
+            "role": options.role.value,
+            "back_ends": [[e.host, e.port] for e in options.back_ends],
             "limits": asdict(options.limits),
             "logs": logs.inherited(),
         }
@@ -582,7 +599,7 @@ def _table_directory() -> Path:
     return Path(tempfile.mkdtemp(prefix="certgate-table-", dir=shm if shm.is_dir() else None))
 
 
-async def supervise(state: TunnelState, options: Any) -> None:
+async def supervise(state: TunnelState, options: RunOptions) -> None:
     """``serve`` for ``options.workers`` > 1 (the runner's options)."""
     directory = _table_directory()
     follower = FeedFollower(state, state_dir=options.state_dir, table_home=MappedFiles(directory))
@@ -591,13 +608,7 @@ async def supervise(state: TunnelState, options: Any) -> None:
     per_app = options.per_app or Endpoint(options.listen_host, policy.per_app_port)
     service = SupervisorService(
         Gate(state.group_id, follower),
-        data_plane_tls(
-            [state.tunnel_cert, *state.tunnel_chain],
-            state.tunnel_key,
-            state.device_roots,
-            options.tls_curve,
-            options.tls_backend,
-        ),
+        listener_tls(state, options),
         None,
         None,
         options.admin,
@@ -628,11 +639,12 @@ async def supervise(state: TunnelState, options: Any) -> None:
         report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
         freeze_startup_heap()
         log.info(
-            "tunnel node %s of group %s serving with %d workers (loop=%s)",
+            "tunnel node %s of group %s serving with %d workers (loop=%s, role=%s)",
             state.node_name,
             state.group_id,
             options.workers,
             options.loop,
+            options.role.value,
         )
         await stop.wait()
         log.info(

@@ -18,7 +18,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from certgate.console.services import ca, feed
 from certgate.console.services.admins import USERNAME_RE
-from certgate.console.services.groups import get_group, settings_and_tunnel_thumbprint
+from certgate.console.services.groups import delivery_facts, get_group
 from certgate.console.services.secrets import (
     IssuedSecret,
     hash_password,
@@ -32,7 +32,6 @@ from certgate.console.store.models import (
     Certificate,
     Device,
     EnrollmentUser,
-    Group,
     OneTimeToken,
     ProfileDelivery,
 )
@@ -300,8 +299,7 @@ def deliver_profile(
     delivery revokes the previous cert, which tunnels then stop admitting."""
     require_active(device)
     gone = _supersede(session, device, None)
-    policy_version = _policy_version(session, device.group_id)  # before the settings
-    settings, tunnel_thumbprint = settings_and_tunnel_thumbprint(session, device.group_id)
+    policy_version, settings, tunnel_thumbprint = delivery_facts(session, device.group_id)
     names = Names(f"device {device.uid}"[:64], identity.device(device.uid, device.group_id))
     _, row = pki.issue_from_csr(
         session,
@@ -351,18 +349,6 @@ def device_policy(session: Session, device: Device, after: int) -> dict[str, Any
         "rules": group.settings["device_rules"],
         "tunnel": tunnel_endpoints(group.settings["tunnel"]),
     }
-
-
-_POLICY_VERSION = select(Group.policy_version).where(Group.id == bindparam("group_id"))
-
-
-def _policy_version(session: Session, group_id: str) -> int:
-    """The group's policy version, read on its own (a Core statement): read before the
-    settings, a change committed in between can only make the rules the device gets newer
-    than the version it is told, never older (it then asks for them again)."""
-    row = session.connection().execute(_POLICY_VERSION, {"group_id": group_id})
-    version: int = row.scalar_one()
-    return version
 
 
 def _record_delivery(

@@ -148,23 +148,24 @@ def group_certificates(
     )
 
 
-_SETTINGS_AND_TUNNEL_THUMBPRINT = (
-    select(Group.settings, Certificate.thumbprint)
+_DELIVERY_FACTS = (
+    select(Group.policy_version, Group.settings, Certificate.thumbprint)
     .join(GroupIdentity, GroupIdentity.group_id == Group.id)
     .join(Certificate, Certificate.serial == GroupIdentity.tunnel_serial)
     .where(Group.id == bindparam("group_id"))
 )
 
 
-def settings_and_tunnel_thumbprint(session: Session, group_id: str) -> tuple[dict[str, Any], str]:
-    """A group's settings and its tunnel identity's CertThumbprint, in one Core query (what
-    a profile delivery needs; ``group_certificates`` parses two PEMs). Reads what the
+def delivery_facts(session: Session, group_id: str) -> tuple[int, dict[str, Any], str]:
+    """A group's policy version, its settings and its tunnel identity's CertThumbprint, in
+    one Core query (what a profile delivery needs; ``group_certificates`` parses two PEMs):
+    the version and the settings of one row read at once always match. Reads what the
     transaction has flushed."""
-    row = session.connection().execute(_SETTINGS_AND_TUNNEL_THUMBPRINT, {"group_id": group_id})
+    row = session.connection().execute(_DELIVERY_FACTS, {"group_id": group_id})
     found = row.one_or_none()
     if found is None:
         raise NotFound(f"group {group_id!r} not found or without an identity pair")
-    return found[0], found[1]
+    return found[0], found[1], found[2]
 
 
 def identity_pair(
