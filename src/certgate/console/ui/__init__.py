@@ -21,6 +21,7 @@ def is_ui(path: str) -> bool:
 
 def mount(app: FastAPI) -> None:
     app.state.ui_limiter = SignInLimiter()
+    sso.redact_access_log()
     for module in (access, fleet, manage, sso):
         app.include_router(module.router, include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")

@@ -10,6 +10,7 @@ Strict session cookie it sets is sent there. Every refusal is audited as ``ui.si
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -37,6 +38,25 @@ FLOW_COOKIE = "__Secure-certgate-sso"
 PENDING_COOKIE = "__Secure-certgate-sso-totp"
 COOKIE_PATH = "/ui/sso"
 TOTP_TTL_S = 300  # the TOTP page after the provider must be answered within five minutes
+
+
+class RedactCallback(logging.Filter):
+    """Keeps the code and state of a callback out of the HTTP access log (uvicorn logs the
+    path with its query): a code is a bearer secret until it is redeemed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path = args[2]
+            if path.startswith(sso.CALLBACK_PATH + "?"):
+                record.args = (*args[:2], sso.CALLBACK_PATH + "?<redacted>", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactCallback) for f in log.filters):
+        log.addFilter(RedactCallback())
 
 
 def provider_of(request: Request) -> sso.Provider:
