@@ -49,6 +49,7 @@ from certgate.feed import PolicyUpdate
 from certgate.heap import freeze_startup_heap
 from certgate.pki.keys import load_private_key_pem, private_key_pem
 from certgate.tunnel.config import TunnelState, load_state
+from certgate.tunnel.metrics import denial_totals
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import Endpoint, TunnelService, data_plane_tls
@@ -590,7 +591,13 @@ async def supervise(state: TunnelState, options: Any) -> None:
         await service.start()
         await supervisor.start()
         service.record_listeners(options.state_dir)
-        report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
+        reporter = Reporter(
+            state.node_name,
+            service,
+            follower,
+            denials=lambda: denial_totals(service.metrics.registry),
+        )
+        report_task = loop.create_task(reporter.run())
         freeze_startup_heap()
         log.info(
             "tunnel node %s of group %s serving with %d workers (loop=%s)",
