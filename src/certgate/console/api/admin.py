@@ -360,19 +360,12 @@ def set_compliance(
         return device_out(device)
 
 
-def _act(session: Session, device: Device, action: str) -> None:
-    if action in ("unenroll", "wipe"):
-        devices.unenroll(session, device, wipe=action == "wipe")
-    else:
-        devices.set_blocked(session, device, action == "block")
-
-
 @router.post("/devices/{uid}/{action}")
 def device_action(
     request: Request, uid: str, action: str = DeviceAction, dry_run: bool = DryRunFlag
 ) -> s.DeviceOut | s.DryRunOut:
     """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
-    if action not in ("unenroll", "wipe", "block", "unblock"):
+    if action not in devices.LIFECYCLE_ACTIONS:
         raise NotFound(f"no device action {action!r}")
     with admin_tx(request) as (session, who):
         device = _device_for(session, who, uid, P.DEVICES_WRITE)
@@ -382,10 +375,10 @@ def device_action(
                 session,
                 f"device.{action}",
                 device.group_id,
-                lambda tx: _act(tx, device, action),
+                lambda tx: devices.apply_action(tx, device, action),
                 device=uid,
             )
-        _act(session, device, action)
+        devices.apply_action(session, device, action)
         audit.append(
             session, request.state.actor, f"device.{action}", group_id=device.group_id, device=uid
         )

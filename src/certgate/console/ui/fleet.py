@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from sqlalchemy import Select, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
-from certgate.console.api.admin import _act, rehearsed
+from certgate.console.api.admin import rehearsed
 from certgate.console.api.deps import state_of
 from certgate.console.paging import decode_cursor, encode_cursor
 from certgate.console.services import audit, ca, denials, devices, rbac, tunnels
@@ -327,7 +327,7 @@ def _history(session: Session, device: Device) -> list[AuditEntry]:
 def _change(device: Device, action: str) -> Any:
     if action in ("compliant", "noncompliant"):
         return lambda tx: devices.set_compliance(tx, device, action)
-    return lambda tx: _act(tx, device, action)
+    return lambda tx: devices.apply_action(tx, device, action)
 
 
 @router.get("/devices/{uid}/confirm/{action}")
