@@ -281,7 +281,7 @@ PAGED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _page(rows: list[Any], limit: int, key: Callable[[Any], list[str]]) -> tuple[list[Any], str]:
+def page_of(rows: list[Any], limit: int, key: Callable[[Any], list[str]]) -> tuple[list[Any], str]:
     """The first ``limit`` of ``limit + 1`` rows, and the cursor after them if more follow."""
     if len(rows) <= limit:
         return rows, ""
@@ -312,7 +312,7 @@ def list_devices(
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.DEVICES_READ, group_id)
         rows = list(session.execute(query.order_by(Device.uid).limit(limit + 1)).scalars())
-        page, after = _page(rows, limit, lambda d: [d.uid])
+        page, after = page_of(rows, limit, lambda d: [d.uid])
         response.headers.update(paging.next_link(request.url, after))
         return [device_out(d) for d in page]
 
@@ -414,7 +414,7 @@ def list_certificates(
         rows = list(
             session.execute(query.order_by(Certificate.thumbprint).limit(limit + 1)).scalars()
         )
-        page, after = _page(rows, limit, lambda c: [c.thumbprint])
+        page, after = page_of(rows, limit, lambda c: [c.thumbprint])
         response.headers.update(paging.next_link(request.url, after))
         return [cert_out(c) for c in page]
 
@@ -536,6 +536,6 @@ def read_audit(
         rows = list(
             session.execute(query.order_by(AuditEntry.id.desc()).limit(limit + 1)).scalars()
         )
-        page, after = _page(rows, limit, lambda e: [str(e.id)])
+        page, after = page_of(rows, limit, lambda e: [str(e.id)])
         response.headers.update(paging.next_link(request.url, after))
         return [s.AuditOut.model_validate(r, from_attributes=True) for r in page]

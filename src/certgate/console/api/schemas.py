@@ -147,6 +147,25 @@ class AdminCreated(BaseModel):
     private_key: str
 
 
+class AdminOut(BaseModel):
+    id: str
+    username: str
+    roles: list[str]  # "role@group"
+    disabled: bool
+
+
+class AuditVerifyOut(BaseModel):
+    """The instance's audit chain recomputed and held to the signed checkpoints."""
+
+    ok: bool  # the chain and every checkpoint line hold
+    chain_ok: bool
+    entries: int
+    first_bad_id: int | None
+    problem: str | None
+    checkpoints: int
+    checkpoint_problems: list[str]
+
+
 class ApiKeyCreated(BaseModel):
     id: str
     api_key: str
