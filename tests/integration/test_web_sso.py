@@ -12,7 +12,9 @@ certificate to the cert proxy, from memory (``client_certificates``).
 Proven here: the SSO button leads through the provider and lands signed in, audited with
 the method and subject; an owner who is no admin is refused and audited; a callback with
 a state this browser did not start is refused; a code replayed into a new flow is refused
-by the provider and so by the console; the exact callback replayed is refused.
+by the provider and so by the console; the exact callback replayed is refused. A second
+console (``require_totp``) asks the admin's TOTP code after the provider: a wrong one is
+refused and audited, the right one signs in.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, sync_playwright
 from sqlalchemy import select
 
+from certgate.console.services import admins, signin
 from certgate.console.store.models import AuditEntry
 from certgate.pki.keys import private_key_pem
 from certgate.tlsconf import pem_of
@@ -39,6 +43,7 @@ from tests.support import CERTGATE, RunningConsole, free_port, init_console, sta
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 CLIENT_ID = "certgate-console"
+CALLBACK = "/ui/sso/callback"
 
 
 @dataclass
@@ -50,6 +55,8 @@ class SSOSetup:
     bob: Device
     work: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    totp_console: RunningConsole | None = None  # require_totp; alice is its admin ops
+    ops_totp: pyotp.TOTP | None = None
 
     def audit(self) -> list[AuditEntry]:
         with self.console.local() as (session, _):
@@ -57,10 +64,11 @@ class SSOSetup:
             return list(session.execute(query.order_by(AuditEntry.id)).scalars())
 
 
-def _configure_sso(data_dir: Path, issuer: str, ca_file: Path) -> None:
+def _configure_sso(data_dir: Path, issuer: str, ca_file: Path, totp: bool = False) -> None:
     settings = data_dir / "console.json"
     config = json.loads(settings.read_text())
     config["sso"] = {
+        "require_totp": totp,
         "issuer": issuer,
         "client_id": CLIENT_ID,
         "admin_claim": "preferred_username",
@@ -83,7 +91,8 @@ def _start(setup: SSOSetup, name: str, args: list[str], port: int) -> None:
 
 def _access_init(setup: SSOSetup, public: PublicPKI, access_admin: dict[str, str]) -> None:
     w, leaf = setup.work, public.leaf
-    redirect = f"{setup.console.url}/ui/sso/callback"
+    consoles = [setup.console, *([setup.totp_console] if setup.totp_console else [])]
+    clients = [arg for c in consoles for arg in ("--client", f"{CLIENT_ID}={c.url}{CALLBACK}")]
     args = [
         *CERTGATE, "access", "init", "-d", str(w / "access"),
         "--issuer", f"https://127.0.0.1:{setup.access_port}",
@@ -96,7 +105,7 @@ def _access_init(setup: SSOSetup, public: PublicPKI, access_admin: dict[str, str
         str(_write(w / "api-key", access_admin["api_key"].encode(), 0o600)),
         "--public-cert", str(_write(w / "public.pem", pem_of([leaf.cert, *leaf.chain]))),
         "--public-key", str(_write(w / "public.key", private_key_pem(leaf.key), 0o600)),
-        "--client", f"{CLIENT_ID}={redirect}",
+        *clients,
         "--mode", "passthrough",
         "--certproxy-url", f"https://127.0.0.1:{setup.proxy_port}",
         "--port", str(setup.access_port),
@@ -127,15 +136,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSOSetup]:
     public = PublicPKI.create(("localhost",))
     ca_file = _write(work / "provider-root.pem", pem_of([public.root.cert]))
     access_port, proxy_port = free_port(), free_port()
+    issuer = f"https://127.0.0.1:{access_port}"
     data_dir, port = init_console(work)
-    _configure_sso(data_dir, f"https://127.0.0.1:{access_port}", ca_file)
+    _configure_sso(data_dir, issuer, ca_file)
     console = start_console(work, data_dir, port)
+    second = work / "second"
+    second.mkdir()
+    data_dir2, port2 = init_console(second)
+    _configure_sso(data_dir2, issuer, ca_file, totp=True)
+    totp_console = start_console(second, data_dir2, port2)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         access_admin = _populate(console)
         alice = _enroll(console, "compliant", user="alice")
         bob = _enroll(console, "compliant", user="bob")
         running = SSOSetup(console, access_port, proxy_port, alice, bob, work, procs)
+        running.totp_console, running.ops_totp = totp_console, _totp_admin(totp_console)
         _access_init(running, public, access_admin)
         data = ["-d", str(work / "access")]
         _start(running, "access", [*CERTGATE, "access", "serve", *data], access_port)
@@ -147,6 +163,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSOSetup]:
             proc.terminate()
             proc.wait(timeout=20)
         console.stop()
+        totp_console.stop()
+
+
+def _totp_admin(console: RunningConsole) -> pyotp.TOTP:
+    """Admin ops of ``console`` with a TOTP factor (no password: SSO is its first factor)."""
+    console.make_admin("ops", "superadmin", "global")
+    with console.local() as (session, pki):
+        uri = signin.new_totp(session, pki.master, admins.by_username(session, "ops"))
+    return pyotp.TOTP(parse_qs(urlsplit(uri).query)["secret"][0])
 
 
 @pytest.fixture(scope="module")
@@ -267,4 +292,33 @@ def test_a_replayed_code_is_refused(setup: SSOSetup, chromium: Browser) -> None:
     assert "provider refused the code" in reasons[1]
     assert spent not in setup.console.log()  # the access log shows no code
     assert "/ui/sso/callback?<redacted>" in setup.console.log()
+    context.close()
+
+
+def test_a_console_that_also_wants_totp_asks_for_it_after_the_provider(
+    setup: SSOSetup, chromium: Browser, tmp_path: Path
+) -> None:
+    console, totp = setup.totp_console, setup.ops_totp
+    assert console is not None and totp is not None
+    context = _device_browser(chromium, setup, setup.alice)
+    page = context.new_page()
+    page.goto(f"{console.url}/ui/login")
+    page.click("#sso")
+    page.wait_for_load_state("load")
+    assert "Second factor" in page.locator("h1").inner_text()
+    assert "__Host-certgate-session" not in {c["name"] for c in context.cookies()}
+    page.screenshot(path=tmp_path / "sso-totp.png", full_page=True)
+    page.fill("input[name=code]", f"{(int(totp.now()) + 1) % 10**6:06d}")
+    page.click("button[type=submit]")
+    assert "wrong username, password or code" in page.locator(".error").inner_text()
+    page.fill("input[name=code]", totp.now())
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{console.url}/ui/")
+    assert page.locator(".me").inner_text() == "ops"
+    with console.local() as (session, _):
+        rows = session.execute(
+            select(AuditEntry).where(AuditEntry.action == "ui.signin").order_by(AuditEntry.id)
+        ).scalars()
+        outcomes = [(e.outcome, e.detail.get("method")) for e in rows]
+    assert outcomes[-2:] == [("denied", "sso"), ("ok", "sso")]
     context.close()
