@@ -268,6 +268,10 @@ def test_a_state_this_browser_did_not_start_is_refused(setup: SSOSetup, chromium
     assert "state does not match" in page.locator(".error").inner_text()
     denied = setup.audit()[-1]
     assert denied.outcome == "denied" and "state does not match" in denied.detail["reason"]
+    state = _start_flow(context, setup)  # the state right, the issuer another (RFC 9207)
+    mixed_up = page.goto(_callback(setup, "some-code", state) + "&iss=https%3A%2F%2Fevil.test")
+    assert mixed_up is not None and mixed_up.status == 401
+    assert "names another issuer" in page.locator(".error").inner_text()
     assert "__Host-certgate-session" not in {c["name"] for c in context.cookies()}
     context.close()
 

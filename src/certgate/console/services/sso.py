@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from certgate.console.config import SSOConfig
 from certgate.console.services.signin import purpose_aead
 from certgate.console.store.models import Admin
-from certgate.errors import AuthError, Unavailable
+from certgate.errors import AuthError, ConfigError, Unavailable
 from certgate.pki.keystore import MasterKey
 
 __all__ = [
@@ -169,7 +169,10 @@ class Provider:
         self._lock = threading.Lock()
 
     def _session(self) -> OAuth2Session:
-        secret = self.config.client_secret()
+        try:
+            secret = self.config.client_secret()
+        except (ConfigError, OSError) as exc:  # an unset variable, an unreadable file
+            raise Unavailable(f"single sign-on client secret: {exc}") from exc
         session = OAuth2Session(
             self.config.client_id,
             secret,

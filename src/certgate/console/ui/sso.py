@@ -18,8 +18,7 @@ from fastapi.responses import Response
 
 from certgate.console.api.deps import state_of
 from certgate.console.config import SSOConfig
-from certgate.console.services import audit, ca, signin, sso
-from certgate.console.store.models import Admin
+from certgate.console.services import admins, audit, ca, signin, sso
 from certgate.console.ui.web import (
     FormBody,
     client_of,
@@ -126,6 +125,9 @@ def _flow_for(request: Request) -> sso.Flow:
     flow = sso.flow_of(payload)
     if not hmac.compare_digest(params.get("state", "").encode(), flow.state.encode()):
         raise AuthError("state does not match the sign-in this browser started")
+    issuer = provider_of(request).config.issuer
+    if "iss" in params and params["iss"] != issuer:  # RFC 9207 §2.4: a mix-up
+        raise AuthError("the answer names another issuer")
     if "error" in params:  # RFC 6749 §4.1.2.1: the provider refused
         raise AuthError(
             f"provider refused: {params['error']} {params.get('error_description', '')}"
@@ -144,7 +146,7 @@ def _admin_of(request: Request, claims: dict[str, Any]) -> str:
 def _signed_in(request: Request, username: str, subject: Any) -> Response:
     state = state_of(request)
     with state.db.transaction() as session:
-        admin = session.query(Admin).filter_by(username=username).one()
+        admin = admins.by_username(session, username)
         token = signin.open_session(session, admin, client_of(request), timeouts_of(request))
         actor = f"admin:{admin.username}"
         audit.append(
@@ -203,9 +205,10 @@ def totp(request: Request, form: FormBody) -> Response:
 def _check_totp(request: Request, username: str, code: str) -> None:
     state = state_of(request)
     with state.db.transaction() as session:
-        admin = session.query(Admin).filter_by(username=username).one_or_none()
-        if admin is None:
-            raise AuthError("admin account missing")
+        try:
+            admin = admins.by_username(session, username)
+        except NotFound as exc:
+            raise AuthError("admin account missing") from exc
         signin.verify_totp(session, state.pki.master, admin, code, ca.now())
 
 
