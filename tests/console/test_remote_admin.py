@@ -1,18 +1,21 @@
-"""``certgate console remote``: admin list/show by username, keys by username, and the
-audit chain's verification, over a real console's API (GET /api/v1/admins and
-GET /api/v1/audit/verify), printed as the local commands print."""
+"""``certgate console remote``: admin list/show by username, keys by username, the web
+console factors (set-password, totp), and the audit chain's verification, over a real
+console's API (``api/admin_accounts.py``), printed as the local commands print."""
 
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs, urlsplit
 
+import pyotp
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from certgate.console import remote
 from certgate.console.store.models import AuditEntry
 from tests.console.conftest import tamper
 from tests.console.test_remote import error_lines, local_run, remote_run
+from tests.console.ui.support import browser
 from tests.support import RunningConsole
 
 
@@ -98,6 +101,44 @@ def test_audit_verify_needs_audit_read_on_the_top_group(
     denied = remote_run(console, console.admins["branch-ops"], "audit", "verify")
     assert denied.exit_code == remote.EXIT_FORBIDDEN, denied.output
     assert "audit:read" in denied.stderr and denied.stdout == ""
+
+
+def test_web_console_factors_set_remotely_sign_in(console: RunningConsole, admins: None) -> None:
+    """set-password (from $CERTGATE_ADMIN_PASSWORD, no flag) and totp by username, then a
+    real web sign-in with both factors; both changes audited."""
+    root = console.admins["root"]
+    password = "remote set password"
+    env = {"CERTGATE_ADMIN_PASSWORD": password}
+    set_result = remote_run(console, root, "admin", "set-password", "viewer2", env=env)
+    assert set_result.exit_code == 0, set_result.output
+    assert set_result.stdout.strip() == "web console password of viewer2 set"
+    made = remote_run(console, root, "admin", "totp", "viewer2")
+    assert made.exit_code == 0, made.output
+    uri = made.stdout.split("TOTP URI (shown once): ")[1].strip()
+    code = pyotp.TOTP(parse_qs(urlsplit(uri).query)["secret"][0]).now()
+    with browser(console) as client:
+        form = {"username": "viewer2", "password": password, "code": code}
+        assert client.post("/ui/login", data=form).status_code == 303
+    with console.local() as (session, _):
+        actions = session.execute(
+            select(AuditEntry.action).where(AuditEntry.actor == "admin:root")
+        ).scalars()
+        assert {"admin.set_password", "admin.totp"} <= set(actions)
+
+
+def test_factors_of_an_admin_the_caller_does_not_manage_are_refused(
+    console: RunningConsole, admins: None
+) -> None:
+    viewer, root_id = console.admins["viewer2"], console.admins["root"].id
+    for command in (("set-password", root_id), ("totp", root_id)):
+        env = {"CERTGATE_ADMIN_PASSWORD": "a long enough one"}
+        denied = remote_run(console, viewer, "admin", *command, env=env)
+        assert denied.exit_code == remote.EXIT_FORBIDDEN, denied.output
+    short = remote_run(
+        console, console.admins["root"], "admin", "set-password", "viewer2",
+        env={"CERTGATE_ADMIN_PASSWORD": "short"},
+    )  # fmt: skip
+    assert short.exit_code == remote.EXIT_REFUSED and "password" in short.stderr
 
 
 def test_a_broken_chain_fails_remote_verify_as_local(console: RunningConsole, admins: None) -> None:

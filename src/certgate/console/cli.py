@@ -92,6 +92,9 @@ DataDir = Annotated[
 ]
 
 
+PASSWORD_ENV = "CERTGATE_ADMIN_PASSWORD"  # an admin's new web console password
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     # Escaped: messages quote user input and regexes such as "[a-z0-9]", which rich would
     # otherwise take for markup tags and silently drop.
@@ -394,7 +397,7 @@ def admin_set_password(
     username: str,
     password: Annotated[
         str | None,
-        typer.Option(envvar="CERTGATE_ADMIN_PASSWORD", help="Else asked for on the terminal."),
+        typer.Option(envvar=PASSWORD_ENV, help="Else asked for on the terminal."),
     ] = None,
 ) -> None:
     """Set an admin's web console password (scrypt); signs its browsers out."""
@@ -1470,6 +1473,28 @@ def remote_admin_grant(
     with connected(ctx) as client:
         client.call("admin grant", body=body, admin_id=admin_id_of(client, admin))
     out.print(f"{admin} now holds {role} on {group}")
+
+
+@remote_admin.command("set-password")
+def remote_admin_set_password(ctx: typer.Context, admin: AdminArg) -> None:
+    """As the local command; the password from $CERTGATE_ADMIN_PASSWORD, else asked for
+    on the terminal (never a flag: it would show in ps)."""
+    secret = os.environ.get(PASSWORD_ENV) or typer.prompt(
+        "new password", hide_input=True, confirmation_prompt=True
+    )
+    with connected(ctx) as client:
+        client.call(
+            "admin set-password", body={"password": secret}, admin_id=admin_id_of(client, admin)
+        )
+    out.print(f"web console password of {admin} set")
+
+
+@remote_admin.command("totp")
+def remote_admin_totp(ctx: typer.Context, admin: AdminArg) -> None:
+    """As the local command: the new factor's otpauth:// URI, printed once."""
+    with connected(ctx) as client:
+        made = client.call("admin totp", admin_id=admin_id_of(client, admin))
+    show_secret("TOTP URI", made["otpauth_uri"])
 
 
 @remote_admin.command("revoke-key")

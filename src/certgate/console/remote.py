@@ -53,6 +53,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "cert revoke": ("POST", "/api/v1/certificates/{serial}/revoke"),
     "admin create": ("POST", "/api/v1/admins"),
     "admin list": ("GET", "/api/v1/admins"),
+    "admin set-password": ("PUT", "/api/v1/admins/{admin_id}/password"),
+    "admin totp": ("POST", "/api/v1/admins/{admin_id}/totp"),
     "pki chain": ("GET", "/pki/chain.pem"),
     "admin keys": ("GET", "/api/v1/admins/{admin_id}/api-keys"),
     "admin new-key": ("POST", "/api/v1/admins/{admin_id}/api-keys"),

@@ -1,7 +1,9 @@
-"""Admin API: the admins an admin manages, and the audit chain's verification.
+"""Admin API: the admins an admin manages, their web console factors, and the audit
+chain's verification.
 
-The remote CLI's ``admin list``, ``admin show USERNAME`` and ``audit verify`` read these
-(``console.remote``); the same services answer the local commands and the web console.
+The remote CLI's ``admin list``, ``admin show USERNAME``, ``admin set-password``, ``admin
+totp`` and ``audit verify`` use these (``console.remote``); the same services answer the
+local commands and the web console.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from certgate.console.api import schemas as s
 from certgate.console.api.admin import PAGED, PageCursor, PageLimit, page_of
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.local import TOP_GROUP
-from certgate.console.services import admins, checkpoints, rbac
+from certgate.console.services import admins, audit, checkpoints, rbac, signin
 from certgate.console.services.rbac import Permission as P
 from certgate.errors import PermissionDenied
 
@@ -48,6 +50,27 @@ def list_admins(
             )
             for admin, bindings in page
         ]
+
+
+@router.put("/admins/{admin_id}/password", status_code=204)
+def set_password(request: Request, admin_id: str, body: s.PasswordIn) -> Response:
+    """The admin's web console password (signs its browsers out); the caller manages it."""
+    with admin_tx(request) as (session, who):
+        target = admins.get_admin_for(session, who.admin, admin_id)
+        signin.set_password(session, target, body.password)
+        audit.append(session, request.state.actor, "admin.set_password", admin=target.username)
+    return Response(status_code=204)
+
+
+@router.post("/admins/{admin_id}/totp", status_code=201)
+def new_totp(request: Request, admin_id: str) -> s.TotpOut:
+    """A new TOTP second factor for the admin, its ``otpauth://`` URI answered once; the
+    previous factor stops working and the admin's browsers are signed out."""
+    with admin_tx(request) as (session, who):
+        target = admins.get_admin_for(session, who.admin, admin_id)
+        uri = signin.new_totp(session, state_of(request).pki.master, target)
+        audit.append(session, request.state.actor, "admin.totp", admin=target.username)
+        return s.TotpOut(otpauth_uri=uri)
 
 
 @router.get("/audit/verify")

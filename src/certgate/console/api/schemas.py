@@ -154,6 +154,16 @@ class AdminOut(BaseModel):
     disabled: bool
 
 
+class PasswordIn(Strict):
+    """A web console password (scrypt at rest; 8-1024 characters)."""
+
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class TotpOut(BaseModel):
+    otpauth_uri: str  # shown once: the secret is stored sealed, never answered again
+
+
 class AuditVerifyOut(BaseModel):
     """The instance's audit chain recomputed and held to the signed checkpoints."""
 
