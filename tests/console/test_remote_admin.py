@@ -5,6 +5,7 @@ console's API (``api/admin_accounts.py``), printed as the local commands print."
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pyotp
@@ -12,7 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from certgate.console import remote
-from certgate.console.store.models import AuditEntry
+from certgate.console.store.models import AuditEntry, Certificate, GroupIdentity
 from tests.console.conftest import tamper
 from tests.console.test_remote import error_lines, local_run, remote_run
 from tests.console.ui.support import browser
@@ -139,6 +140,40 @@ def test_factors_of_an_admin_the_caller_does_not_manage_are_refused(
         env={"CERTGATE_ADMIN_PASSWORD": "short"},
     )  # fmt: skip
     assert short.exit_code == remote.EXIT_REFUSED and "password" in short.stderr
+
+
+def test_remote_rotate_renew_reads_as_local_and_renews_what_is_due(
+    console: RunningConsole, admins: None
+) -> None:
+    root = console.admins["root"]
+    remote_result = remote_run(console, root, "rotate", "renew")
+    local_result = local_run(console, "rotate", "renew")
+    assert remote_result.exit_code == local_result.exit_code == 0, remote_result.output
+    assert remote_result.stdout == local_result.stdout == "nothing is due for renewal\n"
+    denied = remote_run(console, console.admins["viewer2"], "rotate", "renew")
+    assert denied.exit_code == remote.EXIT_FORBIDDEN and "top-level superadmin" in denied.stderr
+    with console.local() as (session, _):
+        pair = session.get(GroupIdentity, "branch")
+        assert pair is not None
+        serial = pair.tunnel_serial
+    soon = datetime.now(UTC) + timedelta(days=2)  # within the 30-day renewal window
+    tamper(console.data_dir, update(Certificate).where(Certificate.serial == serial).values(
+        not_after=soon))  # fmt: skip
+    renewed = remote_run(console, root, "rotate", "renew", "--json")
+    assert renewed.exit_code == 0, renewed.output
+    [rotated] = [r for r in json.loads(renewed.stdout) if r["group_id"] == "branch"]
+    assert (rotated["kind"], rotated["phase"]) == ("tunnel-identity", "switched")
+    with console.local() as (session, _):
+        pair = session.get(GroupIdentity, "branch")
+        assert pair is not None and pair.tunnel_serial != serial
+        moved = (
+            session.execute(
+                select(AuditEntry).where(AuditEntry.action == "rotation.renew.switched")
+            )
+            .scalars()
+            .all()
+        )
+    assert [(e.actor, e.group_id) for e in moved] == [("admin:root", "branch")]
 
 
 def test_a_broken_chain_fails_remote_verify_as_local(console: RunningConsole, admins: None) -> None:

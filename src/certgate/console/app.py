@@ -33,6 +33,7 @@ from certgate.console.api import (
     compliance,
     est,
     public,
+    renewal,
     scep,
 )
 from certgate.console.api import device as device_api
@@ -54,6 +55,7 @@ ROUTERS = (
     admin,
     admin_accounts,
     rotation_api,
+    renewal,
     compliance,
     est,
     scep,

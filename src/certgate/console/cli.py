@@ -1126,17 +1126,12 @@ def rotate_renew(
     """Renewal before expiry (run it daily, e.g. from a systemd timer): rotate every group
     identity within 30 days of its end, and finish such rotations nothing depends on."""
     with opened(data_dir) as (session, pki):
-        rotations = rotation.renew_due(session, pki)
-        for done in rotations:
-            audit.append(
-                session,
-                actor(),
-                f"rotation.renew.{done.phase}",
-                group_id=done.group_id,
-                kind=done.kind,
-                rotation=done.id,
-            )
-        shown = [rotation.describe(session, r) for r in rotations]
+        shown = rotation.renew_audited(session, pki, actor())
+    print_renewals(shown, as_json)
+
+
+def print_renewals(shown: list[dict[str, Any]], as_json: bool) -> None:
+    """The local and remote ``rotate renew``: the rotations it moved."""
     if as_json:
         print_json(shown)
         return
@@ -1543,6 +1538,18 @@ def remote_tunnel_nodes(ctx: typer.Context, group_id: str, as_json: JsonFlag = F
     with connected(ctx) as client:
         rows = client.call("tunnel nodes", group_id=group_id)
     show_listing(rows, f"Tunnel nodes of {group_id}", as_json)
+
+
+@remote_rotate.command("renew")
+def remote_rotate_renew(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """As the local command (a top-level superadmin): rotate every group identity within
+    30 days of its end, and finish such rotations nothing depends on."""
+    with connected(ctx) as client:
+        shown = client.call("rotate renew")
+    print_renewals(shown, as_json)
 
 
 @remote_rotate.command("status")

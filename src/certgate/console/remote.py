@@ -65,6 +65,7 @@ ROUTES: dict[str, tuple[str, str]] = {
     "installer": ("GET", "/api/v1/groups/{group_id}/tunnel/installer"),
     "tunnel nodes": ("GET", "/api/v1/groups/{group_id}/tunnel/nodes"),
     "rotate status": ("GET", "/api/v1/groups/{group_id}/rotations"),
+    "rotate renew": ("POST", "/api/v1/rotations/renew"),
     "rotate start": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}"),
     "rotate switch": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}/switch"),
     "rotate finish": ("POST", "/api/v1/groups/{group_id}/rotations/{kind}/finish"),
