@@ -85,6 +85,13 @@ HEADLINES = (
     Headline(
         "issuance_api_per_s", "certs/s", ">= 500", lambda v: v >= 500, ("issuance", "api", "per_s")
     ),
+    Headline(
+        "ui_devices_p99_ms",
+        "ms",
+        "<= 300",
+        lambda v: v <= 300,
+        ("ui_devices", "ui_devices_p99_ms"),
+    ),
 )
 
 
@@ -96,6 +103,7 @@ FLEET_KEYS = frozenset(
         "lookup_p99_us",
         "enforce_p99_ms",
         "policy_enforce_p99_ms",
+        "ui_devices_p99_ms",
     }
 )
 

@@ -20,7 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import concurrency, enforce, env, fleet, issuance, relay_suite, report, world
+from bench import (
+    concurrency,
+    enforce,
+    env,
+    fleet,
+    issuance,
+    relay_suite,
+    report,
+    ui_devices,
+    world,
+)
 from bench.procs import Supervisor
 
 RESULTS = env.ROOT / "bench" / "results"
@@ -51,12 +61,17 @@ def _issuance(w: world.World) -> dict[str, Any]:
     return {"issuance": issuance.run(w)}
 
 
+def _ui(w: world.World) -> dict[str, Any]:
+    return {"ui_devices": ui_devices.run(w)}
+
+
 # name, what it produces (for recording a failure), runner
 SCENARIOS: tuple[tuple[str, tuple[str, ...], Callable[[world.World], dict[str, Any]]], ...] = (
     ("relay", ("relay_throughput", "connection_rate", "event_loop", "workers"), _relays),
     ("concurrency", ("concurrency",), _concurrency),
     ("fleet", ("table_1m", *enforce.KEYS), _fleet_and_enforce),
     ("issuance", ("issuance",), _issuance),
+    ("ui", ("ui_devices",), _ui),  # after fleet: the console holds the fleet by then
 )
 
 

@@ -27,15 +27,64 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pyotp
+from sqlalchemy import func, select
 
 from bench import fleet_db
 from certgate.console import local
 from certgate.console.services import admins, ca, groups, signin
+from certgate.console.store.models import Device
 from certgate.pki.keys import KeyAlgorithm
 
 GROUP = "fleet"
 PASSWORD = "bench web console password"
 NEXT_RE = re.compile(r'href="([^"]+)" rel="next"')
+
+
+TARGET_MS = 300
+REQUESTS = 200
+
+
+def web_admin(session: Any, pki: Any, username: str) -> pyotp.TOTP:
+    """A read-only admin of every group who signs in with password + TOTP."""
+    admin = admins.create_admin(session, username, "read-only", "global")
+    signin.set_password(session, admin, PASSWORD)
+    uri = signin.new_totp(session, pki.master, admin)
+    return pyotp.TOTP(parse_qs(urlsplit(uri).query)["secret"][0])
+
+
+def signed_in_measure(
+    url: str, username: str, totp: pyotp.TOTP, fleet: fleet_db.Fleet, requests: int
+) -> dict[str, Any]:
+    with httpx.Client(base_url=url, verify=False, timeout=60) as client:
+        signed = client.post(
+            "/ui/login", data={"username": username, "password": PASSWORD, "code": totp.now()}
+        )
+        if signed.status_code != 303:
+            raise RuntimeError(f"sign-in failed: HTTP {signed.status_code}")
+        result = measure(client, fleet, requests)
+    result.update(devices=fleet.count, target_ms=TARGET_MS)
+    return result
+
+
+def run(world: Any) -> dict[str, Any]:
+    """The suite's ``ui`` scenario on its console (``bench.world.World``): the fleet group
+    holds ``sizes.devices`` devices after the fleet scenario; alone, they are put in here."""
+    from bench.world import FLEET_GROUP
+
+    console = world.console
+    with console.local() as (session, _):
+        count = session.execute(
+            select(func.count()).select_from(Device).where(Device.group_id == FLEET_GROUP)
+        ).scalar_one()
+    template = world.fleet_app.cert_path.read_text()
+    fleet = fleet_db.Fleet(FLEET_GROUP, world.sizes.devices, template, ca.now())
+    if count < fleet.count:
+        console.stop(world.sup)
+        fleet_db.insert_fleet(str(console.db_path), fleet)
+        console.start(world.sup, cores=world.loadgen_cores)
+    with console.local() as (session, pki):
+        totp = web_admin(session, pki, "bench-web")
+    return signed_in_measure(console.url, "bench-web", totp, fleet, REQUESTS)
 
 
 def prepare(work: Path, devices: int) -> tuple[Path, int, pyotp.TOTP, dict[str, Any]]:
@@ -47,15 +96,12 @@ def prepare(work: Path, devices: int) -> tuple[Path, int, pyotp.TOTP, dict[str, 
     try:
         with db.transaction() as session:
             groups.create_group(session, pki, GROUP, "Fleet", "global")
-            admin = admins.create_admin(session, "bench", "read-only", "global")
-            signin.set_password(session, admin, PASSWORD)
-            uri = signin.new_totp(session, pki.master, admin)
+            totp = web_admin(session, pki, "bench")
     finally:
         db.dispose()
     fleet = fleet_db.Fleet(GROUP, devices, ca.pem(pki.certs[ca.DEVICE_ROOT]), ca.now())
     inserted = fleet_db.insert_fleet(str(data_dir / "console.db"), fleet)
-    secret = parse_qs(urlsplit(uri).query)["secret"][0]
-    return data_dir, port, pyotp.TOTP(secret), {"insert": inserted, "fleet": fleet}
+    return data_dir, port, totp, {"insert": inserted, "fleet": fleet}
 
 
 def _free_port() -> int:
@@ -147,23 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         data_dir, port, totp, facts = prepare(work, args.devices)
         proc = serve(data_dir, port, work / "console.log")
         try:
-            with httpx.Client(
-                base_url=f"https://127.0.0.1:{port}", verify=False, timeout=60
-            ) as client:
-                signed = client.post(
-                    "/ui/login",
-                    data={"username": "bench", "password": PASSWORD, "code": totp.now()},
-                )
-                if signed.status_code != 303:
-                    raise RuntimeError(f"sign-in failed: HTTP {signed.status_code}")
-                result = measure(client, facts["fleet"], args.requests)
+            url = f"https://127.0.0.1:{port}"
+            result = signed_in_measure(url, "bench", totp, facts["fleet"], args.requests)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     result.update(
-        devices=args.devices,
         insert_s=facts["insert"]["insert_s"],
-        target_ms=300,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     print(json.dumps(result, indent=2))

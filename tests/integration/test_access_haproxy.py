@@ -105,12 +105,12 @@ def _ok(response: Any, status: int = 200) -> Any:
     return response.json()
 
 
-def _enroll(console: RunningConsole, compliance: str) -> Device:
+def _enroll(console: RunningConsole, compliance: str, user: str = "alice") -> Device:
     with console.client() as anonymous:
         enrolled = _ok(
             anonymous.post(
                 "/api/v1/enroll",
-                json={"username": "alice", "password": "alice-password", "platform": "android"},
+                json={"username": user, "password": f"{user}-password", "platform": "android"},
             ),
             201,
         )

@@ -4,9 +4,9 @@ worker processes, real TLS clients.
 Shows: connections spread over both workers; both map the one shared table file (the same
 inode, shared, never written by them) and what each holds privately; a compliance change
 closes live tunnels held by either worker, and so does a policy change (a new table
-generation); a killed worker is started again while the other keeps serving, and only the
-killed worker's tunnels are lost; a rotated tunnel identity reaches both; SIGTERM drains
-both workers."""
+generation); the node's report to the console sums both workers' denials; a killed worker
+is started again while the other keeps serving, and only the killed worker's tunnels are
+lost; a rotated tunnel identity reaches both; SIGTERM drains both workers."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from certgate.console.store.models import TunnelNode
 from certgate.tunnel.workers import REPORT_INTERVAL_S
 from tests.integration.cluster import (
     DEFAULT_SETTINGS,
@@ -184,6 +187,8 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         wait_until(lambda: holding(node, TUNNELS))
         set_server_rules(cluster, {"default": "deny", "rules": []})
         assert all(closed_within(t, WAIT_S) is not None for t in tunnels)
+        # Either worker's denials reach the console, summed in the supervisor's report.
+        wait_until(lambda: denied_and_reported(cluster, node) > 0)
         set_server_rules(cluster, ALLOW_LOOPBACK)
         wait_until(lambda: curl(cluster, port=node.proxy_port).stdout.encode() == PAGE)
 
@@ -228,6 +233,17 @@ def test_two_workers_share_the_table_and_the_load(tmp_path: Path) -> None:
         draining.close()
         assert node.proc.wait(timeout=WAIT_S) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def denied_and_reported(cluster: Cluster, node: Node) -> int:
+    """One request the server rules deny, then the node's reported destination denials."""
+    assert curl(cluster, port=node.proxy_port).stdout.encode() != PAGE
+    with cluster.console.local() as (session, _):
+        row = session.execute(
+            select(TunnelNode).where(TunnelNode.group_id == GROUP, TunnelNode.name == node.name)
+        ).scalar_one()
+        denials: dict[str, int] = (row.report or {}).get("denials") or {}
+    return denials.get("destination_denied", 0)
 
 
 def refused(port: int) -> bool:

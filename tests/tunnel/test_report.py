@@ -23,15 +23,17 @@ import pytest
 from cryptography import x509
 from sqlalchemy import select
 
-from certgate.console.store.models import TunnelNode
+from certgate.console.store.models import DenialCount, TunnelNode
 from certgate.pki.keys import PrivateKey
 from certgate.tlsconf import client_context
 from certgate.tunnel import report
 from certgate.tunnel.config import TunnelState
+from certgate.tunnel.metrics import denial_totals
 from certgate.tunnel.report import Reporter, bounded
 from certgate.tunnel.runner import RunOptions, build
 from certgate.tunnel.service import Endpoint, TunnelService
 from certgate.tunnel.sync import FeedFollower
+from tests.console.ui.support import sign_in, web_admin
 from tests.support import RunningConsole, make_csr
 from tests.tunnel.conftest import create_group, setup_node
 
@@ -270,3 +272,60 @@ def test_a_reported_tunnel_is_named_by_a_dry_run_and_closed_by_the_change(
         await origin.wait_closed()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+async def refused_connect(state: TunnelState, port: int, cert: x509.Certificate, key: Any) -> bytes:
+    """A CONNECT the group's server rules deny (10.0.0.0/8 is not allowed); the status line."""
+    tls = client_context([state.root], chain=[cert], key=key)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls, server_hostname="localhost"
+    )
+    writer.write(
+        b"CONNECT 10.9.9.9:443 HTTP/1.1\r\nHost: 10.9.9.9:443\r\n"
+        + f"Certgate-App: {APP}\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return head.split(b"\r\n")[0]
+
+
+def test_denials_by_reason_reach_the_console_as_a_time_series(
+    sqlite_console: RunningConsole, node_state: Any
+) -> None:
+    """Totals since start in each report; the console stores the differences (a second
+    report without new denials adds nothing) and the dashboard charts them."""
+    group, state = node_state
+    _, cert, key = enroll_with_key(sqlite_console, group)
+
+    async def scenario() -> dict[str, int]:
+        async with running_node(state) as (service, follower):
+            reporter = Reporter(
+                state.node_name,
+                service,
+                follower,
+                denials=lambda: denial_totals(service.metrics.registry),
+            )
+            await follower.poll_once(wait=1)  # the device enrolled after the node's snapshot
+            for _ in range(2):
+                status = await refused_connect(state, service.bound["per_app"], cert, key)
+                assert not status.startswith(b"HTTP/1.1 200"), status
+            assert await reporter.report_once()
+            assert await reporter.report_once()  # the same totals: nothing new
+            return denial_totals(service.metrics.registry)
+
+    totals = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert totals == {"destination_denied": 2}
+    assert stored_report(sqlite_console, group)["denials"] == totals
+    with sqlite_console.local() as (session, _):
+        rows = session.execute(select(DenialCount).where(DenialCount.group_id == group)).scalars()
+        stored = {row.reason: row.count for row in rows}
+    assert stored == totals
+    who = web_admin(sqlite_console, "read-only", group)
+    with sign_in(sqlite_console, who) as browser:
+        page = browser.get("/ui/")
+    assert page.status_code == 200
+    chart = page.text.split('id="tunnel-denials"')[1].split("</section>")[0]
+    [reason] = totals
+    assert (
+        f"<title>{reason}: 2</title>" in chart and f'{reason} <span class="muted">2</span>' in chart
+    )

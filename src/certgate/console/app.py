@@ -26,7 +26,17 @@ from starlette.routing import Match
 
 from certgate import errors
 from certgate.console import ui
-from certgate.console.api import access_signin, access_trust, admin, compliance, est, public, scep
+from certgate.console.api import (
+    access_signin,
+    access_trust,
+    admin,
+    admin_accounts,
+    compliance,
+    est,
+    public,
+    renewal,
+    scep,
+)
 from certgate.console.api import device as device_api
 from certgate.console.api import rotation as rotation_api
 from certgate.console.api import tunnel as tunnel_api
@@ -44,7 +54,9 @@ ROUTERS = (
     tunnel_api,
     public,
     admin,
+    admin_accounts,
     rotation_api,
+    renewal,
     compliance,
     est,
     scep,

@@ -34,7 +34,15 @@ from typer.core import TyperGroup
 from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
 from certgate.console import local, remote
-from certgate.console.api.schemas import ApiKeyOut, AuditOut, CertOut, DeviceOut, SettingsIn
+from certgate.console.api.schemas import (
+    AdminOut,
+    ApiKeyOut,
+    AuditOut,
+    AuditVerifyOut,
+    CertOut,
+    DeviceOut,
+    SettingsIn,
+)
 from certgate.console.services import (
     admins,
     audit,
@@ -84,6 +92,9 @@ DataDir = Annotated[
     Path,
     typer.Option("--data-dir", "-d", envvar="CERTGATE_CONSOLE_DIR", help="Console data directory."),
 ]
+
+
+PASSWORD_ENV = "CERTGATE_ADMIN_PASSWORD"  # an admin's new web console password
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -303,23 +314,44 @@ def _write_admin_files(
     return list(files)
 
 
+def _admin_rows(session: Session, username: str | None = None) -> list[dict[str, Any]]:
+    """Every admin (the local mode acts as the instance), as the API's AdminOut."""
+    query = select(Admin).order_by(Admin.username)
+    if username is not None:
+        query = query.where(Admin.username == username)
+    rows = []
+    for admin in session.execute(query).scalars():
+        bindings = session.execute(
+            select(RoleBinding).where(RoleBinding.admin_id == admin.id)
+        ).scalars()
+        roles = [f"{b.role}@{b.group_id}" for b in bindings]
+        out_row = AdminOut(
+            id=admin.id, username=admin.username, roles=roles, disabled=admin.disabled
+        )
+        rows.append(out_row.model_dump())
+    return rows
+
+
 @admin_app.command("list")
 def admin_list(data_dir: DataDir, as_json: JsonFlag = False) -> None:
     with opened(data_dir) as (session, _):
-        rows = []
-        for admin in session.execute(select(Admin).order_by(Admin.username)).scalars():
-            roles = session.execute(
-                select(RoleBinding).where(RoleBinding.admin_id == admin.id)
-            ).scalars()
-            rows.append(
-                {
-                    "id": admin.id,
-                    "username": admin.username,
-                    "roles": [f"{b.role}@{b.group_id}" for b in roles],
-                    "disabled": admin.disabled,
-                }
-            )
+        rows = _admin_rows(session)
     show_listing(rows, "Admins", as_json)
+
+
+@admin_app.command("show")
+def admin_show(data_dir: DataDir, username: str, as_json: JsonFlag = False) -> None:
+    """One admin by username: id, roles, whether disabled."""
+    with opened(data_dir) as (session, _):
+        rows = _admin_rows(session, username)
+    show_admin(rows, username, as_json)
+
+
+def show_admin(rows: list[dict[str, Any]], username: str, as_json: bool) -> None:
+    """The local and remote ``admin show``: the admin, or exit 1 when there is none."""
+    if not rows:
+        raise fail(f"admin {username!r} not found")
+    show_listing(rows, f"Admin {username}", as_json)
 
 
 @admin_app.command("keys")
@@ -367,7 +399,7 @@ def admin_set_password(
     username: str,
     password: Annotated[
         str | None,
-        typer.Option(envvar="CERTGATE_ADMIN_PASSWORD", help="Else asked for on the terminal."),
+        typer.Option(envvar=PASSWORD_ENV, help="Else asked for on the terminal."),
     ] = None,
 ) -> None:
     """Set an admin's web console password (scrypt); signs its browsers out."""
@@ -962,27 +994,44 @@ def audit_list(
 
 
 @audit_app.command("verify")
-def audit_verify(data_dir: DataDir) -> None:
+def audit_verify(data_dir: DataDir, as_json: JsonFlag = False) -> None:
     """Recompute the keyed audit chain of DIR's database and hold it to the signed
     checkpoints in DIR; exit 1 at the first entry that does not fit, or if a checkpoint
     line does not verify."""
     with opened(data_dir) as (session, pki):
         config = local.load_config(data_dir)
-        trusted = checkpoints.anchors(pki, local.TOP_GROUP)
-        sink = checkpoints.read_sink(config.audit_sink, trusted)
-        report = audit.verify_chain(session, sink.checkpoints)
+        verdict = checkpoints.verify(session, pki, config.audit_sink, local.TOP_GROUP)
     database = make_url(config.db_url).render_as_string(hide_password=True)
-    out.print(f"database {database}; checkpoints {config.audit_sink}", soft_wrap=True)
-    for problem in sink.problems:
-        err.print(f"checkpoint REJECTED: {escape(problem)}", soft_wrap=True)
-    if not report.ok:
-        where = f" at entry {report.first_bad_id}" if report.first_bad_id else ""
-        raise fail(f"audit chain BROKEN{where}: {report.problem} ({report.entries} checked)")
-    if sink.problems:
-        raise fail(f"{len(sink.problems)} checkpoint line(s) do not verify (forged or damaged)")
-    held = len(sink.checkpoints)
-    out.print(f"audit chain OK: {report.entries} entries, {held} signed checkpoints hold")
-    if not held:
+    result = AuditVerifyOut(
+        ok=verdict.ok,
+        chain_ok=verdict.chain.ok,
+        entries=verdict.chain.entries,
+        first_bad_id=verdict.chain.first_bad_id,
+        problem=verdict.chain.problem,
+        checkpoints=verdict.checkpoints,
+        checkpoint_problems=list(verdict.checkpoint_problems),
+    )
+    show_audit_verdict(result, f"database {database}; checkpoints {config.audit_sink}", as_json)
+
+
+def show_audit_verdict(result: AuditVerifyOut, where: str, as_json: bool) -> None:
+    """The local and remote ``audit verify``: the verdict, exit 1 unless it holds."""
+    if as_json:
+        print_json(result.model_dump())
+    else:
+        out.print(where, soft_wrap=True)
+        for problem in result.checkpoint_problems:
+            err.print(f"checkpoint REJECTED: {escape(problem)}", soft_wrap=True)
+    if not result.chain_ok:
+        at = f" at entry {result.first_bad_id}" if result.first_bad_id else ""
+        raise fail(f"audit chain BROKEN{at}: {result.problem} ({result.entries} checked)")
+    if result.checkpoint_problems:
+        count = len(result.checkpoint_problems)
+        raise fail(f"{count} checkpoint line(s) do not verify (forged or damaged)")
+    if not as_json:
+        held = result.checkpoints
+        out.print(f"audit chain OK: {result.entries} entries, {held} signed checkpoints hold")
+    if not result.checkpoints:
         err.print("warning: no signed checkpoint yet: a deleted tail would go unnoticed")
 
 
@@ -1243,17 +1292,12 @@ def rotate_renew(
     """Renewal before expiry (run it daily, e.g. from a systemd timer): rotate every group
     identity within 30 days of its end, and finish such rotations nothing depends on."""
     with opened(data_dir) as (session, pki):
-        rotations = rotation.renew_due(session, pki)
-        for done in rotations:
-            audit.append(
-                session,
-                actor(),
-                f"rotation.renew.{done.phase}",
-                group_id=done.group_id,
-                kind=done.kind,
-                rotation=done.id,
-            )
-        shown = [rotation.describe(session, r) for r in rotations]
+        shown = rotation.renew_audited(session, pki, actor())
+    print_renewals(shown, as_json)
+
+
+def print_renewals(shown: list[dict[str, Any]], as_json: bool) -> None:
+    """The local and remote ``rotate renew``: the rotations it moved."""
     if as_json:
         print_json(shown)
         return
@@ -1589,34 +1633,82 @@ def remote_admin_create(
         show_secret("PKCS#12 password", password)
 
 
-@remote_admin.command("keys")
-def remote_admin_keys(ctx: typer.Context, admin_id: str, as_json: JsonFlag = False) -> None:
-    """An admin's API keys (ADMIN_ID: the API names admins by id)."""
+AdminArg = Annotated[str, typer.Argument(help="The admin's username (or its id).")]
+
+
+def admin_id_of(client: remote.RemoteConsole, admin: str) -> str:
+    """The id of the admin named ``admin`` that the caller manages; else ``admin`` is
+    taken for an id (the console answers 404 if it is none)."""
+    found = client.call("admin list", query={"username": admin})
+    return str(found[0]["id"]) if found else admin
+
+
+@remote_admin.command("list")
+def remote_admin_list(
+    ctx: typer.Context, limit: PageLimitOpt = 50, every: AllPages = False, as_json: JsonFlag = False
+) -> None:
+    """The admins this admin manages (itself, and those bound only where it may write)."""
     with connected(ctx) as client:
-        rows = [
-            ApiKeyOut.model_validate(k).model_dump()
-            for k in client.call("admin keys", admin_id=admin_id)
-        ]
-    show_listing(rows, f"API keys of {admin_id}", as_json)
+        rows = remote_rows(client, "admin list", AdminOut, limit, every)
+    show_listing(rows, "Admins", as_json)
+
+
+@remote_admin.command("show")
+def remote_admin_show(ctx: typer.Context, username: str, as_json: JsonFlag = False) -> None:
+    with connected(ctx) as client:
+        found = client.call("admin list", query={"username": username})
+    show_admin([AdminOut.model_validate(a).model_dump() for a in found], username, as_json)
+
+
+@remote_admin.command("keys")
+def remote_admin_keys(ctx: typer.Context, admin: AdminArg, as_json: JsonFlag = False) -> None:
+    """An admin's API keys."""
+    with connected(ctx) as client:
+        keys = client.call("admin keys", admin_id=admin_id_of(client, admin))
+    rows = [ApiKeyOut.model_validate(k).model_dump() for k in keys]
+    show_listing(rows, f"API keys of {admin}", as_json)
 
 
 @remote_admin.command("new-key")
-def remote_admin_new_key(ctx: typer.Context, admin_id: str) -> None:
+def remote_admin_new_key(ctx: typer.Context, admin: AdminArg) -> None:
     with connected(ctx) as client:
-        key = client.call("admin new-key", admin_id=admin_id)
+        key = client.call("admin new-key", admin_id=admin_id_of(client, admin))
     show_secret("API key", key["api_key"])
 
 
 @remote_admin.command("grant")
 def remote_admin_grant(
     ctx: typer.Context,
-    admin_id: str,
+    admin: AdminArg,
     role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")],
     group: Annotated[str, typer.Option()],
 ) -> None:
+    body = {"role": role, "group_id": group}
     with connected(ctx) as client:
-        client.call("admin grant", body={"role": role, "group_id": group}, admin_id=admin_id)
-    out.print(f"{admin_id} now holds {role} on {group}")
+        client.call("admin grant", body=body, admin_id=admin_id_of(client, admin))
+    out.print(f"{admin} now holds {role} on {group}")
+
+
+@remote_admin.command("set-password")
+def remote_admin_set_password(ctx: typer.Context, admin: AdminArg) -> None:
+    """As the local command; the password from $CERTGATE_ADMIN_PASSWORD, else asked for
+    on the terminal (never a flag: it would show in ps)."""
+    secret = os.environ.get(PASSWORD_ENV) or typer.prompt(
+        "new password", hide_input=True, confirmation_prompt=True
+    )
+    with connected(ctx) as client:
+        client.call(
+            "admin set-password", body={"password": secret}, admin_id=admin_id_of(client, admin)
+        )
+    out.print(f"web console password of {admin} set")
+
+
+@remote_admin.command("totp")
+def remote_admin_totp(ctx: typer.Context, admin: AdminArg) -> None:
+    """As the local command: the new factor's otpauth:// URI, printed once."""
+    with connected(ctx) as client:
+        made = client.call("admin totp", admin_id=admin_id_of(client, admin))
+    show_secret("TOTP URI", made["otpauth_uri"])
 
 
 @remote_admin.command("revoke-key")
@@ -1640,6 +1732,15 @@ def remote_audit_list(
     show_listing(rows, "Audit log (newest first)", as_json, AUDIT_COLUMNS)
 
 
+@remote_audit.command("verify")
+def remote_audit_verify(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """The console recomputes its audit chain and holds it to its signed checkpoints;
+    exit 1 unless both hold (as the local command)."""
+    with connected(ctx) as client:
+        result = AuditVerifyOut.model_validate(client.call("audit verify"))
+    show_audit_verdict(result, f"console {ctx.obj.url}", as_json)
+
+
 @remote_app.command("installer")
 def remote_installer(
     ctx: typer.Context, group_id: str, out_file: Annotated[Path, typer.Option("--out")]
@@ -1656,6 +1757,18 @@ def remote_tunnel_nodes(ctx: typer.Context, group_id: str, as_json: JsonFlag = F
     with connected(ctx) as client:
         rows = client.call("tunnel nodes", group_id=group_id)
     show_listing(rows, f"Tunnel nodes of {group_id}", as_json)
+
+
+@remote_rotate.command("renew")
+def remote_rotate_renew(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """As the local command (a top-level superadmin): rotate every group identity within
+    30 days of its end, and finish such rotations nothing depends on."""
+    with connected(ctx) as client:
+        shown = client.call("rotate renew")
+    print_renewals(shown, as_json)
 
 
 @remote_rotate.command("status")

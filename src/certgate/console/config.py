@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from certgate.errors import ConfigError
@@ -14,6 +19,77 @@ DEFAULT_PORT = 7443
 MASTER_KEY_FILE = "master.key"
 DB_FILE = "console.db"
 AUDIT_SINK_FILE = "audit-checkpoints.jsonl"
+
+
+CLAIM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class SSOConfig:
+    """Web console single sign-on against an OpenID Connect provider (``console.ui.sso``).
+
+    ``admins`` maps a value of the ID token's ``admin_claim`` (an e-mail, a ``sub``) to
+    an existing admin's username; any other subject is refused. The client secret is never
+    in ``console.json``: it is read from the variable ``client_secret_env`` or from the file
+    ``client_secret_file`` (mode 0600, owner only); neither set is a public client (PKCE
+    only, token endpoint authentication ``none``)."""
+
+    issuer: str
+    client_id: str
+    admins: Mapping[str, str]
+    admin_claim: str = "email"
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    ca_file: str | None = None  # trust anchors for the provider; unset: the system's
+    scope: str = "openid email profile"
+    require_totp: bool = False  # also ask the admin's TOTP code after the provider
+    label: str = "single sign-on"
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.issuer)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"SSO issuer must be an https:// URL, got {self.issuer!r}")
+        if not self.client_id or len(self.client_id) > 256:
+            raise ConfigError("SSO client id must be 1-256 characters")
+        if not CLAIM_RE.fullmatch(self.admin_claim):
+            raise ConfigError(f"SSO admin claim {self.admin_claim!r} is not a claim name")
+        if not self.admins or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.admins.items()
+        ):
+            raise ConfigError("SSO admins must map claim values to admin usernames")
+        if "openid" not in self.scope.split():
+            raise ConfigError("SSO scope must include openid")
+        if self.client_secret_env and self.client_secret_file:
+            raise ConfigError("SSO client secret: a variable or a file, not both")
+        if self.client_secret_env is not None and not ENV_RE.fullmatch(self.client_secret_env):
+            raise ConfigError(f"SSO client secret variable {self.client_secret_env!r} invalid")
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> SSOConfig:
+        if "client_secret" in raw:
+            raise ConfigError(
+                "SSO client secret must not be in console.json: name client_secret_env "
+                "or client_secret_file"
+            )
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"SSO settings: {exc}") from exc
+
+    def client_secret(self) -> str | None:
+        """The secret from its variable or file, read when needed; None for a public client."""
+        if self.client_secret_env:
+            value = os.environ.get(self.client_secret_env)
+            if not value:
+                raise ConfigError(f"SSO client secret variable ${self.client_secret_env} unset")
+            return value
+        if self.client_secret_file:
+            path = Path(self.client_secret_file)
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
+                raise ConfigError(f"SSO client secret file {path} must be mode 0600")
+            return path.read_text().strip() or None
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +116,8 @@ class ConsoleConfig:
     # Web console sessions (``console.ui``): idle and absolute lifetimes.
     ui_idle_timeout_s: int = 30 * 60
     ui_absolute_timeout_s: int = 12 * 3600
+    # Web console single sign-on (SSOConfig's fields), unset: password + TOTP only.
+    sso: Mapping[str, Any] | None = field(default=None, hash=False)
     # How often devices governed by a compliance policy are judged again without a
     # check-in (a silent device's check-in age grows; overrides expire).
     compliance_sweep_s: float = 60.0
@@ -72,6 +150,11 @@ class ConsoleConfig:
         if not 0.5 <= self.compliance_sweep_s <= 3600:
             raise ConfigError("compliance sweep interval must be 0.5-3600 s")
         self.pkcs11  # noqa: B018 - validates the token settings now, at startup
+        self.sso_config  # noqa: B018 - likewise the single sign-on settings
+
+    @property
+    def sso_config(self) -> SSOConfig | None:
+        return None if self.sso is None else SSOConfig.parse(self.sso)
 
     def syslog_address(self) -> str | tuple[str, int] | None:
         """``audit_syslog`` as ``SysLogHandler`` takes it: a socket path or (host, port)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from certgate.metrics import service_registry
 from certgate.tunnel.admission import DenyReason, Mode
@@ -249,3 +249,17 @@ class TunnelMetrics:
         ):
             self.registry.unregister(own)
         self.registry.register(_WorkersCollector(expositions, restarts))
+
+
+def denial_totals(registry: CollectorRegistry) -> dict[str, int]:
+    """Denied requests by reason since the process started, over every mode (the node's
+    report to the console carries them; the console keeps them as a time series)."""
+    totals: dict[str, int] = {}
+    for family in registry.collect():
+        if family.name != "certgate_tunnel_denials":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.value:
+                reason = sample.labels.get("reason", "unknown")
+                totals[reason] = totals.get(reason, 0) + int(sample.value)
+    return totals

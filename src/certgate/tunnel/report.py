@@ -12,7 +12,11 @@ named by the ``Certgate-Node`` header; the console answers 204. The body::
      "live": [{"thumbprint", "device_uid", "mode", "app", "host", "port", "addresses",
                "since", "transport" (only "udp", for UDP tunnels)}, ...],
      "status": {"policy_version", "table_seq", "fresh", "age_s", "restart_required",
-                "device_roots", "secure_channel_roots"}}
+                "device_roots", "secure_channel_roots"},
+     "denials": {REASON: N, ...}}
+
+``denials`` counts the requests the node denied, by reason, since it started (a total:
+a lost report loses nothing; the console keeps the differences as a time series).
 
 Bounded: at most ``MAX_REPORT_TUNNELS`` tunnels and about ``MAX_REPORT_BYTES`` of JSON
 (the console's default body limit is 1 MiB); ``live_total`` says how many there were, so
@@ -26,7 +30,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 __all__ = [
@@ -86,8 +90,10 @@ class Reporter:
         *,
         interval: float = REPORT_INTERVAL_S,
         clock: Callable[[], float] = time.time,
+        denials: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.node, self.service, self.console = node, service, console
+        self.denials = denials
         self.interval, self.clock = interval, clock
         self.failures = 0
         self._last_warning: float | None = None
@@ -96,7 +102,8 @@ class Reporter:
         live = self.service.live_tunnels()
         _, health = self.service.health()
         sync = health.get("sync") or {}
-        return {
+        denials = {} if self.denials is None else {"denials": dict(self.denials())}
+        return denials | {
             "node": self.node,
             "at": self.clock(),
             "live_total": len(live),

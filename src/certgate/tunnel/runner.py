@@ -24,6 +24,7 @@ from certgate.errors import ConfigError
 from certgate.heap import freeze_startup_heap
 from certgate.tunnel.cascade import Cascade, Role, check_settings, front_end_tls
 from certgate.tunnel.config import TunnelState, load_state
+from certgate.tunnel.metrics import denial_totals
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.server import Gate, Limits
 from certgate.tunnel.service import (
@@ -162,7 +163,13 @@ async def serve(state: TunnelState, options: RunOptions) -> None:
     await service.start()
     service.record_listeners(options.state_dir)
     # Kept, and cancelled before the follower closes the mTLS client the reports use.
-    report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
+    reporter = Reporter(
+        state.node_name,
+        service,
+        follower,
+        denials=lambda: denial_totals(service.metrics.registry),
+    )
+    report_task = loop.create_task(reporter.run())
     frozen = freeze_startup_heap()  # full collections stop traversing start-up (certgate.heap)
     log.info(
         "tunnel node %s of group %s serving (loop=%s, tls=%s; %d start-up objects left out"

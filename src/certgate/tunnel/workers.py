@@ -50,6 +50,7 @@ from certgate.heap import freeze_startup_heap
 from certgate.pki.keys import load_private_key_pem, private_key_pem
 from certgate.tunnel.cascade import Role
 from certgate.tunnel.config import TunnelState, load_state
+from certgate.tunnel.metrics import denial_totals
 from certgate.tunnel.report import Reporter
 from certgate.tunnel.runner import RunOptions, cascade_of, listener_tls
 from certgate.tunnel.server import Gate, Limits
@@ -636,7 +637,13 @@ async def supervise(state: TunnelState, options: RunOptions) -> None:
         await service.start()
         await supervisor.start()
         service.record_listeners(options.state_dir)
-        report_task = loop.create_task(Reporter(state.node_name, service, follower).run())
+        reporter = Reporter(
+            state.node_name,
+            service,
+            follower,
+            denials=lambda: denial_totals(service.metrics.registry),
+        )
+        report_task = loop.create_task(reporter.run())
         freeze_startup_heap()
         log.info(
             "tunnel node %s of group %s serving with %d workers (loop=%s, role=%s)",

@@ -281,7 +281,7 @@ PAGED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _page(rows: list[Any], limit: int, key: Callable[[Any], list[str]]) -> tuple[list[Any], str]:
+def page_of(rows: list[Any], limit: int, key: Callable[[Any], list[str]]) -> tuple[list[Any], str]:
     """The first ``limit`` of ``limit + 1`` rows, and the cursor after them if more follow."""
     if len(rows) <= limit:
         return rows, ""
@@ -312,7 +312,7 @@ def list_devices(
     with admin_tx(request, group_id) as (session, who):
         rbac.require(session, who.admin, P.DEVICES_READ, group_id)
         rows = list(session.execute(query.order_by(Device.uid).limit(limit + 1)).scalars())
-        page, after = _page(rows, limit, lambda d: [d.uid])
+        page, after = page_of(rows, limit, lambda d: [d.uid])
         response.headers.update(paging.next_link(request.url, after))
         return [device_out(d) for d in page]
 
@@ -360,19 +360,12 @@ def set_compliance(
         return device_out(device)
 
 
-def _act(session: Session, device: Device, action: str) -> None:
-    if action in ("unenroll", "wipe"):
-        devices.unenroll(session, device, wipe=action == "wipe")
-    else:
-        devices.set_blocked(session, device, action == "block")
-
-
 @router.post("/devices/{uid}/{action}")
 def device_action(
     request: Request, uid: str, action: str = DeviceAction, dry_run: bool = DryRunFlag
 ) -> s.DeviceOut | s.DryRunOut:
     """``unenroll``, ``wipe``, ``block`` or ``unblock``."""
-    if action not in ("unenroll", "wipe", "block", "unblock"):
+    if action not in devices.LIFECYCLE_ACTIONS:
         raise NotFound(f"no device action {action!r}")
     with admin_tx(request) as (session, who):
         device = _device_for(session, who, uid, P.DEVICES_WRITE)
@@ -382,10 +375,10 @@ def device_action(
                 session,
                 f"device.{action}",
                 device.group_id,
-                lambda tx: _act(tx, device, action),
+                lambda tx: devices.apply_action(tx, device, action),
                 device=uid,
             )
-        _act(session, device, action)
+        devices.apply_action(session, device, action)
         audit.append(
             session, request.state.actor, f"device.{action}", group_id=device.group_id, device=uid
         )
@@ -421,7 +414,7 @@ def list_certificates(
         rows = list(
             session.execute(query.order_by(Certificate.thumbprint).limit(limit + 1)).scalars()
         )
-        page, after = _page(rows, limit, lambda c: [c.thumbprint])
+        page, after = page_of(rows, limit, lambda c: [c.thumbprint])
         response.headers.update(paging.next_link(request.url, after))
         return [cert_out(c) for c in page]
 
@@ -543,6 +536,6 @@ def read_audit(
         rows = list(
             session.execute(query.order_by(AuditEntry.id.desc()).limit(limit + 1)).scalars()
         )
-        page, after = _page(rows, limit, lambda e: [str(e.id)])
+        page, after = page_of(rows, limit, lambda e: [str(e.id)])
         response.headers.update(paging.next_link(request.url, after))
         return [s.AuditOut.model_validate(r, from_attributes=True) for r in page]

@@ -136,6 +136,35 @@ class AdminCreated(BaseModel):
     private_key: str
 
 
+class AdminOut(BaseModel):
+    id: str
+    username: str
+    roles: list[str]  # "role@group"
+    disabled: bool
+
+
+class PasswordIn(Strict):
+    """A web console password (scrypt at rest; 8-1024 characters)."""
+
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class TotpOut(BaseModel):
+    otpauth_uri: str  # shown once: the secret is stored sealed, never answered again
+
+
+class AuditVerifyOut(BaseModel):
+    """The instance's audit chain recomputed and held to the signed checkpoints."""
+
+    ok: bool  # the chain and every checkpoint line hold
+    chain_ok: bool
+    entries: int
+    first_bad_id: int | None
+    problem: str | None
+    checkpoints: int
+    checkpoint_problems: list[str]
+
+
 class ApiKeyCreated(BaseModel):
     id: str
     api_key: str
@@ -324,6 +353,10 @@ class TunnelReportIn(StrictReport):
     live_total: Count
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
     status: NodeStatusIn
+    # Denied requests by reason since the node started (older nodes send none).
+    denials: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")], Count] | None = Field(
+        None, max_length=64
+    )
 
     @model_validator(mode="after")
     def _total_counts_the_list(self) -> TunnelReportIn:

@@ -19,7 +19,7 @@ from certgate.console.services import ca
 from certgate.console.services.rbac import ROLES, ancestors, require_over_admin
 from certgate.console.services.secrets import IssuedSecret, new_secret, secret_matches, split_secret
 from certgate.console.store.models import Admin, ApiKey, Certificate, RoleBinding
-from certgate.errors import AuthError, BadRequest, ChainError, Conflict, NotFound
+from certgate.errors import AuthError, BadRequest, ChainError, Conflict, NotFound, PermissionDenied
 from certgate.pki import identity
 from certgate.pki.authority import Names
 from certgate.pki.keys import PrivateKey, generate_key
@@ -204,3 +204,25 @@ def by_username(session: Session, username: str) -> Admin:
     if admin is None:
         raise NotFound(f"admin {username!r} not found")
     return admin
+
+
+def manageable(
+    session: Session, actor: Admin, username: str | None = None
+) -> list[tuple[Admin, list[RoleBinding]]]:
+    """The admins ``actor`` may manage (``rbac.require_over_admin``: itself, or those whose
+    every binding is in a group where it holds admins:write), by username, with their
+    bindings; ``username``: that one only."""
+    query = select(Admin).order_by(Admin.username)
+    if username is not None:
+        query = query.where(Admin.username == username)
+    out = []
+    for admin in session.execute(query).scalars():
+        try:
+            require_over_admin(session, actor, admin)
+        except (PermissionDenied, NotFound):
+            continue
+        bindings = session.execute(
+            select(RoleBinding).where(RoleBinding.admin_id == admin.id)
+        ).scalars()
+        out.append((admin, list(bindings)))
+    return out

@@ -264,13 +264,16 @@ def verify_chain(session: Session, checkpoints: Sequence[Checkpoint] = ()) -> Ch
     # The signed cut-over when there is one: the database's own can be rewritten.
     keyed_from = signed_cut_overs.pop() if signed_cut_overs else recorded.keyed_from
     walk = _Walk(key, keyed_from, recorded, checkpoints)
+    rows = session.execute(_ENTRIES)
     try:
-        for row in session.execute(_ENTRIES).scalars():
+        for row in rows.scalars():
             walk.step(row)
         walk.finish()
     except _Broken as broken:
         moved = "" if keyed_from == recorded.keyed_from else _moved(recorded, keyed_from)
         return ChainReport(walk.position, False, broken.entry_id, broken.problem + moved)
+    finally:
+        rows.close()  # a walk cut short must not leave PostgreSQL's server cursor open
     if keyed_from != recorded.keyed_from:
         return ChainReport(walk.position, False, None, _moved(recorded, keyed_from).strip("; "))
     return ChainReport(walk.position, True, None, None)

@@ -152,3 +152,23 @@ def read_sink(path: Path, trusted: Anchors) -> SinkReport:
         except (CertgateError, UnicodeDecodeError) as exc:
             bad.append(f"{path.name} line {number}: {exc}")
     return SinkReport(tuple(good), tuple(bad))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The audit chain recomputed and held to the signed checkpoints of the sink file."""
+
+    chain: audit.ChainReport
+    checkpoints: int
+    checkpoint_problems: Sequence[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and not self.checkpoint_problems
+
+
+def verify(session: Session, pki: ca.InstancePKI, sink: Path, top_group: str) -> Verdict:
+    """What ``console audit verify`` reports, locally or through the API."""
+    read = read_sink(sink, anchors(pki, top_group))
+    chain = audit.verify_chain(session, read.checkpoints)
+    return Verdict(chain, len(read.checkpoints), tuple(read.problems))

@@ -393,6 +393,19 @@ def unenroll(session: Session, device: Device, wipe: bool = False) -> None:
     feed.emit(session, device.group_id, entries)
 
 
+LIFECYCLE_ACTIONS = ("unenroll", "wipe", "block", "unblock")
+
+
+def apply_action(session: Session, device: Device, action: str) -> None:
+    """One of ``LIFECYCLE_ACTIONS`` on ``device``: the API's and the web console's path."""
+    if action in ("unenroll", "wipe"):
+        unenroll(session, device, wipe=action == "wipe")
+    elif action in ("block", "unblock"):
+        set_blocked(session, device, action == "block")
+    else:
+        raise NotFound(f"no device action {action!r}")
+
+
 def revoke_client_cert(session: Session, cert: Certificate, reason: str) -> None:
     """Revoke a device or app certificate; tunnels drop it via the feed."""
     if cert.kind not in feed.CLIENT_KINDS or cert.group_id is None:

@@ -67,7 +67,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from certgate import jws
-from certgate.console.services import ca, feed, tunnels
+from certgate.console.services import audit, ca, feed, tunnels
 from certgate.console.services.feed import CLIENT_KINDS
 from certgate.console.services.groups import console_key_label, get_group, tunnel_key_label
 from certgate.console.store.models import (
@@ -323,6 +323,22 @@ def names_changed(session: Session, pki: ca.InstancePKI, group: Group, started_b
         )
     prepare(session, pki, group.id, TUNNEL, started_by)
     return switch(session, pki, group.id, TUNNEL)
+
+
+def renew_audited(session: Session, pki: ca.InstancePKI, actor: str) -> list[dict[str, Any]]:
+    """``renew_due``, each rotation it moved audited as ``rotation.renew.<phase>`` by
+    ``actor``; answers them as ``describe`` shows them (the local command's and the API's)."""
+    rotations = renew_due(session, pki)
+    for done in rotations:
+        audit.append(
+            session,
+            actor,
+            f"rotation.renew.{done.phase}",
+            group_id=done.group_id,
+            kind=done.kind,
+            rotation=done.id,
+        )
+    return [describe(session, r) for r in rotations]
 
 
 def renew_due(session: Session, pki: ca.InstancePKI, now: datetime | None = None) -> list[Rotation]:

@@ -65,8 +65,13 @@ class SignedIn:
         return f"SignedIn(admin={self.admin.username!r}, session_id={self.session_id!r})"
 
 
+def purpose_aead(master: MasterKey, purpose: bytes) -> AESGCM:
+    """AES-GCM under a key derived from the master key for ``purpose`` only."""
+    return AESGCM(master.derive(purpose))
+
+
 def _totp_aead(master: MasterKey) -> AESGCM:
-    return AESGCM(master.derive(b"certgate admin totp v1"))
+    return purpose_aead(master, b"certgate admin totp v1")
 
 
 def seal_totp(master: MasterKey, admin_id: str, secret: str) -> bytes:
@@ -146,13 +151,28 @@ def verify_factors(
         raise wrong
     if not password_matches(password, row.password_hash):
         raise wrong
+    consume_totp(master, admin, row, code, at)
+    return admin
+
+
+def verify_totp(session: Session, master: MasterKey, admin: Admin, code: str, at: datetime) -> None:
+    """The TOTP factor alone (single sign-on that also asks for it); AuthError if wrong."""
+    row = session.get(AdminSignIn, admin.id)
+    if row is None or admin.disabled:
+        raise AuthError("wrong username, password or code")
+    consume_totp(master, admin, row, code, at)
+
+
+def consume_totp(
+    master: MasterKey, admin: Admin, row: AdminSignIn, code: str, at: datetime
+) -> None:
+    """Accept ``code`` once: its step becomes the last one used (no replay)."""
     if row.totp_sealed is None:
         raise AuthError("no TOTP second factor set (certgate console admin totp NAME)")
     step = totp_step(unseal_totp(master, admin.id, row.totp_sealed), code, at, row.totp_last_step)
     if step is None:
-        raise wrong
+        raise AuthError("wrong username, password or code")
     row.totp_last_step = step
-    return admin
 
 
 @cache

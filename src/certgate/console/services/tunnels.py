@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from certgate import jws
-from certgate.console.services import audit, ca, feed, rbac
+from certgate.console.services import audit, ca, denials, feed, rbac
 from certgate.console.services.devices import consume_token
 from certgate.console.services.groups import (
     console_key_label,
@@ -152,8 +152,10 @@ def record_report(
     ).scalar_one_or_none()
     if node is None:
         raise NotFound(f"no tunnel node {name[:NODE_NAME_MAX]!r} in group {group_id!r}")
+    previous = (node.report or {}).get("denials") or {}
     node.report, node.reported_at = report, ca.now()
     node.last_seen_at = node.reported_at
+    denials.record(session, node, previous, report.get("denials") or {}, node.reported_at)
     return node
 
 

@@ -259,6 +259,18 @@ class TunnelNode(Base):
     identity_thumbprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+class DenialCount(Base):
+    """Requests a tunnel node denied, by reason, in one time bucket (``services.denials``):
+    the differences of the totals its reports carry. A node writes only its own rows."""
+
+    __tablename__ = "denial_counts"
+    node_id: Mapped[int] = mapped_column(ForeignKey("tunnel_nodes.id"), primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(primary_key=True, index=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
 class Rotation(Base):
     """One rotation (``services.rotation``): prepare -> switch -> finish of ``kind``.
 

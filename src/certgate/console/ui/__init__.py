@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from certgate.console.ui import access, fleet, manage
+from certgate.console.ui import access, fleet, manage, sso
 from certgate.console.ui.web import HERE, SECURITY_HEADERS, CSRFFailed, error_html, error_page
 from certgate.httperrors import ErrorPages
 from certgate.ratelimit import SignInLimiter
@@ -25,7 +25,8 @@ def is_ui(path: str) -> bool:
 
 def mount(app: FastAPI) -> None:
     app.state.ui_limiter = SignInLimiter()
-    for module in (access, fleet, manage):
+    sso.redact_access_log()
+    for module in (access, fleet, manage, sso):
         app.include_router(module.router, include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
     app.add_api_route(

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from certgate.console.api.deps import state_of
+from certgate.console.config import SSOConfig
 from certgate.console.services import audit, ca, signin
 from certgate.console.ui.web import (
     COOKIE,
@@ -29,8 +30,8 @@ router = APIRouter(prefix="/ui")
 
 
 @router.get("/login")
-def login_page() -> Response:
-    return render("login.html", None)
+def login_page(request: Request) -> Response:
+    return render("login.html", None, sso=_sso(request))
 
 
 @router.post("/login")
@@ -40,7 +41,9 @@ def login(request: Request, form: FormBody) -> Response:
     wait_s = limiter.retry_after(username, address, now)
     if wait_s:
         _audit_signin(request, username, "denied", code="rate_limited", retry_after_s=wait_s)
-        page = render("login.html", None, status=429, error="Too many failed sign-ins.")
+        page = render(
+            "login.html", None, status=429, error="Too many failed sign-ins.", sso=_sso(request)
+        )
         page.headers["retry-after"] = str(wait_s)
         return page
     try:
@@ -49,10 +52,16 @@ def login(request: Request, form: FormBody) -> Response:
         limiter.failed(username, address, now)
         request.app.state.metrics.signin_failures.labels("web").inc()
         _audit_signin(request, username, "denied", code="unauthenticated", reason=str(exc))
-        return render("login.html", None, status=401, error=str(exc), username=username)
+        return render(
+            "login.html", None, status=401, error=str(exc), username=username, sso=_sso(request)
+        )
     response = redirect("/ui/")
     set_session_cookie(response, token, state_of(request).config.ui_absolute_timeout_s)
     return response
+
+
+def _sso(request: Request) -> SSOConfig | None:
+    return state_of(request).config.sso_config
 
 
 def _sign_in(request: Request, username: str, form: Form) -> str:

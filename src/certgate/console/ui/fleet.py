@@ -13,10 +13,10 @@ from fastapi.responses import Response
 from sqlalchemy import Select, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
-from certgate.console.api.admin import _act, rehearsed
+from certgate.console.api.admin import rehearsed
 from certgate.console.api.deps import state_of
 from certgate.console.paging import decode_cursor, encode_cursor
-from certgate.console.services import audit, ca, devices, rbac, tunnels
+from certgate.console.services import audit, ca, denials, devices, rbac, tunnels
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.signin import SignedIn
 from certgate.console.store.models import (
@@ -63,7 +63,14 @@ def dashboard(request: Request) -> Response:
             expiring=_expiring(session, scope),
             nodes=_nodes(session, [g.id for g in readable_groups(session, who, P.TUNNEL_READ)]),
             denials=_denials(session, [g.id for g in readable_groups(session, who, P.AUDIT_READ)]),
+            tunnel_denials=_tunnel_denials(session, who),
         )
+
+
+def _tunnel_denials(session: Session, who: SignedIn) -> denials.Series:
+    """The last 24 hours of tunnel-side denials, hour by hour, in the groups ``who`` reads."""
+    scope = _scope(session, [g.id for g in readable_groups(session, who, P.TUNNEL_READ)])
+    return denials.series(session, scope, ca.now(), timedelta(hours=1), 24)
 
 
 def _scope(session: Session, readable: list[str]) -> list[str] | None:
@@ -320,7 +327,7 @@ def _history(session: Session, device: Device) -> list[AuditEntry]:
 def _change(device: Device, action: str) -> Any:
     if action in ("compliant", "noncompliant"):
         return lambda tx: devices.set_compliance(tx, device, action)
-    return lambda tx: _act(tx, device, action)
+    return lambda tx: devices.apply_action(tx, device, action)
 
 
 @router.get("/devices/{uid}/confirm/{action}")

@@ -22,10 +22,10 @@ from certgate.console.paging import decode_cursor, encode_cursor
 from certgate.console.services import admins, audit, groups, rbac
 from certgate.console.services.rbac import Permission as P
 from certgate.console.services.signin import SignedIn
-from certgate.console.store.models import Admin, AuditEntry, Group, RoleBinding
+from certgate.console.store.models import AuditEntry, Group
 from certgate.console.ui.fleet import readable_groups
 from certgate.console.ui.web import SECURITY_HEADERS, FormBody, may, render, ui_tx
-from certgate.errors import BadRequest, NotFound, PermissionDenied
+from certgate.errors import BadRequest
 
 router = APIRouter(prefix="/ui")
 AUDIT_PAGE = 100
@@ -224,24 +224,15 @@ def admins_page(request: Request) -> Response:
 
 
 def _manageable(session: Session, who: SignedIn) -> list[dict[str, Any]]:
-    """Admins ``who`` may manage (``rbac.require_over_admin``), with roles and keys."""
-    out = []
-    for admin in session.execute(select(Admin).order_by(Admin.username)).scalars():
-        try:
-            rbac.require_over_admin(session, who.admin, admin)
-        except (PermissionDenied, NotFound):
-            continue
-        roles = session.execute(
-            select(RoleBinding).where(RoleBinding.admin_id == admin.id)
-        ).scalars()
-        out.append(
-            {
-                "admin": admin,
-                "roles": [f"{b.role} @ {b.group_id}" for b in roles],
-                "api_keys": admins.api_keys_of(session, admin),
-            }
-        )
-    return out
+    """Admins ``who`` may manage (``admins.manageable``), with roles and keys."""
+    return [
+        {
+            "admin": admin,
+            "roles": [f"{b.role} @ {b.group_id}" for b in bindings],
+            "api_keys": admins.api_keys_of(session, admin),
+        }
+        for admin, bindings in admins.manageable(session, who.admin)
+    ]
 
 
 @router.post("/admins/{admin_id}/api-keys")

@@ -6,8 +6,8 @@ certificate). An admin's compliance override keeps its reason
 (``device_posture.override_reason``), and the compliance history records every
 override set, cleared or expired (``compliance_history.override``).
 
-Revision ID: 0015
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-06 20:00:00.000000
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0015"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,94 @@
+"""Single sign-on pages of a real console whose provider cannot be reached, and of one
+without single sign-on: what a browser gets before any provider answers. The flow through
+a real provider: tests/integration/test_web_sso.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from certgate.console.store.models import AuditEntry
+from tests.console.ui.support import browser
+from tests.support import RunningConsole, free_port, init_console, start_console
+
+
+@pytest.fixture(scope="module")
+def unreachable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningConsole]:
+    """A console whose provider is a loopback port nobody listens on."""
+    work = tmp_path_factory.mktemp("sso-unreachable")
+    data_dir, port = init_console(work)
+    settings = data_dir / "console.json"
+    config = json.loads(settings.read_text())
+    config["sso"] = {
+        "issuer": f"https://127.0.0.1:{free_port()}",
+        "client_id": "certgate-console",
+        "admins": {"alice@example.com": "root"},
+        "label": "Example IdP",
+    }
+    settings.write_text(json.dumps(config))
+    running = start_console(work, data_dir, port)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_the_sign_in_page_offers_sso_only_when_configured(
+    unreachable: RunningConsole, console: RunningConsole
+) -> None:
+    with browser(unreachable) as client:
+        page = client.get("/ui/login")
+    assert 'id="sso" href="/ui/sso/start">Sign in with Example IdP</a>' in page.text
+    with browser(console) as client:
+        plain = client.get("/ui/login")
+        assert 'id="sso"' not in plain.text
+        assert client.get("/ui/sso/start").status_code == 404
+
+
+def test_an_unreachable_provider_is_a_503_page_and_audited(unreachable: RunningConsole) -> None:
+    with browser(unreachable) as client:
+        answer = client.get("/ui/sso/start")
+    assert answer.status_code == 503
+    assert "Single sign-on refused: identity provider unreachable" in answer.text
+    assert answer.headers["set-cookie"].startswith('__Secure-certgate-sso=""')  # no flow
+    assert "Max-Age=0" in answer.headers["set-cookie"]
+    with unreachable.local() as (session, _):
+        entry = (
+            session.execute(
+                select(AuditEntry).where(AuditEntry.action == "ui.signin").order_by(AuditEntry.id)
+            )
+            .scalars()
+            .all()[-1]
+        )
+    assert entry.outcome == "denied" and entry.detail["code"] == "unavailable"
+
+
+def test_a_callback_without_a_flow_is_refused_and_audited(unreachable: RunningConsole) -> None:
+    with browser(unreachable) as client:
+        answer = client.get("/ui/sso/callback", params={"code": "c", "state": "s"})
+    assert answer.status_code == 401
+    assert "no single sign-on in progress in this browser" in answer.text
+    with unreachable.local() as (session, _):
+        entry = (
+            session.execute(
+                select(AuditEntry).where(AuditEntry.action == "ui.signin").order_by(AuditEntry.id)
+            )
+            .scalars()
+            .all()[-1]
+        )
+    assert entry.detail["method"] == "sso" and entry.detail["code"] == "unauthenticated"
+
+
+def test_the_settings_file_with_a_client_secret_does_not_start(tmp_path: Path) -> None:
+    data_dir, port = init_console(tmp_path)
+    settings = data_dir / "console.json"
+    config = json.loads(settings.read_text())
+    config["sso"] = {"issuer": "https://idp.test", "client_id": "c", "admins": {"a": "root"},
+                     "client_secret": "in clear"}  # fmt: skip
+    settings.write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="must not be in console"):
+        start_console(tmp_path, data_dir, port)
