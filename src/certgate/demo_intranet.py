@@ -51,9 +51,10 @@ class _IntranetPage(http.server.BaseHTTPRequestHandler):
 def socket_owner(
     local: tuple[str, int], remote: tuple[str, int], processes: Mapping[int, str]
 ) -> str | None:
-    """The name of the process of ``processes`` (pid -> name) holding the TCP socket
-    ``local`` -> ``remote`` (IPv4), from the kernel's tables (/proc/net/tcp,
-    /proc/PID/fd); None where there are none (not Linux) or none of them holds it."""
+    """The name of the process of ``processes`` (pid -> name) that, itself or through a
+    descendant, holds the TCP socket ``local`` -> ``remote`` (IPv4), from the kernel's
+    tables (/proc/net/tcp, /proc/PID/fd); None where there are none (not Linux) or none
+    of them holds it."""
     wanted = f"{_proc_net(local)} {_proc_net(remote)}"
     try:
         rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
@@ -61,9 +62,22 @@ def socket_owner(
         return None
     sockets = {f"socket:[{row[9]}]" for row in rows if f"{row[1]} {row[2]}" == wanted}
     for pid, name in processes.items():
-        if sockets & _open_files(pid):
-            return name
+        if any(sockets & _open_files(each) for each in _with_descendants(pid)):
+            return name  # the node itself, or one of its workers
     return None
+
+
+def _with_descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (a node's data plane may run in workers)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending and len(found) < 256:
+        each = pending.pop()
+        found.append(each)
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{each}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _proc_net(address: tuple[str, int]) -> str:

@@ -30,6 +30,7 @@ HEADLINE_KEYS = (
     "policy_enforce_p99_ms",
     "issuance_pki_per_s",
     "issuance_api_per_s",
+    "ui_devices_p99_ms",
 )
 SCENARIO_FILES = (
     "relay_throughput",
@@ -41,6 +42,7 @@ SCENARIO_FILES = (
     "enforce",
     "enforce_policy",
     "issuance",
+    "ui_devices",
 )
 RELAYS = ("certgate", "certgate-ssl", "certgate-uvloop", "haproxy", "stunnel", "plain")
 

@@ -375,8 +375,13 @@ def open_tunnel(
         raw, server_hostname="localhost", suppress_ragged_eofs=suppress_ragged_eofs
     )
     destination = destination or f"{cluster.origin.host}:{cluster.origin.port}"
-    tls.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+    try:
+        tls.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = tls.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    except BaseException:
+        tls.close()  # not left for the garbage collector to report in a later test
+        raise
     return tls
 
 

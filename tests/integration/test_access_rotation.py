@@ -202,7 +202,7 @@ def test_access_renews_its_certificate_while_serving(running: Running) -> None:
         thread.join(timeout=60)
     assert loop.failures == [], loop.failures
     assert before > 0, "no request was made before the renewal"
-    assert "renewed access-tls before expiry" in topo.log("access")
+    assert "renewed before expiry access-tls" in topo.log("access")
     print(
         f"Access certificate renewal: {loop.ok} requests on 443, Access and 5263"
         f" ({before} before the new certificate was served), 0 failed"

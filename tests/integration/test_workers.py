@@ -93,6 +93,19 @@ def holding(node: Node, count: int) -> list[dict[str, Any]] | None:
     return found if same else None
 
 
+def settled(node: Node) -> float:
+    """The node's admissions once two worker reports in a row agree (the supervisor sums
+    what its workers last reported: one report may not yet count the latest)."""
+    deadline = time.monotonic() + WAIT_S
+    first = admissions(node)
+    while time.monotonic() < deadline:
+        time.sleep(2 * REPORT_INTERVAL_S)
+        first, then = admissions(node), first
+        if first == then:
+            return first
+    raise AssertionError(f"{node.name}'s admissions kept changing for {WAIT_S:g} s")
+
+
 def replaced(node: Node, dead: int) -> list[int] | None:
     pids = ready_pids(node)
     return pids if pids is not None and dead not in pids else None
@@ -272,7 +285,7 @@ def test_cascade_front_and_back_end_each_serve_with_two_workers(tmp_path: Path) 
             assert len(set(wait_until(lambda node=node: ready_pids(node)))) == 2
         wait_until(lambda: curl(cluster, port=front.proxy_port).stdout.encode() == PAGE)
 
-        admitted = {node.name: admissions(node) for node in (front, back)}
+        admitted = {node.name: settled(node) for node in (front, back)}
         before = {node.name: per_worker_connections(node) for node in (front, back)}
         # Each open tunnel is a CONNECT the back end answered, having dialled the origin.
         tunnels = [opened.enter_context(open_tunnel(cluster, front)) for _ in range(TUNNELS)]
@@ -282,7 +295,7 @@ def test_cascade_front_and_back_end_each_serve_with_two_workers(tmp_path: Path) 
             assert all(v > before[node.name].get(k, 0) for k, v in counts.items()), counts
             held = wait_until(lambda node=node: holding(node, TUNNELS))
             assert all(w["connections"] > 0 for w in held), (node.name, held)
-        gained = {node.name: admissions(node) - admitted[node.name] for node in (front, back)}
+        gained = {node.name: settled(node) - admitted[node.name] for node in (front, back)}
         assert gained["back"] == gained["front"] >= TUNNELS, gained
 
         set_compliance(cluster, "noncompliant")

@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -347,6 +348,23 @@ class NodeStatusIn(StrictReport):
     )
 
 
+DENIAL_REASON = r"^[a-z0-9_]{1,64}$"
+# A reason outside the pattern is refused: the document says so (``additionalProperties``),
+# which pydantic's ``patternProperties`` alone leaves open.
+DenialCounts = Annotated[
+    dict[Annotated[str, Field(pattern=DENIAL_REASON)], Count],
+    Field(max_length=64),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": 64,
+            "patternProperties": {DENIAL_REASON: {"type": "integer", "minimum": 0}},
+            "additionalProperties": False,
+        }
+    ),
+]
+
+
 class TunnelReportIn(StrictReport):
     node: str = NODE_NAME
     at: float
@@ -354,9 +372,7 @@ class TunnelReportIn(StrictReport):
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
     status: NodeStatusIn
     # Denied requests by reason since the node started (older nodes send none).
-    denials: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")], Count] | None = Field(
-        None, max_length=64
-    )
+    denials: DenialCounts | None = None
 
     @model_validator(mode="after")
     def _total_counts_the_list(self) -> TunnelReportIn:
