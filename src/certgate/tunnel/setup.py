@@ -392,7 +392,7 @@ def _verify_bundle(files: Mapping[str, bytes], pin_sha256: str | None) -> Verifi
     named = identity.identity_of(console)
     if named.kind is not identity.IdentityKind.CONSOLE or named.group_id is None:
         raise BundleError(f"console-identity.pem names {named.uri()}, not a console identity")
-    config.verify_identity(console, [scr], root, named)
+    config.verify_identity(console, [scr], [root], named)
     manifest = jws.verify(files[MANIFEST], console, jws.TYP_INSTALLER, named.group_id)
     _check_manifest(manifest, files)
     jws.verify(files[config.TRUST_JWS], console, jws.TYP_TRUST, named.group_id)
