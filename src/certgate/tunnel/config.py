@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from certgate import jws
@@ -201,8 +202,9 @@ def verify_signed_by_root(cert: x509.Certificate, root: x509.Certificate, what: 
     try:
         cert.verify_directly_issued_by(root)
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
-        raise ConfigError(f"{what} is not issued by the instance root: {exc}") from exc
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound) as exc:
+        reason = str(exc) or "bad signature"
+        raise ConfigError(f"{what} is not issued by the instance root: {reason}") from exc
     if not is_ca:
         raise ConfigError(f"{what} is not a CA certificate")
 
@@ -263,8 +265,11 @@ def above(
     rotation, that Root's cross certificate, so a party trusting either Root verifies
     (the console's ``InstancePKI.chain_of`` rule)."""
     for candidate in (*crosses, *state_roots):
-        if candidate.subject == ca_cert.issuer:
-            return candidate
+        try:
+            verify_signed_by_root(ca_cert, candidate, "intermediate")
+        except ConfigError:
+            continue
+        return candidate
     raise ConfigError(f"no trusted Root issued {ca_cert.subject.rfc4514_string()}")
 
 

@@ -273,6 +273,7 @@ def _store_answer(
         raise SetupError(f"console answer does not verify: {exc}") from exc
     if pinned_console is not None and state.console_identity != pinned_console:
         raise SetupError("console answered with a console identity other than the bundle's")
+    files[config.ROOT_PEM] = config.roots_pem(state)  # two during a Root rotation
     write_state(state_dir, files, key)
     return state
 

@@ -215,7 +215,7 @@ class InstancePKI:
         """The certificate served after ``ca_cert``: during a Root rotation the cross
         certificate of its Root (so a party trusting either Root verifies), else its Root."""
         for candidate in (*self.root_crosses(), *self.roots()):
-            if candidate.subject == ca_cert.issuer:
+            if _issued(ca_cert, candidate):
                 return candidate
         return self.certs[ROOT]
 
@@ -233,13 +233,8 @@ class InstancePKI:
 
     def _find_issuer(self, cert: x509.Certificate) -> x509.Certificate:
         for candidate in self.every_ca():
-            if candidate.subject != cert.issuer:
-                continue
-            try:
-                cert.verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return candidate
+            if _issued(cert, candidate):
+                return candidate
         raise PKIError(f"no CA of this instance issued {cert.subject.rfc4514_string()}")
 
     def chain_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
@@ -328,6 +323,17 @@ class InstancePKI:
         cert = self.authority.issue_from_csr(self.issuer_of(label), profile, names, csr_pem)
         self._count_signed(record.kind)
         return cert, insert_certificate(session, cert, label, record)
+
+
+def _issued(cert: x509.Certificate, candidate: x509.Certificate) -> bool:
+    """``candidate``'s subject and key signed ``cert`` (two Roots share a subject)."""
+    if candidate.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(candidate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def certificate_values(cert: x509.Certificate, ca: str, record: Record) -> dict[str, Any]:
@@ -589,8 +595,11 @@ def new_root_version(session: Session, pki: InstancePKI, rotation_id: int) -> x5
         key = generate_key(KeyAlgorithm(instance.key_algorithm))
         seal_key(session, pki.master, f"ca:{label}", key)
     old, old_label = pki.issuer(ROOT), pki.label(ROOT)
-    # Another subject than the old Root's: a verifier finds each Root by name unambiguously.
-    new_cert = pki.authority.create_root(key, Names(f"{CA_NAMES[ROOT]} {rotation_id}"))
+    # The old Root's subject: the cross certificates are then self-issued (RFC 5280 §6.1,
+    # as RFC 4210's OldWithNew and NewWithOld), so they do not count against the Roots'
+    # pathLen 1 (root, cross, intermediate, leaf); verifiers tell the Roots apart by key
+    # (authority key identifier).
+    new_cert = pki.authority.create_root(key, _names_of(old.cert))
     new = Issuer(new_cert, key)
     rows = [
         (label, new_cert, f"ca:{label}", label),
