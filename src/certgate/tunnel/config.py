@@ -250,7 +250,12 @@ def load_secure_channel_root(
 ) -> x509.Certificate:
     anchors = [roots] if isinstance(roots, x509.Certificate) else list(roots)
     chain = load_certs(chain_pem, CHAIN_PEM)
-    if len(chain) != 2:
+    # The second is a Root or, during a Root rotation, its cross certificate (same subject).
+    if (
+        len(chain) != 2
+        or chain[0].issuer == chain[0].subject
+        or chain[1].subject not in {root.subject for root in anchors}
+    ):
         raise ConfigError(f"{CHAIN_PEM}: expected Secure Channel Root then the instance root")
     verify_signed_by_a_root(chain[0], anchors, "Secure Channel Root")
     return chain[0]
@@ -512,7 +517,7 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
         raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
     group_id, console_url, node_name = _state_json(files[STATE_JSON])
     pinned_roots = load_roots(files[ROOT_PEM], ROOT_PEM)
-    load_certs(files[CHAIN_PEM], CHAIN_PEM)  # well formed; the chain is derived
+    load_secure_channel_root(files[CHAIN_PEM], pinned_roots)  # well formed; it is derived
     console = load_single_cert(files[CONSOLE_IDENTITY_PEM], CONSOLE_IDENTITY_PEM)
     _check_name(console, identity.console(group_id))
     tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)

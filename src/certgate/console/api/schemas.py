@@ -345,6 +345,8 @@ class NodeStatusIn(StrictReport):
     secure_channel_roots: list[Annotated[str, Field(max_length=64)]] | None = Field(
         None, max_length=2
     )
+    # Likewise the instance Roots (a Root rotation's status).
+    roots: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=2)
 
 
 class TunnelReportIn(StrictReport):
