@@ -1004,13 +1004,12 @@ def _retire_secure_channel_root(session: Session, pki: ca.InstancePKI, rotation:
 
 
 def _check_no_other_ca_rotation(session: Session, kind: str) -> None:
-    """One instance CA rotation at a time: a Root rotation issues every intermediate
-    again, and a Device Root or Secure Channel Root rotation would add a third CA of its
-    role to trust meanwhile."""
+    """A Root rotation runs alone among the instance CA rotations: it issues every
+    intermediate again, and a Device Root or Secure Channel Root rotation meanwhile would
+    add a third CA of its role to trust (nodes take two)."""
+    others = (DEVICE, SECURE_CHANNEL) if kind == ROOT else (ROOT,)
     running = session.execute(
-        select(Rotation).where(
-            Rotation.kind.in_(INSTANCE_KINDS), Rotation.kind != kind, Rotation.finished_at.is_(None)
-        )
+        select(Rotation).where(Rotation.kind.in_(others), Rotation.finished_at.is_(None))
     ).scalars()
     busy = [f"{r.kind} rotation {r.id}" for r in running]
     if busy:
