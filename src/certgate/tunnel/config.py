@@ -53,7 +53,7 @@ from certgate.pki.authority import utcnow
 from certgate.pki.keys import PrivateKey
 from certgate.pki.keystore import is_sealed, load_master_key, open_or_create_key
 from certgate.pki.thumbprint import thumbprint
-from certgate.pki.verify import verify_client_chain
+from certgate.pki.verify import verify_client_chain, vouched_roots
 from certgate.tunnel.persist import atomic_write
 
 __all__ = [
@@ -430,26 +430,10 @@ def _vouched_roots(
     crosses: tuple[x509.Certificate, ...] = ()
     if payload.get("root_cross"):
         crosses = tuple(load_certs(str(payload["root_cross"]).encode(), "trust config root_cross"))
-    for root in roots:
-        if root not in pinned and not any(_vouches(c, root, pinned) for c in crosses):
-            raise ConfigError(
-                f"trust config names an instance root {thumbprint(root)} that no pinned"
-                " root vouches for (no cross certificate)"
-            )
-    return roots, crosses
-
-
-def _vouches(
-    cross: x509.Certificate, root: x509.Certificate, pinned: Sequence[x509.Certificate]
-) -> bool:
-    """``cross`` certifies ``root``'s subject and key and a pinned Root signed it."""
-    if cross.subject != root.subject or cross.public_key() != root.public_key():
-        return False
     try:
-        verify_signed_by_a_root(cross, pinned, "cross certificate")
-    except ConfigError:
-        return False
-    return True
+        return vouched_roots(roots, crosses, pinned), crosses
+    except CertgateError as exc:
+        raise ConfigError(f"trust config: {exc}") from exc
 
 
 def _verified_trust(
