@@ -107,7 +107,7 @@ def test_the_issuer_is_found_by_signature_among_roots_of_one_name(console: Conso
     old, new = console.pki.device(), console.pki.device(label=NEXT)
     assert roots.issuer_of(old.cert).label == "device-root"
     assert roots.issuer_of(new.cert).label == NEXT
-    only_old = DeviceRootSet(roots.root, roots.roots[:1])
+    only_old = DeviceRootSet(roots.anchors, roots.roots[:1])
     with pytest.raises(ChainError, match="not issued by a trusted Device Root"):
         only_old.issuer_of(new.cert)
 
