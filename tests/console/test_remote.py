@@ -215,7 +215,9 @@ def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list
 
 
 @pytest.mark.parametrize(
-    "command", [("rotate", "root", "global"), ("rotate", "renew-devices", "global")], ids=" ".join
+    "command",
+    [("rotate", "finish", "root", "global"), ("rotate", "renew-devices", "global")],
+    ids=" ".join,
 )
 def test_refusal_of_the_service_reads_as_locally(
     console: RunningConsole, seeded: list[str], command: tuple[str, ...]
