@@ -356,9 +356,15 @@ class TunnelReportIn(StrictReport):
     live: list[LiveTunnelIn] = Field(max_length=MAX_REPORT_TUNNELS)
     status: NodeStatusIn
     # Denied requests by reason since the node started (older nodes send none).
-    denials: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")], Count] | None = Field(
-        None, max_length=64
-    )
+    # additionalProperties false: a key outside the pattern is refused, as the document says
+    # (pydantic states patternProperties alone, which lets any other key pass).
+    denials: (
+        Annotated[
+            dict[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")], Count],
+            Field(json_schema_extra={"additionalProperties": False}),
+        ]
+        | None
+    ) = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _total_counts_the_list(self) -> TunnelReportIn:
