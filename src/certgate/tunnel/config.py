@@ -501,7 +501,6 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
         raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
     group_id, console_url, node_name = _state_json(files[STATE_JSON])
     pinned_roots = load_roots(files[ROOT_PEM], ROOT_PEM)
-    load_secure_channel_root(files[CHAIN_PEM], pinned_roots)  # well formed; it is derived
     console = load_single_cert(files[CONSOLE_IDENTITY_PEM], CONSOLE_IDENTITY_PEM)
     _check_name(console, identity.console(group_id))
     tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)
@@ -510,6 +509,7 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
     pinned = {"console": console, "tunnel": tunnel}
     trusted = _verified_trust(files[TRUST_JWS], console, group_id, pinned, pinned_roots)
     scrs, roots = trusted.secure_channel_roots, trusted.roots
+    load_secure_channel_root(files[CHAIN_PEM], roots)  # well formed; the chain is derived
     verify_identity(console, scrs, roots, identity.console(group_id))
     issuer = verify_identity(tunnel, scrs, roots, identity.tunnel(group_id))
     return TunnelState(
