@@ -147,3 +147,14 @@ def _vouches(
             continue
         return True
     return False
+
+
+def crosses_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> list[x509.Certificate]:
+    """The cross certificates of ``chain`` a Root of ``roots`` signed (self-issued CA
+    certificates: a Root rotation's new Root, certified by an old one). cryptography's
+    path builder does not go through a self-issued certificate to its issuer, so a party
+    pinning the old Root takes these as anchors: what they certify, the pinned Root
+    vouched for."""
+    return [c for c in chain if c.issuer == c.subject and _vouches(c, c, roots) and c not in roots]

@@ -51,5 +51,5 @@ def device_roots(request: Request) -> DeviceRootsOut:
         device_roots=[
             DeviceRootOut(label=label, status=status, certificate=ca.pem(cert))  # type: ignore[arg-type]
             for label, status, cert in trusted
-        ]
+        ],
     )
