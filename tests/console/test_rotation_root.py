@@ -24,12 +24,19 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import select
 
 from certgate.console import local
-from certgate.console.services import ca
+from certgate.console.services import ca, rotation
+from certgate.console.store.models import CACert, SealedKey
+from certgate.pki.authority import Names
+from certgate.pki.keys import KeyAlgorithm, generate_key
+from certgate.pki.profiles import DEVICE_CLIENT
 from certgate.pki.thumbprint import thumbprint
+from certgate.pki.token import TokenKey
 from tests.console.test_rotation import _feed_call
 from tests.console.test_rotation_secure_channel import issued_by, tunnel_trust
+from tests.softhsm import PIN_ENV, SoftHSM, shared
 from tests.support import CERTGATE, RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
 
@@ -213,3 +220,51 @@ def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: 
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "REJECTED" not in verified.stderr
+
+
+@pytest.fixture
+def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
+    softhsm = shared()
+    monkeypatch.setenv(PIN_ENV, softhsm.pin)
+    return softhsm
+
+
+def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
+    hsm: SoftHSM, tmp_path: Path
+) -> None:
+    """The new Root's key is made in the token (the database holds a reference); the
+    cross certificates and the intermediates issued again are signed there, and the
+    intermediates keep their token keys (one key row, no copy)."""
+    data_dir, url = tmp_path / "console", "https://127.0.0.1:8443"
+    local.init(
+        data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", 8443, None, hsm.config("root-rotation")
+    )
+    config = local.load_config(data_dir)
+    db, pki = local.open_db(config)
+    try:
+        with db.transaction() as session:
+            started = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test")
+            rotation.switch(session, pki, local.TOP_GROUP, "root")
+            label = ca.version_label(ca.ROOT, started.id)
+            reference = session.get(SealedKey, f"ca:{label}")
+            assert reference is not None
+            assert reference.sealed == ca.TOKEN_REFERENCE + f"ca:{label}".encode()
+            rows = {r.label: r.key_label for r in session.execute(select(CACert)).scalars()}
+            assert rows[ca.version_label(ca.DEVICE_ROOT, started.id)] == rows[ca.DEVICE_ROOT]
+            leaf, _ = pki.issue(
+                session,
+                ca.DEVICE_ROOT,
+                DEVICE_CLIENT,
+                Names("device"),
+                generate_key().public_key(),
+                ca.Record("device"),
+            )
+        _, reopened = local.open_db(config)  # a console started afterwards
+        assert isinstance(reopened.issuer(ca.ROOT).key, TokenKey)
+        assert isinstance(reopened.issuer(ca.DEVICE_ROOT).key, TokenKey)
+        assert issued_by(reopened.certs[ca.DEVICE_ROOT], reopened.certs[ca.ROOT])
+        assert issued_by(leaf, reopened.certs[ca.DEVICE_ROOT])
+        cross = reopened.others[ca.version_label(ca.ROOT_CROSS, started.id)][1]
+        assert issued_by(cross, reopened.others[ca.ROOT][1])
+    finally:
+        db.dispose()
