@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
+from certgate.access.trust import load_device_roots, parse_device_roots, save_device_roots
 from certgate.console import local
 from certgate.console.services import ca, rotation
 from certgate.console.store.models import CACert, SealedKey
@@ -65,6 +66,15 @@ def handshake(console: RunningConsole, anchor: x509.Certificate) -> list[x509.Ce
         # Python 3.11 has no public accessor; 3.13's SSLSocket.get_unverified_chain is this.
         chain = tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
     return [x509.load_der_x509_certificate(c.public_bytes(2)) for c in chain]  # DER
+
+
+def access_answer(console: RunningConsole) -> Any:
+    """``GET /api/v1/access/device-roots`` as Access's admin (role ``access``) reads it."""
+    creds = console.admins.get("access-svc") or console.make_admin("access-svc", "access", "global")
+    with console.client(creds) as client:
+        response = client.get("/api/v1/access/device-roots")
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def openssl_verifies(
@@ -145,6 +155,10 @@ def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: 
     assert {thumbprint(old_root), thumbprint(new_root)} <= set(trusted)
     refused = call(console, "POST", ROOT.format(group) + "/finish")
     assert refused.status_code == 409 and "cannot finish" in refused.json()["detail"]
+    # Access reads the Roots and cross certificates beside the Device Roots, and takes the
+    # new Root because the Root it pinned at install vouches for it.
+    access = parse_device_roots(access_answer(console), old_root)
+    assert access.anchors == (old_root, new_root)
 
     # Switched: new work chains to the new Root (and, by the cross certificate, to the old
     # one); an old leaf verifies under either; the node of the old Root is still served.
@@ -189,6 +203,12 @@ def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: 
     assert handshake(console, new_root)[-1] == new_root
     with pytest.raises(ssl.SSLError, match="certificate verify failed"):
         handshake(console, old_root)
+    after_finish = parse_device_roots(access_answer(console), access.anchors, access.proofs)
+    assert after_finish.anchors == (new_root,)
+    saved = tmp_path / "device-roots.json"  # an Access restart, from its install-time pin
+    save_device_roots(saved, after_finish)
+    reloaded = load_device_roots(saved, old_root)
+    assert reloaded is not None and reloaded.anchors == (new_root,)
     with console.local() as (_, pki):
         assert pki.root_crosses() == [] and pki.roots() == [new_root]
         statuses = {label: status for label, (status, _, _) in pki.others.items()}
