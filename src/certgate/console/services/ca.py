@@ -107,6 +107,7 @@ class InstancePKI:
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
     _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
     _key_labels: dict[str, str] = field(default_factory=dict)  # row label -> its key's label
+    _aboves: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     _checked: float = 0.0  # monotonic time of the last ``refresh`` query
     _issuers: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
@@ -138,6 +139,7 @@ class InstancePKI:
         self.labels = {role_of(r.label): r.label for r in current}
         self._chain_pems = {}
         self._issuers = {}  # a Root rotation step changes which CA certificate serves a leaf
+        self._aboves = {}
         self._key_labels = {r.label: r.key_label for r in rows}
         self._statuses = tuple((r.label, r.status) for r in rows)
         self._checked = time.monotonic()
@@ -213,11 +215,14 @@ class InstancePKI:
 
     def _above(self, ca_cert: x509.Certificate) -> x509.Certificate:
         """The certificate served after ``ca_cert``: during a Root rotation the cross
-        certificate of its Root (so a party trusting either Root verifies), else its Root."""
-        for candidate in (*self.root_crosses(), *self.roots()):
-            if _issued(ca_cert, candidate):
-                return candidate
-        return self.certs[ROOT]
+        certificate of its Root (so a party trusting either Root verifies), else its Root.
+        Found once per CA until the rows change (every signed feed batch asks)."""
+        found = self._aboves.get(ca_cert)
+        if found is None:
+            candidates = (*self.root_crosses(), *self.roots())
+            found = next((c for c in candidates if _issued(ca_cert, c)), self.certs[ROOT])
+            self._aboves = {**self._aboves, ca_cert: found}  # replaced whole: threads read it
+        return found
 
     def issuing_ca(self, cert: x509.Certificate) -> x509.Certificate:
         """The CA (of any status) that signed ``cert``: a leaf issued before a rotation's
