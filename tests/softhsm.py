@@ -28,7 +28,7 @@ from certgate.pki.token import TokenConfig
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN_ENV = "CERTGATE_TEST_TOKEN_PIN"
 # One token per purpose: a test that removes its token must not take another test's.
-TOKENS = ("authority", "rsa", "failures", "removed", "console", "api", "rotation")
+TOKENS = ("authority", "rsa", "failures", "removed", "console", "api", "rotation", "root-rotation")
 
 
 @dataclass(frozen=True)

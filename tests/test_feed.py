@@ -34,8 +34,8 @@ TRUST = TrustUpdate(
 DELETE = Delete(THUMB, "0" * 32, "g1")
 
 
-def test_feed_version_is_4() -> None:
-    assert FEED_VERSION == 4
+def test_feed_version_is_5() -> None:
+    assert FEED_VERSION == 5
 
 
 def test_a_trust_operation_round_trips() -> None:
@@ -140,7 +140,7 @@ def test_a_snapshot_trust_list_holds_one_operation_in_use_and_one_prepared_per_k
     ("raw", "reason"),
     [
         ({"op": "trust"}, "expected a list"),
-        ([TRUST.encode()] * (MAX_SNAPSHOT_TRUST + 1), "at most 5"),
+        ([TRUST.encode()] * (MAX_SNAPSHOT_TRUST + 1), "at most 6"),
         ([TRUST.encode(), _changed(phase="finish")], "two operations of the same kind and role"),
         ([DELETE.encode()], "expected a trust operation"),
         (["trust"], "expected a trust operation"),

@@ -46,6 +46,8 @@ __all__ = [
     "MAX_SNAPSHOT_TRUST",
     "MIN_FEED_VERSION",
     "POLICY_VERSION",
+    "ROOT",
+    "ROOT_TRUST_VERSION",
     "SNAPSHOT_TRUST_VERSION",
     "TRUST_VERSION",
     "TUNNEL_IDENTITY",
@@ -68,15 +70,18 @@ __all__ = [
 ]
 
 # 2: policy operations, "version" on batches and snapshot pages; 3: trust operations;
-# 4: snapshot pages carry the trust operations in use at their seq (``snapshot_trust``)
-FEED_VERSION = 4
+# 4: snapshot pages carry the trust operations in use at their seq (``snapshot_trust``);
+# 5: Root rotation steps (trust operations of kind ``root``)
+FEED_VERSION = 5
 MIN_FEED_VERSION = 1
 POLICY_VERSION = 2  # the first version with policy operations
 TRUST_VERSION = 3  # the first version with trust operations in batches
 SNAPSHOT_TRUST_VERSION = 4  # the first version whose snapshot pages carry trust operations
-# At most: the console identity, the tunnel identity and the Device Roots in use, and a
-# prepared next console and tunnel identity (``snapshot_trust``).
-MAX_SNAPSHOT_TRUST = 5
+ROOT_TRUST_VERSION = 5  # the first version that reads Root rotation steps
+# At most: the console identity, the tunnel identity, the Device Roots, the Secure Channel
+# Roots and the Roots in use, and a prepared next console and tunnel identity
+# (``snapshot_trust``); a node of version 4 is never sent a Root step, so at most 5.
+MAX_SNAPSHOT_TRUST = 6
 MAX_NOT_AFTER = 2**63 - 1  # int64, as a node packs it
 
 
@@ -218,18 +223,22 @@ TUNNEL_IDENTITY = "tunnel-identity"
 CONSOLE_IDENTITY = "console-identity"
 DEVICE_ROOT = "device-root"
 SECURE_CHANNEL_ROOT = "secure-channel-root"
-TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT, SECURE_CHANNEL_ROOT})
+ROOT = "root"
+TRUST_KINDS = frozenset({TUNNEL_IDENTITY, CONSOLE_IDENTITY, DEVICE_ROOT, SECURE_CHANNEL_ROOT, ROOT})
 # The kinds whose trust config alone says what to trust (no identity of the node changes).
-CA_TRUST_KINDS = frozenset({DEVICE_ROOT, SECURE_CHANNEL_ROOT})
+CA_TRUST_KINDS = frozenset({DEVICE_ROOT, SECURE_CHANNEL_ROOT, ROOT})
+# The first contract version that reads each kind (older nodes would refuse the batch; the
+# console's rotation status shows such a node without the new CA, so finish waits for its
+# upgrade).
+_KIND_SINCE = {SECURE_CHANNEL_ROOT: 4, ROOT: ROOT_TRUST_VERSION}
 
 
 def trust_kinds_of(version: int) -> frozenset[str]:
     """The rotation kinds a node of contract ``version`` reads: Secure Channel Root steps
-    from version 4 (a version 3 node would refuse the batch; the console's rotation status
-    shows such a node without the new root, so finish waits for its upgrade)."""
+    from version 4, Root steps from version 5 (``_KIND_SINCE``)."""
     if version < TRUST_VERSION:
         return frozenset()
-    return TRUST_KINDS if version >= 4 else TRUST_KINDS - {SECURE_CHANNEL_ROOT}
+    return frozenset(k for k in TRUST_KINDS if version >= _KIND_SINCE.get(k, TRUST_VERSION))
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +358,7 @@ _OPS_OF_VERSION = {
     2: ("'upsert'", "'delete'", "'policy'"),
     3: ("'upsert'", "'delete'", "'policy'", "'trust'"),
     4: ("'upsert'", "'delete'", "'policy'", "'trust'"),
+    5: ("'upsert'", "'delete'", "'policy'", "'trust'"),
 }
 
 

@@ -18,10 +18,12 @@ from certgate.access.trust import (
     TrustUnavailable,
     load_device_roots,
     parse_device_roots,
+    save_device_roots,
 )
 from certgate.errors import ChainError
-from certgate.pki.authority import Names
-from certgate.pki.profiles import DEVICE_CLIENT
+from certgate.pki.authority import Authority, Issuer, Names
+from certgate.pki.keys import generate_key
+from certgate.pki.profiles import CROSS_CA, DEVICE_CLIENT, INTERMEDIATE_CA
 from certgate.pki.thumbprint import thumbprint
 from tests.access.harness import (
     ConsolePKI,
@@ -105,7 +107,7 @@ def test_the_issuer_is_found_by_signature_among_roots_of_one_name(console: Conso
     old, new = console.pki.device(), console.pki.device(label=NEXT)
     assert roots.issuer_of(old.cert).label == "device-root"
     assert roots.issuer_of(new.cert).label == NEXT
-    only_old = DeviceRootSet(roots.root, roots.roots[:1])
+    only_old = DeviceRootSet(roots.anchors, roots.roots[:1])
     with pytest.raises(ChainError, match="not issued by a trusted Device Root"):
         only_old.issuer_of(new.cert)
 
@@ -183,3 +185,102 @@ def test_a_set_that_cannot_be_saved_is_not_used(console: ConsoleStandIn, tmp_pat
     assert run(trust.refresh()) is False
     assert trust.current is in_use
     assert "cannot save device-roots.json" in (trust.health()["error"] or "")
+
+
+# A Root rotation (console/services/rotation.py, "Root"): the console lists its Roots and
+# the cross certificates; Access takes a new Root only when a Root it trusts vouches for it.
+
+
+def root_rotation() -> dict[str, Any]:
+    """An old Root with its Device Root, a new Root of the same name, the cross
+    certificates both ways, and the Device Root issued again under the new Root with the
+    same key (what ``ca.new_root_version`` makes), with a leaf of the Device Root."""
+    authority = Authority()
+    old_key, new_key, device_key = generate_key(), generate_key(), generate_key()
+    old = authority.create_root(old_key, Names("certgate Root CA"))
+    new = authority.create_root(new_key, Names("certgate Root CA"))
+    device = authority.issue(
+        Issuer(old, old_key),
+        INTERMEDIATE_CA,
+        Names("certgate Device Root"),
+        device_key.public_key(),
+    )
+    again = authority.issue(
+        Issuer(new, new_key),
+        INTERMEDIATE_CA,
+        Names("certgate Device Root"),
+        device_key.public_key(),
+    )
+    leaf = authority.issue(
+        Issuer(device, device_key),
+        DEVICE_CLIENT,
+        Names("device", dns_names=("d.example",)),
+        generate_key().public_key(),
+    )
+    return {
+        "old": old,
+        "new": new,
+        "cross": authority.issue(
+            Issuer(old, old_key), CROSS_CA, Names("certgate Root CA"), new_key.public_key()
+        ),
+        "back": authority.issue(
+            Issuer(new, new_key), CROSS_CA, Names("certgate Root CA"), old_key.public_key()
+        ),
+        "device": device,
+        "again": again,
+        "leaf": leaf,
+    }
+
+
+def answer(
+    device_roots: list[dict[str, str]], roots: list[Any], crosses: list[Any]
+) -> dict[str, Any]:
+    return {
+        "device_roots": device_roots,
+        "roots": [pem(c).decode() for c in roots],
+        "root_cross": [pem(c).decode() for c in crosses],
+    }
+
+
+def test_a_new_root_vouched_for_by_the_pinned_one_is_taken_and_kept_after_finish(
+    tmp_path: Path,
+) -> None:
+    pki = root_rotation()
+    switched = answer(
+        [
+            entry("device-root@5", "current", pki["again"]),
+            entry("device-root", "retiring", pki["device"]),
+        ],
+        [pki["new"], pki["old"]],
+        [pki["cross"], pki["back"]],
+    )
+    during = parse_device_roots(switched, pki["old"])
+    assert during.anchors == (pki["new"], pki["old"])
+    # A leaf issued before the rotation verifies under the new Root (the same key).
+    assert during.issuer_of(pki["leaf"]).label == "device-root@5"
+    finished = answer([entry("device-root@5", "current", pki["again"])], [pki["new"]], [])
+    after = parse_device_roots(finished, during.anchors, during.proofs)
+    assert after.anchors == (pki["new"],)
+    assert pki["cross"] in after.proofs  # kept: it ties the new Root to the install-time one
+    # A restart: the saved set, checked from the Root pinned at install.
+    path = tmp_path / "device-roots.json"
+    save_device_roots(path, after)
+    reloaded = load_device_roots(path, pki["old"])
+    assert reloaded is not None and reloaded.anchors == (pki["new"],)
+    assert reloaded.issuer_of(pki["leaf"]).label == "device-root@5"
+
+
+def test_a_root_no_pinned_root_vouches_for_is_refused() -> None:
+    pki, stranger = root_rotation(), root_rotation()
+    # The stranger's Root with a cross certificate the stranger itself signed.
+    forged = answer(
+        [entry("device-root@5", "current", stranger["again"])],
+        [stranger["new"], pki["old"]],
+        [stranger["cross"]],
+    )
+    with pytest.raises(TrustUnavailable, match="neither pinned nor vouched for"):
+        parse_device_roots(forged, pki["old"])
+    # Without any cross certificate, a new Root is not taken either.
+    bare = answer([entry("device-root@5", "current", pki["again"])], [pki["new"]], [])
+    with pytest.raises(TrustUnavailable, match="neither pinned nor vouched for"):
+        parse_device_roots(bare, pki["old"])

@@ -139,7 +139,7 @@ def test_a_bad_device_root_file_keeps_the_set_in_use_and_shows_in_healthz(
     files = running.env.setup.config.files
     stranger = ConsolePKI()
     forged = DeviceRootSet(
-        running.env.pki.root.cert,
+        (running.env.pki.root.cert,),
         (DeviceRoot("device-root", "current", stranger.device_root.cert),),
     )
     save_device_roots(files.device_roots, forged)

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from certgate.console import backup, local
 from certgate.console.services import ca, devices, rotation
-from certgate.console.store.models import AuditEntry, Group
+from certgate.console.store.models import AuditEntry, CACert, Group
 from certgate.errors import ChainError, KeystoreError
 from certgate.pki.keys import KeyAlgorithm, generate_key, private_key_pem
 from certgate.pki.keystore import ENV_VAR, decrypt_backup, encrypt_backup
@@ -291,3 +291,39 @@ def test_a_backup_after_rotations_restores_their_roots_and_the_running_rotation(
     succeed("rotate", "finish", "device-root", local.TOP_GROUP, "-d", str(target), "--force")
     with transaction(target) as (_, pki):
         assert pki.device_roots() == [pki.certs[ca.DEVICE_ROOT]]
+
+
+def test_a_backup_during_a_root_rotation_restores_both_roots_and_the_shared_keys(
+    original: Path, tmp_path: Path
+) -> None:
+    """A Root rotation switched but running, then backup and restore: the restored
+    console trusts both Roots (the new one current), keeps the cross certificates, and
+    each intermediate issued again under the new Root shares the key row of its old
+    certificate, so what either issued is one CA's (its CRL lists both); it finishes."""
+    alice = device_cert(original, "alice")  # of the Device Root before the rotation
+    with transaction(original) as (session, pki):
+        rotation.prepare(session, pki, local.TOP_GROUP, rotation.ROOT, "test", timedelta(0))
+        rotation.switch(session, pki, local.TOP_GROUP, rotation.ROOT)
+        old_root, new_root = pki.others[ca.ROOT][1], pki.certs[ca.ROOT]
+        crosses = pki.root_crosses()
+    assert len(crosses) == 2 and old_root != new_root
+    blob = tmp_path / "ca-backup.bin"
+    succeed("backup", "-d", str(original), "--out", str(blob), env=PASSPHRASE_ENV)
+
+    target = tmp_path / "restored"
+    restore(target, blob)
+    with transaction(target) as (session, pki):
+        assert pki.roots() == [new_root, old_root]
+        assert pki.root_crosses() == crosses
+        current = pki.label(ca.DEVICE_ROOT)
+        assert pki.family(current) == sorted([ca.DEVICE_ROOT, current])
+        key_rows = {row.key_label for row in session.execute(select(CACert)).scalars()}
+        assert len(key_rows) == 5  # two Roots, three intermediates: no key stored twice
+        verify_client_chain(alice, [pki.certs[ca.DEVICE_ROOT]], [new_root])
+    bob = device_cert(target, "bob")  # issued by the restored console under the new Root
+    with transaction(target) as (_, pki):
+        bob.verify_directly_issued_by(pki.certs[ca.DEVICE_ROOT])
+        alice.verify_directly_issued_by(pki.certs[ca.DEVICE_ROOT])
+    succeed("rotate", "finish", "root", local.TOP_GROUP, "-d", str(target), "--force")
+    with transaction(target) as (_, pki):
+        assert pki.roots() == [new_root] and pki.root_crosses() == []

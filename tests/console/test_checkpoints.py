@@ -233,7 +233,7 @@ def test_verify_line_raises_for_each_kind_of_failure(data_dir: Path) -> None:
         with pytest.raises(CertgateError):
             checkpoints.verify_line(bad, trusted)
     with pytest.raises((SignatureError, ChainError)):
-        checkpoints.verify_line(good, checkpoints.Anchors(trusted.root, trusted.issuers, "other"))
+        checkpoints.verify_line(good, checkpoints.Anchors(trusted.roots, trusted.issuers, "other"))
 
 
 def test_deleted_tail_is_detected_on_each_backend(tmp_path: Path, db_url: str) -> None:

@@ -215,7 +215,9 @@ def test_unknown_device_refused_as_locally(console: RunningConsole, seeded: list
 
 
 @pytest.mark.parametrize(
-    "command", [("rotate", "root", "global"), ("rotate", "renew-devices", "global")], ids=" ".join
+    "command",
+    [("rotate", "finish", "root", "global"), ("rotate", "renew-devices", "global")],
+    ids=" ".join,
 )
 def test_refusal_of_the_service_reads_as_locally(
     console: RunningConsole, seeded: list[str], command: tuple[str, ...]
@@ -304,6 +306,8 @@ def test_console_verified_by_a_pin_on_its_root(console: RunningConsole, seeded: 
     wrong = remote_run(console, root, "group", "list", pin="sha256:" + "0" * 64)
     assert wrong.exit_code == remote.EXIT_UNREACHABLE, wrong.output
     assert "does not match --pin" in wrong.stderr
+    # The pin is of the Root: the error says so, and what to do after a Root rotation.
+    assert "after a Root rotation pin the new Root" in " ".join(wrong.stderr.split())
 
 
 def test_encrypted_pem_key_instead_of_pkcs12(console: RunningConsole, seeded: list[str]) -> None:

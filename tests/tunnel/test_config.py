@@ -262,9 +262,9 @@ def test_an_identity_is_accepted_only_from_a_listed_secure_channel_root(
     ours = nodes[0]
     console_id = identity.console(ours.group_id)
     scr = ours.secure_channel_root
-    assert config.verify_identity(ours.console_identity, [scr], ours.root, console_id) == scr
+    assert config.verify_identity(ours.console_identity, [scr], [ours.root], console_id) == scr
     # A sibling intermediate of the same Root (the Device Root) is not a Secure Channel Root.
     with pytest.raises(ConfigError, match="client certificate rejected"):
-        config.verify_identity(ours.console_identity, [ours.device_root], ours.root, console_id)
+        config.verify_identity(ours.console_identity, [ours.device_root], [ours.root], console_id)
     with pytest.raises(ConfigError, match="expected urn:certgate:tunnel:group:"):
-        config.verify_identity(ours.console_identity, [scr], ours.root, identity.tunnel("x"))
+        config.verify_identity(ours.console_identity, [scr], [ours.root], identity.tunnel("x"))

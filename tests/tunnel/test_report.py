@@ -68,7 +68,12 @@ class Observed:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         status = {"status": "ok", "policy_version": 3, "table_seq": 9, "restart_required": []}
-        sync = {"age_s": 1.5, "device_roots": ["ab" * 32], "secure_channel_roots": ["cd" * 32]}
+        sync = {
+            "age_s": 1.5,
+            "device_roots": ["ab" * 32],
+            "secure_channel_roots": ["cd" * 32],
+            "roots": ["ef" * 32],
+        }
         return 200, {**status, "sync": sync}
 
 
@@ -114,6 +119,7 @@ def test_the_body_says_when_the_list_was_cut(node_state: Any, tmp_path: Path) ->
         "restart_required": [],
         "device_roots": ["ab" * 32],
         "secure_channel_roots": ["cd" * 32],
+        "roots": ["ef" * 32],
     }
     assert asyncio.run(reporter.report_once())
     assert len(seen[0].content) <= report.MAX_REPORT_BYTES + 1000  # the list, plus status

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -67,7 +68,7 @@ from certgate.protocol.client_cert_header import (
     strip_client_cert_headers,
 )
 from certgate.ratelimit import SignInLimiter
-from certgate.tlsconf import ClientAuth, client_context, load_identity, server_context
+from certgate.tlsconf import ClientAuth, client_context, load_identity, pem_of, server_context
 
 __all__ = [
     "AccessState",
@@ -101,11 +102,20 @@ class AccessState:
 
     @classmethod
     def build(
-        cls, config: AccessConfig, material: Material, console: httpx.AsyncClient
+        cls,
+        config: AccessConfig,
+        material: Material,
+        console: httpx.AsyncClient,
+        console_tls: ssl.SSLContext | None = None,
     ) -> AccessState:
+        """``console_tls``: the console channel's context, told of a new console Root."""
         status = ConsoleStatus(console, config.status_ttl_s, config.console_budget_s)
         trust = TrustFollower(
-            console, material.device_roots, config.files.device_roots, config.trust_refresh_s
+            console,
+            material.device_roots,
+            config.files.device_roots,
+            config.trust_refresh_s,
+            on_roots=None if console_tls is None else partial(trust_console_roots, console_tls),
         )
         clients = {c.client_id: c for c in config.clients}
         signer = oidc.IdTokenSigner(material.id_token_key)
@@ -177,13 +187,28 @@ def access_tls_context(config: AccessConfig, material: Material) -> ssl.SSLConte
     )
 
 
-def console_client(config: AccessConfig, material: Material) -> httpx.AsyncClient:
-    """mTLS to the console with the admin certificate, API key as bearer (admin API)."""
-    ctx = client_context(
-        [material.console.root],
+def console_context(material: Material) -> ssl.SSLContext:
+    """The console channel's TLS: the console's Roots Access trusts (the one pinned at
+    install, or those a Root rotation brought), the admin certificate."""
+    return client_context(
+        list(material.device_roots.anchors),
         chain=[material.console_admin_cert],
         key=material.console_admin_key,
     )
+
+
+def trust_console_roots(ctx: ssl.SSLContext, anchors: tuple[x509.Certificate, ...]) -> None:
+    """A Root rotation brought a console Root: new connections verify the console's
+    chain with it too (once the rotation finishes the chain ends there). A Root no longer
+    listed stays in the context until Access restarts (the console channel only)."""
+    ctx.load_verify_locations(cadata=pem_of(list(anchors)).decode())
+
+
+def console_client(
+    config: AccessConfig, material: Material, ctx: ssl.SSLContext | None = None
+) -> httpx.AsyncClient:
+    """mTLS to the console with the admin certificate, API key as bearer (admin API)."""
+    ctx = ctx or console_context(material)
     return httpx.AsyncClient(
         base_url=config.console_url,
         verify=ctx,

@@ -199,7 +199,13 @@ def serve(
     signins: SignInStoreOption = None,
 ) -> None:
     """Run Access over HTTPS (self-signed certificate when offloaded, public otherwise)."""
-    from certgate.access.app import AccessState, access_tls_context, console_client, create_app
+    from certgate.access.app import (
+        AccessState,
+        access_tls_context,
+        console_client,
+        console_context,
+        create_app,
+    )
     from certgate.access.proxied import make_access_server
 
     try:
@@ -208,8 +214,9 @@ def serve(
             data_dir, host=host, port=port, load_balancers=balancers, signins=signins
         )
         material = load_material(config)
-        console = console_client(config, material)
-        state = AccessState.build(config, material, console)
+        console_tls = console_context(material)
+        console = console_client(config, material, console_tls)
+        state = AccessState.build(config, material, console, console_tls)
         state.tls = access_tls_context(config, material)  # renewal loads into it live
         server = make_access_server(
             create_app(state, console),

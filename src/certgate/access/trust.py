@@ -18,6 +18,15 @@ certificate), every ``trust_refresh_s``:
   and shows in ``/healthz`` (``health``).
 
 Revocation is checked per issuer: each Device Root's CRL is ``/pki/crl/<label>.crl``.
+
+A Root rotation: the answer also lists the console's Roots (``roots``, the current one
+first) and its cross certificates (``root_cross``). A Root Access does not pin is taken
+only when a cross certificate signed by a Root it trusts certifies it
+(``pki.verify.vouched_roots``, the nodes' rule); the cross certificates that vouched are
+kept with the set (``proofs``, saved with it), so a restart after the rotation's finish
+still reaches the new Root from the Root pinned at install. The Device Roots are then
+checked against the Roots taken; the console channel is told of a new Root
+(``on_roots``) so that it verifies the console's chain once it ends there.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 
 from certgate.errors import CertgateError, ChainError
 from certgate.pki.thumbprint import thumbprint
-from certgate.pki.verify import verify_client_chain
+from certgate.pki.verify import verify_client_chain, vouched_roots
 from certgate.tlsconf import pem_of
 
 __all__ = [
@@ -59,6 +68,7 @@ LABEL_RE = re.compile(r"device-root(@[0-9]{1,18})?")
 STATUSES = ("current", "next", "retiring")  # a retired Device Root is never trusted
 MAX_ROOTS = 3
 MAX_ANSWER_BYTES = 64 * 1024
+MAX_PROOFS = 8  # cross certificates kept: two per Root rotation Access followed
 
 
 class TrustUnavailable(CertgateError):
@@ -85,15 +95,23 @@ class DeviceRoot:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRootSet:
-    """The Device Roots device certificates may be issued by, under the console ``root``."""
+    """The Device Roots device certificates may be issued by, under the console's Roots
+    ``anchors`` (two during a Root rotation, the current one first); ``proofs`` are the
+    cross certificates that vouched for a Root not pinned at install."""
 
-    root: x509.Certificate
+    anchors: tuple[x509.Certificate, ...]
     roots: tuple[DeviceRoot, ...]
+    proofs: tuple[x509.Certificate, ...] = ()
 
     @classmethod
     def initial(cls, root: x509.Certificate, device_root: x509.Certificate) -> DeviceRootSet:
         """The install-time set: the console chain's Device Root alone."""
-        return cls(root, (DeviceRoot("", "current", device_root),))
+        return cls((root,), (DeviceRoot("", "current", device_root),))
+
+    @property
+    def root(self) -> x509.Certificate:
+        """The console's current Root."""
+        return self.anchors[0]
 
     @property
     def certs(self) -> list[x509.Certificate]:
@@ -108,7 +126,7 @@ class DeviceRootSet:
                 leaf.verify_directly_issued_by(candidate.cert)
             except (InvalidSignature, ValueError, TypeError):
                 continue
-            verify_client_chain(leaf, [candidate.cert], [self.root], candidate.cert)
+            verify_client_chain(leaf, [candidate.cert], list(self.anchors), candidate.cert)
             return candidate
         raise ChainError("client certificate is not issued by a trusted Device Root")
 
@@ -118,24 +136,59 @@ class DeviceRootSet:
             "device_roots": [
                 {"label": r.label, "status": r.status, "certificate": pem_of([r.cert]).decode()}
                 for r in self.roots
-            ]
+            ],
+            "roots": [pem_of([c]).decode() for c in self.anchors],
+            "root_cross": [pem_of([c]).decode() for c in self.proofs],
         }
 
 
-def parse_device_roots(data: object, root: x509.Certificate) -> DeviceRootSet:
-    """The console's answer, checked (TrustUnavailable with the reason otherwise)."""
+def parse_device_roots(
+    data: object,
+    pinned: x509.Certificate | tuple[x509.Certificate, ...],
+    proofs: tuple[x509.Certificate, ...] = (),
+) -> DeviceRootSet:
+    """The console's answer, checked against the Roots Access trusts (``pinned``, and
+    the cross certificates it kept, ``proofs``): TrustUnavailable with the reason
+    otherwise."""
+    pinned = (pinned,) if isinstance(pinned, x509.Certificate) else pinned
     items = data.get("device_roots") if isinstance(data, dict) else None
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ROOTS:
         raise TrustUnavailable(f"device_roots must be a list of 1 to {MAX_ROOTS} entries")
-    roots = tuple(_device_root(item, root) for item in items)
+    assert isinstance(data, dict)  # items came from it
+    anchors, crosses = _anchors(data, pinned, proofs)
+    roots = tuple(_device_root(item, anchors) for item in items)
     if [r.status for r in roots].count("current") != 1 or roots[0].status != "current":
         raise TrustUnavailable("the current Device Root must be listed once, first")
     if len({thumbprint(r.cert) for r in roots}) != len(roots):
         raise TrustUnavailable("a Device Root is listed twice")
-    return DeviceRootSet(root, roots)
+    return DeviceRootSet(anchors, roots, crosses)
 
 
-def _device_root(item: object, root: x509.Certificate) -> DeviceRoot:
+def _anchors(
+    data: dict[str, Any], pinned: tuple[x509.Certificate, ...], proofs: tuple[x509.Certificate, ...]
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+    """The Roots the answer lists (a console before Root rotations lists none: the pinned
+    ones) when each is vouched for, and the cross certificates to keep."""
+    listed, given = data.get("roots"), data.get("root_cross", [])
+    if listed is None:
+        return pinned, proofs
+    if not isinstance(listed, list) or not 1 <= len(listed) <= 2 or not isinstance(given, list):
+        raise TrustUnavailable("roots must be a list of 1 or 2 PEMs, root_cross a list")
+    if len(given) > MAX_PROOFS:
+        raise TrustUnavailable(f"root_cross lists more than {MAX_PROOFS} certificates")
+    try:
+        roots = tuple(x509.load_pem_x509_certificate(str(p).encode()) for p in listed)
+        crosses = [x509.load_pem_x509_certificate(str(p).encode()) for p in given]
+    except ValueError as exc:
+        raise TrustUnavailable("roots and root_cross must be PEM certificates") from exc
+    kept = tuple(dict.fromkeys([*crosses, *proofs]))[:MAX_PROOFS]
+    try:
+        return vouched_roots(roots, kept, pinned), kept
+    except ChainError as exc:
+        raise TrustUnavailable(str(exc)) from exc
+
+
+def _device_root(item: object, anchors: tuple[x509.Certificate, ...]) -> DeviceRoot:
     if not isinstance(item, dict):
         raise TrustUnavailable("a Device Root entry is not a JSON object")
     label, status, pem = item.get("label"), item.get("status"), item.get("certificate")
@@ -147,11 +200,13 @@ def _device_root(item: object, root: x509.Certificate) -> DeviceRoot:
         cert = x509.load_pem_x509_certificate(str(pem).encode())
     except ValueError as exc:
         raise TrustUnavailable(f"Device Root {label} is not a PEM certificate") from exc
-    _check_device_root(cert, root, label)
+    _check_device_root(cert, anchors, label)
     return DeviceRoot(label, str(status), cert)
 
 
-def _check_device_root(cert: x509.Certificate, root: x509.Certificate, label: str) -> None:
+def _check_device_root(
+    cert: x509.Certificate, anchors: tuple[x509.Certificate, ...], label: str
+) -> None:
     """A CA named as the console names its Device Roots, signed by the pinned Root."""
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     if not names or names[0].value != DEVICE_ROOT_CN:
@@ -162,21 +217,25 @@ def _check_device_root(cert: x509.Certificate, root: x509.Certificate, label: st
         is_ca = False
     if not is_ca:
         raise TrustUnavailable(f"Device Root {label} is not a CA certificate")
-    try:
-        cert.verify_directly_issued_by(root)
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        raise TrustUnavailable(f"Device Root {label} is not signed by the console Root") from exc
+    for root in anchors:
+        try:
+            cert.verify_directly_issued_by(root)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        return
+    raise TrustUnavailable(f"Device Root {label} is not signed by the console Root")
 
 
 def load_device_roots(path: Path, root: x509.Certificate) -> DeviceRootSet | None:
-    """The set saved by a :class:`TrustFollower`; None when none was saved yet."""
+    """The set saved by a :class:`TrustFollower` (its Roots reached from the install-time
+    ``root`` by the cross certificates saved with it); None when none was saved yet."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError as exc:
         raise TrustUnavailable(f"{path} is not JSON: {exc}") from exc
-    return parse_device_roots(data, root)
+    return parse_device_roots(data, root)  # the saved root_cross are its proofs
 
 
 def save_device_roots(path: Path, roots: DeviceRootSet) -> None:
@@ -196,8 +255,10 @@ class TrustFollower:
         save_to: Path | None,
         interval_s: float,
         clock: Callable[[], float] = time.time,
+        on_roots: Callable[[tuple[x509.Certificate, ...]], None] | None = None,
     ) -> None:
         self.current = initial
+        self._on_roots = on_roots  # told the console's Roots when they change
         self._client, self._save_to, self._interval_s, self._clock = (
             client,
             save_to,
@@ -210,13 +271,14 @@ class TrustFollower:
     async def refresh(self) -> bool:
         """Fetch once; True when the set changed. A failure keeps the set in use."""
         try:
-            fetched = parse_device_roots(await self._fetch(), self.current.root)
+            current = self.current
+            fetched = parse_device_roots(await self._fetch(), current.anchors, current.proofs)
         except TrustUnavailable as exc:
             self.error = str(exc)
             log.warning("Device Roots not refreshed (keeping %s): %s", self._labels(), exc)
             return False
         self.fetched_at, self.error = self._clock(), None
-        if fetched.roots == self.current.roots:
+        if (fetched.roots, fetched.anchors) == (self.current.roots, self.current.anchors):
             return False
         before = self._labels()
         if self._save_to is not None:
@@ -226,8 +288,11 @@ class TrustFollower:
                 self.error = f"cannot save {self._save_to.name}: {exc}"
                 log.error("Device Roots not changed (keeping %s): %s", before, self.error)
                 return False
+        anchors_changed = fetched.anchors != self.current.anchors
         self.current = fetched
         log.info("Device Roots changed: %s -> %s", before, self._labels())
+        if anchors_changed and self._on_roots is not None:
+            self._on_roots(fetched.anchors)
         return True
 
     async def run(self) -> None:

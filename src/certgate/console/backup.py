@@ -7,7 +7,7 @@ tunnels and admins keep trusting the same roots after a disaster.
 
 After rotations (format 2) it also holds every other CA row (a rotation's next, retiring
 and retired roots, with their labels, statuses and keys) and the instance-wide rotations
-(Device Root, Secure Channel Root) that made them: the restored console issues under the
+(Device Root, Secure Channel Root, Root) that made them: the restored console issues under the
 new CA, still trusts the old one until the running rotation is finished, serves the CRLs
 of retired ones, and shows the rotation in ``rotate status``. Restored rotations keep
 their ids, which name their CA rows (``device-root@7``). Format 1 backups still restore.
@@ -96,7 +96,8 @@ def _load_document(blob: bytes, passphrase: str) -> tuple[ca.InstancePKI, list[d
         raise KeystoreError("backup labels a CA with another role")
     others = {}
     for label, entry in document.get("others", {}).items():
-        if ca.role_of(label) not in roles or entry.get("status") not in _OTHER_STATUSES:
+        role = ca.role_of(label)
+        if role not in {*roles, *ca.CROSS_ROLES} or entry.get("status") not in _OTHER_STATUSES:
             raise KeystoreError(f"backup CA row {label!r} has an unknown role or status")
         cert, key = _pair(label, entry)
         others[label] = (str(entry["status"]), cert, key)

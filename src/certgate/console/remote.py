@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, p
 
 from certgate import tlsconf
 from certgate.pki.keys import PrivateKey
-from certgate.pki.thumbprint import is_thumbprint, thumbprint
+from certgate.pki.thumbprint import ROOT_PIN_HINT, is_thumbprint, thumbprint
 
 # Exit codes: 1 is what the local mode answers for any refused command, so a script sees
 # the same code for "device not found" either way; the rest only exist over the network.
@@ -175,7 +175,8 @@ def pinned_root(url: str, pin: str) -> x509.Certificate:
         raise RemoteFailure(f"console {url} sent no Root certificate", EXIT_UNREACHABLE) from exc
     if not hmac.compare_digest(thumbprint(root), wanted):
         raise RemoteFailure(
-            f"console {url} not trusted: its Root {thumbprint(root)} does not match --pin",
+            f"console {url} not trusted: its Root {thumbprint(root)} does not match --pin"
+            f" {wanted}: {ROOT_PIN_HINT}",
             EXIT_UNREACHABLE,
         )
     return root

@@ -53,6 +53,7 @@ class ConsoleState:
     renewer: Renewer | None = None  # likewise (renewal before expiry)
     live_tls: ssl.SSLContext | None = None  # the listener's, once built (renewed in place)
     tls_cert: x509.Certificate | None = None  # the console TLS certificate it presents
+    tls_chain: list[x509.Certificate] = field(default_factory=list)  # what follows it
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
@@ -79,9 +80,9 @@ class ConsoleState:
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:
             cert, key = self._console_tls(session)
-        self.tls_cert = cert
+        self.tls_cert, self.tls_chain = cert, self.pki.chain_of(cert)
         ctx = server_context(
-            [cert, self.pki.issuing_ca(cert)],
+            [cert, *self.tls_chain],
             key,
             client_cas=[self.pki.certs[ca.ROOT], *(self.pki.certs[c] for c in ca.INTERMEDIATES)],
             client_auth=ClientAuth.OPTIONAL,
@@ -98,10 +99,11 @@ class ConsoleState:
         if self.live_tls is None or self.tls_cert is None:
             return False
         cert, key = self._console_tls(session, now)
-        if cert == self.tls_cert:
+        chain = self.pki.chain_of(cert)  # a Root rotation step changes it (cross certificate)
+        if cert == self.tls_cert and chain == self.tls_chain:
             return False
-        load_identity(self.live_tls, [cert, self.pki.issuing_ca(cert)], key)
-        self.tls_cert = cert
+        load_identity(self.live_tls, [cert, *chain], key)
+        self.tls_cert, self.tls_chain = cert, chain
         return True
 
     def certificates_in_use(self, now: float) -> list[expiry.CertificateInUse]:
@@ -133,8 +135,10 @@ class ConsoleState:
             .scalars()
             .first()
         )
-        current_issuer = row is not None and row.issuer_label == self.pki.label(
-            ca.SECURE_CHANNEL_ROOT
+        # A Root rotation issues the Secure Channel Root again with its key: what either
+        # certificate of that key issued is the current root's.
+        current_issuer = row is not None and row.issuer_label in self.pki.family(
+            self.pki.label(ca.SECURE_CHANNEL_ROOT)
         )
         if row is not None and current_issuer and row.not_after - now > RENEWAL_WINDOW:
             cert = x509.load_pem_x509_certificate(row.cert_pem.encode())

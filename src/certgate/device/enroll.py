@@ -34,7 +34,7 @@ from certgate.pki import identity
 from certgate.pki.csr import build_csr
 from certgate.pki.identity import Identity, identity_of
 from certgate.pki.keys import PrivateKey, generate_key
-from certgate.pki.verify import verify_client_chain
+from certgate.pki.verify import crosses_of, verify_client_chain
 from certgate.tlsconf import client_context
 
 __all__ = [
@@ -289,5 +289,6 @@ def check_issued(
     if identity_of(cert) != expected:
         raise ChainError(f"issued certificate names {identity_of(cert).uri()}, not us")
     intermediates = [c for c in chain if c not in roots]
-    verify_client_chain(cert, intermediates, roots)
+    # During a Root rotation the chain ends with a cross certificate the pinned Root signed.
+    verify_client_chain(cert, intermediates, [*roots, *crosses_of(chain, roots)])
     return issued

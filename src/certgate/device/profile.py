@@ -25,14 +25,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from certgate.device.enroll import ConsoleAPI, DeviceUnenrolled, check_issued
 from certgate.device.rules import DeviceRules
 from certgate.device.state import CertifiedKey, StateDir
-from certgate.errors import ConfigError
+from certgate.errors import CertgateError, ConfigError
 from certgate.pki import identity
 from certgate.pki.csr import build_csr
 from certgate.pki.keys import generate_key
+from certgate.pki.thumbprint import thumbprint
+from certgate.pki.verify import vouched_roots
 from certgate.protocol.http_proxy import canonical_hostname
 
 __all__ = [
@@ -172,7 +175,37 @@ def fetch_profile(state: StateDir, api: ConsoleAPI) -> Delivery:
         # cert already), but say so, since versions should only grow.
         log.warning("profile version went from %d to %d", previous.version, profile.version)
     state.save_profile(issued, stored)
+    _pin_vouched_roots(state, profile.tunnel_trust)
     return Delivery(profile, issued, previous.thumbprint if previous else None)
+
+
+def _pin_vouched_roots(state: StateDir, trust: tuple[x509.Certificate, ...]) -> None:
+    """A Root rotation: the profile lists the console's Roots and cross certificates. A
+    new Root a pinned one vouches for (``pki.verify.vouched_roots``, the nodes' and
+    Access's rule) is added to ``console-ca.pem``, so that the console stays verified once
+    its chain ends at the new Root (finish). An old Root is kept (the device's own pin)."""
+    pinned = state.console_ca()
+    anchors = [c for c in pinned if _is_self_signed(c)]
+    roots = [c for c in trust if _is_self_signed(c) and c not in anchors]
+    crosses = [c for c in trust if c.issuer == c.subject and not _is_self_signed(c)]
+    new = []
+    for root in roots:
+        try:
+            vouched_roots([root], crosses, anchors)
+        except CertgateError:
+            continue  # a Root no pinned one vouches for is not pinned
+        new.append(root)
+    if new:
+        state.add_console_roots(new)
+        log.info("console Root %s pinned beside the enrolled one", ", ".join(map(thumbprint, new)))
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def apply_policy(state: StateDir, answer: Any) -> Profile:

@@ -318,6 +318,14 @@ class StateDir:
     def console_ca_path(self) -> Path:
         return self.path / "console-ca.pem"
 
+    def add_console_roots(self, roots: list[x509.Certificate]) -> None:
+        """Pin more console Roots beside those of enrollment (a Root rotation's new one)."""
+        pinned = self.console_ca()
+        added = [r for r in roots if r not in pinned]
+        if added:
+            data = b"".join(c.public_bytes(Encoding.PEM) for c in [*pinned, *added])
+            write_atomic(self.path / "console-ca.pem", data)
+
     def console_ca(self) -> list[x509.Certificate]:
         data = self._read("console-ca.pem")
         if data is None:

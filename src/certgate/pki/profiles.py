@@ -80,6 +80,9 @@ SERVER = ExtendedKeyUsageOID.SERVER_AUTH
 CLIENT = ExtendedKeyUsageOID.CLIENT_AUTH
 
 ROOT_CA = Profile("root-ca", 20 * 365 * DAY, True, CA_USAGE, path_length=1)
+# A Root's subject and key certified by another Root (a Root rotation's cross
+# certificates): it stands where that Root stands in a chain, so its pathLen is the Root's.
+CROSS_CA = Profile("cross-ca", 10 * 365 * DAY, True, CA_USAGE, path_length=1)
 # Secure Channel Root, Device Root and Admin CA: issue leaves only.
 INTERMEDIATE_CA = Profile("intermediate-ca", 10 * 365 * DAY, True, CA_USAGE, path_length=0)
 

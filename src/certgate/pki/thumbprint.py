@@ -24,6 +24,15 @@ def thumbprint(cert: x509.Certificate) -> str:
     return thumbprint_der(cert.public_bytes(Encoding.DER))
 
 
+# Said wherever a pinned instance Root does not match: a pin names the Root itself, so
+# after a Root rotation (docs/CONVENTIONS.md "Root") the pin must be given again.
+ROOT_PIN_HINT = (
+    "a pin is the SHA-256 thumbprint of the instance Root (as 'certgate console init'"
+    " printed it); after a Root rotation pin the new Root"
+    " ('certgate console rotate status global' shows its thumbprint)"
+)
+
+
 def is_thumbprint(value: str) -> bool:
     """True when ``value`` is in canonical thumbprint form (64 lower-case hex digits)."""
     return bool(THUMBPRINT_RE.fullmatch(value))

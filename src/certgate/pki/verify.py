@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.verification import (
     PolicyBuilder,
     Store,
@@ -95,3 +96,65 @@ def has_eku(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bool:
     except x509.ExtensionNotFound:
         return False
     return oid in eku
+
+
+def vouched_roots(
+    listed: Sequence[x509.Certificate],
+    crosses: Sequence[x509.Certificate],
+    pinned: Sequence[x509.Certificate],
+) -> tuple[x509.Certificate, ...]:
+    """``listed`` (Roots a console says to trust), when a party pinning ``pinned`` may
+    trust each: one it pins, or one whose subject and key a cross certificate of
+    ``crosses`` certifies, signed by a Root it trusts (pinned, or vouched for so in turn).
+    A Root rotation's new Root reaches nodes and Access this way; whoever signs the list
+    (a console identity) never brings an anchor alone. ChainError names one that is not."""
+    trusted = list(pinned)
+    for _ in listed:  # each round takes at least one more, or none will follow
+        taken = [
+            root
+            for root in listed
+            if root not in trusted and any(_vouches(c, root, trusted) for c in crosses)
+        ]
+        if not taken:
+            break
+        trusted += taken
+    for root in listed:
+        if root not in trusted:
+            raise ChainError(
+                f"instance root {root.subject.rfc4514_string()} (serial"
+                f" {format(root.serial_number, 'x')}) is neither pinned nor vouched for by a"
+                " cross certificate of a pinned root"
+            )
+    return tuple(listed)
+
+
+def _vouches(
+    cross: x509.Certificate, root: x509.Certificate, trusted: Sequence[x509.Certificate]
+) -> bool:
+    """``cross`` is a CA certificate of ``root``'s subject and key, signed by a Root of
+    ``trusted``."""
+    if cross.subject != root.subject or cross.public_key() != root.public_key():
+        return False
+    try:
+        if not cross.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    for anchor in trusted:
+        try:
+            cross.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def crosses_of(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+) -> list[x509.Certificate]:
+    """The cross certificates of ``chain`` a Root of ``roots`` signed (self-issued CA
+    certificates: a Root rotation's new Root, certified by an old one). cryptography's
+    path builder does not go through a self-issued certificate to its issuer, so a party
+    pinning the old Root takes these as anchors: what they certify, the pinned Root
+    vouched for."""
+    return [c for c in chain if c.issuer == c.subject and _vouches(c, c, roots) and c not in roots]

@@ -6,9 +6,11 @@ directory stops the tunnel with a reason instead of weakening it:
 
 =======================  ===========================================================
 ``state.json``           format, group id, console URL, node name (written last)
-``root.pem``             the instance Root: the only trust anchor
+``root.pem``             the instance Root: the only trust anchor (two during a Root
+                         rotation, the current one first, as the trust config lists them)
 ``chain.pem``            Secure Channel Root + Root, sent after the tunnel cert (rewritten
-                         with the root that issued it when a rotation renews it)
+                         with the root that issued it when a rotation renews it; during a
+                         Root rotation its cross certificate stands for the Root)
 ``console-identity.pem`` the group's console identity, pinned: it alone signs messages
 ``tunnel.pem``           the group's tunnel identity (the same on every node)
 ``tunnel.key``           its private key, sealed under the node key (keystore format,
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from certgate import jws
@@ -50,7 +53,7 @@ from certgate.pki.authority import utcnow
 from certgate.pki.keys import PrivateKey
 from certgate.pki.keystore import is_sealed, load_master_key, open_or_create_key
 from certgate.pki.thumbprint import thumbprint
-from certgate.pki.verify import verify_client_chain
+from certgate.pki.verify import verify_client_chain, vouched_roots
 from certgate.tunnel.persist import atomic_write
 
 __all__ = [
@@ -68,10 +71,12 @@ __all__ = [
     "load_certs",
     "load_identity",
     "load_root",
+    "load_roots",
     "load_secure_channel_root",
     "load_single_cert",
     "load_state",
     "parse_trust",
+    "roots_pem",
     "state_from_files",
     "state_json",
     "store_identity",
@@ -102,6 +107,7 @@ _MAX_FILE_BYTES = 1024 * 1024
 
 MAX_DEVICE_ROOTS = 2  # the current one and a rotation's other one
 MAX_SECURE_CHANNEL_ROOTS = 2  # likewise
+MAX_ROOTS = 2  # the current Root and a Root rotation's other one
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +149,10 @@ class TunnelState:
     group_id: str
     console_url: str
     node_name: str
-    root: x509.Certificate
+    # The instance Roots trusted: the current one first, two during a Root rotation.
+    roots: tuple[x509.Certificate, ...]
+    # A running Root rotation's cross certificates (trust config ``root_cross``).
+    root_crosses: tuple[x509.Certificate, ...]
     # The Secure Channel Roots whose group identities are trusted: the current one first,
     # two during its rotation (from the trust config).
     secure_channel_roots: tuple[x509.Certificate, ...]
@@ -157,6 +166,11 @@ class TunnelState:
     @property
     def tunnel_thumbprint(self) -> str:
         return thumbprint(self.tunnel_cert)
+
+    @property
+    def root(self) -> x509.Certificate:
+        """The current instance Root."""
+        return self.roots[0]
 
     @property
     def secure_channel_root(self) -> x509.Certificate:
@@ -188,8 +202,9 @@ def verify_signed_by_root(cert: x509.Certificate, root: x509.Certificate, what: 
     try:
         cert.verify_directly_issued_by(root)
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except (ValueError, TypeError, x509.ExtensionNotFound) as exc:
-        raise ConfigError(f"{what} is not issued by the instance root: {exc}") from exc
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound) as exc:
+        reason = str(exc) or "bad signature"
+        raise ConfigError(f"{what} is not issued by the instance root: {reason}") from exc
     if not is_ca:
         raise ConfigError(f"{what} is not a CA certificate")
 
@@ -203,30 +218,87 @@ def load_root(data: bytes, what: str) -> x509.Certificate:
     return roots[0]
 
 
-def load_secure_channel_root(chain_pem: bytes, root: x509.Certificate) -> x509.Certificate:
+def load_roots(data: bytes, what: str) -> tuple[x509.Certificate, ...]:
+    """One self-signed Root, or two during a Root rotation (the current one first)."""
+    certs = load_certs(data, what)
+    if not 1 <= len(certs) <= MAX_ROOTS or len(set(certs)) != len(certs):
+        raise ConfigError(f"{what}: expected 1 to {MAX_ROOTS} self-signed root certificates")
+    for cert in certs:
+        if cert.issuer != cert.subject:
+            raise ConfigError(f"{what}: {cert.subject.rfc4514_string()} is not self-signed")
+        verify_signed_by_root(cert, cert, what)
+    return tuple(certs)
+
+
+def verify_signed_by_a_root(
+    cert: x509.Certificate, roots: Sequence[x509.Certificate], what: str
+) -> x509.Certificate:
+    """``cert`` is a CA certificate directly signed by one of ``roots``; returns that Root."""
+    failures = []
+    for root in roots:
+        try:
+            verify_signed_by_root(cert, root, what)
+        except ConfigError as exc:
+            failures.append(str(exc))
+        else:
+            return root
+    raise ConfigError("; ".join(failures))
+
+
+def load_secure_channel_root(
+    chain_pem: bytes, roots: x509.Certificate | Sequence[x509.Certificate]
+) -> x509.Certificate:
+    anchors = [roots] if isinstance(roots, x509.Certificate) else list(roots)
     chain = load_certs(chain_pem, CHAIN_PEM)
-    if len(chain) != 2 or chain[1] != root:
+    # The second is a Root or, during a Root rotation, its cross certificate (same subject).
+    if (
+        len(chain) != 2
+        or chain[0].issuer == chain[0].subject
+        or chain[1].subject not in {root.subject for root in anchors}
+    ):
         raise ConfigError(f"{CHAIN_PEM}: expected Secure Channel Root then the instance root")
-    verify_signed_by_root(chain[0], root, "Secure Channel Root")
+    verify_signed_by_a_root(chain[0], anchors, "Secure Channel Root")
     return chain[0]
+
+
+def above(
+    ca_cert: x509.Certificate,
+    state_roots: Sequence[x509.Certificate],
+    crosses: Sequence[x509.Certificate],
+) -> x509.Certificate:
+    """What is sent after ``ca_cert`` (an intermediate): its Root or, during a Root
+    rotation, that Root's cross certificate, so a party trusting either Root verifies
+    (the console's ``InstancePKI.chain_of`` rule)."""
+    for candidate in (*crosses, *state_roots):
+        try:
+            verify_signed_by_root(ca_cert, candidate, "intermediate")
+        except ConfigError:
+            continue
+        return candidate
+    raise ConfigError(f"no trusted Root issued {ca_cert.subject.rfc4514_string()}")
 
 
 def verify_identity(
     cert: x509.Certificate,
     scrs: Sequence[x509.Certificate],
-    root: x509.Certificate,
+    roots: Sequence[x509.Certificate],
     expected: identity.Identity,
 ) -> x509.Certificate:
-    """``cert`` chains Root -> one of the Secure Channel Roots ``scrs`` -> cert and names
-    ``expected``; returns that Secure Channel Root."""
-    try:
-        chain = verify_client_chain(cert, list(scrs), [root], at=utcnow())
-    except CertgateError as exc:
-        raise ConfigError(f"{expected.uri()}: {exc}") from exc
-    if len(chain) < 2 or chain[1] not in scrs:
-        raise ConfigError(f"{expected.uri()}: not issued by a trusted Secure Channel Root")
-    _check_name(cert, expected)
-    return chain[1]
+    """``cert`` chains one of ``roots`` -> one of the Secure Channel Roots ``scrs`` -> cert
+    and names ``expected``; returns that Secure Channel Root, the first of ``scrs`` that
+    verifies (during a Root rotation two certificates of one key: the current one first)."""
+    failures = []
+    for scr in scrs:
+        try:
+            chain = verify_client_chain(cert, [scr], list(roots), at=utcnow())
+        except CertgateError as exc:
+            failures.append(str(exc))
+            continue
+        if len(chain) >= 2 and chain[1] == scr:
+            _check_name(cert, expected)
+            return scr
+    detail = "; ".join(failures) or "not issued by a trusted Secure Channel Root"
+    raise ConfigError(f"{expected.uri()}: {detail}")
 
 
 def _check_name(cert: x509.Certificate, expected: identity.Identity) -> None:
@@ -319,11 +391,6 @@ def parse_trust(payload: Mapping[str, Any]) -> TrustConfig:
     )
 
 
-def _same_cert(pem: object, cert: x509.Certificate, what: str) -> None:
-    if not isinstance(pem, str) or load_certs(pem.encode(), what) != [cert]:
-        raise ConfigError(f"trust config names a different {what}")
-
-
 @dataclass(frozen=True, slots=True)
 class _Trusted:
     """What a verified trust config says to trust."""
@@ -331,22 +398,50 @@ class _Trusted:
     config: TrustConfig
     device_roots: tuple[x509.Certificate, ...]
     secure_channel_roots: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    root_crosses: tuple[x509.Certificate, ...]
 
 
 def _intermediates(
-    payload: Mapping[str, Any], key: str, what: str, most: int, root: x509.Certificate
+    payload: Mapping[str, Any],
+    key: str,
+    what: str,
+    most: int,
+    roots: Sequence[x509.Certificate],
 ) -> tuple[x509.Certificate, ...]:
-    """The 1 to ``most`` CA certificates of ``payload[key]``, each issued by ``root``."""
+    """The 1 to ``most`` CA certificates of ``payload[key]``, each issued by one of
+    ``roots``."""
     certs = load_certs(str(payload.get(key, "")).encode(), what)
     if not 1 <= len(certs) <= most:
         raise ConfigError(f"trust config: expected 1 to {most} {what}s")
     for cert in certs:
-        verify_signed_by_root(cert, root, what)
+        verify_signed_by_a_root(cert, roots, what)
     return tuple(certs)
 
 
+def _vouched_roots(
+    payload: Mapping[str, Any], pinned: Sequence[x509.Certificate]
+) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+    """The Roots the trust config lists (the current one first) and its cross
+    certificates. A Root the node does not pin yet is taken only when a cross certificate
+    of the trust config, signed by a pinned Root, certifies its subject and key: the
+    console identity alone never brings a new anchor."""
+    roots = load_roots(str(payload.get("root", "")).encode(), "trust config root")
+    crosses: tuple[x509.Certificate, ...] = ()
+    if payload.get("root_cross"):
+        crosses = tuple(load_certs(str(payload["root_cross"]).encode(), "trust config root_cross"))
+    try:
+        return vouched_roots(roots, crosses, pinned), crosses
+    except CertgateError as exc:
+        raise ConfigError(f"trust config: {exc}") from exc
+
+
 def _verified_trust(
-    token: bytes, console: x509.Certificate, group_id: str, pinned: dict[str, x509.Certificate]
+    token: bytes,
+    console: x509.Certificate,
+    group_id: str,
+    pinned: dict[str, x509.Certificate],
+    pinned_roots: Sequence[x509.Certificate],
 ) -> _Trusted:
     """Verify ``trust.jws`` with the pinned console identity's key; cross-check the root
     and the identities it names against the files; return the settings, the Device Roots
@@ -356,20 +451,21 @@ def _verified_trust(
         payload = jws.verify(token, console, jws.TYP_TRUST, group_id)
     except CertgateError as exc:
         raise ConfigError(f"{TRUST_JWS}: {exc}") from exc
-    _same_cert(payload.get("root"), pinned["root"], "instance root")
+    roots, crosses = _vouched_roots(payload, pinned_roots)
     for key, name in (
         ("console_identity_thumbprint", "console"),
         ("tunnel_identity_thumbprint", "tunnel"),
     ):
         if payload.get(key) != thumbprint(pinned[name]):
             raise ConfigError(f"trust config names a different {name} identity")
-    root = pinned["root"]
     return _Trusted(
         parse_trust(payload),
-        _intermediates(payload, "device_root", "Device Root", MAX_DEVICE_ROOTS, root),
+        _intermediates(payload, "device_root", "Device Root", MAX_DEVICE_ROOTS, roots),
         _intermediates(
-            payload, "secure_channel_root", "Secure Channel Root", MAX_SECURE_CHANNEL_ROOTS, root
+            payload, "secure_channel_root", "Secure Channel Root", MAX_SECURE_CHANNEL_ROOTS, roots
         ),
+        roots,
+        crosses,
     )
 
 
@@ -404,32 +500,38 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
     if missing:
         raise ConfigError(f"state directory {state_dir} lacks {', '.join(missing)}")
     group_id, console_url, node_name = _state_json(files[STATE_JSON])
-    root = load_root(files[ROOT_PEM], ROOT_PEM)
-    load_secure_channel_root(files[CHAIN_PEM], root)  # well formed; the chain is derived
+    pinned_roots = load_roots(files[ROOT_PEM], ROOT_PEM)
     console = load_single_cert(files[CONSOLE_IDENTITY_PEM], CONSOLE_IDENTITY_PEM)
     _check_name(console, identity.console(group_id))
     tunnel = load_single_cert(files[TUNNEL_PEM], TUNNEL_PEM)
     _check_name(tunnel, identity.tunnel(group_id))
     _check_key_matches(key, tunnel)
-    pinned = {"root": root, "console": console, "tunnel": tunnel}
-    trusted = _verified_trust(files[TRUST_JWS], console, group_id, pinned)
-    scrs = trusted.secure_channel_roots
-    verify_identity(console, scrs, root, identity.console(group_id))
-    issuer = verify_identity(tunnel, scrs, root, identity.tunnel(group_id))
+    pinned = {"console": console, "tunnel": tunnel}
+    trusted = _verified_trust(files[TRUST_JWS], console, group_id, pinned, pinned_roots)
+    scrs, roots = trusted.secure_channel_roots, trusted.roots
+    load_secure_channel_root(files[CHAIN_PEM], roots)  # well formed; the chain is derived
+    verify_identity(console, scrs, roots, identity.console(group_id))
+    issuer = verify_identity(tunnel, scrs, roots, identity.tunnel(group_id))
     return TunnelState(
         state_dir=state_dir,
         group_id=group_id,
         console_url=console_url,
         node_name=node_name,
-        root=root,
+        roots=roots,
+        root_crosses=trusted.root_crosses,
         secure_channel_roots=scrs,
         device_roots=trusted.device_roots,
         console_identity=console,
         tunnel_cert=tunnel,
-        tunnel_chain=(issuer, root),
+        tunnel_chain=(issuer, above(issuer, roots, trusted.root_crosses)),
         tunnel_key=key,
         trust=trusted.config,
     )
+
+
+def roots_pem(state: TunnelState) -> bytes:
+    """``root.pem`` of ``state``: the Roots it trusts, the current one first."""
+    return b"".join(c.public_bytes(Encoding.PEM) for c in state.roots)
 
 
 def chain_pem(state: TunnelState) -> bytes:

@@ -12,7 +12,7 @@ named by the ``Certgate-Node`` header; the console answers 204. The body::
      "live": [{"thumbprint", "device_uid", "mode", "app", "host", "port", "addresses",
                "since", "transport" (only "udp", for UDP tunnels)}, ...],
      "status": {"policy_version", "table_seq", "fresh", "age_s", "restart_required",
-                "device_roots", "secure_channel_roots"},
+                "device_roots", "secure_channel_roots", "roots"},
      "denials": {REASON: N, ...}}
 
 ``denials`` counts the requests the node denied, by reason, since it started (a total:
@@ -116,6 +116,7 @@ class Reporter:
                 "restart_required": health["restart_required"],
                 "device_roots": sync.get("device_roots"),
                 "secure_channel_roots": sync.get("secure_channel_roots"),
+                "roots": sync.get("roots"),
             },
         }
 

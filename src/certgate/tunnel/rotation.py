@@ -28,6 +28,7 @@ from certgate.feed import (
     CA_TRUST_KINDS,
     CONSOLE_IDENTITY,
     DEVICE_ROOT,
+    ROOT,
     SECURE_CHANNEL_ROOT,
     TrustUpdate,
     tunnel_key_context,
@@ -89,6 +90,8 @@ class NextIdentity:
             return ",".join(device_root_thumbprints(self.state))
         if kind == SECURE_CHANNEL_ROOT:
             return ",".join(secure_channel_root_thumbprints(self.state))
+        if kind == ROOT:
+            return ",".join(root_thumbprints(self.state))
         return self.state.tunnel_thumbprint
 
 
@@ -100,6 +103,11 @@ def device_root_thumbprints(state: TunnelState) -> list[str]:
 def secure_channel_root_thumbprints(state: TunnelState) -> list[str]:
     """The Secure Channel Roots the node trusts (read likewise)."""
     return [thumbprint(root) for root in state.secure_channel_roots]
+
+
+def root_thumbprints(state: TunnelState) -> list[str]:
+    """The instance Roots the node trusts (read likewise)."""
+    return [thumbprint(root) for root in state.roots]
 
 
 def _certificate(op: TrustUpdate) -> x509.Certificate:
@@ -164,15 +172,24 @@ def next_state(state: TunnelState, ops: Sequence[TrustUpdate]) -> NextIdentity:
     # Sent after the tunnel identity: the Secure Channel Root that issued it (a renewed
     # identity may come from a new one, and a finished rotation drops the old one).
     files[config.CHAIN_PEM] = config.chain_pem(verified)
+    # The Roots the trust config lists (a Root rotation adds the new one, vouched for by
+    # its cross certificate, and finish drops the old one).
+    files[config.ROOT_PEM] = config.roots_pem(verified)
     return NextIdentity(verified, files)
 
 
 def changes_data_plane(state: TunnelState, new: TunnelState) -> bool:
     """The listeners must take ``new``: another tunnel identity, its chain, or another
-    set of Device Roots or Secure Channel Roots (a cascade's trust)."""
+    set of Device Roots, Secure Channel Roots or Roots (a cascade's trust)."""
 
     def seen(s: TunnelState) -> tuple[object, ...]:
-        return (s.tunnel_thumbprint, s.tunnel_chain, s.device_roots, s.secure_channel_roots)
+        return (
+            s.tunnel_thumbprint,
+            s.tunnel_chain,
+            s.device_roots,
+            s.secure_channel_roots,
+            s.roots,
+        )
 
     return seen(new) != seen(state)
 
@@ -202,7 +219,7 @@ def successor_console_identity(
     named = thumbprint(signer)
     try:
         config.verify_identity(
-            signer, state.secure_channel_roots, state.root, identity.console(state.group_id)
+            signer, state.secure_channel_roots, state.roots, identity.console(state.group_id)
         )
     except ConfigError as exc:
         raise ConfigError(f"console identity {named} cannot be trusted here: {exc}") from exc

@@ -43,7 +43,7 @@ from certgate import jws
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki import identity
 from certgate.pki.keys import PrivateKey, load_private_key_pem
-from certgate.pki.thumbprint import thumbprint
+from certgate.pki.thumbprint import ROOT_PIN_HINT, thumbprint
 from certgate.tlsconf import client_context
 from certgate.tunnel import config
 from certgate.tunnel.config import TunnelState
@@ -151,7 +151,10 @@ def fetch_pinned_root(console_url: str, pin_sha256: str) -> x509.Certificate:
     root = config.load_root(body, "console /pki/root.pem")
     found = thumbprint(root)
     if not hmac.compare_digest(found, pin):
-        raise SetupError(f"console root thumbprint {found} does not match the pin {pin}; refusing")
+        raise SetupError(
+            f"console root thumbprint {found} does not match the pin {pin}; refusing"
+            f" ({ROOT_PIN_HINT})"
+        )
     return root
 
 
@@ -273,6 +276,7 @@ def _store_answer(
         raise SetupError(f"console answer does not verify: {exc}") from exc
     if pinned_console is not None and state.console_identity != pinned_console:
         raise SetupError("console answered with a console identity other than the bundle's")
+    files[config.ROOT_PEM] = config.roots_pem(state)  # two during a Root rotation
     write_state(state_dir, files, key)
     return state
 
@@ -386,13 +390,15 @@ def _verify_bundle(files: Mapping[str, bytes], pin_sha256: str | None) -> Verifi
         raise BundleError(f"bundle lacks {', '.join(missing)}")
     root = config.load_root(files[config.ROOT_PEM], config.ROOT_PEM)
     if pin_sha256 is not None and thumbprint(root) != normalize_pin(pin_sha256):
-        raise BundleError(f"bundle root {thumbprint(root)} does not match the pin; refusing")
+        raise BundleError(
+            f"bundle root {thumbprint(root)} does not match the pin; refusing ({ROOT_PIN_HINT})"
+        )
     scr = config.load_secure_channel_root(files[config.CHAIN_PEM], root)
     console = config.load_single_cert(files[config.CONSOLE_IDENTITY_PEM], "console identity")
     named = identity.identity_of(console)
     if named.kind is not identity.IdentityKind.CONSOLE or named.group_id is None:
         raise BundleError(f"console-identity.pem names {named.uri()}, not a console identity")
-    config.verify_identity(console, [scr], root, named)
+    config.verify_identity(console, [scr], [root], named)
     manifest = jws.verify(files[MANIFEST], console, jws.TYP_INSTALLER, named.group_id)
     _check_manifest(manifest, files)
     jws.verify(files[config.TRUST_JWS], console, jws.TYP_TRUST, named.group_id)

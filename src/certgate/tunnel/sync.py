@@ -78,6 +78,7 @@ from certgate.feed import (
     CONSOLE_IDENTITY,
     FEED_VERSION,
     MIN_FEED_VERSION,
+    ROOT,
     TUNNEL_IDENTITY,
     FeedError,
     PolicyUpdate,
@@ -274,6 +275,7 @@ class FeedFollower:
             "certificates": [c.to_dict() for c in rotation.certificates_in_use(self.state, now)],
             "device_roots": rotation.device_root_thumbprints(self.state),
             "secure_channel_roots": rotation.secure_channel_root_thumbprints(self.state),
+            "roots": rotation.root_thumbprints(self.state),
         }
 
     # Startup
@@ -376,7 +378,7 @@ class FeedFollower:
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             ctx = client_context(
-                [self.state.root],
+                list(self.state.roots),
                 chain=[self.state.tunnel_cert, *self.state.tunnel_chain],
                 key=self.state.tunnel_key,
             )
@@ -743,7 +745,7 @@ class FeedFollower:
             if op.kind == CONSOLE_IDENTITY:
                 finished = op.phase is RotationPhase.FINISH
                 self._other_signers = () if finished else (previous.console_identity,)
-            elif op.kind == TUNNEL_IDENTITY and self._client is not None:
+            elif op.kind in (TUNNEL_IDENTITY, ROOT) and self._client is not None:
                 self._retired_clients.append(self._client)
                 self._client = None
 

@@ -31,6 +31,10 @@ class DeviceRootOut(BaseModel):
 
 class DeviceRootsOut(BaseModel):
     device_roots: list[DeviceRootOut] = Field(min_length=1, max_length=3)
+    # The instance Roots (two during a Root rotation, the current one first) and the
+    # rotation's cross certificates, which vouch for the Root Access does not pin yet.
+    roots: list[str] = Field(min_length=1, max_length=2, description="PEM")
+    root_cross: list[str] = Field(max_length=2, description="PEM")
 
 
 @router.get("/device-roots")
@@ -40,9 +44,12 @@ def device_roots(request: Request) -> DeviceRootsOut:
         rbac.require_somewhere(session, who.admin, P.DEVICES_READ)
         pki.refresh(session, 0)  # never list a Device Root another process retired
         trusted = pki.trusted_device_roots()
+        roots, crosses = pki.roots(), pki.root_crosses()
     return DeviceRootsOut(
+        roots=[ca.pem(c) for c in roots],
+        root_cross=[ca.pem(c) for c in crosses],
         device_roots=[
             DeviceRootOut(label=label, status=status, certificate=ca.pem(cert))  # type: ignore[arg-type]
             for label, status, cert in trusted
-        ]
+        ],
     )

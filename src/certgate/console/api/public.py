@@ -97,7 +97,7 @@ def _crl(request: Request, label: str) -> Response:
     validity = timedelta(seconds=state.config.crl_validity_s)
     with state.crl_lock:
         with state.db.transaction() as session:
-            marker = ca.revocation_marker(session, label)
+            marker = ca.revocation_marker(session, label, state.pki.family(label))
             cached = state.crl_cache.get(label)
             if cached is None or cached.marker != marker or cached.age() > validity / 4:
                 der = ca.device_root_crl(session, state.pki, validity, label)

@@ -22,6 +22,7 @@ from certgate.console.api import schemas as s
 from certgate.console.api.deps import admin_tx, state_of
 from certgate.console.services import audit, rbac, rotation
 from certgate.console.services.rbac import Permission as P
+from certgate.console.state import ConsoleState
 from certgate.console.store.models import Admin
 
 # The kinds that rotate today; any other stays the service's 400 (``rotation.prepare``).
@@ -49,9 +50,9 @@ def rotation_prepare(
     overlap = timedelta(seconds=body.overlap_s) if body else rotation.DEFAULT_OVERLAP
     with admin_tx(request, group_id) as (session, who):
         _require_writer(session, who.admin, group_id, kind)
-        started = rotation.prepare(
-            session, state_of(request).pki, group_id, kind, request.state.actor, overlap
-        )
+        state = state_of(request)
+        started = rotation.prepare(session, state.pki, group_id, kind, request.state.actor, overlap)
+        _present_chain(state, session, kind)
         audit.append(
             session,
             request.state.actor,
@@ -70,8 +71,7 @@ def rotation_switch(request: Request, group_id: str, kind: str = Kind) -> dict[s
         _require_writer(session, who.admin, group_id, kind)
         state = state_of(request)
         switched = rotation.switch(session, state.pki, group_id, kind)
-        if kind == rotation.SECURE_CHANNEL:  # this console presents the new root's TLS now
-            state.renew_tls(session)
+        _present_chain(state, session, kind)
         audit.append(
             session,
             request.state.actor,
@@ -89,7 +89,9 @@ def rotation_finish(
 ) -> dict[str, Any]:
     with admin_tx(request, group_id) as (session, who):
         _require_writer(session, who.admin, group_id, kind)
-        finished = rotation.finish(session, state_of(request).pki, group_id, kind, force=force)
+        state = state_of(request)
+        finished = rotation.finish(session, state.pki, group_id, kind, force=force)
+        _present_chain(state, session, kind)
         audit.append(
             session,
             request.state.actor,
@@ -115,3 +117,12 @@ def rotation_renew_devices(request: Request, group_id: str) -> dict[str, Any]:
             devices=len(uids),
         )
         return {"devices": uids}
+
+
+def _present_chain(state: ConsoleState, session: Session, kind: str) -> None:
+    """This console presents what the step decided at once (other console processes at
+    their next renewal tick): a TLS certificate of the new Secure Channel Root after its
+    switch, and the chain of a Root rotation's step (the cross certificate from prepare
+    until finish, then the new Root)."""
+    if kind in (rotation.SECURE_CHANNEL, rotation.ROOT):
+        state.renew_tls(session)

@@ -346,6 +346,8 @@ class NodeStatusIn(StrictReport):
     secure_channel_roots: list[Annotated[str, Field(max_length=64)]] | None = Field(
         None, max_length=2
     )
+    # Likewise the instance Roots (a Root rotation's status).
+    roots: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=2)
 
 
 DENIAL_REASON = r"^[a-z0-9_]{1,64}$"

@@ -17,7 +17,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
@@ -26,7 +27,7 @@ from certgate.errors import ConfigError, Conflict, NotFound, PKIError
 from certgate.pki.authority import Authority, Issuer, Names, Signer
 from certgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key
 from certgate.pki.keystore import MasterKey
-from certgate.pki.profiles import INTERMEDIATE_CA, Profile
+from certgate.pki.profiles import CROSS_CA, INTERMEDIATE_CA, Profile
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import Token, TokenConfig, TokenKey, open_token
 
@@ -35,6 +36,11 @@ SECURE_CHANNEL_ROOT = "secure-channel-root"
 DEVICE_ROOT = "device-root"
 ADMIN_CA = "admin-ca"
 INTERMEDIATES = (SECURE_CHANNEL_ROOT, DEVICE_ROOT, ADMIN_CA)
+# A Root rotation's cross certificates (docs/CONVENTIONS.md "Root"): ``root-cross@N`` is
+# the new Root's subject and key signed by the old Root, ``root-back@N`` the old Root's
+# signed by the new one. Each row's key is the Root's whose subject it carries.
+ROOT_CROSS, ROOT_BACK = "root-cross", "root-back"
+CROSS_ROLES = (ROOT_CROSS, ROOT_BACK)
 CA_NAMES = {
     ROOT: "certgate Root CA",
     SECURE_CHANNEL_ROOT: "certgate Secure Channel Root",
@@ -100,6 +106,8 @@ class InstancePKI:
     labels: dict[str, str] = field(default_factory=dict)
     others: dict[str, tuple[str, x509.Certificate, Signer]] = field(default_factory=dict)
     _statuses: tuple[tuple[str, str], ...] = ()  # (label, status) of the rows loaded
+    _key_labels: dict[str, str] = field(default_factory=dict)  # row label -> its key's label
+    _aboves: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     _checked: float = 0.0  # monotonic time of the last ``refresh`` query
     _issuers: dict[x509.Certificate, x509.Certificate] = field(default_factory=dict)
     signed: Counter[str] = field(default_factory=Counter)  # by Record kind, for /metrics
@@ -130,6 +138,9 @@ class InstancePKI:
         self.certs = {role_of(r.label): loaded[r.label] for r in current}
         self.labels = {role_of(r.label): r.label for r in current}
         self._chain_pems = {}
+        self._issuers = {}  # a Root rotation step changes which CA certificate serves a leaf
+        self._aboves = {}
+        self._key_labels = {r.label: r.key_label for r in rows}
         self._statuses = tuple((r.label, r.status) for r in rows)
         self._checked = time.monotonic()
 
@@ -181,6 +192,38 @@ class InstancePKI:
         """Every CA row's certificate, whatever its status (retired ones too)."""
         return [*self.certs.values(), *(cert for _, cert, _ in self.others.values())]
 
+    def roots(self) -> list[x509.Certificate]:
+        """The Roots to trust now: the current one first, then a Root rotation's other one
+        (``trusted``): what nodes, devices, Access and admins anchor on."""
+        return self.trusted(ROOT)
+
+    def root_crosses(self) -> list[x509.Certificate]:
+        """A running Root rotation's cross certificates (none once it finished): each
+        vouches, with a Root's key, for the other Root."""
+        return [
+            cert
+            for label, (status, cert, _) in sorted(self.others.items())
+            if role_of(label) in CROSS_ROLES and status != RETIRED
+        ]
+
+    def family(self, label: str) -> list[str]:
+        """The CA rows holding the same key as row ``label``: one CA re-issued under a new
+        Root keeps its key and subject, so what any of them issued is that CA's (CRLs,
+        rotation counts)."""
+        key = self._key_labels.get(label)
+        return sorted(other for other, k in self._key_labels.items() if k == key) or [label]
+
+    def _above(self, ca_cert: x509.Certificate) -> x509.Certificate:
+        """The certificate served after ``ca_cert``: during a Root rotation the cross
+        certificate of its Root (so a party trusting either Root verifies), else its Root.
+        Found once per CA until the rows change (every signed feed batch asks)."""
+        found = self._aboves.get(ca_cert)
+        if found is None:
+            candidates = (*self.root_crosses(), *self.roots())
+            found = next((c for c in candidates if _issued(ca_cert, c)), self.certs[ROOT])
+            self._aboves = {**self._aboves, ca_cert: found}  # replaced whole: threads read it
+        return found
+
     def issuing_ca(self, cert: x509.Certificate) -> x509.Certificate:
         """The CA (of any status) that signed ``cert``: a leaf issued before a rotation's
         switch is served with the CA that signed it, not the one that issues now. Found
@@ -195,18 +238,15 @@ class InstancePKI:
 
     def _find_issuer(self, cert: x509.Certificate) -> x509.Certificate:
         for candidate in self.every_ca():
-            if candidate.subject != cert.issuer:
-                continue
-            try:
-                cert.verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return candidate
+            if _issued(cert, candidate):
+                return candidate
         raise PKIError(f"no CA of this instance issued {cert.subject.rfc4514_string()}")
 
     def chain_of(self, cert: x509.Certificate) -> list[x509.Certificate]:
-        """The CA chain served after leaf ``cert``: [the CA that signed it, Root]."""
-        return [self.issuing_ca(cert), self.certs[ROOT]]
+        """The CA chain served after leaf ``cert``: [the CA that signed it, its Root or,
+        during a Root rotation, that Root's cross certificate (``_above``)]."""
+        issuer = self.issuing_ca(cert)
+        return [issuer, self._above(issuer)]
 
     def issuer_of(self, label: str) -> Issuer:
         """The CA of row ``label``, current or not (a retired one signs only its CRL). A
@@ -242,8 +282,9 @@ class InstancePKI:
         return Issuer(self.certs[label], self._keys[label])
 
     def chain(self, label: str) -> list[x509.Certificate]:
-        """The CA chain above a leaf issued by ``label``: [intermediate, root]."""
-        return [self.certs[label], self.certs[ROOT]]
+        """The CA chain above a leaf issued by ``label``: [intermediate, root] (its cross
+        certificate during a Root rotation, as ``chain_of``)."""
+        return [self.certs[label], self._above(self.certs[label])]
 
     def chain_pem(self, label: str) -> list[str]:
         """``chain(label)`` as PEM, encoded once: every profile delivery returns two chains."""
@@ -287,6 +328,17 @@ class InstancePKI:
         cert = self.authority.issue_from_csr(self.issuer_of(label), profile, names, csr_pem)
         self._count_signed(record.kind)
         return cert, insert_certificate(session, cert, label, record)
+
+
+def _issued(cert: x509.Certificate, candidate: x509.Certificate) -> bool:
+    """``candidate``'s subject and key signed ``cert`` (two Roots share a subject)."""
+    if candidate.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(candidate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def certificate_values(cert: x509.Certificate, ca: str, record: Record) -> dict[str, Any]:
@@ -384,13 +436,19 @@ def adopt_instance(session: Session, pki: InstancePKI, algorithm: str, public_ur
     if session.get(Instance, 1) is not None:
         raise Conflict("instance already initialised")
     rows = [(pki.label(role), CURRENT, cert, pki._keys[role]) for role, cert in pki.certs.items()]
-    rows += [(label, status, cert, key) for label, (status, cert, key) in pki.others.items()]
+    others = sorted(pki.others.items())
+    rows += [(label, status, cert, key) for label, (status, cert, key) in others]
+    key_labels: dict[bytes, str] = {}  # rows of one key (a Root rotation) share its key row
     for label, status, cert, key in rows:
-        if isinstance(key, TokenKey):  # a token's key never leaves the token
-            _reference_key(session, f"ca:{label}")
-        else:
-            seal_key(session, pki.master, f"ca:{label}", key)
-        session.add(CACert(label=label, cert_pem=pem(cert), key_label=f"ca:{label}", status=status))
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        key_label = key_labels.get(spki)
+        if key_label is None:
+            key_label = key_labels[spki] = f"ca:{label}"
+            if isinstance(key, TokenKey):  # a token's key never leaves the token
+                _reference_key(session, key_label)
+            else:
+                seal_key(session, pki.master, key_label, key)
+        session.add(CACert(label=label, cert_pem=pem(cert), key_label=key_label, status=status))
         row = record_certificate(session, cert, ROOT, Record(kind=f"ca:{role_of(label)}"))
         if status == RETIRED:  # a rotation's finish revoked it
             row.revoked_at, row.revocation_reason = now(), "superseded"
@@ -449,7 +507,7 @@ def device_root_crl(
     instance.crl_number += 1
     rows = session.execute(
         select(Certificate).where(
-            Certificate.issuer_label == label, Certificate.revoked_at.is_not(None)
+            Certificate.issuer_label.in_(pki.family(label)), Certificate.revoked_at.is_not(None)
         )
     ).scalars()
     revoked = [
@@ -462,12 +520,14 @@ def device_root_crl(
     return crl.public_bytes(Encoding.DER)
 
 
-def revocation_marker(session: Session, label: str) -> tuple[int, datetime | None]:
-    """(count, latest time) of the revocations of the Device Root of row ``label``: it
-    changes whenever its CRL must."""
+def revocation_marker(
+    session: Session, label: str, family: list[str] | None = None
+) -> tuple[int, datetime | None]:
+    """(count, latest time) of the revocations of the Device Root of row ``label`` (and
+    of the rows holding its key, ``family``): it changes whenever its CRL must."""
     count, latest = session.execute(
         select(func.count(), func.max(Certificate.revoked_at)).where(
-            Certificate.issuer_label == label, Certificate.revoked_at.is_not(None)
+            Certificate.issuer_label.in_(family or [label]), Certificate.revoked_at.is_not(None)
         )
     ).one()
     return int(count), latest
@@ -521,3 +581,61 @@ def set_ca_status(session: Session, pki: InstancePKI, changes: dict[str, str]) -
         row.status = status
     session.flush()
     pki.reload(session)
+
+
+def new_root_version(session: Session, pki: InstancePKI, rotation_id: int) -> x509.Certificate:
+    """A Root rotation's prepare (status ``next``): a new Root (``root@N``, its key in the
+    PKCS#11 token when the instance uses one), cross certificates both ways
+    (``root-cross@N``, ``root-back@N``), and each intermediate issued again under the new
+    Root with the same subject and key (``<role>@N``, the same key row), so every leaf
+    verifies under either Root. ``pki`` is reloaded; returns the new Root."""
+    instance = session.get(Instance, 1)
+    assert instance is not None  # an initialised console
+    label = version_label(ROOT, rotation_id)
+    key: Signer
+    if pki.token is not None:
+        key = pki.token.generate(f"ca:{label}", KeyAlgorithm(instance.key_algorithm))
+        _reference_key(session, f"ca:{label}")
+    else:
+        key = generate_key(KeyAlgorithm(instance.key_algorithm))
+        seal_key(session, pki.master, f"ca:{label}", key)
+    old, old_label = pki.issuer(ROOT), pki.label(ROOT)
+    # The old Root's subject: the cross certificates are then self-issued (RFC 5280 §6.1,
+    # as RFC 4210's OldWithNew and NewWithOld), so they do not count against the Roots'
+    # pathLen 1 (root, cross, intermediate, leaf); verifiers tell the Roots apart by key
+    # (authority key identifier).
+    new_cert = pki.authority.create_root(key, _names_of(old.cert))
+    new = Issuer(new_cert, key)
+    rows = [
+        (label, new_cert, f"ca:{label}", label),
+        (version_label(ROOT_CROSS, rotation_id), None, f"ca:{label}", old_label),
+        (version_label(ROOT_BACK, rotation_id), None, pki._key_labels[old_label], label),
+    ]
+    certs = {
+        rows[1][0]: pki.authority.issue(old, CROSS_CA, _names_of(new_cert), key.public_key()),
+        rows[2][0]: pki.authority.issue(new, CROSS_CA, _names_of(old.cert), old.cert.public_key()),
+    }
+    for role in INTERMEDIATES:
+        current = pki.certs[role]
+        reissued = pki.authority.issue(
+            new, INTERMEDIATE_CA, _names_of(current), current.public_key()
+        )
+        row_label = version_label(role, rotation_id)
+        certs[row_label] = reissued
+        rows.append((row_label, None, pki._key_labels[pki.label(role)], label))
+    for row_label, cert, key_label, issuer_label in rows:
+        cert = cert or certs[row_label]
+        record_certificate(session, cert, issuer_label, Record(kind=f"ca:{role_of(row_label)}"))
+        session.add(CACert(label=row_label, cert_pem=pem(cert), key_label=key_label, status=NEXT))
+    session.flush()
+    pki.reload(session)
+    return new_cert
+
+
+def _names_of(cert: x509.Certificate) -> Names:
+    """The names of a CA certificate certgate made (organisation and common name)."""
+    common_name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    names = Names(str(common_name))
+    if names.subject() != cert.subject:
+        raise PKIError(f"{cert.subject.rfc4514_string()} is not a certgate CA subject")
+    return names

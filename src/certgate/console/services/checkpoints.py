@@ -56,22 +56,25 @@ def sign_line(session: Session, pki: ca.InstancePKI, group_id: str, head: audit.
 class Anchors:
     """What a checkpoint's signer must chain to, and the identity it must carry."""
 
-    root: x509.Certificate
+    roots: tuple[x509.Certificate, ...]  # every Root of the instance, whatever its status
     issuers: tuple[x509.Certificate, ...]  # every Secure Channel Root, whatever its status
     group_id: str
 
 
 def anchors(pki: ca.InstancePKI, group_id: str) -> Anchors:
-    """The instance's Root and its Secure Channel Roots (current, next, retiring, retired),
-    each checked against its sealed key."""
-    labels = [ca.ROOT, pki.label(ca.SECURE_CHANNEL_ROOT)]
-    labels += [label for label in sorted(pki.others) if ca.role_of(label) == ca.SECURE_CHANNEL_ROOT]
+    """The instance's Roots and Secure Channel Roots (current, next, retiring, retired:
+    a checkpoint signed before a rotation still verifies), each checked against its key."""
+    roots, scrs = _every_ca(pki, ca.ROOT), _every_ca(pki, ca.SECURE_CHANNEL_ROOT)
+    return Anchors(roots, scrs, group_id)
+
+
+def _every_ca(pki: ca.InstancePKI, role: str) -> tuple[x509.Certificate, ...]:
+    labels = [pki.label(role), *(lb for lb in sorted(pki.others) if ca.role_of(lb) == role)]
     issuers = {label: pki.issuer_of(label) for label in labels}
     for label, issuer in issuers.items():
         if _spki(issuer.key.public_key()) != _spki(issuer.cert.public_key()):
             raise SignatureError(f"CA certificate {label!r} does not match its sealed key")
-    scrs = tuple(issuers[label].cert for label in labels[1:])
-    return Anchors(pki.certs[ca.ROOT], scrs, group_id)
+    return tuple(issuer.cert for issuer in issuers.values())
 
 
 def _spki(public_key: Any) -> bytes:
@@ -89,7 +92,7 @@ def verify_line(line: str, trusted: Anchors) -> audit.Checkpoint:
         raise SignatureError(f"signer is not the console identity of {trusted.group_id!r}")
     payload = jws.verify(token, signer, jws.TYP_AUDIT_CHECKPOINT, trusted.group_id)
     signed_at = datetime.fromtimestamp(payload["iat"], UTC)
-    chain = verify_client_chain(signer, trusted.issuers, [trusted.root], at=signed_at)
+    chain = verify_client_chain(signer, trusted.issuers, list(trusted.roots), at=signed_at)
     if len(chain) < 2 or chain[1] not in trusted.issuers:
         raise SignatureError("signer is not issued by a Secure Channel Root of the instance")
     if any(fields.get(name) != payload.get(name) for name in FIELDS):

@@ -320,7 +320,11 @@ def deliver_profile(
         "thumbprint": row.thumbprint,
         "chain": pki.chain_pem(ca.DEVICE_ROOT),
         # Every Secure Channel Root trusted now (two during its rotation), then the Root.
-        "tunnel_trust": [ca.pem(c) for c in (*pki.secure_channel_roots(), pki.certs[ca.ROOT])],
+        # During a Root rotation both Roots (the agent trusts either chain) and the cross
+        # certificates.
+        "tunnel_trust": [
+            ca.pem(c) for c in (*pki.secure_channel_roots(), *pki.roots(), *pki.root_crosses())
+        ],
         "tunnel_identity_thumbprint": tunnel_thumbprint,
         "tunnel": tunnel_endpoints(settings["tunnel"]),
         "rules": settings["device_rules"],

@@ -50,8 +50,17 @@ finishes those identity rotations (each with its own checks), then waits for eve
 to report the new root and the console TLS certificate to be the new one's, revokes
 what the old root issued, and retires it (nodes stop trusting it).
 
-The Root is refused with that reason until it is implemented (docs/CONVENTIONS.md gives
-the intended order).
+Root (``root``), one per instance, in the same model (docs/CONVENTIONS.md "Root"):
+prepare creates a new Root with cross certificates both ways and issues every
+intermediate again under it with the same subject and key (``ca.new_root_version``), so
+every leaf verifies under either Root; every group's trust config lists both Roots and
+the cross certificates (a node takes a Root it does not pin only when a Root it pins
+vouches for it). Chains are served with the cross certificate of their Root
+(``ca.InstancePKI.chain_of``), so a party trusting either Root verifies. Switch makes the
+new Root and its intermediates current (new work chains to it; nothing is revoked: the
+keys are the same). Finish waits for every node to report the new Root, retires the old
+Root, its intermediates and the cross certificates, and tells every group (nodes trust
+the new Root alone). No other instance CA rotation runs meanwhile.
 """
 
 from __future__ import annotations
@@ -82,7 +91,13 @@ from certgate.console.store.models import (
     TunnelNode,
 )
 from certgate.errors import BadRequest, Conflict, NotFound
-from certgate.feed import RotationPhase, TrustUpdate, tunnel_key_context
+from certgate.feed import (
+    FEED_VERSION,
+    RotationPhase,
+    TrustUpdate,
+    trust_kinds_of,
+    tunnel_key_context,
+)
 from certgate.pki import identity, keywrap
 from certgate.pki.authority import Names
 from certgate.pki.keys import check_public_key, generate_key
@@ -108,13 +123,14 @@ TUNNEL = tunnels.TUNNEL_IDENTITY_ROTATION
 CONSOLE = tunnels.CONSOLE_IDENTITY_ROTATION
 DEVICE = "device-root"
 SECURE_CHANNEL = "secure-channel-root"
-KINDS = (TUNNEL, CONSOLE, DEVICE, SECURE_CHANNEL, "root")
-IMPLEMENTED = (TUNNEL, CONSOLE, DEVICE, SECURE_CHANNEL)
-INSTANCE_KINDS = (DEVICE, SECURE_CHANNEL)  # one per instance: the rotation row has no group
-# The instance CA each instance-wide kind rotates (a new version of it under the Root).
-CA_ROLES = {DEVICE: ca.DEVICE_ROOT, SECURE_CHANNEL: ca.SECURE_CHANNEL_ROOT}
+ROOT = "root"
+KINDS = (TUNNEL, CONSOLE, DEVICE, SECURE_CHANNEL, ROOT)
+IMPLEMENTED = KINDS
+INSTANCE_KINDS = (DEVICE, SECURE_CHANNEL, ROOT)  # one per instance: the row has no group
+# The instance CA each instance-wide kind rotates (a new version of it).
+CA_ROLES = {DEVICE: ca.DEVICE_ROOT, SECURE_CHANNEL: ca.SECURE_CHANNEL_ROOT, ROOT: ca.ROOT}
 # What a node's report lists as trusted, per CA kind (``tunnel.sync`` status).
-_REPORTED = {DEVICE: "device_roots", SECURE_CHANNEL: "secure_channel_roots"}
+_REPORTED = {DEVICE: "device_roots", SECURE_CHANNEL: "secure_channel_roots", ROOT: "roots"}
 DEFAULT_OVERLAP = timedelta(hours=1)
 MAX_OVERLAP = timedelta(days=400)
 RENEWAL = "renewal"  # started_by of the rotations renew_due starts
@@ -147,8 +163,6 @@ def next_phase(current: Phase | None, step: RotationPhase) -> Phase:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise BadRequest(f"unknown rotation kind {kind!r}; one of {', '.join(KINDS)}")
-    if kind not in IMPLEMENTED:
-        raise BadRequest(f"rotation of {kind} is not implemented yet (issue #11)")
 
 
 def _running(session: Session, group_id: str, kind: str) -> Rotation | None:
@@ -303,6 +317,9 @@ def finish(
         return rotation
     if rotation.kind == SECURE_CHANNEL:
         _retire_secure_channel_root(session, pki, rotation)
+        return rotation
+    if rotation.kind == ROOT:
+        _retire_root(session, pki, rotation)
         return rotation
     _publish(session, pki, rotation, RotationPhase.FINISH)
     for label in (_next_key_label(rotation), _previous_key_label(rotation)):
@@ -498,6 +515,8 @@ def _blockers(session: Session, rotation: Rotation, scope: str | None = None) ->
     one group only (an instance-wide rotation shown to that group's admins)."""
     if rotation.kind == DEVICE:
         blockers = _device_root_blockers(session, rotation, scope)
+    elif rotation.kind == ROOT:
+        blockers = _root_blockers(session, rotation, scope)
     elif rotation.kind == SECURE_CHANNEL:
         blockers = _secure_channel_blockers(session, rotation, scope)
     else:
@@ -566,7 +585,7 @@ def status(session: Session, group_id: str, limit: int = 20) -> list[dict[str, A
 
 # Instance CAs: Device Root and Secure Channel Root (one per instance each)
 
-_WHAT = {DEVICE: "Device Root", SECURE_CHANNEL: "Secure Channel Root"}
+_WHAT = {DEVICE: "Device Root", SECURE_CHANNEL: "Secure Channel Root", ROOT: "Root"}
 
 
 def _prepare_ca(
@@ -575,6 +594,7 @@ def _prepare_ca(
     """A new version of the instance CA of ``kind`` under the Root, trusted by every node
     from this step on beside the current one (``_publish_ca``)."""
     role = CA_ROLES[kind]
+    _check_no_other_ca_rotation(session, kind)
     old = session.execute(
         select(Certificate).where(
             Certificate.kind == f"ca:{role}",
@@ -594,7 +614,10 @@ def _prepare_ca(
     )
     session.add(rotation)
     session.flush()
-    ca.new_ca_version(session, pki, role, rotation.id)
+    if kind == ROOT:
+        ca.new_root_version(session, pki, rotation.id)
+    else:
+        ca.new_ca_version(session, pki, role, rotation.id)
     new_cert = pki.others[ca.version_label(role, rotation.id)][1]
     rotation.new_serial = format(new_cert.serial_number, "x")
     rotation.prepare_seq = _publish_ca(session, pki, rotation, RotationPhase.PREPARE)
@@ -607,8 +630,10 @@ def _switch_ca(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> Rot
     role = CA_ROLES[rotation.kind]
     if rotation.kind == SECURE_CHANNEL:
         _check_no_identity_rotation(session)
-    old, new = pki.label(role), ca.version_label(role, rotation.id)
-    ca.set_ca_status(session, pki, {old: ca.RETIRING, new: ca.CURRENT})
+    roles = (ca.ROOT, *ca.INTERMEDIATES) if rotation.kind == ROOT else (role,)
+    changes = {pki.label(r): ca.RETIRING for r in roles}
+    changes |= {ca.version_label(r, rotation.id): ca.CURRENT for r in roles}
+    ca.set_ca_status(session, pki, changes)
     rotation.switch_seq = _publish_ca(session, pki, rotation, RotationPhase.SWITCH)
     if rotation.kind == SECURE_CHANNEL:
         _renew_identities(session, pki, rotation)
@@ -781,7 +806,9 @@ _STEP_OF = {
 }
 
 
-def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[TrustUpdate]:
+def trust_in_use(
+    session: Session, pki: ca.InstancePKI, group_id: str, version: int = FEED_VERSION
+) -> list[TrustUpdate]:
     """The trust operations a node of the group needs to converge at the feed's seq, as
     snapshot pages carry them (feed version 4, docs/CONVENTIONS.md "Snapshot pages").
 
@@ -791,7 +818,7 @@ def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[T
     the latest Device Root and Secure Channel Root rotations. They are built now, so
     their trust configs name the identities in use together (a node applies them
     together). Then the prepared next console and tunnel identities, as their prepare
-    steps."""
+    steps. Only the kinds a node of contract ``version`` reads (``trust_kinds_of``)."""
     ops = []
     console = _latest(session, group_id, CONSOLE, switched=True)
     if console is not None:
@@ -799,9 +826,9 @@ def trust_in_use(session: Session, pki: ca.InstancePKI, group_id: str) -> list[T
     tunnel = _running(session, group_id, TUNNEL)
     if tunnel is not None and tunnel.switched_at is not None:
         ops.append(_identity_op(session, pki, tunnel, RotationPhase.SWITCH))
-    for kind in (DEVICE, SECURE_CHANNEL):
+    for kind in (DEVICE, SECURE_CHANNEL, ROOT):
         root = _latest(session, None, kind)
-        if root is not None:
+        if root is not None and kind in trust_kinds_of(version):
             ops.append(_ca_op(session, pki, root, _STEP_OF[Phase(root.phase)], group_id))
     for kind in (CONSOLE, TUNNEL):
         prepared = _running(session, group_id, kind)
@@ -970,4 +997,48 @@ def _retire_secure_channel_root(session: Session, pki: ca.InstancePKI, rotation:
     for cert in _old_ca_certificates(session, old_label):
         ca.revoke(session, cert.serial, "superseded")
     ca.set_ca_status(session, pki, {old_label: ca.RETIRED})
+    _publish_ca(session, pki, rotation, RotationPhase.FINISH)
+
+
+# Root: a new Root cross-signed both ways, the intermediates issued again under it
+
+
+def _check_no_other_ca_rotation(session: Session, kind: str) -> None:
+    """A Root rotation runs alone among the instance CA rotations: it issues every
+    intermediate again, and a Device Root or Secure Channel Root rotation meanwhile would
+    add a third CA of its role to trust (nodes take two)."""
+    others = (DEVICE, SECURE_CHANNEL) if kind == ROOT else (ROOT,)
+    running = session.execute(
+        select(Rotation).where(Rotation.kind.in_(others), Rotation.finished_at.is_(None))
+    ).scalars()
+    busy = [f"{r.kind} rotation {r.id}" for r in running]
+    if busy:
+        raise Conflict(f"finish the {', '.join(busy)} before a {kind} rotation")
+
+
+def _root_blockers(session: Session, rotation: Rotation, scope: str | None = None) -> list[str]:
+    if rotation.finished_at is not None:
+        return []
+    return [
+        f"node {n.name} does not trust the new Root yet (last seen {n.last_seen_at})"
+        for n in _nodes(session, rotation, scope)
+        if not n.has_new
+    ]
+
+
+def _retire_root(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> None:
+    """The old Root, the intermediates it issued and the cross certificates are retired
+    (their CA certificates revoked, ``superseded``): nodes trust the new Root alone and
+    chains end at it. No leaf is revoked: each intermediate kept its key."""
+    retired = [
+        label
+        for label, (status, _, _) in pki.others.items()
+        if status == ca.RETIRING and ca.role_of(label) in (ca.ROOT, *ca.INTERMEDIATES)
+    ]
+    retired += [ca.version_label(role, rotation.id) for role in ca.CROSS_ROLES]
+    for label in retired:
+        serial = format(pki.others[label][1].serial_number, "x")
+        if session.get(Certificate, serial) is not None:
+            ca.revoke(session, serial, "superseded")
+    ca.set_ca_status(session, pki, dict.fromkeys(retired, ca.RETIRED))
     _publish_ca(session, pki, rotation, RotationPhase.FINISH)

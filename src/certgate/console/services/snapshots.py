@@ -155,7 +155,7 @@ class SnapshotPages:
                 session, key.group_id, key.after, key.limit, key.version
             )
             if key.version >= SNAPSHOT_TRUST_VERSION:  # read in the seq's transaction
-                ops = rotation.trust_in_use(session, self._pki, key.group_id)
+                ops = rotation.trust_in_use(session, self._pki, key.group_id, key.version)
                 payload["trust"] = [op.encode() for op in ops]
             token = tunnels.sign_for_group(
                 session, self._pki, key.group_id, payload, jws.TYP_SNAPSHOT_V2, tunnels.FEED_TTL_S

@@ -69,7 +69,10 @@ def trust_payload(
     return {
         "group_id": group_id,
         "console_url": console_url,
-        "root": ca.pem(pki.certs[ca.ROOT]),
+        # Two during a Root rotation, the current one first; its cross certificates vouch
+        # for the Root a node does not pin yet (tunnel.config._vouched_roots).
+        "root": "".join(ca.pem(c) for c in pki.roots()),
+        "root_cross": "".join(ca.pem(c) for c in pki.root_crosses()),
         # Two during a Secure Channel Root rotation, the current one first.
         "secure_channel_root": "".join(ca.pem(c) for c in pki.secure_channel_roots()),
         "device_root": "".join(ca.pem(c) for c in pki.device_roots()),  # rotation overlap
@@ -325,7 +328,7 @@ def verify_identity_chain(pki: ca.InstancePKI, cert: x509.Certificate) -> None:
     """``cert`` chains to the Root through a Secure Channel Root trusted now (both during a
     rotation of it), which signed it directly: a group identity, never a device's."""
     scrs = pki.secure_channel_roots()
-    chain = verify_client_chain(cert, scrs, [pki.certs[ca.ROOT]], at=ca.now())
+    chain = verify_client_chain(cert, scrs, pki.roots(), at=ca.now())
     if len(chain) < 2 or chain[1] not in scrs:
         raise AuthError("certificate is not issued by a Secure Channel Root")
 

@@ -1,0 +1,188 @@
+"""Scenario: a Root rotation without downtime, on real processes (its own cluster: the
+rotation is instance-wide).
+
+A console, two tunnel nodes behind a real HAProxy, real curl clients (Proxy mode) in a
+loop through HAProxy and live CONNECT tunnels to each node and through HAProxy, to a real
+echo server (helpers of tests/integration/test_rotation.py). Shown, in order:
+
+* prepare by the CLI: both nodes trust both Roots (healthz, the console's status) and
+  send the cross certificate of their Root: a client anchored on either Root alone
+  verifies a node;
+* switch by the API: new work chains to the new Root (the nodes' intermediates are its),
+  a client anchored on either Root alone still verifies both nodes and the console; a
+  device made noncompliant during the rotation loses its live tunnels and is refused;
+* finish by the API, not forced, once both nodes report the new Root: they trust it
+  alone, and their chain ends at it (a client anchored on the old Root alone is refused).
+
+0 failed curl requests and 0 closed live tunnels through prepare, switch and finish
+(counted, printed). The curl clients' CA file holds the old Root and its intermediates
+(same keys as the new ones), so they need no step of theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from certgate.pki.thumbprint import thumbprint
+from tests.integration.cluster import GROUP, Cluster, Node, enroll_app, start_cluster
+from tests.integration.test_rotation import (
+    CurlLoop,
+    LiveTunnel,
+    admin,
+    admits,
+    cli,
+    connect,
+    echo_port,  # noqa: F401 (a fixture)
+    noncompliant_closes,
+    report,
+    sync_status,
+    traffic,  # noqa: F401 (a fixture)
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+ROTATION = f"/api/v1/groups/{GROUP}/rotations/root"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with start_cluster(tmp_path_factory.mktemp("root")) as running:
+        yield running
+
+
+def root_status(cluster: Cluster) -> dict[str, Any]:
+    with admin(cluster) as client:
+        shown = client.get(f"/api/v1/groups/{GROUP}/rotations").json()
+    found: dict[str, Any] = next(r for r in shown if r["kind"] == "root")
+    return found
+
+
+def roots_of(node: Node) -> list[x509.Certificate]:
+    """The Roots the node stored (root.pem), the current one first."""
+    return x509.load_pem_x509_certificates((node.state_dir / "root.pem").read_bytes())
+
+
+def anchored_on(cluster: Cluster, port: int, anchor: x509.Certificate) -> bool:
+    """A handshake with the node on ``port`` (presenting the app certificate), whose only
+    trust anchor is ``anchor``, verifies."""
+    ctx = ssl.create_default_context(cadata=anchor.public_bytes(Encoding.PEM).decode())
+    ctx.load_cert_chain(cluster.app_cert, cluster.app_key)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=15) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost"),
+        ):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+
+
+def console_anchored_on(cluster: Cluster, anchor: x509.Certificate) -> bool:
+    ctx = ssl.create_default_context(cadata=anchor.public_bytes(Encoding.PEM).decode())
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", cluster.console.port), timeout=15) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+        ):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+
+
+def test_root_rotation_without_a_failed_connection(
+    cluster: Cluster,
+    traffic: tuple[CurlLoop, list[LiveTunnel]],  # noqa: F811 (the fixture imported above)
+    echo_port: int,  # noqa: F811
+) -> None:
+    loop, tunnels = traffic
+    first = cluster.nodes[0]
+    wait_until("the loop has made requests", lambda: loop.ok >= 3)
+    (old_root,) = sync_status(first)["roots"]
+    (old_anchor,) = roots_of(first)
+
+    prepared = cli(cluster, "root", GROUP, "--overlap", "0s")
+    assert prepared.returncode == 0, prepared.stderr
+    new_root = json.loads(prepared.stdout)["new"]["thumbprint"]
+    took = wait_until(
+        "both nodes trust both Roots",
+        lambda: all(sync_status(n)["roots"] == [old_root, new_root] for n in cluster.nodes),
+    )
+    wait_until(
+        "the status shows both nodes with the new Root",
+        lambda: all(n["has_new"] for n in root_status(cluster)["nodes"]),
+    )
+    new_anchor = roots_of(first)[1]
+    assert thumbprint(new_anchor) == new_root
+    for node in cluster.nodes:  # each sends the cross certificate of its Root
+        for anchor in (old_anchor, new_anchor):
+            assert anchored_on(cluster, node.proxy_port, anchor), (node.name, thumbprint(anchor))
+    report(f"prepare (nodes trusted both after {took * 1000:.0f} ms)", loop, tunnels)
+
+    with admin(cluster) as client:
+        switched = client.post(ROTATION + "/switch")
+    assert switched.status_code == 200, switched.text
+    took = wait_until(
+        "both nodes put the new Root first",
+        lambda: all(sync_status(n)["roots"] == [new_root, old_root] for n in cluster.nodes),
+    )
+    for anchor in (old_anchor, new_anchor):
+        assert console_anchored_on(cluster, anchor), thumbprint(anchor)
+        for node in cluster.nodes:
+            assert anchored_on(cluster, node.proxy_port, anchor), (node.name, thumbprint(anchor))
+    report(f"switch (nodes took it after {took * 1000:.0f} ms)", loop, tunnels)
+
+    # A device enrolled now gets a certificate under the new Root; made noncompliant
+    # during the rotation, it loses its live tunnels on both nodes and is refused.
+    uid, eve_cert, eve_key = enroll_app(cluster.console, cluster.work, "eve")
+    wait_until(
+        "both nodes admit the new device",
+        lambda: all(
+            admits(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
+        ),
+    )
+    theirs = [connect(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes]
+    enforce_ms = noncompliant_closes(cluster, uid, theirs)
+    assert not admits(cluster, cluster.haproxy_port, echo_port, (eve_cert, eve_key))
+    print(f"time to enforce during the Root rotation: {enforce_ms:.0f} ms")
+    report("noncompliant device refused", loop, tunnels)
+
+    # Finish, not forced: it goes through once both nodes report the new Root.
+    def finished() -> bool:
+        with admin(cluster) as client:
+            return client.post(ROTATION + "/finish").status_code == 200
+
+    wait_until("the finish is no longer refused", finished)
+    took = wait_until(
+        "both nodes trust the new Root alone",
+        lambda: all(sync_status(n)["roots"] == [new_root] for n in cluster.nodes),
+    )
+    wait_until(
+        "both nodes' chains end at the new Root",
+        lambda: all(
+            not anchored_on(cluster, n.proxy_port, old_anchor)
+            and anchored_on(cluster, n.proxy_port, new_anchor)
+            for n in cluster.nodes
+        ),
+    )
+    assert console_anchored_on(cluster, new_anchor)
+    assert not console_anchored_on(cluster, old_anchor)
+    time.sleep(3)  # traffic keeps flowing after finish (the loop counts every request)
+    report(f"finish (nodes dropped the old Root after {took * 1000:.0f} ms)", loop, tunnels)
+
+    for node in cluster.nodes:
+        assert sync_status(node)["last_error"] is None
+        assert [thumbprint(r) for r in roots_of(node)] == [new_root]
+    assert loop.failures == [], loop.failures
+    print(
+        f"root rotation: {loop.ok} curl requests, 0 failed; {len(tunnels)} live tunnels, 0 closed"
+    )
