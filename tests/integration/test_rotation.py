@@ -247,6 +247,21 @@ def noncompliant_closes(cluster: Cluster, uid: str, tunnels: list[ssl.SSLSocket]
     return enforce_ms
 
 
+def new_device_refused_when_noncompliant(cluster: Cluster, echo_port: int, rotation: str) -> None:
+    """A device enrolled during a rotation is admitted by both nodes; made noncompliant, it
+    loses its live tunnels on both and is refused, within the usual time to enforce
+    (printed)."""
+    uid, cert, key = enroll_app(cluster.console, cluster.work, "eve")
+    wait_until(
+        "both nodes admit the new device",
+        lambda: all(admits(cluster, n.proxy_port, echo_port, (cert, key)) for n in cluster.nodes),
+    )
+    theirs = [connect(cluster, n.proxy_port, echo_port, (cert, key)) for n in cluster.nodes]
+    enforce_ms = noncompliant_closes(cluster, uid, theirs)
+    assert not admits(cluster, cluster.haproxy_port, echo_port, (cert, key))
+    print(f"time to enforce during the {rotation} rotation: {enforce_ms:.0f} ms")
+
+
 def admin(cluster: Cluster) -> httpx.Client:
     return cluster.console.client(cluster.console.admins["root"])
 

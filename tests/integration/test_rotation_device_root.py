@@ -45,7 +45,7 @@ from tests.integration.test_rotation import (
     cli,
     connect,
     echo_port,  # noqa: F401 (a fixture)
-    noncompliant_closes,
+    new_device_refused_when_noncompliant,
     report,
     sync_status,
     wait_until,
@@ -151,19 +151,7 @@ def test_device_root_rotation_without_a_failed_connection(
 
         # A device made noncompliant during the rotation loses its live tunnels on both
         # nodes and is refused, within the usual time to enforce.
-        uid, eve_cert, eve_key = enroll_app(cluster.console, cluster.work, "eve")
-        wait_until(
-            "both nodes admit the second device",
-            lambda: all(
-                admits(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
-            ),
-        )
-        theirs = [
-            connect(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
-        ]
-        enforce_ms = noncompliant_closes(cluster, uid, theirs)
-        assert not admits(cluster, cluster.haproxy_port, echo_port, (eve_cert, eve_key))
-        print(f"time to enforce during the Device Root rotation: {enforce_ms:.0f} ms")
+        new_device_refused_when_noncompliant(cluster, echo_port, "Device Root")
 
         # The old-root client has renewed: it ends its own old loop and tunnels.
         status = device_root_status(cluster)

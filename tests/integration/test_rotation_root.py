@@ -33,16 +33,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certgate.pki.thumbprint import thumbprint
-from tests.integration.cluster import GROUP, Cluster, Node, enroll_app, start_cluster
+from tests.integration.cluster import GROUP, Cluster, Node, start_cluster
 from tests.integration.test_rotation import (
     CurlLoop,
     LiveTunnel,
     admin,
-    admits,
     cli,
-    connect,
     echo_port,  # noqa: F401 (a fixture)
-    noncompliant_closes,
+    new_device_refused_when_noncompliant,
     report,
     sync_status,
     traffic,  # noqa: F401 (a fixture)
@@ -143,17 +141,7 @@ def test_root_rotation_without_a_failed_connection(
 
     # A device enrolled now gets a certificate under the new Root; made noncompliant
     # during the rotation, it loses its live tunnels on both nodes and is refused.
-    uid, eve_cert, eve_key = enroll_app(cluster.console, cluster.work, "eve")
-    wait_until(
-        "both nodes admit the new device",
-        lambda: all(
-            admits(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
-        ),
-    )
-    theirs = [connect(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes]
-    enforce_ms = noncompliant_closes(cluster, uid, theirs)
-    assert not admits(cluster, cluster.haproxy_port, echo_port, (eve_cert, eve_key))
-    print(f"time to enforce during the Root rotation: {enforce_ms:.0f} ms")
+    new_device_refused_when_noncompliant(cluster, echo_port, "Root")
     report("noncompliant device refused", loop, tunnels)
 
     # Finish, not forced: it goes through once both nodes report the new Root.

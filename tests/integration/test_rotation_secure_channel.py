@@ -43,7 +43,6 @@ from tests.integration.cluster import (
     Cluster,
     Node,
     curl,
-    enroll_app,
     start_cluster,
     start_node,
     stop_node,
@@ -52,12 +51,10 @@ from tests.integration.test_rotation import (
     CurlLoop,
     LiveTunnel,
     admin,
-    admits,
     cli,
-    connect,
     echo_port,  # noqa: F401 (a fixture)
     feed_call_with,
-    noncompliant_closes,
+    new_device_refused_when_noncompliant,
     report,
     served_cert,
     sync_status,
@@ -156,17 +153,7 @@ def test_secure_channel_root_rotation_without_a_failed_connection(
     # A device made noncompliant during the rotation loses its live tunnels on both nodes
     # and is refused, within the usual time to enforce (the feed is now signed by the
     # renewed console identity).
-    uid, eve_cert, eve_key = enroll_app(cluster.console, cluster.work, "eve")
-    wait_until(
-        "both nodes admit the second device",
-        lambda: all(
-            admits(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes
-        ),
-    )
-    theirs = [connect(cluster, n.proxy_port, echo_port, (eve_cert, eve_key)) for n in cluster.nodes]
-    enforce_ms = noncompliant_closes(cluster, uid, theirs)
-    assert not admits(cluster, cluster.haproxy_port, echo_port, (eve_cert, eve_key))
-    print(f"time to enforce during the Secure Channel Root rotation: {enforce_ms:.0f} ms")
+    new_device_refused_when_noncompliant(cluster, echo_port, "Secure Channel Root")
     report("noncompliant device refused", loop, tunnels)
 
     # Finish, not forced: it goes through once both nodes present the renewed identities
