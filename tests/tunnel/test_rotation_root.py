@@ -34,20 +34,13 @@ from tests.tunnel.conftest import (
 )
 from tests.tunnel.test_rotation import Identities
 from tests.tunnel.test_rotation_secure_channel import _ignore, drain
+from tests.tunnel.test_rotation_secure_channel import step as instance_ca_step
 
 pytestmark = pytest.mark.integration  # a real console process
 
 
-def step(console: RunningConsole, group: str, path: str, **params: object) -> dict[str, object]:
-    with console.client(console.admins["root"]) as client:
-        response = client.post(
-            f"/api/v1/groups/{group}/rotations/root{path}",
-            json={"overlap_s": 0} if path == "" else None,
-            params=params,
-        )
-    assert response.status_code in (200, 201), response.text
-    shown: dict[str, object] = response.json()
-    return shown
+def step(console: RunningConsole, group: str, path: str) -> dict[str, object]:
+    return instance_ca_step(console, group, path, kind="root")
 
 
 def trust_kinds_in(token: bytes) -> set[str]:

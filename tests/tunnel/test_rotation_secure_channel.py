@@ -26,10 +26,13 @@ from tests.tunnel.test_rotation import Identities
 pytestmark = pytest.mark.integration  # a real console process
 
 
-def step(console: RunningConsole, group: str, path: str, **params: Any) -> dict[str, Any]:
+def step(
+    console: RunningConsole, group: str, path: str, kind: str = "secure-channel-root", **params: Any
+) -> dict[str, Any]:
+    """A step of an instance CA rotation (prepare: ``path`` "") through the API."""
     with console.client(console.admins["root"]) as client:
         response = client.post(
-            f"/api/v1/groups/{group}/rotations/secure-channel-root{path}",
+            f"/api/v1/groups/{group}/rotations/{kind}{path}",
             json={"overlap_s": 0} if path == "" else None,
             params=params,
         )
