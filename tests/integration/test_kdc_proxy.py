@@ -241,6 +241,18 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.2)
 
 
+def wait_for_agent_403(world: Any) -> None:
+    """The agent reports the tunnel's 403 for a noncompliant device. The first failed kinit
+    may be an exchange cut by the live close (a bare close to the agent); the next ones are
+    refused with the 403, and each must fail."""
+
+    def refused_with_403() -> bool:
+        assert kinit(world).returncode != 0, "kinit got a ticket for a non-compliant device"
+        return "refused by the tunnel (403 noncompliant)" in world.agent_log.read_text()
+
+    wait_for(refused_with_403, "the agent's account of the tunnel's 403")
+
+
 def test_kinit_obtains_a_ticket_through_the_agent_and_the_tunnel(world: World) -> None:
     done = kinit(world)
     assert done.returncode == 0, done.stderr + world.agent_log.read_text()
@@ -261,14 +273,7 @@ def test_a_noncompliant_device_is_refused(world: World) -> None:
         refused = kinit_until(world, ok=False)
         assert refused.returncode != 0, "kinit got a ticket for a non-compliant device"
         assert "reason=noncompliant" in node_logs(world)
-
-        # The first failure may be an exchange cut by the live close (a bare close to the
-        # agent); the next ones are refused with the tunnel's 403, and each fails.
-        def refused_with_403() -> bool:
-            assert kinit(world).returncode != 0, "kinit got a ticket for a non-compliant device"
-            return "refused by the tunnel (403 noncompliant)" in world.agent_log.read_text()
-
-        wait_for(refused_with_403, "the agent's account of the tunnel's 403")
+        wait_for_agent_403(world)
     finally:
         set_compliance(world, "compliant")
     again = kinit_until(world, ok=True)
