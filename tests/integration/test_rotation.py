@@ -280,6 +280,14 @@ def running_rotation(cluster: Cluster) -> dict[str, Any]:
     return shown[0]
 
 
+def rotation_of(cluster: Cluster, kind: str) -> dict[str, Any]:
+    """The newest rotation of ``kind`` as the group's rotation status shows it."""
+    with admin(cluster) as client:
+        shown = client.get(f"/api/v1/groups/{GROUP}/rotations").json()
+    found: dict[str, Any] = next(r for r in shown if r["kind"] == kind)
+    return found
+
+
 def feed_call_with(cluster: Cluster, cert: Path, key: Path) -> httpx.Response:
     ctx = ssl.create_default_context(cafile=str(cluster.work / "instance-root.pem"))
     ctx.load_cert_chain(cert, key)

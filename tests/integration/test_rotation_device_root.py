@@ -47,6 +47,7 @@ from tests.integration.test_rotation import (
     echo_port,  # noqa: F401 (a fixture)
     new_device_refused_when_noncompliant,
     report,
+    rotation_of,
     sync_status,
     wait_until,
 )
@@ -84,12 +85,6 @@ def open_tunnels(
     ]
 
 
-def device_root_status(cluster: Cluster) -> dict[str, object]:
-    with admin(cluster) as client:
-        shown = client.get(f"/api/v1/groups/{GROUP}/rotations").json()
-    return next(r for r in shown if r["kind"] == "device-root")
-
-
 def test_device_root_rotation_without_a_failed_connection(
     cluster: Cluster,
     echo_port: int,  # noqa: F811 (the fixture imported above)
@@ -115,7 +110,7 @@ def test_device_root_rotation_without_a_failed_connection(
         )
         wait_until(
             "the status shows both nodes with the new root",
-            lambda: all(n["has_new"] for n in device_root_status(cluster)["nodes"]),  # type: ignore[attr-defined]
+            lambda: all(n["has_new"] for n in rotation_of(cluster, "device-root")["nodes"]),
         )
         report(f"prepare (nodes trusted both after {took * 1000:.0f} ms)", old_loop, old_tunnels)
 
@@ -154,8 +149,8 @@ def test_device_root_rotation_without_a_failed_connection(
         new_device_refused_when_noncompliant(cluster, echo_port, "Device Root")
 
         # The old-root client has renewed: it ends its own old loop and tunnels.
-        status = device_root_status(cluster)
-        assert status["devices"]["old_root_certificates"] == {"app": 1}  # type: ignore[index]
+        status = rotation_of(cluster, "device-root")
+        assert status["devices"]["old_root_certificates"] == {"app": 1}
         stop_loop(old_loop, old_thread)
         report("old-root client done", old_loop, old_tunnels)
         for tunnel in old_tunnels:

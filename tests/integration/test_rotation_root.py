@@ -26,7 +26,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -42,6 +41,7 @@ from tests.integration.test_rotation import (
     echo_port,  # noqa: F401 (a fixture)
     new_device_refused_when_noncompliant,
     report,
+    rotation_of,
     sync_status,
     traffic,  # noqa: F401 (a fixture)
     wait_until,
@@ -56,13 +56,6 @@ ROTATION = f"/api/v1/groups/{GROUP}/rotations/root"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with start_cluster(tmp_path_factory.mktemp("root")) as running:
         yield running
-
-
-def root_status(cluster: Cluster) -> dict[str, Any]:
-    with admin(cluster) as client:
-        shown = client.get(f"/api/v1/groups/{GROUP}/rotations").json()
-    found: dict[str, Any] = next(r for r in shown if r["kind"] == "root")
-    return found
 
 
 def roots_of(node: Node) -> list[x509.Certificate]:
@@ -117,7 +110,7 @@ def test_root_rotation_without_a_failed_connection(
     )
     wait_until(
         "the status shows both nodes with the new Root",
-        lambda: all(n["has_new"] for n in root_status(cluster)["nodes"]),
+        lambda: all(n["has_new"] for n in rotation_of(cluster, "root")["nodes"]),
     )
     new_anchor = roots_of(first)[1]
     assert thumbprint(new_anchor) == new_root

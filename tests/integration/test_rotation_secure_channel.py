@@ -29,7 +29,6 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -56,6 +55,7 @@ from tests.integration.test_rotation import (
     feed_call_with,
     new_device_refused_when_noncompliant,
     report,
+    rotation_of,
     served_cert,
     sync_status,
     traffic,  # noqa: F401 (a fixture)
@@ -72,13 +72,6 @@ ROTATION = f"/api/v1/groups/{GROUP}/rotations/secure-channel-root"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with start_cluster(tmp_path_factory.mktemp("secure-channel-root")) as running:
         yield running
-
-
-def scr_status(cluster: Cluster) -> dict[str, Any]:
-    with admin(cluster) as client:
-        shown = client.get(f"/api/v1/groups/{GROUP}/rotations").json()
-    found: dict[str, Any] = next(r for r in shown if r["kind"] == "secure-channel-root")
-    return found
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -124,7 +117,7 @@ def test_secure_channel_root_rotation_without_a_failed_connection(
     )
     wait_until(
         "the status shows both nodes with the new root",
-        lambda: all(n["has_new"] for n in scr_status(cluster)["nodes"]),
+        lambda: all(n["has_new"] for n in rotation_of(cluster, "secure-channel-root")["nodes"]),
     )
     report(f"prepare (nodes trusted both after {took * 1000:.0f} ms)", loop, tunnels)
 
