@@ -19,6 +19,7 @@ from certgate.console.services import audit, ca
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate, Device
 from tests.postgres import PostgresServer
+from tests.softhsm import PIN_ENV, SoftHSM, shared
 from tests.support import CERTGATE, RunningConsole
 
 _names = itertools.count()
@@ -104,3 +105,12 @@ def cli_audit_verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+@pytest.fixture
+def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
+    """The shared throwaway SoftHSM token, its PIN in the environment (a console
+    subprocess inherits it too)."""
+    softhsm = shared()
+    monkeypatch.setenv(PIN_ENV, softhsm.pin)
+    return softhsm

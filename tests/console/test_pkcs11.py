@@ -19,15 +19,8 @@ from certgate.console.store.models import AuditEntry, SealedKey
 from certgate.errors import ConfigError, PKIError
 from certgate.pki.keys import KeyAlgorithm
 from certgate.pki.token import TokenKey
-from tests.softhsm import MODULE, PIN_ENV, SoftHSM, shared
+from tests.softhsm import MODULE, PIN_ENV, SoftHSM
 from tests.support import CERTGATE, free_port, make_csr, start_console
-
-
-@pytest.fixture
-def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
-    softhsm = shared()
-    monkeypatch.setenv(PIN_ENV, softhsm.pin)  # a console subprocess inherits it too
-    return softhsm
 
 
 def init(data_dir: Path, port: int, hsm: SoftHSM, token: str) -> ca.InstancePKI:

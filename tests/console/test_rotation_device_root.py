@@ -26,7 +26,7 @@ from certgate.pki.keys import KeyAlgorithm, generate_key
 from certgate.pki.profiles import DEVICE_CLIENT
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import TokenKey
-from tests.softhsm import PIN_ENV, SoftHSM, shared
+from tests.softhsm import SoftHSM
 from tests.support import RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
 
@@ -167,13 +167,6 @@ def test_device_root_rotation_prepare_switch_finish(
     assert unknown.status_code == 404 and set(unknown.json()) == {"error", "detail"}
     audit = call(console, "GET", "/api/v1/audit", params={"group_id": group}).json()
     assert {"rotation.prepare", "rotation.finish.forced"} <= {e["action"] for e in audit}
-
-
-@pytest.fixture
-def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
-    softhsm = shared()
-    monkeypatch.setenv(PIN_ENV, softhsm.pin)
-    return softhsm
 
 
 def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(

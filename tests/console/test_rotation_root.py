@@ -37,7 +37,7 @@ from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import TokenKey
 from tests.console.test_rotation import _feed_call
 from tests.console.test_rotation_secure_channel import issued_by, tunnel_trust
-from tests.softhsm import PIN_ENV, SoftHSM, shared
+from tests.softhsm import SoftHSM
 from tests.support import CERTGATE, RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
 
@@ -240,13 +240,6 @@ def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: 
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "REJECTED" not in verified.stderr
-
-
-@pytest.fixture
-def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
-    softhsm = shared()
-    monkeypatch.setenv(PIN_ENV, softhsm.pin)
-    return softhsm
 
 
 def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
