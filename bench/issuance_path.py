@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 
 from bench.fixture import group_settings
 from certgate.console import local
-from certgate.console.api.deps import device_actor
-from certgate.console.services import audit, devices, groups
+from certgate.console.api.device import audited_profile
+from certgate.console.services import devices, groups
 from certgate.console.store.db import Database
 from certgate.console.store.models import ProfileDelivery
 from certgate.console.writer import Writer, _Job
@@ -68,17 +68,7 @@ def _unit(pki: Any, credential: str, csr: bytes) -> Any:
 
     def work(session: Session) -> dict[str, Any]:
         device = devices.authenticate_device(session, credential)
-        delivered = devices.deliver_profile(session, pki, device, csr)
-        audit.append(
-            session,
-            device_actor(device),
-            "cert.issue.device",
-            group_id=device.group_id,
-            device=device.uid,
-            version=delivered["version"],
-            thumbprint=delivered["thumbprint"],
-        )
-        return delivered
+        return audited_profile(session, pki, device, csr)
 
     return work
 

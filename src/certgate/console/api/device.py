@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from certgate.console.api import schemas as s
 from certgate.console.api.deps import as_device, device_actor, device_tx, state_of
 from certgate.console.services import audit, devices
+from certgate.console.services.ca import InstancePKI
 from certgate.console.store.models import Device
 from certgate.pki.thumbprint import thumbprint
 
@@ -85,21 +86,27 @@ async def profile(request: Request, body: s.ProfileIn) -> dict[str, Any]:
     """Per-App Tunnel: profile delivery generates the per-device certificate. Deliveries are
     group-committed (``certgate.console.writer``): each answer follows its commit."""
     pki, csr = state_of(request).pki, body.csr.encode()
+    return await as_device(
+        request, lambda session, device: audited_profile(session, pki, device, csr)
+    )
 
-    def deliver(session: Session, device: Device) -> dict[str, Any]:
-        delivered = devices.deliver_profile(session, pki, device, csr)
-        audit.append(
-            session,
-            device_actor(device),
-            "cert.issue.device",
-            group_id=device.group_id,
-            device=device.uid,
-            version=delivered["version"],
-            thumbprint=delivered["thumbprint"],
-        )
-        return delivered
 
-    return await as_device(request, deliver)
+def audited_profile(
+    session: Session, pki: InstancePKI, device: Device, csr: bytes
+) -> dict[str, Any]:
+    """The profile delivery's unit of work: the certificate issued and audited (also timed
+    in process by ``bench/issuance_path.py``)."""
+    delivered = devices.deliver_profile(session, pki, device, csr)
+    audit.append(
+        session,
+        device_actor(device),
+        "cert.issue.device",
+        group_id=device.group_id,
+        device=device.uid,
+        version=delivered["version"],
+        thumbprint=delivered["thumbprint"],
+    )
+    return delivered
 
 
 def _policy_once(request: Request, after: int) -> tuple[str, int, dict[str, Any] | None]:
