@@ -7,6 +7,7 @@ own SQLite data directory, and clients talk real TLS to it.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -30,10 +31,64 @@ START_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free for TCP now, that no other test worker hands out."""
+    return PORTS.take(socket.SOCK_STREAM)
+
+
+def free_udp_port() -> int:
+    """A loopback port free for UDP now, that no other test worker hands out."""
+    return PORTS.take(socket.SOCK_DGRAM)
+
+
+def free_tcp_and_udp_port() -> int:
+    """A loopback port free for both TCP and UDP now, for servers (dnsmasq, krb5kdc) that
+    bind both."""
+    return PORTS.take(socket.SOCK_STREAM, socket.SOCK_DGRAM)
+
+
+class PortAllocator:
+    """Hands out loopback ports from this test worker's own slice of the ports below the
+    kernel's ephemeral range.
+
+    Binding port 0 returns a port from the ephemeral range, where a parallel worker's
+    client connection or another worker's ``bind(0)`` may take it before the server we
+    start binds it (seen in CI: dnsmasq "Address already in use"). Below that range the
+    kernel never picks a port by itself, and each xdist worker has its own slice, so only
+    a foreign process could collide; every port is still checked by binding it."""
+
+    def __init__(self, ports: range) -> None:
+        self._ports = ports
+        self._next = random.randrange(len(ports))  # a re-run starts elsewhere
+
+    @classmethod
+    def for_this_worker(cls) -> PortAllocator:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        first, workers = 10_000, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+        span = (low - first) // workers
+        if span < 500:
+            raise RuntimeError(f"ephemeral ports start at {low}: too few ports below")
+        return cls(range(first + worker * span, first + (worker + 1) * span))
+
+    def take(self, *kinds: socket.SocketKind) -> int:
+        for _ in range(len(self._ports)):
+            port = self._ports[self._next]
+            self._next = (self._next + 1) % len(self._ports)
+            if all(bindable(port, kind) for kind in kinds):
+                return port
+        raise RuntimeError(f"no free loopback port in {self._ports}")
+
+
+def bindable(port: int, kind: socket.SocketKind) -> bool:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+PORTS = PortAllocator.for_this_worker()
 
 
 def wait_for_tls_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:

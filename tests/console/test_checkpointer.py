@@ -21,7 +21,7 @@ from certgate.console.config import ConsoleConfig
 from certgate.console.services import audit, checkpoints
 from certgate.errors import ConfigError
 from tests.console.conftest import append_audit, cli_audit_verify
-from tests.support import RunningConsole, init_console, start_console
+from tests.support import RunningConsole, free_udp_port, init_console, start_console
 
 WAIT_S = 60.0  # generous: two cores shared by several test runs
 
@@ -224,10 +224,3 @@ def test_a_real_rsyslog_receives_verifiable_checkpoints(data_dir: Path, tmp_path
     db, pki = local.open_db(local.load_config(data_dir))
     db.dispose()
     assert checkpoints.verify_line(line, checkpoints.anchors(pki, local.TOP_GROUP)).count == 2
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from certgate.tunnel.kdcproxy import KDC_PROXY_HOST, KDC_PROXY_PORT
-from tests.dnsmasq import ANSWER, dig, free_udp_port, start_dnsmasq
+from tests.dnsmasq import ANSWER, dig, start_dnsmasq
 from tests.integration.cluster import APP, Cluster, Node, start_cluster, start_haproxy, stop_node
 from tests.integration.cluster import stop_process as stop
 from tests.integration.test_kdc_proxy import (
@@ -52,7 +52,7 @@ from tests.integration.test_kdc_proxy import (
     wait_for_agent_403,
 )
 from tests.integration.test_live_policy import enroll_device
-from tests.support import free_port
+from tests.support import free_port, free_udp_port
 
 pytestmark = [pytest.mark.integration, NEEDS_KRB5]
 

@@ -36,7 +36,7 @@ from tests.integration.cluster import (
     stop_process,
 )
 from tests.integration.test_live_policy import enroll_device
-from tests.support import CERTGATE, free_port, wait_for_tls_port
+from tests.support import CERTGATE, free_port, free_tcp_and_udp_port, wait_for_tls_port
 
 NEEDS_KRB5 = pytest.mark.skipif(
     shutil.which("kinit") is None
@@ -51,6 +51,7 @@ REALM = "CERTGATE.TEST"
 OTHER_REALM = "ELSEWHERE.TEST"
 USER, PASSWORD = "alice", "alice-kerberos-password"
 WAIT_S = 30.0
+KDC_START_ATTEMPTS = 5
 
 
 @dataclass
@@ -102,9 +103,13 @@ def write_kdc_config(work: Path, port: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def start_kdc(work: Path) -> Iterator[KDC]:
+    """A throwaway MIT KDC with one user, listening on a free loopback port (TCP and UDP).
+
+    When another process takes the port between its choice and the KDC's bind (a parallel
+    worker's client connection), the KDC starts again on another port, a bounded number
+    of times."""
     work.mkdir()
-    port = free_port()
-    env = write_kdc_config(work, port)
+    env = write_kdc_config(work, free_tcp_and_udp_port())
     run = {"env": env, "check": True, "capture_output": True, "timeout": 120}
     # The master password only protects this throwaway database (deleted with tmp_path).
     subprocess.run(
@@ -114,17 +119,26 @@ def start_kdc(work: Path) -> Iterator[KDC]:
         ["/usr/sbin/kadmin.local", "-r", REALM, "-q", f"addprinc -pw {PASSWORD} {USER}"], **run
     )
     log = work / "krb5kdc.log"
-    proc = subprocess.Popen(
-        ["/usr/sbin/krb5kdc", "-n", "-r", REALM, "-P", str(work / "kdc.pid")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_tls_port(port, proc, 30)  # a TCP accept is all it checks
-        yield KDC(port, proc, log)
-    finally:
-        stop_process(proc)
+    for attempt in range(1, KDC_START_ATTEMPTS + 1):
+        port = free_tcp_and_udp_port()
+        env = write_kdc_config(work, port)
+        proc = subprocess.Popen(
+            ["/usr/sbin/krb5kdc", "-n", "-r", REALM, "-P", str(work / "kdc.pid")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_tls_port(port, proc, 30)  # a TCP accept is all it checks
+        except RuntimeError:  # it exited: the port was taken
+            text = log.read_text() if log.exists() else ""
+            assert "Address already in use" in text and attempt < KDC_START_ATTEMPTS, text
+            continue
+        try:
+            yield KDC(port, proc, log)
+            return
+        finally:
+            stop_process(proc)
 
 
 def kerberos_settings(kdc_port: int, per_app_port: int) -> dict[str, Any]:

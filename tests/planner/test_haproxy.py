@@ -20,6 +20,7 @@ from certgate.errors import ConfigError
 from certgate.planner.haproxy import Balance, HAProxyOptions, NodeAddress, emit
 from certgate.planner.matrix import CertType, LBMode, Plan, decide
 from tests.planner.test_certcheck import make_certificate, write_pem
+from tests.support import free_port
 
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(
@@ -245,13 +246,6 @@ class _NodeHandler(http.server.BaseHTTPRequestHandler):
         """Keep test output quiet."""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _wait_for_listener(port: int, deadline_s: float = 10.0) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -309,9 +303,9 @@ def test_figure_2_config_serves_traffic(tmp_path: Path) -> None:
     # emitted HTTP plumbing; real Access nodes behind every emitted topology, with PROXY v2
     # and /healthz, are in tests/integration/test_access_haproxy.py.
     ports = HAProxyOptions(
-        https_port=_free_port(),
-        certproxy_port=_free_port(),
-        certproxy_secondary_port=_free_port(),
+        https_port=free_port(),
+        certproxy_port=free_port(),
+        certproxy_secondary_port=free_port(),
         send_proxy_v2=False,
     )
     with _tls_node(node_pem) as node_port:

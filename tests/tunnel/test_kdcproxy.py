@@ -31,6 +31,7 @@ from certgate.tunnel.kdcproxy import (
 from certgate.tunnel.rules import Transport
 from certgate.tunnel.service import TLS_BACKENDS
 from certgate.tunnel.table import DeviceTable
+from tests.support import free_port
 from tests.tunnel.dataplane import (
     APP,
     PKI,
@@ -220,9 +221,7 @@ def test_only_refused_kdcs_is_a_destination_denial() -> None:
 
 
 def test_an_unreachable_kdc_is_a_bad_gateway() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()
     with pytest.raises(KDCProxyError) as caught:
         asyncio.run(ask_kdcs(REQUEST, (f"127.0.0.1:{closed}",), allow_all, LIMITS))
     assert (caught.value.status, caught.value.reason) == (502, "kdc_unreachable")

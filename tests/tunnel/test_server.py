@@ -35,6 +35,7 @@ from certgate.tunnel.server import Limits
 from certgate.tunnel.service import data_plane_tls
 from certgate.tunnel.sync import FeedChange
 from certgate.tunnel.table import DeviceTable
+from tests.support import free_port
 from tests.tlsgroups import REFUSED, SERVED, negotiated_group
 from tests.tunnel.dataplane import (
     APP,
@@ -376,9 +377,7 @@ def test_server_rules_deny_destination(
 def test_unreachable_destination_is_502(
     pki: PKI, tunnel: ServiceThread, clients: dict[str, Client]
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()
     request = f"CONNECT 127.0.0.1:{closed_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     answer = connect_request(
         tunnel.service.bound["proxy"],

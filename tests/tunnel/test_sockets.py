@@ -11,15 +11,10 @@ import socket
 import pytest
 
 from certgate.tunnel.sockets import Acceptor, Dialer, End, Want, Watched, ip_literal
+from tests.support import free_port
 from tests.tunnel.dataplane import LOOPS, run_on
 
 both_loops = pytest.mark.parametrize("loop_name", sorted(LOOPS))
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @both_loops
@@ -129,7 +124,8 @@ def test_the_dialer_reports_the_last_error(loop_name: str) -> None:
         loop = asyncio.get_running_loop()
         outcome = Outcome()
         addresses = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")]
-        Dialer(loop, addresses, closed_port(), 5.0, outcome.connected, outcome.failed).start()
+        closed = free_port()  # nothing listens there
+        Dialer(loop, addresses, closed, 5.0, outcome.connected, outcome.failed).start()
         await outcome.done.wait()
         assert outcome.end is None and outcome.error == "Connection refused"
 
