@@ -456,7 +456,16 @@ def test_connection_limit(
             ctx.wrap_socket(first, server_hostname="localhost"),
         ):
             answer = connect_request(port, ctx, b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n\r\n")
-    assert answer == b""
+            metrics = subprocess.run(
+                ["curl", "-sS", f"http://127.0.0.1:{tunnel.service.bound['admin']}/metrics"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+    assert answer == b""  # closed unanswered, and counted as a denial
+    refused = 'certgate_tunnel_denials_total{mode="proxy",reason="connection_limit"} 1.0'
+    assert refused in metrics.splitlines()
 
 
 def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSource) -> None:

@@ -31,6 +31,7 @@ from certgate.tunnel.admission import DenyReason, Mode
 ADMISSION_REASONS = tuple(reason.value for reason in DenyReason)
 SHELL_REASONS = (
     "tls_handshake",
+    "connection_limit",  # the node's --max-connections reached: closed unanswered
     "identity",
     "header_timeout",
     "bad_request",

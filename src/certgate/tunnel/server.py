@@ -293,6 +293,7 @@ def accept_client(shared: Shared, listener: Listener, sock: socket.socket, addre
             shared.limits.max_connections,
             extra=logs.event("refuse", reason="connection_limit", peer=peer_addr),
         )
+        shared.metrics.denials.labels(listener.mode.value, "connection_limit").inc()
         sock.close()
         return
     try:
