@@ -443,6 +443,15 @@ def test_slow_head_times_out(
     assert answer.startswith(b"HTTP/1.1 408")
 
 
+def admin_get(tunnel: ServiceThread, path: str) -> str:
+    """``path`` of the node's admin listener, fetched by real curl."""
+    url = f"http://127.0.0.1:{tunnel.service.bound['admin']}{path}"
+    run = subprocess.run(
+        ["curl", "-sS", url], capture_output=True, text=True, timeout=30, check=True
+    )
+    return run.stdout
+
+
 def test_connection_limit(
     pki: PKI, source: StaticSource, clients: dict[str, Client], backend: str
 ) -> None:
@@ -456,13 +465,7 @@ def test_connection_limit(
             ctx.wrap_socket(first, server_hostname="localhost"),
         ):
             answer = connect_request(port, ctx, b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n\r\n")
-            metrics = subprocess.run(
-                ["curl", "-sS", f"http://127.0.0.1:{tunnel.service.bound['admin']}/metrics"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
+            metrics = admin_get(tunnel, "/metrics")
     assert answer == b""  # closed unanswered, and counted as a denial
     refused = 'certgate_tunnel_denials_total{mode="proxy",reason="connection_limit"} 1.0'
     assert refused in metrics.splitlines()
@@ -470,27 +473,14 @@ def test_connection_limit(
 
 def test_health_and_metrics(pki: PKI, tunnel: ServiceThread, source: StaticSource) -> None:
     port = tunnel.service.bound["admin"]
-    health = subprocess.run(
-        ["curl", "-sS", f"http://127.0.0.1:{port}/healthz"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    metrics = subprocess.run(
-        ["curl", "-sS", f"http://127.0.0.1:{port}/metrics"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert '"status": "ok"' in health.stdout and f'"group_id": "{GROUP}"' in health.stdout
-    assert "certgate_tunnel_table_entries" in metrics.stdout
-    assert 'certgate_build_info{service="tunnel",version=' in metrics.stdout
-    assert "process_open_fds " in metrics.stdout
+    health, metrics = admin_get(tunnel, "/healthz"), admin_get(tunnel, "/metrics")
+    assert '"status": "ok"' in health and f'"group_id": "{GROUP}"' in health
+    assert "certgate_tunnel_table_entries" in metrics
+    assert 'certgate_build_info{service="tunnel",version=' in metrics
+    assert "process_open_fds " in metrics
     for mode, reason in (("proxy", "unknown_thumbprint"), ("per_app", "destination_denied")):
         zero = f'certgate_tunnel_denials_total{{mode="{mode}",reason="{reason}"}} 0.0'
-        assert zero in metrics.stdout.splitlines()  # seeded: no connection was made yet
+        assert zero in metrics.splitlines()  # seeded: no connection was made yet
     source.fresh = False
     stale = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/healthz"],
@@ -612,12 +602,9 @@ def test_metrics_count_connections_admissions_and_bytes(
     url = f"http://127.0.0.1:{origin.port}/"
     for _ in range(2):
         assert curl(pki, tunnel, clients["app"], url, "--proxytunnel").returncode == 0
-    metrics_url = f"http://127.0.0.1:{tunnel.service.bound['admin']}/metrics"
 
     def value(pattern: str) -> float:
-        text = subprocess.run(
-            ["curl", "-sS", metrics_url], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
+        text = admin_get(tunnel, "/metrics")
         found = re.search(pattern + r" ([0-9.e+]+)", text)
         assert found, f"{pattern} missing from /metrics"
         return float(found.group(1))
