@@ -139,6 +139,7 @@ AUDIT_COLUMNS = ("id", "ts", "actor", "group_id", "action", "outcome", "detail")
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print a JSON list of objects instead of a table.")
 ]
+JsonObjectFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def show_listing(
@@ -494,7 +495,7 @@ def _iso(value: object) -> str:
 def group_show(
     data_dir: DataDir,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """A group's settings and policy version (what its tunnel nodes and devices apply)."""
     with opened(data_dir) as (session, _):
@@ -531,7 +532,7 @@ def group_set(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Change nothing; show whom it would refuse.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """Change a group's policy, as PATCH /groups/G/settings does (published to its nodes)."""
     changes = settings_changes(server_rules, device_rules, feed or [])
@@ -834,7 +835,7 @@ def device_compliance(
     data_dir: DataDir,
     uid: str,
     limit: HistoryLimit = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """A device's compliance: status, failing rules, override, history (the default).
 
@@ -851,7 +852,7 @@ def device_compliance_override(
     status: OverrideStatus,
     expires: OverrideExpiry,
     reason: OverrideReason,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """Set the device's compliance by hand until it expires.
 
@@ -872,7 +873,7 @@ def device_compliance_clear(
     data_dir: DataDir,
     uid: str,
     reason: ClearReason = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """End the device's override now; the policy judges it again."""
     with opened(data_dir) as (session, _):
@@ -1184,7 +1185,7 @@ def _register_start(kind: str) -> None:
         overlap: Annotated[
             str, typer.Option(help="Least time between switch and finish (e.g. 1h, 7d).")
         ] = "1h",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        as_json: JsonObjectFlag = False,
     ) -> None:
         rotate_start(data_dir, kind, group_id, overlap, as_json)
 
@@ -1201,7 +1202,7 @@ def rotate_switch(
     data_dir: DataDir,
     kind: RotateKind,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """Switch: the new one is used for new work."""
     with opened(data_dir) as (session, pki):
@@ -1217,7 +1218,7 @@ def rotate_switch(
 def rotate_renew_devices(
     data_dir: DataDir,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """After a device-root switch: devices still on the old root renew at their next check."""
     with opened(data_dir) as (session, pki):
@@ -1249,7 +1250,7 @@ def rotate_finish(
     force: Annotated[
         bool, typer.Option("--force", help="Finish although something depends on the old one.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """Finish: the old one is no longer trusted and is revoked."""
     with opened(data_dir) as (session, pki):
@@ -1270,7 +1271,7 @@ def rotate_finish(
 def rotate_status(
     data_dir: DataDir,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """The group's rotations: per node, who has the new one and who presents the old."""
     with opened(data_dir) as (session, _):
@@ -1287,7 +1288,7 @@ def rotate_status(
 @rotate_app.command("renew")
 def rotate_renew(
     data_dir: DataDir,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """Renewal before expiry (run it daily, e.g. from a systemd timer): rotate every group
     identity within 30 days of its end, and finish such rotations nothing depends on."""
@@ -1410,7 +1411,7 @@ def remote_group_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 def remote_group_show(
     ctx: typer.Context,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     with connected(ctx) as client:
         shown = client.call("group show", group_id=group_id)
@@ -1443,7 +1444,7 @@ def remote_group_set(
     device_rules: Annotated[Path | None, typer.Option(help="JSON file: device rules.")] = None,
     feed: Annotated[list[str] | None, typer.Option(help="JSON or key=value.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     changes = settings_changes(server_rules, device_rules, feed or [])
     with connected(ctx) as client:
@@ -1493,7 +1494,7 @@ def remote_device_compliance(
     ctx: typer.Context,
     uid: str,
     limit: HistoryLimit = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     with connected(ctx) as client:
         shown = client.call("device compliance", query={"limit": limit}, uid=uid)
@@ -1507,7 +1508,7 @@ def remote_device_compliance_override(
     status: OverrideStatus,
     expires: OverrideExpiry,
     reason: OverrideReason,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     ttl_s = int(parse_duration(expires).total_seconds())
     body = {"status": status, "expires_in_s": ttl_s, "reason": reason}
@@ -1521,7 +1522,7 @@ def remote_device_compliance_clear(
     ctx: typer.Context,
     uid: str,
     reason: ClearReason = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     query = {"reason": reason} if reason is not None else None
     with connected(ctx) as client:
@@ -1762,7 +1763,7 @@ def remote_tunnel_nodes(ctx: typer.Context, group_id: str, as_json: JsonFlag = F
 @remote_rotate.command("renew")
 def remote_rotate_renew(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """As the local command (a top-level superadmin): rotate every group identity within
     30 days of its end, and finish such rotations nothing depends on."""
@@ -1775,7 +1776,7 @@ def remote_rotate_renew(
 def remote_rotate_status(
     ctx: typer.Context,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     with connected(ctx) as client:
         shown = client.call("rotate status", group_id=group_id)
@@ -1795,7 +1796,7 @@ def _register_remote_start(kind: str) -> None:
         ctx: typer.Context,
         group_id: str,
         overlap: Annotated[str, typer.Option(help="e.g. 1h, 7d.")] = "1h",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        as_json: JsonObjectFlag = False,
     ) -> None:
         body = {"overlap_s": int(parse_duration(overlap).total_seconds())}
         with connected(ctx) as client:
@@ -1815,7 +1816,7 @@ def remote_rotate_switch(
     ctx: typer.Context,
     kind: RotateKind,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     with connected(ctx) as client:
         shown = client.call("rotate switch", group_id=group_id, kind=kind)
@@ -1826,7 +1827,7 @@ def remote_rotate_switch(
 def remote_rotate_renew_devices(
     ctx: typer.Context,
     group_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     """After a device-root switch: devices still on the old root renew at their next check."""
     with connected(ctx) as client:
@@ -1840,7 +1841,7 @@ def remote_rotate_finish(
     kind: RotateKind,
     group_id: str,
     force: Annotated[bool, typer.Option("--force")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonObjectFlag = False,
 ) -> None:
     query = {"force": "true"} if force else None
     with connected(ctx) as client:
