@@ -157,6 +157,11 @@ class InstancePKI:
         if statuses != self._statuses:
             self.reload(session)
 
+    @property
+    def generation(self) -> tuple[tuple[str, str], ...]:
+        """What the CA rows were when last loaded: it changes with every rotation step."""
+        return self._statuses
+
     def label(self, role: str) -> str:
         """The row label of the current CA of ``role``."""
         return self.labels.get(role, role)
