@@ -273,10 +273,14 @@ def save_config(config: AccessConfig) -> None:
     data["load_balancers"] = list(config.load_balancers)
     data["signins"] = config.signins.value
     data["clients"] = [_stored_client(c) for c in config.clients]
-    path = config.files.settings
-    tmp = path.with_suffix(".tmp")
+    _write_settings(config.files, data)
+
+
+def _write_settings(files: AccessFiles, data: dict[str, Any]) -> None:
+    """``access.json`` replaced whole: a reader sees the old settings or the new."""
+    tmp = files.settings.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    os.replace(tmp, files.settings)
 
 
 def _stored_client(client: ClientRegistration) -> dict[str, Any]:
@@ -297,9 +301,7 @@ def register_client_secret(files: AccessFiles, client_id: str, secret_sha256: st
         raise ConfigError(f"no client {client_id!r} in {files.settings}")
     ClientRegistration(client_id, tuple(found[0]["redirect_uris"]), secret_sha256)
     found[0]["secret_sha256"] = secret_sha256
-    tmp = files.settings.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, files.settings)
+    _write_settings(files, data)
 
 
 def pin_certproxy(files: AccessFiles, thumbprint: str) -> None:
@@ -309,9 +311,7 @@ def pin_certproxy(files: AccessFiles, thumbprint: str) -> None:
         raise ConfigError("cert proxy thumbprint must be 64 lower-case hex characters")
     data = json.loads(files.settings.read_text())
     data["certproxy_thumbprint"] = thumbprint
-    tmp = files.settings.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, files.settings)
+    _write_settings(files, data)
 
 
 def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:

@@ -77,7 +77,9 @@ class SealedSecret:
         try:
             mode = stat.S_IMODE(self.path.stat().st_mode)
             if mode & 0o077:
-                raise ConfigError(f"sealed SSO client secret {self.path} has mode {mode:04o}")
+                raise ConfigError(
+                    f"sealed SSO client secret {self.path} has mode {mode:04o}: chmod 600 it"
+                )
             return unseal(self.master, self.path.read_bytes())
         except FileNotFoundError as exc:
             raise ConfigError(
