@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from certgate.access.cli import parse_clients
 from certgate.access.config import ClientRegistration, TLSMode, load_config
 from certgate.access.install import load_material
+from certgate.access.oidc import secret_hash
 from certgate.cli import app
 from certgate.errors import ConfigError
 from certgate.pki.keys import private_key_pem
@@ -126,3 +127,21 @@ def test_public_cert_installs_a_renewed_certificate_and_refuses_a_wrong_key(
     assert after.public_chain[0] == renewed.leaf.cert
     everything = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
     assert b"PRIVATE KEY" not in everything  # its key is sealed
+
+
+def test_client_secret_makes_a_client_confidential_keeping_only_its_hash(tmp_path: Path) -> None:
+    assert runner.invoke(app, init_args(tmp_path)).exit_code == 0
+    data_dir = str(tmp_path / "access")
+    result = runner.invoke(app, ["access", "client-secret", "-d", data_dir, "com.example.mail"])
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip()
+    assert len(secret) == 43  # token_urlsafe(32): 256 bits
+    assert "restart Access" in result.stderr
+    [client] = load_config(tmp_path / "access").clients
+    assert client.secret_sha256 == secret_hash(secret)
+    assert len(client.redirect_uris) == 2  # the rest of the registration untouched
+    assert secret not in (tmp_path / "access" / "access.json").read_text()
+    again = runner.invoke(app, ["access", "client-secret", "-d", data_dir, "com.example.mail"])
+    assert again.exit_code == 0 and again.stdout.strip() != secret  # a new one replaces it
+    unknown = runner.invoke(app, ["access", "client-secret", "-d", data_dir, "other"])
+    assert unknown.exit_code == 1 and "no client 'other'" in unknown.output

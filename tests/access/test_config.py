@@ -127,6 +127,17 @@ def test_client_needs_a_redirect_uri_and_a_sane_id() -> None:
         ClientRegistration("bad id", ("https://a.example/cb",))
 
 
+def test_a_confidential_client_round_trips_with_its_secret_hash_only(tmp_path: Path) -> None:
+    confidential = ClientRegistration("console", ("https://console.example/cb",), "ab" * 32)
+    cfg = config(tmp_path, clients=(*CLIENTS, confidential))
+    save_config(cfg)
+    assert load_config(tmp_path) == cfg
+    stored = json.loads(AccessFiles(tmp_path).settings.read_text())["clients"]
+    assert "secret_sha256" not in stored[0] and stored[1]["secret_sha256"] == "ab" * 32
+    with pytest.raises(ConfigError, match="secret_sha256 must be 64 hex digits"):
+        ClientRegistration("console", ("https://console.example/cb",), "not-a-hash")
+
+
 def test_sign_ins_are_kept_in_the_console_unless_told(tmp_path: Path) -> None:
     """Shared by default (any node behind a round-robin balancer finishes any sign-in); an
     access.json written before the setting existed means the same; a bad value is refused."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+import base64
+from urllib.parse import parse_qs, quote_plus, urlsplit
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -16,6 +17,7 @@ from certgate.access.config import ClientRegistration
 from certgate.access.oidc import (
     AuthorizationRequest,
     AuthorizeError,
+    ClientCredentials,
     DeviceGrant,
     IdTokenSigner,
     OAuthError,
@@ -23,6 +25,8 @@ from certgate.access.oidc import (
     Transaction,
     TransactionStore,
     TxState,
+    authenticate_client,
+    basic_credentials,
     code_redirect,
     discovery_document,
     error_redirect,
@@ -30,6 +34,7 @@ from certgate.access.oidc import (
     parse_authorization_request,
     parse_token_request,
     s256,
+    secret_hash,
 )
 
 ISSUER = "https://access.example.com"
@@ -328,7 +333,7 @@ def test_discovery_document_points_at_the_endpoints() -> None:
     assert doc["jwks_uri"] == f"{ISSUER}/jwks.json"
     assert doc["code_challenge_methods_supported"] == ["S256"]
     assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
-    assert doc["token_endpoint_auth_methods_supported"] == ["none"]
+    assert doc["token_endpoint_auth_methods_supported"] == ["none", "client_secret_basic"]
 
 
 NAMES = st.sampled_from(
@@ -371,3 +376,78 @@ def test_any_token_request_parses_or_fails_cleanly(pairs: list[tuple[str, str]])
         assert exc.error in {"invalid_request", "unsupported_grant_type", "invalid_grant"}
     else:  # pragma: no cover - no code was ever issued
         raise AssertionError("redeemed a code that was never issued")
+
+
+# Confidential clients (client_secret_basic, RFC 6749 §2.3.1).
+SECRET = "kq3-Secret_of.the~relying party"
+CONFIDENTIAL = ClientRegistration("console", ("https://console.example/cb",), secret_hash(SECRET))
+BOTH = {**CLIENTS, CONFIDENTIAL.client_id: CONFIDENTIAL}
+
+
+def basic(client_id: str, secret: str) -> str:
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"  # form-urlencoded, then base64
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def test_basic_credentials_are_form_urlencoded_then_base64() -> None:
+    assert basic_credentials(None) is None
+    credentials = basic_credentials(basic("console", SECRET))
+    assert credentials == ClientCredentials("console", SECRET)
+    assert SECRET not in repr(credentials)
+    assert basic_credentials("basic " + basic("a:b", "c d")[6:]) == ClientCredentials("a:b", "c d")
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("Bearer abc", "only client_secret_basic"),
+        ("Basic", "malformed"),
+        ("Basic not*base64", "malformed"),
+        ("Basic " + base64.b64encode(b"no-colon").decode(), "malformed"),
+        ("Basic " + base64.b64encode(b":secret").decode(), "malformed"),
+        ("Basic " + base64.b64encode(b"id:").decode(), "malformed"),
+        ("Basic " + base64.b64encode(b"id:\xff").decode(), "malformed"),
+        ("Basic " + "A" * 4000, "only client_secret_basic"),
+    ],
+)
+def test_malformed_client_authentication_is_invalid_client(header: str, message: str) -> None:
+    with pytest.raises(OAuthError, match=message) as caught:
+        basic_credentials(header)
+    assert (caught.value.error, caught.value.status) == ("invalid_client", 401)
+
+
+def test_the_client_id_comes_from_the_body_or_the_credentials_and_they_agree() -> None:
+    form = [("grant_type", "authorization_code"), ("code", "c"), ("redirect_uri", "u"),
+            ("code_verifier", VERIFIER)]  # fmt: skip
+    credentials = ClientCredentials("console", SECRET)
+    assert parse_token_request(form, credentials).client_id == "console"
+    same = parse_token_request([*form, ("client_id", "console")], credentials)
+    assert same.client_id == "console"
+    with pytest.raises(OAuthError, match="differs from the authenticated"):
+        parse_token_request([*form, ("client_id", "other")], credentials)
+    with pytest.raises(OAuthError, match="client_id is required"):
+        parse_token_request(form)
+
+
+@pytest.mark.parametrize(
+    ("client_id", "credentials", "message"),
+    [
+        ("console", None, "must authenticate"),
+        ("console", ClientCredentials("console", SECRET + "x"), "wrong client secret"),
+        ("console", ClientCredentials("console", ""), "wrong client secret"),
+        (CLIENT.client_id, ClientCredentials(CLIENT.client_id, "x"), "public client sends no"),
+        ("unknown", None, "unknown client_id"),
+        ("unknown", ClientCredentials("unknown", SECRET), "unknown client_id"),
+    ],
+)
+def test_client_authentication_refusals(
+    client_id: str, credentials: ClientCredentials | None, message: str
+) -> None:
+    with pytest.raises(OAuthError, match=message) as caught:
+        authenticate_client(client_id, credentials, BOTH)
+    assert (caught.value.error, caught.value.status) == ("invalid_client", 401)
+
+
+def test_a_confidential_client_with_its_secret_and_a_public_one_without_pass() -> None:
+    authenticate_client("console", ClientCredentials("console", SECRET), BOTH)
+    authenticate_client(CLIENT.client_id, None, BOTH)

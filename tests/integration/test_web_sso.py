@@ -14,7 +14,11 @@ the method and subject; an owner who is no admin is refused and audited; a callb
 a state this browser did not start is refused; a code replayed into a new flow is refused
 by the provider and so by the console; the exact callback replayed is refused. A second
 console (``require_totp``) asks the admin's TOTP code after the provider: a wrong one is
-refused and audited, the right one signs in.
+refused and audited, the right one signs in. A third console is a confidential client
+(``certgate-console-sealed``): Access made its secret (``certgate access client-secret``),
+piped into ``certgate console sso set-secret``, which sealed it under the console's master
+key; with it the admin signs in, with a wrong one sealed instead Access refuses the code
+redemption (``invalid_client``) and the console says so and audits it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tests.support import CERTGATE, RunningConsole, free_port, init_console, sta
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 CLIENT_ID = "certgate-console"
+SEALED_CLIENT_ID = "certgate-console-sealed"  # confidential: its secret sealed by the console
 CALLBACK = "/ui/sso/callback"
 
 
@@ -57,6 +62,8 @@ class SSOSetup:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     totp_console: RunningConsole | None = None  # require_totp; alice is its admin ops
     ops_totp: pyotp.TOTP | None = None
+    sealed_console: RunningConsole | None = None  # SEALED_CLIENT_ID; alice is its admin ops
+    client_secret: str = ""  # the one Access made for SEALED_CLIENT_ID
 
     def audit(self) -> list[AuditEntry]:
         with self.console.local() as (session, _):
@@ -64,13 +71,16 @@ class SSOSetup:
             return list(session.execute(query.order_by(AuditEntry.id)).scalars())
 
 
-def _configure_sso(data_dir: Path, issuer: str, ca_file: Path, totp: bool = False) -> None:
+def _configure_sso(
+    data_dir: Path, issuer: str, ca_file: Path, totp: bool = False, sealed: bool = False
+) -> None:
     settings = data_dir / "console.json"
     config = json.loads(settings.read_text())
     config["sso"] = {
         "require_totp": totp,
         "issuer": issuer,
-        "client_id": CLIENT_ID,
+        "client_id": SEALED_CLIENT_ID if sealed else CLIENT_ID,
+        "client_secret_sealed": sealed,
         "admin_claim": "preferred_username",
         "admins": {"alice": "ops"},
         "ca_file": str(ca_file),
@@ -93,6 +103,8 @@ def _access_init(setup: SSOSetup, public: PublicPKI, access_admin: dict[str, str
     w, leaf = setup.work, public.leaf
     consoles = [setup.console, *([setup.totp_console] if setup.totp_console else [])]
     clients = [arg for c in consoles for arg in ("--client", f"{CLIENT_ID}={c.url}{CALLBACK}")]
+    if setup.sealed_console is not None:
+        clients += ["--client", f"{SEALED_CLIENT_ID}={setup.sealed_console.url}{CALLBACK}"]
     args = [
         *CERTGATE, "access", "init", "-d", str(w / "access"),
         "--issuer", f"https://127.0.0.1:{setup.access_port}",
@@ -145,6 +157,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSOSetup]:
     data_dir2, port2 = init_console(second)
     _configure_sso(data_dir2, issuer, ca_file, totp=True)
     totp_console = start_console(second, data_dir2, port2)
+    third = work / "third"
+    third.mkdir()
+    data_dir3, port3 = init_console(third)
+    _configure_sso(data_dir3, issuer, ca_file, sealed=True)
+    sealed_console = start_console(third, data_dir3, port3)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         access_admin = _populate(console)
@@ -152,7 +169,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSOSetup]:
         bob = _enroll(console, "compliant", user="bob")
         running = SSOSetup(console, access_port, proxy_port, alice, bob, work, procs)
         running.totp_console, running.ops_totp = totp_console, _totp_admin(totp_console)
+        running.sealed_console = sealed_console
+        sealed_console.make_admin("ops", "superadmin", "global")
         _access_init(running, public, access_admin)
+        running.client_secret = _confidential_client(running)
         data = ["-d", str(work / "access")]
         _start(running, "access", [*CERTGATE, "access", "serve", *data], access_port)
         proxy = [*CERTGATE, "certproxy", "serve", *data, "--port", str(proxy_port)]
@@ -164,6 +184,30 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSOSetup]:
             proc.wait(timeout=20)
         console.stop()
         totp_console.stop()
+        sealed_console.stop()
+
+
+def _confidential_client(setup: SSOSetup) -> str:
+    """Access makes SEALED_CLIENT_ID confidential (before it starts) and prints its secret,
+    piped into the sealed console's ``sso set-secret``; answers the secret."""
+    made = subprocess.run(
+        [*CERTGATE, "access", "client-secret", "-d", str(setup.work / "access"), SEALED_CLIENT_ID],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr.decode()
+    secret = made.stdout.decode().strip()
+    _seal_client_secret(setup, secret.encode() + b"\n")
+    return secret
+
+
+def _seal_client_secret(setup: SSOSetup, secret: bytes) -> None:
+    assert setup.sealed_console is not None
+    data_dir = str(setup.sealed_console.data_dir)
+    sealed = subprocess.run(
+        [*CERTGATE, "console", "sso", "set-secret", "-d", data_dir],
+        input=secret, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sealed.returncode == 0, sealed.stderr.decode()
 
 
 def _totp_admin(console: RunningConsole) -> pyotp.TOTP:
@@ -326,3 +370,50 @@ def test_a_console_that_also_wants_totp_asks_for_it_after_the_provider(
         outcomes = [(e.outcome, e.detail.get("method")) for e in rows]
     assert outcomes[-2:] == [("denied", "sso"), ("ok", "sso")]
     context.close()
+
+
+def test_a_confidential_client_whose_secret_is_sealed_signs_in(
+    setup: SSOSetup, chromium: Browser, tmp_path: Path
+) -> None:
+    console, secret = setup.sealed_console, setup.client_secret
+    assert console is not None and secret
+    sealed_file = console.data_dir / "sso-client-secret.sealed"
+    assert secret.encode() not in sealed_file.read_bytes()
+    context = _device_browser(chromium, setup, setup.alice)
+    page = context.new_page()
+    page.goto(f"{console.url}/ui/login")
+    page.click("#sso")
+    page.wait_for_url(f"{console.url}/ui/")
+    assert page.locator(".me").inner_text() == "ops"
+    page.screenshot(path=tmp_path / "sso-sealed-signed-in.png", full_page=True)
+    context.close()
+    access_log = (setup.work / "access.log").read_text(errors="replace")
+    assert "issued ID token" in access_log and f"to client {SEALED_CLIENT_ID}" in access_log
+    assert secret not in console.log() and secret not in access_log
+
+
+def test_a_wrong_sealed_secret_is_refused_by_the_provider(
+    setup: SSOSetup, chromium: Browser
+) -> None:
+    console = setup.sealed_console
+    assert console is not None
+    _seal_client_secret(setup, b"not-the-secret-access-made")
+    try:
+        context = _device_browser(chromium, setup, setup.alice)
+        page = context.new_page()
+        page.goto(f"{console.url}/ui/login")
+        page.click("#sso")
+        page.wait_for_load_state("load")
+        assert "/ui/sso/callback" in page.url
+        error = page.locator(".error").inner_text()
+        assert "provider refused the code" in error and "wrong client secret" in error
+        assert "__Host-certgate-session" not in {c["name"] for c in context.cookies()}
+        context.close()
+    finally:
+        _seal_client_secret(setup, setup.client_secret.encode())
+    with console.local() as (session, _):
+        query = select(AuditEntry).where(AuditEntry.action == "ui.signin")
+        denied = session.execute(query.order_by(AuditEntry.id.desc()).limit(1)).scalar_one()
+        assert denied.outcome == "denied" and "wrong client secret" in denied.detail["reason"]
+    access_log = (setup.work / "access.log").read_text(errors="replace")
+    assert "invalid_client (wrong client secret)" in access_log

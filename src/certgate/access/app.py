@@ -289,7 +289,10 @@ async def _oauth_error(request: Request, exc: Exception) -> Response:
     )
     if isinstance(exc, oidc.AuthorizeError) and exc.redirect_uri is not None:
         return _redirect(oidc.error_redirect(exc, state_of(request).config.issuer))
-    return _error(exc.status, exc.error, exc.description)
+    response = _error(exc.status, exc.error, exc.description)
+    if exc.error == "invalid_client":  # RFC 6749 §5.2: the scheme the client may use
+        response.headers["www-authenticate"] = 'Basic realm="certgate access"'
+    return response
 
 
 async def _certgate_error(request: Request, exc: Exception) -> Response:
@@ -417,7 +420,10 @@ async def token(request: Request) -> Response:
     if refused is not None:
         return refused
     try:
-        tx = await state.store.redeem(oidc.parse_token_request(await _form(request)))
+        credentials = oidc.basic_credentials(request.headers.get("authorization"))
+        token_request = oidc.parse_token_request(await _form(request), credentials)
+        oidc.authenticate_client(token_request.client_id, credentials, state.clients)
+        tx = await state.store.redeem(token_request)
     except oidc.OAuthError:
         _limiter(request).failed(None, address, time.monotonic())
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -14,11 +15,13 @@ from certgate.access.config import (
     CERTPROXY_PORT,
     DEFAULT_PORT,
     AccessConfig,
+    AccessFiles,
     ClientRegistration,
     SignInStoreKind,
     TLSMode,
     load_config,
     parse_networks,
+    register_client_secret,
 )
 from certgate.access.install import (
     InstallRequest,
@@ -27,6 +30,7 @@ from certgate.access.install import (
     load_material,
     replace_public_certificate,
 )
+from certgate.access.oidc import secret_hash
 from certgate.cliconfig import ConfigFile
 from certgate.errors import CertgateError, ConfigError
 from certgate.pki.thumbprint import thumbprint
@@ -187,6 +191,23 @@ def public_cert(
         f" {leaf.not_valid_after_utc:%Y-%m-%d}; in use within the cert proxy's reload interval"
         f" and Access's renew_check_s ({config.renew_check_s:g} s)"
     )
+
+
+@app.command("client-secret")
+def client_secret(
+    data_dir: DataDir,
+    client_id: Annotated[str, typer.Argument(help="A client registered at init.")],
+) -> None:
+    """Make CLIENT_ID a confidential client (client_secret_basic), or give it a new secret:
+    prints the secret once (give it to the relying party, e.g. `certgate console sso
+    set-secret`); access.json keeps only its SHA-256. Access takes it at its next start."""
+    secret = secrets.token_urlsafe(32)  # 256 bits: a hash is enough to keep
+    try:
+        register_client_secret(AccessFiles(data_dir), client_id, secret_hash(secret))
+    except (CertgateError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    print(secret)  # stdout alone, so that it pipes; the note goes to stderr
+    err.print(f"client {client_id}: secret shown once; restart Access to require it")
 
 
 @app.command()

@@ -63,14 +63,20 @@ class SignInStoreKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ClientRegistration:
-    """A relying party: a public client (RFC 8252 native app) identified by its redirect URIs."""
+    """A relying party identified by its redirect URIs: a public client (RFC 8252 native
+    app), or a confidential one (``certgate access client-secret``) that authenticates at
+    the token endpoint with ``client_secret_basic`` (RFC 6749 §2.3.1). Only the SHA-256 of
+    its secret is kept: Access made the secret, 256 random bits, so no dictionary applies."""
 
     client_id: str
     redirect_uris: tuple[str, ...]
+    secret_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not CLIENT_ID_RE.fullmatch(self.client_id):
             raise ConfigError(f"client id {self.client_id!r} must match {CLIENT_ID_RE.pattern}")
+        if self.secret_sha256 is not None and not is_thumbprint(self.secret_sha256):
+            raise ConfigError(f"client {self.client_id!r}: secret_sha256 must be 64 hex digits")
         if not self.redirect_uris:
             raise ConfigError(f"client {self.client_id!r} needs at least one redirect URI")
         for uri in self.redirect_uris:
@@ -266,13 +272,36 @@ def save_config(config: AccessConfig) -> None:
     data["tls_mode"] = config.tls_mode.value
     data["load_balancers"] = list(config.load_balancers)
     data["signins"] = config.signins.value
-    data["clients"] = [
-        {"client_id": c.client_id, "redirect_uris": list(c.redirect_uris)} for c in config.clients
-    ]
-    path = config.files.settings
-    tmp = path.with_suffix(".tmp")
+    data["clients"] = [_stored_client(c) for c in config.clients]
+    _write_settings(config.files, data)
+
+
+def _write_settings(files: AccessFiles, data: dict[str, Any]) -> None:
+    """``access.json`` replaced whole: a reader sees the old settings or the new."""
+    tmp = files.settings.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    os.replace(tmp, files.settings)
+
+
+def _stored_client(client: ClientRegistration) -> dict[str, Any]:
+    stored: dict[str, Any] = {"client_id": client.client_id}
+    stored["redirect_uris"] = list(client.redirect_uris)
+    if client.secret_sha256 is not None:
+        stored["secret_sha256"] = client.secret_sha256
+    return stored
+
+
+def register_client_secret(files: AccessFiles, client_id: str, secret_sha256: str) -> None:
+    """Make ``client_id`` confidential (or give it a new secret) in ``access.json``, changing
+    nothing else; a running Access takes it at its next start."""
+    data = json.loads(files.settings.read_text())
+    clients = data.get("clients", [])
+    found = [c for c in clients if c.get("client_id") == client_id]
+    if not found:
+        raise ConfigError(f"no client {client_id!r} in {files.settings}")
+    ClientRegistration(client_id, tuple(found[0]["redirect_uris"]), secret_sha256)
+    found[0]["secret_sha256"] = secret_sha256
+    _write_settings(files, data)
 
 
 def pin_certproxy(files: AccessFiles, thumbprint: str) -> None:
@@ -282,9 +311,7 @@ def pin_certproxy(files: AccessFiles, thumbprint: str) -> None:
         raise ConfigError("cert proxy thumbprint must be 64 lower-case hex characters")
     data = json.loads(files.settings.read_text())
     data["certproxy_thumbprint"] = thumbprint
-    tmp = files.settings.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, files.settings)
+    _write_settings(files, data)
 
 
 def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:
@@ -305,7 +332,7 @@ def load_config(data_dir: Path, **overrides: Any) -> AccessConfig:
         data["load_balancers"] = tuple(balancers)
         data["signins"] = SignInStoreKind(data.get("signins", SignInStoreKind.CONSOLE.value))
         data["clients"] = tuple(
-            ClientRegistration(c["client_id"], tuple(c["redirect_uris"]))
+            ClientRegistration(c["client_id"], tuple(c["redirect_uris"]), c.get("secret_sha256"))
             for c in data.get("clients", [])
         )
         return AccessConfig(**data)

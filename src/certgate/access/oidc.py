@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
@@ -42,6 +42,7 @@ __all__ = [
     "TOKEN_PATH",
     "AuthorizationRequest",
     "AuthorizeError",
+    "ClientCredentials",
     "DeviceGrant",
     "IdTokenSigner",
     "MemorySignIns",
@@ -51,6 +52,8 @@ __all__ = [
     "Transaction",
     "TransactionStore",
     "TxState",
+    "authenticate_client",
+    "basic_credentials",
     "check_bindings",
     "code_redirect",
     "discovery_document",
@@ -282,8 +285,59 @@ class TokenRequest:
     code_verifier: str
 
 
-def parse_token_request(params: Sequence[tuple[str, str]]) -> TokenRequest:
-    """RFC 6749 §4.1.3 for a public client (``token_endpoint_auth_method`` none)."""
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """What a confidential client sent in its ``Authorization: Basic`` header."""
+
+    client_id: str
+    secret: str = field(repr=False)
+
+
+def basic_credentials(authorization: str | None) -> ClientCredentials | None:
+    """RFC 6749 §2.3.1: ``Basic base64(form-urlencoded id ":" form-urlencoded secret)``
+    (RFC 7617 §2); None without the header. A malformed one is ``invalid_client``."""
+    if authorization is None:
+        return None
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic" or len(encoded) > 4 * MAX_PARAM_CHARS:
+        raise _invalid_client("only client_secret_basic authentication is supported")
+    try:
+        pair = base64.b64decode(encoded.strip(), validate=True).decode()
+    except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise _invalid_client("malformed Basic credentials") from exc
+    client_id, sep, secret = pair.partition(":")
+    if not sep or not client_id or not secret:
+        raise _invalid_client("malformed Basic credentials")
+    return ClientCredentials(unquote_plus(client_id), unquote_plus(secret))
+
+
+def authenticate_client(
+    client_id: str, credentials: ClientCredentials | None, clients: Mapping[str, ClientRegistration]
+) -> None:
+    """A registered client; a confidential one proves its secret (compared as SHA-256, in
+    constant time), a public one sends none (RFC 6749 §2.1, §3.2.1)."""
+    client = clients.get(client_id)
+    if client is None:
+        raise _invalid_client("unknown client_id")
+    if client.secret_sha256 is None:
+        if credentials is not None:
+            raise _invalid_client("a public client sends no client secret")
+        return
+    if credentials is None:
+        raise _invalid_client("this client must authenticate (client_secret_basic)")
+    if not hmac.compare_digest(secret_hash(credentials.secret), client.secret_sha256):
+        raise _invalid_client("wrong client secret")
+
+
+def _invalid_client(description: str) -> OAuthError:
+    return OAuthError("invalid_client", description, 401)  # RFC 6749 §5.2
+
+
+def parse_token_request(
+    params: Sequence[tuple[str, str]], credentials: ClientCredentials | None = None
+) -> TokenRequest:
+    """RFC 6749 §4.1.3; ``client_id`` from the body, or from ``credentials`` (then the
+    body's, if any, must be the same)."""
     values: dict[str, str] = {}
     for name, value in params:
         if name in values:  # RFC 6749 §3.2
@@ -291,6 +345,9 @@ def parse_token_request(params: Sequence[tuple[str, str]]) -> TokenRequest:
         values[name] = value
     if values.get("grant_type") != "authorization_code":
         raise OAuthError("unsupported_grant_type", "only grant_type=authorization_code")
+    if credentials is not None:
+        if values.setdefault("client_id", credentials.client_id) != credentials.client_id:
+            raise OAuthError("invalid_request", "client_id differs from the authenticated one")
     for name in ("code", "redirect_uri", "client_id", "code_verifier"):
         if not values.get(name):
             raise OAuthError("invalid_request", f"{name} is required")
@@ -485,7 +542,7 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": [ALG],
         "scopes_supported": ["openid"],
-        "token_endpoint_auth_methods_supported": ["none"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic"],
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": True,
         "claims_supported": [

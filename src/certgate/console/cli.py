@@ -10,6 +10,7 @@ import getpass
 import json
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from typer.core import TyperGroup
 
 from certgate.cliconfig import ConfigFile
 from certgate.console import backup as backup_mod
-from certgate.console import local, remote
+from certgate.console import local, remote, sso_secret
 from certgate.console.api.schemas import (
     AdminOut,
     ApiKeyOut,
@@ -85,6 +86,8 @@ app.add_typer(group_app, name="group")
 app.add_typer(device_app, name="device")
 app.add_typer(cert_app, name="cert")
 app.add_typer(audit_app, name="audit")
+sso_app = typer.Typer(help="Web console single sign-on.", no_args_is_help=True)
+app.add_typer(sso_app, name="sso")
 
 out = Console()
 err = Console(stderr=True)
@@ -1098,6 +1101,55 @@ def restore(
     except (CertgateError, OSError) as exc:
         raise fail(str(exc)) from exc
     out.print(f"restored {len(pki.certs)} CAs into {data_dir}")
+
+
+# The SSO client secret (console/sso_secret.py): sealed under the master key, never in argv.
+
+
+@sso_app.command("set-secret")
+def sso_set_secret(data_dir: DataDir) -> None:
+    """Seal the OIDC client secret into the data directory (from a pipe on stdin, else asked
+    for on the terminal, hidden); console.json's sso block then says
+    "client_secret_sealed": true."""
+    try:
+        value = sso_secret.checked(_secret_from_stdin_or_terminal())
+    except ValueError as exc:
+        raise fail(f"refused: {exc}", code=2) from exc
+    with opened(data_dir) as (session, pki):
+        config = local.load_config(data_dir)
+        replaced = config.sso_secret_file.exists()
+        sso_secret.SealedSecret(config.sso_secret_file, pki.master).write(value)
+        file = config.sso_secret_file.name
+        audit.append(session, actor(), "sso.secret.set", file=file, replaced=replaced)
+    out.print(f"SSO client secret sealed into {config.sso_secret_file} (mode 0600)")
+    settings = config.sso_config
+    if settings is None or not settings.client_secret_sealed:
+        err.print('note: console.json\'s "sso" block must say "client_secret_sealed": true')
+
+
+def _secret_from_stdin_or_terminal() -> str:
+    """A piped secret (one trailing line ending dropped), else a hidden prompt. Read with a
+    bound: anything longer than a secret may be is refused, not taken whole."""
+    if sys.stdin.isatty():
+        return str(typer.prompt("SSO client secret", hide_input=True, confirmation_prompt=True))
+    raw = sys.stdin.buffer.read(sso_secret.MAX_BYTES + 3)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError("the client secret is not UTF-8") from exc
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+@sso_app.command("clear-secret")
+def sso_clear_secret(data_dir: DataDir) -> None:
+    """Remove the sealed client secret (single sign-on is then unavailable until a new one
+    is set, when console.json says "client_secret_sealed": true)."""
+    with opened(data_dir) as (session, pki):
+        config = local.load_config(data_dir)
+        if not sso_secret.SealedSecret(config.sso_secret_file, pki.master).remove():
+            raise fail(f"no sealed SSO client secret in {data_dir}")
+        audit.append(session, actor(), "sso.secret.clear", file=config.sso_secret_file.name)
+    out.print(f"SSO client secret removed from {data_dir}")
 
 
 # Rotations (services.rotation): prepare with `rotate KIND GROUP`, then switch, finish.

@@ -9,20 +9,25 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from certgate.errors import ConfigError
 from certgate.pki.token import TokenConfig
 
+if TYPE_CHECKING:
+    from certgate.console.sso_secret import SealedSecret
+
 DEFAULT_PORT = 7443
 MASTER_KEY_FILE = "master.key"
 DB_FILE = "console.db"
 AUDIT_SINK_FILE = "audit-checkpoints.jsonl"
+SSO_SECRET_FILE = "sso-client-secret.sealed"  # `certgate console sso set-secret` writes it
 
 
 CLAIM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+SECRET_SOURCES = ("client_secret_sealed", "client_secret_env", "client_secret_file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +36,10 @@ class SSOConfig:
 
     ``admins`` maps a value of the ID token's ``admin_claim`` (an e-mail, a ``sub``) to
     an existing admin's username; any other subject is refused. The client secret is never
-    in ``console.json``: it is read from the variable ``client_secret_env`` or from the file
-    ``client_secret_file`` (mode 0600, owner only); neither set is a public client (PKCE
+    in ``console.json``. At most one source names it: ``client_secret_sealed`` (the
+    recommended one: ``certgate console sso set-secret`` sealed it under the master key in
+    the data directory), the variable ``client_secret_env``, or the file
+    ``client_secret_file`` (mode 0600, but in clear on disk); none is a public client (PKCE
     only, token endpoint authentication ``none``)."""
 
     issuer: str
@@ -41,6 +48,7 @@ class SSOConfig:
     admin_claim: str = "email"
     client_secret_env: str | None = None
     client_secret_file: str | None = None
+    client_secret_sealed: bool = False
     ca_file: str | None = None  # trust anchors for the provider; unset: the system's
     scope: str = "openid email profile"
     require_totp: bool = False  # also ask the admin's TOTP code after the provider
@@ -60,8 +68,11 @@ class SSOConfig:
             raise ConfigError("SSO admins must map claim values to admin usernames")
         if "openid" not in self.scope.split():
             raise ConfigError("SSO scope must include openid")
-        if self.client_secret_env and self.client_secret_file:
-            raise ConfigError("SSO client secret: a variable or a file, not both")
+        if not isinstance(self.client_secret_sealed, bool):
+            raise ConfigError("SSO client_secret_sealed must be true or false")
+        sources = [name for name in SECRET_SOURCES if getattr(self, name)]
+        if len(sources) > 1:
+            raise ConfigError(f"SSO client secret: one source, not {' and '.join(sources)}")
         if self.client_secret_env is not None and not ENV_RE.fullmatch(self.client_secret_env):
             raise ConfigError(f"SSO client secret variable {self.client_secret_env!r} invalid")
 
@@ -69,16 +80,20 @@ class SSOConfig:
     def parse(cls, raw: Mapping[str, Any]) -> SSOConfig:
         if "client_secret" in raw:
             raise ConfigError(
-                "SSO client secret must not be in console.json: name client_secret_env "
-                "or client_secret_file"
+                "SSO client secret must not be in console.json: seal it with `certgate "
+                'console sso set-secret` and set "client_secret_sealed": true'
             )
         try:
             return cls(**raw)
         except TypeError as exc:
             raise ConfigError(f"SSO settings: {exc}") from exc
 
-    def client_secret(self) -> str | None:
-        """The secret from its variable or file, read when needed; None for a public client."""
+    def client_secret(self, sealed: SealedSecret) -> str | None:
+        """The secret from its source, read when needed (``sealed``: the data directory's
+        sealed file and the master key); None for a public client. ConfigError (or OSError
+        for an unreadable file) when the source does not give one."""
+        if self.client_secret_sealed:
+            return sealed.read()
         if self.client_secret_env:
             value = os.environ.get(self.client_secret_env)
             if not value:
@@ -180,6 +195,11 @@ class ConsoleConfig:
     @property
     def master_key_file(self) -> Path:
         return self.data_dir / MASTER_KEY_FILE
+
+    @property
+    def sso_secret_file(self) -> Path:
+        """The SSO client secret sealed under the master key (``client_secret_sealed``)."""
+        return self.data_dir / SSO_SECRET_FILE
 
     @property
     def audit_sink(self) -> Path:

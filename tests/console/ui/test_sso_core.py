@@ -15,6 +15,7 @@ from joserfc.jwk import ECKey, OctKey
 
 from certgate.console.config import SSOConfig
 from certgate.console.services import sso
+from certgate.console.sso_secret import SealedSecret
 from certgate.errors import AuthError, ConfigError
 from certgate.pki.keystore import MasterKey
 
@@ -35,7 +36,23 @@ def test_the_client_secret_is_refused_in_console_json() -> None:
         ({"admins": {}}, "admins"),
         ({"scope": "email"}, "openid"),
         ({"admin_claim": "a b"}, "claim name"),
-        ({"client_secret_env": "X", "client_secret_file": "/f"}, "not both"),
+        (
+            {"client_secret_env": "X", "client_secret_file": "/f"},
+            "one source, not client_secret_env and client_secret_file",
+        ),
+        (
+            {"client_secret_sealed": True, "client_secret_env": "X"},
+            "one source, not client_secret_sealed and client_secret_env",
+        ),
+        (
+            {"client_secret_sealed": True, "client_secret_file": "/f"},
+            "one source, not client_secret_sealed and client_secret_file",
+        ),
+        (
+            {"client_secret_sealed": True, "client_secret_env": "X", "client_secret_file": "/f"},
+            "one source, not client_secret_sealed and client_secret_env and client_secret_file",
+        ),
+        ({"client_secret_sealed": "yes"}, "client_secret_sealed must be true or false"),
         ({"unknown": 1}, "unexpected keyword"),
     ],
 )
@@ -44,23 +61,30 @@ def test_invalid_settings_are_refused_at_startup(change: dict[str, Any], message
         SSOConfig.parse({**SETTINGS, **change})
 
 
-def test_the_secret_comes_from_its_variable_or_an_owner_only_file(
+def test_the_secret_comes_from_its_one_source_or_none_for_a_public_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert SSOConfig.parse(SETTINGS).client_secret() is None  # a public client
+    sealed = SealedSecret(tmp_path / "sso-client-secret.sealed", MASTER)
+    sealed.write("from-sealed")  # there, but only the sealed source reads it
+    assert SSOConfig.parse(SETTINGS).client_secret(sealed) is None  # a public client
     from_env = SSOConfig.parse({**SETTINGS, "client_secret_env": "CG_TEST_SSO_SECRET"})
     with pytest.raises(ConfigError, match="unset"):
-        from_env.client_secret()
+        from_env.client_secret(sealed)
     monkeypatch.setenv("CG_TEST_SSO_SECRET", "from-env")
-    assert from_env.client_secret() == "from-env"
+    assert from_env.client_secret(sealed) == "from-env"
     path = tmp_path / "secret"
     path.write_text("from-file\n")
     path.chmod(0o644)
     from_file = SSOConfig.parse({**SETTINGS, "client_secret_file": str(path)})
     with pytest.raises(ConfigError, match="0600"):
-        from_file.client_secret()
+        from_file.client_secret(sealed)
     path.chmod(0o600)
-    assert from_file.client_secret() == "from-file"
+    assert from_file.client_secret(sealed) == "from-file"
+    from_sealed = SSOConfig.parse({**SETTINGS, "client_secret_sealed": True})
+    assert from_sealed.client_secret(sealed) == "from-sealed"
+    sealed.remove()
+    with pytest.raises(ConfigError, match="missing"):
+        from_sealed.client_secret(sealed)
 
 
 def test_a_sealed_flow_opens_only_for_its_purpose_unexpired_and_untouched() -> None:

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from certgate.console.config import SSOConfig
 from certgate.console.services.signin import purpose_aead
+from certgate.console.sso_secret import SealedSecret
 from certgate.console.store.models import Admin
 from certgate.errors import AuthError, ConfigError, Unavailable
 from certgate.pki.keystore import MasterKey
@@ -162,16 +163,16 @@ class Provider:
     """The identity provider as the console sees it: metadata from discovery (fetched once,
     then kept), the authorization URL, and the code redeemed for verified claims."""
 
-    def __init__(self, config: SSOConfig, redirect_uri: str) -> None:
-        self.config, self.redirect_uri = config, redirect_uri
+    def __init__(self, config: SSOConfig, redirect_uri: str, sealed: SealedSecret) -> None:
+        self.config, self.redirect_uri, self._sealed = config, redirect_uri, sealed
         self._ctx = ssl.create_default_context(cafile=config.ca_file)
         self._metadata: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def _session(self) -> OAuth2Session:
         try:
-            secret = self.config.client_secret()
-        except (ConfigError, OSError) as exc:  # an unset variable, an unreadable file
+            secret = self.config.client_secret(self._sealed)
+        except (ConfigError, OSError) as exc:  # unset, unreadable, missing, does not open
             raise Unavailable(f"single sign-on client secret: {exc}") from exc
         session = OAuth2Session(
             self.config.client_id,

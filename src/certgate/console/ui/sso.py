@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from certgate.console.api.deps import state_of
 from certgate.console.config import SSOConfig
 from certgate.console.services import admins, audit, ca, signin, sso
+from certgate.console.sso_secret import SealedSecret
 from certgate.console.ui.web import (
     FormBody,
     client_of,
@@ -60,13 +61,15 @@ def redact_access_log() -> None:
 
 def provider_of(request: Request) -> sso.Provider:
     """The app's provider, made at the first use (discovery is fetched lazily)."""
-    config = state_of(request).config
-    settings = config.sso_config
+    state = state_of(request)
+    config, settings = state.config, state.config.sso_config
     if settings is None:
         raise NotFound("single sign-on is not configured")
     provider: sso.Provider | None = getattr(request.app.state, "sso_provider", None)
     if provider is None:
-        provider = sso.Provider(settings, config.public_url.rstrip("/") + sso.CALLBACK_PATH)
+        callback = config.public_url.rstrip("/") + sso.CALLBACK_PATH
+        sealed = SealedSecret(config.sso_secret_file, state.pki.master)
+        provider = sso.Provider(settings, callback, sealed)
         request.app.state.sso_provider = provider
     return provider
 
