@@ -26,7 +26,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -68,10 +67,11 @@ from certgate.protocol.client_cert_header import (
     strip_client_cert_headers,
 )
 from certgate.ratelimit import SignInLimiter
-from certgate.tlsconf import ClientAuth, client_context, load_identity, pem_of, server_context
+from certgate.tlsconf import ClientAuth, client_context, load_identity, server_context
 
 __all__ = [
     "AccessState",
+    "ConsoleTransport",
     "access_tls_context",
     "console_client",
     "create_app",
@@ -106,16 +106,16 @@ class AccessState:
         config: AccessConfig,
         material: Material,
         console: httpx.AsyncClient,
-        console_tls: ssl.SSLContext | None = None,
+        console_transport: ConsoleTransport | None = None,
     ) -> AccessState:
-        """``console_tls``: the console channel's context, told of a new console Root."""
+        """``console_transport``: the console channel's, told of the console's Roots."""
         status = ConsoleStatus(console, config.status_ttl_s, config.console_budget_s)
         trust = TrustFollower(
             console,
             material.device_roots,
             config.files.device_roots,
             config.trust_refresh_s,
-            on_roots=None if console_tls is None else partial(trust_console_roots, console_tls),
+            on_roots=None if console_transport is None else console_transport.trust,
         )
         clients = {c.client_id: c for c in config.clients}
         signer = oidc.IdTokenSigner(material.id_token_key)
@@ -187,31 +187,56 @@ def access_tls_context(config: AccessConfig, material: Material) -> ssl.SSLConte
     )
 
 
-def console_context(material: Material) -> ssl.SSLContext:
-    """The console channel's TLS: the console's Roots Access trusts (the one pinned at
-    install, or those a Root rotation brought), the admin certificate."""
+def console_context(
+    material: Material, anchors: tuple[x509.Certificate, ...] | None = None
+) -> ssl.SSLContext:
+    """The console channel's TLS: the console's Roots Access trusts (``anchors``; unset,
+    those of ``material``: the one pinned at install, or those a Root rotation brought),
+    the admin certificate."""
     return client_context(
-        list(material.device_roots.anchors),
+        list(material.device_roots.anchors if anchors is None else anchors),
         chain=[material.console_admin_cert],
         key=material.console_admin_key,
     )
 
 
-def trust_console_roots(ctx: ssl.SSLContext, anchors: tuple[x509.Certificate, ...]) -> None:
-    """A Root rotation brought a console Root: new connections verify the console's
-    chain with it too (once the rotation finishes the chain ends there). A Root no longer
-    listed stays in the context until Access restarts (the console channel only)."""
-    ctx.load_verify_locations(cadata=pem_of(list(anchors)).decode())
+class ConsoleTransport(httpx.AsyncBaseTransport):
+    """The console channel's connections, verified with the console's Roots trusted now.
+
+    An ``SSLContext`` can gain a CA but never drop one, so a Root rotation that retires a
+    Root (perhaps because its key leaked) is followed by a new context and a new pool:
+    ``trust`` swaps them, and every later request connects under the new Roots alone.
+    Requests already on the old pool finish there; it is closed with the channel."""
+
+    def __init__(self, material: Material) -> None:
+        self._material = material
+        self._pool = self._new_pool(None)
+        self._retired: list[httpx.AsyncHTTPTransport] = []
+
+    def _new_pool(self, anchors: tuple[x509.Certificate, ...] | None) -> httpx.AsyncHTTPTransport:
+        return httpx.AsyncHTTPTransport(verify=console_context(self._material, anchors))
+
+    def trust(self, anchors: tuple[x509.Certificate, ...]) -> None:
+        """From now on, connect trusting ``anchors`` only (``TrustFollower``'s ``on_roots``)."""
+        self._retired.append(self._pool)
+        self._pool = self._new_pool(anchors)
+        log.info("console channel: now trusting %d console Root(s) only", len(anchors))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for pool in (*self._retired, self._pool):
+            await pool.aclose()
 
 
 def console_client(
-    config: AccessConfig, material: Material, ctx: ssl.SSLContext | None = None
+    config: AccessConfig, material: Material, transport: ConsoleTransport | None = None
 ) -> httpx.AsyncClient:
     """mTLS to the console with the admin certificate, API key as bearer (admin API)."""
-    ctx = ctx or console_context(material)
     return httpx.AsyncClient(
         base_url=config.console_url,
-        verify=ctx,
+        transport=transport or ConsoleTransport(material),
         headers={"authorization": f"Bearer {material.console_api_key}"},
         timeout=config.console_timeout_s,
         follow_redirects=False,

@@ -222,9 +222,9 @@ def serve(
     """Run Access over HTTPS (self-signed certificate when offloaded, public otherwise)."""
     from certgate.access.app import (
         AccessState,
+        ConsoleTransport,
         access_tls_context,
         console_client,
-        console_context,
         create_app,
     )
     from certgate.access.proxied import make_access_server
@@ -235,9 +235,9 @@ def serve(
             data_dir, host=host, port=port, load_balancers=balancers, signins=signins
         )
         material = load_material(config)
-        console_tls = console_context(material)
-        console = console_client(config, material, console_tls)
-        state = AccessState.build(config, material, console, console_tls)
+        transport = ConsoleTransport(material)
+        console = console_client(config, material, transport)
+        state = AccessState.build(config, material, console, transport)
         state.tls = access_tls_context(config, material)  # renewal loads into it live
         server = make_access_server(
             create_app(state, console),

@@ -25,8 +25,8 @@ only when a cross certificate signed by a Root it trusts certifies it
 (``pki.verify.vouched_roots``, the nodes' rule); the cross certificates that vouched are
 kept with the set (``proofs``, saved with it), so a restart after the rotation's finish
 still reaches the new Root from the Root pinned at install. The Device Roots are then
-checked against the Roots taken; the console channel is told of a new Root
-(``on_roots``) so that it verifies the console's chain once it ends there.
+checked against the Roots taken; the console channel is told of the Roots taken
+(``on_roots``) and verifies the console's chain with them alone from then on.
 """
 
 from __future__ import annotations
