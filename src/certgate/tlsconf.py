@@ -91,6 +91,12 @@ def pyopenssl_server_context(
     # An idle connection holds no record buffers (CPython's ssl sets this mode; pyOpenSSL
     # does not): about 34 KiB less per idle tunnel (bench/FINDINGS.md).
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # pyOpenSSL sets partial writes, with which SSL_write returns after ONE record: 16 KiB
+    # a call, and a return to the event loop for each (the relay waits for writability
+    # whenever a write took less than it was given). Without, as in CPython's ssl, one
+    # call writes every record it can and raises want-write only when the socket is full;
+    # the retry passes the same bytes (the moving-buffer mode lets them sit elsewhere).
+    _ossl.SSL_CTX_clear_mode(ctx._context, _ossl.SSL_MODE_ENABLE_PARTIAL_WRITE)
     set_groups(ctx, curve or GROUPS)
     ctx.use_certificate(chain[0])
     for cert in chain[1:]:

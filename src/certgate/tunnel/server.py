@@ -785,7 +785,7 @@ class ClientConnection:
         if self.phase is not Phase.CLOSING:
             return
         try:
-            while self._final:  # pyOpenSSL may take part of it
+            while self._final:  # until all of it is taken, or want-write
                 self._final = self._final[self.client.send_once(self._final) :]
         except TLSBlocked as blocked:
             self._retry_when_ready(blocked, self._write_final)

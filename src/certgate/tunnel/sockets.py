@@ -313,10 +313,11 @@ def _stdlib_reason(exc: OSError) -> str:
 class PyOpenSSLTLSEnd(TLSEnd):
     """pyOpenSSL: the OpenSSL of the cryptography wheel, on the raw socket (``sock``).
 
-    pyOpenSSL's contexts set SSL_MODE_ENABLE_PARTIAL_WRITE and
-    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, so a write may take part of ``view`` and a retry
-    may pass a different buffer. Its errors are not ``OSError``s; they are turned into
-    ones here, which is what the relay and the connection expect.
+    Writes are as with ``ssl``: ``tlsconf.pyopenssl_server_context`` clears pyOpenSSL's
+    SSL_MODE_ENABLE_PARTIAL_WRITE (one record a call), so a write takes all of ``view`` or
+    raises want-write, and the retry passes the same bytes, maybe from another buffer
+    (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER stays). Its errors are not ``OSError``s; they are
+    turned into ones here, which is what the relay and the connection expect.
     """
 
     __slots__ = ("conn",)
