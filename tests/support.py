@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from sqlalchemy.orm import Session
 
 from certgate.console import local
@@ -28,6 +30,15 @@ from certgate.pki.keys import KeyAlgorithm, PrivateKey, private_key_pem
 
 CERTGATE = [sys.executable, "-m", "certgate"]
 START_TIMEOUT_S = 30.0
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``issuer``'s key signed ``cert`` (an old and a new CA of a rotation share a name)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def free_port() -> int:

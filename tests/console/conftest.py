@@ -18,11 +18,18 @@ from certgate.console import local
 from certgate.console.services import audit, ca
 from certgate.console.store.db import Database
 from certgate.console.store.models import Certificate, Device
+from certgate.pki.keystore import ENV_VAR
 from tests.postgres import PostgresServer
 from tests.softhsm import PIN_ENV, SoftHSM, shared
 from tests.support import CERTGATE, RunningConsole
 
 _names = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests decide where the master key comes from, not the caller's environment."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -21,7 +21,7 @@ from certgate.console.services import ca, devices, rotation
 from certgate.console.store.models import AuditEntry, CACert, Group
 from certgate.errors import ChainError, KeystoreError
 from certgate.pki.keys import KeyAlgorithm, generate_key, private_key_pem
-from certgate.pki.keystore import ENV_VAR, decrypt_backup, encrypt_backup
+from certgate.pki.keystore import decrypt_backup, encrypt_backup
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.verify import verify_client_chain
 from tests.console.test_cli import PASSWORD, mode_of, refuse, succeed, transaction
@@ -30,11 +30,6 @@ from tests.support import free_port, init_console, make_csr, start_console
 
 PASSPHRASE = "correct horse battery staple"
 PASSPHRASE_ENV = {"CERTGATE_BACKUP_PASSPHRASE": PASSPHRASE}
-
-
-@pytest.fixture(autouse=True)
-def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.fixture

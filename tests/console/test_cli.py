@@ -116,11 +116,6 @@ def transaction(data_dir: Path) -> Iterator[tuple[Session, ca.InstancePKI]]:
         db.dispose()
 
 
-@pytest.fixture(autouse=True)
-def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     directory, _ = init_console(tmp_path)

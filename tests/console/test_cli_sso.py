@@ -26,17 +26,12 @@ from certgate.console.config import SSO_SECRET_FILE
 from certgate.console.sso_secret import SealedSecret
 from certgate.console.store.models import AuditEntry
 from certgate.errors import ConfigError
-from certgate.pki.keystore import ENV_VAR, MasterKey, load_master_key
+from certgate.pki.keystore import MasterKey, load_master_key
 from tests.console.test_cli import ACTOR, BASE_ENV, mode_of, runner, transaction
 from tests.support import CERTGATE, init_console
 
 SECRET = "Sso-Client-Secret-0f9e8d7c6b5a"
 PROMPT_TIMEOUT_S = 60
-
-
-@pytest.fixture(autouse=True)
-def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.fixture

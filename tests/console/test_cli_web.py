@@ -16,17 +16,11 @@ from sqlalchemy import select
 from certgate.console.services import admins, signin
 from certgate.console.store.models import AdminSignIn, AuditEntry
 from certgate.errors import AuthError
-from certgate.pki.keystore import ENV_VAR
 from tests.console.conftest import add_device
 from tests.console.test_cli import ACTOR, PASSWORD, invoke, succeed, transaction
 from tests.support import init_console
 
 URI_RE_PREFIX = "TOTP URI (shown once): "
-
-
-@pytest.fixture(autouse=True)
-def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.fixture

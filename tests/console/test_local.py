@@ -24,12 +24,6 @@ from tests.console.conftest import append_audit, cli_audit_verify, tamper
 URL = "https://console.example.test:7443"
 
 
-@pytest.fixture(autouse=True)
-def no_master_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests decide where the master key comes from, not the caller's environment."""
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
@@ -26,7 +25,7 @@ from certgate.console.state import ConsoleState
 from certgate.console.store.models import AuditEntry
 from certgate.errors import ConfigError
 from certgate.pki.profiles import RENEWAL_WINDOW
-from tests.support import CERTGATE, RunningConsole, init_console
+from tests.support import CERTGATE, RunningConsole, init_console, issued_by
 from tests.tunnel.conftest import COMPLIANT, create_group
 
 pytestmark = pytest.mark.integration  # a real console process
@@ -124,15 +123,6 @@ def test_the_renewal_interval_is_checked(tmp_path: Path) -> None:
         ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", renew_interval_s=5)
     off = ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", renew_interval_s=0)
     assert off.renew_interval_s == 0
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """``issuer``'s key signed ``cert`` (an old and a new Secure Channel Root share a name)."""
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def rotate_cli(data_dir: Path, *args: str) -> None:

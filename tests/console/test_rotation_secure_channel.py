@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from typer.testing import CliRunner
 
 from certgate.cli import app
@@ -33,7 +32,7 @@ from certgate.console.state import ConsoleState
 from certgate.pki.thumbprint import thumbprint
 from tests.console.test_renewer import served
 from tests.console.test_rotation import _feed_call
-from tests.support import CERTGATE, RunningConsole, make_csr
+from tests.support import CERTGATE, RunningConsole, issued_by, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
 
 pytestmark = pytest.mark.integration  # a real console process
@@ -56,14 +55,6 @@ def console_tls_leaf(console: RunningConsole) -> x509.Certificate:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der)
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def tunnel_trust(console: RunningConsole, credential: str) -> list[str]:
