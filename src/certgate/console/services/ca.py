@@ -56,6 +56,11 @@ TOKEN_REFERENCE = b"CGP11:"
 # ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
 # still trusted until finish, and one finish retired (kept to sign its CRL).
 CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+# The ``root-cross`` of the last finished Root rotation (the current Root's subject and key,
+# signed by the Root it replaced): still served, so a party that pins the old Root alone
+# (a node down for the whole rotation) verifies and climbs to the current Root
+# (``pki.verify.vouched_roots``); retired when the next Root rotation finishes.
+OFFERED = "offered"
 _ISSUER_CACHE = 1024  # leaves whose issuing CA ``InstancePKI.issuing_ca`` remembers
 REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
 
@@ -198,13 +203,18 @@ class InstancePKI:
         return self.trusted(ROOT)
 
     def root_crosses(self) -> list[x509.Certificate]:
-        """A running Root rotation's cross certificates (none once it finished): each
-        vouches, with a Root's key, for the other Root."""
-        return [
-            cert
+        """A running Root rotation's cross certificates, each vouching, with a Root's key,
+        for the other Root; when none runs, the ``OFFERED`` one of the last finished
+        rotation (the old Root vouching for the current one: never one vouching for a
+        retired Root). One hop only: during the next rotation the chains carry that
+        rotation's crosses."""
+        crosses = [
+            (status, cert)
             for label, (status, cert, _) in sorted(self.others.items())
-            if role_of(label) in CROSS_ROLES and status != RETIRED
+            if role_of(label) in CROSS_ROLES
         ]
+        running = [cert for status, cert in crosses if status == NEXT]
+        return running or [cert for status, cert in crosses if status == OFFERED]
 
     def family(self, label: str) -> list[str]:
         """The CA rows holding the same key as row ``label``: one CA re-issued under a new

@@ -1,0 +1,163 @@
+"""Scenario: a tunnel node down for a whole Root rotation recovers by itself; one down for
+two does not, and says what to run (its own cluster: the rotation is instance-wide).
+
+A console, node-1 behind HAProxy, and node-late outside it, stopped before each
+rotation's prepare and started after its finish with its old state directory and
+persisted table:
+
+* one missed Root rotation: finish is refused while node-late has not reported the new
+  Root ("node node-late does not trust the new Root yet"), then forced. Started again,
+  node-late pins the old Root alone; the console's TLS chain ends at the cross
+  certificate the old Root signed for the new one (``root-cross``, offered after finish),
+  so the node verifies the console, replays the rotation's prepare, switch and finish
+  from its feed (the new Root taken because the pinned Root vouches for it,
+  ``pki.verify.vouched_roots``), pins the new Root alone (root.pem), and admits a
+  compliant device, with no operator step;
+* two missed Root rotations: the console offers only the last one's cross certificate,
+  which no Root the node pins signed; the node cannot verify the console, stays stale
+  (fails closed: a compliant device is refused) and ``/healthz`` ``sync.action_required``
+  says to run ``certgate tunnel setup`` for its group again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from cryptography import x509
+
+from certgate.pki.thumbprint import thumbprint
+from tests.integration.cluster import (
+    GROUP,
+    Cluster,
+    Node,
+    setup_node,
+    start_cluster,
+    start_node,
+    stop_node,
+)
+from tests.integration.test_rotation import (
+    admin,
+    admits,
+    cli,
+    echo_port,  # noqa: F401 (a fixture)
+    healthy,
+    rotation_of,
+    sync_status,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+ROTATION = f"/api/v1/groups/{GROUP}/rotations/root"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with start_cluster(tmp_path_factory.mktemp("rootcatchup"), node_names=("node-1",)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def late(cluster: Cluster) -> Iterator[Node]:
+    node = setup_node(cluster.work, cluster.console, "node-late")
+    try:
+        start_node(node, cluster.work)
+        wait_until("node-late is fresh", lambda: healthy(node))
+        yield node
+    finally:
+        stop_node(node)
+
+
+def pinned_roots(node: Node) -> list[str]:
+    """The Roots the node stored (root.pem), the current one first."""
+    pem = (node.state_dir / "root.pem").read_bytes()
+    return [thumbprint(root) for root in x509.load_pem_x509_certificates(pem)]
+
+
+def rotation_nodes(cluster: Cluster) -> list[dict[str, object]]:
+    nodes: list[dict[str, object]] = rotation_of(cluster, "root")["nodes"]
+    return nodes
+
+
+def rotate_root_while_down(cluster: Cluster, down: Node) -> str:
+    """A whole Root rotation (prepare by the CLI, switch and finish by the API) while
+    ``down`` is stopped; finish forced only because of it. Returns the new Root."""
+    prepared = cli(cluster, "root", GROUP, "--overlap", "0s")
+    assert prepared.returncode == 0, prepared.stderr
+    new_root = str(json.loads(prepared.stdout)["new"]["thumbprint"])
+    (up,) = cluster.nodes
+    with admin(cluster) as client:
+        client.post(ROTATION + "/switch").raise_for_status()
+        wait_until(
+            f"the status shows {up.name} with the new Root",
+            lambda: any(n["name"] == up.name and n["has_new"] for n in rotation_nodes(cluster)),
+        )
+        refused = client.post(ROTATION + "/finish")
+        assert refused.status_code == 409, refused.text
+        said = refused.json()["detail"]
+        assert f"node {down.name} does not trust the new Root yet" in said, said
+        print(f"finish refused: {said}")
+        forced = client.post(ROTATION + "/finish", params={"force": "true"})
+        assert forced.status_code == 200, forced.text
+    wait_until(
+        f"{up.name} trusts the new Root alone", lambda: sync_status(up)["roots"] == [new_root]
+    )
+    return new_root
+
+
+def test_a_node_down_for_a_whole_root_rotation_takes_the_new_root_by_itself(
+    cluster: Cluster,
+    late: Node,
+    echo_port: int,  # noqa: F811 (the fixture imported above)
+) -> None:
+    device = (cluster.app_cert, cluster.app_key)
+    (old_root,) = pinned_roots(late)
+    stop_node(late)  # down from before prepare until after finish
+    new_root = rotate_root_while_down(cluster, late)
+
+    start_node(late, cluster.work)
+    took = wait_until(
+        "node-late trusts the new Root alone, is fresh and admits the compliant device",
+        lambda: (
+            healthy(late)
+            and sync_status(late)["roots"] == [new_root]
+            and admits(cluster, late.proxy_port, echo_port, device)
+        ),
+    )
+    print(f"node-late took the new Root in {took:.1f} s after its start")
+    assert old_root != new_root
+    assert pinned_roots(late) == [new_root]  # stored: a restart starts from the new Root
+    status = sync_status(late)
+    assert (status["action_required"], status["identity_error"]) == (None, None)
+    log = (cluster.work / "node-late.log").read_text(errors="replace")
+    assert "(root finish): now using root " + new_root in log
+    assert healthy(cluster.nodes[0])  # the node that followed the rotation is fresh too
+
+
+def test_a_node_down_for_two_root_rotations_says_what_to_run(
+    cluster: Cluster,
+    late: Node,
+    echo_port: int,  # noqa: F811 (the fixture imported above)
+) -> None:
+    device = (cluster.app_cert, cluster.app_key)
+    pinned = pinned_roots(late)
+    stop_node(late)
+    rotate_root_while_down(cluster, late)
+    rotate_root_while_down(cluster, late)  # the console now offers this one's cross alone
+
+    start_node(late, cluster.work)
+    wait_until(
+        "node-late says what to run",
+        lambda: "run 'certgate tunnel setup'" in str(sync_status(late)["action_required"]),
+    )
+    health = late.health()
+    said = health.json()["sync"]["action_required"]
+    print(f"node down for two Root rotations: {said}")
+    assert f"for group {GROUP} again" in said and "certificate verify failed" in said
+    assert said in health.json()["warnings"]
+    assert health.status_code == 503 and not health.json()["sync"]["fresh"]  # fails closed
+    assert not admits(cluster, late.proxy_port, echo_port, device)
+    assert pinned_roots(late) == pinned  # nothing taken from a console it cannot verify
+    assert healthy(cluster.nodes[0])
