@@ -5,9 +5,10 @@ mTLS (this module has its own console: the rotation is instance-wide).
 The follower reads every step from the feed with no gap: at prepare it trusts both Roots
 (the new one vouched for by the cross certificate the old one signed) and sends the cross
 certificate of its Root after its Secure Channel Root; at switch the new Root comes first
-and its intermediates are the ones sent; at finish it trusts the new Root alone, and its
-client to the console is anchored on it. What it stores is what a restart loads, verified
-as at setup. A version 4 node is never sent a Root step."""
+and its intermediates are the ones sent; at finish it trusts the new Root alone (still
+sending the cross certificate the old Root signed, which the console offers after
+finish), and its client to the console is anchored on it. What it stores is what a
+restart loads, verified as at setup. A version 4 node is never sent a Root step."""
 
 from __future__ import annotations
 
@@ -132,9 +133,10 @@ def test_a_node_follows_prepare_switch_and_finish(
             assert thumbs(f.state) == [new_root]
             stored = load_state(node.state_dir)
             assert thumbs(stored) == [new_root]
-            assert [thumbprint(c) for c in sent_after_tunnel(node.state_dir)][1] == new_root
-            # Its client to the console is anchored on the new Root alone now, and the
-            # console's chain ends there: the feed still flows.
+            # It sends root-cross still (offered after finish: a party pinning the old Root
+            # alone climbs); its client to the console is anchored on the new Root alone
+            # now, and the console's chain verifies there: the feed still flows.
+            assert sent_after_tunnel(node.state_dir)[1] == cross
             enroll_device(sqlite_console, group)
             await drain(f)
             assert f.status()["last_error"] is None
