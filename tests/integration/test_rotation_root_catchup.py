@@ -5,14 +5,15 @@ A console, node-1 behind HAProxy, and node-late outside it, stopped before each
 rotation's prepare and started after its finish with its old state directory and
 persisted table:
 
-* one missed Root rotation: finish is refused while node-late has not reported the new
-  Root ("node node-late does not trust the new Root yet"), then forced. Started again,
-  node-late pins the old Root alone; the console's TLS chain ends at the cross
-  certificate the old Root signed for the new one (``root-cross``, offered after finish),
-  so the node verifies the console, replays the rotation's prepare, switch and finish
-  from its feed (the new Root taken because the pinned Root vouches for it,
-  ``pki.verify.vouched_roots``), pins the new Root alone (root.pem), and admits a
-  compliant device, with no operator step;
+* one missed Root rotation, node-bare losing its persisted table meanwhile: finish is
+  refused while they have not reported the new Root ("node node-late does not trust the
+  new Root yet"), then forced. Started again, both pin the old Root alone; the console's
+  TLS chain ends at the cross certificate the old Root signed for the new one
+  (``root-cross``, offered after finish),
+  so both verify the console; node-late replays the rotation's prepare, switch and
+  finish from its feed, node-bare takes the Root step of a snapshot page (the new Root
+  taken because the pinned Root vouches for it, ``pki.verify.vouched_roots``); both pin
+  the new Root alone (root.pem) and admit a compliant device, with no operator step;
 * two missed Root rotations: the console offers only the last one's cross certificate,
   which no Root the node pins signed; the node cannot verify the console, stays stale
   (fails closed: a compliant device is refused) and ``/healthz`` ``sync.action_required``
@@ -28,6 +29,7 @@ import pytest
 from cryptography import x509
 
 from certgate.pki.thumbprint import thumbprint
+from certgate.tunnel.persist import JOURNAL_FILE, SNAPSHOT_FILE
 from tests.integration.cluster import (
     GROUP,
     Cluster,
@@ -61,10 +63,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def late(cluster: Cluster) -> Iterator[Node]:
-    node = setup_node(cluster.work, cluster.console, "node-late")
+    yield from started_node(cluster, "node-late")
+
+
+@pytest.fixture(scope="module")
+def bare(cluster: Cluster) -> Iterator[Node]:
+    """A node that also loses its persisted table while it is down."""
+    yield from started_node(cluster, "node-bare")
+
+
+def started_node(cluster: Cluster, name: str) -> Iterator[Node]:
+    node = setup_node(cluster.work, cluster.console, name)
     try:
         start_node(node, cluster.work)
-        wait_until("node-late is fresh", lambda: healthy(node))
+        wait_until(f"{name} is fresh", lambda: healthy(node))
         yield node
     finally:
         stop_node(node)
@@ -81,9 +93,9 @@ def rotation_nodes(cluster: Cluster) -> list[dict[str, object]]:
     return nodes
 
 
-def rotate_root_while_down(cluster: Cluster, down: Node) -> str:
+def rotate_root_while_down(cluster: Cluster, *down: Node) -> str:
     """A whole Root rotation (prepare by the CLI, switch and finish by the API) while
-    ``down`` is stopped; finish forced only because of it. Returns the new Root."""
+    ``down`` are stopped; finish forced only because of them. Returns the new Root."""
     prepared = cli(cluster, "root", GROUP, "--overlap", "0s")
     assert prepared.returncode == 0, prepared.stderr
     new_root = str(json.loads(prepared.stdout)["new"]["thumbprint"])
@@ -97,7 +109,8 @@ def rotate_root_while_down(cluster: Cluster, down: Node) -> str:
         refused = client.post(ROTATION + "/finish")
         assert refused.status_code == 409, refused.text
         said = refused.json()["detail"]
-        assert f"node {down.name} does not trust the new Root yet" in said, said
+        for node in down:
+            assert f"node {node.name} does not trust the new Root yet" in said, said
         print(f"finish refused: {said}")
         forced = client.post(ROTATION + "/finish", params={"force": "true"})
         assert forced.status_code == 200, forced.text
@@ -110,29 +123,35 @@ def rotate_root_while_down(cluster: Cluster, down: Node) -> str:
 def test_a_node_down_for_a_whole_root_rotation_takes_the_new_root_by_itself(
     cluster: Cluster,
     late: Node,
+    bare: Node,
     echo_port: int,  # noqa: F811 (the fixture imported above)
 ) -> None:
     device = (cluster.app_cert, cluster.app_key)
     (old_root,) = pinned_roots(late)
-    stop_node(late)  # down from before prepare until after finish
-    new_root = rotate_root_while_down(cluster, late)
+    for node in (late, bare):  # down from before prepare until after finish
+        stop_node(node)
+    for name in (SNAPSHOT_FILE, JOURNAL_FILE):  # node-bare: from a snapshot page
+        (bare.state_dir / name).unlink(missing_ok=True)
+    new_root = rotate_root_while_down(cluster, late, bare)
 
-    start_node(late, cluster.work)
-    took = wait_until(
-        "node-late trusts the new Root alone, is fresh and admits the compliant device",
-        lambda: (
-            healthy(late)
-            and sync_status(late)["roots"] == [new_root]
-            and admits(cluster, late.proxy_port, echo_port, device)
-        ),
-    )
-    print(f"node-late took the new Root in {took:.1f} s after its start")
+    for node in (late, bare):
+        start_node(node, cluster.work)
+    for node in (late, bare):
+        took = wait_until(
+            f"{node.name} trusts the new Root alone, is fresh and admits the compliant device",
+            lambda n=node: (  # type: ignore[misc]
+                healthy(n)
+                and sync_status(n)["roots"] == [new_root]
+                and admits(cluster, n.proxy_port, echo_port, device)
+            ),
+        )
+        print(f"{node.name} took the new Root in {took:.1f} s after its start")
+        assert pinned_roots(node) == [new_root]  # stored: a restart starts from the new Root
+        status = sync_status(node)
+        assert (status["action_required"], status["identity_error"]) == (None, None)
     assert old_root != new_root
-    assert pinned_roots(late) == [new_root]  # stored: a restart starts from the new Root
-    status = sync_status(late)
-    assert (status["action_required"], status["identity_error"]) == (None, None)
     log = (cluster.work / "node-late.log").read_text(errors="replace")
-    assert "(root finish): now using root " + new_root in log
+    assert "(root finish): now using root " + new_root in log  # replayed from its feed
     assert healthy(cluster.nodes[0])  # the node that followed the rotation is fresh too
 
 
@@ -152,12 +171,14 @@ def test_a_node_down_for_two_root_rotations_says_what_to_run(
         "node-late says what to run",
         lambda: "run 'certgate tunnel setup'" in str(sync_status(late)["action_required"]),
     )
-    health = late.health()
-    said = health.json()["sync"]["action_required"]
+    # Its last exchange was before the rotations: once the staleness budget (10 s) has
+    # passed since then, it fails closed, and goes on saying what to run.
+    wait_until("node-late is stale", lambda: late.health().status_code == 503)
+    health = late.health().json()
+    said = health["sync"]["action_required"]
     print(f"node down for two Root rotations: {said}")
     assert f"for group {GROUP} again" in said and "certificate verify failed" in said
-    assert said in health.json()["warnings"]
-    assert health.status_code == 503 and not health.json()["sync"]["fresh"]  # fails closed
+    assert said in health["warnings"] and not health["sync"]["fresh"]
     assert not admits(cluster, late.proxy_port, echo_port, device)
     assert pinned_roots(late) == pinned  # nothing taken from a console it cannot verify
     assert healthy(cluster.nodes[0])
