@@ -40,9 +40,14 @@ node's instance Root through its Secure Channel Root, names this group's console
 no older than the pinned one (``rotation.successor_console_identity``), the node
 resynchronises from a snapshot, verifies it with that identity, and serves it only once
 a trust operation of the snapshot naming that identity is checked as at setup and
-pinned. Otherwise, as when the console refuses its tunnel identity (retired by a
-rotation it missed), the node says what to run (``status()["action_required"]``, an
-ERROR log line, ``/healthz``) and keeps failing closed.
+pinned. A node that missed a whole Root rotation pins the old Root alone: the console
+still offers the cross certificate the old Root signed for the new one (its TLS chain
+ends at it), so the node verifies the console and takes the new Root from the replayed
+steps or a snapshot's Root step, because the Root it pins vouches for it. Otherwise, as
+when the console refuses its tunnel identity (retired by a rotation it missed) or its TLS
+chain reaches no Root the node pins (two missed Root rotations), the node says what to
+run (``status()["action_required"]``, an ERROR log line, ``/healthz``) and keeps failing
+closed.
 
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a

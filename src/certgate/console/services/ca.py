@@ -225,7 +225,9 @@ class InstancePKI:
 
     def _above(self, ca_cert: x509.Certificate) -> x509.Certificate:
         """The certificate served after ``ca_cert``: during a Root rotation the cross
-        certificate of its Root (so a party trusting either Root verifies), else its Root.
+        certificate of its Root (so a party trusting either Root verifies), after one the
+        offered ``root-cross`` (a party pinning the Root it replaced still verifies), else
+        its Root.
         Found once per CA until the rows change (every signed feed batch asks)."""
         found = self._aboves.get(ca_cert)
         if found is None:

@@ -59,8 +59,10 @@ vouches for it). Chains are served with the cross certificate of their Root
 (``ca.InstancePKI.chain_of``), so a party trusting either Root verifies. Switch makes the
 new Root and its intermediates current (new work chains to it; nothing is revoked: the
 keys are the same). Finish waits for every node to report the new Root, retires the old
-Root, its intermediates and the cross certificates, and tells every group (nodes trust
-the new Root alone). No other instance CA rotation runs meanwhile.
+Root, its intermediates and ``root-back``, and tells every group (nodes trust the new Root
+alone); ``root-cross`` (the old Root vouching for the new one) stays offered in chains and
+trust configs, so a node down for the whole rotation catches up by itself. No other
+instance CA rotation runs meanwhile.
 """
 
 from __future__ import annotations
