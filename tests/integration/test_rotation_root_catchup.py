@@ -1,5 +1,6 @@
 """Scenario: a tunnel node down for a whole Root rotation recovers by itself; one down for
-two does not, and says what to run (its own cluster: the rotation is instance-wide).
+two, or for a whole Secure Channel Root rotation, does not, and says what to run (its own
+cluster: the rotations are instance-wide).
 
 A console, node-1 behind HAProxy, and node-late outside it, stopped before each
 rotation's prepare and started after its finish with its old state directory and
@@ -17,7 +18,11 @@ persisted table:
 * two missed Root rotations: the console offers only the last one's cross certificate,
   which no Root the node pins signed; the node cannot verify the console, stays stale
   (fails closed: a compliant device is refused) and ``/healthz`` ``sync.action_required``
-  says to run ``certgate tunnel setup`` for its group again.
+  says to run ``certgate tunnel setup`` for its group again;
+* a missed Secure Channel Root rotation (node-bare, which followed the Root rotations):
+  its switch renewed the group's tunnel identity and its finish retired the old one,
+  whose holder the console never hands the new key; the console refuses the node (401,
+  "run 'certgate tunnel setup' for group G again"), which fails closed and says so.
 """
 
 from __future__ import annotations
@@ -182,3 +187,40 @@ def test_a_node_down_for_two_root_rotations_says_what_to_run(
     assert not admits(cluster, late.proxy_port, echo_port, device)
     assert pinned_roots(late) == pinned  # nothing taken from a console it cannot verify
     assert healthy(cluster.nodes[0])
+
+
+def test_a_node_down_for_a_whole_secure_channel_root_rotation_says_what_to_run(
+    cluster: Cluster,
+    bare: Node,
+    echo_port: int,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Its tunnel identity was renewed by the switch and retired at finish: the console
+    never hands the new key to a retired identity (a thief holding the old pair would get
+    it), so the node cannot recover by itself; it says what to run and fails closed."""
+    device = (cluster.app_cert, cluster.app_key)
+    wait_until("node-bare is fresh", lambda: healthy(bare))  # it followed the Root rotations
+    identity = sync_status(bare)["tunnel_identity"]
+    stop_node(bare)
+    base = f"/api/v1/groups/{GROUP}/rotations/secure-channel-root"
+    with admin(cluster) as client:
+        client.post(base, json={"overlap_s": 0}).raise_for_status()
+        client.post(base + "/switch").raise_for_status()
+        refused = client.post(base + "/finish")
+        assert refused.status_code == 409, refused.text
+        assert "node node-bare still presents the old identity" in refused.json()["detail"]
+        client.post(base + "/finish", params={"force": "true"}).raise_for_status()
+
+    start_node(bare, cluster.work)
+    wait_until(
+        "node-bare says what to run",
+        lambda: "run 'certgate tunnel setup'" in str(sync_status(bare)["action_required"]),
+    )
+    wait_until("node-bare is stale", lambda: bare.health().status_code == 503)
+    health = bare.health().json()
+    said = health["sync"]["action_required"]
+    print(f"node down for a whole Secure Channel Root rotation: {said}")
+    assert "tunnel identity was retired by rotation" in said
+    assert f"run 'certgate tunnel setup' for group {GROUP} again" in said
+    assert said in health["warnings"] and not health["sync"]["fresh"]
+    assert sync_status(bare)["tunnel_identity"] == identity  # it took nothing
+    assert not admits(cluster, bare.proxy_port, echo_port, device)
