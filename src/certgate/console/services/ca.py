@@ -149,6 +149,12 @@ class InstancePKI:
         self._statuses = tuple((r.label, r.status) for r in rows)
         self._checked = time.monotonic()
 
+    @property
+    def rows(self) -> tuple[tuple[str, str], ...]:
+        """The (label, status) of the CA rows loaded: another value after every rotation
+        step (``console.presenter`` compares it with what the listener presents)."""
+        return self._statuses
+
     def refresh(self, session: Session, max_age_s: float = REFRESH_S) -> None:
         """Reload if a rotation step (maybe by another process, the CLI) changed the CA
         rows. Checked at most every ``max_age_s``: one small query, the keys are unsealed
