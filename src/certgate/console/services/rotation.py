@@ -982,7 +982,7 @@ def _secure_channel_blockers(
     if dependents["console_tls_old"]:
         blockers.append(
             "the console still presents a TLS certificate of the old Secure Channel Root"
-            " (it renews it within renew_interval_s, or at its next start)"
+            " (a running console presents the new one within seconds of the switch)"
         )
     blockers += [
         f"node {n.name} does not trust the new Secure Channel Root yet (last seen {n.last_seen_at})"
