@@ -2,19 +2,20 @@
 two, or for a whole Secure Channel Root rotation, does not, and says what to run (its own
 cluster: the rotations are instance-wide).
 
-A console, node-1 behind HAProxy, and node-late outside it, stopped before each
-rotation's prepare and started after its finish with its old state directory and
-persisted table:
+A console, node-1 behind HAProxy, and node-late and node-bare outside it, stopped before
+a rotation's prepare and started after its finish with their old state directories. The
+rotations are taken by the CLI (another process: the console presents each step's chain
+by itself, and node-1, which follows them, stays fresh):
 
 * one missed Root rotation, node-bare losing its persisted table meanwhile: finish is
   refused while they have not reported the new Root ("node node-late does not trust the
   new Root yet"), then forced. Started again, both pin the old Root alone; the console's
   TLS chain ends at the cross certificate the old Root signed for the new one
-  (``root-cross``, offered after finish),
-  so both verify the console; node-late replays the rotation's prepare, switch and
-  finish from its feed, node-bare takes the Root step of a snapshot page (the new Root
-  taken because the pinned Root vouches for it, ``pki.verify.vouched_roots``); both pin
-  the new Root alone (root.pem) and admit a compliant device, with no operator step;
+  (``root-cross``, offered after finish), so both verify the console; node-late replays
+  the rotation's prepare, switch and finish from its feed, node-bare takes the Root step
+  of a snapshot page (the new Root taken because the pinned Root vouches for it,
+  ``pki.verify.vouched_roots``); both pin the new Root alone (root.pem) and admit a
+  compliant device, with no operator step;
 * two missed Root rotations: the console offers only the last one's cross certificate,
   which no Root the node pins signed; the node cannot verify the console, stays stale
   (fails closed: a compliant device is refused) and ``/healthz`` ``sync.action_required``
@@ -99,28 +100,30 @@ def rotation_nodes(cluster: Cluster) -> list[dict[str, object]]:
 
 
 def rotate_root_while_down(cluster: Cluster, *down: Node) -> str:
-    """A whole Root rotation (prepare by the CLI, switch and finish by the API) while
-    ``down`` are stopped; finish forced only because of them. Returns the new Root."""
+    """A whole Root rotation by the CLI (``certgate console rotate``: another process than
+    the console, which presents each step's chain by itself) while ``down`` are stopped;
+    finish forced only because of them. Returns the new Root."""
     prepared = cli(cluster, "root", GROUP, "--overlap", "0s")
     assert prepared.returncode == 0, prepared.stderr
     new_root = str(json.loads(prepared.stdout)["new"]["thumbprint"])
     (up,) = cluster.nodes
-    with admin(cluster) as client:
-        client.post(ROTATION + "/switch").raise_for_status()
-        wait_until(
-            f"the status shows {up.name} with the new Root",
-            lambda: any(n["name"] == up.name and n["has_new"] for n in rotation_nodes(cluster)),
-        )
-        refused = client.post(ROTATION + "/finish")
-        assert refused.status_code == 409, refused.text
-        said = refused.json()["detail"]
-        for node in down:
-            assert f"node {node.name} does not trust the new Root yet" in said, said
-        print(f"finish refused: {said}")
-        forced = client.post(ROTATION + "/finish", params={"force": "true"})
-        assert forced.status_code == 200, forced.text
+    switched = cli(cluster, "switch", "root", GROUP)
+    assert switched.returncode == 0, switched.stderr
     wait_until(
-        f"{up.name} trusts the new Root alone", lambda: sync_status(up)["roots"] == [new_root]
+        f"the status shows {up.name} with the new Root",
+        lambda: any(n["name"] == up.name and n["has_new"] for n in rotation_nodes(cluster)),
+    )
+    refused = cli(cluster, "finish", "root", GROUP)
+    said = " ".join(refused.stderr.split())  # the CLI wraps long lines
+    assert refused.returncode == 1, refused
+    for node in down:
+        assert f"node {node.name} does not trust the new Root yet" in said, said
+    print(f"finish refused: {said}")
+    forced = cli(cluster, "finish", "root", GROUP, "--force")
+    assert forced.returncode == 0, forced.stderr
+    wait_until(
+        f"{up.name} trusts the new Root alone and follows the feed",
+        lambda: sync_status(up)["roots"] == [new_root] and sync_status(up)["last_error"] is None,
     )
     return new_root
 
