@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -295,5 +295,42 @@ def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
         assert issued_by(leaf, reopened.certs[ca.DEVICE_ROOT])
         cross = reopened.others[ca.version_label(ca.ROOT_CROSS, started.id)][1]
         assert issued_by(cross, reopened.others[ca.ROOT][1])
+    finally:
+        db.dispose()
+
+
+def test_finish_offers_root_cross_until_the_next_rotation_finishes(tmp_path: Path) -> None:
+    """Served after a finish: the cross certificate the old Root signed for the new one
+    (status offered, not revoked), never one vouching for a retired Root. During the next
+    rotation that rotation's two cross certificates alone are served (before its switch a
+    party trusting only its new Root verifies the old intermediates through its
+    ``root-back``); its finish retires the one offered before and offers its own."""
+    data_dir = tmp_path / "console"
+    local.init(data_dir, KeyAlgorithm.EC_P256, "https://127.0.0.1:8443", "127.0.0.1", 8443, None)
+    db, pki = local.open_db(local.load_config(data_dir))
+
+    try:
+        with db.transaction() as session:
+            first = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test").id
+            rotation.switch(session, pki, local.TOP_GROUP, "root")
+            rotation.finish(session, pki, local.TOP_GROUP, "root", force=True)
+        cross = pki.others[ca.version_label(ca.ROOT_CROSS, first)][1]
+        assert pki.root_crosses() == [cross]
+        assert pki.chain(ca.SECURE_CHANNEL_ROOT)[1] == cross
+        with db.transaction() as session:
+            second = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test", timedelta(0))
+        back = pki.others[ca.version_label(ca.ROOT_BACK, second.id)][1]
+        later = pki.others[ca.version_label(ca.ROOT_CROSS, second.id)][1]
+        assert sorted(pki.root_crosses(), key=thumbprint) == sorted([back, later], key=thumbprint)
+        assert pki.chain(ca.SECURE_CHANNEL_ROOT)[1] == back  # not the offered one
+        with db.transaction() as session:
+            rotation.switch(session, pki, local.TOP_GROUP, "root")
+            rotation.finish(session, pki, local.TOP_GROUP, "root", force=True)
+            assert revoked_at(session, cross) is not None  # it vouches for a retired Root
+            assert revoked_at(session, later) is None
+        assert pki.root_crosses() == [later]
+        statuses = {label: status for label, (status, _, _) in pki.others.items()}
+        assert statuses[ca.version_label(ca.ROOT_CROSS, first)] == ca.RETIRED
+        assert statuses[ca.version_label(ca.ROOT_CROSS, second.id)] == ca.OFFERED
     finally:
         db.dispose()
