@@ -33,6 +33,7 @@ class Presenter:
         self._state, self._interval_s = state, interval_s
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False  # logged once per outage, not every tick
 
     def present_once(self) -> bool:
         """One look at the CA rows; True if the listener now presents something else."""
@@ -65,4 +66,12 @@ class Presenter:
             try:
                 self.present_once()
             except Exception:  # a lost database must not stop the console
-                log.exception("following the CA rows failed; retrying in %s s", self._interval_s)
+                if not self._failing:
+                    log.exception(
+                        "following the CA rows failed; retrying every %s s", self._interval_s
+                    )
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("following the CA rows again")
+                self._failing = False

@@ -365,14 +365,15 @@ class FeedFollower:
         self._action_required = what
 
     def _unverified_console(self, exc: Exception) -> str:
-        """What to do when the console's TLS chain reaches no Root the node pins. One
+        """What to do when the console's TLS certificate does not verify (its chain
+        reaches no Root the node pins, or it does not name the console URL's host). One
         missed Root rotation is climbed by itself (the console serves the cross
         certificate the old Root signed); more than one, or another instance, is not."""
         roots = ", ".join(rotation.root_thumbprints(self.state))
         return (
-            f"the console's TLS certificate does not chain to an instance Root this node"
-            f" pins ({roots}): {exc}; if the instance Root was rotated more than once while"
-            f" this node was down, run 'certgate tunnel setup' for group"
+            f"the console's TLS certificate does not verify against the instance Roots this"
+            f" node pins ({roots}): {exc}; if the instance Root was rotated more than once"
+            f" while this node was down, run 'certgate tunnel setup' for group"
             f" {self.state.group_id} again with the current Root's pin"
         )
 
