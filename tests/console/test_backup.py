@@ -294,7 +294,8 @@ def test_a_backup_during_a_root_rotation_restores_both_roots_and_the_shared_keys
     """A Root rotation switched but running, then backup and restore: the restored
     console trusts both Roots (the new one current), keeps the cross certificates, and
     each intermediate issued again under the new Root shares the key row of its old
-    certificate, so what either issued is one CA's (its CRL lists both); it finishes."""
+    certificate, so what either issued is one CA's (its CRL lists both); it finishes, and a
+    backup then restores the cross certificate finish left offered."""
     alice = device_cert(original, "alice")  # of the Device Root before the rotation
     with transaction(original) as (session, pki):
         rotation.prepare(session, pki, local.TOP_GROUP, rotation.ROOT, "test", timedelta(0))
@@ -321,4 +322,12 @@ def test_a_backup_during_a_root_rotation_restores_both_roots_and_the_shared_keys
         alice.verify_directly_issued_by(pki.certs[ca.DEVICE_ROOT])
     succeed("rotate", "finish", "root", local.TOP_GROUP, "-d", str(target), "--force")
     with transaction(target) as (_, pki):
-        assert pki.roots() == [new_root] and pki.root_crosses() == []
+        offered = [c for c in crosses if c.public_key() == new_root.public_key()]
+        assert pki.roots() == [new_root] and pki.root_crosses() == offered
+    # Once finished, a backup restores the cross certificate still offered (status offered).
+    after = tmp_path / "ca-backup-after-finish.bin"
+    succeed("backup", "-d", str(target), "--out", str(after), env=PASSPHRASE_ENV)
+    again = tmp_path / "restored-after-finish"
+    restore(again, after)
+    with transaction(again) as (_, pki):
+        assert pki.roots() == [new_root] and pki.root_crosses() == offered

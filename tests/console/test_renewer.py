@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,13 +23,12 @@ from certgate.console.state import ConsoleState
 from certgate.console.store.models import AuditEntry
 from certgate.errors import ConfigError
 from certgate.pki.profiles import RENEWAL_WINDOW
-from tests.support import CERTGATE, RunningConsole, init_console, issued_by
+from tests.support import RunningConsole
 from tests.tunnel.conftest import COMPLIANT, create_group
 
 pytestmark = pytest.mark.integration  # a real console process
 
 HANDSHAKE_TIMEOUT_S = 30
-SWITCH_REACHES_TLS_S = 60  # generous: the renewer looks every CA_CHECK_S (5 s)
 
 
 def served(ctx: ssl.SSLContext, root: x509.Certificate) -> x509.Certificate:
@@ -123,38 +120,3 @@ def test_the_renewal_interval_is_checked(tmp_path: Path) -> None:
         ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", renew_interval_s=5)
     off = ConsoleConfig(data_dir=tmp_path, db_url="sqlite:///x.db", renew_interval_s=0)
     assert off.renew_interval_s == 0
-
-
-def rotate_cli(data_dir: Path, *args: str) -> None:
-    command = [*CERTGATE, "console", "rotate", *args, "-d", str(data_dir)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-
-
-def test_a_rotation_switched_by_another_process_reaches_the_live_tls_within_seconds(
-    tmp_path: Path,
-) -> None:
-    """The CLI (another process) switches the Secure Channel Root: the running renewer,
-    its interval an hour, serves a TLS certificate of the new root within seconds."""
-    data_dir, _ = init_console(tmp_path)
-    state = ConsoleState.open(local.load_config(data_dir))
-    renewer = Renewer(state, 3600)
-    try:
-        ctx = state.tls_context()
-        root, old_root = state.pki.certs["root"], state.pki.certs["secure-channel-root"]
-        assert issued_by(served(ctx, root), old_root)
-        renewer.start()
-        rotate_cli(data_dir, "secure-channel-root", local.TOP_GROUP, "--overlap", "0s")
-        rotate_cli(data_dir, "switch", "secure-channel-root", local.TOP_GROUP)
-        deadline = time.monotonic() + SWITCH_REACHES_TLS_S
-        while issued_by(served(ctx, root), old_root):
-            assert time.monotonic() < deadline, "the live TLS context kept the old root's leaf"
-            time.sleep(0.5)
-        new_root = state.pki.certs["secure-channel-root"]
-        assert new_root != old_root and issued_by(served(ctx, root), new_root)
-        with state.db.read_only() as session:
-            actions = session.execute(select(AuditEntry.action).where(AuditEntry.actor == ACTOR))
-            assert "console.tls.renewed" in actions.scalars().all()
-    finally:
-        renewer.stop()
-        state.db.dispose()

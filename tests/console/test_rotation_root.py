@@ -7,16 +7,18 @@ it with the same subjects and keys; nodes set up now trust both Roots (the new o
 for by the cross certificate), and the console's TLS chain verifies for a client trusting
 either Root alone. switch: new work chains to the new Root, old leaves stay valid, a node
 of the old Root is still served. finish: refused while a node does not trust the new Root,
-then forced (audited); the old Root and the cross certificates are retired, the console
-chain ends at the new Root (a client pinning the old Root alone is refused), nodes set up
-now trust the new Root alone, and `audit verify` still accepts the checkpoint signed
-before the rotation."""
+then forced (audited); the old Root and ``root-back`` are retired, ``root-cross`` (the old
+Root vouching for the new one) is offered: the console chain ends at it, so a client
+pinning the old Root alone still verifies and Access reaches the new Root from its
+install-time pin; nodes set up now trust the new Root alone, and `audit verify` still
+accepts the checkpoint signed before the rotation."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import subprocess
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from certgate.access.trust import load_device_roots, parse_device_roots, save_device_roots
 from certgate.console import local
 from certgate.console.services import ca, rotation
-from certgate.console.store.models import CACert, SealedKey
+from certgate.console.store.models import CACert, Certificate, SealedKey
 from certgate.pki.authority import Names
 from certgate.pki.keys import KeyAlgorithm, generate_key
 from certgate.pki.profiles import DEVICE_CLIENT
@@ -66,6 +69,12 @@ def handshake(console: RunningConsole, anchor: x509.Certificate) -> list[x509.Ce
         # Python 3.11 has no public accessor; 3.13's SSLSocket.get_unverified_chain is this.
         chain = tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
     return [x509.load_der_x509_certificate(c.public_bytes(2)) for c in chain]  # DER
+
+
+def revoked_at(session: Session, cert: x509.Certificate) -> datetime | None:
+    row = session.get(Certificate, format(cert.serial_number, "x"))
+    assert row is not None
+    return row.revoked_at
 
 
 def access_answer(console: RunningConsole) -> Any:
@@ -199,26 +208,33 @@ def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: 
         e["action"] for e in audit
     }
 
-    # The chain ends at the new Root: a client of the old Root alone is refused.
-    assert handshake(console, new_root)[-1] == new_root
-    with pytest.raises(ssl.SSLError, match="certificate verify failed"):
-        handshake(console, old_root)
+    # The chain ends at root-cross, still offered: a client of the old Root alone (a node
+    # down for the whole rotation, an Access installed before it) verifies and climbs.
+    assert handshake(console, new_root)[-1] == cross
+    assert handshake(console, old_root)[-1] == cross
     after_finish = parse_device_roots(access_answer(console), access.anchors, access.proofs)
     assert after_finish.anchors == (new_root,)
+    assert parse_device_roots(access_answer(console), old_root).anchors == (new_root,)
     saved = tmp_path / "device-roots.json"  # an Access restart, from its install-time pin
     save_device_roots(saved, after_finish)
     reloaded = load_device_roots(saved, old_root)
     assert reloaded is not None and reloaded.anchors == (new_root,)
-    with console.local() as (_, pki):
-        assert pki.root_crosses() == [] and pki.roots() == [new_root]
+    with console.local() as (session, pki):
+        assert pki.root_crosses() == [cross] and pki.roots() == [new_root]
         statuses = {label: status for label, (status, _, _) in pki.others.items()}
+        revoked = {
+            label: revoked_at(session, cert)
+            for label, cert in ((ca.ROOT, old_root), ("cross", cross), ("back", back))
+        }
     assert statuses[ca.ROOT] == ca.RETIRED
-    assert statuses[f"root-cross@{shown['id']}"] == ca.RETIRED
+    assert statuses[f"root-cross@{shown['id']}"] == ca.OFFERED
+    assert statuses[f"root-back@{shown['id']}"] == ca.RETIRED
+    assert revoked["cross"] is None and None not in (revoked[ca.ROOT], revoked["back"])
     # Admins re-pin: this test's clients take the new Root first (``root_of``).
     console.chain_path.write_text(pem(new_root) + console.chain_path.read_text())
     after = setup_node(console, group, tmp_path / "node-d", "node-d")
     assert [thumbprint(r) for r in after.roots] == [thumbprint(new_root)]
-    assert after.tunnel_chain[1] == new_root
+    assert after.tunnel_chain[1] == cross  # the console's rule: chains end at the offered cross
     # Every leaf issued before the rotation is still valid under the new Root.
     old_leaf = node.tunnel_cert
     assert openssl_verifies(tmp_path, old_leaf, [reissued[ca.SECURE_CHANNEL_ROOT]], new_root)
@@ -279,5 +295,42 @@ def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
         assert issued_by(leaf, reopened.certs[ca.DEVICE_ROOT])
         cross = reopened.others[ca.version_label(ca.ROOT_CROSS, started.id)][1]
         assert issued_by(cross, reopened.others[ca.ROOT][1])
+    finally:
+        db.dispose()
+
+
+def test_finish_offers_root_cross_until_the_next_rotation_finishes(tmp_path: Path) -> None:
+    """Served after a finish: the cross certificate the old Root signed for the new one
+    (status offered, not revoked), never one vouching for a retired Root. During the next
+    rotation that rotation's two cross certificates alone are served (before its switch a
+    party trusting only its new Root verifies the old intermediates through its
+    ``root-back``); its finish retires the one offered before and offers its own."""
+    data_dir = tmp_path / "console"
+    local.init(data_dir, KeyAlgorithm.EC_P256, "https://127.0.0.1:8443", "127.0.0.1", 8443, None)
+    db, pki = local.open_db(local.load_config(data_dir))
+
+    try:
+        with db.transaction() as session:
+            first = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test").id
+            rotation.switch(session, pki, local.TOP_GROUP, "root")
+            rotation.finish(session, pki, local.TOP_GROUP, "root", force=True)
+        cross = pki.others[ca.version_label(ca.ROOT_CROSS, first)][1]
+        assert pki.root_crosses() == [cross]
+        assert pki.chain(ca.SECURE_CHANNEL_ROOT)[1] == cross
+        with db.transaction() as session:
+            second = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test", timedelta(0))
+        back = pki.others[ca.version_label(ca.ROOT_BACK, second.id)][1]
+        later = pki.others[ca.version_label(ca.ROOT_CROSS, second.id)][1]
+        assert sorted(pki.root_crosses(), key=thumbprint) == sorted([back, later], key=thumbprint)
+        assert pki.chain(ca.SECURE_CHANNEL_ROOT)[1] == back  # not the offered one
+        with db.transaction() as session:
+            rotation.switch(session, pki, local.TOP_GROUP, "root")
+            rotation.finish(session, pki, local.TOP_GROUP, "root", force=True)
+            assert revoked_at(session, cross) is not None  # it vouches for a retired Root
+            assert revoked_at(session, later) is None
+        assert pki.root_crosses() == [later]
+        statuses = {label: status for label, (status, _, _) in pki.others.items()}
+        assert statuses[ca.version_label(ca.ROOT_CROSS, first)] == ca.RETIRED
+        assert statuses[ca.version_label(ca.ROOT_CROSS, second.id)] == ca.OFFERED
     finally:
         db.dispose()

@@ -12,7 +12,10 @@ echo server (helpers of tests/integration/test_rotation.py). Shown, in order:
   a client anchored on either Root alone still verifies both nodes and the console; a
   device made noncompliant during the rotation loses its live tunnels and is refused;
 * finish by the API, not forced, once both nodes report the new Root: they trust it
-  alone, and their chain ends at it (a client anchored on the old Root alone is refused).
+  alone; their chains and the console's end at the cross certificate the old Root signed
+  for the new one (offered after finish), so a client anchored on either Root alone
+  still verifies (one that pins the old Root climbs: tests/integration/
+  test_rotation_root_catchup.py).
 
 0 failed curl requests and 0 closed live tunnels through prepare, switch and finish
 (counted, printed). The curl clients' CA file holds the old Root and its intermediates
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certgate.pki.thumbprint import thumbprint
@@ -61,6 +65,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def roots_of(node: Node) -> list[x509.Certificate]:
     """The Roots the node stored (root.pem), the current one first."""
     return x509.load_pem_x509_certificates((node.state_dir / "root.pem").read_bytes())
+
+
+def vouches(node: Node, old: x509.Certificate, new: x509.Certificate) -> bool:
+    """What the node sends after its Secure Channel Root (chain.pem) is the cross
+    certificate of ``new``'s key that ``old`` signed."""
+    last = x509.load_pem_x509_certificates((node.state_dir / "chain.pem").read_bytes())[-1]
+    try:
+        last.verify_directly_issued_by(old)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return last.public_key() == new.public_key()
 
 
 def anchored_on(cluster: Cluster, port: int, anchor: x509.Certificate) -> bool:
@@ -147,16 +162,14 @@ def test_root_rotation_without_a_failed_connection(
         "both nodes trust the new Root alone",
         lambda: all(sync_status(n)["roots"] == [new_root] for n in cluster.nodes),
     )
-    wait_until(
-        "both nodes' chains end at the new Root",
-        lambda: all(
-            not anchored_on(cluster, n.proxy_port, old_anchor)
-            and anchored_on(cluster, n.proxy_port, new_anchor)
-            for n in cluster.nodes
-        ),
+    wait_until(  # root-cross, offered after finish: the old Root vouching for the new one
+        "both nodes' chains end at the cross certificate the old Root signed",
+        lambda: all(vouches(n, old_anchor, new_anchor) for n in cluster.nodes),
     )
-    assert console_anchored_on(cluster, new_anchor)
-    assert not console_anchored_on(cluster, old_anchor)
+    for anchor in (old_anchor, new_anchor):  # a party pinning the old Root alone climbs
+        assert console_anchored_on(cluster, anchor), thumbprint(anchor)
+        for node in cluster.nodes:
+            assert anchored_on(cluster, node.proxy_port, anchor), (node.name, thumbprint(anchor))
     time.sleep(3)  # traffic keeps flowing after finish (the loop counts every request)
     report(f"finish (nodes dropped the old Root after {took * 1000:.0f} ms)", loop, tunnels)
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from certgate.pki.keys import private_key_pem
 from certgate.pki.thumbprint import thumbprint
@@ -61,6 +60,7 @@ from tests.integration.test_rotation import (
     traffic,  # noqa: F401 (a fixture)
     wait_until,
 )
+from tests.support import issued_by
 from tests.tunnel.dataplane import PAGE
 
 pytestmark = pytest.mark.integration
@@ -72,14 +72,6 @@ ROTATION = f"/api/v1/groups/{GROUP}/rotations/secure-channel-root"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with start_cluster(tmp_path_factory.mktemp("secure-channel-root")) as running:
         yield running
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def new_root_of(cluster: Cluster, new_thumbprint: str) -> x509.Certificate:

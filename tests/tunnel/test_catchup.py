@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,11 @@ from certgate.feed import (
     snapshot_trust,
 )
 from certgate.pki.thumbprint import thumbprint
+from certgate.tlsconf import server_context
 from certgate.tunnel.config import TunnelState, load_state
 from certgate.tunnel.persist import JOURNAL_FILE, SNAPSHOT_FILE
 from certgate.tunnel.sync import FeedChange, FeedFollower, Resynchronise
+from tests.pki.conftest import shared_hierarchy
 from tests.support import RunningConsole
 from tests.tunnel.conftest import (
     COMPLIANT,
@@ -310,3 +313,37 @@ def test_device_roots_come_with_a_snapshot_during_and_after_the_overlap(
     assert asyncio.run(resync(load_state(node.state_dir))) == [new]
     assert [thumbprint(r) for r in load_state(node.state_dir).device_roots] == [new]
     assert page_trust(console, group, node) == [(DEVICE_ROOT, RotationPhase.FINISH.value)]
+
+
+def test_a_console_chain_that_reaches_no_pinned_root_is_refused_with_what_to_run(
+    node: TunnelState,
+) -> None:
+    """A console whose TLS chain ends at no Root the node pins (here another instance's
+    hierarchy, on a real TLS listener; for real a node down for two Root rotations): the
+    node takes nothing, stays stale (fails closed) and says what to run."""
+    stranger = shared_hierarchy().leaves["tunnel"]
+    context = server_context(stranger.chain, stranger.key)
+
+    async def scenario() -> tuple[str | None, bool]:
+        server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        elsewhere = dataclasses.replace(node, console_url=f"https://127.0.0.1:{port}")
+        lose_table(node)  # nothing persisted: it must reach the console to serve anything
+        async with server, FeedFollower(elsewhere, state_dir=node.state_dir) as f:
+            task = asyncio.create_task(f.run())
+            try:
+                for _ in range(300):  # bounded: the first handshake fails at once
+                    if f.status()["action_required"]:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            return f.status()["action_required"], f.is_fresh()
+
+    said, fresh = asyncio.run(scenario())
+    assert said is not None and "certificate verify failed" in said
+    assert thumbprint(node.root) in said
+    assert f"run 'certgate tunnel setup' for group {node.group_id} again" in said
+    assert not fresh

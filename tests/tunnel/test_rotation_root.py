@@ -5,9 +5,10 @@ mTLS (this module has its own console: the rotation is instance-wide).
 The follower reads every step from the feed with no gap: at prepare it trusts both Roots
 (the new one vouched for by the cross certificate the old one signed) and sends the cross
 certificate of its Root after its Secure Channel Root; at switch the new Root comes first
-and its intermediates are the ones sent; at finish it trusts the new Root alone, and its
-client to the console is anchored on it. What it stores is what a restart loads, verified
-as at setup. A version 4 node is never sent a Root step."""
+and its intermediates are the ones sent; at finish it trusts the new Root alone (still
+sending the cross certificate the old Root signed, which the console offers after
+finish), and its client to the console is anchored on it. What it stores is what a
+restart loads, verified as at setup. A version 4 node is never sent a Root step."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -39,8 +41,8 @@ from tests.tunnel.test_rotation_secure_channel import step as instance_ca_step
 pytestmark = pytest.mark.integration  # a real console process
 
 
-def step(console: RunningConsole, group: str, path: str) -> dict[str, object]:
-    return instance_ca_step(console, group, path, kind="root")
+def step(console: RunningConsole, group: str, path: str, **params: Any) -> dict[str, object]:
+    return instance_ca_step(console, group, path, kind="root", **params)
 
 
 def trust_kinds_in(token: bytes) -> set[str]:
@@ -132,11 +134,42 @@ def test_a_node_follows_prepare_switch_and_finish(
             assert thumbs(f.state) == [new_root]
             stored = load_state(node.state_dir)
             assert thumbs(stored) == [new_root]
-            assert [thumbprint(c) for c in sent_after_tunnel(node.state_dir)][1] == new_root
-            # Its client to the console is anchored on the new Root alone now, and the
-            # console's chain ends there: the feed still flows.
+            # It sends root-cross still (offered after finish: a party pinning the old Root
+            # alone climbs); its client to the console is anchored on the new Root alone
+            # now, and the console's chain verifies there: the feed still flows.
+            assert sent_after_tunnel(node.state_dir)[1] == cross
             enroll_device(sqlite_console, group)
             await drain(f)
             assert f.status()["last_error"] is None
 
     asyncio.run(scenario())
+
+
+def test_a_node_without_its_table_after_a_whole_rotation_takes_the_new_root_from_a_snapshot(
+    sqlite_console: RunningConsole, tmp_path: Path
+) -> None:
+    """Set up before prepare, "down" (no follower) until after finish, with no persisted
+    table: it verifies the console through the offered cross certificate, and the Root
+    step of the snapshot page (the new Root alone) is taken because the Root it pins
+    vouches for it; its chain.pem, written under the old Root, is written again."""
+    group = create_group(sqlite_console, COMPLIANT)
+    node = setup_node(sqlite_console, group, tmp_path / "node", "node-b")
+    new_root = step(sqlite_console, group, "")["new"]["thumbprint"]  # type: ignore[index]
+    step(sqlite_console, group, "/switch")
+    step(sqlite_console, group, "/finish", force="true")
+
+    async def scenario() -> None:
+        async with FeedFollower(load_state(node.state_dir), state_dir=node.state_dir) as f:
+            await f.bootstrap()  # nothing persisted: a snapshot, over mTLS
+            assert thumbs(f.state) == [new_root]
+            assert f.status()["identity_error"] is None, f.status()["identity_error"]
+            await f.poll_once(wait=0)  # its client is anchored on the new Root now
+            assert f.status()["last_error"] is None
+
+    asyncio.run(scenario())
+    stored = load_state(node.state_dir)
+    assert thumbs(stored) == [new_root]
+    scr, cross = sent_after_tunnel(node.state_dir)
+    assert scr.public_key() == node.secure_channel_root.public_key()
+    assert cross.public_key() == stored.root.public_key()  # the new Root, by the old one
+    cross.verify_directly_issued_by(node.root)

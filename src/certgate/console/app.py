@@ -275,6 +275,8 @@ def create_app(state: ConsoleState) -> FastAPI:
             state.checkpointer.start()
         if state.renewer is not None:
             state.renewer.start()
+        if state.presenter is not None:
+            state.presenter.start()
         sweeper = asyncio.get_running_loop().create_task(compliance.sweep_forever(state))
         try:
             yield
@@ -284,6 +286,8 @@ def create_app(state: ConsoleState) -> FastAPI:
                 state.change_watcher.stop()
             if state.renewer is not None:
                 state.renewer.stop()
+            if state.presenter is not None:
+                state.presenter.stop()
             state.writer.stop()
             if state.checkpointer is not None:  # after the writer: its last commits count
                 state.checkpointer.stop()

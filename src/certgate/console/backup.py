@@ -38,7 +38,7 @@ from certgate.pki.keystore import MasterKey, decrypt_backup, encrypt_backup
 FORMAT = "certgate-ca-backup/2"
 FORMATS = ("certgate-ca-backup/1", FORMAT)
 _TIMES = ("prepared_at", "switched_at", "finished_at")
-_OTHER_STATUSES = (ca.NEXT, ca.RETIRING, ca.RETIRED)
+_OTHER_STATUSES = (ca.NEXT, ca.RETIRING, ca.RETIRED, ca.OFFERED)
 
 
 def export_cas(session: Session, pki: ca.InstancePKI, passphrase: str) -> bytes:

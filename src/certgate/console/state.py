@@ -17,6 +17,7 @@ from certgate.console import local
 from certgate.console.checkpointer import Checkpointer
 from certgate.console.config import ConsoleConfig
 from certgate.console.notify import ChangeWatcher, change_watcher
+from certgate.console.presenter import Presenter
 from certgate.console.renewer import Renewer
 from certgate.console.services import audit, ca
 from certgate.console.services.feed import FEED_GROUPS_KEY, FeedNotifier
@@ -54,6 +55,9 @@ class ConsoleState:
     live_tls: ssl.SSLContext | None = None  # the listener's, once built (renewed in place)
     tls_cert: x509.Certificate | None = None  # the console TLS certificate it presents
     tls_chain: list[x509.Certificate] = field(default_factory=list)  # what follows it
+    # ``pki.rows`` when the listener last took what they call for (``console.presenter``).
+    presented_rows: tuple[tuple[str, str], ...] = ()
+    presenter: Presenter | None = None  # started and stopped by the app's lifespan
 
     @classmethod
     def open(cls, config: ConsoleConfig, master: MasterKey | None = None) -> ConsoleState:
@@ -75,12 +79,14 @@ class ConsoleState:
         )
         if config.renew_interval_s > 0:
             state.renewer = Renewer(state, config.renew_interval_s)
+        state.presenter = Presenter(state)
         return state
 
     def tls_context(self) -> ssl.SSLContext:
         with self.db.transaction() as session:
             cert, key = self._console_tls(session)
         self.tls_cert, self.tls_chain = cert, self.pki.chain_of(cert)
+        self.presented_rows = self.pki.rows
         ctx = server_context(
             [cert, *self.tls_chain],
             key,
@@ -100,6 +106,7 @@ class ConsoleState:
             return False
         cert, key = self._console_tls(session, now)
         chain = self.pki.chain_of(cert)  # a Root rotation step changes it (cross certificate)
+        self.presented_rows = self.pki.rows  # what ``_console_tls`` refreshed them to
         if cert == self.tls_cert and chain == self.tls_chain:
             return False
         load_identity(self.live_tls, [cert, *chain], key)

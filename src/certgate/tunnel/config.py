@@ -509,7 +509,9 @@ def state_from_files(files: Mapping[str, bytes], state_dir: Path, key: PrivateKe
     pinned = {"console": console, "tunnel": tunnel}
     trusted = _verified_trust(files[TRUST_JWS], console, group_id, pinned, pinned_roots)
     scrs, roots = trusted.secure_channel_roots, trusted.roots
-    load_secure_channel_root(files[CHAIN_PEM], roots)  # well formed; the chain is derived
+    # Well formed, under a Root listed or pinned: the chain is derived (and written again
+    # from it), and a snapshot's Root step may drop the Root the stored one was under.
+    load_secure_channel_root(files[CHAIN_PEM], (*roots, *pinned_roots))
     verify_identity(console, scrs, roots, identity.console(group_id))
     issuer = verify_identity(tunnel, scrs, roots, identity.tunnel(group_id))
     return TunnelState(

@@ -40,9 +40,14 @@ node's instance Root through its Secure Channel Root, names this group's console
 no older than the pinned one (``rotation.successor_console_identity``), the node
 resynchronises from a snapshot, verifies it with that identity, and serves it only once
 a trust operation of the snapshot naming that identity is checked as at setup and
-pinned. Otherwise, as when the console refuses its tunnel identity (retired by a
-rotation it missed), the node says what to run (``status()["action_required"]``, an
-ERROR log line, ``/healthz``) and keeps failing closed.
+pinned. A node that missed a whole Root rotation pins the old Root alone: the console
+still offers the cross certificate the old Root signed for the new one (its TLS chain
+ends at it), so the node verifies the console and takes the new Root from the replayed
+steps or a snapshot's Root step, because the Root it pins vouches for it. Otherwise, as
+when the console refuses its tunnel identity (retired by a rotation it missed) or its TLS
+chain reaches no Root the node pins (two missed Root rotations), the node says what to
+run (``status()["action_required"]``, an ERROR log line, ``/healthz``) and keeps failing
+closed.
 
 Every applied change is reported as a ``FeedChange`` naming what the data plane must judge
 again: the thumbprints a batch touched, or every live tunnel after a snapshot swap or a
@@ -63,6 +68,7 @@ import ctypes
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -335,6 +341,8 @@ class FeedFollower:
         self._last_error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, FeedUnavailable) and exc.status == 401:  # says what to do
             self._require_action(f"the console refuses this node's tunnel identity: {exc}")
+        elif _console_not_verified(exc):
+            self._require_action(self._unverified_console(exc))
         # Rejections were logged with their reason already; an outage is logged at its start
         # and then about once a minute (at the backoff cap), not on every retry.
         if not isinstance(exc, SignatureError | FeedError):
@@ -355,6 +363,19 @@ class FeedFollower:
         if what != self._action_required:
             log.error("%s", what)
         self._action_required = what
+
+    def _unverified_console(self, exc: Exception) -> str:
+        """What to do when the console's TLS certificate does not verify (its chain
+        reaches no Root the node pins, or it does not name the console URL's host). One
+        missed Root rotation is climbed by itself (the console serves the cross
+        certificate the old Root signed); more than one, or another instance, is not."""
+        roots = ", ".join(rotation.root_thumbprints(self.state))
+        return (
+            f"the console's TLS certificate does not verify against the instance Roots this"
+            f" node pins ({roots}): {exc}; if the instance Root was rotated more than once"
+            f" while this node was down, run 'certgate tunnel setup' for group"
+            f" {self.state.group_id} again with the current Root's pin"
+        )
 
     def _note_freshness(self, now: float) -> None:
         fresh = self.is_fresh(now)
@@ -786,6 +807,18 @@ class FeedFollower:
             self._on_change(change)
         except Exception:  # a broken callback must not stop the sync
             log.exception("on_change callback failed after a %s", change.cause)
+
+
+def _console_not_verified(exc: BaseException) -> bool:
+    """``exc`` (an httpx error) comes from a console TLS chain that failed verification."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_fresh_age(age: float | None, max_staleness_s: float) -> bool:

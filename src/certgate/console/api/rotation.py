@@ -120,9 +120,9 @@ def rotation_renew_devices(request: Request, group_id: str) -> dict[str, Any]:
 
 
 def _present_chain(state: ConsoleState, session: Session, kind: str) -> None:
-    """This console presents what the step decided at once (other console processes at
-    their next renewal tick): a TLS certificate of the new Secure Channel Root after its
-    switch, and the chain of a Root rotation's step (the cross certificate from prepare
-    until finish, then the new Root)."""
+    """This console presents what the step decided at once (other console processes
+    within seconds, ``console.presenter``): a TLS certificate of the new Secure Channel
+    Root after its switch, and the chain of a Root rotation's step (a cross certificate
+    from prepare on, the offered one after finish)."""
     if kind in (rotation.SECURE_CHANNEL, rotation.ROOT):
         state.renew_tls(session)

@@ -56,6 +56,11 @@ TOKEN_REFERENCE = b"CGP11:"
 # ca_certs.status: the CA issuing for its role, a rotation's prepared one, the superseded one
 # still trusted until finish, and one finish retired (kept to sign its CRL).
 CURRENT, NEXT, RETIRING, RETIRED = "current", "next", "retiring", "retired"
+# The ``root-cross`` of the last finished Root rotation (the current Root's subject and key,
+# signed by the Root it replaced): still served, so a party that pins the old Root alone
+# (a node down for the whole rotation) verifies and climbs to the current Root
+# (``pki.verify.vouched_roots``); retired when the next Root rotation finishes.
+OFFERED = "offered"
 _ISSUER_CACHE = 1024  # leaves whose issuing CA ``InstancePKI.issuing_ca`` remembers
 REFRESH_S = 5.0  # how stale a process's view of the CA rows may be (``InstancePKI.refresh``)
 
@@ -144,6 +149,12 @@ class InstancePKI:
         self._statuses = tuple((r.label, r.status) for r in rows)
         self._checked = time.monotonic()
 
+    @property
+    def rows(self) -> tuple[tuple[str, str], ...]:
+        """The (label, status) of the CA rows loaded: another value after every rotation
+        step (``console.presenter`` compares it with what the listener presents)."""
+        return self._statuses
+
     def refresh(self, session: Session, max_age_s: float = REFRESH_S) -> None:
         """Reload if a rotation step (maybe by another process, the CLI) changed the CA
         rows. Checked at most every ``max_age_s``: one small query, the keys are unsealed
@@ -156,11 +167,6 @@ class InstancePKI:
         self._checked = time.monotonic()
         if statuses != self._statuses:
             self.reload(session)
-
-    @property
-    def generation(self) -> tuple[tuple[str, str], ...]:
-        """What the CA rows were when last loaded: it changes with every rotation step."""
-        return self._statuses
 
     def label(self, role: str) -> str:
         """The row label of the current CA of ``role``."""
@@ -203,13 +209,18 @@ class InstancePKI:
         return self.trusted(ROOT)
 
     def root_crosses(self) -> list[x509.Certificate]:
-        """A running Root rotation's cross certificates (none once it finished): each
-        vouches, with a Root's key, for the other Root."""
-        return [
-            cert
+        """A running Root rotation's cross certificates, each vouching, with a Root's key,
+        for the other Root; when none runs, the ``OFFERED`` one of the last finished
+        rotation (the old Root vouching for the current one: never one vouching for a
+        retired Root). One hop only: during the next rotation the chains carry that
+        rotation's crosses."""
+        crosses = [
+            (status, cert)
             for label, (status, cert, _) in sorted(self.others.items())
-            if role_of(label) in CROSS_ROLES and status != RETIRED
+            if role_of(label) in CROSS_ROLES
         ]
+        running = [cert for status, cert in crosses if status == NEXT]
+        return running or [cert for status, cert in crosses if status == OFFERED]
 
     def family(self, label: str) -> list[str]:
         """The CA rows holding the same key as row ``label``: one CA re-issued under a new
@@ -220,7 +231,9 @@ class InstancePKI:
 
     def _above(self, ca_cert: x509.Certificate) -> x509.Certificate:
         """The certificate served after ``ca_cert``: during a Root rotation the cross
-        certificate of its Root (so a party trusting either Root verifies), else its Root.
+        certificate of its Root (so a party trusting either Root verifies), after one the
+        offered ``root-cross`` (a party pinning the Root it replaced still verifies), else
+        its Root.
         Found once per CA until the rows change (every signed feed batch asks)."""
         found = self._aboves.get(ca_cert)
         if found is None:

@@ -59,8 +59,10 @@ vouches for it). Chains are served with the cross certificate of their Root
 (``ca.InstancePKI.chain_of``), so a party trusting either Root verifies. Switch makes the
 new Root and its intermediates current (new work chains to it; nothing is revoked: the
 keys are the same). Finish waits for every node to report the new Root, retires the old
-Root, its intermediates and the cross certificates, and tells every group (nodes trust
-the new Root alone). No other instance CA rotation runs meanwhile.
+Root, its intermediates and ``root-back``, and tells every group (nodes trust the new Root
+alone); ``root-cross`` (the old Root vouching for the new one) stays offered in chains and
+trust configs, so a node down for the whole rotation catches up by itself. No other
+instance CA rotation runs meanwhile.
 """
 
 from __future__ import annotations
@@ -980,7 +982,7 @@ def _secure_channel_blockers(
     if dependents["console_tls_old"]:
         blockers.append(
             "the console still presents a TLS certificate of the old Secure Channel Root"
-            " (a running console renews it within seconds of the switch, or at its start)"
+            " (a running console presents the new one within seconds of the switch)"
         )
     blockers += [
         f"node {n.name} does not trust the new Secure Channel Root yet (last seen {n.last_seen_at})"
@@ -1027,18 +1029,24 @@ def _root_blockers(session: Session, rotation: Rotation, scope: str | None = Non
 
 
 def _retire_root(session: Session, pki: ca.InstancePKI, rotation: Rotation) -> None:
-    """The old Root, the intermediates it issued and the cross certificates are retired
-    (their CA certificates revoked, ``superseded``): nodes trust the new Root alone and
-    chains end at it. No leaf is revoked: each intermediate kept its key."""
+    """The old Root, the intermediates it issued, ``root-back`` and the cross certificate
+    an earlier rotation offered are retired (their CA certificates revoked,
+    ``superseded``): nodes trust the new Root alone. ``root-cross`` (the old Root vouching
+    for the new one) is offered from now on (``ca.OFFERED``): chains end at it, so a party
+    that pins the old Root alone (a node down for the whole rotation) still verifies and
+    takes the new Root by ``pki.verify.vouched_roots``; nobody trusts the old Root through
+    it. No leaf is revoked: each intermediate kept its key."""
     retired = [
         label
         for label, (status, _, _) in pki.others.items()
-        if status == ca.RETIRING and ca.role_of(label) in (ca.ROOT, *ca.INTERMEDIATES)
+        if status == ca.OFFERED
+        or (status == ca.RETIRING and ca.role_of(label) in (ca.ROOT, *ca.INTERMEDIATES))
     ]
-    retired += [ca.version_label(role, rotation.id) for role in ca.CROSS_ROLES]
+    retired.append(ca.version_label(ca.ROOT_BACK, rotation.id))
     for label in retired:
         serial = format(pki.others[label][1].serial_number, "x")
         if session.get(Certificate, serial) is not None:
             ca.revoke(session, serial, "superseded")
-    ca.set_ca_status(session, pki, dict.fromkeys(retired, ca.RETIRED))
+    offered = {ca.version_label(ca.ROOT_CROSS, rotation.id): ca.OFFERED}
+    ca.set_ca_status(session, pki, {**dict.fromkeys(retired, ca.RETIRED), **offered})
     _publish_ca(session, pki, rotation, RotationPhase.FINISH)

@@ -84,7 +84,8 @@ class CACert(Base):
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
     cert_pem: Mapped[str] = mapped_column(Text)
     key_label: Mapped[str] = mapped_column(ForeignKey("sealed_keys.label"))
-    # current (issues for its role), next, retiring (trusted until finish) or retired
+    # current (issues for its role), next, retiring (trusted until finish), retired or
+    # offered (the root-cross a finished Root rotation still serves, ca.OFFERED)
     status: Mapped[str] = mapped_column(String(16), default="current", server_default="current")
 
 
