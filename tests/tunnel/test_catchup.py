@@ -210,16 +210,7 @@ def test_a_node_whose_tunnel_identity_was_retired_says_what_to_run(
 
     async def scenario() -> str | None:
         async with FeedFollower(load_state(node.state_dir), state_dir=node.state_dir) as f:
-            task = asyncio.create_task(f.run())
-            try:
-                for _ in range(300):  # bounded: the first refusal comes at once
-                    if f.status()["action_required"]:
-                        break
-                    await asyncio.sleep(0.1)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await run_until_action_required(f)  # the first refusal comes at once
             assert f.state.tunnel_thumbprint == node.tunnel_thumbprint
             said: str | None = f.status()["action_required"]
             return said
@@ -330,16 +321,7 @@ def test_a_console_chain_that_reaches_no_pinned_root_is_refused_with_what_to_run
         elsewhere = dataclasses.replace(node, console_url=f"https://127.0.0.1:{port}")
         lose_table(node)  # nothing persisted: it must reach the console to serve anything
         async with server, FeedFollower(elsewhere, state_dir=node.state_dir) as f:
-            task = asyncio.create_task(f.run())
-            try:
-                for _ in range(300):  # bounded: the first handshake fails at once
-                    if f.status()["action_required"]:
-                        break
-                    await asyncio.sleep(0.1)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await run_until_action_required(f)  # the first handshake fails at once
             return f.status()["action_required"], f.is_fresh()
 
     said, fresh = asyncio.run(scenario())
@@ -347,3 +329,17 @@ def test_a_console_chain_that_reaches_no_pinned_root_is_refused_with_what_to_run
     assert thumbprint(node.root) in said
     assert f"run 'certgate tunnel setup' for group {node.group_id} again" in said
     assert not fresh
+
+
+async def run_until_action_required(follower: FeedFollower) -> None:
+    """Run ``follower`` until it says what to run, for at most 30 s."""
+    task = asyncio.create_task(follower.run())
+    try:
+        for _ in range(300):
+            if follower.status()["action_required"]:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
