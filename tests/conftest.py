@@ -20,6 +20,15 @@ _db_names = itertools.count()
 os.environ["COLUMNS"] = "250"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with real-process tests (marked ``integration``) first, each module kept
+    whole and in order. ``make test`` hands whole modules to its workers (``--dist
+    loadfile``) in this order: a scenario module of a minute or more taken last kept one
+    worker busy while the others had finished; taken first, the short modules fill in."""
+    heavy = {item.module for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: item.module not in heavy)  # stable: order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer.start()
