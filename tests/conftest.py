@@ -18,23 +18,6 @@ _db_names = itertools.count()
 # pytest (and pytest-xdist workers) there is no terminal, and identifiers the tests look
 # for in tables would be cut at 80 columns, depending on which test imported a CLI first.
 os.environ["COLUMNS"] = "250"
-SCENARIO_DIRS = ("integration", "bench")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The scenario modules (``tests/integration``, ``tests/bench``: a minute or two each)
-    first, then the other modules with real-process tests, then the rest; each module kept
-    whole and in order. ``make test`` hands whole modules to its workers (``--dist
-    loadfile``) in this order: a long scenario module taken last kept one worker busy for
-    minutes after the others had finished; taken first, the short modules fill in."""
-    heavy = {item.module for item in items if item.get_closest_marker("integration")}
-
-    def rank(item: pytest.Item) -> int:
-        if item.path.parent.name in SCENARIO_DIRS:
-            return 0
-        return 1 if item.module in heavy else 2
-
-    items.sort(key=rank)  # stable: the order within each rank is kept
 
 
 @pytest.fixture(scope="session")
