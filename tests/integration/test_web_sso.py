@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pyotp
 import pytest
-from playwright.sync_api import Browser, BrowserContext, sync_playwright
+from playwright.sync_api import Browser, BrowserContext
 from sqlalchemy import select
 
 from certgate.console.services import admins, signin
@@ -45,7 +45,6 @@ from tests.integration.test_access_haproxy import Device, _enroll, _ok, _wait_li
 from tests.support import CERTGATE, RunningConsole, free_port, init_console, start_console
 
 pytestmark = pytest.mark.integration
-CHROMIUM = "/usr/bin/chromium"
 CLIENT_ID = "certgate-console"
 SEALED_CLIENT_ID = "certgate-console-sealed"  # confidential: its secret sealed by the console
 CALLBACK = "/ui/sso/callback"
@@ -216,18 +215,6 @@ def _totp_admin(console: RunningConsole) -> pyotp.TOTP:
     with console.local() as (session, pki):
         uri = signin.new_totp(session, pki.master, admins.by_username(session, "ops"))
     return pyotp.TOTP(parse_qs(urlsplit(uri).query)["secret"][0])
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: `make sysdeps` installs Debian's chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _device_browser(browser: Browser, setup: SSOSetup, device: Device) -> BrowserContext:
