@@ -1006,15 +1006,7 @@ def audit_verify(data_dir: DataDir, as_json: JsonFlag = False) -> None:
         config = local.load_config(data_dir)
         verdict = checkpoints.verify(session, pki, config.audit_sink, local.TOP_GROUP)
     database = make_url(config.db_url).render_as_string(hide_password=True)
-    result = AuditVerifyOut(
-        ok=verdict.ok,
-        chain_ok=verdict.chain.ok,
-        entries=verdict.chain.entries,
-        first_bad_id=verdict.chain.first_bad_id,
-        problem=verdict.chain.problem,
-        checkpoints=verdict.checkpoints,
-        checkpoint_problems=list(verdict.checkpoint_problems),
-    )
+    result = AuditVerifyOut.of(verdict)
     show_audit_verdict(result, f"database {database}; checkpoints {config.audit_sink}", as_json)
 
 

@@ -84,12 +84,4 @@ def verify_audit(request: Request) -> s.AuditVerifyOut:
             # Not rbac.require: its 404 for an unseen group would deny the group exists.
             raise PermissionDenied(f"verifying the audit chain needs audit:read on {TOP_GROUP}")
         verdict = checkpoints.verify(session, state.pki, state.config.audit_sink, TOP_GROUP)
-        return s.AuditVerifyOut(
-            ok=verdict.ok,
-            chain_ok=verdict.chain.ok,
-            entries=verdict.chain.entries,
-            first_bad_id=verdict.chain.first_bad_id,
-            problem=verdict.chain.problem,
-            checkpoints=verdict.checkpoints,
-            checkpoint_problems=list(verdict.checkpoint_problems),
-        )
+        return s.AuditVerifyOut.of(verdict)

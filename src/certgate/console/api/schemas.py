@@ -22,6 +22,7 @@ from pydantic import Strict as NoCoercion
 
 from certgate.console.services.admins import USERNAME_RE
 from certgate.console.services.ca import REVOCATION_REASONS
+from certgate.console.services.checkpoints import Verdict
 from certgate.console.services.devices import PLATFORMS
 from certgate.console.services.rbac import ROLES
 from certgate.console.services.settings import IP_FORMATS, Port, whole
@@ -164,6 +165,19 @@ class AuditVerifyOut(BaseModel):
     problem: str | None
     checkpoints: int
     checkpoint_problems: list[str]
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> AuditVerifyOut:
+        """The answer for ``checkpoints.verify``'s verdict (the API's and the CLI's)."""
+        return cls(
+            ok=verdict.ok,
+            chain_ok=verdict.chain.ok,
+            entries=verdict.chain.entries,
+            first_bad_id=verdict.chain.first_bad_id,
+            problem=verdict.chain.problem,
+            checkpoints=verdict.checkpoints,
+            checkpoint_problems=list(verdict.checkpoint_problems),
+        )
 
 
 class ApiKeyCreated(BaseModel):
