@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
 
 from certgate.console import local
-from certgate.console.services import audit, ca
+from certgate.console.config import ConsoleConfig
+from certgate.console.services import audit, ca, rotation
 from certgate.console.store.db import Database
-from certgate.console.store.models import Certificate, Device
+from certgate.console.store.models import Certificate, Device, Rotation, SealedKey
+from certgate.pki.keys import KeyAlgorithm
 from certgate.pki.keystore import ENV_VAR
 from tests.postgres import PostgresServer
 from tests.softhsm import PIN_ENV, SoftHSM, shared
 from tests.support import CERTGATE, RunningConsole
+from tests.tunnel.conftest import COMPLIANT, create_group
 
 _names = itertools.count()
 
@@ -121,3 +125,38 @@ def hsm(monkeypatch: pytest.MonkeyPatch) -> SoftHSM:
     softhsm = shared()
     monkeypatch.setenv(PIN_ENV, softhsm.pin)
     return softhsm
+
+
+def token_console(
+    hsm: SoftHSM, tmp_path: Path, token: str
+) -> tuple[ConsoleConfig, Database, ca.InstancePKI]:
+    """A fresh console data dir whose CA keys live in the SoftHSM ``token``, opened."""
+    data_dir, url = tmp_path / "console", "https://127.0.0.1:8443"
+    local.init(data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", 8443, None, hsm.config(token))
+    config = local.load_config(data_dir)
+    db, pki = local.open_db(config)
+    return config, db, pki
+
+
+def switched_in_token(session: Session, pki: ca.InstancePKI, kind: str, role: str) -> Rotation:
+    """Prepare and switch a rotation of ``kind`` on a token console: the new CA (of
+    ``role``) has its key made in the token, the database holding only a reference."""
+    started = rotation.prepare(session, pki, local.TOP_GROUP, kind, "test")
+    rotation.switch(session, pki, local.TOP_GROUP, kind)
+    label = ca.version_label(role, started.id)
+    reference = session.get(SealedKey, f"ca:{label}")
+    assert reference is not None
+    assert reference.sealed == ca.TOKEN_REFERENCE + f"ca:{label}".encode()
+    return started
+
+
+def local_superadmin_refused(console: RunningConsole, path: str, kind: str) -> None:
+    """A superadmin of a group below the top one may not rotate the instance's ``kind``."""
+    group = create_group(console, COMPLIANT)
+    local_admin = console.make_admin(f"super-{group}", "superadmin", group)
+    with console.client(local_admin) as client:
+        refused = client.post(path.format(group))
+    assert refused.status_code == 403, refused.text
+    body = refused.json()
+    assert set(body) == {"error", "detail"}
+    assert body["detail"] == f"rotating the {kind} needs a top-level superadmin"

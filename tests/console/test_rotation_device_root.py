@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 from certgate.cli import app
 from certgate.console import local
 from certgate.console.services import ca, rotation
-from certgate.console.store.models import SealedKey
 from certgate.pki.authority import Names
-from certgate.pki.keys import KeyAlgorithm, generate_key
+from certgate.pki.keys import generate_key
 from certgate.pki.profiles import DEVICE_CLIENT
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import TokenKey
+from tests.console.conftest import switched_in_token, token_console
 from tests.softhsm import SoftHSM
 from tests.support import RunningConsole, make_csr
 from tests.tunnel.conftest import COMPLIANT, create_group, enroll_device, setup_node
@@ -172,18 +172,11 @@ def test_device_root_rotation_prepare_switch_finish(
 def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
     hsm: SoftHSM, tmp_path: Path
 ) -> None:
-    data_dir, url = tmp_path / "console", "https://127.0.0.1:8443"
-    local.init(data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", 8443, None, hsm.config("rotation"))
-    config = local.load_config(data_dir)
-    db, pki = local.open_db(config)
+    config, db, pki = token_console(hsm, tmp_path, "rotation")
     try:
         with db.transaction() as session:
-            started = rotation.prepare(session, pki, local.TOP_GROUP, "device-root", "test")
-            rotation.switch(session, pki, local.TOP_GROUP, "device-root")
+            started = switched_in_token(session, pki, "device-root", ca.DEVICE_ROOT)
             new_label = ca.version_label(ca.DEVICE_ROOT, started.id)
-            reference = session.get(SealedKey, f"ca:{new_label}")
-            assert reference is not None
-            assert reference.sealed == ca.TOKEN_REFERENCE + f"ca:{new_label}".encode()
             leaf, row = pki.issue(
                 session,
                 ca.DEVICE_ROOT,

@@ -32,12 +32,13 @@ from sqlalchemy.orm import Session
 from certgate.access.trust import load_device_roots, parse_device_roots, save_device_roots
 from certgate.console import local
 from certgate.console.services import ca, rotation
-from certgate.console.store.models import CACert, Certificate, SealedKey
+from certgate.console.store.models import CACert, Certificate
 from certgate.pki.authority import Names
 from certgate.pki.keys import KeyAlgorithm, generate_key
 from certgate.pki.profiles import DEVICE_CLIENT
 from certgate.pki.thumbprint import thumbprint
 from certgate.pki.token import TokenKey
+from tests.console.conftest import local_superadmin_refused, switched_in_token, token_console
 from tests.console.test_rotation import _feed_call
 from tests.console.test_rotation_secure_channel import issued_by, tunnel_trust
 from tests.softhsm import SoftHSM
@@ -116,14 +117,7 @@ def openssl_verifies(
 
 
 def test_only_a_top_level_superadmin_rotates_the_root(console: RunningConsole) -> None:
-    group = create_group(console, COMPLIANT)
-    local_admin = console.make_admin(f"super-{group}", "superadmin", group)
-    with console.client(local_admin) as client:
-        refused = client.post(ROOT.format(group))
-    assert refused.status_code == 403, refused.text
-    body = refused.json()
-    assert set(body) == {"error", "detail"}
-    assert body["detail"] == "rotating the root needs a top-level superadmin"
+    local_superadmin_refused(console, ROOT, "root")
 
 
 def test_root_rotation_prepare_switch_finish(console: RunningConsole, tmp_path: Path) -> None:
@@ -264,20 +258,10 @@ def test_with_ca_keys_in_a_pkcs11_token_the_new_root_key_is_generated_there(
     """The new Root's key is made in the token (the database holds a reference); the
     cross certificates and the intermediates issued again are signed there, and the
     intermediates keep their token keys (one key row, no copy)."""
-    data_dir, url = tmp_path / "console", "https://127.0.0.1:8443"
-    local.init(
-        data_dir, KeyAlgorithm.EC_P256, url, "127.0.0.1", 8443, None, hsm.config("root-rotation")
-    )
-    config = local.load_config(data_dir)
-    db, pki = local.open_db(config)
+    config, db, pki = token_console(hsm, tmp_path, "root-rotation")
     try:
         with db.transaction() as session:
-            started = rotation.prepare(session, pki, local.TOP_GROUP, "root", "test")
-            rotation.switch(session, pki, local.TOP_GROUP, "root")
-            label = ca.version_label(ca.ROOT, started.id)
-            reference = session.get(SealedKey, f"ca:{label}")
-            assert reference is not None
-            assert reference.sealed == ca.TOKEN_REFERENCE + f"ca:{label}".encode()
+            started = switched_in_token(session, pki, "root", ca.ROOT)
             rows = {r.label: r.key_label for r in session.execute(select(CACert)).scalars()}
             assert rows[ca.version_label(ca.DEVICE_ROOT, started.id)] == rows[ca.DEVICE_ROOT]
             leaf, _ = pki.issue(

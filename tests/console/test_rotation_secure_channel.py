@@ -30,6 +30,7 @@ from certgate.console.renewer import Renewer
 from certgate.console.services import ca
 from certgate.console.state import ConsoleState
 from certgate.pki.thumbprint import thumbprint
+from tests.console.conftest import local_superadmin_refused
 from tests.console.test_renewer import served
 from tests.console.test_rotation import _feed_call
 from tests.support import CERTGATE, RunningConsole, issued_by, make_csr
@@ -79,14 +80,7 @@ def audit_verify(console: RunningConsole) -> subprocess.CompletedProcess[str]:
 def test_only_a_top_level_superadmin_rotates_the_secure_channel_root(
     console: RunningConsole,
 ) -> None:
-    group = create_group(console, COMPLIANT)
-    local_admin = console.make_admin(f"super-{group}", "superadmin", group)
-    with console.client(local_admin) as client:
-        refused = client.post(SCR.format(group))
-    assert refused.status_code == 403, refused.text
-    body = refused.json()
-    assert set(body) == {"error", "detail"}
-    assert body["detail"] == "rotating the secure-channel-root needs a top-level superadmin"
+    local_superadmin_refused(console, SCR, "secure-channel-root")
 
 
 def test_secure_channel_root_rotation_prepare_switch_finish(
